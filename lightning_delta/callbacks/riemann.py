@@ -1,0 +1,275 @@
+"""RiemannCallback: the paper's approximation term ⟨∇L(W_post + tE), E⟩ swept over t = c/C under ``trainer.validate``.
+
+For every batch, and for c = 0 … C, the callback puts every edited tensor at ``W_post + (c/C)·E``, runs forward and
+backward, and adds ``∂(Σ loss)/∂t_k = ⟨∇_{W_k} Σ loss, E_k⟩`` per tensor into float64 sums (the data is read once).
+At the end the sums are reduced across processes (torchmetrics) and divided by the global number of items:
+
+    term      = (1/C) Σ_{c=0}^{C−1} ⟨∇L(W_post + (c/C)E), E⟩          (paper eq. 1, left rule)
+    trapezoid = (1/C) [½ g_0 + Σ_{c=1}^{C−1} g_c + ½ g_C]
+    exact     = L(W_post + E) − L(W_post)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from typing_extensions import override
+
+from lightning_delta.callbacks.result import RiemannResult, RiemannSums
+from lightning_delta.losses import LossOutput
+from lightning_delta.parametrize import EditedModel
+
+__all__ = ["RiemannCallback"]
+
+
+class RiemannCallback(Callback):
+    r"""Sweeps ``t = c/C`` and reports the Riemann term beside the exact loss change.
+
+    Works on a :class:`~lightning_delta.DeltaEditModule`, or on any LightningModule given ``pretrained`` and
+    ``edit``: the loss is then the module's ``training_step`` output (a batch mean, weighted by the batch size).
+
+    Results go to ``trainer.callback_metrics`` (``riemann/term``, ``riemann/trapezoid``, ``riemann/exact``,
+    ``riemann/loss_post``, ``riemann/loss_edit``, ``riemann/group/<group>``), to :attr:`result` on every rank,
+    to the trainer's loggers and to ``<log_dir>/<filename>`` (JSON, per-tensor terms included).
+
+    Args:
+        num_points: C, the number of subdivisions of [0, 1] (the paper uses 5).
+        trapezoid: also run backward at t = 1 for the trapezoid estimate (one more backward per batch).
+        pretrained: W_pre, for a module that is not a ``DeltaEditModule`` (module, state dict, directory, hub id).
+        edit: the editing operation (or a mapping of ready-made ``E`` tensors), with ``pretrained``.
+        module_name: the submodule of the LightningModule whose tensor names match ``pretrained`` (``""``: the
+            LightningModule itself).
+        include: regular expressions selecting the edited tensors; ``exclude``: the ones to leave alone.
+        filename: the JSON file written in the trainer's log directory (``None``: none).
+
+    Raises:
+        ValueError: ``num_points`` < 1, ``edit`` without ``pretrained`` or the reverse.
+        RuntimeError: in ``setup``, when the trainer runs validation under inference mode, and at validation start
+            when a distributed sampler would repeat samples.
+
+    Example::
+
+        trainer = Trainer(inference_mode=False, callbacks=[RiemannCallback(num_points=5)])
+        trainer.validate(DeltaEditModule(post, pre, DARE(p=0.9)), datamodule=dm)
+        trainer.callback_metrics["riemann/term"]
+    """
+
+    def __init__(
+        self,
+        num_points: int = 5,
+        trapezoid: bool = True,
+        pretrained: Any = None,
+        edit: Any = None,
+        module_name: str = "",
+        include: Any = None,
+        exclude: Any = None,
+        filename: str | None = "riemann.json",
+        loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
+    ) -> None:
+        if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
+            raise ValueError(f"`num_points` must be an integer >= 1 (the paper uses 5), got {num_points!r}.")
+        if (pretrained is None) != (edit is None):
+            raise ValueError("Pass `pretrained` and `edit` together (or neither, with a DeltaEditModule).")
+        self.num_points = num_points
+        self.trapezoid = trapezoid
+        self.pretrained = pretrained
+        self.edit = edit
+        self.module_name = module_name
+        self.include = include
+        self.exclude = exclude
+        self.filename = filename
+        self.loss_fn = loss_fn
+        self.result: RiemannResult | None = None
+        self._edited: EditedModel | None = None
+        self._attached_here = False
+        self._sums: RiemannSums | None = None
+
+    # ----------------------------------------------------------------------------------------------- checks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        loop = trainer.validate_loop if stage == "validate" else trainer.fit_loop.epoch_loop.val_loop
+        if stage in ("validate", "fit") and loop.inference_mode:
+            raise RuntimeError(
+                "RiemannCallback needs gradients during validation, but the Trainer runs it under "
+                "torch.inference_mode. Create the Trainer with `Trainer(inference_mode=False, ...)`."
+            )
+        if self.edit is None and not hasattr(pl_module, "edited_model"):
+            raise ValueError(
+                f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
+            )
+
+    @staticmethod
+    def check_no_repeated_samples(trainer: "pl.Trainer") -> None:
+        """Raise if a validation sampler pads by repeating samples across processes (DESIGN.md §2.5)."""
+        if trainer.world_size <= 1:
+            return
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+        for loader in loaders:
+            if not isinstance(loader, DataLoader):
+                continue
+            if isinstance(loader.dataset, IterableDataset):
+                rank_zero_warn("RiemannCallback cannot check an IterableDataset for repeated samples across ranks.")
+                continue
+            sampler = loader.sampler
+            if isinstance(sampler, UnrepeatedDistributedSampler):
+                continue
+            repeats = not isinstance(sampler, DistributedSampler) or sampler.total_size != len(loader.dataset)
+            if repeats:
+                raise RuntimeError(
+                    f"The validation sampler ({type(sampler).__name__}) would give some of the {len(loader.dataset)} "
+                    f"samples to more than one of the {trainer.world_size} processes, which biases the loss. Create "
+                    "the Trainer with `use_distributed_sampler=False` and give the DataLoader "
+                    "`sampler=lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler(dataset, "
+                    "shuffle=False)` (the lightning_delta DataModules do this)."
+                )
+
+    # ------------------------------------------------------------------------------------------ the sweep
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.check_no_repeated_samples(trainer)
+        self._edited = self._attach(trainer, pl_module)
+        self._sums = RiemannSums(self.num_points, len(self._edited), sync_on_compute=True).to(pl_module.device)
+        self._sums.reset()  # states may be shared with the parent under ddp_spawn (DESIGN.md §2.7)
+        self.result = None
+
+    def _attach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> EditedModel:
+        if self.edit is None:
+            return pl_module.edited_model(trainer)
+        from lightning_delta.attach import attach_edit
+
+        target = pl_module.get_submodule(self.module_name) if self.module_name else pl_module
+        gradients = None
+        if getattr(self.edit, "needs_gradients", False):
+            gradients = gradients_at_post(trainer, pl_module, target, self._loss_fn(pl_module))
+        self._attached_here = True
+        return attach_edit(target, self.pretrained, self.edit, self.include, self.exclude, gradients)
+
+    def _loss_fn(self, pl_module: "pl.LightningModule") -> Callable[[Any, int], LossOutput]:
+        if self.loss_fn is not None:
+            return lambda batch, batch_idx: self.loss_fn(pl_module, batch, batch_idx)
+        if hasattr(pl_module, "riemann_loss"):
+            return pl_module.riemann_loss
+        return lambda batch, batch_idx: training_step_loss(pl_module, batch, batch_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        edited, num_points = self._edited, self.num_points
+        loss_fn = self._loss_fn(pl_module)
+        prepare = getattr(pl_module, "riemann_prepare", None)
+        batch = prepare(batch) if prepare is not None else batch
+        inner = torch.zeros(num_points + 1, len(edited), dtype=torch.float64, device=pl_module.device)
+        losses = torch.zeros(num_points + 1, dtype=torch.float64, device=pl_module.device)
+        count = None
+        for c in range(num_points + 1):
+            edited.set_t(c / num_points)
+            with_gradient = c < num_points or self.trapezoid
+            with torch.set_grad_enabled(with_gradient), edited.recompute_weights():
+                output = loss_fn(batch, batch_idx)
+                if with_gradient:
+                    output.total.backward()
+            inner[c] = edited.pop_inner_products().to(inner.device)
+            losses[c] = output.total.detach()
+            count = output.count
+        edited.set_t(0.0)
+        self._sums.update(inner, losses, count)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        sums = self._sums.compute()
+        config = {"num_points": self.num_points, "trapezoid": self.trapezoid}
+        edit = self.edit if self.edit is not None else getattr(pl_module, "edit", None)
+        if hasattr(edit, "config"):
+            config["edit"] = edit.config()
+        self.result = RiemannResult.from_sums(
+            self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config
+        )
+        for name, value in self.result.metrics().items():
+            pl_module.log(name, value, sync_dist=False)
+        if self.filename and trainer.is_global_zero:
+            directory = trainer.log_dir or trainer.default_root_dir
+            self.result.save(Path(directory) / self.filename)
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._attached_here and self._edited is not None:
+            self._edited.remove()  # the user's module goes back to W_post, trainable as before
+            self._edited, self._attached_here = None, False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result.to_dict() if self.result is not None else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        result = state_dict.get("result")
+        self.result = RiemannResult(**result) if result is not None else None
+
+
+def training_step_loss(pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> LossOutput:
+    """A foreign module's ``training_step`` loss (a batch mean) as a sum over the batch's examples."""
+    output = pl_module.training_step(batch, batch_idx)
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError(
+            f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; RiemannCallback needs a "
+            "scalar loss tensor (or a dict with 'loss'), or pass `loss_fn=`."
+        )
+    size = float(extract_batch_size(batch))
+    return LossOutput(loss.to(torch.float64) * size, torch.tensor(size, dtype=torch.float64))
+
+
+def gradients_at_post(
+    trainer: "pl.Trainer",
+    pl_module: "pl.LightningModule",
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, int], LossOutput],
+    names: list[str] | None = None,
+) -> dict[str, Tensor]:
+    """∇L at W_post over the validation data (one pass), summed over processes: what ``GradientBiased`` needs."""
+    parameters = dict(model.named_parameters())
+    names = names if names is not None else list(parameters)
+    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    for name, parameter in parameters.items():
+        parameter.requires_grad_(name in names)
+        parameter.grad = None
+    loaders = trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+    with torch.enable_grad():
+        for loader in loaders:
+            for batch_idx, batch in enumerate(loader):
+                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                prepare = getattr(pl_module, "riemann_prepare", None)
+                batch = prepare(batch) if prepare is not None else batch
+                output = loss_fn(batch, batch_idx)
+                output.total.backward()
+                count += output.count
+    count = trainer.strategy.reduce(count, reduce_op="sum")
+    gradients = {}
+    for name in names:
+        parameter = parameters[name]
+        gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+        gradients[name] = trainer.strategy.reduce(gradient.float(), reduce_op="sum") / count.float()
+        parameter.grad = None
+    for name, parameter in parameters.items():
+        parameter.requires_grad_(flags[name])
+    return gradients

@@ -1,0 +1,102 @@
+"""Losses as sums over items, so that L is the mean over a whole evaluation set.
+
+A loss returns :class:`LossOutput` ``(total, count)``: the sum of per-item losses in the batch (differentiable,
+float64) and the number of items summed (answer tokens for a language model, examples for a classifier). The
+Riemann callback adds totals and counts over batches and processes and divides once at the end, so L is the same
+for any batch size, split or number of processes (DESIGN.md §2.6).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LossOutput", "DeltaLoss", "CausalLMLoss", "ClassificationLoss", "build_loss", "available_losses"]
+
+IGNORE_INDEX = -100
+
+
+class LossOutput(NamedTuple):
+    total: Tensor  # () float64, the sum of per-item losses; carries the graph
+    count: Tensor  # () float64, the number of items in ``total``
+
+
+class DeltaLoss(nn.Module):
+    """Base class: ``forward(model, batch) -> LossOutput``.
+
+    :meth:`prepare` runs once per batch before the points of the Riemann sweep, for work that does not depend on
+    ``t`` (the DPO reference log-probabilities); its result is the batch handed to every :meth:`forward`.
+    """
+
+    def prepare(self, batch: Any) -> Any:
+        return batch
+
+    def forward(self, model: nn.Module, batch: Any) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None:
+        raise ValueError(f"The model returned {type(output).__name__} without `logits`; return a tensor or `.logits`.")
+    return logits
+
+
+class CausalLMLoss(DeltaLoss):
+    """Next-token cross-entropy over answer tokens: ``L = Σ_answer −log p(y_i | y_<i) / #answer tokens``.
+
+    Batch: a mapping with ``input_ids`` (B, T), ``attention_mask`` (B, T) and ``labels`` (B, T) where prompt and
+    padding positions are ``-100``. Logits are upcast to float32 and the per-token losses summed in float64;
+    Hugging Face's ``labels=`` loss (a float32 batch mean) is not used.
+    """
+
+    def forward(self, model: nn.Module, batch: Any) -> LossOutput:
+        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        labels = batch["labels"][:, 1:]  # (B, T-1): token i is predicted from positions < i
+        per_token = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+        return LossOutput(per_token.sum(dtype=torch.float64), count)
+
+
+class ClassificationLoss(DeltaLoss):
+    """Cross-entropy over examples: ``L = Σ_n −log softmax(f(x_n))_{y_n} / N``.
+
+    Batch: ``(inputs, targets)`` or a mapping with ``pixel_values`` (or ``inputs``) and ``labels``.
+    """
+
+    def forward(self, model: nn.Module, batch: Any) -> LossOutput:
+        if isinstance(batch, dict):
+            inputs = batch["pixel_values"] if "pixel_values" in batch else batch["inputs"]
+            targets = batch["labels"]
+        else:
+            inputs, targets = batch[0], batch[1]
+        logits = _logits(model(inputs))
+        per_example = F.cross_entropy(logits.float(), targets, reduction="none")
+        return LossOutput(per_example.sum(dtype=torch.float64), torch.tensor(float(targets.numel()), dtype=torch.float64))
+
+
+_LOSSES: dict[str, type[DeltaLoss]] = {"causal_lm": CausalLMLoss, "classification": ClassificationLoss}
+
+
+def register_loss(name: str, cls: type[DeltaLoss]) -> None:
+    _LOSSES[name] = cls
+
+
+def available_losses() -> list[str]:
+    return sorted(_LOSSES)
+
+
+def build_loss(name: str, **kwargs: Any) -> DeltaLoss:
+    """Loss by name; an unknown name raises with the known ones."""
+    if name not in _LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of {available_losses()} or pass a DeltaLoss instance.")
+    return _LOSSES[name](**kwargs)

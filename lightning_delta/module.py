@@ -1,0 +1,169 @@
+"""DeltaEditModule: a post-trained model whose edited tensors read ``W_pre + ΔW + t·E = W_post + t·E``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torchmetrics import Metric
+
+from lightning_delta.attach import attach_edit
+from lightning_delta.losses import DeltaLoss, LossOutput, build_loss
+from lightning_delta.parametrize import EditedModel
+
+__all__ = ["DeltaEditModule", "load_model"]
+
+Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
+
+
+class MeanMetric64(Metric):
+    """``Σ numerator / Σ denominator`` in float64, summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("numerator", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("denominator", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, numerator: Tensor, denominator: Tensor) -> None:
+        self.numerator += torch.as_tensor(numerator).to(self.numerator)
+        self.denominator += torch.as_tensor(denominator).to(self.denominator)
+
+    def compute(self) -> Tensor:
+        return self.numerator / self.denominator
+
+
+def load_model(source: Any, torch_dtype: Any = None) -> nn.Module:
+    """A module as is, or a causal LM from a local directory or hub id through ``from_pretrained``."""
+    if isinstance(source, nn.Module):
+        return source
+    if isinstance(source, str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    raise ValueError(
+        f"`model` must be an nn.Module, a local directory or a hub id, got {type(source).__name__}."
+    )
+
+
+class DeltaEditModule(pl.LightningModule):
+    """The post-trained model with an edit applied as the parametrization ``W_post + t·E``, ``E = F(ΔW) − ΔW``.
+
+    ``t = 0`` is the post-trained model, ``t = 1`` the edited one ``W_pre + F(ΔW)``. The edit is built on the
+    model's own device at validation start, one tensor at a time (W_pre is read memory-mapped).
+
+    Args:
+        model: the post-trained model (W_post): a module, local directory or hub id.
+        pretrained: the pre-trained weights (W_pre): a module, state dict, local directory or hub id.
+        edit: an operation of :mod:`lightning_delta.edits`, or a mapping from tensor names to ``E`` tensors.
+        loss: ``"causal_lm"``, ``"classification"``, ``"dpo"``, or a :class:`~lightning_delta.losses.DeltaLoss`.
+        include, exclude: regular expressions on tensor names choosing the edited tensors.
+        evaluator: ``(model, batch) -> (correct, total)``; accuracy is logged at ``t = 0`` (``accuracy/post``) and
+            ``t = 1`` (``accuracy/edit``).
+        torch_dtype: dtype for models loaded from a path.
+
+    Example::
+
+        module = DeltaEditModule("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B", DARE(p=0.9))
+        Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        pretrained: Any,
+        edit: Any,
+        loss: str | DeltaLoss = "causal_lm",
+        include: Any = None,
+        exclude: Any = None,
+        evaluator: Evaluator | None = None,
+        torch_dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = load_model(model, torch_dtype)
+        self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
+        self.edit = edit
+        self.loss = self._resolve_loss(loss, pretrained, torch_dtype)
+        self.include, self.exclude = include, exclude
+        self.evaluator = evaluator
+        self.loss_post, self.loss_edit = MeanMetric64(), MeanMetric64()
+        self.accuracy_post, self.accuracy_edit = MeanMetric64(), MeanMetric64()
+        self._edited: EditedModel | None = None
+
+    @staticmethod
+    def _resolve_loss(loss: str | DeltaLoss, pretrained: Any, torch_dtype: Any) -> DeltaLoss:
+        if isinstance(loss, DeltaLoss):
+            return loss
+        if loss == "dpo":
+            return build_loss("dpo", reference=load_model(pretrained, torch_dtype))
+        return build_loss(loss)
+
+    @property
+    def pretrained(self) -> Any:
+        return self._pretrained[0]
+
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel:
+        """Build ``E`` (once) on the model's device and register ``W_post + t·E``; return the handle."""
+        if self._edited is None:
+            gradients = None
+            if getattr(self.edit, "needs_gradients", False):
+                if trainer is None:
+                    raise ValueError(f"{type(self.edit).__name__} needs gradients at W_post: attach under a Trainer.")
+                from lightning_delta.callbacks.riemann import gradients_at_post
+
+                gradients = gradients_at_post(trainer, self, self.model, self.riemann_loss)
+            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients)
+        return self._edited
+
+    def set_t(self, t: float) -> None:
+        self.edited_model().set_t(t)
+
+    def riemann_prepare(self, batch: Any) -> Any:
+        return self.loss.prepare(batch)
+
+    def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
+        return self.loss(self.model, batch)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def on_validation_start(self) -> None:
+        self.edited_model(self.trainer)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Loss and accuracy at t = 0 and t = 1 (the loss only without a RiemannCallback, which measures it)."""
+        from lightning_delta.callbacks.riemann import RiemannCallback
+
+        edited = self.edited_model(self.trainer)
+        measure_loss = not any(isinstance(callback, RiemannCallback) for callback in self.trainer.callbacks)
+        prepared = self.riemann_prepare(batch) if measure_loss else batch
+        for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
+                                                (1.0, self.loss_edit, self.accuracy_edit)):
+            edited.set_t(t)
+            with torch.no_grad(), parametrize.cached():
+                if measure_loss:
+                    loss_metric.update(*self.loss(self.model, prepared))
+                if self.evaluator is not None:
+                    accuracy_metric.update(*self.evaluator(self.model, batch))
+        edited.set_t(0.0)
+        if measure_loss:
+            self.log("loss/post", self.loss_post, batch_size=1)
+            self.log("loss/edit", self.loss_edit, batch_size=1)
+        if self.evaluator is not None:
+            self.log("accuracy/post", self.accuracy_post, batch_size=1)
+            self.log("accuracy/edit", self.accuracy_edit, batch_size=1)
+
+    def materialize(self, t: float = 1.0) -> nn.Module:
+        """The model with ``W_post + t·E`` written into plain weights (ready for ``save_pretrained``)."""
+        model = self.edited_model(None).materialize(t)
+        self._edited = None
+        return model
+
+    def save_pretrained(self, directory: str, t: float = 1.0, **kwargs: Any) -> None:
+        """Materialise at ``t`` and save with Hugging Face's ``save_pretrained`` (safetensors)."""
+        self.materialize(t).save_pretrained(directory, **kwargs)

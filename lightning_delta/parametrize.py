@@ -1,0 +1,207 @@
+"""The edit as a parametrization: every edited tensor reads ``W(t) = W_post + t·E``.
+
+One scalar ``t`` per tensor (all set together by :meth:`EditedModel.set_t`) is the only tensor that requires a
+gradient, so a backward pass leaves ``∂L/∂t_k = ⟨∇_{W_k} L(W_post + tE), E_k⟩`` in ``t_k.grad`` (DESIGN.md §2.1):
+every per-tensor term of the Riemann sum from one backward pass, with no weight-sized ``.grad`` buffer.
+
+Memory: autograd would keep each materialised ``W(t)`` alive until backward (one more copy of every edited weight,
+DESIGN.md §2.10). Under :meth:`EditedModel.recompute_weights` a saved-tensor hook stores a reference to the
+parametrization instead and rebuilds ``W(t)`` in backward, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["EditParametrization", "EditedModel"]
+
+
+class _AddScaledEdit(torch.autograd.Function):
+    """``W_post + t·E`` cast to ``W_post``'s dtype; the gradient for ``t`` is ``⟨grad, E⟩`` summed in float64."""
+
+    @staticmethod
+    def forward(ctx, original: Tensor, edit: Tensor, t: Tensor) -> Tensor:
+        ctx.save_for_backward(edit)
+        return torch.add(original, edit, alpha=float(t)).to(original.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (edit,) = ctx.saved_tensors
+        grad_t = torch.sum(grad * edit, dtype=torch.float64) if ctx.needs_input_grad[2] else None
+        grad_original = grad if ctx.needs_input_grad[0] else None
+        return grad_original, None, grad_t
+
+
+class EditParametrization(nn.Module):
+    """``W(t) = W_post + t·E`` for one tensor; ``E`` is kept in float32 (float64 for float64 weights).
+
+    Args:
+        edit: the edit ``E = F(ΔW) − ΔW`` of this tensor.
+    """
+
+    def __init__(self, edit: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("edit", edit, persistent=False)
+        self.t = nn.Parameter(torch.zeros((), dtype=torch.float64, device=edit.device))
+        self.produced: dict[int, tuple[weakref.ref, EditParametrization, Tensor]] | None = None
+
+    def forward(self, original: Tensor) -> Tensor:
+        weight = _AddScaledEdit.apply(original, self.edit, self.t)
+        if self.produced is not None:
+            self.produced[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), self, original)
+        return weight
+
+    def rebuild(self, original: Tensor, t: float) -> Tensor:
+        with torch.no_grad():
+            return torch.add(original, self.edit, alpha=t).to(original.dtype)
+
+
+class EditedModel:
+    """Registers ``W_post + t·E`` on the named tensors of ``model`` and drives the shared ``t``.
+
+    Args:
+        model: the post-trained model; its tensors are W_post.
+        edits: tensor name (as in ``model.state_dict()``) to its edit ``E``.
+        aliases: a tensor name to the other names under which the same tensor is tied (an embedding and an
+            LM head). A tied tensor is edited once: all its modules share one parametrization.
+
+    Example:
+        >>> lin = nn.Linear(2, 2, bias=False)
+        >>> edited = EditedModel(lin, {"weight": torch.ones(2, 2)})
+        >>> edited.set_t(1.0); bool(torch.equal(lin.weight, edited.original("weight") + 1))
+        True
+    """
+
+    def __init__(
+        self, model: nn.Module, edits: Mapping[str, Tensor], aliases: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        self.model = model
+        self.names: list[str] = sorted(edits)
+        self.parametrizations: dict[str, EditParametrization] = {}
+        self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
+        aliases = aliases or {}
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        for name in self.names:
+            if name not in tensors:
+                raise ValueError(
+                    f"Edited tensor {name!r} is not a parameter or buffer of {type(model).__name__}; "
+                    "the edit names must be the model's state_dict names."
+                )
+            target = tensors[name]
+            edit = edits[name]
+            if edit.shape != target.shape:
+                raise ValueError(f"Edit for {name!r} has shape {tuple(edit.shape)}, the tensor {tuple(target.shape)}.")
+            accumulate = torch.float64 if target.dtype == torch.float64 else torch.float32
+            parametrization = EditParametrization(edit.detach().to(device=target.device, dtype=accumulate))
+            owners = []
+            for full_name in [name, *aliases.get(name, ())]:
+                module_name, _, attr = full_name.rpartition(".")
+                module = model.get_submodule(module_name)
+                parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
+                owners.append((module, attr))
+            self.parametrizations[name] = parametrization
+            self._owners[name] = owners
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        for parametrization in self.parametrizations.values():
+            parametrization.t.requires_grad_(True)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def original(self, name: str) -> Tensor:
+        """W_post of tensor ``name``."""
+        module, attr = self._owners[name][0]
+        return module.parametrizations[attr].original
+
+    def edit(self, name: str) -> Tensor:
+        return self.parametrizations[name].edit
+
+    def set_t(self, t: float) -> None:
+        """Put every edited tensor at ``W_post + t·E``."""
+        with torch.no_grad():
+            for parametrization in self.parametrizations.values():
+                parametrization.t.fill_(t)
+
+    def t_parameters(self) -> list[nn.Parameter]:
+        return [self.parametrizations[name].t for name in self.names]
+
+    def pop_inner_products(self) -> Tensor:
+        """``⟨∇L, E⟩`` per tensor (float64, shape ``(K,)``, order of :attr:`names`) left by backward; clears them."""
+        values = []
+        for name in self.names:
+            t = self.parametrizations[name].t
+            values.append(t.grad.detach().clone() if t.grad is not None else torch.zeros((), dtype=torch.float64))
+            t.grad = None
+        device = values[0].device if values else torch.device("cpu")
+        return torch.stack([value.to(device) for value in values]) if values else torch.zeros(0, dtype=torch.float64)
+
+    @contextlib.contextmanager
+    def recompute_weights(self) -> Iterator[None]:
+        """Inside, autograd saves no ``W(t)``: backward rebuilds each from ``W_post`` and ``E`` when it needs it."""
+        produced: dict[int, tuple[weakref.ref, EditParametrization, Tensor]] = {}
+
+        def pack(tensor: Tensor):
+            storage = tensor.untyped_storage().data_ptr()
+            entry = produced.get(storage)
+            if entry is not None:
+                weight = entry[0]()
+                if weight is not None and weight.untyped_storage().data_ptr() == storage:
+                    _, parametrization, original = entry
+                    geometry = (tensor.size(), tensor.stride(), tensor.storage_offset())
+                    return (_Rebuild, parametrization, original, parametrization.t.detach().item(), geometry)
+            return tensor
+
+        def unpack(packed):
+            if isinstance(packed, tuple) and len(packed) == 5 and packed[0] is _Rebuild:
+                _, parametrization, original, t, (size, stride, offset) = packed
+                return parametrization.rebuild(original, t).as_strided(size, stride, offset)
+            return packed
+
+        for parametrization in self.parametrizations.values():
+            parametrization.produced = produced
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            for parametrization in self.parametrizations.values():
+                parametrization.produced = None
+
+    def materialize(self, t: float = 1.0) -> nn.Module:
+        """Write ``W_post + t·E`` into plain tensors and remove the parametrizations (tied tensors stay tied)."""
+        self.set_t(t)
+        for name in self.names:
+            first, *others = self._owners[name]
+            module, attr = first
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+            for module, attr in others:  # they share the original, which now holds W(t)
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        self._detach()
+        return self.model
+
+    def remove(self) -> nn.Module:
+        """Remove the parametrizations and give back W_post untouched."""
+        for name in self.names:
+            for module, attr in self._owners[name]:
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        self._detach()
+        return self.model
+
+    def _detach(self) -> None:
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(self._requires_grad.get(id(parameter), parameter.requires_grad))
+        self.parametrizations.clear()
+        self._owners.clear()
+        self.names = []
+
+
+class _Rebuild:
+    """Marker for a saved ``W(t)`` replaced by the means to rebuild it."""
