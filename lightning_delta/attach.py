@@ -54,7 +54,5 @@ def attach_edit(
     gradients: Mapping[str, Tensor] | None = None,
 ) -> EditedModel:
     """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``."""
-    from lightning_delta.delta import tied_names
-
     differences = edit_differences(model, pretrained, edit, include, exclude, gradients)
-    return EditedModel(model, differences, aliases=tied_names(model))
+    return EditedModel(model, differences)

@@ -69,7 +69,8 @@ class EditedModel:
         model: the post-trained model; its tensors are W_post.
         edits: tensor name (as in ``model.state_dict()``) to its edit ``E``.
         aliases: a tensor name to the other names under which the same tensor is tied (an embedding and an
-            LM head). A tied tensor is edited once: all its modules share one parametrization.
+            LM head); by default found from the model. A tied tensor is edited once: all its modules share one
+            parametrization.
 
     Example:
         >>> lin = nn.Linear(2, 2, bias=False)
@@ -85,9 +86,9 @@ class EditedModel:
         self.names: list[str] = sorted(edits)
         self.parametrizations: dict[str, EditParametrization] = {}
         self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
-        aliases = aliases or {}
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
+        aliases = aliases if aliases is not None else _tied_aliases(tensors)
         for name in self.names:
             if name not in tensors:
                 raise ValueError(
@@ -201,6 +202,14 @@ class EditedModel:
         self.parametrizations.clear()
         self._owners.clear()
         self.names = []
+
+
+def _tied_aliases(tensors: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """The first name of every tensor shared under several names, to its other names."""
+    by_identity: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_identity.setdefault(id(tensor), []).append(name)
+    return {names[0]: names[1:] for names in by_identity.values() if len(names) > 1}
 
 
 class _Rebuild:

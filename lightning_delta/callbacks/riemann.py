@@ -202,8 +202,8 @@ class RiemannCallback(Callback):
         self.result = RiemannResult.from_sums(
             self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config
         )
-        for name, value in self.result.metrics().items():
-            pl_module.log(name, value, sync_dist=False)
+        for name, value in self.result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
+            pl_module.log(name, value, sync_dist=True)
         if self.filename and trainer.is_global_zero:
             directory = trainer.log_dir or trainer.default_root_dir
             self.result.save(Path(directory) / self.filename)

@@ -1,0 +1,66 @@
+"""Run one Riemann sweep on a tiny Llama and write the result as JSON; started as real processes by the tests.
+
+Usage: python tests/distributed_riemann.py OUT STRATEGY DEVICES NUM_NODES [BATCH_SIZE] [DTYPE]
+Each rank writes its ``callback.result`` to ``OUT.rank<global rank>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_delta.callbacks import RiemannCallback  # noqa: E402
+from lightning_delta.module import DeltaEditModule  # noqa: E402
+from tests.riemann_support import random_edits, tiny_llama, token_dataset  # noqa: E402
+
+
+class TokenData(pl.LightningDataModule):
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = token_dataset(37)  # 37 rows: divisible by neither 2 processes nor the batch size
+        sampler = None
+        if self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class SaveResult(pl.Callback):
+    """Writes the RiemannCallback's result as each rank sees it (workers under ddp_spawn never return)."""
+
+    def __init__(self, riemann: RiemannCallback, out: str) -> None:
+        self.riemann, self.out = riemann, out
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.riemann.result.save(f"{self.out}.rank{trainer.global_rank}")
+
+
+def main() -> None:
+    out, strategy, devices, num_nodes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    batch_size = int(sys.argv[5]) if len(sys.argv) > 5 else 4
+    dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.float64
+    torch.set_num_threads(1)
+    model = tiny_llama(dtype=dtype)
+    edits = random_edits(model, scale=0.05)
+    callback = RiemannCallback(num_points=5, filename=None)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, inference_mode=False,
+        use_distributed_sampler=False, callbacks=[callback, SaveResult(callback, out)], logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(DeltaEditModule(model, None, edits), datamodule=TokenData(batch_size), verbose=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""RiemannCallback under trainer.validate on one process, against an independent brute-force computation."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_delta.callbacks import RiemannCallback, RiemannResult
+from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput
+from lightning_delta.module import DeltaEditModule
+from tests.riemann_support import (
+    brute_force,
+    image_dataset,
+    plain_loss,
+    random_edits,
+    tiny_llama,
+    tiny_vit,
+    token_dataset,
+)
+
+
+def run_validate(module, loader, callback, **trainer_kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )
+    trainer.validate(module, loader, verbose=False)
+    return trainer
+
+
+def assert_matches_reference(result: RiemannResult, reference: dict, rtol: float = 1e-6) -> None:
+    names = reference["names"]
+    ours = torch.tensor([result.term_per_tensor[name] for name in names], dtype=torch.float64)
+    theirs = torch.tensor([reference["term_per_tensor"][name] for name in names], dtype=torch.float64)
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol * theirs.abs().max().item())
+    torch.testing.assert_close(torch.tensor(result.losses, dtype=torch.float64), reference["losses"], rtol=1e-10, atol=0)
+    total = reference["inner"].sum(dim=1)
+    assert result.term == pytest.approx(float(total[:-1].mean()), rel=rtol)
+    C = result.num_points
+    assert result.trapezoid == pytest.approx(float((total[0] / 2 + total[1:C].sum() + total[C] / 2) / C), rel=rtol)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
+def test_llama_terms_equal_brute_force(tie):
+    model = tiny_llama(tie=tie)
+    edits = random_edits(model)  # named_parameters lists a tied tensor once: edited once
+    loader = DataLoader(token_dataset(), batch_size=8)
+    reference = brute_force(model, edits, CausalLMLoss(), loader, num_points=5)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+
+    module = DeltaEditModule(model, pretrained=None, edit=edits)
+    callback = RiemannCallback(num_points=5, filename=None)
+    trainer = run_validate(module, loader, callback)
+
+    result = callback.result
+    assert_matches_reference(result, reference)
+    assert result.exact == pytest.approx(exact, rel=1e-10)
+    assert result.count == sum(int((row["labels"][1:] != -100).sum()) for row in token_dataset())
+    if tie:
+        head, embedding = model.lm_head.parametrizations.weight, model.model.embed_tokens.parametrizations.weight
+        assert head.original is embedding.original and head[0] is embedding[0]  # one tensor, one edit
+        assert "lm_head.weight" not in result.term_per_tensor
+    for key in ("term", "trapezoid", "exact", "loss_post", "loss_edit"):
+        assert float(trainer.callback_metrics[f"riemann/{key}"]) == pytest.approx(getattr(result, key), rel=1e-6)
+
+
+def test_vit_classifier_terms_equal_brute_force():
+    model = tiny_vit()
+    edits = random_edits(model, scale=0.1)
+    loader = DataLoader(image_dataset(), batch_size=5)
+    reference = brute_force(model, edits, ClassificationLoss(), loader, num_points=5)
+    module = DeltaEditModule(model, pretrained=None, edit=edits, loss="classification")
+    callback = RiemannCallback(num_points=5, filename=None)
+    run_validate(module, loader, callback)
+    assert_matches_reference(callback.result, reference)
+    groups = callback.result.term_per_group
+    assert {"attention", "mlp", "norms", "embeddings", "layer.0", "layer.1"} <= set(groups)
+    kinds = sum(groups[g] for g in ("attention", "mlp", "norms", "embeddings", "other") if g in groups)
+    assert kinds == pytest.approx(callback.result.term, rel=1e-9)
+
+
+def test_loss_is_the_same_for_any_batch_size():
+    model = tiny_llama()
+    edits = random_edits(model, "proj")
+    results = []
+    for batch_size in (1, 6, 37):
+        callback = RiemannCallback(num_points=3, filename=None)
+        run_validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(), batch_size=batch_size), callback)
+        results.append(callback.result)
+        DeltaEditModule  # the module keeps its parametrization; each run gets a fresh one below
+        model = tiny_llama()
+    for other in results[1:]:
+        assert other.term == pytest.approx(results[0].term, rel=1e-10)
+        assert other.exact == pytest.approx(results[0].exact, rel=1e-10)
+        assert other.losses == pytest.approx(results[0].losses, rel=1e-12)
+
+
+class QuadraticLoss(DeltaLoss):
+    """Σ_n ½ (w − a_n)ᵀ A (w − a_n) over the batch: ⟨∇L(w + tE), E⟩ = b + t·q is linear in t."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.matrix = matrix
+
+    def forward(self, model, batch):
+        difference = model.w - batch  # (B, D)
+        per_item = 0.5 * torch.einsum("bi,ij,bj->b", difference, self.matrix, difference)
+        return LossOutput(per_item.sum(dtype=torch.float64), torch.tensor(float(len(batch)), dtype=torch.float64))
+
+
+class Vector(nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+
+@pytest.mark.parametrize("num_points", [1, 4, 7])
+def test_quadratic_left_and_trapezoid_equal_closed_forms(num_points):
+    generator = torch.Generator().manual_seed(0)
+    D = 6
+    root = torch.randn(D, D, generator=generator, dtype=torch.float64)
+    A = root @ root.T + torch.eye(D, dtype=torch.float64)
+    w = torch.randn(D, generator=generator, dtype=torch.float64)
+    points = torch.randn(11, D, generator=generator, dtype=torch.float64)
+    E = torch.randn(D, generator=generator, dtype=torch.float64)
+    a_bar = points.mean(dim=0)
+    b = float((w - a_bar) @ A @ E)  # ⟨∇L(w), E⟩
+    q = float(E @ A @ E)  # d/dt ⟨∇L(w + tE), E⟩
+    left = b + q * (num_points - 1) / (2 * num_points)
+    exact = b + q / 2  # also the trapezoid value, exact for a linear integrand
+
+    callback = RiemannCallback(num_points=num_points, filename=None)
+    module = DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuadraticLoss(A))
+    run_validate(module, DataLoader(points, batch_size=4), callback)
+    assert callback.result.term == pytest.approx(left, rel=1e-12)
+    assert callback.result.trapezoid == pytest.approx(exact, rel=1e-12)
+    assert callback.result.exact == pytest.approx(exact, rel=1e-12)
+
+
+def test_large_num_points_converges_to_exact():
+    model = tiny_vit()
+    edits = random_edits(model, scale=0.3)
+    loader = DataLoader(image_dataset(), batch_size=23)
+    errors = {}
+    for num_points in (2, 64):
+        callback = RiemannCallback(num_points=num_points, filename=None)
+        run_validate(DeltaEditModule(tiny_vit(), None, edits, loss="classification"), loader, callback)
+        errors[num_points] = (abs(callback.result.term - callback.result.exact),
+                              abs(callback.result.trapezoid - callback.result.exact))
+    # left rule error is O(1/C), trapezoid O(1/C²)
+    assert errors[64][0] < errors[2][0] / 10
+    assert errors[64][1] < errors[2][1] / 100
+    assert errors[64][1] < 1e-3 * abs(callback.result.exact)
+
+
+def test_results_are_logged_and_written(tmp_path):
+    model = tiny_llama()
+    edits = random_edits(model, "mlp")
+    callback = RiemannCallback(num_points=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", inference_mode=False, callbacks=[callback], logger=CSVLogger(tmp_path),
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(9), batch_size=4), verbose=False)
+    written = json.loads((tmp_path / "lightning_logs" / "version_0" / "riemann.json").read_text())
+    assert written["term"] == pytest.approx(callback.result.term, rel=1e-12)
+    assert set(written["term_per_tensor"]) == set(edits)
+    assert RiemannResult.load(tmp_path / "lightning_logs" / "version_0" / "riemann.json") == callback.result
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header, values = logged[0].split(","), logged[1].split(",")
+    assert float(values[header.index("riemann/term")]) == pytest.approx(callback.result.term, rel=1e-6)
+    assert float(values[header.index("riemann/exact")]) == pytest.approx(callback.result.exact, rel=1e-6)
+
+
+def test_without_trapezoid_skips_the_backward_at_one():
+    model = tiny_llama()
+    edits = random_edits(model, "proj")
+    loader = DataLoader(token_dataset(9), batch_size=9)
+    callback = RiemannCallback(num_points=3, trapezoid=False, filename=None)
+    run_validate(DeltaEditModule(model, None, edits), loader, callback)
+    assert callback.result.trapezoid is None
+    assert math.isnan(callback.result.inner_products[-1])
+    reference = brute_force(tiny_llama(), edits, CausalLMLoss(), loader, num_points=3)
+    assert callback.result.term == pytest.approx(float(reference["inner"][:-1].sum(dim=1).mean()), rel=1e-9)
+
+
+def test_inference_mode_is_refused_with_a_clear_error():
+    model = tiny_llama()
+    trainer = pl.Trainer(accelerator="cpu", callbacks=[RiemannCallback(filename=None)], logger=False,
+                         enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        trainer.validate(DeltaEditModule(model, None, random_edits(model, "mlp")), DataLoader(token_dataset(4)))
+
+
+@pytest.mark.parametrize("num_points", [0, -1, 2.5, True])
+def test_bad_num_points(num_points):
+    with pytest.raises(ValueError, match="num_points"):
+        RiemannCallback(num_points=num_points)
+
+
+def test_edit_without_pretrained_is_refused():
+    with pytest.raises(ValueError, match="together"):
+        RiemannCallback(edit={"w": torch.zeros(1)})
+
+
+def test_repeating_distributed_sampler_is_refused():
+    dataset = list(range(37))
+    repeating = DataLoader(dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False))
+    plain = DataLoader(dataset)
+    unrepeated = DataLoader(dataset, sampler=UnrepeatedDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False))
+    for loader in (repeating, plain):
+        with pytest.raises(RuntimeError, match="use_distributed_sampler=False"):
+            RiemannCallback.check_no_repeated_samples(SimpleNamespace(world_size=2, val_dataloaders=loader))
+    RiemannCallback.check_no_repeated_samples(SimpleNamespace(world_size=2, val_dataloaders=[unrepeated]))
+    even = list(range(36))
+    even_loader = DataLoader(even, sampler=DistributedSampler(even, num_replicas=2, rank=0, shuffle=False))
+    RiemannCallback.check_no_repeated_samples(SimpleNamespace(world_size=2, val_dataloaders=even_loader))
+
+
+def test_bf16_against_float32(capsys):
+    """The same tiny pair in bf16 and float32: E and the sums stay float32/float64; the gap is bf16 rounding."""
+    edits = random_edits(tiny_llama(dtype=torch.float32), scale=0.05)
+    loader = DataLoader(token_dataset(), batch_size=8)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_llama(dtype=dtype)
+        callback = RiemannCallback(num_points=5, filename=None)
+        module = DeltaEditModule(model, None, edits)
+        run_validate(module, loader, callback)
+        assert all(p.edit.dtype == torch.float32 for p in module.edited_model().parametrizations.values())
+        results[dtype] = callback.result
+    f32, bf16 = results[torch.float32], results[torch.bfloat16]
+    gaps = {key: abs(getattr(bf16, key) - getattr(f32, key)) for key in ("term", "trapezoid", "exact", "loss_post")}
+    with capsys.disabled():
+        print("\nbf16 vs float32:", {k: f"{v:.3g}" for k, v in gaps.items()},
+              f"(float32 term {f32.term:.4g}, exact {f32.exact:.4g}, loss {f32.loss_post:.4g})")
+    assert gaps["loss_post"] < 0.02 * f32.loss_post
+    assert gaps["term"] < 0.1 * abs(f32.term) + 1e-3
+    assert gaps["exact"] < 0.1 * abs(f32.exact) + 1e-3
