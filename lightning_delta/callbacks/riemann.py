@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
@@ -134,6 +136,17 @@ class RiemannCallback(Callback):
                     "shuffle=False)` (the lightning_delta DataModules do this)."
                 )
 
+    def validate(self, trainer: "pl.Trainer", model: "pl.LightningModule", *args: Any, **kwargs: Any) -> Any:
+        """``trainer.validate(model, ...)`` for any module, also one with only a ``training_step``.
+
+        Lightning refuses ``validate`` on a module without ``validation_step`` before any callback runs; this gives
+        such a module (this instance only) a ``validation_step`` that does nothing, so the sweep is all there is.
+        """
+        if self not in trainer.callbacks:
+            raise ValueError("Add this RiemannCallback to the Trainer's `callbacks` before calling its `validate`.")
+        ensure_validation_step(model)
+        return trainer.validate(model, *args, **kwargs)
+
     # ------------------------------------------------------------------------------------------ the sweep
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -222,6 +235,16 @@ class RiemannCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         result = state_dict.get("result")
         self.result = RiemannResult(**result) if result is not None else None
+
+
+def ensure_validation_step(module: "pl.LightningModule") -> None:
+    """Give ``module`` a no-op ``validation_step`` if its class has none (Lightning requires one to validate)."""
+    if not is_overridden("validation_step", module, pl.LightningModule):
+        module.validation_step = MethodType(_no_validation_step, module)
+
+
+def _no_validation_step(self: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    return None
 
 
 def training_step_loss(pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> LossOutput:

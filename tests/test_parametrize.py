@@ -1,0 +1,116 @@
+"""W_post + t·E as a parametrization: gradients for t, recomputed W(t), materialising and saving."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_delta.parametrize import EditedModel, EditParametrization
+from tests.riemann_support import VOCAB, random_edits, tiny_llama
+
+
+def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    reference = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    reference.load_state_dict(model.state_dict())
+    edits = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    x = torch.randn(4, 5, dtype=torch.float64)
+    edited = EditedModel(model, edits)
+    for t in (0.0, 0.4, 1.0):
+        edited.set_t(t)
+        with edited.recompute_weights():
+            model(x).square().sum().backward()
+        ours = edited.pop_inner_products()
+        point = {name: reference.state_dict()[name] + t * edits[name] for name in edits}
+        weights = {name: w.clone().requires_grad_(True) for name, w in point.items()}
+        torch.func.functional_call(reference, weights, (x,)).square().sum().backward()
+        expected = torch.stack([(weights[name].grad * edits[name]).sum() for name in edited.names])
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        assert all(p.t.grad is None for p in edited.parametrizations.values())  # popped
+
+
+def test_recompute_keeps_no_materialised_weight_alive():
+    """Under recompute_weights, no W(t) survives the forward: backward rebuilds it."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    edited = EditedModel(model, {name: torch.randn_like(p) for name, p in model.named_parameters() if "weight" in name})
+    x = torch.randn(8, 64)
+    results = {}
+    for recompute in (False, True):
+        produced = []
+        hook = lambda module, args, output: produced.append(__import__("weakref").ref(output))  # noqa: E731
+        handles = [p.register_forward_hook(hook) for p in edited.parametrizations.values()]
+        edited.set_t(0.5)
+        context = edited.recompute_weights() if recompute else torch.enable_grad()
+        with context:
+            loss = model(x).sum()
+            gc.collect()
+            alive = sum(ref() is not None for ref in produced)
+            loss.backward()
+        for handle in handles:
+            handle.remove()
+        results[recompute] = (alive, edited.pop_inner_products())
+    assert results[False][0] == 2  # the second and third Linear keep W(t) for the input gradient
+    assert results[True][0] == 0
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_materialise_and_save_pretrained_round_trip(tmp_path, tie):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(dtype=torch.float32, tie=tie)
+    post = {k: v.clone() for k, v in model.state_dict().items()}
+    edits = random_edits(model, scale=0.05)
+    edited = EditedModel(model, edits)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    edited.set_t(1.0)
+    with torch.no_grad():
+        logits_edited = model(ids).logits
+    edited.materialize(1.0)
+    assert not parametrize.is_parametrized(model)
+    for name, edit in edits.items():
+        torch.testing.assert_close(model.state_dict()[name], post[name] + edit, rtol=0, atol=1e-7)
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits_edited, rtol=1e-5, atol=1e-5)
+    assert all("parametrizations" not in key for key in reloaded.state_dict())
+
+
+def test_remove_gives_back_post_weights_and_requires_grad():
+    model = tiny_llama(dtype=torch.float32)
+    post = {k: v.clone() for k, v in model.state_dict().items()}
+    model.lm_head.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    edited = EditedModel(model, random_edits(model, "proj"))
+    edited.set_t(0.7)
+    edited.remove()
+    assert not parametrize.is_parametrized(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, post[key]), key
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize(
+    "edits, match",
+    [({"nope.weight": torch.zeros(1)}, "not a parameter"), ({"0.weight": torch.zeros(3, 3)}, "shape")],
+)
+def test_bad_edits(edits, match):
+    with pytest.raises(ValueError, match=match):
+        EditedModel(nn.Sequential(nn.Linear(2, 4)), edits)
+
+
+def test_edit_buffer_stays_float32_for_half_models():
+    model = nn.Linear(3, 3).to(torch.bfloat16)
+    edited = EditedModel(model, {"weight": torch.ones(3, 3, dtype=torch.bfloat16)})
+    parametrization = edited.parametrizations["weight"]
+    assert isinstance(parametrization, EditParametrization)
+    assert parametrization.edit.dtype == torch.float32 and parametrization.t.dtype == torch.float64
+    assert model.weight.dtype == torch.bfloat16
