@@ -181,6 +181,20 @@ def test_results_are_logged_and_written(tmp_path):
     assert float(values[header.index("riemann/exact")]) == pytest.approx(callback.result.exact, rel=1e-6)
 
 
+def test_progress_bar_shows_the_running_figures(capsys):
+    model = tiny_llama()
+    edits = random_edits(model, "mlp")
+    callback = RiemannCallback(num_points=2, filename=None)
+    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
+                         enable_model_summary=False)
+    trainer.validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(9), batch_size=4), verbose=False)
+    shown = trainer.progress_bar_metrics
+    # after the last batch the running figures are the final ones (one process), in float32
+    assert shown["riemann/running_term"] == pytest.approx(callback.result.term, rel=1e-6)
+    assert shown["riemann/running_exact"] == pytest.approx(callback.result.exact, rel=1e-6)
+    assert "Validation" in capsys.readouterr().out  # the bar itself ran
+
+
 def test_without_trapezoid_skips_the_backward_at_one():
     model = tiny_llama()
     edits = random_edits(model, "proj")

@@ -204,6 +204,19 @@ class RiemannCallback(Callback):
             count = output.count
         edited.set_t(0.0)
         self._sums.update(inner, losses, count)
+        self._show_progress(pl_module)
+
+    def _show_progress(self, pl_module: "pl.LightningModule") -> None:
+        """This process's running term and ΔL so far, beside Lightning's validation progress bar (not logged)."""
+        sums = self._sums
+        count = sums.count.clamp_min(1.0)
+        running = {
+            "term": sums.inner[: self.num_points].sum() / (self.num_points * count),
+            "exact": (sums.loss[-1] - sums.loss[0]) / count,
+        }
+        for name, value in running.items():
+            pl_module.log(f"riemann/running_{name}", value.float(), prog_bar=True, logger=False, on_step=True,
+                          on_epoch=False, batch_size=1)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
