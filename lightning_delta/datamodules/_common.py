@@ -1,0 +1,163 @@
+"""What the DataModules share: tokenizer and data loading, chat formatting, padding, the unrepeated sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as is, or ``AutoTokenizer.from_pretrained`` of a path or hub id; a pad token is ensured."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        raise ValueError(f"`tokenizer` must be a path, a hub id or a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with; set `pad_token`.")
+        rank_zero_warn(
+            f"The tokenizer has no pad token; padding with its eos token {tokenizer.eos_token!r}. Padding positions "
+            "are masked (attention_mask 0, labels -100), so this does not change the loss."
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: bool | None, fallback: str) -> bool:
+    """Whether to use the tokenizer's chat template: ``None`` uses it where present (warning otherwise)."""
+    present = has_chat_template(tokenizer)
+    if chat_template is True and not present:
+        raise ValueError(
+            "`chat_template=True` but the tokenizer has no chat template. Use the tokenizer of an instruction-tuned "
+            f"model, set `tokenizer.chat_template`, or pass `chat_template=False` for the plain format {fallback!r}."
+        )
+    if chat_template is None and not present:
+        rank_zero_warn(f"The tokenizer has no chat template; prompts use the plain format {fallback!r}.")
+    return present if chat_template is None else bool(chat_template)
+
+
+def split_completion(tokenizer: Any, prompt_messages: list[dict], answer: str) -> tuple[str, str]:
+    """``(prompt text, completion text)`` through the chat template: the completion is what the template adds after
+    the generation prompt for the assistant's ``answer`` (its end-of-turn tokens included)."""
+    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*prompt_messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError(
+            "The chat template does not write the conversation as the generation prompt followed by the answer, so "
+            "the answer tokens cannot be told from the prompt; pass `chat_template=False`."
+        )
+    return prompt, full[len(prompt):]
+
+
+def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str) -> list[dict]:
+    """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
+        ValueError: an empty split (after ``limit``).
+    """
+    import datasets
+
+    path = Path(data).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.name.startswith(split))
+        if not files:
+            raise FileNotFoundError(
+                f"No {what} file for split {split!r} in {path}: expected {split}.jsonl, {split}.json or "
+                f"{split}-*.parquet there (the hub's layout)."
+            )
+        _check_not_empty(files, split, what)
+        dataset = datasets.load_dataset(LOCAL_SUFFIXES[files[0].suffix], data_files=[str(f) for f in files],
+                                        split="train")
+    elif path.suffix in LOCAL_SUFFIXES:
+        if not path.exists():
+            raise FileNotFoundError(f"The {what} file {path} does not exist.")
+        _check_not_empty([path], split, what)
+        dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    elif data.startswith((".", "/", "~")) or path.suffix:
+        raise FileNotFoundError(
+            f"{what} data {data!r} is neither an existing directory, a .json/.jsonl/.parquet file nor a hub id."
+        )
+    else:
+        dataset = datasets.load_dataset(data, config, split=split) if config else datasets.load_dataset(data, split=split)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"`limit` must be a positive number of examples or None, got {limit!r}.")
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"The {what} split {split!r} of {data!r} has no examples.")
+    return list(dataset)
+
+
+def _check_not_empty(files: list[Path], split: str, what: str) -> None:
+    """Raise for local files without rows (``datasets`` fails on them with an unrelated error)."""
+    for file in files:
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            if pq.ParquetFile(str(file)).metadata.num_rows > 0:
+                return
+        elif file.read_text().strip() not in ("", "[]"):
+            return
+    raise ValueError(f"The {what} split {split!r} has no examples: {', '.join(map(str, files))} hold no rows.")
+
+
+def pad_right(sequences: Sequence[Sequence[int]], value: int, length: int | None = None) -> Tensor:
+    """(B, T) long tensor, each row padded on the right with ``value`` to ``length`` (default the longest)."""
+    length = max(len(s) for s in sequences) if length is None else length
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+    return out
+
+
+def pad_left(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            out[row, length - len(sequence):] = torch.as_tensor(list(sequence), dtype=torch.long)
+    return out
+
+
+def validation_loader(module: Any, dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Any) -> DataLoader:
+    """A DataLoader that gives each sample to exactly one process (DESIGN.md §2.5).
+
+    Under several processes the sampler is Lightning's ``UnrepeatedDistributedSampler`` (a ``DistributedSampler``,
+    so Lightning leaves it in place): no sample is repeated to even out the ranks, which would bias the loss sums.
+    """
+    trainer = getattr(module, "_trainer", None)
+    sampler = None
+    if trainer is not None and trainer.world_size > 1:
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn)
+
+
+def check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -1,0 +1,227 @@
+"""GSM8K: the causal-LM loss of the answer given the question, and accuracy by greedy generation (paper §4, §5).
+
+Each example is a question and its worked answer ending in ``#### <number>`` (DESIGN.md §5). The prompt is the
+question through the tokenizer's chat template (after optional few-shot turns from the train split); the target is
+the answer as the template writes the assistant's turn. Labels are ``-100`` on the prompt and on padding, so
+:class:`~lightning_delta.losses.CausalLMLoss` sums over answer tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_delta.datamodules._common import (
+    IGNORE_INDEX,
+    check_positive,
+    encode,
+    load_rows,
+    load_tokenizer,
+    pad_left,
+    pad_right,
+    resolve_chat_template,
+    split_completion,
+    validation_loader,
+)
+from lightning_delta.metrics import extract_final_number, numbers_match
+
+__all__ = ["GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT"]
+
+PLAIN_FORMAT = "Question: {question}\nAnswer:"  # without a chat template; the answer follows after a space
+
+
+class GSM8KDataModule(pl.LightningDataModule):
+    """Question → answer batches of GSM8K for the causal-LM loss and generation accuracy.
+
+    Batch (a dict; B examples, T the longest example, P the longest prompt):
+        ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) with ``-100`` on prompt and padding
+        (right-padded, what :class:`~lightning_delta.losses.CausalLMLoss` reads); ``prompt_input_ids`` (B, P) and
+        ``prompt_attention_mask`` (B, P), left-padded for generation; ``answers``: the reference answer texts.
+
+    Args:
+        tokenizer: a path or hub id (``AutoTokenizer``), or a tokenizer object. A missing pad token is set to eos.
+        data: a hub id (config ``main``, through ``datasets.load_dataset``), a local ``.json``/``.jsonl``/``.parquet``
+            file holding the split, or a directory with ``<split>.jsonl`` / ``<split>-*.parquet`` files.
+        split: the evaluated split (``"test"`` in the paper).
+        few_shot: number of worked examples (the first ones of ``few_shot_split``) put before each question.
+        few_shot_data: where the few-shot examples come from (default ``data``; needed when ``data`` is one file).
+        few_shot_split: their split.
+        max_length: the most tokens of an example; longer ones lose prompt tokens from the left (one warning
+            counts them); an answer that alone needs ``max_length`` tokens or more is an error.
+        batch_size, num_workers: of the validation DataLoader.
+        limit: evaluate the first ``limit`` examples only.
+        chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
+            plain ``"Question: …\\nAnswer: …"`` format); ``True`` requires it; ``False`` always uses the plain format.
+        system_prompt: an optional system message (chat template only).
+
+    Raises:
+        ValueError: bad arguments, an empty split, an answer longer than ``max_length``; ``FileNotFoundError``: a
+        local path that does not exist.
+
+    Example::
+
+        dm = GSM8KDataModule("meta-llama/Meta-Llama-3-8B-Instruct", max_length=1024, batch_size=4)
+        module = DeltaEditModule(post, pre, DARE(p=0.9), evaluator=dm.evaluator())
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        data: str = "openai/gsm8k",
+        split: str = "test",
+        few_shot: int = 0,
+        few_shot_data: str | None = None,
+        few_shot_split: str = "train",
+        max_length: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        limit: int | None = None,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("max_length", max_length)
+        check_positive("batch_size", batch_size)
+        if not isinstance(few_shot, int) or few_shot < 0:
+            raise ValueError(f"`few_shot` must be an integer >= 0, got {few_shot!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Any = None
+        self.data, self.split = data, split
+        self.few_shot, self.few_shot_data, self.few_shot_split = few_shot, few_shot_data, few_shot_split
+        self.max_length, self.batch_size, self.num_workers, self.limit = max_length, batch_size, num_workers, limit
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.examples: list[dict[str, Any]] | None = None
+        self.num_truncated = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_source)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.examples is not None:
+            return
+        rows = load_rows(self.data, self.split, "main", self.limit, "GSM8K")
+        shots: list[dict] = []
+        if self.few_shot:
+            shots = load_rows(self.few_shot_data or self.data, self.few_shot_split, "main", self.few_shot, "GSM8K")
+            if len(shots) < self.few_shot:
+                raise ValueError(f"`few_shot={self.few_shot}` but split {self.few_shot_split!r} has {len(shots)} examples.")
+        use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
+        examples = [self.encode_example(row["question"], row["answer"], shots, use_template) for row in rows]
+        self.num_truncated = sum(example.pop("truncated") for example in examples)
+        if self.num_truncated:
+            rank_zero_warn(
+                f"{self.num_truncated} of {len(examples)} GSM8K examples are longer than max_length={self.max_length} "
+                "tokens; their prompts were truncated from the left (few-shot turns and the start of the question go "
+                "first). Raise `max_length` to keep them whole."
+            )
+        self.examples = examples
+
+    def encode_example(self, question: str, answer: str, shots: list[dict], use_template: bool) -> dict[str, Any]:
+        """Token ids of one example: ``prompt_ids`` (masked), ``answer_ids`` (the target), ``truncated``."""
+        tokenizer = self.tokenizer
+        if use_template:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            for shot in shots:
+                messages += [{"role": "user", "content": shot["question"]},
+                             {"role": "assistant", "content": shot["answer"]}]
+            messages.append({"role": "user", "content": question})
+            prompt, completion = split_completion(tokenizer, messages, answer)
+            prompt_ids = encode(tokenizer, prompt)  # the template writes its own special tokens
+        else:
+            parts = [PLAIN_FORMAT.format(question=s["question"]) + " " + s["answer"] + "\n\n" for s in shots]
+            prompt = "".join(parts) + PLAIN_FORMAT.format(question=question)
+            completion = " " + answer + (tokenizer.eos_token or "")
+            prompt_ids = encode(tokenizer, prompt, special_tokens=True)
+        answer_ids = encode(tokenizer, completion)
+        if len(answer_ids) >= self.max_length:
+            raise ValueError(
+                f"A GSM8K answer alone has {len(answer_ids)} tokens, which leaves no room for the question within "
+                f"max_length={self.max_length}. Raise `max_length`. The answer begins: {answer[:80]!r}"
+            )
+        truncated = len(prompt_ids) + len(answer_ids) > self.max_length
+        if truncated:
+            prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - self.max_length:]
+        return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answer": answer, "truncated": truncated}
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        sequences = [e["prompt_ids"] + e["answer_ids"] for e in examples]
+        targets = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e["answer_ids"] for e in examples]
+        input_ids = pad_right(sequences, pad)
+        prompt_input_ids = pad_left([e["prompt_ids"] for e in examples], pad)
+        return {
+            "input_ids": input_ids,  # (B, T)
+            "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),  # (B, T)
+            "labels": pad_right(targets, IGNORE_INDEX),  # (B, T)
+            "prompt_input_ids": prompt_input_ids,  # (B, P), left-padded
+            "prompt_attention_mask": pad_left([[1] * len(e["prompt_ids"]) for e in examples], 0),  # (B, P)
+            "answers": [e["answer"] for e in examples],
+        }
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return validation_loader(self, self.examples, self.batch_size, self.num_workers, self.collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def evaluator(self, max_new_tokens: int = 256) -> GSM8KEvaluator:
+        """The generation-accuracy evaluator for ``DeltaEditModule(evaluator=...)``, with this tokenizer."""
+        return GSM8KEvaluator(self.tokenizer, max_new_tokens=max_new_tokens)
+
+
+class GSM8KEvaluator:
+    """``(model, batch) -> (correct, total)``: greedy generation from the prompt, then exact match of final numbers.
+
+    The number after ``####`` (or the last number) of the generated text is compared with the reference answer's
+    (:func:`~lightning_delta.metrics.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``, which sums
+    the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or feed
+    :class:`~lightning_delta.metrics.ExactMatchAccuracy` with :meth:`generate`'s texts.
+
+    Args:
+        tokenizer: path, hub id or tokenizer object (for decoding and the pad id).
+        max_new_tokens: generation budget per answer.
+    """
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int = 256) -> None:
+        check_positive("max_new_tokens", max_new_tokens)
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Any = None
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_source)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, batch: dict[str, Any]) -> list[str]:
+        """The greedy continuations of the batch's prompts, decoded without special tokens."""
+        prompt = batch["prompt_input_ids"]
+        output = model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        texts = self.generate(model, batch)
+        correct = sum(numbers_match(extract_final_number(text), extract_final_number(reference))
+                      for text, reference in zip(texts, batch["answers"]))
+        device = batch["prompt_input_ids"].device
+        return (torch.tensor(float(correct), dtype=torch.float64, device=device),
+                torch.tensor(float(len(texts)), dtype=torch.float64, device=device))

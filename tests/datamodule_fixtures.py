@@ -1,0 +1,117 @@
+"""Small data files in the real formats of GSM8K, UltraFeedback binarized, MNIST (raw idx) and RESISC45 (image folder).
+
+Nothing is downloaded: each writer lays out a few rows or images exactly as the hub or torchvision keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# GSM8K-like rows (short, so that the tiny tokenizer keeps them under 128 tokens): answers end with "#### n".
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+    {"question": "A pen costs $1,250 and a cap $50. Total?", "answer": "1,250 + 50 = 1,300\n#### 1,300"},
+    {"question": "It was 2 degrees, then fell 7. Now?", "answer": "2 - 7 = -5\n#### -5"},
+    {"question": "Half of 5 is what?", "answer": "5 / 2 = 2.5\n#### 2.5"},
+    {"question": "She sold 48 clips in April and half as many in May. How many in May?", "answer": "48/2 = 24\n#### 24"},
+]
+GSM8K_TRAIN_ROWS = [
+    {"question": "What is 3 + 4?", "answer": "#### 7"},
+    {"question": "What is 10 - 8?", "answer": "#### 2"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return path
+
+
+def write_gsm8k(root: Path, fmt: str = "jsonl", test_rows: list[dict] | None = None) -> Path:
+    """``root/main/{train,test}`` files as on the hub (``main/test-00000-of-00001.parquet``) or as jsonl."""
+    rows = GSM8K_ROWS if test_rows is None else test_rows
+    main = root / "main"
+    if fmt == "parquet":
+        write_parquet(main / "test-00000-of-00001.parquet", rows)
+        write_parquet(main / "train-00000-of-00001.parquet", GSM8K_TRAIN_ROWS)
+    else:
+        write_jsonl(main / "test.jsonl", rows)
+        write_jsonl(main / "train.jsonl", GSM8K_TRAIN_ROWS)
+    return main
+
+
+def ultrafeedback_row(prompt: str, chosen: str, rejected: str, score_chosen: float = 8.0,
+                      score_rejected: float = 3.0) -> dict:
+    user = {"role": "user", "content": prompt}
+    return {
+        "prompt": prompt,
+        "prompt_id": f"{abs(hash(prompt)) % 10**8:08d}",
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+        "messages": [user, {"role": "assistant", "content": chosen}],
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
+
+
+ULTRAFEEDBACK_ROWS = [
+    ultrafeedback_row("What is 3 + 4?", "The answer is 7.", "It is 10."),
+    ultrafeedback_row("Name a pet.", "A dog.", "The quick brown fox jumps over the lazy dog."),
+    ultrafeedback_row("How many clips?", "She sold 72 clips.", "Clips."),
+    ultrafeedback_row("Say hi.", "Hi!", "No.", 6.5, 6.0),
+    ultrafeedback_row("Give a number.", "48", "A photo of a cat."),
+]
+
+
+def write_ultrafeedback(root: Path, rows: list[dict] | None = None, split: str = "test_prefs") -> Path:
+    """``root/data/<split>-00000-of-00001.parquet``, the hub's layout."""
+    return write_parquet(root / "data" / f"{split}-00000-of-00001.parquet", ULTRAFEEDBACK_ROWS if rows is None else rows)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The idx format of MNIST's raw files: magic (0, 0, dtype 0x08, ndim), big-endian sizes, then the bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, num_train: int = 4, num_test: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unpacked idx files in ``root/MNIST/raw``; returns the test images (N, 28, 28) and labels (N,)."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out = None
+    for prefix, n in (("train", num_train), ("t10k", num_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        out = (images, labels)
+    return out
+
+
+def write_resisc45(root: Path, classes: tuple[str, ...] = ("airplane", "sea_ice", "wetland"), per_class: int = 2,
+                   seed: int = 0) -> Path:
+    """``root/resisc45/<class>/<class>_00i.jpg`` (NWPU-RESISC45's layout; here PNG-encoded 16×16 images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = root / "resisc45"
+    for name in classes:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(base / name / f"{name}_{i + 1:03d}.png")
+    return base

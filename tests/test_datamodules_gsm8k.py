@@ -1,0 +1,227 @@
+"""GSM8KDataModule: tokens and masks, few-shot, truncation, errors, answer extraction, accuracy and the Riemann term."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_delta.callbacks import RiemannCallback
+from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
+from lightning_delta.losses import CausalLMLoss
+from lightning_delta.metrics import ExactMatchAccuracy, extract_final_number
+from lightning_delta.module import DeltaEditModule
+from tests.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_ROWS, write_gsm8k, write_jsonl
+from tests.riemann_support import brute_force, random_edits
+from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat(question: str) -> str:  # the tiny chat template, written out by hand
+    return f"<|user|>\n{question}</s>\n<|assistant|>\n"
+
+
+def check_example(batch: dict, row: int, prompt_ids: list[int], answer_ids: list[int]) -> None:
+    """Token by token: prompt then answer, labels -100 on the prompt and the padding, attention on the tokens."""
+    length = len(prompt_ids) + len(answer_ids)
+    assert batch["input_ids"][row, :length].tolist() == prompt_ids + answer_ids
+    assert batch["labels"][row, : len(prompt_ids)].tolist() == [-100] * len(prompt_ids)
+    assert batch["labels"][row, len(prompt_ids): length].tolist() == answer_ids
+    assert (batch["labels"][row, length:] == -100).all() and (batch["input_ids"][row, length:] == 0).all()
+    assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (batch["input_ids"].shape[1] - length)
+    prompt = batch["prompt_input_ids"][row]  # left-padded for generation
+    assert prompt[prompt.shape[0] - len(prompt_ids):].tolist() == prompt_ids
+    assert batch["prompt_attention_mask"][row].sum() == len(prompt_ids)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_tokens_and_masks_token_by_token(tokenizer, tmp_path, fmt):
+    main = write_gsm8k(tmp_path, fmt)
+    data = str(main / "test.jsonl") if fmt == "jsonl" else str(main)  # one file, or the hub's folder layout
+    dm = GSM8KDataModule(tokenizer, data=data, batch_size=3)
+    batch = next(iter(dm.val_dataloader()))
+    assert len(dm.val_dataloader().dataset) == len(GSM8K_ROWS)
+    for row in range(3):
+        question, answer = GSM8K_ROWS[row]["question"], GSM8K_ROWS[row]["answer"]
+        check_example(batch, row, ids(tokenizer, chat(question)), ids(tokenizer, answer + "</s>\n"))
+        answer_positions = batch["labels"][row] != -100
+        assert tokenizer.decode(batch["input_ids"][row][answer_positions]) == answer + "</s>\n"
+    assert batch["answers"] == [r["answer"] for r in GSM8K_ROWS[:3]]
+
+
+def test_few_shot_turns_come_from_the_train_split(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    dm = GSM8KDataModule(tokenizer, data=str(main), few_shot=2, system_prompt="Solve.", batch_size=1)
+    batch = next(iter(dm.val_dataloader()))
+    shots = "".join(f"<|user|>\n{r['question']}</s>\n<|assistant|>\n{r['answer']}</s>\n" for r in GSM8K_TRAIN_ROWS)
+    prompt = "<|system|>\nSolve.</s>\n" + shots + chat(GSM8K_ROWS[0]["question"])
+    check_example(batch, 0, ids(tokenizer, prompt), ids(tokenizer, GSM8K_ROWS[0]["answer"] + "</s>\n"))
+
+
+def test_tokenizer_without_chat_template_or_pad_token(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = None
+    main = write_gsm8k(tmp_path)
+    with pytest.raises(ValueError, match="no chat template"):
+        GSM8KDataModule(tokenizer, data=str(main), chat_template=True).setup()
+    tokenizer.pad_token = None
+    dm = GSM8KDataModule(tokenizer, data=str(main), batch_size=2)
+    with pytest.warns(UserWarning) as records:
+        batch = next(iter(dm.val_dataloader()))
+    messages = " ".join(str(r.message) for r in records)
+    assert "no pad token" in messages and "no chat template" in messages
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+    question, answer = GSM8K_ROWS[0]["question"], GSM8K_ROWS[0]["answer"]
+    check_example_plain = ids(tokenizer, f"Question: {question}\nAnswer:"), ids(tokenizer, f" {answer}</s>")
+    length = sum(map(len, check_example_plain))
+    assert batch["input_ids"][0, :length].tolist() == check_example_plain[0] + check_example_plain[1]
+    assert batch["labels"][0, len(check_example_plain[0]): length].tolist() == check_example_plain[1]
+
+
+def test_long_examples_lose_prompt_tokens_from_the_left_with_one_counted_warning(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    lengths = [(len(ids(tokenizer, chat(r["question"]))), len(ids(tokenizer, r["answer"] + "</s>\n"))) for r in GSM8K_ROWS]
+    max_length = sorted(p + a for p, a in lengths)[2]  # the two longest examples do not fit
+    assert max_length > max(a for _, a in lengths)
+    dm = GSM8KDataModule(tokenizer, data=str(main), max_length=max_length, batch_size=5)
+    with pytest.warns(UserWarning, match=f"2 of 5 GSM8K examples are longer than max_length={max_length}"):
+        dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    for row, (p, a) in enumerate(lengths):
+        prompt = ids(tokenizer, chat(GSM8K_ROWS[row]["question"]))
+        kept = prompt[max(0, p + a - max_length):]
+        check_example(batch, row, kept, ids(tokenizer, GSM8K_ROWS[row]["answer"] + "</s>\n"))
+    assert batch["input_ids"].shape[1] == max_length
+    with pytest.raises(ValueError, match="answer alone has .* tokens"):
+        GSM8KDataModule(tokenizer, data=str(main), max_length=min(a for _, a in lengths)).setup()
+
+
+def test_missing_and_empty_data(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GSM8KDataModule(tokenizer, data=str(tmp_path / "nope.jsonl")).setup()
+    with pytest.raises(FileNotFoundError, match="No GSM8K file for split 'test'"):
+        GSM8KDataModule(tokenizer, data=str(tmp_path)).setup()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty" / "test-00000-of-00001.parquet"
+    empty.parent.mkdir()
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), str(empty))
+    with pytest.raises(ValueError, match="split 'test' has no examples"):
+        GSM8KDataModule(tokenizer, data=str(empty.parent)).setup()
+    with pytest.raises(ValueError, match="has no examples"):
+        GSM8KDataModule(tokenizer, data=str(write_jsonl(tmp_path / "test.jsonl", []))).setup()
+    with pytest.raises(ValueError, match="few_shot"):
+        GSM8KDataModule(tokenizer, few_shot=-1)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
+        ("The total is 1,000 + 250 = <<1000+250=1250>>1,250 dollars.\n#### 1,250", "1250"),
+        ("It fell to 3 - 8 = <<3-8=-5>>-5 degrees.\n#### -5", "-5"),
+        ("Each costs 7 / 2 = <<7/2=3.5>>3.5 dollars.\n#### 3.50", "3.5"),
+        ("#### $1,234,567.00", "1234567"),
+        ("So she has 12 apples, and then 5 more, which makes 17 apples in total.", "17"),  # no ####: last number
+        ("The answer is −0.25.", "-0.25"),
+        ("The answer is .5", "0.5"),
+        ("I do not know.", None),
+        ("#### 4 and some trailing 9", "4"),
+    ],
+)
+def test_final_number_extraction(text, expected):
+    assert extract_final_number(text) == expected
+
+
+def test_exact_match_metric_counts():
+    metric = ExactMatchAccuracy()
+    metric.update(["#### 7", "so 1,300 in total", "-5.0", "nothing"], [r["answer"] for r in GSM8K_ROWS[:4]])
+    assert float(metric.correct) == 3 and float(metric.total) == 4
+
+
+def greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """Plain greedy decoding of one unpadded prompt (argmax of the full forward at every step)."""
+    sequence = list(prompt_ids)
+    for _ in range(steps):
+        logits = model(input_ids=torch.tensor([sequence])).logits[0, -1]
+        token = int(logits.argmax())
+        sequence.append(token)
+        if token == 2:
+            break
+    return sequence[len(prompt_ids):]
+
+
+def test_generation_evaluator_against_plain_greedy_decoding(tokenizer, tmp_path):
+    model = make_tiny_model("llama", dtype=torch.float64)
+    dm = GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), batch_size=3)
+    batch = next(iter(dm.val_dataloader()))
+    evaluator = dm.evaluator(max_new_tokens=6)
+    texts = evaluator.generate(model, batch)
+    for row, text in enumerate(texts):
+        prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()].tolist()
+        assert text == tokenizer.decode(greedy(model, prompt, 6), skip_special_tokens=True)
+    # make the first reference agree with what the model says, the others not
+    numbers = [extract_final_number(text) for text in texts]
+    batch["answers"] = [f"#### {numbers[0] or 'x'}", "#### 123456789", "#### 987654321"]
+    correct, total = evaluator(model, batch)
+    assert (float(correct), float(total)) == (1.0 if numbers[0] is not None else 0.0, 3.0)
+
+
+def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_path):
+    model = make_tiny_model("llama", dtype=torch.float64)
+    edits = random_edits(model, scale=0.05)
+    dm = GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), batch_size=2)
+    reference = brute_force(model, edits, CausalLMLoss(), dm.val_dataloader(), num_points=4)
+
+    module = DeltaEditModule(model, None, edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
+    callback = RiemannCallback(num_points=4, filename=None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    result = callback.result
+    for name in reference["names"]:
+        assert result.term_per_tensor[name] == pytest.approx(reference["term_per_tensor"][name], rel=1e-6, abs=1e-12)
+    assert result.term == pytest.approx(float(reference["inner"].sum(dim=1)[:-1].mean()), rel=1e-6)
+    assert result.losses == pytest.approx(reference["losses"].tolist(), rel=1e-10)
+    answer_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in dm.val_dataloader())
+    assert result.count == answer_tokens
+    for key in ("accuracy/post", "accuracy/edit"):  # reported beside the Riemann figures
+        assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0
+
+
+def test_unrepeated_sampler_under_several_processes(tokenizer, tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(7)]
+    dm = GSM8KDataModule(tokenizer, data=str(write_jsonl(tmp_path / "test.jsonl", rows)), batch_size=2)
+    seen = []
+    for rank in range(2):
+        dm._trainer = type("FakeTrainer", (), {"world_size": 2, "global_rank": rank})()
+        loader = dm.val_dataloader()
+        from torch.utils.data import DistributedSampler
+
+        assert isinstance(loader.sampler, DistributedSampler)  # Lightning keeps it in place
+        seen += [answer for batch in loader for answer in batch["answers"]]
+    assert sorted(seen) == sorted(r["answer"] for r in rows)  # every example once, none repeated
+
+
+def test_constructor_from_yaml(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(GSM8KDataModule, "data")
+    config = parser.parse_string(
+        f"data:\n  tokenizer: {tmp_path}/tok\n  data: {tmp_path}/main\n  few_shot: 2\n  max_length: 512\n  limit: 3\n"
+    )
+    dm = GSM8KDataModule(**config.data.as_dict())
+    assert (dm.few_shot, dm.max_length, dm.limit, dm.data) == (2, 512, 3, f"{tmp_path}/main")
+    make_tiny_tokenizer(tmp_path / "tok")
+    write_gsm8k(tmp_path)
+    assert len(dm.val_dataloader().dataset) == 3
