@@ -1,0 +1,24 @@
+"""DataModules for the paper's three tasks: GSM8K, UltraFeedback preference pairs and the eight CLIP image tasks.
+
+Importing this package also registers the ``"dpo"`` loss (:class:`~lightning_delta.losses_dpo.DPOLoss`).
+"""
+
+from lightning_delta import losses_dpo as _losses_dpo  # noqa: F401  (registers "dpo" with build_loss)
+from lightning_delta.datamodules.classnames import CLASSNAMES, TASKS, TEMPLATES, get_classnames, get_templates
+from lightning_delta.datamodules.gsm8k import GSM8KDataModule, GSM8KEvaluator
+from lightning_delta.datamodules.ultrafeedback import UltraFeedbackDataModule
+from lightning_delta.datamodules.vision import VisionDataModule, ZeroShotClassifier, build_vision_dataset
+
+__all__ = [
+    "CLASSNAMES",
+    "GSM8KDataModule",
+    "GSM8KEvaluator",
+    "TASKS",
+    "TEMPLATES",
+    "UltraFeedbackDataModule",
+    "VisionDataModule",
+    "ZeroShotClassifier",
+    "build_vision_dataset",
+    "get_classnames",
+    "get_templates",
+]

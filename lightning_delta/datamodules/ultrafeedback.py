@@ -1,0 +1,190 @@
+"""UltraFeedback binarized preference pairs for the DPO loss (EXPO, paper §6).
+
+Each row has ``prompt``, ``chosen`` and ``rejected`` (lists of ``{"role", "content"}`` messages, the last the
+assistant's), ``score_chosen`` and ``score_rejected`` (DESIGN.md §5). The conversation before the last message is the
+prompt, written with the tokenizer's chat template and masked (``-100``); the last message of ``chosen`` and of
+``rejected`` is the answer scored by :class:`~lightning_delta.losses_dpo.DPOLoss`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_delta.datamodules._common import (
+    IGNORE_INDEX,
+    check_positive,
+    encode,
+    load_rows,
+    load_tokenizer,
+    pad_right,
+    resolve_chat_template,
+    split_completion,
+    validation_loader,
+)
+
+__all__ = ["UltraFeedbackDataModule"]
+
+PLAIN_FORMAT = "{role}: {content}\n"  # without a chat template, per message; the prompt ends with "assistant:"
+TOO_LONG = ("error", "drop")
+
+
+class UltraFeedbackDataModule(pl.LightningDataModule):
+    """Chosen/rejected pairs through the chat template, prompt masked, for :class:`~lightning_delta.losses_dpo.DPOLoss`.
+
+    Batch (a dict, B pairs): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
+    ``rejected_input_ids``, ``rejected_attention_mask``, ``rejected_labels``, all (B, T) right-padded to one length
+    T, labels ``-100`` on the prompt and padding; ``score_chosen`` and ``score_rejected`` (B,) float.
+
+    Args:
+        tokenizer: a path or hub id (``AutoTokenizer``), or a tokenizer object. A missing pad token is set to eos.
+        data: a hub id, a local ``.json``/``.jsonl``/``.parquet`` file holding the split, or a directory with
+            ``<split>-*.parquet`` / ``<split>.jsonl`` files.
+        split: ``"test_prefs"`` (or ``"train_prefs"``).
+        max_length: the most tokens of prompt + answer; longer pairs lose prompt tokens from the left (one warning
+            counts them).
+        too_long: what to do with a pair whose answer alone needs ``max_length`` tokens or more: ``"error"``, or
+            ``"drop"`` the pair (counted in a warning).
+        batch_size, num_workers: of the validation DataLoader.
+        limit: the first ``limit`` pairs only.
+        chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
+            plain ``"role: content"`` lines); ``True`` requires it; ``False`` always uses the plain format.
+
+    Example::
+
+        dm = UltraFeedbackDataModule("HuggingFaceH4/zephyr-7b-dpo-full", max_length=1024, batch_size=2)
+        module = DeltaEditModule(post, sft, Extrapolate(alpha=0.3), loss="dpo")
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        data: str = "HuggingFaceH4/ultrafeedback_binarized",
+        split: str = "test_prefs",
+        max_length: int = 1024,
+        too_long: str = "error",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        limit: int | None = None,
+        chat_template: bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("max_length", max_length)
+        check_positive("batch_size", batch_size)
+        if too_long not in TOO_LONG:
+            raise ValueError(f"`too_long` must be one of {TOO_LONG}, got {too_long!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Any = None
+        self.data, self.split, self.max_length, self.too_long = data, split, max_length, too_long
+        self.batch_size, self.num_workers, self.limit, self.chat_template = batch_size, num_workers, limit, chat_template
+        self.examples: list[dict[str, Any]] | None = None
+        self.num_truncated = 0
+        self.num_dropped = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_source)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.examples is not None:
+            return
+        rows = load_rows(self.data, self.split, None, self.limit, "UltraFeedback")
+        use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
+        examples = []
+        self.num_truncated = self.num_dropped = 0
+        for index, row in enumerate(rows):
+            example = self.encode_pair(row, use_template, index)
+            if example is None:
+                self.num_dropped += 1
+                continue
+            self.num_truncated += example.pop("truncated")
+            examples.append(example)
+        if self.num_truncated or self.num_dropped:
+            rank_zero_warn(
+                f"Of {len(rows)} UltraFeedback pairs, {self.num_truncated} are longer than max_length="
+                f"{self.max_length} tokens and had their prompts truncated from the left, and {self.num_dropped} were "
+                "dropped because an answer alone does not fit. Raise `max_length` to keep them whole."
+            )
+        if not examples:
+            raise ValueError(f"No UltraFeedback pair of split {self.split!r} fits in max_length={self.max_length}.")
+        self.examples = examples
+
+    @staticmethod
+    def _conversation(row: dict, key: str, index: int) -> tuple[list[dict], str]:
+        messages = row[key]
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(
+                f"UltraFeedback row {index}: `{key}` must be a list of messages ending with the assistant's answer."
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
+
+    def _plain(self, messages: list[dict], answer: str) -> tuple[str, str]:
+        prompt = "".join(PLAIN_FORMAT.format(**m) for m in messages) + "assistant:"
+        return prompt, " " + answer + (self.tokenizer.eos_token or "")
+
+    def encode_pair(self, row: dict, use_template: bool, index: int = 0) -> dict[str, Any] | None:
+        """Token ids of one pair (``None`` when dropped as too long)."""
+        chosen_messages, chosen = self._conversation(row, "chosen", index)
+        rejected_messages, rejected = self._conversation(row, "rejected", index)
+        if chosen_messages != rejected_messages:
+            raise ValueError(f"UltraFeedback row {index}: `chosen` and `rejected` have different prompts.")
+        if not chosen_messages:
+            chosen_messages = [{"role": "user", "content": row["prompt"]}]
+        tokenizer = self.tokenizer
+        if use_template:
+            prompt, chosen_text = split_completion(tokenizer, chosen_messages, chosen)
+            _, rejected_text = split_completion(tokenizer, chosen_messages, rejected)
+            prompt_ids = encode(tokenizer, prompt)
+        else:
+            prompt, chosen_text = self._plain(chosen_messages, chosen)
+            _, rejected_text = self._plain(chosen_messages, rejected)
+            prompt_ids = encode(tokenizer, prompt, special_tokens=True)
+        answers = [encode(tokenizer, chosen_text), encode(tokenizer, rejected_text)]
+        longest = max(len(a) for a in answers)
+        if longest >= self.max_length:
+            if self.too_long == "drop":
+                return None
+            raise ValueError(
+                f"UltraFeedback row {index}: an answer alone has {longest} tokens, which leaves no room for the prompt "
+                f"within max_length={self.max_length}. Raise `max_length` or pass `too_long='drop'`."
+            )
+        truncated = len(prompt_ids) + longest > self.max_length
+        if truncated:
+            prompt_ids = prompt_ids[len(prompt_ids) + longest - self.max_length:]
+        return {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": answers[0],
+            "rejected_ids": answers[1],
+            "score_chosen": float(row.get("score_chosen", float("nan"))),
+            "score_rejected": float(row.get("score_rejected", float("nan"))),
+            "truncated": truncated,
+        }
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        length = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+        batch: dict[str, Any] = {}
+        for side in ("chosen", "rejected"):
+            sequences = [e["prompt_ids"] + e[f"{side}_ids"] for e in examples]
+            targets = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_ids"] for e in examples]
+            batch[f"{side}_input_ids"] = pad_right(sequences, pad, length)  # (B, T)
+            batch[f"{side}_attention_mask"] = pad_right([[1] * len(s) for s in sequences], 0, length)  # (B, T)
+            batch[f"{side}_labels"] = pad_right(targets, IGNORE_INDEX, length)  # (B, T)
+            batch[f"score_{side}"] = torch.tensor([e[f"score_{side}"] for e in examples], dtype=torch.float64)
+        return batch
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return validation_loader(self, self.examples, self.batch_size, self.num_workers, self.collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,323 @@
+"""The eight image tasks of the paper's CLIP experiments, and the zero-shot classifier whose vision tower is edited.
+
+:class:`VisionDataModule` reads MNIST, SVHN, GTSRB, DTD, EuroSAT, Stanford Cars and SUN397 through torchvision and
+RESISC45 as an image folder, and turns images into ``pixel_values`` with the CLIP image processor.
+:class:`ZeroShotClassifier` is the CLIP vision tower with a fixed head built once from the CLIP text tower over the
+task's class names and templates: ``logits = scale · normalize(image features) @ normalize(text head)ᵀ``. The head
+is the same for W_pre and W_post; only the vision tower (``vision_model.*``, ``visual_projection.weight``, named as in
+``CLIPModel``) carries parameters, so the edit touches the vision tower alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_delta.datamodules._common import check_positive, validation_loader
+from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_classnames, get_templates
+
+__all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "expected_layout"]
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+TEST_EVERY = 5  # tasks without an official test split: every fifth image (in the dataset's order) is the test split
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def expected_layout(task: str, root: str | Path, split: str = "test") -> tuple[list[Path], str]:
+    """The paths that must exist for ``task`` under ``root``, and how to get them."""
+    root, task = Path(root), check_task(task)
+    if task == "mnist":
+        return ([root / "MNIST" / "raw" / name for name in _MNIST_FILES],
+                "pass download=True, or put the four unpacked MNIST idx files in <root>/MNIST/raw")
+    if task == "svhn":
+        return ([root / "svhn" / f"{split}_32x32.mat"],
+                "pass download=True, or put SVHN's cropped-digits file <split>_32x32.mat in <root>/svhn (reading it "
+                "needs scipy)")
+    if task == "gtsrb":
+        folder = "Training" if split == "train" else "Final_Test/Images"
+        paths = [root / "gtsrb" / "GTSRB" / folder] + ([] if split == "train" else [root / "gtsrb" / "GT-final_test.csv"])
+        return paths, "pass download=True, or unpack the GTSRB archives into <root>/gtsrb"
+    if task == "dtd":
+        return [root / "dtd" / "dtd"], "pass download=True, or unpack dtd-r1.0.1.tar.gz into <root>/dtd"
+    if task == "eurosat":
+        return [root / "eurosat" / "2750"], "pass download=True, or unpack EuroSAT.zip (RGB) into <root>/eurosat"
+    if task == "stanford_cars":
+        return ([root / "stanford_cars" / "devkit", root / "stanford_cars" / f"cars_{split}"],
+                "torchvision can no longer download Stanford Cars: get the images and devkit (e.g. from Kaggle's "
+                "copy) and lay them out as <root>/stanford_cars/{devkit,cars_train,cars_test, "
+                "cars_test_annos_withlabels.mat}; reading them needs scipy")
+    if task == "sun397":
+        return [root / "SUN397" / "ClassName.txt"], "pass download=True (37 GB), or unpack SUN397.tar.gz into <root>"
+    return ([root / "resisc45"],
+            "download NWPU-RESISC45 and unpack it so that each class is a folder <root>/resisc45/<class>/*.jpg "
+            "(e.g. <root>/resisc45/airplane); optional split folders <root>/resisc45/<split>/<class>/ are used when "
+            "present")
+
+
+class _Every(Subset):
+    """A fixed train/test split for datasets without one: index % TEST_EVERY == 0 is test."""
+
+    def __init__(self, dataset: Dataset, split: str) -> None:
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"This task has no official split; `split` must be 'train', 'test' or 'all', got {split!r}.")
+        indices = range(len(dataset))
+        if split != "all":
+            indices = [i for i in indices if (i % TEST_EVERY == 0) == (split == "test")]
+        super().__init__(dataset, list(indices))
+
+
+def _resisc45(root: Path, split: str, transform: Any) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    base = root / "resisc45"
+    for candidate in (base / split, base / "NWPU-RESISC45", base):
+        if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
+            folder = candidate
+            break
+    else:
+        raise FileNotFoundError(f"no class folders under {base}")
+    names = CLASSNAMES["resisc45"]
+    dataset = ImageFolder(str(folder), transform=transform)
+    unknown = [c for c in dataset.classes if c.replace("_", " ") not in names]
+    if unknown:
+        raise ValueError(f"RESISC45 folders {unknown} in {folder} are not RESISC45 classes; expected folders among "
+                         f"{[n.replace(' ', '_') for n in names]}.")
+    to_global = [names.index(c.replace("_", " ")) for c in dataset.classes]
+    dataset.target_transform = to_global.__getitem__
+    return dataset if folder == base / split else _Every(dataset, split)
+
+
+def build_vision_dataset(task: str, root: str | Path, split: str = "test", download: bool = False,
+                         transform: Any = None) -> Dataset:
+    """The torchvision dataset (or RESISC45 image folder) of ``task``: items ``(PIL image, label)``.
+
+    Raises:
+        FileNotFoundError: the data is not under ``root``; the message says how to get it.
+    """
+    from torchvision import datasets as tv
+
+    task, root = check_task(task), Path(root).expanduser()
+    paths, how = expected_layout(task, root, split)
+    missing = [p for p in paths if not p.exists()]
+    if missing and not (download and task not in ("stanford_cars", "resisc45")):
+        raise FileNotFoundError(f"{task} data not found: {', '.join(map(str, missing))} missing. To get it: {how}.")
+    common = dict(transform=transform)
+    try:
+        if task == "mnist":
+            return tv.MNIST(str(root), train=split == "train", download=download, **common)
+        if task == "svhn":
+            return tv.SVHN(str(root / "svhn"), split=split, download=download, **common)
+        if task == "gtsrb":
+            return tv.GTSRB(str(root), split=split, download=download, **common)
+        if task == "dtd":
+            return tv.DTD(str(root), split=split, download=download, **common)
+        if task == "eurosat":
+            return _Every(tv.EuroSAT(str(root), download=download, **common), split)
+        if task == "stanford_cars":
+            return tv.StanfordCars(str(root), split=split, download=False, **common)
+        if task == "sun397":
+            return _Every(tv.SUN397(str(root), download=download, **common), split)
+        return _resisc45(root, split, transform)
+    except (RuntimeError, FileNotFoundError) as error:
+        raise FileNotFoundError(f"{task} data could not be read under {root} ({error}). To get it: {how}.") from error
+
+
+def load_image_processor(processor: Any) -> Any:
+    if isinstance(processor, (str, Path)):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(str(processor))
+    return processor
+
+
+class _Processed(Dataset):
+    """``{"pixel_values": (3, H, W), "labels": ()}`` items from a dataset of ``(PIL image, label)``."""
+
+    def __init__(self, dataset: Dataset, processor: Any) -> None:
+        self.dataset, self.processor = dataset, processor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image, label = self.dataset[index]
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "labels": torch.tensor(int(label))}
+
+
+class VisionDataModule(pl.LightningDataModule):
+    """One of the eight image tasks as ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` batches.
+
+    Args:
+        task: ``mnist``, ``svhn``, ``gtsrb``, ``dtd``, ``eurosat``, ``stanford_cars``, ``sun397`` or ``resisc45``.
+        root: the folder holding the data in torchvision's layout (``<root>/MNIST/raw``, ``<root>/svhn``,
+            ``<root>/gtsrb``, ``<root>/dtd``, ``<root>/eurosat``, ``<root>/stanford_cars``, ``<root>/SUN397``) and
+            ``<root>/resisc45/<class>/`` for RESISC45.
+        processor: the CLIP image processor: a path or hub id (``AutoImageProcessor``) or an object.
+        split: ``"test"`` (default) or ``"train"`` (DTD also ``"val"``). EuroSAT, SUN397 and an unsplit RESISC45
+            folder have no official split: every fifth image is ``"test"``, the rest ``"train"``, ``"all"`` is all.
+        download: let torchvision download the data (not possible for Stanford Cars and RESISC45).
+        batch_size, num_workers: of the validation DataLoader.
+        limit: the first ``limit`` images only.
+
+    Raises:
+        ValueError: an unknown task or bad arguments; ``FileNotFoundError`` (in ``setup``): missing data, with how
+        to get it.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        root: str,
+        processor: Any = DEFAULT_CLIP,
+        split: str = "test",
+        download: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.task = check_task(task)
+        check_positive("batch_size", batch_size)
+        if limit is not None:
+            check_positive("limit", limit)
+        self.root, self.processor, self.split, self.download = root, processor, split, download
+        self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
+        self.dataset: Dataset | None = None
+
+    @property
+    def classnames(self) -> list[str]:
+        return get_classnames(self.task, self.root)
+
+    @property
+    def templates(self) -> list[str]:
+        return get_templates(self.task)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            build_vision_dataset(self.task, self.root, self.split, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        dataset = build_vision_dataset(self.task, self.root, self.split, download=False)
+        if self.limit is not None:
+            dataset = Subset(dataset, range(min(self.limit, len(dataset))))
+        if len(dataset) == 0:
+            raise ValueError(f"The {self.task} split {self.split!r} under {self.root} has no images.")
+        self.dataset = _Processed(dataset, load_image_processor(self.processor))
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return validation_loader(self, self.dataset, self.batch_size, self.num_workers, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(vision transformer, visual projection or None) of a CLIPModel, CLIPVisionModel(WithProjection)."""
+    vision = getattr(model, "vision_model", None)
+    if vision is None:
+        raise ValueError(f"{type(model).__name__} has no `vision_model`; give a CLIP model or CLIP vision model.")
+    return vision, getattr(model, "visual_projection", None)
+
+
+def _load_clip(source: Any, torch_dtype: Any, vision_only: bool = False) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    if vision_only:
+        config = AutoConfig.from_pretrained(str(source))
+        architectures = config.architectures or []
+        cls = CLIPModel if config.model_type == "clip" else (
+            CLIPVisionModelWithProjection if "CLIPVisionModelWithProjection" in architectures else CLIPVisionModel)
+        return cls.from_pretrained(str(source), dtype=torch_dtype)
+    return CLIPModel.from_pretrained(str(source), dtype=torch_dtype)
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP vision tower + fixed zero-shot head: ``logits = s · (f / ‖f‖) @ Hᵀ`` (B, K).
+
+    ``f`` (B, D) are the projected image features, ``H`` (K, D) the head: for each class the mean of the normalised
+    text features of its templates, normalised again; ``s = exp(logit_scale)`` of the CLIP model. The head is
+    computed once here and is a buffer (not a parameter, not in the state dict), so W_pre and W_post share it and
+    only the vision tower is edited. Works with :class:`~lightning_delta.losses.ClassificationLoss`.
+
+    Args:
+        clip: the CLIP model (text and vision towers): path, hub id or ``CLIPModel``.
+        task: one of the eight tasks, for its class names and templates (or give ``classnames`` and ``templates``).
+        classnames, templates: explicit class names and templates (each with one ``{}``).
+        root: the data folder, for Stanford Cars and SUN397 whose class names come with the data.
+        vision_model: the vision tower to use instead of ``clip``'s (a per-task fine-tuned tower, W_post): path or
+            module (``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` or ``CLIPModel``).
+        tokenizer: for the text tower (default: the one saved with ``clip``).
+        torch_dtype: dtype for models loaded from paths.
+    """
+
+    def __init__(
+        self,
+        clip: Any = DEFAULT_CLIP,
+        task: str | None = None,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
+        root: str | None = None,
+        vision_model: Any = None,
+        tokenizer: Any = None,
+        torch_dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if task is None and (classnames is None or templates is None):
+            raise ValueError("Give `task`, or both `classnames` and `templates`.")
+        classnames = classnames if classnames is not None else get_classnames(task, root)
+        templates = templates if templates is not None else get_templates(task)
+        if not classnames or not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError("`classnames` must be non-empty and each template must hold exactly one '{}'.")
+        model = _load_clip(clip, torch_dtype)
+        if tokenizer is None:
+            if not isinstance(clip, (str, Path)):
+                raise ValueError("Pass `tokenizer=` (the CLIP tokenizer) when `clip` is a module.")
+            tokenizer = clip
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        head = self.zero_shot_head(model, tokenizer, classnames, templates)
+        vision, projection = _vision_parts(_load_clip(vision_model, torch_dtype, True) if vision_model is not None
+                                           else model)
+        self.vision_model = vision
+        self.visual_projection = projection if projection is not None else model.visual_projection
+        self.classnames, self.templates = list(classnames), list(templates)
+        self.register_buffer("head", head.to(self.visual_projection.weight.dtype), persistent=False)  # (K, D)
+        scale = model.logit_scale.detach().exp().to(self.visual_projection.weight.dtype)
+        self.register_buffer("logit_scale", scale.clone(), persistent=False)  # ()
+
+    @staticmethod
+    @torch.no_grad()
+    def zero_shot_head(model: nn.Module, tokenizer: Any, classnames: list[str], templates: list[str]) -> Tensor:
+        """(K, D): per class, the normalised mean of the normalised text features of its templates."""
+        device = model.text_projection.weight.device
+        rows = []
+        for name in classnames:
+            tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(device)
+            pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+            features = F.normalize(model.text_projection(pooled), dim=-1)  # (templates, D)
+            rows.append(F.normalize(features.mean(dim=0), dim=-1))
+        return torch.stack(rows)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """(B, D) normalised projected image features of ``pixel_values`` (B, 3, H, W)."""
+        dtype = self.visual_projection.weight.dtype
+        pooled = self.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.logit_scale * self.image_features(pixel_values) @ self.head.T  # (B, K)
