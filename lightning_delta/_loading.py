@@ -1,0 +1,449 @@
+"""Where weights come from: one tensor at a time from a module, a state dict, safetensors, ``.bin`` files or the Hub.
+
+A :class:`TensorSource` lists the names of a model's tensors and hands them out one by one. safetensors files are
+memory-mapped with ``safe_open`` and read tensor by tensor, so two large checkpoints never sit in memory together.
+``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)`` only: nothing is ever unpickled.
+
+Tied tensors (the same storage under two names, e.g. a Llama's ``model.embed_tokens.weight`` and ``lm_head.weight``
+when ``tie_word_embeddings`` is set) are listed once, under the first name in state-dict order; the other names are
+aliases that :meth:`TensorSource.get` still accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TensorSource", "format_names", "load_tensors", "tied_names"]
+
+# Weight files of a Hugging Face model directory, in the order they are looked for.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_FILE = "pytorch_model.bin"
+WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS_FILE, BIN_INDEX, BIN_FILE)
+
+# What is fetched from the Hub (or its offline cache) for a hub id: safetensors first, .bin only where none exist.
+HUB_SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json"]
+HUB_BIN_PATTERNS = ["*.bin", "*.bin.index.json", "*.json"]
+
+# A hub id: "name" or "org/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def format_names(names: Iterable[str], limit: int = 10) -> str:
+    """``names`` as a comma-separated list, at most ``limit`` of them, then ``"and N more"``.
+
+    Example:
+        >>> format_names(["a", "b", "c"], limit=2)
+        'a, b and 1 more'
+    """
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" and {len(names) - limit} more"
+    return shown
+
+
+class TensorSource:
+    """The tensors of one model, listed by name and loaded one at a time.
+
+    ``keys()`` lists each distinct tensor once, in the model's order; ``tied`` maps a kept name to the other names
+    of the same tensor (its aliases). ``get``, ``shape`` and ``dtype`` accept a kept name or an alias. A source
+    that opened files closes them in :meth:`close` (or at the end of a ``with`` block).
+    """
+
+    description: str = "tensors"
+
+    def __init__(self, names: list[str], tied: dict[str, list[str]] | None = None) -> None:
+        self._names = list(names)
+        self.tied: dict[str, list[str]] = {kept: list(aliases) for kept, aliases in (tied or {}).items() if aliases}
+        self._canonical = {name: name for name in self._names}
+        for kept, aliases in self.tied.items():
+            for alias in aliases:
+                self._canonical[alias] = kept
+
+    def keys(self) -> list[str]:
+        """The kept names (one per distinct tensor), in the model's order."""
+        return list(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._canonical
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def canonical(self, name: str) -> str:
+        """The kept name of ``name`` (itself unless it is an alias of a tied tensor)."""
+        try:
+            return self._canonical[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.description}") from None
+
+    def group(self, name: str) -> list[str]:
+        """Every name of the tensor called ``name``: the kept name first, then its aliases."""
+        kept = self.canonical(name)
+        return [kept, *self.tied.get(kept, [])]
+
+    def get(self, name: str) -> Tensor:
+        """The tensor ``name``, loaded now (on CPU for files)."""
+        return self._get(self.canonical(name))
+
+    def shape(self, name: str) -> torch.Size:
+        """The shape of ``name``, without loading it where the format allows."""
+        return self._shape(self.canonical(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of ``name``, without loading it where the format allows."""
+        return self._dtype(self.canonical(name))
+
+    def _get(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def _shape(self, name: str) -> torch.Size:
+        return self._get(name).shape
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self._get(name).dtype
+
+    def close(self) -> None:
+        """Release open files. A closed source must not be used again."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description}, {len(self._names)} tensors)"
+
+
+def _storage_key(tensor: Tensor) -> tuple | None:
+    """What identifies the memory a tensor views: equal keys mean the same values under two names."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+    return (tensor.device, pointer, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _group_tied(state: Mapping[str, Tensor]) -> tuple[list[str], dict[str, list[str]]]:
+    """The kept names (first of each group of tensors sharing memory) and the kept name -> aliases map."""
+    first_name: dict[tuple, str] = {}
+    kept: list[str] = []
+    tied: dict[str, list[str]] = {}
+    for name, tensor in state.items():
+        key = _storage_key(tensor)
+        if key is not None and key in first_name:
+            tied.setdefault(first_name[key], []).append(name)
+            continue
+        if key is not None:
+            first_name[key] = name
+        kept.append(name)
+    return kept, tied
+
+
+def tied_names(module: nn.Module | Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """The tied tensors of a module (or state dict): kept name -> the other names of the same tensor.
+
+    The kept name is the first in state-dict order. Only tied tensors appear.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> model = nn.ModuleDict({"a": layer, "b": layer})
+        >>> tied_names(model)
+        {'a.weight': ['b.weight'], 'a.bias': ['b.bias']}
+    """
+    if isinstance(module, nn.Module):
+        state = module.state_dict()
+    elif isinstance(module, Mapping):
+        state = module
+    else:
+        raise ValueError(f"tied_names expects an nn.Module or a state dict, got {type(module).__name__}.")
+    return _group_tied(state)[1]
+
+
+class MappingSource(TensorSource):
+    """The tensors of an ``nn.Module`` (its ``state_dict``, taken when the source is made) or of a state dict."""
+
+    def __init__(self, state: Mapping[str, Tensor], description: str) -> None:
+        bad = [name for name, value in state.items() if not isinstance(value, Tensor)]
+        if bad:
+            first = state[bad[0]]
+            raise ValueError(
+                f"A state dict must map names to tensors; {format_names(repr(name) for name in bad)} "
+                f"hold {type(first).__name__} and other non-tensor values. Pass only the tensors."
+            )
+        self._state = state
+        self.description = description
+        kept, tied = _group_tied(state)
+        super().__init__(kept, tied)
+
+    def _get(self, name: str) -> Tensor:
+        return self._state[name]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+class SafetensorsSource(TensorSource):
+    """Tensors in one or more safetensors files, memory-mapped and read one at a time."""
+
+    def __init__(self, files: Mapping[str, Path], description: str) -> None:
+        self._files = dict(files)  # tensor name -> file
+        self._handles: dict[Path, Any] = {}
+        self.description = description
+        super().__init__(list(self._files))
+
+    def _handle(self, path: Path) -> Any:
+        from safetensors import SafetensorError, safe_open
+
+        if path not in self._handles:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"Cannot read the safetensors file {path} ({error}).") from error
+            self._handles[path] = handle
+            expected = {name for name, file in self._files.items() if file == path}
+            absent = sorted(expected - set(handle.keys()))
+            if absent:
+                raise ValueError(
+                    f"The index of {self.description} places {format_names(absent)} in {path.name}, which does "
+                    "not hold them: the checkpoint is incomplete or its index is out of date."
+                )
+        return self._handles[path]
+
+    def _get(self, name: str) -> Tensor:
+        return self._handle(self._files[name]).get_tensor(name)
+
+    def _shape(self, name: str) -> torch.Size:
+        return torch.Size(self._handle(self._files[name]).get_slice(name).get_shape())
+
+    def _dtype(self, name: str) -> torch.dtype:
+        code = self._handle(self._files[name]).get_slice(name).get_dtype()
+        dtype = _SAFETENSORS_DTYPES.get(code)
+        return dtype if dtype is not None else self._get(name).dtype
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._handles.clear()
+
+
+def _torch_load(path: Path) -> dict[str, Tensor]:
+    """A ``.bin`` state dict, read with ``weights_only=True`` (never unpickling objects) and memory-mapped."""
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # The legacy (pre zip) format cannot be memory-mapped; it is read whole, still with weights_only.
+            warnings.warn(
+                f"{path} uses the legacy torch.save format, which cannot be memory-mapped; it is read whole.",
+                stacklevel=2,
+            )
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it was not loaded: unpickling them "
+            "could run arbitrary code (torch.load is only called with weights_only=True). Convert the checkpoint "
+            f"to safetensors in a trusted environment. Details: {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ValueError(f"Cannot read {path} as a torch checkpoint ({error}).") from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(isinstance(value, Tensor) for value in loaded.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (a mapping of names to tensors) but {type(loaded).__name__}."
+        )
+    return dict(loaded)
+
+
+class TorchBinSource(TensorSource):
+    """Tensors in ``.bin`` files, loaded with ``weights_only=True`` and memory-mapped."""
+
+    def __init__(self, paths: list[Path], description: str) -> None:
+        self.description = description
+        self._state: dict[str, Tensor] = {}
+        for path in paths:
+            for name, tensor in _torch_load(path).items():
+                if name in self._state:
+                    raise ValueError(f"{name!r} appears in more than one file of {description}.")
+                self._state[name] = tensor
+        kept, tied = _group_tied(self._state)
+        super().__init__(kept, tied)
+
+    def _get(self, name: str) -> Tensor:
+        return self._state[name]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _read_index(path: Path) -> dict[str, Path]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file (checked to exist)."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a sharded-checkpoint index with a 'weight_map' ({error}).") from error
+    files = {name: path.parent / shard for name, shard in weight_map.items()}
+    missing = sorted({file.name for file in files.values() if not file.is_file()})
+    if missing:
+        raise ValueError(
+            f"The shards {format_names(missing)} listed in {path} do not exist; the download is incomplete."
+        )
+    return files
+
+
+def _safetensors_file(path: Path, description: str) -> SafetensorsSource:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"Cannot read the safetensors file {path} ({error}).") from error
+    return SafetensorsSource({name: path for name in names}, description)
+
+
+def _from_file(path: Path, description: str) -> TensorSource:
+    name = path.name
+    if name.endswith(".safetensors"):
+        return _safetensors_file(path, description)
+    if name.endswith(".safetensors.index.json"):
+        return SafetensorsSource(_read_index(path), description)
+    if name.endswith(".bin.index.json"):
+        return TorchBinSource(sorted(set(_read_index(path).values())), description)
+    if name.endswith((".bin", ".pt", ".pth")):
+        return TorchBinSource([path], description)
+    raise ValueError(
+        f"Cannot read weights from {path}: expected a .safetensors file, a .bin/.pt/.pth state dict, "
+        "a *.safetensors.index.json or *.bin.index.json index, or a model directory."
+    )
+
+
+def _weights_in_directory(directory: Path) -> Path | None:
+    """The weight file or index to read in a model directory, or None."""
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json"):
+        found = sorted(directory.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(
+                f"{directory} holds several {pattern} files ({format_names(file.name for file in found)}) and no "
+                f"{SAFETENSORS_INDEX}; pass the path of the one to read."
+            )
+    return None
+
+
+def _from_directory(directory: Path, description: str) -> TensorSource:
+    weights = _weights_in_directory(directory)
+    if weights is None:
+        present = sorted(entry.name for entry in directory.iterdir())
+        raise ValueError(
+            f"No weights found in {directory}: expected {', '.join(WEIGHT_FILES)} (or a single *.safetensors file). "
+            f"It holds: {format_names(present) or 'nothing'}."
+        )
+    return _from_file(weights, description)
+
+
+def resolve_hub_id(repo_id: str, extra_patterns: Iterable[str] = ()) -> Path:
+    """The local snapshot of hub model ``repo_id`` holding its weights and configuration.
+
+    ``huggingface_hub.snapshot_download`` fetches only safetensors and JSON files (``.bin`` files only where the
+    repository has no safetensors) plus ``extra_patterns``, and works offline from the Hub cache when
+    ``HF_HUB_OFFLINE=1``.
+    """
+    from huggingface_hub import snapshot_download
+
+    extra = list(extra_patterns)
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_SAFETENSORS_PATTERNS + extra))
+        if _weights_in_directory(snapshot) is None:
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_BIN_PATTERNS + extra))
+    except Exception as error:  # every failure of the hub client becomes the same clear message
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"{repo_id!r} is neither an existing file or directory nor a model found on the Hugging Face Hub or in "
+            f"its local cache ({type(error).__name__}: {detail}). Check the path, or download the model first when "
+            "working offline (HF_HUB_OFFLINE=1)."
+        ) from error
+    return snapshot
+
+
+def resolve_model_path(source: str | os.PathLike, extra_patterns: Iterable[str] = ()) -> Path:
+    """A local path for ``source``: itself when it exists, else the snapshot of the hub id it names."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = os.fspath(source)
+    if not _HUB_ID.match(text) or text.endswith((".safetensors", ".bin", ".json", ".pt", ".pth")):
+        raise ValueError(f"The path {text!r} does not exist (and is not a hub id such as 'org/name').")
+    return resolve_hub_id(text, extra_patterns)
+
+
+def load_tensors(source: Any) -> TensorSource:
+    """A :class:`TensorSource` over ``source``'s tensors, read lazily one at a time.
+
+    ``source`` is an ``nn.Module`` (its ``state_dict``), a state dict (``Mapping[str, Tensor]``), a directory in
+    Hugging Face format (``model.safetensors``, a sharded ``model.safetensors.index.json``, ``pytorch_model.bin`` or
+    its sharded index), a ``.safetensors`` / ``.bin`` file, a hub id (resolved with ``snapshot_download``, offline
+    from the cache when ``HF_HUB_OFFLINE=1``) or a :class:`TensorSource` (returned as is).
+
+    Raises:
+        ValueError: for an unsupported type, a path that does not exist, a directory without weights, an unreadable
+            file or a ``.bin`` file holding anything but tensors.
+    """
+    if isinstance(source, TensorSource):
+        return source
+    if isinstance(source, nn.Module):
+        return MappingSource(source.state_dict(), f"module {type(source).__name__}")
+    if isinstance(source, Mapping):
+        return MappingSource(source, f"state dict of {len(source)} entries")
+    if isinstance(source, (str, os.PathLike)):
+        path = resolve_model_path(source)
+        if Path(source).expanduser().exists():
+            description = f"{'directory' if path.is_dir() else 'file'} {path}"
+        else:
+            description = f"hub model {os.fspath(source)} ({path})"
+        if path.is_dir():
+            return _from_directory(path, description)
+        return _from_file(path, description)
+    raise ValueError(
+        "Weights must be given as an nn.Module, a state dict (Mapping[str, Tensor]), a path to a model directory or "
+        f"to a .safetensors/.bin file, a hub id, or a TensorSource; got {type(source).__name__}."
+    )

@@ -1,0 +1,393 @@
+"""The delta parameters ΔW = W_post − W_pre of a post-trained model, one tensor at a time.
+
+Paper (Tang et al. 2024, "A Unified View of Delta Parameter Editing in Post-Trained Large-Scale Models"), section 3:
+every editing operation acts on ΔW, the difference between the post-trained and the pre-trained weights.
+
+The two models can each be an ``nn.Module``, a state dict, a Hugging Face model directory (single or sharded
+safetensors, ``pytorch_model.bin``), a single ``.safetensors`` file, or a hub id read from the Hub cache. safetensors
+are memory-mapped and read tensor by tensor, and :func:`iter_delta` yields one delta at a time and keeps no other:
+two 16 GB checkpoints never need 32 GB of memory.
+
+Rules every function here follows:
+
+* **Selection.** ``include`` / ``exclude`` are regular expressions (``re.search``) on tensor names. By default every
+  floating-point tensor present in both models is selected; integer and bool buffers are skipped.
+* **Tied tensors** (one tensor under two names, e.g. ``model.embed_tokens.weight`` and ``lm_head.weight`` with
+  ``tie_word_embeddings``) appear once, under the first name in the post-trained model's state-dict order. A name
+  that is an alias of a tied tensor on one side and absent on the other (``save_pretrained`` leaves the tied
+  ``lm_head.weight`` out of the file) is not an error. A tied tensor is selected when one of its names matches
+  ``include`` and none matches ``exclude``.
+* **dtype.** The delta is computed per tensor as ``post.to(d) - pre.to(d)`` in ``d`` = the two dtypes promoted
+  together and to at least float32: bf16 and float16 give float32, float64 stays float64 (:func:`delta_dtype`).
+* **Checks.** Missing tensors, shape mismatches, NaN / inf values and empty selections raise ``ValueError`` naming
+  the tensors and saying what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_delta._loading import TensorSource, format_names, load_tensors, tied_names
+
+__all__ = [
+    "DeltaMatch",
+    "TensorSource",
+    "compute_delta",
+    "delta_dtype",
+    "delta_names",
+    "iter_delta",
+    "load_tensors",
+    "match_tensors",
+    "open_pair",
+    "tied_names",
+]
+
+Patterns = str | Iterable[str] | None
+
+# Entries checked per step for NaN / inf: bounds the temporary memory of the check on large embeddings.
+_FINITE_CHECK_CHUNK = 1 << 24
+
+
+class DeltaMatch(NamedTuple):
+    """One selected tensor: its name in the results and the names to read on each side (they differ only for tied
+    tensors stored under another name of their group)."""
+
+    name: str
+    pre_name: str
+    post_name: str
+
+
+def delta_dtype(pre_dtype: torch.dtype, post_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ΔW is computed in: both dtypes promoted together and to at least float32.
+
+    Example:
+        >>> delta_dtype(torch.float32, torch.bfloat16)
+        torch.float32
+        >>> delta_dtype(torch.float64, torch.float32)
+        torch.float64
+    """
+    return torch.promote_types(torch.promote_types(pre_dtype, post_dtype), torch.float32)
+
+
+def _compile_patterns(patterns: Patterns, argument: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, (str, re.Pattern)):
+        patterns = [patterns]
+    elif isinstance(patterns, Iterable) and not isinstance(patterns, Mapping):
+        patterns = list(patterns)
+        if not patterns:
+            raise ValueError(f"{argument}=[] selects nothing; pass None to apply no {argument} pattern.")
+    else:
+        raise ValueError(
+            f"{argument} must be a regular expression (str) or a list of them, got {type(patterns).__name__}."
+        )
+    compiled = []
+    for pattern in patterns:
+        if isinstance(pattern, re.Pattern):
+            compiled.append(pattern)
+            continue
+        if not isinstance(pattern, str):
+            raise ValueError(f"{argument} patterns must be str, got {pattern!r} of type {type(pattern).__name__}.")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(
+                f"The {argument} pattern {pattern!r} is not a valid regular expression: {error}."
+            ) from None
+    return compiled
+
+
+def _is_selected(names: Iterable[str], includes: list[re.Pattern], excludes: list[re.Pattern]) -> bool:
+    """Whether a tensor with these names (several for a tied tensor) passes include and exclude."""
+    names = list(names)
+    if includes and not any(pattern.search(name) for pattern in includes for name in names):
+        return False
+    return not any(pattern.search(name) for pattern in excludes for name in names)
+
+
+def _resolve(name: str, side: TensorSource, other: TensorSource) -> str | None:
+    """The name under which ``side`` holds tensor ``name``: itself, or another name of its tied group on ``other``."""
+    if name in side:
+        return name
+    if name in other:
+        for member in other.group(name):
+            if member in side:
+                return member
+    return None
+
+
+def _exclude_suggestion(names: list[str]) -> str:
+    if len(names) > 10:
+        return "exclude=<regular expressions matching them>"
+    return "exclude=r'^(" + "|".join(re.escape(name) for name in names) + ")$'"
+
+
+def _count(items: list) -> str:
+    return f"{len(items)} tensor" + ("" if len(items) == 1 else "s")
+
+
+def _describe_patterns(include: Patterns, exclude: Patterns) -> str:
+    return f"include={include!r}, exclude={exclude!r}"
+
+
+def match_tensors(
+    pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
+) -> list[DeltaMatch]:
+    """The tensors ΔW is computed for, in the post-trained model's order, after every check that needs no values.
+
+    Args:
+        pre: the pre-trained weights (see :func:`load_tensors`).
+        post: the post-trained weights.
+        include: regular expressions; only tensors with a name matching one of them (``re.search``) are selected.
+        exclude: regular expressions; tensors with a name matching one of them are left out.
+
+    Raises:
+        ValueError: for invalid patterns, tensors present on one side only, shapes that differ, or an empty
+            selection.
+    """
+    includes = _compile_patterns(include, "include")
+    excludes = _compile_patterns(exclude, "exclude")
+    order: dict[str, None] = {}
+    for source in (post, pre):
+        for kept in source.keys():
+            for name in source.group(kept):
+                order.setdefault(name, None)
+
+    matches: list[DeltaMatch] = []
+    seen: set[tuple[str, str]] = set()
+    missing_in_pre: list[str] = []
+    missing_in_post: list[str] = []
+    mismatched: list[tuple[str, torch.Size, torch.Size]] = []
+    for name in order:
+        pre_name = _resolve(name, pre, post)
+        post_name = _resolve(name, post, pre)
+        group = {name}
+        if pre_name is not None:
+            group.update(pre.group(pre_name))
+        if post_name is not None:
+            group.update(post.group(post_name))
+        if not _is_selected(sorted(group), includes, excludes):
+            continue
+        if pre_name is None or post_name is None:
+            present, present_name = (post, post_name) if pre_name is None else (pre, pre_name)
+            if not present.dtype(present_name).is_floating_point or present.canonical(present_name) != name:
+                continue  # integer buffers and aliases of tied tensors need no counterpart
+            (missing_in_pre if pre_name is None else missing_in_post).append(name)
+            continue
+        key = (pre.canonical(pre_name), post.canonical(post_name))
+        if key in seen:
+            continue
+        seen.add(key)
+        if not (pre.dtype(pre_name).is_floating_point and post.dtype(post_name).is_floating_point):
+            continue
+        pre_shape, post_shape = pre.shape(pre_name), post.shape(post_name)
+        if pre_shape != post_shape:
+            mismatched.append((name, pre_shape, post_shape))
+            continue
+        matches.append(DeltaMatch(name, pre_name, post_name))
+
+    if missing_in_pre or missing_in_post:
+        parts = []
+        if missing_in_pre:
+            parts.append(
+                f"{_count(missing_in_pre)} of post ({post.description}) missing from pre "
+                f"({pre.description}): {format_names(missing_in_pre)}"
+            )
+        if missing_in_post:
+            parts.append(
+                f"{_count(missing_in_post)} of pre ({pre.description}) missing from post "
+                f"({post.description}): {format_names(missing_in_post)}"
+            )
+        raise ValueError(
+            "The pre- and post-trained weights do not hold the same tensors "
+            f"({_describe_patterns(include, exclude)}): " + "; ".join(parts) + ". Compare checkpoints of the same "
+            f"architecture, or leave these tensors out with {_exclude_suggestion(missing_in_pre + missing_in_post)}."
+        )
+    if mismatched:
+        shown = [f"{name} (pre {tuple(a)}, post {tuple(b)})" for name, a, b in mismatched]
+        raise ValueError(
+            f"Shapes differ between pre and post for {_count(mismatched)}: {format_names(shown)}. A resized "
+            "vocabulary changes the embedding and output layers; leave such tensors out with "
+            f"{_exclude_suggestion([name for name, _, _ in mismatched])}."
+        )
+    if not matches:
+        available = [name for name in post.keys() if name in pre]
+        raise ValueError(
+            f"{_describe_patterns(include, exclude)} select no floating-point tensor present in both pre "
+            f"({pre.description}) and post ({post.description}). Available names ({len(available)}): "
+            f"{format_names(available, limit=8) or 'none in common'}."
+        )
+    return matches
+
+
+@contextmanager
+def open_pair(pre: Any, post: Any) -> Iterator[tuple[TensorSource, TensorSource]]:
+    """Both sides as :class:`TensorSource` objects; those opened here are closed when the block ends.
+
+    Raises:
+        ValueError: naming the side ("pre" or "post") whose weights cannot be loaded (see :func:`load_tensors`).
+    """
+    with ExitStack() as stack:
+        sources = []
+        for source, side in ((pre, "pre"), (post, "post")):
+            if isinstance(source, TensorSource):
+                sources.append(source)
+                continue
+            try:
+                opened = load_tensors(source)
+            except ValueError as error:
+                raise ValueError(f"Cannot load the {side}-trained weights: {error}") from error
+            sources.append(stack.enter_context(opened))
+        yield sources[0], sources[1]
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite, checked in chunks so that the boolean mask of a huge embedding stays small."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)  # a view for contiguous tensors, a copy otherwise
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHECK_CHUNK))
+
+
+def _as_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}."
+        ) from error
+
+
+def read_pair(
+    match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(W_pre, W_post)`` of one match in their stored dtypes, on ``device`` (default: the post tensor's).
+
+    For a module the post tensor is the module's own (detached) weight when no move is needed, not a copy.
+    """
+    w_post = post.get(match.post_name)
+    target = device if device is not None else w_post.device
+    return pre.get(match.pre_name).to(target), w_post.to(target)
+
+
+def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSource, post: TensorSource) -> Tensor:
+    """``W_post − W_pre`` in :func:`delta_dtype`, a new tensor.
+
+    Raises:
+        ValueError: if either weight holds NaN or inf, naming the tensor, the side and the counts. Non-finite inputs
+            always give a non-finite difference (inf − inf is NaN), so only the difference is scanned on the fast path.
+    """
+    dtype = delta_dtype(w_pre.dtype, w_post.dtype)
+    with torch.no_grad():
+        delta = w_post.to(dtype) - w_pre.to(dtype)
+    if _all_finite(delta):
+        return delta
+    for tensor, side, source in ((w_pre, "pre", pre), (w_post, "post", post)):
+        if not _all_finite(tensor):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise ValueError(
+                f"The {side}-trained tensor {match.name!r} ({source.description}) holds {nan} NaN and {inf} inf "
+                f"values: the checkpoint is damaged or diverged. Use a healthy checkpoint, or leave the tensor out "
+                f"with {_exclude_suggestion([match.name])}."
+            )
+    raise ValueError(
+        f"W_post − W_pre overflows {dtype} for {match.name!r} although both weights are finite; the weights are "
+        "too large to subtract in this dtype."
+    )
+
+
+def delta_names(pre: Any, post: Any, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+    """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
+
+    Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
+
+    Example:
+        >>> pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
+        >>> post = {"w": torch.ones(2), "step": torch.tensor(4)}
+        >>> delta_names(pre, post)
+        ['w']
+    """
+    with open_pair(pre, post) as (pre_source, post_source):
+        return [match.name for match in match_tensors(pre_source, post_source, include, exclude)]
+
+
+def _generate(
+    matches: list[DeltaMatch], pre: TensorSource, post: TensorSource, device: torch.device | None, stack: ExitStack
+) -> Iterator[tuple[str, Tensor]]:
+    with stack:  # closes the files opened by iter_delta once the iteration ends or the generator is closed
+        for match in matches:
+            # The tuple is the only reference to the delta: once the consumer drops it, it is freed before the
+            # next pair is read.
+            yield match.name, _next_delta(match, pre, post, device)
+
+
+def _next_delta(match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None) -> Tensor:
+    w_pre, w_post = read_pair(match, pre, post, device)
+    return difference(match, w_pre, w_post, pre, post)
+
+
+def iter_delta(
+    pre: Any,
+    post: Any,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, ΔW)`` with ΔW = W_post − W_pre for each selected tensor, one at a time.
+
+    Names, shapes and the selection are checked when this is called; the tensors are read lazily as the iterator
+    advances, and it holds no delta but the one it is yielding: memory is one tensor pair at a time.
+
+    Args:
+        pre: pre-trained weights: an ``nn.Module``, a state dict, a model directory, a ``.safetensors`` / ``.bin``
+            file, a hub id or a :class:`TensorSource`.
+        post: post-trained weights, in any of the same forms.
+        include: regular expressions (``re.search`` on tensor names); only matching tensors are selected.
+        exclude: regular expressions; matching tensors are left out.
+        device: where the delta is computed; default the post-trained tensor's device (CPU for files).
+
+    Shapes:
+        each ΔW has its tensor's shape, in :func:`delta_dtype` (at least float32).
+
+    Raises:
+        ValueError: for an unsupported source, a path that does not exist, a directory without weights, invalid
+            patterns, tensors present on one side only, shape mismatches, an empty selection (all at call time),
+            and NaN or inf values (when the tensor is reached).
+
+    Example:
+        >>> pre = {"w": torch.tensor([1.0, 2.0])}
+        >>> post = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
+        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(pre, post)]
+        [('w', [0.5, -1.0], torch.float32)]
+    """
+    device = _as_device(device)
+    stack = ExitStack()
+    try:
+        pre_source, post_source = stack.enter_context(open_pair(pre, post))
+        matches = match_tensors(pre_source, post_source, include, exclude)
+    except BaseException:
+        stack.close()
+        raise
+    return _generate(matches, pre_source, post_source, device, stack)
+
+
+def compute_delta(pre: Any, post: Any, include: Patterns = None, exclude: Patterns = None) -> dict[str, Tensor]:
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(pre, post, include, exclude))``.
+
+    Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
+
+    Example:
+        >>> compute_delta({"a": torch.zeros(2), "b": torch.zeros(1)}, {"a": torch.ones(2), "b": torch.ones(1)},
+        ...               exclude="b")
+        {'a': tensor([1., 1.])}
+    """
+    return dict(iter_delta(pre, post, include, exclude))

@@ -1,0 +1,332 @@
+"""Writing the edited model W_pre + F(ΔW) out, for serving or evaluating elsewhere.
+
+Paper (Tang et al. 2024), section 3.1: an editing operation F replaces the delta ΔW = W_post − W_pre by F(ΔW), and
+the edited model is ``W_pre + F(ΔW)``. :func:`apply_edit_` writes it into a model in place, one tensor at a time;
+:func:`save_edited` loads a post-trained model, edits it and saves it in Hugging Face format (safetensors), with its
+tokenizer and processor files, so that plain ``transformers`` ``from_pretrained`` reads it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_delta._loading import TensorSource, format_names, resolve_model_path
+from lightning_delta.delta import (
+    DeltaMatch,
+    Patterns,
+    _all_finite,
+    difference,
+    match_tensors,
+    open_pair,
+    read_pair,
+)
+
+__all__ = ["TensorEdit", "apply_edit_", "load_pretrained_model", "save_edited"]
+
+# Files copied from the post-trained model's directory next to the edited weights, when present.
+TOKENIZER_AND_PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+# What is fetched for a hub id given as the post-trained model, besides its weights and JSON files.
+_HUB_EXTRA_PATTERNS = ["*.model", "*.txt", "*.jinja"]
+
+
+@runtime_checkable
+class TensorEdit(Protocol):
+    """An editing operation F: ``edit_tensor(name, delta, gradient=None)`` returns F(ΔW) for one tensor."""
+
+    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor: ...
+
+
+def _check_not_parametrized(model: nn.Module) -> None:
+    from torch.nn.utils import parametrize
+
+    parametrized = [
+        name or type(model).__name__ for name, module in model.named_modules() if parametrize.is_parametrized(module)
+    ]
+    if parametrized:
+        raise ValueError(
+            f"The model has parametrizations on {format_names(parametrized)}; its state dict then holds "
+            "'parametrizations.*.original' tensors that from_pretrained ignores. Materialise them first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)."
+        )
+
+
+def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post: TensorSource) -> None:
+    """Every name of a mapping ``edit`` is a selected tensor and holds a tensor of its shape."""
+    shapes = {match.name: post.shape(match.post_name) for match in matches}
+    unknown = [name for name in edit if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"edit has tensors that are not among the selected delta tensors: {format_names(unknown)}. Selected "
+            f"({len(shapes)}): {format_names(shapes, limit=8)}. Use the names the delta is computed under (see "
+            "lightning_delta.delta.delta_names; a tied tensor appears under its first name), or widen include= / "
+            "exclude=."
+        )
+    bad = [
+        f"{name} ({tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}, expected "
+        f"{tuple(shapes[name])})"
+        for name, value in edit.items()
+        if not isinstance(value, Tensor) or value.shape != shapes[name]
+    ]
+    if bad:
+        raise ValueError(f"edit must map each name to a tensor of the delta's shape: {format_names(bad)}.")
+
+
+def _check_tied_targets(matches: list[DeltaMatch], post: TensorSource) -> None:
+    """Two selected tensors must not write into one tied tensor of the model."""
+    targets: dict[str, str] = {}
+    for match in matches:
+        target = post.canonical(match.post_name)
+        if target in targets:
+            raise ValueError(
+                f"{match.name} and {targets[target]} are one tied tensor in the model but different tensors in the "
+                "pre-trained weights, so the edit is ambiguous. Leave one of them out with exclude=."
+            )
+        targets[target] = match.name
+
+
+def apply_edit_(
+    model: nn.Module,
+    pretrained: Any,
+    edit: TensorEdit | Mapping[str, Tensor],
+    include: Patterns = None,
+    exclude: Patterns = None,
+    gradients: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
+    """Replace, in place, every selected tensor W_post of ``model`` by ``W_pre + F(ΔW)``.
+
+    One tensor at a time: ΔW = W_post − W_pre is computed in :func:`~lightning_delta.delta.delta_dtype` (at least
+    float32), F(ΔW) is added to W_pre in that dtype, and the sum is cast back to the tensor's own dtype. Tied
+    tensors are edited once and stay tied.
+
+    Args:
+        model: the post-trained model; its weights are overwritten.
+        pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
+        edit: an object with ``edit_tensor(name, delta, gradient=None) -> F(ΔW)`` (the edits of
+            :mod:`lightning_delta.edits`), or a mapping name -> F(ΔW) (what calling an edit on
+            ``compute_delta(...)`` returns), which edits exactly its own names. Note that
+            :func:`lightning_delta.attach.attach_edit` reads a mapping as the differences ``E = F(ΔW) − ΔW``.
+        include: regular expressions on tensor names; only matching tensors are edited.
+        exclude: regular expressions on tensor names; matching tensors are left as they are.
+        gradients: name -> ∇L at W_post, passed to ``edit_tensor`` for gradient-aware edits.
+
+    Returns:
+        ``model``, edited.
+
+    Raises:
+        ValueError: for a model that is not an ``nn.Module`` or is parametrized, an invalid ``edit``, names or shapes
+            of a mapping ``edit`` that do not match the selected tensors, an edit that needs gradients without them,
+            an F(ΔW) of the wrong shape or with NaN / inf, a tensor tied in ``model`` whose names have different
+            pre-trained values, and every error of :func:`~lightning_delta.delta.iter_delta`. Errors found while
+            editing (NaN / inf in a weight, a bad F(ΔW)) leave the tensors edited before them edited.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model must be an nn.Module (the post-trained model to edit in place), got {type(model).__name__}."
+        )
+    _check_not_parametrized(model)
+    if isinstance(edit, Mapping):
+        edit_tensor = None
+    elif callable(getattr(edit, "edit_tensor", None)):
+        edit_tensor = edit.edit_tensor
+    else:
+        raise ValueError(
+            "edit must be an object with an edit_tensor(name, delta, gradient=None) method (such as "
+            "lightning_delta.edits.DARE) or a mapping from tensor names to F(ΔW) tensors; got "
+            f"{type(edit).__name__}."
+        )
+    if gradients is not None and not isinstance(gradients, Mapping):
+        raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
+
+    with open_pair(pretrained, model) as (pre, post):
+        matches = match_tensors(pre, post, include, exclude)
+        if edit_tensor is None:
+            _check_edit_mapping(edit, matches, post)
+            matches = [match for match in matches if match.name in edit]
+        elif getattr(edit, "needs_gradients", False):
+            missing = [match.name for match in matches if gradients is None or match.name not in gradients]
+            if missing:
+                raise ValueError(
+                    f"{type(edit).__name__} needs the gradient of the loss at W_post for every edited tensor; missing "
+                    f"for {len(missing)} tensors: {format_names(missing)}. Pass gradients={{name: grad}}."
+                )
+        _check_tied_targets(matches, post)
+
+        with torch.no_grad():
+            for match in matches:
+                w_pre, w_post = read_pair(match, pre, post)  # w_post is the model's own tensor
+                delta = difference(match, w_pre, w_post, pre, post)
+                if edit_tensor is None:
+                    edited = edit[match.name]
+                else:
+                    gradient = None if gradients is None else gradients.get(match.name)
+                    edited = edit_tensor(match.name, delta, gradient=gradient)
+                if not isinstance(edited, Tensor) or edited.shape != w_post.shape:
+                    got = f"shape {tuple(edited.shape)}" if isinstance(edited, Tensor) else type(edited).__name__
+                    raise ValueError(
+                        f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(w_post.shape)}."
+                    )
+                if not _all_finite(edited):
+                    raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
+                # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype.
+                w_post.copy_(w_pre.to(delta.dtype) + edited.to(delta))
+                del w_pre, w_post, delta, edited
+    return model
+
+
+def _model_class(architecture: str | None) -> type:
+    """The transformers class named in ``config.architectures`` (``AutoModel`` when transformers has none by that
+    name). Only transformers' own classes: remote code is never trusted."""
+    import transformers
+
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        return model_class
+    return transformers.AutoModel
+
+
+def _check_dtype(torch_dtype: Any) -> torch.dtype | str | None:
+    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+        return getattr(torch, torch_dtype)
+    raise ValueError(
+        f"torch_dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
+        f"{torch_dtype!r}."
+    )
+
+
+def load_pretrained_model(path: str | os.PathLike, torch_dtype: torch.dtype | str | None = None) -> nn.Module:
+    """A model from a Hugging Face directory or hub id, of the class named in its ``config.architectures``.
+
+    The class is looked up in transformers' auto mappings (``AutoModel`` when it is not found); weights keep their
+    stored dtype unless ``torch_dtype`` is given. Remote code is never trusted.
+    """
+    from transformers import AutoConfig
+
+    directory = _model_directory(path)
+    dtype = _check_dtype(torch_dtype)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"Cannot read the model configuration in {directory} ({error}).") from error
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = _model_class(architecture)
+    model = model_class.from_pretrained(directory, config=config, dtype="auto" if dtype is None else dtype)
+    model.eval()
+    return model
+
+
+def _model_directory(path: str | os.PathLike) -> Path:
+    directory = resolve_model_path(path, extra_patterns=_HUB_EXTRA_PATTERNS)
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{os.fspath(path)!r} must be a Hugging Face model directory (or hub id) with a config.json; "
+            f"{directory} is not one."
+        )
+    return directory
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def save_edited(
+    post: nn.Module | str | os.PathLike,
+    pretrained: Any,
+    edit: TensorEdit | Mapping[str, Tensor],
+    output_dir: str | os.PathLike,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **save_kwargs: Any,
+) -> Path:
+    """Write the edited model ``W_pre + F(ΔW)`` to ``output_dir`` in Hugging Face format (safetensors).
+
+    Args:
+        post: the post-trained model: a directory or hub id (loaded with the transformers class named in its
+            config), or a ``PreTrainedModel`` (edited in place, as by :func:`apply_edit_`).
+        pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
+        edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> F(ΔW) (see :func:`apply_edit_`).
+        output_dir: where the model is saved; must differ from the directories read.
+        include: regular expressions on tensor names; only matching tensors are edited.
+        exclude: regular expressions on tensor names; matching tensors are left as they are.
+        torch_dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
+        save_kwargs: passed to ``save_pretrained`` (e.g. ``max_shard_size``).
+
+    Returns:
+        ``output_dir`` as a ``Path``. Tokenizer and processor files of the post-trained directory are copied there.
+
+    Raises:
+        ValueError: for a ``post`` that is neither a model with ``save_pretrained`` nor a model directory / hub id,
+            ``safe_serialization=False``, an ``output_dir`` that is one of the inputs, and every error of
+            :func:`apply_edit_`.
+    """
+    if not save_kwargs.pop("safe_serialization", True):
+        raise ValueError("save_edited writes safetensors only; drop safe_serialization=False.")
+    output_dir = Path(output_dir)
+    dtype = _check_dtype(torch_dtype)
+    if isinstance(post, nn.Module):
+        if not callable(getattr(post, "save_pretrained", None)):
+            raise ValueError(
+                f"post is a {type(post).__name__} without save_pretrained; use apply_edit_ and save it yourself, "
+                "or pass a transformers model or a model directory."
+            )
+        model = post
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        name_or_path = getattr(model, "name_or_path", "") or ""
+        source_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
+    elif isinstance(post, (str, os.PathLike)):
+        source_dir = _model_directory(post)
+        model = None
+    else:
+        raise ValueError(
+            f"post must be a transformers model, a model directory or a hub id, got {type(post).__name__}."
+        )
+
+    inputs = [source_dir] if source_dir is not None else []
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).exists():
+        inputs.append(Path(pretrained) if Path(pretrained).is_dir() else Path(pretrained).parent)
+    for directory in inputs:
+        if _same_path(directory, output_dir):
+            raise ValueError(
+                f"output_dir {output_dir} is a directory the models are read from; choose a new directory."
+            )
+
+    if model is None:
+        model = load_pretrained_model(source_dir, dtype)
+    apply_edit_(model, pretrained, edit, include=include, exclude=exclude)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, **save_kwargs)
+    if source_dir is not None:
+        for name in TOKENIZER_AND_PROCESSOR_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, output_dir / name)
+    return output_dir
