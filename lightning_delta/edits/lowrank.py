@@ -1,0 +1,174 @@
+"""Twin-Merging's low-rank delta: the truncated SVD of each matrix (paper, section 5.2)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from lightning_delta.edits.base import (
+    DeltaEdit,
+    check_int,
+    check_real,
+    check_seed,
+    output_dtype,
+    promoted_copy,
+    single_threaded,
+    tensor_generator,
+)
+
+__all__ = ["LowRank", "randomized_svd", "resolve_rank", "truncated_svd"]
+
+# Randomized SVD settings (Halko, Martinsson and Tropp 2011, algorithm 4.4): the sketch has
+# rank + max(MIN_OVERSAMPLE, rank // 2) columns and is refined by POWER_ITERATIONS subspace iterations.
+MIN_OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+# With exact=None the randomized SVD is used when the sketch width is at most min(d, k) / RANDOMIZED_RATIO.
+RANDOMIZED_RATIO = 4
+
+
+def resolve_rank(shape: tuple[int, int], rank: int | None, fraction: float | None) -> int:
+    """The number of singular values kept for a ``(d, k)`` matrix: ``rank``, or ``ceil(fraction·min(d, k))``
+    (at least 1; the product is first rounded to 9 decimals so that ``0.7·10`` gives 7, not 8).
+
+    Example:
+        >>> resolve_rank((10, 20), rank=None, fraction=0.7), resolve_rank((10, 20), rank=3, fraction=None)
+        (7, 3)
+    """
+    if rank is not None:
+        return rank
+    return max(1, math.ceil(round(fraction * min(shape), 9)))
+
+
+def _sketch_width(rank: int, full: int) -> int:
+    return min(full, rank + max(MIN_OVERSAMPLE, rank // 2))
+
+
+def randomized_svd(matrix: Tensor, rank: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD ``(U, S, Vh)`` of ``matrix`` by a randomized range finder with subspace iteration.
+
+    A Gaussian test matrix (``torch.randn`` from ``generator``, so the global RNG is untouched, unlike
+    ``torch.svd_lowrank``) of ``rank + max(10, rank // 2)`` columns sketches the range of ``matrix``; four power
+    iterations, each re-orthonormalised by QR, sharpen it; the exact SVD of the small projection gives the factors.
+
+    Shapes:
+        - ``matrix``: ``(d, k)`` float32 or float64. Outputs: ``U (d, rank)``, ``S (rank,)``, ``Vh (rank, k)``.
+    """
+    d, k = matrix.shape
+    width = _sketch_width(rank, min(d, k))
+    test = torch.randn(k, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ test).Q  # (d, width)
+    for _ in range(POWER_ITERATIONS):
+        co_basis = torch.linalg.qr(matrix.mT @ basis).Q  # (k, width)
+        basis = torch.linalg.qr(matrix @ co_basis).Q  # (d, width)
+    small_u, singular_values, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)  # (width, k) projected
+    return (basis @ small_u)[:, :rank], singular_values[:rank], vh[:rank]
+
+
+def truncated_svd(
+    delta: Tensor,
+    rank: int,
+    exact: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Twin-Merging's low-rank delta (Lu et al. 2024; paper, equation 10) as a pure function.
+
+    .. math::
+        F(\Delta W) = U_r \Sigma_r V_r^\top
+
+    the best rank-``r`` approximation of a 2-D ``ΔW`` (Eckart–Young: ``‖ΔW − F‖_F² = Σ_{i > r} σ_i²``). Tensors
+    that are not 2-D, and ``r >= min(d, k)``, return a promoted copy of ``ΔW``. Computed in float32 (float64 for
+    float64 input).
+
+    ``exact=True`` uses ``torch.linalg.svd``; ``exact=False`` the randomized SVD (:func:`randomized_svd`, which
+    draws from ``generator``); ``None`` chooses the randomized SVD when its sketch (``r + max(10, r // 2)``
+    columns) is at most a quarter of ``min(d, k)``, the exact one otherwise. The randomized factors are an
+    approximation: close to the exact ones when the spectrum decays, and never better than them.
+
+    Shapes:
+        - ``delta``: ``(d, k)``, or any shape for the pass-through. Output: same shape, dtype promoted to at least
+          float32.
+
+    Example:
+        >>> delta = torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0]))  # rank 1
+        >>> torch.allclose(truncated_svd(delta, rank=1, exact=True), delta)
+        True
+    """
+    rank = check_int("LowRank", "rank", rank, minimum=1)
+    if delta.dim() != 2 or rank >= min(delta.shape):
+        return promoted_copy(delta)
+    matrix = delta.detach().to(output_dtype(delta))
+    width = _sketch_width(rank, min(matrix.shape))
+    use_randomized = (not exact) if exact is not None else width * RANDOMIZED_RATIO <= min(matrix.shape)
+    if generator is None:
+        generator = torch.Generator(device=delta.device)
+    # On CPU, LAPACK and large matrix products differ in the last bits between thread counts: one thread keeps the
+    # result bit-identical whatever torch.get_num_threads() is (see single_threaded).
+    with single_threaded() if matrix.device.type == "cpu" else nullcontext():
+        if use_randomized and width < min(matrix.shape):
+            u, s, vh = randomized_svd(matrix, rank, generator)
+        else:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        return (u * s) @ vh
+
+
+class LowRank(DeltaEdit):
+    r"""Twin-Merging's low-rank delta (paper, section 5.2): the truncated SVD of every 2-D delta.
+
+    .. math::
+        F(\Delta W) = U_r \Sigma_r V_r^\top, \qquad \Delta W = U \Sigma V^\top
+
+    Give either ``rank`` (``r``) or ``fraction``, the fraction of ``min(d, k)`` singular values kept,
+    ``r = ceil(fraction·min(d, k))``, at least 1. Tensors that are not 2-D (biases, norms) pass unchanged (a
+    promoted copy), and so do matrices with ``r >= min(d, k)``. See :func:`truncated_svd` for ``exact`` and the
+    choice between the exact and the randomized SVD; the randomized one draws from
+    ``tensor_generator(seed, name, delta.device)``, never from the global RNG.
+
+    Args:
+        rank: singular values kept per matrix, an int ``>= 1``.
+        fraction: fraction of ``min(d, k)`` kept, in ``(0, 1]``.
+        exact: True for ``torch.linalg.svd``, False for the randomized SVD, None to choose by size.
+        seed: run seed of the randomized SVD, an int ``>= 0``.
+
+    Raises:
+        ValueError: if both or neither of ``rank`` and ``fraction`` are given, ``rank < 1`` or not an int,
+            ``fraction`` is outside ``(0, 1]``, ``exact`` is not a bool or None, or ``seed`` is not a non-negative
+            int.
+
+    Example:
+        >>> delta = torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0]))
+        >>> torch.allclose(LowRank(rank=1)({"w": delta})["w"], delta)
+        True
+    """
+
+    name = "lowrank"
+
+    def __init__(
+        self, rank: int | None = None, fraction: float | None = None, exact: bool | None = None, seed: int = 0
+    ) -> None:
+        if (rank is None) == (fraction is None):
+            raise ValueError(
+                f"LowRank: give exactly one of `rank` and `fraction`, got rank={rank!r} and fraction={fraction!r}."
+            )
+        self.rank = None if rank is None else check_int("LowRank", "rank", rank, minimum=1)
+        self.fraction = None
+        if fraction is not None:
+            self.fraction = check_real("LowRank", "fraction", fraction)
+            if not 0.0 < self.fraction <= 1.0:
+                raise ValueError(f"LowRank: `fraction` must be in (0, 1], got fraction={fraction!r}.")
+        if exact is not None and not isinstance(exact, bool):
+            raise ValueError(f"LowRank: `exact` must be True, False or None, got exact={exact!r}.")
+        self.exact = exact
+        self.seed = check_seed(seed, "LowRank")
+
+    @torch.no_grad()
+    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
+        if delta.dim() != 2:
+            return promoted_copy(delta)
+        rank = resolve_rank(tuple(delta.shape), self.rank, self.fraction)
+        if rank >= min(delta.shape):
+            return promoted_copy(delta)
+        return truncated_svd(delta, rank, self.exact, tensor_generator(self.seed, name, delta.device))
