@@ -370,3 +370,12 @@ def test_invalid_patterns():
         compute_delta(state, state, include="(")
     with pytest.raises(ValueError, match=r"exclude must be a regular expression.*got int"):
         compute_delta(state, state, exclude=3)
+
+
+def test_device_argument():
+    pre = {"w": torch.zeros(3)}
+    post = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    [(name, delta)] = list(iter_delta(pre, post, device="cpu"))
+    assert name == "w" and delta.device.type == "cpu" and delta.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"device must be a torch\.device.*'gpu0'"):
+        iter_delta(pre, post, device="gpu0")

@@ -280,3 +280,12 @@ def test_save_edited_argument_errors(tiny_pair, tmp_path):
     with pytest.raises(ValueError, match=r"torch_dtype must be None, 'auto', a torch\.dtype.*'float31'"):
         save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "out", torch_dtype="float31")
     assert not (tmp_path / "out").exists()
+
+
+def test_save_edited_casts_to_the_requested_dtype(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    out = save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "edited", torch_dtype="bfloat16")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    for name, expected in reference_edited_state(pair.pre, pair.post.to(torch.bfloat16), sign_scale).items():
+        torch.testing.assert_close(loaded.state_dict()[name], expected, rtol=0.008, atol=1e-6, msg=name)
