@@ -102,7 +102,7 @@ def test_dpo_loss_against_float64_by_hand(tokenizer, models, tmp_path):
     for batch in dm.val_dataloader():
         prepared = loss.prepare(batch)
         output = loss(post, prepared)
-        total, count = total + float(output.total), count + float(output.count)
+        total, count = total + float(output.total.detach()), count + float(output.count)
         assert output.total.dtype == torch.float64
         metric.update(*loss.rewards(post, prepared))
     expected, wins = hand_dpo(post, reference, tokenizer, ULTRAFEEDBACK_ROWS, beta=0.3)
