@@ -1,0 +1,113 @@
+"""The benchmark suite on tiny sizes: its report's structure, and that what it times computes the right thing.
+
+No timing is asserted: only that the naive and the library Riemann passes agree, that peers and our edits agree
+where they must (same keep count, same rescale), and that the table, JSON and Markdown come out whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import __main__ as bench
+from benchmarks.common import PeakMemory, run_worker
+from benchmarks.edits import DROP_RATE, edit_worker, unavailable_reason
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: more threads only add scheduling noise on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_worker_in_a_fresh_process_reports_memory():
+    spec = {"kind": "edit", "operation": "dare", "implementation": "lightning_delta", "shape": [512, 512]}
+    result = run_worker(spec, timeout=120, threads=1)
+    assert "error" not in result, result
+    assert result["extra_peak_mib"] > 0.5  # at least the 1 MiB output, seen from a fresh process
+
+
+def test_worker_failure_is_reported_not_raised():
+    result = run_worker({"kind": "nonsense"}, timeout=120, threads=1)
+    assert "Unknown worker kind" in result["error"]
+
+
+@pytest.mark.parametrize("peer", ["peft", "mergekit"])
+def test_magnitude_peers_keep_the_same_count(peer):
+    if unavailable_reason(peer):
+        pytest.skip(unavailable_reason(peer))
+    spec = {"operation": "magnitude", "shape": [60, 50]}
+    ours = edit_worker({**spec, "implementation": "lightning_delta"})
+    theirs = edit_worker({**spec, "implementation": peer})
+    assert ours["kept"] == round((1 - DROP_RATE) * 3000)  # 300
+    # the peers keep int(density·n): int(0.1 · 3000) = int(299.99999999999994) = 299, one fewer
+    assert theirs["kept"] == int((1 - DROP_RATE) * 3000) and abs(ours["kept"] - theirs["kept"]) <= 1
+    assert ours["kept_scale"] == pytest.approx(1.0) and theirs["kept_scale"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("peer", ["peft", "mergekit"])
+def test_dare_peers_keep_the_same_fraction_and_rescale(peer):
+    if unavailable_reason(peer):
+        pytest.skip(unavailable_reason(peer))
+    spec = {"operation": "dare", "shape": [200, 150]}
+    n = 200 * 150
+    tolerance = 5 * math.sqrt(n * DROP_RATE * (1 - DROP_RATE))  # five binomial standard deviations
+    ours = edit_worker({**spec, "implementation": "lightning_delta"})
+    theirs = edit_worker({**spec, "implementation": peer})
+    for result in (ours, theirs):
+        assert abs(result["kept"] - (1 - DROP_RATE) * n) < tolerance
+    assert ours["kept_scale"] == pytest.approx(1 / (1 - DROP_RATE))
+    # peft divides by the density; mergekit's DARE matches the L1 norm, the same in expectation
+    assert theirs["kept_scale"] == pytest.approx(1 / (1 - DROP_RATE), rel=1e-6 if peer == "peft" else 0.1)
+
+
+def test_lowrank_matches_the_full_svd():
+    spec = {"operation": "lowrank", "shape": [96, 64], "rank": 8, "low_rank_input": True}
+    ours = edit_worker({**spec, "implementation": "lightning_delta"})
+    svd = edit_worker({**spec, "implementation": "torch.linalg.svd"})
+    assert ours["relative_error"] == pytest.approx(svd["relative_error"], rel=1e-4)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(32 << 20, dtype=torch.uint8)  # 32 MiB, touched
+        del block
+    assert memory.extra >= 16 << 20
+
+
+def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
+    out, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    bench.main(["--tiny", "--in-process", "--only", "riemann,edits,gpu", "--json", str(out), "--markdown", str(markdown)])
+    results = json.loads(out.read_text())
+    assert set(results) >= {"date", "command", "mode", "machine", "goals", "items", "elapsed_s"}
+    assert results["mode"] == "tiny" and results["machine"]["cores"] >= 1
+    size = results["items"]["riemann"]["sizes"][0]
+    assert set(size["variants"]) == {"naive", "library", "library_no_recompute", "plain"}
+    # the library's inner products are the naive way's, with and without recomputed weights
+    assert size["max_rel_diff_vs_naive"] < 1e-6 and size["max_rel_diff_no_recompute_vs_naive"] < 1e-6
+    naive = torch.tensor(size["variants"]["naive"]["inner"])
+    assert naive.shape == (3, len(size["variants"]["naive"]["names"])) and naive.abs().max() > 0
+    for key in ("time_ratio", "memory_ratio", "no_recompute_time_ratio", "memory_vs_plain_ratio"):
+        assert key in size
+    cases = results["items"]["edits"]["cases"]
+    assert {case["operation"] for case in cases} == {"dare", "magnitude", "lowrank"}
+    for case in cases:
+        assert "time_s" in case["implementations"]["lightning_delta"]
+        for name, entry in case["implementations"].items():
+            assert "time_s" in entry or "skipped" in entry or "error" in entry, (name, entry)
+    assert "not run" in results["items"]["gpu"]["skipped"]
+    table = capsys.readouterr().out
+    assert "riemann time/point" in table and "edit magnitude" in table
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks") and "| item |" in text and results["command"] in text
+
+
+def test_unknown_item_is_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "riemann,warp"])
