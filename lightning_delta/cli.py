@@ -1,0 +1,256 @@
+"""The ``lightning-delta`` command line.
+
+::
+
+    lightning-delta validate --config configs/llama3-8b-instruct-gsm8k.yaml --edit.p 0.9   # one Riemann analysis
+    lightning-delta sweep    --config configs/llama3-8b-instruct-gsm8k.yaml                # its grid, resumable
+    lightning-delta edit     --model post/ --pretrained pre/ --edit DARE --edit.p 0.9 --output_dir edited/
+    lightning-delta plot     --results results.jsonl --output_dir figures/
+    lightning-delta demo                                                                   # offline, a few minutes
+
+``validate`` and ``sweep`` read the same config, parsed by :class:`DeltaCLI` (a LightningCLI): ``model`` is a
+:class:`~lightning_delta.DeltaEditModule`, ``data`` any LightningDataModule, ``edit`` an operation of
+:mod:`lightning_delta.edits` (linked into ``model.edit``), ``riemann`` the :class:`RiemannCallback` added to the
+trainer, and ``sweep`` the grid and results file that ``validate`` ignores. ``--print_config`` prints the whole
+config; any key can be overridden on the command line (``--trainer.devices 8``). ``edit``, ``plot`` and ``demo`` are
+plain functions exposed through jsonargparse (also with ``--config`` and ``--print_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_delta.callbacks import RiemannCallback
+from lightning_delta.edits import DeltaEdit
+from lightning_delta.module import DeltaEditModule
+
+__all__ = ["DeltaCLI", "main", "run_point", "sweep_points"]
+
+# What every analysis needs from the Trainer: gradients under validate (DESIGN.md §2.3), no sampler that repeats
+# samples across processes (§2.5), nothing to train, so nothing to log or checkpoint unless asked.
+TRAINER_DEFAULTS = {
+    "inference_mode": False,
+    "use_distributed_sampler": False,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+
+# RiemannCallback arguments that only make sense for a module that is not a DeltaEditModule.
+_RIEMANN_SKIP = {"pretrained", "edit", "module_name", "include", "exclude", "loss_fn"}
+
+
+@contextmanager
+def _quiet_args_warning():
+    # LightningCLI warns when `args` is given while sys.argv has arguments too; here that is by design.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        yield
+
+
+class DeltaCLI(LightningCLI):
+    """LightningCLI for one Riemann analysis: ``model`` (DeltaEditModule), ``data``, ``edit``, ``riemann``, ``trainer``.
+
+    Args:
+        args: command-line arguments, or a config dict / Namespace (``None``: ``sys.argv``).
+        run: True parses a ``validate`` subcommand and runs it; False only parses (and instantiates).
+        instantiate: False parses without building the model, data or trainer (what ``sweep`` needs).
+        kwargs: passed to LightningCLI.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, instantiate: bool = True, **kwargs: Any) -> None:
+        self._instantiate = instantiate
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        with _quiet_args_warning():
+            super().__init__(DeltaEditModule, LightningDataModule, args=args, run=run, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_subclass_arguments(DeltaEdit, "edit", required=True)
+        parser.link_arguments("edit", "model.edit", apply_on="instantiate")
+        parser.callback_keys.append("riemann")  # what add_lightning_class_args does, with the arguments above skipped
+        parser.add_class_arguments(RiemannCallback, "riemann", fail_untyped=False, sub_configs=True, skip=_RIEMANN_SKIP)
+        parser.add_argument("--sweep.results", type=str, default="results.jsonl", help="JSONL file of sweep rows.")
+        parser.add_argument(
+            "--sweep.grid",
+            type=Any,
+            default=None,
+            help="A mapping of dotted keys to lists of values (a Cartesian product), or a list of such mappings.",
+        )
+        parser.add_argument("--sweep.figures", type=str | None, default=None, help="Directory for the figures.")
+        parser.add_argument("--sweep.max_points", type=int | None, default=None, help="Stop after this many new points.")
+
+    def instantiate_classes(self) -> None:
+        if self._instantiate:
+            super().instantiate_classes()
+
+    def riemann_callback(self) -> RiemannCallback:
+        return next(callback for callback in self.trainer.callbacks if isinstance(callback, RiemannCallback))
+
+
+# ------------------------------------------------------------------------------------------------------- sweep
+def _config_dict(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
+    """A parsed config as plain JSON types (class paths resolved, defaults filled in)."""
+    config = json.loads(parser.dump(config, format="json", skip_none=False))
+    config.pop("config", None)
+    return config
+
+
+def sweep_points(args: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The points of the sweep that ``args`` describes (command line or config dict), and its ``sweep`` section."""
+    from lightning_delta.sweep import make_points
+
+    cli = DeltaCLI(args=args, run=False, instantiate=False)
+    base = _config_dict(cli.parser, cli.config)
+    settings = base.pop("sweep")
+
+    def normalize(config: dict[str, Any]) -> dict[str, Any]:
+        config = dict(config)
+        config.setdefault("riemann", {})["filename"] = None  # the row holds the result; one JSON per point is noise
+        return {key: value for key, value in _config_dict(cli.parser, cli.parser.parse_object(config)).items()
+                if key != "sweep"}
+
+    return make_points(base, settings.get("grid"), normalize), settings
+
+
+def _dataset_label(data: dict[str, Any]) -> str:
+    """``Digits/test``, ``GSM8K``, ``Vision/eurosat``: the data module's short name and what picks its data."""
+    name = str(data.get("class_path", "data")).rsplit(".", 1)[-1].removesuffix("DataModule") or "data"
+    init_args = data.get("init_args") or {}
+    picks = [str(init_args[key]) for key in ("task", "tasks", "name", "subset", "split") if init_args.get(key)]
+    return "/".join([name, *picks])
+
+
+def run_point(point: Any) -> dict[str, Any]:
+    """Instantiate one point's config, run ``trainer.validate`` with its RiemannCallback and return its row."""
+    cli = DeltaCLI(args=point.config, run=False, save_config_callback=None)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    result = cli.riemann_callback().result
+    logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
+    metrics = {
+        "term": result.term,
+        "trapezoid": result.trapezoid,
+        "exact": result.exact,
+        "loss_post": result.loss_post,
+        "loss_edit": result.loss_edit,
+        "accuracy_post": logged.get("accuracy/post"),
+        "accuracy_edit": logged.get("accuracy/edit"),
+    }
+    return {
+        "edit": cli.model.edit.config(),
+        "dataset": _dataset_label(point.config.get("data") or {}),
+        "metrics": metrics,
+        "result": result.to_dict(),
+    }
+
+
+def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep; rows go to ``sweep.results`` and, with ``sweep.figures``, figures are drawn."""
+    from lightning_delta.sweep import run_sweep
+
+    points, settings = sweep_points(args)
+    rows = run_sweep(
+        points,
+        settings["results"],
+        run_point,
+        should_write=lambda: rank_zero_only.rank == 0,
+        max_points=settings.get("max_points"),
+    )
+    if settings.get("figures") and rank_zero_only.rank == 0:
+        from lightning_delta.plots import plot_all
+
+        for path in plot_all(rows, settings["figures"]).values():
+            print(f"figure: {path}")
+    return rows
+
+
+# -------------------------------------------------------------------------------------- edit, plot and demo
+def edit(
+    model: str,
+    pretrained: str,
+    edit: DeltaEdit,
+    output_dir: str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    torch_dtype: str | None = None,
+) -> Path:
+    """Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it.
+
+    Args:
+        model: the post-trained model (W_post): a Hugging Face directory or hub id.
+        pretrained: the pre-trained weights (W_pre): a directory, safetensors file or hub id.
+        edit: the editing operation, e.g. ``--edit DARE --edit.p 0.9``.
+        output_dir: where the edited model is written (a new directory).
+        include: regular expressions on tensor names: only these are edited.
+        exclude: regular expressions on tensor names: these are left as they are.
+        torch_dtype: dtype to load the model in (``bfloat16``, ``float32``, ...); default its stored dtype.
+    """
+    from lightning_delta.export import save_edited
+
+    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, torch_dtype=torch_dtype)
+    print(f"Edited model ({edit!r}) written to {path}")
+    return path
+
+
+def plot(results: list[str], output_dir: str = "figures", extension: str = "png") -> list[str]:
+    """Draw every figure the rows of the results files allow (see :mod:`lightning_delta.plots`).
+
+    Args:
+        results: JSONL results files written by ``lightning-delta sweep`` or ``demo``.
+        output_dir: where the figures go.
+        extension: image format (``png``, ``pdf``, ``svg``).
+    """
+    from lightning_delta.plots import plot_all
+    from lightning_delta.sweep import iter_rows
+
+    rows = list(iter_rows(results))
+    if not rows:
+        raise ValueError(f"No rows in {results}: run `lightning-delta sweep` first.")
+    written = plot_all(rows, output_dir, extension)
+    for path in written.values():
+        print(f"figure: {path}")
+    return [str(path) for path in written.values()]
+
+
+def _validate_help() -> None:
+    """One Riemann analysis under trainer.validate (see `lightning-delta validate --help`)."""
+
+
+def _sweep_help() -> None:
+    """A grid of Riemann analyses, one JSONL row each, resumable (see `lightning-delta sweep --help`)."""
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``lightning-delta`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "validate":
+        return DeltaCLI(args=argv)
+    if argv and argv[0] == "sweep":
+        return sweep(argv[1:])
+    from jsonargparse import auto_cli
+
+    from lightning_delta.demo import demo
+
+    commands = {"validate": _validate_help, "sweep": _sweep_help, "edit": edit, "plot": plot, "demo": demo}
+    return auto_cli(commands, args=argv, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The 8×8 handwritten digits bundled with scikit-learn (no download), as short token sequences for a causal LM.
+
+An image is 64 pixels of gray level 0…16. Halved to 0…8, each pair of horizontally adjacent pixels becomes one token
+(9·left + right, 81 tokens), so a sequence is ``<bos> t_1 … t_32 <answer> d`` (35 tokens), ``d`` the digit's own
+token. The task loss is the causal-LM loss of the answer token only (labels are ``-100`` elsewhere), the same shape
+as GSM8K's loss of the answer given the question; accuracy is the arg-max over the ten digit tokens.
+
+Vocabulary (:data:`VOCAB_SIZE` = 96): pixel pairs 0–80, digits 0–9 are tokens 81–90, ``<bos>`` 91, ``<answer>`` 92;
+93–95 are unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DigitSequences",
+    "DigitsDataModule",
+    "answer_accuracy",
+    "digit_sequences",
+    "load_digit_splits",
+    "VOCAB_SIZE",
+]
+
+LEVELS = 9  # gray levels 0…16 halved
+PIXEL_TOKENS = LEVELS * LEVELS  # one token per pair of adjacent pixels
+DIGIT_TOKEN = PIXEL_TOKENS  # token of digit d: DIGIT_TOKEN + d
+BOS_TOKEN = DIGIT_TOKEN + 10
+ANSWER_TOKEN = BOS_TOKEN + 1
+VOCAB_SIZE = 96
+SEQUENCE_LENGTH = 35
+IGNORE_INDEX = -100
+
+
+def load_digit_splits(test_fraction: float = 0.25, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train": (images, digits), "test": (images, digits)}``: a stratified split of the 1797 digits.
+
+    Shapes: images ``(N, 64)`` int64 in 0…16, digits ``(N,)`` int64 in 0…9.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.data.astype(np.int64)
+    targets = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, targets, test_size=test_fraction, random_state=seed, stratify=targets
+    )
+    return {"train": (train_x, train_y), "test": (test_x, test_y)}
+
+
+def digit_sequences(images: np.ndarray, digits: np.ndarray, answer_only: bool = True,
+                    answer_digits: tuple[int, ...] | None = None) -> dict[str, Tensor]:
+    """Token sequences and labels for a batch of images.
+
+    Args:
+        images: ``(N, 64)`` gray levels; digits: ``(N,)``.
+        answer_only: labels only on the answer token (the task loss); False also labels every gray level
+            (next-pixel prediction, the generic pre-training objective).
+        answer_digits: label the answer only for these digits (``None``: all).
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels``, each ``(N, 35)``.
+    """
+    levels = torch.as_tensor(images, dtype=torch.long) // 2  # (N, 64) in 0…8
+    pixels = levels[:, 0::2] * LEVELS + levels[:, 1::2]  # (N, 32) in 0…80
+    digits = torch.as_tensor(digits, dtype=torch.long)
+    n = pixels.shape[0]
+    input_ids = torch.cat(
+        [torch.full((n, 1), BOS_TOKEN), pixels, torch.full((n, 1), ANSWER_TOKEN), (DIGIT_TOKEN + digits)[:, None]],
+        dim=1,
+    )  # (N, 35)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    if not answer_only:
+        labels[:, 1:33] = pixels
+    answered = torch.ones(n, dtype=torch.bool)
+    if answer_digits is not None:
+        answered = torch.isin(digits, torch.tensor(answer_digits, dtype=torch.long))
+    labels[answered, -1] = input_ids[answered, -1]
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+class DigitSequences(Dataset):
+    """A split of the digits as dicts of ``(35,)`` tensors (see :func:`digit_sequences`)."""
+
+    def __init__(self, images: np.ndarray, digits: np.ndarray, **kwargs: Any) -> None:
+        self.tensors = digit_sequences(images, digits, **kwargs)
+
+    def __len__(self) -> int:
+        return self.tensors["input_ids"].shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Evaluation data for the demo: one split of the digits, the answer token labelled.
+
+    Under several processes each gets a disjoint share (``UnrepeatedDistributedSampler``: no padding by repeats,
+    which would bias the loss); create the Trainer with ``use_distributed_sampler=False``.
+
+    Args:
+        split: ``"test"`` (450 images) or ``"train"`` (1347).
+        limit: keep the first ``limit`` images of the split (``None``: all).
+        batch_size: images per batch.
+        seed: the seed of the train/test split.
+    """
+
+    def __init__(self, split: str = "test", limit: int | None = None, batch_size: int = 150, seed: int = 0) -> None:
+        super().__init__()
+        if split not in ("train", "test"):
+            raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+        if limit is not None and limit < 1:
+            raise ValueError(f"`limit` must be None or >= 1, got {limit!r}.")
+        self.split, self.limit, self.batch_size, self.seed = split, limit, batch_size, seed
+        self.dataset: DigitSequences | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        images, digits = load_digit_splits(seed=self.seed)[self.split]
+        if self.limit is not None:
+            images, digits = images[: self.limit], digits[: self.limit]
+        self.dataset = DigitSequences(images, digits)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(self.dataset, shuffle=False)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler)
+
+
+def answer_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(correct, total)``: the arg-max over the ten digit tokens at the answer position against the label."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        scores = logits[:, -2, DIGIT_TOKEN : DIGIT_TOKEN + 10]  # (B, 10): the prediction of the last token
+        predicted = scores.argmax(dim=-1) + DIGIT_TOKEN
+        target = batch["input_ids"][:, -1]
+        correct = (predicted == target).sum().to(torch.float64)
+    return correct, torch.tensor(float(target.numel()), dtype=torch.float64)

@@ -1,0 +1,344 @@
+"""Figures like the paper's, drawn from the rows of a sweep's JSONL results file (matplotlib, Agg backend).
+
+======================  ======================================================  ==============
+function                what it shows                                           paper
+======================  ======================================================  ==============
+:func:`plot_dare`       Riemann term and exact ΔL against p, one line per k,    Fig. 1 and 3
+                        drop only (no rescale) as the reference
+:func:`plot_modules`    the term per part of the model (attention, mlp, ...)    Fig. 3
+:func:`plot_alpha`      the term and ΔL against α (EXPO), the trough marked     Fig. 6
+:func:`plot_bits`       accuracy (or loss) of BitDelta against the bits         Fig. 4
+:func:`plot_expo_gap`   best interpolation (α < 0) against extrapolation        Fig. 7
+                        (α > 0), per data set
+:func:`plot_loss_curve` L(t) at t = c/C, the integrand ⟨∇L(W_post + tE), E⟩
+                        with the left Riemann rectangles and the trapezoid
+======================  ======================================================  ==============
+
+Each function takes rows (dicts, see :mod:`lightning_delta.sweep`) and a path, and returns the path, or ``None``
+when no row fits the figure. :func:`plot_all` draws every figure it can.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = [
+    "edit_family",
+    "edit_label",
+    "plot_all",
+    "plot_alpha",
+    "plot_bits",
+    "plot_dare",
+    "plot_expo_gap",
+    "plot_loss_curve",
+    "plot_modules",
+]
+
+GROUP_ORDER = ("attention", "mlp", "norms", "embeddings", "other")
+
+
+# ------------------------------------------------------------------------------------------------ row helpers
+def edit_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's edit as ``{"name": ..., **arguments}`` (``edit.config()``)."""
+    return dict(row.get("edit") or {})
+
+
+def edit_family(row: Mapping[str, Any]) -> str:
+    """``dare``, ``drop_only`` (DARE without rescale), ``bitdelta``, ``lowrank``, ``magnitude_prune``,
+    ``extrapolate``, ... (the edit's registry name otherwise)."""
+    edit = edit_config(row)
+    name = edit.get("name", "?")
+    if name == "dare" and edit.get("rescale") is False:
+        return "drop_only"
+    return name
+
+
+_SHOWN = {
+    "dare": ("p", "k"),
+    "drop_only": ("p",),
+    "bitdelta": ("bits", "scale", "magnitudes"),
+    "lowrank": ("rank", "fraction"),
+    "magnitude_prune": ("p",),
+    "extrapolate": ("alpha",),
+}
+_DEFAULTS = {"scale": 1.0, "magnitudes": "mean"}
+
+
+def edit_parameters(row: Mapping[str, Any]) -> str:
+    """The parameters that tell the row's edit apart, e.g. ``p=0.5 k=0``."""
+    edit = edit_config(row)
+    family = edit_family(row)
+    keys = _SHOWN.get(family, tuple(key for key in edit if key not in ("name", "seed")))
+    parts = []
+    for key in keys:
+        value = edit.get(key)
+        if value is None or (key in _DEFAULTS and value == _DEFAULTS[key]):
+            continue
+        parts.append(f"{key}={_format_number(value)}")
+    return " ".join(parts)
+
+
+def edit_label(row: Mapping[str, Any]) -> str:
+    return f"{edit_family(row)} {edit_parameters(row)}".strip()
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def dataset(row: Mapping[str, Any]) -> str:
+    return str(row.get("dataset") or "data")
+
+
+def metric(row: Mapping[str, Any], name: str) -> float | None:
+    """``term``, ``trapezoid``, ``exact``, ``loss_post``, ``loss_edit``, ``accuracy_post``, ``accuracy_edit``."""
+    value = (row.get("metrics") or {}).get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def _rows(rows: Iterable[Mapping[str, Any]], *families: str) -> list[Mapping[str, Any]]:
+    return [row for row in rows if edit_family(row) in families]
+
+
+def _save(figure: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- figures
+def plot_dare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Fig. 1/3: the Riemann term (left) and the exact ΔL (right) against the drop rate p, one line per k; drop only
+    (no rescale) dashed. One row of panels per data set."""
+    rows = _rows(rows, "dare", "drop_only")
+    if not rows:
+        return None
+    datasets = sorted({dataset(row) for row in rows})
+    figure, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
+    for panels, name in zip(axes, datasets):
+        lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        for row in rows:
+            if dataset(row) != name:
+                continue
+            edit = edit_config(row)
+            label = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(edit.get('k', 0.0))}"
+            lines[label].append((float(edit["p"]), metric(row, "term"), metric(row, "exact")))
+        for label in sorted(lines, key=lambda label: (label == "drop only", label)):
+            points = sorted(lines[label])
+            style = dict(linestyle="--", color="0.4") if label == "drop only" else {}
+            for axis, column in zip(panels, (1, 2)):
+                axis.plot([p[0] for p in points], [p[column] for p in points], marker="o", label=label, **style)
+        for axis, title in zip(panels, ("Riemann term (C points, left rule)", "exact ΔL = L(W_post+E) − L(W_post)")):
+            axis.axhline(0.0, color="black", linewidth=0.6)
+            axis.set_xlabel("drop rate p")
+            axis.set_title(f"{title}\n{name}", fontsize=9)
+            axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def _strongest_per_family(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    best: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        family = edit_family(row)
+        if family == "extrapolate" or not (row.get("result") or {}).get("term_per_group"):
+            continue
+        if family not in best or abs(metric(row, "term") or 0.0) > abs(metric(best[family], "term") or 0.0):
+            best[family] = row
+    return list(best.values())
+
+
+def plot_modules(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, selected: Sequence[Mapping[str, Any]] | None = None
+) -> Path | None:
+    """Fig. 3: the term per kind of tensor (attention, mlp, norms, embeddings, other), a bar per edit.
+
+    ``selected``: the rows to show; by default, per edit family, the row with the largest ``|term|``.
+    """
+    selected = list(selected) if selected is not None else _strongest_per_family(rows)
+    if not selected:
+        return None
+    groups = [group for group in GROUP_ORDER if any(group in row["result"]["term_per_group"] for row in selected)]
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
+    width = 0.8 / len(selected)
+    for number, row in enumerate(selected):
+        values = [row["result"]["term_per_group"].get(group, 0.0) for group in groups]
+        positions = [index + (number - (len(selected) - 1) / 2) * width for index in range(len(groups))]
+        axis.bar(positions, values, width=width, label=f"{edit_label(row)} ({dataset(row)})")
+    axis.axhline(0.0, color="black", linewidth=0.6)
+    axis.set_xticks(range(len(groups)), groups)
+    axis.set_ylabel("Riemann term")
+    axis.set_title("Riemann term per part of the model")
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_alpha(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Fig. 6: the term (solid) and exact ΔL (dotted) against α for EXPO, per data set; the trough is marked."""
+    rows = _rows(rows, "extrapolate")
+    if not rows:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    by_dataset: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
+    for row in rows:
+        by_dataset[dataset(row)].append((float(edit_config(row)["alpha"]), metric(row, "term"), metric(row, "exact")))
+    for name in sorted(by_dataset):
+        points = sorted(by_dataset[name])
+        alphas = [point[0] for point in points]
+        (line,) = axis.plot(alphas, [point[1] for point in points], marker="o", label=f"term, {name}")
+        axis.plot(alphas, [point[2] for point in points], linestyle=":", color=line.get_color(), label=f"ΔL, {name}")
+        trough = min(points, key=lambda point: point[1])
+        axis.scatter([trough[0]], [trough[1]], s=120, facecolors="none", edgecolors=line.get_color(), linewidths=2)
+        axis.annotate(f"trough α={trough[0]:g}", (trough[0], trough[1]), textcoords="offset points", xytext=(6, -14),
+                      fontsize=8, color=line.get_color())
+    axis.axhline(0.0, color="black", linewidth=0.6)
+    axis.set_xlabel("α (F(ΔW) = (1 + α)·ΔW)")
+    axis.set_ylabel("loss change")
+    axis.set_title("EXPO: Riemann term against α")
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Fig. 4: the edited model's accuracy against BitDelta's bits (the loss where no accuracy was measured); the
+    post-trained model dashed."""
+    rows = [row for row in _rows(rows, "bitdelta") if edit_config(row).get("magnitudes", "mean") == "mean"
+            and edit_config(row).get("scale", 1.0) == 1.0]
+    if not rows:
+        return None
+    use_accuracy = all(metric(row, "accuracy_edit") is not None for row in rows)
+    name_edit, name_post = ("accuracy_edit", "accuracy_post") if use_accuracy else ("loss_edit", "loss_post")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    by_dataset: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for row in rows:
+        by_dataset[dataset(row)].append((int(edit_config(row)["bits"]), metric(row, name_edit), metric(row, name_post)))
+    for name in sorted(by_dataset):
+        points = sorted(by_dataset[name])
+        (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"BitDelta, {name}")
+        axis.axhline(points[0][2], linestyle="--", color=line.get_color(), label=f"post-trained, {name}")
+    axis.set_xticks(sorted({p[0] for points in by_dataset.values() for p in points}))
+    axis.set_xlabel("bits per entry (sign included)")
+    axis.set_ylabel("accuracy" if use_accuracy else "loss")
+    axis.set_title("BitDelta with more bits")
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def performance_gap(row: Mapping[str, Any]) -> float | None:
+    """The edited model against the post-trained one: accuracy difference, else ``−ΔL`` (higher is better)."""
+    accuracy_edit, accuracy_post = metric(row, "accuracy_edit"), metric(row, "accuracy_post")
+    if accuracy_edit is not None and accuracy_post is not None:
+        return accuracy_edit - accuracy_post
+    exact = metric(row, "exact")
+    return None if exact is None else -exact
+
+
+def plot_expo_gap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Fig. 7: per data set, the best gap to the post-trained model over α < 0 (interpolation) and over α > 0
+    (extrapolation)."""
+    rows = _rows(rows, "extrapolate")
+    best: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        alpha, gap = float(edit_config(row)["alpha"]), performance_gap(row)
+        if alpha == 0.0 or gap is None:
+            continue
+        side = "interpolation (α < 0)" if alpha < 0 else "extrapolation (α > 0)"
+        best[dataset(row)][side] = max(gap, best[dataset(row)].get(side, -math.inf))
+    if not best:
+        return None
+    uses_accuracy = all(metric(row, "accuracy_edit") is not None for row in rows)
+    names = sorted(best)
+    sides = ("interpolation (α < 0)", "extrapolation (α > 0)")
+    figure, axis = plt.subplots(figsize=(max(5.0, 1.8 * len(names) + 2), 4))
+    for number, side in enumerate(sides):
+        values = [best[name].get(side, math.nan) for name in names]
+        axis.bar([index + (number - 0.5) * 0.38 for index in range(len(names))], values, width=0.38, label=side)
+    axis.axhline(0.0, color="black", linewidth=0.6)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("best accuracy gap" if uses_accuracy else "best −ΔL")
+    axis.set_title("Interpolation against extrapolation (edited − post-trained)")
+    axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_loss_curve(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, selected: Sequence[Mapping[str, Any]] | None = None
+) -> Path | None:
+    """L(t) measured at t = c/C beside the left-rule prediction ``L(0) + (1/C) Σ_{j<c} g_j`` (left panel), and the
+    integrand ``g(t) = ⟨∇L(W_post + tE), E⟩`` with the left Riemann rectangles, whose area is the term (right panel).
+
+    ``selected``: rows to draw (one line of panels each); by default up to three rows with the largest ``|ΔL|``.
+    """
+    usable = [row for row in rows if (row.get("result") or {}).get("losses")]
+    if selected is None:
+        selected = sorted(usable, key=lambda row: -abs(metric(row, "exact") or 0.0))[:3]
+    selected = list(selected)
+    if not selected:
+        return None
+    figure, axes = plt.subplots(len(selected), 2, figsize=(10, 3.4 * len(selected)), squeeze=False)
+    for (left, right), row in zip(axes, selected):
+        result = row["result"]
+        num_points = int(result["num_points"])
+        losses, inner = result["losses"], result["inner_products"]
+        ts = [c / num_points for c in range(num_points + 1)]
+        predicted = [losses[0]]
+        for c in range(num_points):
+            predicted.append(predicted[-1] + inner[c] / num_points)
+        left.plot(ts, losses, marker="o", label="L(t) measured")
+        left.plot(ts, predicted, marker="s", linestyle="--", label="L(0) + left Riemann sum")
+        left.set_xlabel("t  (W_post + t·E)")
+        left.set_ylabel("loss")
+        left.set_title(f"{edit_label(row)} ({dataset(row)})", fontsize=9)
+        left.legend(fontsize=7)
+        right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
+                  label=f"left rectangles: term = {result['term']:.4g}")
+        finite = [(t, g) for t, g in zip(ts, inner) if g is not None and not math.isnan(g)]
+        right.plot([t for t, _ in finite], [g for _, g in finite], marker="o", color="C3", label="⟨∇L(t), E⟩")
+        trapezoid = result.get("trapezoid")
+        right.axhline(0.0, color="black", linewidth=0.6)
+        right.set_xlabel("t")
+        right.set_title(
+            f"exact ΔL = {result['exact']:.4g}" + (f", trapezoid = {trapezoid:.4g}" if trapezoid is not None else ""),
+            fontsize=9,
+        )
+        right.legend(fontsize=7)
+    return _save(figure, path)
+
+
+FIGURES = {
+    "dare_p_k": plot_dare,
+    "per_module": plot_modules,
+    "expo_alpha": plot_alpha,
+    "bitdelta_bits": plot_bits,
+    "interpolation_extrapolation": plot_expo_gap,
+    "loss_curve": plot_loss_curve,
+}
+
+
+def plot_all(
+    rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, extension: str = "png"
+) -> dict[str, Path]:
+    """Every figure of :data:`FIGURES` that the rows allow, as ``<output_dir>/<name>.<extension>``."""
+    rows = list(rows)
+    written = {}
+    for name, function in FIGURES.items():
+        path = function(rows, Path(output_dir) / f"{name}.{extension}")
+        if path is not None:
+            written[name] = path
+    return written

@@ -1,0 +1,340 @@
+"""Resumable sweeps: a grid of analysis configs, one JSON row per finished point in a JSONL results file.
+
+A sweep is a base config (the one ``lightning-delta validate`` reads) and a grid of overrides on dotted keys::
+
+    grid:
+      - edit: lightning_delta.edits.DARE            # a class name switches the edit (its init_args start empty)
+        edit.init_args.p: [0.1, 0.5, 0.9]           # lists are swept, scalars are fixed
+        edit.init_args.k: [0.0, 0.5]
+      - edit: lightning_delta.edits.BitDelta
+        edit.init_args.bits: [1, 2, 3, 4]
+
+Each block is a Cartesian product; the blocks are concatenated (6 + 4 = 10 points above). Every point is keyed by
+the SHA-256 of its canonical config (sorted JSON, keys that do not change the numbers left out: devices, strategy,
+loggers, ...). A row is appended, flushed and fsync'ed as soon as its point finishes, so a crash loses at most the
+point under way; running the sweep again skips every key already in the file. A torn last line (the process died in
+the middle of a write) is cut off before anything new is appended.
+
+This module knows nothing about Lightning: :mod:`lightning_delta.cli` gives :func:`run_sweep` the function that turns
+one config into a result.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+__all__ = [
+    "ResultsFile",
+    "SweepPoint",
+    "apply_overrides",
+    "config_key",
+    "expand_grid",
+    "library_versions",
+    "run_sweep",
+]
+
+# Dotted keys that change where or how fast a point runs, not what it measures: left out of the key.
+VOLATILE_KEYS = (
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.logger",
+    "trainer.callbacks",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
+    "trainer.default_root_dir",
+    "trainer.profiler",
+    "trainer.barebones",
+    "riemann.filename",
+    "sweep",
+    "config",
+    "subcommand",
+)
+
+
+# ------------------------------------------------------------------------------------------------------- the grid
+def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """The points of ``grid``: one dict of dotted-key overrides per point, in order.
+
+    A mapping is one block; a list of mappings is several blocks whose points are concatenated. In a block a list
+    value is swept and any other value is fixed; the last key varies fastest.
+
+    Example:
+        >>> expand_grid({"edit.init_args.p": [0.1, 0.9], "edit.init_args.k": 0})
+        [{'edit.init_args.p': 0.1, 'edit.init_args.k': 0}, {'edit.init_args.p': 0.9, 'edit.init_args.k': 0}]
+        >>> len(expand_grid([{"a": [1, 2]}, {"b": [1, 2, 3]}]))
+        5
+    """
+    if grid is None:
+        return [{}]
+    blocks = [grid] if isinstance(grid, Mapping) else list(grid)
+    points: list[dict[str, Any]] = []
+    for number, block in enumerate(blocks):
+        if not isinstance(block, Mapping):
+            raise ValueError(f"Each block of the sweep grid must be a mapping of dotted keys; block {number} is {block!r}.")
+        keys = list(block)
+        values = [block[key] if isinstance(block[key], (list, tuple)) else [block[key]] for key in keys]
+        empty = [key for key, options in zip(keys, values) if len(options) == 0]
+        if empty:
+            raise ValueError(f"The sweep grid lists no values for {empty} in block {number}.")
+        points.extend(dict(zip(keys, combination)) for combination in itertools.product(*values))
+    return points
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``config`` with each dotted key of ``overrides`` set; ``config`` is not modified.
+
+    Shorter keys are applied first, so ``edit`` (a class) is set before ``edit.init_args.p``. A string given for a
+    key whose current value is a ``class_path`` mapping switches the class: ``init_args`` start empty unless the
+    class stays the same.
+
+    Example:
+        >>> apply_overrides({"edit": {"class_path": "DARE", "init_args": {"p": 0.1}}}, {"edit.init_args.p": 0.9})
+        {'edit': {'class_path': 'DARE', 'init_args': {'p': 0.9}}}
+    """
+    result = copy.deepcopy(dict(config))
+    for key in sorted(overrides, key=lambda key: key.count(".")):
+        value = copy.deepcopy(overrides[key])
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        current = node.get(leaf)
+        if isinstance(value, str) and isinstance(current, dict) and "class_path" in current:
+            same = _short_name(current["class_path"]) == _short_name(value)
+            value = {"class_path": value, "init_args": copy.deepcopy(current.get("init_args", {})) if same else {}}
+        node[leaf] = value
+    return result
+
+
+def _short_name(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1]
+
+
+def _drop_key(config: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted, compact JSON: equal configs give equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def config_key(config: Mapping[str, Any], volatile: Iterable[str] = VOLATILE_KEYS) -> str:
+    """The first 16 hex digits of the SHA-256 of ``config``'s canonical JSON, ``volatile`` keys left out.
+
+    Example:
+        >>> config_key({"a": 1, "trainer": {"devices": 8}}) == config_key({"trainer": {"devices": 1}, "a": 1})
+        True
+    """
+    stripped = json.loads(canonical_json(config))
+    for dotted in volatile:
+        _drop_key(stripped, dotted)
+    return hashlib.sha256(canonical_json(stripped).encode("utf-8")).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on (those installed)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("lightning_delta", "torch", "lightning", "transformers", "torchmetrics", "jsonargparse", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# -------------------------------------------------------------------------------------------------- the results
+class ResultsFile:
+    """An append-only JSONL file of sweep rows, each with a ``key``; safe against a crash at any moment.
+
+    Reading tolerates a torn last line (a write cut short); :meth:`repair` cuts it off so that the next append
+    starts on a fresh line. A malformed line elsewhere is a corrupt file and raises.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete row, in file order (a torn last line is ignored, with a warning)."""
+        rows, torn = self._parse()
+        if torn is not None:
+            rank_zero_warn(f"{self.path}: the last line is incomplete (a write was cut short); it is ignored.")
+        return rows
+
+    def keys(self) -> set[str]:
+        return {row["key"] for row in self.read() if "key" in row}
+
+    def _parse(self) -> tuple[list[dict[str, Any]], int | None]:
+        """The rows, and the byte offset where a torn last line starts (``None``: there is none).
+
+        Every row is written with one ``write`` ending in a newline, so a crash can only leave a prefix of the last
+        row without its newline: that tail is torn. A line that ended with a newline and is not JSON is corruption.
+        """
+        if not self.path.exists():
+            return [], None
+        data = self.path.read_bytes()
+        body, _, tail = data.rpartition(b"\n") if b"\n" in data else (b"", b"", data)
+        rows = []
+        for number, line in enumerate(body.split(b"\n") if body else []):
+            if line.strip():
+                rows.append(self._row(line, number))
+        if tail.strip():
+            try:
+                rows.append(self._row(tail, len(rows)))
+            except ValueError:
+                return rows, len(data) - len(tail)
+        return rows, None
+
+    def _row(self, line: bytes, number: int) -> dict[str, Any]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path}, line {number + 1}: not JSON ({error}); the file is corrupt.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{self.path}, line {number + 1}: a row must be a JSON object, got {row!r}.")
+        return row
+
+    def repair(self) -> None:
+        """Cut off a torn last line, and end a complete last row with a newline if it lacks one."""
+        if not self.path.exists():
+            return
+        _, torn = self._parse()
+        with open(self.path, "r+b") as handle:
+            if torn is not None:
+                handle.truncate(torn)
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Write ``row`` as one line with a single write, then flush and fsync."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(row, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+@dataclass
+class SweepPoint:
+    """One point of a sweep: its overrides, the full config they give, and that config's key."""
+
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    key: str = ""
+    index: int = 0
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = config_key(self.config)
+
+
+def make_points(
+    base: Mapping[str, Any],
+    grid: Any,
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[SweepPoint]:
+    """The sweep's points: ``base`` with each grid point's overrides, passed through ``normalize`` (the parser, which
+    fills in defaults so that spelling a default out does not change the key). Points with equal keys are merged."""
+    points, seen = [], set()
+    for overrides in expand_grid(grid):
+        config = apply_overrides(base, overrides)
+        if normalize is not None:
+            config = normalize(config)
+        point = SweepPoint(overrides, config, index=len(points))
+        if point.key in seen:
+            continue
+        seen.add(point.key)
+        points.append(point)
+    return points
+
+
+def run_sweep(
+    points: Sequence[SweepPoint],
+    results: str | os.PathLike,
+    run_point: Callable[[SweepPoint], Mapping[str, Any]],
+    should_write: Callable[[], bool] = lambda: True,
+    max_points: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run every point whose key is not in ``results`` yet, appending one row per point as soon as it finishes.
+
+    Args:
+        points: from :func:`make_points`.
+        results: the JSONL file; created if missing, resumed if present.
+        run_point: runs one point and returns what to record (the Riemann result, metrics, ...).
+        should_write: asked after each point; False on the processes of a distributed run that do not write (every
+            rank runs every point; the rank is only known once the first trainer has set up).
+        max_points: stop after running this many new points (``None``: all).
+
+    Returns:
+        Every row of the results file that belongs to ``points``, old and new, in the order of ``points``.
+    """
+    results_file = ResultsFile(results)
+    if should_write():
+        results_file.repair()
+    done = results_file.keys()
+    todo = [point for point in points if point.key not in done]
+    rank_zero_info(
+        f"Sweep: {len(points)} points, {len(points) - len(todo)} already in {results_file.path}, {len(todo)} to run."
+    )
+    versions = library_versions()
+    for number, point in enumerate(todo):
+        if max_points is not None and number >= max_points:
+            break
+        started = time.time()
+        record = dict(run_point(point))
+        row = {
+            "key": point.key,
+            "index": point.index,
+            "overrides": point.overrides,
+            **record,
+            "config": point.config,
+            "versions": versions,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+        }
+        if should_write():
+            results_file.append(row)
+    keys = {point.key: point.index for point in points}
+    rows = [row for row in results_file.read() if row.get("key") in keys]
+    return sorted(rows, key=lambda row: keys[row["key"]])
+
+
+def iter_rows(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+    """The rows of several results files, in order."""
+    for path in paths:
+        yield from ResultsFile(path).read()
