@@ -38,6 +38,11 @@ class DeltaLoss(nn.Module):
         raise NotImplementedError
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """bf16 and float16 logits upcast to float32 for the softmax; float32 and float64 kept as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _logits(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -53,7 +58,7 @@ class CausalLMLoss(DeltaLoss):
     """Next-token cross-entropy over answer tokens: ``L = Σ_answer −log p(y_i | y_<i) / #answer tokens``.
 
     Batch: a mapping with ``input_ids`` (B, T), ``attention_mask`` (B, T) and ``labels`` (B, T) where prompt and
-    padding positions are ``-100``. Logits are upcast to float32 and the per-token losses summed in float64;
+    padding positions are ``-100``. Logits are upcast to at least float32 and the per-token losses summed in float64;
     Hugging Face's ``labels=`` loss (a float32 batch mean) is not used.
     """
 
@@ -61,7 +66,7 @@ class CausalLMLoss(DeltaLoss):
         logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
         labels = batch["labels"][:, 1:]  # (B, T-1): token i is predicted from positions < i
         per_token = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            at_least_float32(logits[:, :-1].flatten(0, 1)), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )
         count = (labels != IGNORE_INDEX).sum().to(torch.float64)
         return LossOutput(per_token.sum(dtype=torch.float64), count)
@@ -80,7 +85,7 @@ class ClassificationLoss(DeltaLoss):
         else:
             inputs, targets = batch[0], batch[1]
         logits = _logits(model(inputs))
-        per_example = F.cross_entropy(logits.float(), targets, reduction="none")
+        per_example = F.cross_entropy(at_least_float32(logits), targets, reduction="none")
         return LossOutput(per_example.sum(dtype=torch.float64), torch.tensor(float(targets.numel()), dtype=torch.float64))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_delta.losses import IGNORE_INDEX, DeltaLoss, LossOutput, _logits, register_loss
+from lightning_delta.losses import IGNORE_INDEX, DeltaLoss, LossOutput, _logits, at_least_float32, register_loss
 
 __all__ = ["DPOLoss", "sequence_log_probs"]
 
@@ -31,8 +31,7 @@ def sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tens
 
     Shapes: ``input_ids``, ``attention_mask``, ``labels`` (B, T).
     """
-    logits = _logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1]  # (B, T-1, V)
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # at least float32
+    logits = at_least_float32(_logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1])  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     picked = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

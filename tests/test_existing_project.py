@@ -1,0 +1,123 @@
+"""The callback on LightningModules a user already has, and GradientBiased end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader
+
+from lightning_delta.callbacks import RiemannCallback
+from lightning_delta.edits import Extrapolate, GradientBiased
+from lightning_delta.losses import ClassificationLoss
+from lightning_delta.module import DeltaEditModule
+from tests.riemann_support import brute_force, image_dataset, tiny_vit
+
+
+class UserClassifier(pl.LightningModule):
+    """A user's module, written with no thought of delta editing: only a training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_vit(seed=5)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self.model(images).logits, labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class UserClassifierWithValidation(UserClassifier):
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self.model(images).logits, labels))
+
+
+def pretrained_state(module: UserClassifier) -> dict[str, torch.Tensor]:
+    """A 'pre-trained' model: the user's weights minus a seeded perturbation (so ΔW is known exactly)."""
+    generator = torch.Generator().manual_seed(11)
+    return {name: p.detach() - 0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            for name, p in module.model.state_dict().items()}
+
+
+def trainer_with(callback) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+
+
+@pytest.mark.parametrize("user_class", [UserClassifier, UserClassifierWithValidation])
+def test_callback_on_a_users_module(user_class):
+    module = user_class()
+    post = {k: v.clone() for k, v in module.model.state_dict().items()}
+    pre = pretrained_state(module)
+    loader = DataLoader(image_dataset(), batch_size=6)
+    alpha = -0.4
+    edits = {name: alpha * (post[name] - pre[name]) for name, _ in module.model.named_parameters()}  # EXPO: E = αΔW
+    reference = brute_force(copy.deepcopy(module.model), edits, ClassificationLoss(), loader, num_points=4)
+
+    callback = RiemannCallback(num_points=4, pretrained=pre, edit=Extrapolate(alpha), module_name="model",
+                               filename=None)
+    trainer = trainer_with(callback)
+    if user_class is UserClassifier:
+        callback.validate(trainer, module, loader, verbose=False)  # plain trainer.validate refuses this module
+    else:
+        trainer.validate(module, loader, verbose=False)
+        assert "val_loss" in trainer.callback_metrics
+
+    names = reference["names"]
+    ours = torch.tensor([callback.result.term_per_tensor[n] for n in names], dtype=torch.float64)
+    expected = torch.tensor([reference["term_per_tensor"][n] for n in names], dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    assert callback.result.exact == pytest.approx(float(reference["losses"][-1] - reference["losses"][0]), rel=1e-9)
+    # the user's module comes back as it was: W_post, no parametrization, trainable
+    assert not parametrize.is_parametrized(module.model)
+    assert all(torch.equal(v, post[k]) for k, v in module.model.state_dict().items())
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_plain_validate_without_validation_step_says_what_to_do():
+    callback = RiemannCallback(pretrained={}, edit=Extrapolate(0.1), module_name="model", filename=None)
+    with pytest.raises(Exception, match="validation_step"):
+        trainer_with(callback).validate(UserClassifier(), DataLoader(image_dataset(4)), verbose=False)
+
+
+def test_gradient_biased_end_to_end():
+    """One pass computes ∇L at W_post, the edit is built from its signs, and the term matches brute force."""
+    user = UserClassifier()
+    model = user.model
+    post = {k: v.clone() for k, v in model.state_dict().items()}
+    pre = pretrained_state(user)
+    loader = DataLoader(image_dataset(), batch_size=6)
+    p, k = 0.3, 0.5
+
+    # independent reference: the full gradient of the mean loss at W_post, then the Table 1 (right) rule
+    point = copy.deepcopy(model)
+    total, count = 0.0, 0
+    for images, labels in loader:
+        loss = F.cross_entropy(point(images).logits, labels, reduction="sum")
+        loss.backward()
+        count += len(labels)
+    gradients = {name: param.grad / count for name, param in point.named_parameters()}
+    names = [name for name, _ in model.named_parameters()]
+    edits = {}
+    for name in names:
+        delta = (post[name] - pre[name]).double()
+        factor = torch.where(delta * gradients[name].double() < 0, k, (1 - k * p) / (1 - p))
+        edits[name] = factor * delta - delta
+    reference = brute_force(copy.deepcopy(model), edits, ClassificationLoss(), loader, num_points=3)
+
+    module = DeltaEditModule(model, pre, GradientBiased(p=p, k=k), loss="classification")
+    callback = RiemannCallback(num_points=3, filename=None)
+    trainer_with(callback).validate(module, loader, verbose=False)
+    edited = module.edited_model()
+    for name in names:
+        torch.testing.assert_close(edited.edit(name).double(), edits[name], rtol=1e-6, atol=1e-9)
+    ours = torch.tensor([callback.result.term_per_tensor[n] for n in reference["names"]], dtype=torch.float64)
+    expected = torch.tensor([reference["term_per_tensor"][n] for n in reference["names"]], dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
