@@ -126,9 +126,8 @@ def apply_edit_(
         model: the post-trained model; its weights are overwritten.
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
         edit: an object with ``edit_tensor(name, delta, gradient=None) -> F(ΔW)`` (the edits of
-            :mod:`lightning_delta.edits`), or a mapping name -> F(ΔW) (what calling an edit on
-            ``compute_delta(...)`` returns), which edits exactly its own names. Note that
-            :func:`lightning_delta.attach.attach_edit` reads a mapping as the differences ``E = F(ΔW) − ΔW``.
+            :mod:`lightning_delta.edits`), or a mapping name -> ``E = F(ΔW) − ΔW``, which edits exactly its own
+            names. A mapping means ``E`` everywhere in the library (``DeltaEditModule``, ``RiemannCallback``).
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
         gradients: name -> ∇L at W_post, passed to ``edit_tensor`` for gradient-aware edits.
@@ -155,7 +154,7 @@ def apply_edit_(
     else:
         raise ValueError(
             "edit must be an object with an edit_tensor(name, delta, gradient=None) method (such as "
-            "lightning_delta.edits.DARE) or a mapping from tensor names to F(ΔW) tensors; got "
+            "lightning_delta.edits.DARE) or a mapping from tensor names to E = F(ΔW) − ΔW tensors; got "
             f"{type(edit).__name__}."
         )
     if gradients is not None and not isinstance(gradients, Mapping):
@@ -180,7 +179,7 @@ def apply_edit_(
                 w_pre, w_post = read_pair(match, pre, post)  # w_post is the model's own tensor
                 delta = difference(match, w_pre, w_post, pre, post)
                 if edit_tensor is None:
-                    edited = edit[match.name]
+                    edited = delta + edit[match.name].to(delta)
                 else:
                     gradient = None if gradients is None else gradients.get(match.name)
                     edited = edit_tensor(match.name, delta, gradient=gradient)
@@ -273,7 +272,7 @@ def save_edited(
         post: the post-trained model: a directory or hub id (loaded with the transformers class named in its
             config), or a ``PreTrainedModel`` (edited in place, as by :func:`apply_edit_`).
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
-        edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> F(ΔW) (see :func:`apply_edit_`).
+        edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> E = F(ΔW) − ΔW (see :func:`apply_edit_`).
         output_dir: where the model is saved; must differ from the directories read.
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
