@@ -64,7 +64,8 @@ class DeltaEditModule(pl.LightningModule):
         loss: ``"causal_lm"``, ``"classification"``, ``"dpo"``, or a :class:`~lightning_delta.losses.DeltaLoss`.
         include, exclude: regular expressions on tensor names choosing the edited tensors.
         evaluator: ``(model, batch) -> (correct, total)``; accuracy is logged at ``t = 0`` (``accuracy/post``) and
-            ``t = 1`` (``accuracy/edit``).
+            ``t = 1`` (``accuracy/edit``). Default: the loss's own ``evaluator`` if it has one (DPO's reward
+            accuracy).
         torch_dtype: dtype for models loaded from a path.
 
     Example::
@@ -90,7 +91,7 @@ class DeltaEditModule(pl.LightningModule):
         self.edit = edit
         self.loss = self._resolve_loss(loss, pretrained, torch_dtype)
         self.include, self.exclude = include, exclude
-        self.evaluator = evaluator
+        self.evaluator = evaluator if evaluator is not None else getattr(self.loss, "evaluator", None)
         self.loss_post, self.loss_edit = MeanMetric64(), MeanMetric64()
         self.accuracy_post, self.accuracy_edit = MeanMetric64(), MeanMetric64()
         self._edited: EditedModel | None = None

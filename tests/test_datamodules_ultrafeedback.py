@@ -3,6 +3,8 @@ batch, reward accuracy, the Riemann term against brute force, and the errors."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import lightning.pytorch as pl
@@ -120,10 +122,19 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
     edits = random_edits(model, pattern="layers.1.mlp", scale=0.05)
     plain = DPOLoss(reference, beta=0.5)
     expected = brute_force(model, edits, lambda m, b: plain(m, plain.prepare(b)), dm.val_dataloader(), num_points=2)
+    expected_accuracy = {}  # reward accuracy at t = 0 and t = 1, on plain copies of the weights
+    for t in (0.0, 1.0):
+        point = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, edit in edits.items():
+                point.get_parameter(name).add_(t * edit)
+        wins = [float(chosen > rejected) for batch in dm.val_dataloader()
+                for chosen, rejected in zip(*plain.rewards(point, batch))]
+        expected_accuracy[t] = sum(wins) / len(wins)
 
     loss = DPOLoss(CountingReference(reference), beta=0.5)
     module = DeltaEditModule(model, None, edits, loss=loss)
-    module.evaluator = loss.evaluator  # reward accuracy at t = 0 and t = 1
+    assert module.evaluator == loss.evaluator  # the loss's reward accuracy, at t = 0 and t = 1, by default
     callback = RiemannCallback(num_points=2, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -135,7 +146,8 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
     assert result.count == len(ULTRAFEEDBACK_ROWS)  # count = pairs
     # 3 batches, 3 points and 2 accuracy evaluations each: still one reference pass per batch, each pair once
     assert loss.reference.calls == [4, 4, 2]
-    assert 0.0 <= float(trainer.callback_metrics["accuracy/edit"]) <= 1.0
+    assert float(trainer.callback_metrics["accuracy/post"]) == pytest.approx(expected_accuracy[0.0])
+    assert float(trainer.callback_metrics["accuracy/edit"]) == pytest.approx(expected_accuracy[1.0])
 
 
 def test_dpo_is_registered_with_build_loss(models):
