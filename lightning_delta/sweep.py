@@ -9,7 +9,9 @@ A sweep is a base config (the one ``lightning-delta validate`` reads) and a grid
       - edit: lightning_delta.edits.BitDelta
         edit.init_args.bits: [1, 2, 3, 4]
 
-Each block is a Cartesian product; the blocks are concatenated (6 + 4 = 10 points above). Every point is keyed by
+Each block is a Cartesian product; the blocks are concatenated (6 + 4 = 10 points above). Keys joined by commas
+vary together (``data.init_args.task,model.model.init_args.task: [[mnist, mnist], [svhn, svhn]]``). Every point is
+keyed by
 the SHA-256 of its canonical config (sorted JSON, keys that do not change the numbers left out: devices, strategy,
 loggers, ...). A row is appended, flushed and fsync'ed as soon as its point finishes, so a crash loses at most the
 point under way; running the sweep again skips every key already in the file. A torn last line (the process died in
@@ -71,13 +73,16 @@ def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) ->
     """The points of ``grid``: one dict of dotted-key overrides per point, in order.
 
     A mapping is one block; a list of mappings is several blocks whose points are concatenated. In a block a list
-    value is swept and any other value is fixed; the last key varies fastest.
+    value is swept and any other value is fixed; the last key varies fastest. A key of several dotted keys joined by
+    commas takes a list of tuples, one value per key, so that these keys vary together.
 
     Example:
         >>> expand_grid({"edit.init_args.p": [0.1, 0.9], "edit.init_args.k": 0})
         [{'edit.init_args.p': 0.1, 'edit.init_args.k': 0}, {'edit.init_args.p': 0.9, 'edit.init_args.k': 0}]
         >>> len(expand_grid([{"a": [1, 2]}, {"b": [1, 2, 3]}]))
         5
+        >>> expand_grid({"a,b": [[1, 2], [3, 4]]})
+        [{'a': 1, 'b': 2}, {'a': 3, 'b': 4}]
     """
     if grid is None:
         return [{}]
@@ -91,7 +96,18 @@ def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) ->
         empty = [key for key, options in zip(keys, values) if len(options) == 0]
         if empty:
             raise ValueError(f"The sweep grid lists no values for {empty} in block {number}.")
-        points.extend(dict(zip(keys, combination)) for combination in itertools.product(*values))
+        for combination in itertools.product(*values):
+            point: dict[str, Any] = {}
+            for key, value in zip(keys, combination):
+                if "," not in key:
+                    point[key] = value
+                    continue
+                names = [name.strip() for name in key.split(",")]
+                if not isinstance(value, (list, tuple)) or len(value) != len(names):
+                    raise ValueError(f"The sweep grid key {key!r} varies {len(names)} keys together; each of its values "
+                                     f"must be a list of {len(names)}, got {value!r}.")
+                point.update(zip(names, value))
+            points.append(point)
     return points
 
 

@@ -1,0 +1,194 @@
+"""Sweeps: grid expansion, keys, the JSONL results file (torn lines, corruption) and resuming a killed sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_delta.sweep import (
+    ResultsFile,
+    SweepPoint,
+    apply_overrides,
+    config_key,
+    expand_grid,
+    make_points,
+    run_sweep,
+)
+from tests.tiny_models import make_tiny_pair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_points: int = 2) -> dict:
+    """A sweep config on a tiny random Llama pair (vocabulary 128 covers the digits' 96 tokens) and the digits."""
+    pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path)},
+        "model": {"model": str(pair.post_dir), "pretrained": str(pair.pre_dir), "loss": "causal_lm",
+                  "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
+                 "init_args": {"split": "test", "limit": limit, "batch_size": 12}},
+        "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": 0.5}},
+        "riemann": {"num_points": num_points},
+        "sweep": {"results": str(results), "grid": grid},
+    }
+
+
+# ------------------------------------------------------------------------------------------------- the grid
+def test_expand_grid_products_and_blocks():
+    points = expand_grid([{"edit": "DARE", "edit.init_args.p": [0.1, 0.5], "edit.init_args.k": [0, 1]},
+                          {"edit": "BitDelta", "edit.init_args.bits": [1, 2, 3]}])
+    assert len(points) == 4 + 3
+    assert points[0] == {"edit": "DARE", "edit.init_args.p": 0.1, "edit.init_args.k": 0}
+    assert points[1] == {"edit": "DARE", "edit.init_args.p": 0.1, "edit.init_args.k": 1}  # last key fastest
+    assert points[-1] == {"edit": "BitDelta", "edit.init_args.bits": 3}
+    assert expand_grid(None) == [{}]
+
+
+def test_expand_grid_zipped_keys():
+    points = expand_grid({"data.task,model.task": [["mnist", "mnist"], ["svhn", "svhn"]], "p": [0.1, 0.9]})
+    assert [(point["data.task"], point["model.task"], point["p"]) for point in points] == [
+        ("mnist", "mnist", 0.1), ("mnist", "mnist", 0.9), ("svhn", "svhn", 0.1), ("svhn", "svhn", 0.9)]
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"a": []}, "no values"),
+    ([{"a": [1]}, "b"], "must be a mapping"),
+    ({"a,b": [[1, 2, 3]]}, "list of 2"),
+])
+def test_expand_grid_rejects_bad_grids(grid, match):
+    with pytest.raises(ValueError, match=match):
+        expand_grid(grid)
+
+
+def test_apply_overrides_switches_class_and_keeps_input():
+    base = {"edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": 0.1, "k": 0.5}}, "x": 1}
+    same = apply_overrides(base, {"edit.init_args.p": 0.9})
+    assert same["edit"]["init_args"] == {"p": 0.9, "k": 0.5}
+    switched = apply_overrides(base, {"edit.init_args.bits": 2, "edit": "lightning_delta.edits.BitDelta"})
+    assert switched["edit"] == {"class_path": "lightning_delta.edits.BitDelta", "init_args": {"bits": 2}}
+    kept = apply_overrides(base, {"edit": "DARE"})  # the same class by its short name keeps its arguments
+    assert kept["edit"]["init_args"] == {"p": 0.1, "k": 0.5}
+    assert base["edit"]["init_args"] == {"p": 0.1, "k": 0.5}  # not modified
+
+
+def test_config_key_is_canonical_and_ignores_volatile_keys():
+    config = {"model": {"model": "post", "pretrained": "pre"}, "edit": {"p": 0.5},
+              "trainer": {"devices": 8, "strategy": "ddp", "precision": "bf16-true"}}
+    reordered = {"trainer": {"precision": "bf16-true", "strategy": "auto", "devices": 1},
+                 "edit": {"p": 0.5}, "model": {"pretrained": "pre", "model": "post"}}
+    assert config_key(config) == config_key(reordered)
+    assert config_key(config) != config_key({**config, "edit": {"p": 0.6}})
+    assert config_key(config) != config_key({**config, "trainer": {"precision": "32-true"}})
+
+
+def test_make_points_merges_equal_points():
+    points = make_points({"a": 1}, [{"a": [1, 2]}, {"a": [2, 3]}])
+    assert [point.config["a"] for point in points] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------ the results file
+def test_results_file_torn_last_line_is_cut_and_corruption_raises(tmp_path):
+    results = ResultsFile(tmp_path / "r.jsonl")
+    assert results.read() == []
+    results.append({"key": "a", "value": 1})
+    results.append({"key": "b", "value": 2})
+    with open(results.path, "ab") as handle:
+        handle.write(b'{"key": "c", "val')  # a write cut short by a crash
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert [row["key"] for row in results.read()] == ["a", "b"]
+    results.repair()
+    results.append({"key": "d"})
+    assert [row["key"] for row in results.read()] == ["a", "b", "d"]
+    assert results.path.read_bytes().endswith(b'{"key": "d"}\n')
+
+    whole_file_torn = ResultsFile(tmp_path / "torn.jsonl")
+    whole_file_torn.path.write_bytes(b'{"key": "x", ')
+    whole_file_torn.repair()
+    assert whole_file_torn.path.read_bytes() == b""
+
+    missing_newline = ResultsFile(tmp_path / "nonl.jsonl")
+    missing_newline.path.write_bytes(b'{"key": "x"}')
+    missing_newline.repair()
+    missing_newline.append({"key": "y"})
+    assert [row["key"] for row in missing_newline.read()] == ["x", "y"]
+
+    corrupt = ResultsFile(tmp_path / "corrupt.jsonl")
+    corrupt.path.write_bytes(b'{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        corrupt.read()
+
+
+def test_run_sweep_skips_finished_points_and_stops_when_asked(tmp_path):
+    points = [SweepPoint({"i": i}, {"i": i}, index=i) for i in range(5)]
+    calls = []
+
+    def run_point(point):
+        calls.append(point.config["i"])
+        return {"metrics": {"value": point.config["i"] ** 2}}
+
+    rows = run_sweep(points, tmp_path / "r.jsonl", run_point, max_points=2)
+    assert calls == [0, 1] and len(rows) == 2
+    rows = run_sweep(points, tmp_path / "r.jsonl", run_point)
+    assert calls == [0, 1, 2, 3, 4]
+    assert [row["metrics"]["value"] for row in rows] == [0, 1, 4, 9, 16]
+    assert {"key", "config", "versions", "seconds", "started"} <= set(rows[0])
+    assert "torch" in rows[0]["versions"]
+    run_sweep(points, tmp_path / "r.jsonl", run_point)
+    assert calls == [0, 1, 2, 3, 4]  # nothing left to run
+
+
+def test_run_sweep_writes_nothing_on_non_writing_ranks(tmp_path):
+    points = [SweepPoint({"i": 0}, {"i": 0})]
+    run_sweep(points, tmp_path / "r.jsonl", lambda point: {}, should_write=lambda: False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------- a real killed sweep
+@pytest.mark.timeout(240)
+def test_killed_sweep_resumes_without_losing_or_repeating_rows(tmp_path):
+    results = tmp_path / "results.jsonl"
+    grid = {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.1, 0.3, 0.5, 0.7, 0.9]}
+    config_path = tmp_path / "sweep.yaml"
+    config_path.write_text(yaml.safe_dump(digits_config(tmp_path, grid, results)))
+    command = [sys.executable, "-m", "lightning_delta.cli", "sweep", "--config", str(config_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and process.poll() is None:
+            if results.exists() and results.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"the sweep ended before it could be killed: {process.stderr.read()[-2000:]}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    before = results.read_bytes()
+    killed_rows = ResultsFile(results).read()
+    assert 1 <= len(killed_rows) < 5
+
+    from lightning_delta.cli import sweep
+
+    rows = sweep(["--config", str(config_path)])
+    assert results.read_bytes().startswith(before.rpartition(b"\n")[0])  # what was written stays as it was
+    keys = [row["key"] for row in ResultsFile(results).read()]
+    assert len(keys) == len(set(keys)) == 5
+    assert [row["edit"]["p"] for row in rows] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert [row["key"] for row in rows[: len(killed_rows)]] == [row["key"] for row in killed_rows]
+    for row in rows:
+        assert set(row["metrics"]) >= {"term", "trapezoid", "exact", "accuracy_edit"}
+        assert row["config"]["edit"]["init_args"]["p"] == row["edit"]["p"]
+        assert row["dataset"] == "Digits/test"
