@@ -101,9 +101,12 @@ def drop_and_rescale(
     flat = delta.reshape(-1)
     out = torch.empty(flat.shape, dtype=dtype, device=delta.device)
     for part, dropped in _drop_mask_chunks(flat.numel(), p, generator):  # chunks bound the temporary memory
-        work = flat[part].to(dtype)
-        dropped_value = work.new_zeros(()) if k == 0.0 else work * k
-        out[part] = torch.where(dropped, dropped_value, work * kept_scale)
+        work, target = flat[part].to(dtype), out[part]
+        torch.mul(work, kept_scale, out=target)
+        if k == 0.0:
+            target.masked_fill_(dropped, 0.0)
+        else:
+            torch.where(dropped, work * k, target, out=target)
     return out.view(delta.shape)
 
 
@@ -114,8 +117,11 @@ class DARE(DeltaEdit):
         F(\Delta W) = k \cdot M \odot \Delta W + \frac{1 - k p}{1 - p} \cdot (1 - M) \odot \Delta W,
         \qquad M \sim \mathrm{Bernoulli}(p)
 
-    ``k = 0`` is DARE, ``F = (1 − M) ⊙ ΔW / (1 − p)`` (equation 2); the edit ``F(ΔW) − ΔW =
-    (k − 1)(M − p)/(1 − p) ⊙ ΔW`` has mean zero for every ``k``, which is why the Riemann term stays near 0.
+    ``k = 0`` is DARE, ``F = (1 − M) ⊙ ΔW / (1 − p)`` (equation 2). ``k ≠ 0`` is the paper's extension as written
+    in section 4.2 (the display defining ``W_COMP``): the dropped entries are multiplied by ``k`` and the kept ones by
+    ``(1 − k·p)/(1 − p)``, the factor that keeps the expectation, ``p·k + (1 − p)·(1 − k·p)/(1 − p) = 1``. The edit
+    ``F(ΔW) − ΔW = (k − 1)(M − p)/(1 − p) ⊙ ΔW`` has mean zero for every ``k``, which is why the Riemann term stays
+    near 0 (section 4.2, last line of that display).
     ``rescale=False`` gives the "drop only" reference of Figure 3, ``(1 − M) ⊙ ΔW``.
 
     The mask of tensor ``name`` comes from ``tensor_generator(seed, name, delta.device)`` (see :func:`drop_mask`):

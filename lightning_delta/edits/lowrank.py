@@ -87,6 +87,10 @@ def truncated_svd(
     columns) is at most a quarter of ``min(d, k)``, the exact one otherwise. The randomized factors are an
     approximation: close to the exact ones when the spectrum decays, and never better than them.
 
+    On CPU the whole computation runs on one thread (:func:`~lightning_delta.edits.base.single_threaded`): MKL's SVD,
+    QR and large products change in the last bits with the thread count, and one thread makes the result
+    bit-identical whatever ``torch.get_num_threads()`` is (on a busy two-core machine it was also faster).
+
     Shapes:
         - ``delta``: ``(d, k)``, or any shape for the pass-through. Output: same shape, dtype promoted to at least
           float32.
