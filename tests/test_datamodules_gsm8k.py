@@ -203,7 +203,7 @@ def test_unrepeated_sampler_under_several_processes(tokenizer, tmp_path):
     dm = GSM8KDataModule(tokenizer, data=str(write_jsonl(tmp_path / "test.jsonl", rows)), batch_size=2)
     seen = []
     for rank in range(2):
-        dm._trainer = type("FakeTrainer", (), {"world_size": 2, "global_rank": rank})()
+        dm.trainer = type("FakeTrainer", (), {"world_size": 2, "global_rank": rank})()
         loader = dm.val_dataloader()
         from torch.utils.data import DistributedSampler
 

@@ -32,8 +32,8 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def run(out: Path, strategy: str, devices: int, num_nodes: int = 1, **extra: str) -> None:
-    command = [sys.executable, str(SCRIPT), str(out), strategy, str(devices), str(num_nodes)]
+def run(out: Path, strategy: str, devices: int, num_nodes: int = 1, *options: str, **extra: str) -> None:
+    command = [sys.executable, str(SCRIPT), str(out), strategy, str(devices), str(num_nodes), *options]
     subprocess.run(command, env=environment(**extra), cwd=ROOT, check=True, timeout=240, capture_output=True)
 
 
@@ -78,3 +78,14 @@ def test_two_nodes_equal_one_process(single, tmp_path):
         assert node.returncode == 0, output.decode()[-3000:]
     for rank in (0, 1):
         assert_same(load(out, rank), single)
+
+
+def test_gsm8k_datamodule_two_processes_equal_one(tmp_path):
+    """The GSM8K DataModule under DDP with Lightning's defaults: its own unrepeated sampler, 7 rows, batches of 3."""
+    options = ("3", "float64", "gsm8k")
+    run(tmp_path / "single", "auto", 1, 1, *options)
+    run(tmp_path / "double", "ddp_spawn", 2, 1, *options)
+    single = load(tmp_path / "single", 0)
+    assert single["count"] > 0
+    for rank in (0, 1):
+        assert_same(load(tmp_path / "double", rank), single)

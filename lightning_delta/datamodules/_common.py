@@ -148,7 +148,7 @@ def validation_loader(module: Any, dataset: Dataset, batch_size: int, num_worker
     Under several processes the sampler is Lightning's ``UnrepeatedDistributedSampler`` (a ``DistributedSampler``,
     so Lightning leaves it in place): no sample is repeated to even out the ranks, which would bias the loss sums.
     """
-    trainer = getattr(module, "_trainer", None)
+    trainer = getattr(module, "trainer", None)
     sampler = None
     if trainer is not None and trainer.world_size > 1:
         sampler = UnrepeatedDistributedSampler(
