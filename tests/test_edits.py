@@ -3,6 +3,7 @@ numpy), the paper's identities, determinism, argument checks and the shared cont
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from lightning_delta import edits
-from lightning_delta.edits.base import single_threaded
 from lightning_delta.edits import (
     DARE,
     DELLA,
@@ -28,6 +28,7 @@ from lightning_delta.edits import (
     build,
     tensor_generator,
 )
+from lightning_delta.edits.base import single_threaded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,9 +188,7 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "cls, arguments, match", BAD_ARGUMENTS, ids=[f"{c.__name__}-{a}" for c, a, _ in BAD_ARGUMENTS]
-)
+@pytest.mark.parametrize("cls, arguments, match", BAD_ARGUMENTS, ids=[f"{c.__name__}-{a}" for c, a, _ in BAD_ARGUMENTS])
 def test_bad_arguments_raise_value_error(cls, arguments, match):
     with pytest.raises(ValueError, match=match):
         cls(**arguments)
@@ -317,8 +316,9 @@ def test_deterministic_in_another_process(tmp_path):
     """A fresh interpreter with another hash seed and one thread gives bit-identical results."""
     deltas = _medium_deltas()
     gradients = gradients_for(deltas)
-    torch.save({"deltas": deltas, "gradients": gradients, "configs": [e.config() for e in EDIT_CASES]},
-               tmp_path / "inputs.pt")
+    torch.save(
+        {"deltas": deltas, "gradients": gradients, "configs": [e.config() for e in EDIT_CASES]}, tmp_path / "inputs.pt"
+    )
     script = textwrap.dedent(
         """
         import sys, torch
@@ -375,8 +375,10 @@ def dare_reference(delta: torch.Tensor, p: float, k: float, rescale: bool, seed:
     return torch.tensor(out, dtype=torch.float64).reshape(delta.shape)
 
 
-@pytest.mark.parametrize("p, k, rescale", [(0.1, 0.0, True), (0.9, 0.0, True), (0.5, -1.0, True),
-                                           (0.3, 0.8, True), (0.6, 1.5, True), (0.5, 0.0, False)])
+@pytest.mark.parametrize(
+    "p, k, rescale",
+    [(0.1, 0.0, True), (0.9, 0.0, True), (0.5, -1.0, True), (0.3, 0.8, True), (0.6, 1.5, True), (0.5, 0.0, False)],
+)
 def test_dare_matches_reference(p, k, rescale):
     delta = randn(12, 20, seed=11)
     out = DARE(p=p, k=k, rescale=rescale, seed=4).edit_tensor("w", delta)
@@ -490,8 +492,9 @@ def test_della_matches_reference(p, epsilon):
 
 def test_della_with_zero_epsilon_is_dare():
     delta = randn(20, 30, seed=20)
-    torch.testing.assert_close(DELLA(p=0.6, epsilon=0.0, seed=7).edit_tensor("w", delta),
-                               DARE(p=0.6, seed=7).edit_tensor("w", delta))
+    torch.testing.assert_close(
+        DELLA(p=0.6, epsilon=0.0, seed=7).edit_tensor("w", delta), DARE(p=0.6, seed=7).edit_tensor("w", delta)
+    )
 
 
 def test_della_drops_small_magnitudes_more_often_and_is_unbiased():
@@ -590,7 +593,10 @@ def test_bitdelta_one_bit_is_mean_magnitude_times_sign():
     mean = delta.double().abs().mean()
     torch.testing.assert_close(out.double(), mean * torch.sign(delta.double()), rtol=1e-6, atol=0)
     # and it is the L2-best single magnitude (section 5.3): moving it either way increases the error
-    error = lambda m: ((m * torch.sign(delta.double()) - delta.double()) ** 2).sum().item()  # noqa: E731
+
+    def error(magnitude: torch.Tensor) -> float:
+        return ((magnitude * torch.sign(delta.double()) - delta.double()) ** 2).sum().item()
+
     assert error(mean) < error(mean * 1.01) and error(mean) < error(mean * 0.99)
 
 
@@ -609,14 +615,15 @@ def test_bitdelta_with_enough_bits_gives_the_delta_back():
     assert torch.equal(BitDelta(bits=40, magnitudes="normal").edit_tensor("w", delta), delta)
     # and the error shrinks as bits grow
     errors = [(BitDelta(bits=b).edit_tensor("w", delta) - delta).norm().item() for b in range(1, 9)]
-    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] == 0.0
+    assert all(a > b for a, b in itertools.pairwise(errors)) and errors[-1] == 0.0
 
 
 def test_bitdelta_scale_multiplies_the_statistic():
     delta = randn(20, 20, seed=29)
     for bits in (1, 3):
-        torch.testing.assert_close(BitDelta(bits=bits, scale=1.3).edit_tensor("w", delta),
-                                   1.3 * BitDelta(bits=bits).edit_tensor("w", delta))
+        torch.testing.assert_close(
+            BitDelta(bits=bits, scale=1.3).edit_tensor("w", delta), 1.3 * BitDelta(bits=bits).edit_tensor("w", delta)
+        )
     assert torch.equal(BitDelta(scale=0.0).edit_tensor("w", delta), torch.zeros(20, 20))
 
 
@@ -662,7 +669,7 @@ def test_bitdelta_normal_magnitudes_follow_the_clipped_normal():
 def test_magnitude_prune_keeps_exactly_the_largest_entries(p, shape):
     delta = randn(*shape, seed=32)
     values = delta.numpy().ravel()
-    kept = int(math.floor((1 - p) * values.size + 0.5 + 1e-9))
+    kept = math.floor((1 - p) * values.size + 0.5 + 1e-9)
     expected = np.zeros_like(values)
     top = np.argsort(-np.abs(values), kind="stable")[:kept]
     expected[top] = values[top]

@@ -53,8 +53,7 @@ __all__ = [
 
 # One registry, keyed by each class's `name`: the names `build` accepts and `config()` writes.
 EDITS: dict[str, type[DeltaEdit]] = {
-    cls.name: cls
-    for cls in (DARE, DELLA, SignBiased, GradientBiased, BitDelta, LowRank, MagnitudePrune, Extrapolate)
+    cls.name: cls for cls in (DARE, DELLA, SignBiased, GradientBiased, BitDelta, LowRank, MagnitudePrune, Extrapolate)
 }
 
 
@@ -93,7 +92,9 @@ def build(name: str, **params: Any) -> DeltaEdit:
     if unknown:
         raise ValueError(f"{cls.__name__} ({name!r}) got unknown argument(s) {unknown}; its arguments are {known}.")
     signature = inspect.signature(cls.__init__)
-    missing = [key for key in known if signature.parameters[key].default is inspect.Parameter.empty and key not in params]
+    missing = [
+        key for key in known if signature.parameters[key].default is inspect.Parameter.empty and key not in params
+    ]
     if missing:
         raise ValueError(f"{cls.__name__} ({name!r}) needs argument(s) {missing}; its arguments are {known}.")
     return cls(**params)

@@ -26,9 +26,7 @@ from lightning_delta.edits.base import (
 __all__ = ["GradientBiased", "SignBiased", "gradient_biased_rescale", "sign_biased_rescale"]
 
 
-def _scale_selected(
-    delta: Tensor, p: float, k: float, select: Callable[[Tensor, slice], Tensor]
-) -> Tensor:
+def _scale_selected(delta: Tensor, p: float, k: float, select: Callable[[Tensor, slice], Tensor]) -> Tensor:
     """``k·ΔW`` where ``select(chunk, part)`` is True, ``(1 − k·p)/(1 − p)·ΔW`` elsewhere, in the promoted dtype.
 
     Works over the flattened delta in chunks of :data:`~lightning_delta.edits.base.CHUNK_NUMEL` entries, so the

@@ -19,7 +19,14 @@ from lightning_delta.edits.base import (
     tensor_generator,
 )
 
-__all__ = ["MAGNITUDE_MODES", "BitDelta", "block_statistics", "check_bitdelta", "number_of_blocks", "quantize_magnitudes"]
+__all__ = [
+    "MAGNITUDE_MODES",
+    "BitDelta",
+    "block_statistics",
+    "check_bitdelta",
+    "number_of_blocks",
+    "quantize_magnitudes",
+]
 
 MAGNITUDE_MODES = ("mean", "normal", "uniform")
 
@@ -69,9 +76,7 @@ def _sum64(values: Tensor) -> Tensor:
     return values.sum(dtype=torch.float64)
 
 
-def block_statistics(
-    delta: Tensor, blocks: int, with_std: bool = True
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def block_statistics(delta: Tensor, blocks: int, with_std: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Split ``|ΔW|`` into ``blocks`` equal-count blocks by ascending magnitude; per-block statistics.
 
     The entry of ascending magnitude rank ``r`` (0-based, ``n`` entries) belongs to block ``floor(r·blocks/n)``.
