@@ -3,32 +3,57 @@
 An editing operation F turns the model into ``W_pre + F(ΔW) = W_post + E`` with ``E = F(ΔW) − ΔW``; the loss
 change is ``∫₀¹ ⟨∇L(W_post + tE), E⟩ dt``, which :class:`~lightning_delta.callbacks.RiemannCallback` sums at
 ``t = c/C`` under ``trainer.validate``.
+
+Names are imported on first use, so ``import lightning_delta.edits`` does not load Lightning.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from lightning_delta import edits, losses_dpo  # noqa: F401  (losses_dpo registers the "dpo" loss)
-from lightning_delta.callbacks import RiemannCallback, RiemannResult
-from lightning_delta.delta import compute_delta, delta_names, iter_delta
-from lightning_delta.export import apply_edit_, save_edited
-from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
-from lightning_delta.module import DeltaEditModule
-from lightning_delta.parametrize import EditedModel
+_EXPORTS = {
+    "CausalLMLoss": "lightning_delta.losses",
+    "ClassificationLoss": "lightning_delta.losses",
+    "DeltaLoss": "lightning_delta.losses",
+    "LossOutput": "lightning_delta.losses",
+    "build_loss": "lightning_delta.losses",
+    "DPOLoss": "lightning_delta.losses_dpo",
+    "DeltaEditModule": "lightning_delta.module",
+    "EditedModel": "lightning_delta.parametrize",
+    "RiemannCallback": "lightning_delta.callbacks",
+    "RiemannResult": "lightning_delta.callbacks",
+    "compute_delta": "lightning_delta.delta",
+    "delta_names": "lightning_delta.delta",
+    "iter_delta": "lightning_delta.delta",
+    "apply_edit_": "lightning_delta.export",
+    "save_edited": "lightning_delta.export",
+}
+_SUBMODULES = ("callbacks", "datamodules", "edits")
 
-__all__ = [
-    "CausalLMLoss",
-    "ClassificationLoss",
-    "DeltaEditModule",
-    "DeltaLoss",
-    "EditedModel",
-    "LossOutput",
-    "RiemannCallback",
-    "RiemannResult",
-    "apply_edit_",
-    "build_loss",
-    "compute_delta",
-    "delta_names",
-    "edits",
-    "iter_delta",
-    "save_edited",
-]
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lightning_delta.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_delta' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from lightning_delta import callbacks, datamodules, edits
+    from lightning_delta.callbacks import RiemannCallback, RiemannResult
+    from lightning_delta.delta import compute_delta, delta_names, iter_delta
+    from lightning_delta.export import apply_edit_, save_edited
+    from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
+    from lightning_delta.losses_dpo import DPOLoss
+    from lightning_delta.module import DeltaEditModule
+    from lightning_delta.parametrize import EditedModel

@@ -97,11 +97,15 @@ def register_loss(name: str, cls: type[DeltaLoss]) -> None:
 
 
 def available_losses() -> list[str]:
+    import lightning_delta.losses_dpo  # noqa: F401
+
     return sorted(_LOSSES)
 
 
 def build_loss(name: str, **kwargs: Any) -> DeltaLoss:
     """Loss by name; an unknown name raises with the known ones."""
+    import lightning_delta.losses_dpo  # noqa: F401  (registers "dpo"; imported here, as it imports this module)
+
     if name not in _LOSSES:
         raise ValueError(f"Unknown loss {name!r}; choose one of {available_losses()} or pass a DeltaLoss instance.")
     return _LOSSES[name](**kwargs)
