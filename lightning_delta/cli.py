@@ -18,6 +18,7 @@ plain functions exposed through jsonargparse (also with ``--config`` and ``--pri
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import warnings
@@ -34,7 +35,7 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import DeltaEdit
 from lightning_delta.module import DeltaEditModule
 
-__all__ = ["DeltaCLI", "main", "run_point", "sweep_points"]
+__all__ = ["DeltaCLI", "main", "run", "run_point", "sweep_points"]
 
 # What every analysis needs from the Trainer: gradients under validate (DESIGN.md §2.3), no sampler that repeats
 # samples across processes (§2.5), nothing to train, so nothing to log or checkpoint unless asked.
@@ -101,6 +102,13 @@ class DeltaCLI(LightningCLI):
         if self._instantiate:
             super().instantiate_classes()
 
+    def instantiate_point(self, config: dict[str, Any]) -> None:
+        """Parse ``config`` with this CLI's parser and build its model, data and trainer (one sweep point; the
+        parser, slow to build, is reused)."""
+        self.config = self.parser.parse_object(config)
+        self.save_config_callback = None
+        super().instantiate_classes()
+
     def riemann_callback(self) -> RiemannCallback:
         return next(callback for callback in self.trainer.callbacks if isinstance(callback, RiemannCallback))
 
@@ -113,8 +121,9 @@ def _config_dict(parser: LightningArgumentParser, config: Any) -> dict[str, Any]
     return config
 
 
-def sweep_points(args: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The points of the sweep that ``args`` describes (command line or config dict), and its ``sweep`` section."""
+def sweep_points(args: Any) -> tuple[list[Any], dict[str, Any], DeltaCLI]:
+    """The points of the sweep that ``args`` describes (command line or config dict), its ``sweep`` section, and the
+    parse-only CLI that :func:`run_point` instantiates each point with."""
     from lightning_delta.sweep import make_points
 
     cli = DeltaCLI(args=args, run=False, instantiate=False)
@@ -127,7 +136,7 @@ def sweep_points(args: Any) -> tuple[list[Any], dict[str, Any]]:
         return {key: value for key, value in _config_dict(cli.parser, cli.parser.parse_object(config)).items()
                 if key != "sweep"}
 
-    return make_points(base, settings.get("grid"), normalize), settings
+    return make_points(base, settings.get("grid"), normalize), settings, cli
 
 
 def _dataset_label(data: dict[str, Any]) -> str:
@@ -138,9 +147,9 @@ def _dataset_label(data: dict[str, Any]) -> str:
     return "/".join([name, *picks])
 
 
-def run_point(point: Any) -> dict[str, Any]:
+def run_point(cli: DeltaCLI, point: Any) -> dict[str, Any]:
     """Instantiate one point's config, run ``trainer.validate`` with its RiemannCallback and return its row."""
-    cli = DeltaCLI(args=point.config, run=False, save_config_callback=None)
+    cli.instantiate_point(point.config)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     result = cli.riemann_callback().result
     logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
@@ -165,11 +174,11 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[dict[str, 
     """Run (or resume) a sweep; rows go to ``sweep.results`` and, with ``sweep.figures``, figures are drawn."""
     from lightning_delta.sweep import run_sweep
 
-    points, settings = sweep_points(args)
+    points, settings, cli = sweep_points(args)
     rows = run_sweep(
         points,
         settings["results"],
-        run_point,
+        functools.partial(run_point, cli),
         should_write=lambda: rank_zero_only.rank == 0,
         max_points=settings.get("max_points"),
     )
@@ -237,8 +246,8 @@ def _sweep_help() -> None:
     """A grid of Riemann analyses, one JSONL row each, resumable (see `lightning-delta sweep --help`)."""
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``lightning-delta`` console script."""
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run one command and return what it made (the CLI, rows, paths); ``main`` is the console script around it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "validate":
         return DeltaCLI(args=argv)
@@ -250,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
     commands = {"validate": _validate_help, "sweep": _sweep_help, "edit": edit, "plot": plot, "demo": demo}
     return auto_cli(commands, args=argv, as_positional=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-delta`` console script (returns nothing: the exit status is 0 on success)."""
+    run(argv)
 
 
 if __name__ == "__main__":

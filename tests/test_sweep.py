@@ -27,6 +27,17 @@ from tests.tiny_models import make_tiny_pair
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one CPU thread, and two threads crawl on a busy two-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_points: int = 2) -> dict:
     """A sweep config on a tiny random Llama pair (vocabulary 128 covers the digits' 96 tokens) and the digits."""
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)

@@ -1,9 +1,10 @@
 """A real pre-trained / post-trained pair, built offline in about a minute and cached.
 
 * **Pre-training** (W_pre): a tiny Llama (Hugging Face ``LlamaForCausalLM``) learns the generic objective of the
-  digit sequences, next-pixel prediction over every training image, and the answers of digits 0–4 only.
-* **Post-training** (W_post): from W_pre, fine-tuning on the task, the answer token of all ten digits, with a small
-  learning rate and few steps, as instruction tuning does: ΔW = W_post − W_pre is small and W_post still
+  digit sequences, next-pixel prediction over every training image, with the answer as one more token (a briefly
+  trained classifier; ``pretrain_digits`` can restrict the answers it sees to some digits).
+* **Post-training** (W_post): from W_pre, fine-tuning on the task alone, the answer token, with a small learning
+  rate and few steps, as instruction tuning does: ΔW = W_post − W_pre is small next to W_pre and W_post is still
   under-trained (the situation EXPO exploits).
 
 Both models are saved with ``save_pretrained`` under ``<cache_dir>/digits-llama-<key>/{pre,post}``, where the key
@@ -50,12 +51,12 @@ class PairSettings:
     intermediate_size: int = 64  # width of its MLP
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    pretrain_steps: int = 300  # next-pixel prediction on all digits + answers of digits 0–4
+    pretrain_steps: int = 300  # next-pixel prediction on all digits, and their answers
     pretrain_lr: float = 3e-3
-    posttrain_steps: int = 200  # answers of all ten digits, from W_pre
-    posttrain_lr: float = 1.5e-3
+    posttrain_steps: int = 200  # answers only, from W_pre: a small ΔW
+    posttrain_lr: float = 3e-4
     batch_size: int = 64
-    pretrain_digits: tuple[int, ...] = (0, 1, 2, 3, 4)  # the digits whose answers pre-training sees
+    pretrain_digits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # the digits whose answers pre-training sees
     seed: int = 0
 
     def key(self) -> str:

@@ -1,0 +1,120 @@
+"""The command line: validate (one Riemann analysis), sweep, edit (save_pretrained), help and print_config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_delta.cli import DeltaCLI, run, sweep_points
+from lightning_delta.edits import DARE
+from tests.test_sweep import digits_config, one_thread  # noqa: F401  (the fixture applies here too)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    config = digits_config(tmp_path, None, tmp_path / "results.jsonl")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_print_config_shows_the_whole_analysis(config_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["validate", "--config", str(config_file), "--edit.p", "0.9", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["edit"] == {"class_path": "lightning_delta.edits.DARE",
+                               "init_args": {"p": 0.9, "k": 0.0, "rescale": True, "seed": 0}}
+    assert printed["trainer"]["inference_mode"] is False
+    assert printed["trainer"]["use_distributed_sampler"] is False
+    assert printed["riemann"]["num_points"] == 2
+    assert "model" in printed and "edit" not in printed["model"]  # linked from the top-level `edit`
+    assert printed["sweep"]["results"].endswith("results.jsonl")
+
+
+def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
+    cli = run(["validate", "--config", str(config_file), "--edit", "BitDelta", "--edit.bits", "2",
+                "--riemann.filename", "riemann.json", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert isinstance(cli, DeltaCLI)
+    metrics = cli.trainer.callback_metrics
+    for key in ("riemann/term", "riemann/trapezoid", "riemann/exact", "accuracy/post", "accuracy/edit"):
+        assert key in metrics
+    assert cli.model.edit.bits == 2
+    saved = json.loads((tmp_path / "run" / "riemann.json").read_text())
+    assert saved["num_points"] == 2 and saved["config"]["edit"]["name"] == "bitdelta"
+    assert saved["term"] == pytest.approx(float(metrics["riemann/term"]))
+
+
+def test_validate_refuses_inference_mode(config_file):
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        run(["validate", "--config", str(config_file), "--trainer.inference_mode", "true"])
+
+
+def test_bad_edit_argument_is_reported(config_file, capsys):
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(config_file), "--edit", "NoSuchEdit"])
+    assert "NoSuchEdit" in capsys.readouterr().err
+
+
+def test_sweep_points_are_normalised_by_the_parser(tmp_path):
+    grid = [{"edit": "DARE", "edit.init_args.p": [0.1, 0.9]},
+            {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.9, "edit.init_args.seed": 0}]
+    points, settings, _ = sweep_points(digits_config(tmp_path, grid, tmp_path / "r.jsonl"))
+    assert len(points) == 2  # DARE(p=0.9) spelled with its default seed is the same point
+    assert points[0].config["edit"] == {"class_path": "lightning_delta.edits.DARE",
+                                        "init_args": {"p": 0.1, "k": 0.0, "rescale": True, "seed": 0}}
+    assert points[0].config["riemann"]["filename"] is None
+    assert "sweep" not in points[0].config
+    assert settings["results"] == str(tmp_path / "r.jsonl")
+
+
+def test_sweep_command_writes_rows_and_figures(tmp_path):
+    grid = [{"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.2, 0.8]},
+            {"edit": "lightning_delta.edits.Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]}]
+    config = digits_config(tmp_path, grid, tmp_path / "r.jsonl", limit=12)
+    config["sweep"]["figures"] = str(tmp_path / "figures")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rows = run(["sweep", "--config", str(path), "--riemann.num_points", "3"])
+    assert [row["edit"]["name"] for row in rows] == ["dare", "dare", "extrapolate", "extrapolate"]
+    assert all(row["result"]["num_points"] == 3 for row in rows)
+    assert (tmp_path / "figures" / "dare_p_k.png").is_file()
+    assert (tmp_path / "figures" / "expo_alpha.png").is_file()
+    again = run(["sweep", "--config", str(path), "--riemann.num_points", "3"])
+    assert [row["key"] for row in again] == [row["key"] for row in rows]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
+
+
+def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "edited"
+    run(["edit", "--model", str(llama_pair.post_dir), "--pretrained", str(llama_pair.pre_dir),
+          "--edit", "DARE", "--edit.p", "0.5", "--edit.seed", "3", "--output_dir", str(output)])
+    assert any(output.glob("*.safetensors"))
+    edited = AutoModelForCausalLM.from_pretrained(output)
+    pre, post = llama_pair.pre.state_dict(), llama_pair.post.state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = post[name] - pre[name]
+    expected = pre[name] + DARE(p=0.5, seed=3).edit_tensor(name, delta)
+    torch.testing.assert_close(edited.state_dict()[name], expected)
+
+
+def test_console_entry_returns_nothing(tmp_path):
+    from lightning_delta.cli import main
+
+    (tmp_path / "r.jsonl").write_text(json.dumps({"key": "a", "edit": {"name": "dare", "p": 0.1, "k": 0.0},
+                                                  "metrics": {"term": 0.1, "exact": 0.1}}) + "\n")
+    assert main(["plot", "--results", f"[{tmp_path / 'r.jsonl'}]", "--output_dir", str(tmp_path)]) is None
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    out = capsys.readouterr().out
+    for command in ("validate", "sweep", "edit", "plot", "demo"):
+        assert command in out

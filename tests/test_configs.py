@@ -1,0 +1,116 @@
+"""Every paper config parses as written (multi-GPU DDP, bf16) and runs with its models swapped for tiny ones of the
+same architecture and its data for tiny local files, on CPU with one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_delta.cli import DeltaCLI, run
+from lightning_delta.sweep import expand_grid
+from tests.datamodule_fixtures import write_gsm8k, write_mnist, write_ultrafeedback
+from tests.test_sweep import one_thread  # noqa: F401  (the fixture applies here too)
+from tests.tiny_models import make_tiny_pair
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_CONFIGS = {
+    "llama3-8b-instruct-gsm8k.yaml": ("llama", 45 + 5 + 4 + 1 + 5),
+    "mistral-7b-instruct-v0.3-gsm8k.yaml": ("mistral", 45 + 5 + 4 + 1 + 5),
+    "qwen2-7b-instruct-gsm8k.yaml": ("qwen2", 45 + 5 + 4 + 1 + 5),
+    "zephyr-7b-dpo-full-ultrafeedback-expo.yaml": ("mistral", 20),
+    "clip-vit-b32-eight-tasks.yaml": ("clip", 8 * 25),
+}
+
+
+def test_every_config_is_tested():
+    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted([*PAPER_CONFIGS, "demo.yaml"])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_config_parses_with_ddp_and_bf16(name):
+    cli = DeltaCLI(args=["--config", str(CONFIGS / name)], run=False, instantiate=False)
+    config = cli.config
+    assert config.trainer.strategy == "ddp" and config.trainer.devices == 8 and config.trainer.num_nodes == 1
+    assert config.trainer.precision == "bf16-true" and config.trainer.inference_mode is False
+    assert config.trainer.use_distributed_sampler is False
+    assert config.model.torch_dtype == "bfloat16"
+    assert config.riemann.num_points == 5
+    assert config.sweep.results.startswith("results/")
+    assert len(expand_grid(config.sweep.grid)) == PAPER_CONFIGS[name][1]
+
+
+def test_print_config_of_a_paper_config(capsys):
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(CONFIGS / "llama3-8b-instruct-gsm8k.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["pretrained"] == "meta-llama/Meta-Llama-3-8B"
+    assert printed["data"]["class_path"] == "lightning_delta.datamodules.GSM8KDataModule"
+
+
+def _on_cpu(config: dict, tmp_path: Path, name: str) -> dict:
+    config["trainer"].update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
+                             default_root_dir=str(tmp_path), enable_progress_bar=False)
+    config["sweep"].update(results=str(tmp_path / f"{name}.jsonl"), figures=str(tmp_path / "figures"), max_points=2)
+    return config
+
+
+def _tiny_language_config(config: dict, tmp_path: Path, family: str) -> dict:
+    pair = make_tiny_pair(tmp_path, family, shard=None, scale=0.05)
+    config["model"].update(model=str(pair.post_dir), pretrained=str(pair.pre_dir))
+    data = config["data"]["init_args"]
+    data.update(tokenizer=str(pair.post_dir), batch_size=2, limit=4, max_length=96)
+    if "evaluator" in config["model"]:
+        config["model"]["evaluator"]["init_args"].update(tokenizer=str(pair.post_dir), max_new_tokens=4)
+    return config
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-instruct-gsm8k.yaml", "mistral-7b-instruct-v0.3-gsm8k.yaml",
+                                  "qwen2-7b-instruct-gsm8k.yaml"])
+def test_gsm8k_config_runs_on_a_tiny_model(name, tmp_path):
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    config = _tiny_language_config(config, tmp_path, PAPER_CONFIGS[name][0])
+    config["data"]["init_args"]["data"] = str(write_gsm8k(tmp_path / "gsm8k"))
+    rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
+    assert [(row["edit"]["p"], row["edit"]["k"]) for row in rows] == [(0.1, -1.0), (0.1, -0.5)]
+    for row in rows:
+        assert row["dataset"] == "GSM8K/test"
+        assert row["metrics"]["accuracy_edit"] is not None
+        assert abs(row["metrics"]["trapezoid"] - row["metrics"]["exact"]) < 0.1 * abs(row["metrics"]["exact"]) + 1e-2
+
+
+def test_zephyr_expo_config_runs_on_a_tiny_model(tmp_path):
+    name = "zephyr-7b-dpo-full-ultrafeedback-expo.yaml"
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    config = _tiny_language_config(config, tmp_path, "mistral")
+    write_ultrafeedback(tmp_path / "ultrafeedback")
+    config["data"]["init_args"]["data"] = str(tmp_path / "ultrafeedback")
+    rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
+    assert [row["edit"]["alpha"] for row in rows] == [-1.0, -0.9]
+    assert rows[0]["metrics"]["loss_post"] > 0
+    assert (tmp_path / "figures" / "expo_alpha.png").is_file()
+
+
+def test_clip_config_runs_on_a_tiny_model(tmp_path):
+    name = "clip-vit-b32-eight-tasks.yaml"
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    pair = make_tiny_pair(tmp_path, "clip", shard=None, scale=0.05)
+    write_mnist(tmp_path / "vision")
+    zero_shot = config["model"]["model"]["init_args"]
+    zero_shot.update(clip=str(pair.pre_dir), vision_model=str(pair.post_dir), root=str(tmp_path / "vision"))
+    config["model"]["pretrained"] = str(pair.pre_dir)
+    config["data"]["init_args"].update(root=str(tmp_path / "vision"), processor=str(pair.pre_dir), batch_size=4)
+    (block,) = config["sweep"]["grid"]
+    tasks = "data.init_args.task,model.model.init_args.task,model.model.init_args.vision_model"
+    block[tasks] = [["mnist", "mnist", str(pair.post_dir)]]
+    rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
+    assert [row["dataset"] for row in rows] == ["Vision/mnist/test"] * 2
+    assert all(name.startswith(("vision_model.", "visual_projection."))
+               for name in rows[0]["result"]["term_per_tensor"])
+
+
+def _write(config: dict, tmp_path: Path) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)

@@ -1,0 +1,110 @@
+"""Every figure is drawn from a results file, decodes, and is not blank."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from lightning_delta import plots
+from lightning_delta.cli import run
+from lightning_delta.sweep import ResultsFile
+
+
+def _row(edit: dict, dataset: str, term: float, exact: float, accuracy: float | None, num_points: int = 5) -> dict:
+    """A row shaped like the sweep's, with a loss curve whose integrand is linear in t."""
+    losses = [1.0 + exact * (c / num_points) ** 2 for c in range(num_points + 1)]
+    inner = [2 * exact * c / num_points for c in range(num_points + 1)]
+    groups = {"attention": 0.5 * term, "mlp": 0.4 * term, "norms": 0.05 * term, "embeddings": 0.05 * term}
+    return {
+        "key": f"{edit}-{dataset}",
+        "edit": edit,
+        "dataset": dataset,
+        "metrics": {"term": term, "trapezoid": exact, "exact": exact, "loss_post": 1.0, "loss_edit": 1.0 + exact,
+                    "accuracy_post": None if accuracy is None else 0.8,
+                    "accuracy_edit": accuracy},
+        "result": {"num_points": num_points, "losses": losses, "inner_products": inner, "term": term,
+                   "trapezoid": exact, "exact": exact, "term_per_group": groups},
+    }
+
+
+def synthetic_rows() -> list[dict]:
+    rng = random.Random(0)
+    rows = []
+    for k in (-1.0, 0.0, 0.5):
+        for p in (0.1, 0.5, 0.9):
+            exact = p ** 3 * (1 + abs(k)) * 0.3 + rng.uniform(-0.005, 0.005)
+            rows.append(_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": 0}, "GSM8K", exact * 0.9,
+                             exact, 0.8 - exact))
+    for p in (0.1, 0.5, 0.9):
+        rows.append(_row({"name": "dare", "p": p, "k": 0.0, "rescale": False, "seed": 0}, "GSM8K", p, 1.2 * p, 0.5))
+    for bits in (1, 2, 3, 4):
+        rows.append(_row({"name": "bitdelta", "bits": bits, "scale": 1.0, "magnitudes": "mean", "seed": 0}, "GSM8K",
+                         0.2 / bits, 0.25 / bits, 0.8 - 0.1 / bits))
+    rows.append(_row({"name": "lowrank", "rank": 4, "fraction": None}, "GSM8K", 0.3, 0.4, 0.6))
+    rows.append(_row({"name": "magnitude_prune", "p": 0.9}, "GSM8K", 0.25, 0.3, 0.65))
+    for data in ("UltraFeedback", "Digits/train"):
+        for alpha in (-0.5, -0.2, 0.2, 0.5, 1.0):
+            term = (alpha - 0.3) ** 2 - 0.09
+            rows.append(_row({"name": "extrapolate", "alpha": alpha}, data, term, term * 1.1, None))
+    return rows
+
+
+@pytest.fixture
+def results_file(tmp_path: Path) -> Path:
+    results = ResultsFile(tmp_path / "results.jsonl")
+    for row in synthetic_rows():
+        results.append(row)
+    return results.path
+
+
+def _check_image(path: Path) -> None:
+    image = imread(path)  # (H, W, 3 or 4) floats in [0, 1]
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    rgb = image[..., :3]
+    assert rgb.std() > 0.01
+    background = np.all(rgb > 0.98, axis=-1)
+    assert background.mean() < 0.995  # something other than white was drawn
+    colored = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).max(axis=-1) > 0.1
+    assert colored.any()  # the lines and bars are in color, not only the black axes
+
+
+def test_every_figure_from_a_results_file(results_file, tmp_path):
+    written = run(["plot", "--results", f"[{results_file}]", "--output_dir", str(tmp_path / "figures")])
+    assert sorted(Path(path).stem for path in written) == sorted(plots.FIGURES)
+    for path in written:
+        _check_image(Path(path))
+
+
+def test_figures_without_their_rows_are_skipped(tmp_path):
+    only_dare = [row for row in synthetic_rows() if row["edit"]["name"] == "dare"]
+    written = plots.plot_all(only_dare, tmp_path)
+    assert set(written) == {"dare_p_k", "per_module", "loss_curve"}
+    for name, function in plots.FIGURES.items():
+        assert function([], tmp_path / "none.png") is None
+
+
+def test_alpha_trough_and_gap_values():
+    rows = [row for row in synthetic_rows() if row["dataset"] == "UltraFeedback"]
+    trough = min(rows, key=lambda row: row["metrics"]["term"])
+    assert trough["edit"]["alpha"] == 0.2
+    gaps = [plots.performance_gap(row) for row in rows]
+    assert all(math.isclose(gap, -row["metrics"]["exact"]) for gap, row in zip(gaps, rows))
+
+
+def test_labels():
+    dare, drop, bits = synthetic_rows()[4], synthetic_rows()[9], synthetic_rows()[12]
+    assert plots.edit_label(dare) == "dare p=0.5 k=0"
+    assert plots.edit_label(drop) == "drop_only p=0.1"
+    assert plots.edit_label(bits) == "bitdelta bits=1"
+
+
+def test_plot_without_rows_says_what_to_do(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="No rows"):
+        run(["plot", "--results", f"[{tmp_path / 'empty.jsonl'}]"])
