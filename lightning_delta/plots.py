@@ -159,6 +159,8 @@ def _strongest_per_family(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str
         family = edit_family(row)
         if family == "extrapolate" or not (row.get("result") or {}).get("term_per_group"):
             continue
+        if family == "dare" and edit_config(row).get("k", 0.0) != 0.0:  # DARE itself beside drop only, as in Fig. 3
+            continue
         if family not in best or abs(metric(row, "term") or 0.0) > abs(metric(best[family], "term") or 0.0):
             best[family] = row
     return list(best.values())
@@ -169,7 +171,8 @@ def plot_modules(
 ) -> Path | None:
     """Fig. 3: the term per kind of tensor (attention, mlp, norms, embeddings, other), a bar per edit.
 
-    ``selected``: the rows to show; by default, per edit family, the row with the largest ``|term|``.
+    ``selected``: the rows to show; by default, per edit family, the row with the largest ``|term|`` (DARE with
+    k = 0 only, so that DARE stands beside drop only).
     """
     selected = list(selected) if selected is not None else _strongest_per_family(rows)
     if not selected:

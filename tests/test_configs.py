@@ -60,9 +60,9 @@ def _tiny_language_config(config: dict, tmp_path: Path, family: str) -> dict:
     pair = make_tiny_pair(tmp_path, family, shard=None, scale=0.05)
     config["model"].update(model=str(pair.post_dir), pretrained=str(pair.pre_dir))
     data = config["data"]["init_args"]
-    data.update(tokenizer=str(pair.post_dir), batch_size=2, limit=4, max_length=96)
+    data.update(tokenizer=str(pair.post_dir), batch_size=2, limit=2, max_length=96)
     if "evaluator" in config["model"]:
-        config["model"]["evaluator"]["init_args"].update(tokenizer=str(pair.post_dir), max_new_tokens=4)
+        config["model"]["evaluator"]["init_args"].update(tokenizer=str(pair.post_dir), max_new_tokens=2)
     return config
 
 

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,17 +159,29 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _quiet() -> None:
-    """Keep the demo's output to its own lines: no per-point Lightning banners or loading bars."""
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the demo's output to its own lines (no per-point Lightning banners or loading bars); restored after."""
     import logging
     import warnings
 
     from transformers.utils import logging as transformers_logging
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        transformers_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            if bars:
+                transformers_logging.enable_progress_bar()
 
 
 def demo(
@@ -200,11 +214,21 @@ def demo(
     """
     import torch
 
-    from lightning_delta.cli import sweep
-
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    _quiet()
+    try:
+        with _quiet():
+            return _run(output_dir, cache_dir, num_points, eval_limit, grid, fast, pair, resume, retrain, figures)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None,
+         grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
+         figures: bool) -> list[dict[str, Any]]:
+    from lightning_delta.cli import sweep
+
     started = time.time()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,7 @@ def _train(model: nn.Module, dataset: DigitSequences, steps: int, lr: float, set
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    model.train()
     trainer.fit(CausalLMTraining(model, lr), train_dataloaders=loader)
     model.eval()
 
