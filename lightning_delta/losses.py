@@ -72,6 +72,14 @@ class CausalLMLoss(DeltaLoss):
         return LossOutput(per_token.sum(dtype=torch.float64), count)
 
 
+def classification_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` from ``(inputs, targets)`` or a mapping with ``pixel_values`` (or ``inputs``) and
+    ``labels``."""
+    if isinstance(batch, dict):
+        return (batch["pixel_values"] if "pixel_values" in batch else batch["inputs"]), batch["labels"]
+    return batch[0], batch[1]
+
+
 class ClassificationLoss(DeltaLoss):
     """Cross-entropy over examples: ``L = Σ_n −log softmax(f(x_n))_{y_n} / N``.
 
@@ -79,14 +87,17 @@ class ClassificationLoss(DeltaLoss):
     """
 
     def forward(self, model: nn.Module, batch: Any) -> LossOutput:
-        if isinstance(batch, dict):
-            inputs = batch["pixel_values"] if "pixel_values" in batch else batch["inputs"]
-            targets = batch["labels"]
-        else:
-            inputs, targets = batch[0], batch[1]
+        inputs, targets = classification_batch(batch)
         logits = _logits(model(inputs))
         per_example = F.cross_entropy(at_least_float32(logits), targets, reduction="none")
         return LossOutput(per_example.sum(dtype=torch.float64), torch.tensor(float(targets.numel()), dtype=torch.float64))
+
+    @staticmethod
+    def evaluator(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        """Top-1 accuracy as ``(correct, total)``: ``DeltaEditModule``'s default evaluator for this loss."""
+        inputs, targets = classification_batch(batch)
+        correct = (_logits(model(inputs)).argmax(dim=-1) == targets).sum().to(torch.float64)
+        return correct, torch.tensor(float(targets.numel()), dtype=torch.float64, device=correct.device)
 
 
 _LOSSES: dict[str, type[DeltaLoss]] = {"causal_lm": CausalLMLoss, "classification": ClassificationLoss}

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_delta.losses import ClassificationLoss
+
 __all__ = [
     "CountingAccuracy",
     "ExactMatchAccuracy",
@@ -132,17 +134,6 @@ class TopOneAccuracy(CountingAccuracy):
         super().update((logits.argmax(dim=-1) == targets).sum(), float(targets.numel()))
 
 
-def classification_evaluator(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    """``(correct, total)`` of top-1 predictions, for ``DeltaEditModule(evaluator=...)`` with image batches.
-
-    Batch: ``(inputs, targets)`` or a mapping with ``pixel_values`` (or ``inputs``) and ``labels``.
-    """
-    if isinstance(batch, dict):
-        inputs = batch["pixel_values"] if "pixel_values" in batch else batch["inputs"]
-        targets = batch["labels"]
-    else:
-        inputs, targets = batch[0], batch[1]
-    output = model(inputs)
-    logits = output if isinstance(output, Tensor) else output.logits
-    correct = (logits.argmax(dim=-1) == targets).sum().to(torch.float64)
-    return correct, torch.tensor(float(targets.numel()), dtype=torch.float64, device=correct.device)
+classification_evaluator = ClassificationLoss.evaluator
+"""``(correct, total)`` of top-1 predictions, for ``DeltaEditModule(evaluator=...)``; the default with
+``loss="classification"``."""

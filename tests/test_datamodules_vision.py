@@ -154,7 +154,8 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer,
     with torch.no_grad():
         for batch in dm.val_dataloader():
             accuracy.update(model(batch["pixel_values"]), batch["labels"])
-    module = DeltaEditModule(model, None, edits, loss="classification", evaluator=classification_evaluator)
+    module = DeltaEditModule(model, None, edits, loss="classification")  # top-1 accuracy by default
+    assert module.evaluator is classification_evaluator
     callback = RiemannCallback(num_points=3, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
