@@ -36,27 +36,27 @@ GOALS = {"riemann_time": 1.0, "riemann_memory": 0.5, "overhead": 1.15}
 RIEMANN = {
     "tiny": [("tiny", "float64", 2, 8, 3, 1)],
     "quick": [("small", "float32", 1, 64, 3, 1)],
-    "full": [("small", "float32", 2, 128, 4, 2), ("medium", "float32", 1, 128, 4, 2), ("1b", "float32", 1, 32, 3, 1)],
+    "full": [("small", "float32", 1, 128, 3, 2), ("medium", "float32", 1, 128, 3, 1), ("1b", "float32", 1, 32, 2, 1)],
 }
 # overhead: (size, dtype, batch, seq_len, num_batches, points, repeats)
 OVERHEAD = {
     "tiny": ("tiny", "float64", 2, 8, 2, 3, 1),
     "quick": ("small", "float32", 2, 64, 2, 3, 2),
-    "full": ("medium", "float32", 2, 128, 2, 5, 3),
+    "full": ("small", "float32", 2, 128, 2, 3, 2),
 }
 # edits: (shape, rounds, runs per process)
 EDITS = {
-    "tiny": [((64, 48), 1, 1), ((96, 64), 1, 1)],
+    "tiny": [((96, 64), 1, 1)],
     "quick": [((4096, 4096), 1, 2)],
-    "full": [((4096, 4096), 2, 2), ((4096, 14336), 2, 1), ((128256, 4096), 1, 1)],
+    "full": [((4096, 4096), 1, 2), ((4096, 14336), 1, 2), ((128256, 4096), 1, 1)],
 }
 EDIT_RANK = {"tiny": 8, "quick": 64, "full": 64}
-SVD_CAP_S = {"tiny": 60, "quick": 240, "full": 300}
+SVD_CAP_S = {"tiny": 60, "quick": 150, "full": 150}
 # processes: (size, sequences, seq_len, batch, points, rounds)
 PROCESSES = {
     "tiny": ("tiny", 12, 8, 2, 2, 1),
     "quick": ("small", 8, 32, 2, 2, 1),
-    "full": ("small", 24, 64, 2, 5, 2),
+    "full": ("small", 8, 32, 2, 3, 2),
 }
 
 

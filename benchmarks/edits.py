@@ -15,8 +15,10 @@ Peers are optional (the ``bench`` extra); one that cannot be imported is skipped
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,8 +44,25 @@ def _ours(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
     return lambda delta: edit.edit_tensor("model.layers.0.mlp.up_proj.weight", delta)
 
 
+def peft_merge_utils():
+    """``peft.utils.merge_utils``, loaded from its file: the same functions without importing all of peft (which
+    pulls in transformers and accelerate, seconds per fresh process). Falls back to the ordinary import."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or spec.origin is None:
+        raise ImportError("No module named 'peft'")
+    path = Path(spec.origin).parent / "utils" / "merge_utils.py"
+    if not path.exists():
+        from peft.utils import merge_utils
+
+        return merge_utils
+    module_spec = importlib.util.spec_from_file_location("_peft_merge_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def _peft(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
-    from peft.utils import merge_utils
+    merge_utils = peft_merge_utils()
 
     if operation == "dare":
         return lambda delta: merge_utils.random_pruning(delta, 1.0 - DROP_RATE, rescale=True)
@@ -75,11 +94,13 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[str, int], Callable[[Tensor], Ten
 
 def unavailable_reason(implementation: str) -> str | None:
     """Why a peer cannot run here (None when it can)."""
-    module = {"peft": "peft.utils.merge_utils", "mergekit": "mergekit.sparsify"}.get(implementation)
-    if module is None:
+    if implementation not in ("peft", "mergekit"):
         return None
     try:
-        __import__(module)
+        if implementation == "peft":
+            peft_merge_utils()
+        else:
+            import mergekit.sparsify  # noqa: F401
     except Exception as error:  # ImportError, or a peer that fails on import with this torch
         return f"{implementation} is not importable ({type(error).__name__}: {error}); pip install '.[bench]'"
     return None
