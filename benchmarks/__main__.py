@@ -3,6 +3,7 @@
 Items (``--only`` takes a comma-separated subset):
 
 ``riemann``    the library's Riemann pass vs the naive way, with and without recomputed weights, vs plain training
+``paired``     naive and library points alternating in one process: the steadier time ratio on a busy machine
 ``overhead``   a C-point analysis under ``trainer.validate`` ÷ (C × plain forward+backward on the same batches)
 ``edits``      DARE, MagnitudePrune, LowRank vs peft, mergekit and ``torch.linalg.svd`` on the same tensors
 ``processes``  the same sweep on 1 and 2 CPU processes (DDP): result agreement and wall time
@@ -28,7 +29,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import ROOT, available_memory_bytes, machine, median, ratio
 
-ITEMS = ("riemann", "overhead", "edits", "processes", "gpu")
+ITEMS = ("riemann", "paired", "overhead", "edits", "processes", "gpu")
 GOALS = {"riemann_time": 1.0, "riemann_memory": 0.5, "overhead": 1.15}
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -37,6 +38,12 @@ RIEMANN = {
     "tiny": [("tiny", "float64", 2, 8, 3, 1)],
     "quick": [("small", "float32", 1, 64, 3, 1)],
     "full": [("small", "float32", 1, 128, 3, 2), ("medium", "float32", 1, 128, 3, 1), ("1b", "float32", 1, 32, 2, 1)],
+}
+# paired: (size, dtype, batch, seq_len, points, pairs)
+PAIRED = {
+    "tiny": [("tiny", "float64", 2, 8, 3, 2)],
+    "quick": [("small", "float32", 1, 64, 3, 4)],
+    "full": [("small", "float32", 1, 128, 3, 8), ("medium", "float32", 1, 128, 3, 4)],
 }
 # overhead: (size, dtype, batch, seq_len, num_batches, points, repeats)
 OVERHEAD = {
@@ -159,6 +166,22 @@ def _max_rel_diff(reference: list[list[float]], other: list[list[float]]) -> flo
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
+def bench_paired(mode: str) -> dict[str, Any]:
+    sizes = []
+    for size, dtype, batch, seq_len, points, pairs in PAIRED[mode]:
+        log(f"paired {size} {dtype} ({pairs} pairs)")
+        result = run_worker({"kind": "paired", "size": size, "dtype": dtype, "batch": batch, "seq_len": seq_len,
+                             "points": points, "pairs": pairs}, timeout=1800)
+        if "error" not in result:
+            result["naive_median_s"] = median(result["naive_s"])
+            result["library_median_s"] = median(result["library_s"])
+            result["time_ratio"] = ratio(result["library_median_s"], result["naive_median_s"])
+            result["paired_ratios"] = [a / b for a, b in zip(result["library_s"], result["naive_s"])]
+            result["median_paired_ratio"] = median(result["paired_ratios"])
+        sizes.append(result)
+    return {"sizes": sizes}
+
+
 # ------------------------------------------------------------------------------------------------ overhead
 def bench_overhead(mode: str, profile: bool) -> dict[str, Any]:
     size, dtype, batch, seq_len, num_batches, points, repeats = OVERHEAD[mode]
@@ -251,6 +274,7 @@ def bench_processes(mode: str) -> dict[str, Any]:
             continue
         summary[f"{devices}_process"] = {
             "validate_s": median([run["validate_s"] for run in good]), "wall_s": median([run["wall_s"] for run in good]),
+            "sweep_s": median([run["sweep_s"] for run in good]),
             "threads": good[0]["threads"], "term": good[0]["term"], "exact": good[0]["exact"],
             "per_tensor": good[0]["per_tensor"],
         }
@@ -263,6 +287,7 @@ def bench_processes(mode: str) -> dict[str, Any]:
         summary["rel_diff_term"] = abs(one["term"] - two["term"]) / abs(one["term"])
         summary["rel_diff_exact"] = abs(one["exact"] - two["exact"]) / max(abs(one["exact"]), 1e-300)
         summary["speedup_validate"] = ratio(one["validate_s"], two["validate_s"])
+        summary["speedup_sweep"] = ratio(one["sweep_s"], two["sweep_s"])
         summary["speedup_wall"] = ratio(one["wall_s"], two["wall_s"])
     for key in ("1_process", "2_process"):
         summary.get(key, {}).pop("per_tensor", None)
@@ -318,6 +343,15 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                      + cell("plain", "extra_peak_mib", "MiB"),
                      f"time {_fmt(size.get('time_vs_plain_ratio'))}, mem {_fmt(size.get('memory_vs_plain_ratio'))}",
                      f"max rel diff vs naive {_fmt(size.get('max_rel_diff_vs_naive'), 2)}"])
+    for paired in items.get("paired", {}).get("sizes", []):
+        if "error" in paired:
+            rows.append(["riemann time, paired", "", paired["error"][:60], "", "", ""])
+            continue
+        rows.append(["riemann time/point, paired", f"{paired['size']} ({paired['dtype']}, {paired['tokens_per_point']} tok, "
+                     f"{len(paired['naive_s'])} pairs)", f"{_fmt(paired['library_median_s'])} s",
+                     f"naive {_fmt(paired['naive_median_s'])} s", _fmt(paired["time_ratio"]),
+                     _goal(paired["time_ratio"], GOALS["riemann_time"])
+                     + f"; median of pair ratios {_fmt(paired['median_paired_ratio'])}"])
     overhead = items.get("overhead")
     if overhead:
         if "error" in overhead:
@@ -348,9 +382,11 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     if processes:
         one, two = processes.get("1_process", {}), processes.get("2_process", {})
         rows.append(["processes 1 vs 2 (DDP)", f"{processes['size']}, {processes['sequences']} seq",
-                     f"2 proc {_fmt(two.get('validate_s'))} s (wall {_fmt(two.get('wall_s'))})",
-                     f"1 proc {_fmt(one.get('validate_s'))} s (wall {_fmt(one.get('wall_s'))})",
-                     f"speedup {_fmt(processes.get('speedup_validate'))}",
+                     f"2 proc: sweep {_fmt(two.get('sweep_s'))} s, validate {_fmt(two.get('validate_s'))} s, "
+                     f"wall {_fmt(two.get('wall_s'))} s",
+                     f"1 proc: sweep {_fmt(one.get('sweep_s'))} s, validate {_fmt(one.get('validate_s'))} s, "
+                     f"wall {_fmt(one.get('wall_s'))} s",
+                     f"speedup sweep {_fmt(processes.get('speedup_sweep'))}, wall {_fmt(processes.get('speedup_wall'))}",
                      f"max rel diff {_fmt(processes.get('max_rel_diff_per_tensor'), 2)}"])
     gpu = items.get("gpu")
     if gpu:
@@ -407,6 +443,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         render_table(table_rows(results), markdown=True),
         "",
+        *[f"Items {', '.join(update['items'])} re-measured {update['date']} with `{update['command']}` "
+          f"({update['elapsed_s']:.0f} s)." for update in results.get("updates", [])],
+        "",
         "## What is measured",
         "",
         "- **riemann**: one point of the Riemann sum (forward and backward on one batch, inner products per tensor). "
@@ -415,6 +454,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`recompute_weights()`; `library_no_recompute`: the parametrization alone; `plain`: forward and backward of "
         "the unedited model with weight gradients. The time is the median over points after the first of each "
         "process (which pays first-touch allocation); every tensor of the model is edited with a random E.",
+        "- **paired**: naive and library points alternating in one process on one batch (two models, same "
+        "weights); the first pair is a warm-up. Both ways see the same machine load, so this is the steadier time "
+        "ratio; memory comes from the separate processes above.",
         "- **overhead**: `trainer.validate` with `RiemannCallback(num_points=C, trapezoid=False)` on a "
         "`DeltaEditModule` (C backward passes plus the forward at t = 1 for the exact ΔL, new Trainer each time) "
         "÷ C plain forward+backward passes over the same batches, interleaved.",
@@ -463,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the results")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="the Markdown report to rewrite")
     parser.add_argument("--no-markdown", action="store_true", help="leave the Markdown report alone")
+    parser.add_argument("--merge", action="store_true", help="put this run's items into the existing --json results "
+                        "(same mode) and render the Markdown from the union")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table to the overhead item")
     parser.add_argument("--in-process", action="store_true", help="run every worker in this process (for tests: "
                         "fast, but peaks mix and nothing is isolated)")
@@ -490,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for item in args.items:
         if item == "riemann":
             results["items"]["riemann"] = bench_riemann(args.mode, args.device)
+        elif item == "paired":
+            results["items"]["paired"] = bench_paired(args.mode)
         elif item == "overhead":
             results["items"]["overhead"] = bench_overhead(args.mode, args.profile)
         elif item == "edits":
@@ -498,13 +544,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["items"]["processes"] = bench_processes(args.mode)
         elif item == "gpu":
             results["items"]["gpu"] = bench_gpu(args.device, args.mode)
-    results["elapsed_s"] = time.perf_counter() - start
+    results["elapsed_s"] = elapsed = time.perf_counter() - start
     print(render_table(table_rows(results)))
+    previous_path = Path(args.json)
+    if args.merge and previous_path.exists():  # a subset run updates its items in the earlier full results
+        previous = json.loads(previous_path.read_text())
+        if previous.get("mode") == results["mode"]:
+            previous["items"].update(results["items"])
+            previous.setdefault("updates", []).append(
+                {key: results[key] for key in ("date", "command", "elapsed_s")} | {"items": list(results["items"])})
+            results = previous
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.no_markdown:
         Path(args.markdown).write_text(render_markdown(results))
-    log(f"done in {results['elapsed_s']:.0f} s; results in {args.json}")
+    log(f"done in {elapsed:.0f} s; results in {args.json}")
     return results
 
 

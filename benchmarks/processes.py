@@ -1,7 +1,9 @@
 """One Riemann sweep under ``trainer.validate`` with RiemannCallback on 1 and on 2 CPU processes (DDP).
 
 Run as ``python -m benchmarks.processes OUT DEVICES SIZE SEQUENCES SEQ_LEN BATCH POINTS``: rank 0 writes the
-result (per-tensor terms, term, exact ΔL) and the time spent in ``trainer.validate`` to ``OUT`` as JSON. The
+result (per-tensor terms, term, exact ΔL), the time spent in ``trainer.validate`` (which, on 2 processes, includes
+waiting for the second process to start, import and build its model) and the sweep's own time (validation start to
+end, after set-up and the weight broadcast) to ``OUT`` as JSON. The
 two processes share the machine's cores (``torch`` threads = cores / processes).
 """
 
@@ -43,10 +45,21 @@ def main() -> None:
                                                        rank=self.trainer.global_rank, shuffle=False)
             return DataLoader(rows, batch_size=batch, sampler=sampler)
 
-    callback = RiemannCallback(num_points=points, filename=None)
+    class SweepClock(pl.Callback):
+        """The sweep alone: from validation start (every rank set up, weights broadcast) to validation end."""
+
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.strategy.barrier()
+            self.start = time.perf_counter()
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.strategy.barrier()
+            self.elapsed = time.perf_counter() - self.start
+
+    callback, clock = RiemannCallback(num_points=points, filename=None), SweepClock()
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", inference_mode=False,
-        use_distributed_sampler=False, callbacks=[callback], logger=False, enable_progress_bar=False,
+        use_distributed_sampler=False, callbacks=[clock, callback], logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )
     start = time.perf_counter()
@@ -54,7 +67,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero:
         result = callback.result
-        record = {"validate_s": elapsed, "devices": devices, "threads": torch.get_num_threads(),
+        record = {"validate_s": elapsed, "sweep_s": clock.elapsed, "devices": devices, "threads": torch.get_num_threads(),
                   "term": result.term, "exact": result.exact, "per_tensor": result.term_per_tensor}
         with open(out, "w") as handle:
             json.dump(record, handle)

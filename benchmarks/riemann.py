@@ -312,3 +312,60 @@ def gpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_bf16_flops": peak, "max_memory_allocated_gib": memory.peak / (1 << 30),
         "baseline_gib": memory.baseline / (1 << 30),
     }
+
+
+# --------------------------------------------------------------------------------------------- paired timing
+def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Naive and library points alternating in one process (one model each, same weights, same batch).
+
+    On a shared machine the load drifts between the fresh processes of :func:`riemann_worker`; alternating the two
+    ways point by point exposes them to the same load, so the ratio of their medians is the steadier time figure
+    (memory still comes from the separate processes).
+    """
+    import copy
+
+    dtype = getattr(torch, spec["dtype"])
+    model = build_model(spec["size"], dtype)
+    naive_model = copy.deepcopy(model)
+    edits = build_edits(model)
+    batches = build_batches(MODEL_SIZES[spec["size"]]["vocab_size"], spec["batch"], spec["seq_len"], 1)
+    naive_times, library_times = [], []
+    from lightning_delta.parametrize import EditedModel
+
+    edited = EditedModel(model, edits)  # built once: the per-point work is what is compared
+    from lightning_delta.losses import CausalLMLoss
+
+    loss_fn = CausalLMLoss()
+    names = sorted(edits)
+    parameters = dict(naive_model.named_parameters())
+    post = {name: parameters[name].detach().clone() for name in names}
+    for parameter in naive_model.parameters():
+        parameter.requires_grad_(True)
+
+    def naive_point(t: float) -> None:
+        with torch.no_grad():
+            for name in names:
+                parameters[name].copy_(post[name] + t * edits[name])
+        for batch in batches:
+            loss_fn(naive_model, batch).total.backward()
+        [float((parameters[name].grad.double() * edits[name].double()).sum()) for name in names]
+        for parameter in naive_model.parameters():
+            parameter.grad = None
+
+    def library_point(t: float) -> None:
+        edited.set_t(t)
+        with edited.recompute_weights():
+            for batch in batches:
+                loss_fn(model, batch).total.backward()
+        edited.pop_inner_products()
+
+    for index in range(spec["pairs"] + 1):  # the first pair warms both up and is dropped
+        t = (index % spec["points"]) / spec["points"]
+        order = ((naive_point, naive_times), (library_point, library_times))
+        for point, times in (order if index % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            point(t)
+            if index > 0:
+                times.append(time.perf_counter() - start)
+    return {"size": spec["size"], "dtype": spec["dtype"], "tokens_per_point": spec["batch"] * spec["seq_len"],
+            "naive_s": naive_times, "library_s": library_times}

@@ -17,12 +17,14 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
             from benchmarks.riemann import riemann_worker as worker
         elif spec["kind"] == "overhead":
             from benchmarks.riemann import overhead_worker as worker
+        elif spec["kind"] == "paired":
+            from benchmarks.riemann import paired_worker as worker
         elif spec["kind"] == "gpu":
             from benchmarks.riemann import gpu_worker as worker
         elif spec["kind"] == "edit":
             from benchmarks.edits import edit_worker as worker
         else:
-            raise ValueError(f"Unknown worker kind {spec['kind']!r}; known: riemann, overhead, gpu, edit.")
+            raise ValueError(f"Unknown worker kind {spec['kind']!r}; known: riemann, paired, overhead, gpu, edit.")
         return worker(spec)
     except Exception as error:  # reported in the table, never a crash of the whole benchmark
         traceback.print_exc()

@@ -83,7 +83,7 @@ def test_peak_memory_sees_an_allocation():
 
 def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
     out, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
-    bench.main(["--tiny", "--in-process", "--only", "riemann,edits,gpu", "--json", str(out), "--markdown", str(markdown)])
+    bench.main(["--tiny", "--in-process", "--only", "riemann,paired,edits,gpu", "--json", str(out), "--markdown", str(markdown)])
     results = json.loads(out.read_text())
     assert set(results) >= {"date", "command", "mode", "machine", "goals", "items", "elapsed_s"}
     assert results["mode"] == "tiny" and results["machine"]["cores"] >= 1
@@ -101,11 +101,19 @@ def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
         assert "time_s" in case["implementations"]["lightning_delta"]
         for name, entry in case["implementations"].items():
             assert "time_s" in entry or "skipped" in entry or "error" in entry, (name, entry)
+    paired = results["items"]["paired"]["sizes"][0]
+    assert len(paired["naive_s"]) == len(paired["library_s"]) == 2 and paired["time_ratio"] > 0
     assert "not run" in results["items"]["gpu"]["skipped"]
     table = capsys.readouterr().out
     assert "riemann time/point" in table and "edit magnitude" in table
     text = markdown.read_text()
     assert text.startswith("# Benchmarks") and "| item |" in text and results["command"] in text
+
+    # a subset run with --merge keeps the other items and records itself
+    bench.main(["--tiny", "--in-process", "--only", "gpu", "--merge", "--json", str(out), "--markdown", str(markdown)])
+    merged = json.loads(out.read_text())
+    assert set(merged["items"]) == {"riemann", "paired", "edits", "gpu"} and merged["updates"][0]["items"] == ["gpu"]
+    assert "re-measured" in markdown.read_text()
 
 
 def test_unknown_item_is_refused():
