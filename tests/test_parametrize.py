@@ -114,3 +114,20 @@ def test_edit_buffer_stays_float32_for_half_models():
     assert isinstance(parametrization, EditParametrization)
     assert parametrization.edit.dtype == torch.float32 and parametrization.t.dtype == torch.float64
     assert model.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(3,), (300, 700), (5, 1 << 16), (0, 4)])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_inner_product_against_float64(shape, grad_dtype):
+    from lightning_delta.parametrize import inner_product
+
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(shape, generator=generator).to(grad_dtype)
+    edit = torch.randn(shape, generator=generator) * 1e-3
+    expected = sum(float(g) * float(e) for g, e in zip(grad.double().flatten().tolist(), edit.double().flatten().tolist())) \
+        if grad.numel() < 10_000 else float((grad.double() * edit.double()).sum())
+    got = inner_product(grad, edit)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if grad.ndim == 2 and grad.numel():  # a non-contiguous gradient (a transposed view)
+        assert float(inner_product(grad.t(), edit.t())) == pytest.approx(expected, rel=1e-12)
