@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
@@ -161,3 +162,30 @@ def validation_loader(module: Any, dataset: Dataset, batch_size: int, num_worker
 def check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+class LazyTokenizer:
+    """A ``tokenizer`` property that loads ``self._tokenizer_source`` (a path, hub id or tokenizer) on first use."""
+
+    _tokenizer_source: Any
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_source)
+        return self._tokenizer
+
+
+class TokenizedDataModule(LazyTokenizer, pl.LightningDataModule):
+    """What the language DataModules share: argument checks and a tokenizer loaded on first use."""
+
+    def __init__(self, tokenizer: Any, max_length: int, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        check_positive("max_length", max_length)
+        check_positive("batch_size", batch_size)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Any = None
+        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers

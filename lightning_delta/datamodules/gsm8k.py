@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -18,10 +17,11 @@ from torch.utils.data import DataLoader
 
 from lightning_delta.datamodules._common import (
     IGNORE_INDEX,
+    LazyTokenizer,
+    TokenizedDataModule,
     check_positive,
     encode,
     load_rows,
-    load_tokenizer,
     pad_left,
     pad_right,
     resolve_chat_template,
@@ -35,7 +35,7 @@ __all__ = ["GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT"]
 PLAIN_FORMAT = "Question: {question}\nAnswer:"  # without a chat template; the answer follows after a space
 
 
-class GSM8KDataModule(pl.LightningDataModule):
+class GSM8KDataModule(TokenizedDataModule):
     """Question → answer batches of GSM8K for the causal-LM loss and generation accuracy.
 
     Batch (a dict; B examples, T the longest example, P the longest prompt):
@@ -84,27 +84,14 @@ class GSM8KDataModule(pl.LightningDataModule):
         chat_template: bool | None = None,
         system_prompt: str | None = None,
     ) -> None:
-        super().__init__()
-        check_positive("max_length", max_length)
-        check_positive("batch_size", batch_size)
+        super().__init__(tokenizer, max_length, batch_size, num_workers)
         if not isinstance(few_shot, int) or few_shot < 0:
             raise ValueError(f"`few_shot` must be an integer >= 0, got {few_shot!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
-        self._tokenizer_source = tokenizer
-        self._tokenizer: Any = None
-        self.data, self.split = data, split
+        self.data, self.split, self.limit = data, split, limit
         self.few_shot, self.few_shot_data, self.few_shot_split = few_shot, few_shot_data, few_shot_split
-        self.max_length, self.batch_size, self.num_workers, self.limit = max_length, batch_size, num_workers, limit
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.examples: list[dict[str, Any]] | None = None
         self.num_truncated = 0
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_source)
-        return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
@@ -180,7 +167,7 @@ class GSM8KDataModule(pl.LightningDataModule):
         return GSM8KEvaluator(self.tokenizer, max_new_tokens=max_new_tokens)
 
 
-class GSM8KEvaluator:
+class GSM8KEvaluator(LazyTokenizer):
     """``(model, batch) -> (correct, total)``: greedy generation from the prompt, then exact match of final numbers.
 
     The number after ``####`` (or the last number) of the generated text is compared with the reference answer's
@@ -198,12 +185,6 @@ class GSM8KEvaluator:
         self._tokenizer_source = tokenizer
         self._tokenizer: Any = None
         self.max_new_tokens = max_new_tokens
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_source)
-        return self._tokenizer
 
     @torch.no_grad()
     def generate(self, model: nn.Module, batch: dict[str, Any]) -> list[str]:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_delta.datamodules._common import (
     IGNORE_INDEX,
-    check_positive,
+    TokenizedDataModule,
     encode,
     load_rows,
-    load_tokenizer,
     pad_right,
     resolve_chat_template,
     split_completion,
@@ -32,7 +30,7 @@ PLAIN_FORMAT = "{role}: {content}\n"  # without a chat template, per message; th
 TOO_LONG = ("error", "drop")
 
 
-class UltraFeedbackDataModule(pl.LightningDataModule):
+class UltraFeedbackDataModule(TokenizedDataModule):
     """Chosen/rejected pairs through the chat template, prompt masked, for :class:`~lightning_delta.losses_dpo.DPOLoss`.
 
     Batch (a dict, B pairs): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
@@ -71,26 +69,13 @@ class UltraFeedbackDataModule(pl.LightningDataModule):
         limit: int | None = None,
         chat_template: bool | None = None,
     ) -> None:
-        super().__init__()
-        check_positive("max_length", max_length)
-        check_positive("batch_size", batch_size)
+        super().__init__(tokenizer, max_length, batch_size, num_workers)
         if too_long not in TOO_LONG:
             raise ValueError(f"`too_long` must be one of {TOO_LONG}, got {too_long!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
-        self._tokenizer_source = tokenizer
-        self._tokenizer: Any = None
-        self.data, self.split, self.max_length, self.too_long = data, split, max_length, too_long
-        self.batch_size, self.num_workers, self.limit, self.chat_template = batch_size, num_workers, limit, chat_template
+        self.data, self.split, self.too_long, self.limit, self.chat_template = data, split, too_long, limit, chat_template
         self.examples: list[dict[str, Any]] | None = None
         self.num_truncated = 0
         self.num_dropped = 0
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_source)
-        return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
