@@ -194,8 +194,15 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
     assert result.losses == pytest.approx(reference["losses"].tolist(), rel=1e-10)
     answer_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in dm.val_dataloader())
     assert result.count == answer_tokens
-    for key in ("accuracy/post", "accuracy/edit"):  # reported beside the Riemann figures
-        assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=3)
+    for key, t in (("accuracy/post", 0.0), ("accuracy/edit", 1.0)):  # reported beside the Riemann figures
+        point = make_tiny_model("llama", dtype=torch.float64)  # plain weights W_post + t·E, no parametrization
+        with torch.no_grad():
+            for name, edit in edits.items():
+                point.get_parameter(name).add_(t * edit)
+        counts = [evaluator(point, batch) for batch in dm.val_dataloader()]
+        expected = sum(float(c) for c, _ in counts) / sum(float(n) for _, n in counts)
+        assert float(trainer.callback_metrics[key]) == pytest.approx(expected)
 
 
 def test_unrepeated_sampler_under_several_processes(tokenizer, tmp_path):
