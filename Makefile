@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules lightning_delta tests
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-delta demo
