@@ -92,14 +92,21 @@ def brute_force(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, num_
     return {"names": names, "inner": inner, "losses": losses, "term_per_tensor": dict(zip(names, left.tolist()))}
 
 
-def plain_loss(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, t: float) -> float:
-    """The mean loss of ``W_post + t·E`` from plain forward passes."""
+def weights_at(model: nn.Module, edits: dict, t: float) -> nn.Module:
+    """A plain copy of ``model`` with weights ``W_post + t·E`` (no parametrization)."""
     point = copy.deepcopy(model)
     parameters = dict(point.named_parameters())
-    total, count = 0.0, 0.0
     with torch.no_grad():
         for name, edit in edits.items():
             parameters[name].add_(edit.to(parameters[name].dtype) * t)
+    return point
+
+
+def plain_loss(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, t: float) -> float:
+    """The mean loss of ``W_post + t·E`` from plain forward passes."""
+    point = weights_at(model, edits, t)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
         for batch in loader:
             output = loss_fn(point, batch)
             total += float(output.total)

@@ -16,14 +16,7 @@ from benchmarks import __main__ as bench
 from benchmarks.common import PeakMemory, run_worker
 from benchmarks.edits import DROP_RATE, edit_worker, unavailable_reason
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add scheduling noise on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 
 def test_worker_in_a_fresh_process_reports_memory():

@@ -11,7 +11,9 @@ import yaml
 
 from lightning_delta.cli import DeltaCLI, run, sweep_points
 from lightning_delta.edits import DARE
-from tests.test_sweep import digits_config, one_thread  # noqa: F401  (the fixture applies here too)
+from tests.test_sweep import digits_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ import yaml
 from lightning_delta.cli import DeltaCLI, run
 from lightning_delta.sweep import expand_grid
 from tests.datamodule_fixtures import write_gsm8k, write_mnist, write_ultrafeedback
-from tests.test_sweep import one_thread  # noqa: F401  (the fixture applies here too)
 from tests.tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = {

@@ -11,8 +11,13 @@ from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.metrics import ExactMatchAccuracy, extract_final_number
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_ROWS, write_gsm8k, write_jsonl
-from tests.riemann_support import brute_force, random_edits
+from tests.datamodule_fixtures import (
+    GSM8K_ROWS,
+    GSM8K_TRAIN_ROWS,
+    write_gsm8k,
+    write_jsonl,
+)
+from tests.riemann_support import brute_force, random_edits, weights_at
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
@@ -196,10 +201,7 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
     assert result.count == answer_tokens
     evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=3)
     for key, t in (("accuracy/post", 0.0), ("accuracy/edit", 1.0)):  # reported beside the Riemann figures
-        point = make_tiny_model("llama", dtype=torch.float64)  # plain weights W_post + t·E, no parametrization
-        with torch.no_grad():
-            for name, edit in edits.items():
-                point.get_parameter(name).add_(t * edit)
+        point = weights_at(make_tiny_model("llama", dtype=torch.float64), edits, t)  # the model itself is parametrized
         counts = [evaluator(point, batch) for batch in dm.val_dataloader()]
         expected = sum(float(c) for c, _ in counts) / sum(float(n) for _, n in counts)
         assert float(trainer.callback_metrics[key]) == pytest.approx(expected)

@@ -3,8 +3,6 @@ batch, reward accuracy, the Riemann term against brute force, and the errors."""
 
 from __future__ import annotations
 
-import copy
-
 import math
 
 import lightning.pytorch as pl
@@ -17,8 +15,13 @@ from lightning_delta.losses import build_loss
 from lightning_delta.losses_dpo import DPOLoss
 from lightning_delta.metrics import RewardAccuracy
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import ULTRAFEEDBACK_ROWS, ultrafeedback_row, write_jsonl, write_ultrafeedback
-from tests.riemann_support import brute_force, random_edits
+from tests.datamodule_fixtures import (
+    ULTRAFEEDBACK_ROWS,
+    ultrafeedback_row,
+    write_jsonl,
+    write_ultrafeedback,
+)
+from tests.riemann_support import brute_force, random_edits, weights_at
 from tests.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
 
 
@@ -124,10 +127,7 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
     expected = brute_force(model, edits, lambda m, b: plain(m, plain.prepare(b)), dm.val_dataloader(), num_points=2)
     expected_accuracy = {}  # reward accuracy at t = 0 and t = 1, on plain copies of the weights
     for t in (0.0, 1.0):
-        point = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, edit in edits.items():
-                point.get_parameter(name).add_(t * edit)
+        point = weights_at(model, edits, t)
         wins = [float(chosen > rejected) for batch in dm.val_dataloader()
                 for chosen, rejected in zip(*plain.rewards(point, batch))]
         expected_accuracy[t] = sum(wins) / len(wins)

@@ -10,8 +10,15 @@ import yaml
 import lightning_delta.demo.pair as pair_module
 from lightning_delta.cli import run
 from lightning_delta.demo import DEMO_GRID, PairSettings, build_pair, findings, table
-from lightning_delta.demo.digits import SEQUENCE_LENGTH, VOCAB_SIZE, DigitsDataModule, digit_sequences, load_digit_splits
-from tests.test_sweep import one_thread  # noqa: F401  (the fixture applies here too)
+from lightning_delta.demo.digits import (
+    SEQUENCE_LENGTH,
+    VOCAB_SIZE,
+    DigitsDataModule,
+    digit_sequences,
+    load_digit_splits,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--pair.hidden_size", "16", "--pair.intermediate_size", "32", "--pair.pretrain_steps", "30",
