@@ -199,21 +199,29 @@ def edit(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     torch_dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it.
+
+    The model is written into a hidden sibling of ``output_dir`` and renamed into place when complete, so a failed
+    run leaves no half-written model.
 
     Args:
         model: the post-trained model (W_post): a Hugging Face directory or hub id.
         pretrained: the pre-trained weights (W_pre): a directory, safetensors file or hub id.
         edit: the editing operation, e.g. ``--edit DARE --edit.p 0.9``.
-        output_dir: where the edited model is written (a new directory).
+        output_dir: where the edited model is written: a new or empty directory (a non-empty one needs
+            ``--overwrite true``).
         include: regular expressions on tensor names: only these are edited.
         exclude: regular expressions on tensor names: these are left as they are.
         torch_dtype: dtype to load the model in (``bfloat16``, ``float32``, ...); default its stored dtype.
+        overwrite: replace a non-empty ``output_dir`` whole (its old files, an old shard index included, are
+            removed once the new model is complete).
     """
     from lightning_delta.export import save_edited
 
-    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, torch_dtype=torch_dtype)
+    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, torch_dtype=torch_dtype,
+                       overwrite=overwrite)
     print(f"Edited model ({edit!r}) written to {path}")
     return path
 

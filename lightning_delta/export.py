@@ -9,6 +9,7 @@ tokenizer and processor files, so that plain ``transformers`` ``from_pretrained`
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -264,19 +265,27 @@ def save_edited(
     include: Patterns = None,
     exclude: Patterns = None,
     torch_dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
     **save_kwargs: Any,
 ) -> Path:
     """Write the edited model ``W_pre + F(ΔW)`` to ``output_dir`` in Hugging Face format (safetensors).
+
+    The model is written into a new hidden sibling directory (``.<name>.tmp-<random>``, same parent) that is renamed
+    to ``output_dir`` only once everything is written, so an error or a crash never leaves half a model at
+    ``output_dir`` (a crash may leave the hidden sibling, which holds nothing else).
 
     Args:
         post: the post-trained model: a directory or hub id (loaded with the transformers class named in its
             config), or a ``PreTrainedModel`` (edited in place, as by :func:`apply_edit_`).
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
         edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> E = F(ΔW) − ΔW (see :func:`apply_edit_`).
-        output_dir: where the model is saved; must differ from the directories read.
+        output_dir: where the model is saved: a new or empty directory (or, with ``overwrite``, one to replace);
+            must differ from, and not contain, the directories read.
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
         torch_dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
+        overwrite: replace a non-empty ``output_dir`` whole (none of its old files remain, a stale
+            ``model.safetensors.index.json`` or shard included); without it such a directory is refused.
         save_kwargs: passed to ``save_pretrained`` (e.g. ``max_shard_size``).
 
     Returns:
@@ -284,7 +293,8 @@ def save_edited(
 
     Raises:
         ValueError: for a ``post`` that is neither a model with ``save_pretrained`` nor a model directory / hub id,
-            ``safe_serialization=False``, an ``output_dir`` that is one of the inputs, and every error of
+            ``safe_serialization=False``, an ``output_dir`` that is one of the inputs, or with ``overwrite`` holds
+            one, is an existing file, or is a non-empty directory without ``overwrite``, and every error of
             :func:`apply_edit_`.
     """
     if not save_kwargs.pop("safe_serialization", True):
@@ -318,14 +328,76 @@ def save_edited(
             raise ValueError(
                 f"output_dir {output_dir} is a directory the models are read from; choose a new directory."
             )
+        if overwrite and _inside(directory, output_dir):
+            raise ValueError(
+                f"output_dir {output_dir} holds {directory}, which the models are read from; overwrite=True would "
+                "delete it. Choose another directory."
+            )
+    _check_output_dir(output_dir, overwrite)
 
     if model is None:
         model = load_pretrained_model(source_dir, dtype)
     apply_edit_(model, pretrained, edit, include=include, exclude=exclude)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, **save_kwargs)
-    if source_dir is not None:
-        for name in TOKENIZER_AND_PROCESSOR_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, output_dir / name)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling(output_dir, "tmp")
+    try:
+        model.save_pretrained(staging, **save_kwargs)
+        if source_dir is not None:
+            for name in TOKENIZER_AND_PROCESSOR_FILES:
+                if (source_dir / name).is_file():
+                    shutil.copyfile(source_dir / name, staging / name)
+        _move_into_place(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return output_dir
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """``output_dir`` is missing, an empty directory, or (with ``overwrite``) a directory; never a file."""
+    if output_dir.is_dir():
+        if not overwrite and any(output_dir.iterdir()):
+            raise ValueError(
+                f"output_dir {output_dir} is not empty; refusing to write a model over its files. Pass "
+                "overwrite=True (command line: --overwrite true) to replace the whole directory, or choose a new or "
+                "empty directory."
+            )
+    elif output_dir.exists() or output_dir.is_symlink():
+        raise ValueError(f"output_dir {output_dir} exists and is not a directory; choose a directory path.")
+
+
+def _new_sibling(path: Path, kind: str) -> Path:
+    """A new, empty hidden directory ``.<name>.<kind>-<random>`` beside ``path`` (same file system, so a rename
+    moves it into place at once)."""
+    while True:
+        sibling = path.parent / f".{path.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            sibling.mkdir()
+            return sibling
+        except FileExistsError:
+            continue
+
+
+def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename the finished ``staging`` directory to ``output_dir``; an old ``output_dir`` is checked again (it may
+    have changed while the model was written) and, with ``overwrite``, replaced whole."""
+    _check_output_dir(output_dir, overwrite)
+    if not output_dir.is_dir():
+        os.rename(staging, output_dir)
+        return
+    # Moved aside first: a directory cannot be renamed over a non-empty one. Restored if the rename fails.
+    old = output_dir.parent / f".{output_dir.name}.old-{secrets.token_hex(4)}"
+    os.rename(output_dir, old)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        os.rename(old, output_dir)
+        raise
+    old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a link is replaced, not what it points to

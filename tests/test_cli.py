@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,52 @@ def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
     delta = post[name] - pre[name]
     expected = pre[name] + DARE(p=0.5, seed=3).edit_tensor(name, delta)
     torch.testing.assert_close(edited.state_dict()[name], expected)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _edit_args(pair, output: Path) -> list[str]:
+    return ["edit", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "DARE",
+            "--edit.p", "0.5", "--edit.seed", "3", "--output_dir", str(output)]
+
+
+def test_edit_refuses_a_non_empty_output_dir(llama_pair, tmp_path):
+    from lightning_delta.cli import main
+
+    output = tmp_path / "edited"
+    shutil.copytree(llama_pair.pre_dir, output)  # another model's weights
+    before = _files(output)
+    with pytest.raises(ValueError, match=rf"output_dir {output} is not empty.*--overwrite true.*empty directory"):
+        main(_edit_args(llama_pair, output))
+    assert _files(output) == before
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".edited")] == []
+
+
+def test_edit_overwrite_replaces_the_old_model_whole(llama_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "edited"
+    shutil.copytree(llama_pair.post_dir, output)  # sharded: its model.safetensors.index.json must not survive
+    assert (output / "model.safetensors.index.json").is_file()
+    run([*_edit_args(llama_pair, output), "--overwrite", "true"])
+    assert sorted(path.name for path in output.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (output / "model.safetensors.index.json").exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".edited")] == []
+    edited = AutoModelForCausalLM.from_pretrained(output)
+    pre, post = llama_pair.pre.state_dict(), llama_pair.post.state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = pre[name] + DARE(p=0.5, seed=3).edit_tensor(name, post[name] - pre[name])
+    torch.testing.assert_close(edited.state_dict()[name], expected)
+
+
+def test_edit_output_dir_that_is_a_file(llama_pair, tmp_path):
+    output = tmp_path / "edited"
+    output.write_text("a file")
+    with pytest.raises(ValueError, match=rf"output_dir {output} exists and is not a directory"):
+        run(_edit_args(llama_pair, output))
+    assert output.read_text() == "a file"
 
 
 def test_console_entry_returns_nothing(tmp_path):

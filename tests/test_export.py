@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +292,103 @@ def test_save_edited_casts_to_the_requested_dtype(tiny_pair, tmp_path):
     assert loaded.dtype == torch.bfloat16
     for name, expected in reference_edited_state(pair.pre, pair.post.to(torch.bfloat16), sign_scale).items():
         torch.testing.assert_close(loaded.state_dict()[name], expected, rtol=0.008, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------- the output directory
+def snapshot(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes)."""
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
+def hidden_siblings(directory) -> list[str]:
+    return sorted(path.name for path in directory.parent.iterdir() if path.name.startswith(f".{directory.name}."))
+
+
+def test_save_edited_refuses_a_non_empty_output_dir_and_leaves_it_untouched(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"}}')
+    (out / "notes.txt").write_bytes(b"another model's files")
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=rf"output_dir {out} is not empty.*overwrite=True.*--overwrite.*empty"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), out)
+    assert snapshot(out) == before
+    assert hidden_siblings(out) == []
+
+
+def test_save_edited_writes_into_an_existing_empty_dir(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    out = tmp_path / "edited"
+    out.mkdir()
+    save_edited(pair.post_dir, pair.pre_dir, SignScale(), out)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for name, expected in reference_edited_state(pair.pre, pair.post, sign_scale).items():
+        torch.testing.assert_close(loaded.state_dict()[name], expected, rtol=0, atol=2e-7, msg=name)
+    assert hidden_siblings(out) == []
+
+
+def test_save_edited_overwrite_replaces_the_whole_directory(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard="post")  # the old model: a sharded checkpoint with its index
+    out = tmp_path / "edited"
+    shutil.copytree(pair.post_dir, out)
+    (out / "stale.txt").write_text("left by the old model")
+    assert (out / "model.safetensors.index.json").is_file()
+    save_edited(pair.post_dir, pair.pre_dir, SignScale(), out, overwrite=True)
+    assert sorted(path.name for path in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "stale.txt").exists()
+    assert hidden_siblings(out) == []
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for name, expected in reference_edited_state(pair.pre, pair.post, sign_scale).items():
+        torch.testing.assert_close(loaded.state_dict()[name], expected, rtol=0, atol=2e-7, msg=name)
+
+
+def _crashing_save(self, save_directory, **kwargs):
+    (Path(save_directory) / "model-00001-of-00002.safetensors").write_bytes(b"half a model")
+    raise OSError("No space left on device")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_crash_while_saving_leaves_no_half_model(tiny_pair, tmp_path, monkeypatch, existing):
+    pair = tiny_pair("llama", shard=None)
+    out = tmp_path / "edited"
+    if existing:  # an old model that overwrite=True would replace: it must survive the crash whole
+        shutil.copytree(pair.post_dir, out)
+        before = snapshot(out)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", _crashing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), out, overwrite=existing)
+    assert hidden_siblings(out) == []
+    if existing:
+        assert snapshot(out) == before
+    else:
+        assert not out.exists()
+
+
+def test_a_crash_while_saving_with_default_arguments_leaves_nothing(tiny_pair, tmp_path, monkeypatch):
+    pair = tiny_pair("llama", shard=None)
+    out = tmp_path / "new" / "edited"
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", _crashing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), out)
+    assert not out.exists() and hidden_siblings(out) == []
+
+
+def test_save_edited_output_dir_that_is_a_file(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    out = tmp_path / "edited"
+    out.write_bytes(b"not a directory")
+    with pytest.raises(ValueError, match=rf"output_dir {out} exists and is not a directory"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), out)
+    with pytest.raises(ValueError, match=rf"output_dir {out} exists and is not a directory"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), out, overwrite=True)
+    assert out.read_bytes() == b"not a directory" and hidden_siblings(out) == []
+
+
+def test_save_edited_overwrite_never_deletes_an_input(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    before = snapshot(pair.post_dir)
+    with pytest.raises(ValueError, match=r"holds .*post, which the models are read from"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), pair.post_dir.parent, overwrite=True)
+    assert snapshot(pair.post_dir) == before
