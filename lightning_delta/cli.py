@@ -12,7 +12,9 @@
 :class:`~lightning_delta.DeltaEditModule`, ``data`` any LightningDataModule, ``edit`` an operation of
 :mod:`lightning_delta.edits` (linked into ``model.edit``), ``riemann`` the :class:`RiemannCallback` added to the
 trainer, and ``sweep`` the grid and results file that ``validate`` ignores. ``--print_config`` prints the whole
-config; any key can be overridden on the command line (``--trainer.devices 8``). ``edit``, ``plot`` and ``demo`` are
+config; any key can be overridden on the command line (``--trainer.devices 8``). Each ``validate`` run writes its
+``config.yaml`` and ``riemann.json`` into ``trainer.log_dir``, a directory of its own (see
+:meth:`DeltaCLI.instantiate_trainer`). ``edit``, ``plot`` and ``demo`` are
 plain functions exposed through jsonargparse (also with ``--config`` and ``--print_config``).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,7 +38,7 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import DeltaEdit
 from lightning_delta.module import DeltaEditModule
 
-__all__ = ["DeltaCLI", "main", "run", "run_point", "sweep_points"]
+__all__ = ["DeltaCLI", "main", "run", "run_directory", "run_point", "sweep_points"]
 
 # What every analysis needs from the Trainer: gradients under validate (DESIGN.md §2.3), no sampler that repeats
 # samples across processes (§2.5), nothing to train, so nothing to log or checkpoint unless asked.
@@ -71,10 +74,10 @@ class DeltaCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, instantiate: bool = True, **kwargs: Any) -> None:
         self._instantiate = instantiate
+        self._sweep_point = False
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         with _quiet_args_warning():
             super().__init__(DeltaEditModule, LightningDataModule, args=args, run=run, **kwargs)
@@ -107,10 +110,35 @@ class DeltaCLI(LightningCLI):
         parser, slow to build, is reused)."""
         self.config = self.parser.parse_object(config)
         self.save_config_callback = None
+        self._sweep_point = True  # writes nothing but its row: no run directory
         super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer; without a logger it gets a run directory of its own as ``default_root_dir``.
+
+        ``config.yaml`` (SaveConfigCallback) and ``riemann.json`` (RiemannCallback) go to ``trainer.log_dir``: a
+        logger's versioned directory, or ``default_root_dir`` when there is no logger (``logger: false``, as in the
+        shipped configs). So that a run never writes over another's files, a trainer without a logger gets
+        ``<default_root_dir>/lightning_logs/version_<N>`` (``<N>`` the next free version, as Lightning's
+        TensorBoardLogger and CSVLogger number theirs) as its ``default_root_dir``; nothing else is logged there.
+        """
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if not self._sweep_point and not trainer_config.get("logger"):
+            kwargs["default_root_dir"] = run_directory(trainer_config.get("default_root_dir"))
+        return super().instantiate_trainer(**kwargs)
 
     def riemann_callback(self) -> RiemannCallback:
         return next(callback for callback in self.trainer.callbacks if isinstance(callback, RiemannCallback))
+
+
+def run_directory(root: str | None = None) -> str:
+    """``<root>/lightning_logs/version_<N>`` (``root`` defaults to the working directory) with ``<N>`` one more than the
+    largest existing version: the directory a CSVLogger or TensorBoardLogger at ``root`` would write to. Nothing is
+    created. A second process that takes the same number before the first has written there fails on the existing
+    ``config.yaml`` rather than write over it."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=os.getcwd() if root is None else root).log_dir
 
 
 # ------------------------------------------------------------------------------------------------------- sweep

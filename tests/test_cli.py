@@ -41,15 +41,58 @@ def test_print_config_shows_the_whole_analysis(config_file, capsys):
 
 def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
     cli = run(["validate", "--config", str(config_file), "--edit", "BitDelta", "--edit.bits", "2",
-                "--riemann.filename", "riemann.json", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+                "--riemann.filename", "result.json", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     assert isinstance(cli, DeltaCLI)
     metrics = cli.trainer.callback_metrics
     for key in ("riemann/term", "riemann/trapezoid", "riemann/exact", "accuracy/post", "accuracy/edit"):
         assert key in metrics
     assert cli.model.edit.bits == 2
-    saved = json.loads((tmp_path / "run" / "riemann.json").read_text())
+    saved = json.loads((tmp_path / "run" / "lightning_logs" / "version_0" / "result.json").read_text())
     assert saved["num_points"] == 2 and saved["config"]["edit"]["name"] == "bitdelta"
     assert saved["term"] == pytest.approx(float(metrics["riemann/term"]))
+
+
+def test_validate_runs_write_into_versioned_directories(tmp_path, monkeypatch):
+    """As the shipped configs: logger false, no default_root_dir. Each run gets the next lightning_logs/version_N of
+    the working directory for its config.yaml and riemann.json; nothing lands in the working directory itself."""
+    config = digits_config(tmp_path, None, tmp_path / "results.jsonl", limit=12)
+    del config["trainer"]["default_root_dir"]
+    config["trainer"]["logger"] = False
+    config_path = tmp_path / "validate.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    first = run(["validate", "--config", str(config_path), "--edit.p", "0.2"])
+    run_0 = work / "lightning_logs" / "version_0"
+    assert Path(first.trainer.log_dir) == run_0
+    before = {name: (run_0 / name).read_bytes() for name in ("riemann.json", "config.yaml")}
+    second = run(["validate", "--config", str(config_path), "--edit.p", "0.8"])
+    run_1 = work / "lightning_logs" / "version_1"
+    assert Path(second.trainer.log_dir) == run_1
+
+    assert sorted(path.name for path in work.iterdir()) == ["lightning_logs"]
+    assert sorted(path.name for path in (work / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert {name: (run_0 / name).read_bytes() for name in before} == before  # the first run's files are intact
+    for directory, p in ((run_0, 0.2), (run_1, 0.8)):
+        assert sorted(path.name for path in directory.iterdir()) == ["config.yaml", "riemann.json"]
+        assert json.loads((directory / "riemann.json").read_text())["config"]["edit"]["p"] == p
+        saved_config = yaml.safe_load((directory / "config.yaml").read_text())
+        assert saved_config["edit"]["init_args"]["p"] == p
+        assert saved_config["trainer"]["default_root_dir"] is None  # rerunning it makes a new version
+
+
+def test_validate_with_a_logger_writes_into_its_log_dir(config_file, tmp_path):
+    logs = tmp_path / "logs"
+    args = ["validate", "--config", str(config_file), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(logs), "--trainer.logger.name", "delta"]
+    for version in (0, 1):
+        cli = run(args)
+        directory = logs / "delta" / f"version_{version}"
+        assert Path(cli.trainer.log_dir) == directory
+        assert {"config.yaml", "riemann.json"} <= {path.name for path in directory.iterdir()}
+    assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_validate_refuses_inference_mode(config_file):
