@@ -198,8 +198,23 @@ def run_point(cli: DeltaCLI, point: Any) -> dict[str, Any]:
     }
 
 
+def _is_global_zero() -> bool:
+    """Whether this process is global rank 0, the one that writes the sweep's rows and holds the results lock.
+
+    Before the first trainer has set up, ``rank_zero_only.rank`` comes from ``RANK``, ``LOCAL_RANK`` or
+    ``SLURM_PROCID`` only, so the first process of a node started by hand with ``NODE_RANK`` > 0 (or torchrun's
+    ``GROUP_RANK``) reads 0 there; it is not rank 0 either. Global rank 0 is always on node 0.
+    """
+    node_rank = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    return rank_zero_only.rank == 0 and int(node_rank) == 0
+
+
 def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) a sweep; rows go to ``sweep.results`` and, with ``sweep.figures``, figures are drawn."""
+    """Run (or resume) a sweep; rows go to ``sweep.results`` and, with ``sweep.figures``, figures are drawn.
+
+    The writing process holds ``<sweep.results>.lock`` while the sweep runs: a second sweep on the same results file
+    raises :class:`~lightning_delta.sweep.ResultsLockedError` before running anything.
+    """
     from lightning_delta.sweep import run_sweep
 
     points, settings, cli = sweep_points(args)
@@ -207,10 +222,10 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[dict[str, 
         points,
         settings["results"],
         functools.partial(run_point, cli),
-        should_write=lambda: rank_zero_only.rank == 0,
+        should_write=_is_global_zero,
         max_points=settings.get("max_points"),
     )
-    if settings.get("figures") and rank_zero_only.rank == 0:
+    if settings.get("figures") and _is_global_zero():
         from lightning_delta.plots import plot_all
 
         for path in plot_all(rows, settings["figures"]).values():

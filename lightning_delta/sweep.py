@@ -15,7 +15,9 @@ keyed by
 the SHA-256 of its canonical config (sorted JSON, keys that do not change the numbers left out: devices, strategy,
 loggers, ...). A row is appended, flushed and fsync'ed as soon as its point finishes, so a crash loses at most the
 point under way; running the sweep again skips every key already in the file. A torn last line (the process died in
-the middle of a write) is cut off before anything new is appended.
+the middle of a write) is cut off before anything new is appended. While a sweep runs, the process that writes the
+rows holds ``<results>.lock`` (a :class:`filelock.FileLock`, freed when the process ends, even when it is killed): a
+second sweep on the same file stops at once instead of running the same points again and writing duplicate rows.
 
 This module knows nothing about Lightning: :mod:`lightning_delta.cli` gives :func:`run_sweep` the function that turns
 one config into a result.
@@ -35,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = [
     "ResultsFile",
+    "ResultsLockedError",
     "SweepPoint",
     "apply_overrides",
     "config_key",
@@ -263,6 +267,42 @@ class ResultsFile:
             os.fsync(handle.fileno())
 
 
+class ResultsLockedError(RuntimeError):
+    """Another sweep holds the lock of this results file."""
+
+
+class ResultsLock:
+    """``<results>.lock`` beside the results file: held by the one process that writes the rows of a sweep.
+
+    It is tried once (no waiting): a second sweep on the same file raises :class:`ResultsLockedError` instead of
+    running the points that the first is running. The operating system frees the lock when its process ends, killed
+    or not, so a lock file left behind blocks nothing.
+    """
+
+    def __init__(self, results: str | os.PathLike) -> None:
+        self.results = Path(results)
+        self.path = self.results.with_name(self.results.name + ".lock")
+        self._lock = FileLock(str(self.path), timeout=0)
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise ResultsLockedError(
+                f"Another sweep holds {self.results} (its lock {self.path} is taken). Two sweeps on one results file "
+                "would run the same points twice and write duplicate rows. Wait for that sweep to finish (this one "
+                "then resumes from its rows), or give this sweep another results file (--sweep.results)."
+            ) from None
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self._lock.release()
+            self.held = False
+
+
 # ---------------------------------------------------------------------------------------------------- the sweep
 @dataclass
 class SweepPoint:
@@ -308,19 +348,41 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every point whose key is not in ``results`` yet, appending one row per point as soon as it finishes.
 
+    The process that writes holds the results file's :class:`ResultsLock` from start to end; the others take no
+    lock.
+
     Args:
         points: from :func:`make_points`.
         results: the JSONL file; created if missing, resumed if present.
         run_point: runs one point and returns what to record (the Riemann result, metrics, ...).
-        should_write: asked after each point; False on the processes of a distributed run that do not write (every
-            rank runs every point; the rank is only known once the first trainer has set up).
+        should_write: asked at the start and after each point; False on the processes of a distributed run that do
+            not write (every rank runs every point; the rank is only sure once the first trainer has set up, and the
+            lock follows the answer).
         max_points: stop after running this many new points (``None``: all).
 
     Returns:
         Every row of the results file that belongs to ``points``, old and new, in the order of ``points``.
+
+    Raises:
+        ResultsLockedError: another sweep holds ``results`` (nothing is run or written).
     """
-    results_file = ResultsFile(results)
+    lock = ResultsLock(results)
+    try:
+        return _run_sweep(points, ResultsFile(results), lock, run_point, should_write, max_points)
+    finally:
+        lock.release()
+
+
+def _run_sweep(
+    points: Sequence[SweepPoint],
+    results_file: ResultsFile,
+    lock: ResultsLock,
+    run_point: Callable[[SweepPoint], Mapping[str, Any]],
+    should_write: Callable[[], bool],
+    max_points: int | None,
+) -> list[dict[str, Any]]:
     if should_write():
+        lock.acquire()
         results_file.repair()
     done = results_file.keys()
     todo = [point for point in points if point.key not in done]
@@ -343,7 +405,12 @@ def run_sweep(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "seconds": round(time.time() - started, 3),
         }
-        if should_write():
+        writes = should_write()
+        if writes and not lock.held:
+            lock.acquire()
+        elif lock.held and not writes:
+            lock.release()
+        if writes:
             results_file.append(row)
     keys = {point.key: point.index for point in points}
     rows = [row for row in results_file.read() if row.get("key") in keys]

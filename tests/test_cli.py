@@ -135,6 +135,22 @@ def test_sweep_command_writes_rows_and_figures(tmp_path):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
+def test_sweep_command_refuses_a_results_file_another_sweep_holds(tmp_path):
+    from filelock import FileLock
+
+    results = tmp_path / "r.jsonl"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(digits_config(tmp_path, {"edit.init_args.p": [0.2, 0.8]}, results, limit=12)))
+    other_sweep = FileLock(str(results) + ".lock")
+    other_sweep.acquire()
+    try:
+        with pytest.raises(RuntimeError, match=rf"Another sweep holds {results} .*--sweep\.results"):
+            run(["sweep", "--config", str(path)])
+    finally:
+        other_sweep.release()
+    assert not results.exists()
+
+
 def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from filelock import FileLock
+
 from lightning_delta.sweep import (
     ResultsFile,
+    ResultsLockedError,
     SweepPoint,
     apply_overrides,
     config_key,
@@ -154,6 +157,76 @@ def test_run_sweep_writes_nothing_on_non_writing_ranks(tmp_path):
     points = [SweepPoint({"i": 0}, {"i": 0})]
     run_sweep(points, tmp_path / "r.jsonl", lambda point: {}, should_write=lambda: False)
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def _squares(calls: list):
+    def run_point(point):
+        calls.append(point.config["i"])
+        return {"metrics": {"value": point.config["i"] ** 2}}
+
+    return run_point
+
+
+def test_a_second_sweep_on_a_locked_results_file_stops_at_once(tmp_path):
+    points = [SweepPoint({"i": i}, {"i": i}, index=i) for i in range(4)]
+    results = tmp_path / "r.jsonl"
+    calls: list = []
+    run_sweep(points, results, _squares(calls), max_points=2)
+    before = results.read_bytes()
+
+    other_sweep = FileLock(str(results) + ".lock")  # what a running sweep on the same file holds
+    other_sweep.acquire()
+    try:
+        with pytest.raises(ResultsLockedError, match=rf"Another sweep holds {results} .*Wait for that sweep to "
+                                                      r"finish.*another results file \(--sweep\.results\)"):
+            run_sweep(points, results, _squares(calls))
+        assert calls == [0, 1]  # nothing was run
+        assert results.read_bytes() == before  # nor written
+    finally:
+        other_sweep.release()
+
+    rows = run_sweep(points, results, _squares(calls))  # the lock is free again: the sweep resumes
+    assert calls == [0, 1, 2, 3]
+    assert [row["metrics"]["value"] for row in rows] == [0, 1, 4, 9]
+    keys = [row["key"] for row in ResultsFile(results).read()]
+    assert len(keys) == len(set(keys)) == 4
+    FileLock(str(results) + ".lock", timeout=0).acquire()  # the finished sweep let go of its lock
+
+
+def test_only_the_writing_rank_takes_the_lock(tmp_path):
+    points = [SweepPoint({"i": 0}, {"i": 0})]
+    results = tmp_path / "r.jsonl"
+    lock = FileLock(str(results) + ".lock")
+    lock.acquire()  # held by rank 0 of the same distributed sweep
+    try:
+        calls: list = []
+        run_sweep(points, results, _squares(calls), should_write=lambda: False)  # another rank: no lock, no rows
+        assert calls == [0] and not results.exists()
+    finally:
+        lock.release()
+
+
+def test_a_writer_that_turns_out_not_to_be_rank_zero_lets_go_of_the_lock(tmp_path):
+    """The rank is only sure once the first trainer has set up: a process that took the lock and then learns it is
+    not rank 0 frees it after its first point, and writes nothing."""
+    points = [SweepPoint({"i": i}, {"i": i}, index=i) for i in range(2)]
+    results = tmp_path / "r.jsonl"
+    answers = iter([True, False, False])
+    held_during = []
+
+    def run_point(point):
+        probe = FileLock(str(results) + ".lock", timeout=0)
+        try:
+            probe.acquire()
+            probe.release()
+            held_during.append(False)
+        except Exception:
+            held_during.append(True)
+        return {}
+
+    run_sweep(points, results, run_point, should_write=lambda: next(answers))
+    assert held_during == [True, False]
+    assert ResultsFile(results).read() == []
 
 
 # ------------------------------------------------------------------------------------- a real killed sweep
