@@ -16,6 +16,7 @@ from tests.datamodule_fixtures import (
     GSM8K_TRAIN_ROWS,
     write_gsm8k,
     write_jsonl,
+    write_parquet,
 )
 from tests.riemann_support import brute_force, random_edits, weights_at
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
@@ -69,6 +70,40 @@ def test_few_shot_turns_come_from_the_train_split(tokenizer, tmp_path):
     shots = "".join(f"<|user|>\n{r['question']}</s>\n<|assistant|>\n{r['answer']}</s>\n" for r in GSM8K_TRAIN_ROWS)
     prompt = "<|system|>\nSolve.</s>\n" + shots + chat(GSM8K_ROWS[0]["question"])
     check_example(batch, 0, ids(tokenizer, prompt), ids(tokenizer, GSM8K_ROWS[0]["answer"] + "</s>\n"))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"question": "Q?", "solution": "#### 1"}, r"lacks the field 'answer': each row needs the fields 'question' "
+                                                   r"and 'answer'; this row has 'question', 'solution'"),
+        ({"answer": "#### 1"}, r"lacks the field 'question': .* this row has 'answer'\."),
+        ({"problem": "Q?", "solution": "#### 1"}, r"lacks the fields 'question' and 'answer': .* 'problem', 'solution'"),
+        ({"question": "Q?", "answer": None}, r"lacks the field 'answer': .* this row has 'question'\."),
+        ({"question": "Q?", "answer": 7}, r": the field 'answer' is a int \('7'\), expected a str"),
+    ],
+)
+def test_rows_without_question_or_answer_name_file_row_and_fields(tokenizer, tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "test.jsonl", [GSM8K_ROWS[0], GSM8K_ROWS[1], bad])
+    with pytest.raises(ValueError, match=rf"GSM8K row 2 \(counting from 0\) of .*{tmp_path.name}.test\.jsonl.*{message}"):
+        GSM8KDataModule(tokenizer, data=str(path)).setup()
+    # limit stops before the bad row: the first two rows are fine
+    assert len(GSM8KDataModule(tokenizer, data=str(path), limit=2).val_dataloader().dataset) == 2
+
+
+def test_bad_rows_in_sharded_parquet_and_in_the_shots_name_their_own_file(tokenizer, tmp_path):
+    main = tmp_path / "main"
+    write_parquet(main / "test-00000-of-00002.parquet", GSM8K_ROWS[:2])
+    write_parquet(main / "test-00001-of-00002.parquet", [GSM8K_ROWS[2], {"question": "Q?", "answer": None}])
+    write_jsonl(main / "train.jsonl", GSM8K_TRAIN_ROWS)
+    with pytest.raises(ValueError, match=r"GSM8K row 1 \(counting from 0\) of .*test-00001-of-00002.parquet lacks "
+                                         r"the field 'answer'"):
+        GSM8KDataModule(tokenizer, data=str(main)).setup()
+    assert len(GSM8KDataModule(tokenizer, data=str(main), limit=3).val_dataloader().dataset) == 3  # across shards
+    write_jsonl(main / "train.jsonl", [{"q": "What is 3 + 4?", "a": "#### 7"}])
+    with pytest.raises(ValueError, match=r"GSM8K few-shot row 0 \(counting from 0\) of .*train.jsonl lacks the fields "
+                                         r"'question' and 'answer': .* this row has 'q', 'a'"):
+        GSM8KDataModule(tokenizer, data=str(main), few_shot=1, limit=2).setup()
 
 
 def test_tokenizer_without_chat_template_or_pad_token(tmp_path):

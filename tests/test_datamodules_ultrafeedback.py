@@ -168,7 +168,8 @@ def test_over_long_pairs_are_truncated_dropped_or_refused(tokenizer, tmp_path):
     max_length = len(prompt) + len(chosen) - 3  # the first pair loses three prompt tokens
     long_answer = len(expected_pair(tokenizer, rows[1])[1])
     assert long_answer >= max_length
-    with pytest.raises(ValueError, match="row 1: an answer alone has"):
+    with pytest.raises(ValueError, match=r"row 1 \(counting from 0\) of .*test_prefs-00000-of-00001.parquet: an answer "
+                                         "alone has"):
         UltraFeedbackDataModule(tokenizer, data=str(tmp_path), max_length=max_length).setup()
     dm = UltraFeedbackDataModule(tokenizer, data=str(tmp_path), max_length=max_length, too_long="drop")
     with pytest.warns(UserWarning, match=r"Of 2 UltraFeedback pairs, 1 are longer .* and 1 were dropped"):
@@ -199,6 +200,60 @@ def test_errors_for_missing_data_empty_split_template_and_bad_rows(tokenizer, tm
     prompt = ids(plain, "user: What is 3 + 4?\nassistant:")
     answer = ids(plain, " The answer is 7.</s>")
     assert batch["chosen_labels"][0, : len(prompt) + len(answer)].tolist() == [-100] * len(prompt) + answer
+
+
+def without(row: dict, key: str) -> dict:
+    return {k: v for k, v in row.items() if k != key}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+USER = {"role": "user", "content": "Q?"}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (without(ULTRAFEEDBACK_ROWS[0], "rejected"),
+         r"lacks the field 'rejected': each row needs the fields 'prompt', 'chosen' and 'rejected'; this row has "
+         r"'prompt', 'prompt_id', 'chosen', 'messages', 'score_chosen', 'score_rejected'\."),
+        (without(ULTRAFEEDBACK_ROWS[0], "prompt"), r"lacks the field 'prompt': .* this row has 'prompt_id', 'chosen'"),
+        ({"prompt": "Q?", "response_a": "A", "response_b": "B"},
+         r"lacks the fields 'chosen' and 'rejected': .* this row has 'prompt', 'response_a', 'response_b'\."),
+        ({**ULTRAFEEDBACK_ROWS[0], "chosen": None}, r"lacks the field 'chosen'"),
+        ({**ULTRAFEEDBACK_ROWS[0], "chosen": "The answer is 7."},
+         r": the field 'chosen' is a str \('The answer is 7.'\), expected a list"),
+        ({**ULTRAFEEDBACK_ROWS[0], "rejected": []}, r": `rejected` must be a non-empty list of .* it is '\[\]'"),
+        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, "The answer is 7."]},
+         r": `chosen` must be a non-empty list of \{'role', 'content'\} messages ending with the assistant's answer; "
+         r"its message 1 is a str \('The answer is 7.'\)"),
+        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant"}]},
+         r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role'\)"),
+        ({**ULTRAFEEDBACK_ROWS[0], "rejected": [{"content": "Q?"}, assistant("No.")]},
+         r"`rejected` must be .*; its message 0 has no string 'role' \(it has 'content'\)"),
+        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant", "content": 7}]},
+         r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role', 'content'\)"),
+        ({**ULTRAFEEDBACK_ROWS[0], "rejected": [assistant("Hi."), USER]},
+         r"`rejected` must be .*; its last message has role 'user'\."),
+    ],
+)
+def test_rows_without_fields_or_with_malformed_messages_name_file_row_and_fields(tokenizer, tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "test_prefs.jsonl", [*ULTRAFEEDBACK_ROWS[:2], bad])
+    with pytest.raises(ValueError, match=rf"UltraFeedback row 2 \(counting from 0\) of .*{tmp_path.name}.test_prefs"
+                                         rf"\.jsonl.*{message}"):
+        UltraFeedbackDataModule(tokenizer, data=str(path)).setup()
+    # limit stops before the bad row: the first two rows are fine
+    assert len(UltraFeedbackDataModule(tokenizer, data=str(path), limit=2).val_dataloader().dataset) == 2
+
+
+def test_bad_row_in_the_hub_layout_names_its_parquet_file(tokenizer, tmp_path):
+    write_ultrafeedback(tmp_path, [ULTRAFEEDBACK_ROWS[0], without(ULTRAFEEDBACK_ROWS[1], "prompt")])
+    with pytest.raises(ValueError, match=r"UltraFeedback row 1 \(counting from 0\) of .*data.test_prefs-00000-of-00001"
+                                         r"\.parquet lacks the field 'prompt': each row needs the fields 'prompt', "
+                                         r"'chosen' and 'rejected'"):
+        UltraFeedbackDataModule(tokenizer, data=str(tmp_path)).setup()
 
 
 def test_constructor_from_yaml():

@@ -72,15 +72,14 @@ def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
-def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str) -> list[dict]:
-    """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id.
+def local_files(data: str, split: str, what: str) -> list[Path] | None:
+    """The local files that hold ``split`` of ``data``, or ``None`` when ``data`` is a hub id.
+
+    A single file is the split itself, whatever ``split`` says; a directory holds ``<split>*.{jsonl,json,parquet}``.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
-        ValueError: an empty split (after ``limit``).
     """
-    import datasets
-
     path = Path(data).expanduser()
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.name.startswith(split))
@@ -89,40 +88,104 @@ def load_rows(data: str, split: str, config: str | None, limit: int | None, what
                 f"No {what} file for split {split!r} in {path}: expected {split}.jsonl, {split}.json or "
                 f"{split}-*.parquet there (the hub's layout)."
             )
-        _check_not_empty(files, split, what)
-        dataset = datasets.load_dataset(LOCAL_SUFFIXES[files[0].suffix], data_files=[str(f) for f in files],
-                                        split="train")
-    elif path.suffix in LOCAL_SUFFIXES:
+        return files
+    if path.suffix in LOCAL_SUFFIXES:
         if not path.exists():
             raise FileNotFoundError(f"The {what} file {path} does not exist.")
-        _check_not_empty([path], split, what)
-        dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    elif data.startswith((".", "/", "~")) or path.suffix:
+        return [path]
+    if data.startswith((".", "/", "~")) or path.suffix:
         raise FileNotFoundError(
             f"{what} data {data!r} is neither an existing directory, a .json/.jsonl/.parquet file nor a hub id."
         )
-    else:
+    return None
+
+
+def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str,
+              fields: dict[str, type] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id,
+    and where each comes from (``"row 3 (counting from 0) of /data/test.jsonl"``), for error messages.
+
+    ``fields`` maps the names every row must have to their type; each kept row is checked (:func:`check_fields`).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
+        ValueError: an empty split (after ``limit``); a row without one of ``fields`` or with a value of another type.
+    """
+    import datasets
+
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"`limit` must be a positive number of examples or None, got {limit!r}.")
+    files = local_files(data, split, what)
+    rows: list[dict] = []
+    origins: list[str] = []
+    if files is None:
         dataset = datasets.load_dataset(data, config, split=split) if config else datasets.load_dataset(data, split=split)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"`limit` must be a positive number of examples or None, got {limit!r}.")
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    if len(dataset) == 0:
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        rows = list(dataset)
+        origins = [f"row {i} (counting from 0) of split {split!r} of {data}" for i in range(len(rows))]
+    else:
+        _check_not_empty(files, split, what)
+        for file in files:  # one file at a time, so that each row can be traced to its file
+            if limit is not None and len(rows) >= limit:
+                break
+            if _is_empty(file):
+                continue
+            dataset = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+            if limit is not None:
+                dataset = dataset.select(range(min(limit - len(rows), len(dataset))))
+            rows += list(dataset)
+            origins += [f"row {i} (counting from 0) of {file}" for i in range(len(dataset))]
+    if not rows:
         raise ValueError(f"The {what} split {split!r} of {data!r} has no examples.")
-    return list(dataset)
+    for row, origin in zip(rows, origins):
+        check_fields(row, origin, fields or {}, what)
+    return rows, origins
+
+
+def check_fields(row: Any, origin: str, fields: dict[str, type], what: str) -> None:
+    """Raise a ValueError naming ``origin``, the expected and the found fields when ``row`` lacks one of ``fields``
+    (absent or null) or holds a value of another type.
+
+    >>> check_fields({"question": "2 + 2?", "solution": "4"}, "row 7 of test.jsonl",
+    ...              {"question": str, "answer": str}, "GSM8K")
+    Traceback (most recent call last):
+    ...
+    ValueError: GSM8K row 7 of test.jsonl lacks the field 'answer': each row needs the fields 'question' and \
+'answer'; this row has 'question', 'solution'.
+    """
+    expected = f"the field{'s' * (len(fields) > 1)} {names(fields)}"
+    if not isinstance(row, dict):
+        raise ValueError(f"{what} {origin} is a {type(row).__name__}, not a record; each row needs {expected}.")
+    found = ", ".join(repr(key) for key, value in row.items() if value is not None) or "no fields"
+    missing = [name for name in fields if row.get(name) is None]
+    if missing:
+        raise ValueError(f"{what} {origin} lacks the field{'s' * (len(missing) > 1)} {names(missing)}: each row "
+                         f"needs {expected}; this row has {found}.")
+    for name, kind in fields.items():
+        if not isinstance(row[name], kind):
+            raise ValueError(f"{what} {origin}: the field {name!r} is a {type(row[name]).__name__} "
+                             f"({str(row[name])[:60]!r}), expected a {kind.__name__}.")
+
+
+def names(items: Any) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``."""
+    quoted = [repr(item) for item in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def _is_empty(file: Path) -> bool:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(str(file)).metadata.num_rows == 0
+    return file.read_text().strip() in ("", "[]")
 
 
 def _check_not_empty(files: list[Path], split: str, what: str) -> None:
     """Raise for local files without rows (``datasets`` fails on them with an unrelated error)."""
-    for file in files:
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            if pq.ParquetFile(str(file)).metadata.num_rows > 0:
-                return
-        elif file.read_text().strip() not in ("", "[]"):
-            return
-    raise ValueError(f"The {what} split {split!r} has no examples: {', '.join(map(str, files))} hold no rows.")
+    if all(_is_empty(file) for file in files):
+        raise ValueError(f"The {what} split {split!r} has no examples: {', '.join(map(str, files))} hold no rows.")
 
 
 def pad_right(sequences: Sequence[Sequence[int]], value: int, length: int | None = None) -> Tensor:

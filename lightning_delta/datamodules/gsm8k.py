@@ -33,6 +33,7 @@ from lightning_delta.metrics import extract_final_number, numbers_match
 __all__ = ["GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT"]
 
 PLAIN_FORMAT = "Question: {question}\nAnswer:"  # without a chat template; the answer follows after a space
+FIELDS = {"question": str, "answer": str}  # what every GSM8K row holds
 
 
 class GSM8KDataModule(TokenizedDataModule):
@@ -60,8 +61,8 @@ class GSM8KDataModule(TokenizedDataModule):
         system_prompt: an optional system message (chat template only).
 
     Raises:
-        ValueError: bad arguments, an empty split, an answer longer than ``max_length``; ``FileNotFoundError``: a
-        local path that does not exist.
+        ValueError: bad arguments, an empty split, a row without ``question`` or ``answer`` (the message names the
+        file and row), an answer longer than ``max_length``; ``FileNotFoundError``: a local path that does not exist.
 
     Example::
 
@@ -96,14 +97,16 @@ class GSM8KDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
             return
-        rows = load_rows(self.data, self.split, "main", self.limit, "GSM8K")
+        rows, origins = load_rows(self.data, self.split, "main", self.limit, "GSM8K", FIELDS)
         shots: list[dict] = []
         if self.few_shot:
-            shots = load_rows(self.few_shot_data or self.data, self.few_shot_split, "main", self.few_shot, "GSM8K")
+            shots, _ = load_rows(self.few_shot_data or self.data, self.few_shot_split, "main", self.few_shot,
+                                 "GSM8K few-shot", FIELDS)
             if len(shots) < self.few_shot:
                 raise ValueError(f"`few_shot={self.few_shot}` but split {self.few_shot_split!r} has {len(shots)} examples.")
         use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
-        examples = [self.encode_example(row["question"], row["answer"], shots, use_template) for row in rows]
+        examples = [self.encode_example(row["question"], row["answer"], shots, use_template, origin)
+                    for row, origin in zip(rows, origins)]
         self.num_truncated = sum(example.pop("truncated") for example in examples)
         if self.num_truncated:
             rank_zero_warn(
@@ -113,7 +116,8 @@ class GSM8KDataModule(TokenizedDataModule):
             )
         self.examples = examples
 
-    def encode_example(self, question: str, answer: str, shots: list[dict], use_template: bool) -> dict[str, Any]:
+    def encode_example(self, question: str, answer: str, shots: list[dict], use_template: bool,
+                       origin: str = "example") -> dict[str, Any]:
         """Token ids of one example: ``prompt_ids`` (masked), ``answer_ids`` (the target), ``truncated``."""
         tokenizer = self.tokenizer
         if use_template:
@@ -132,8 +136,8 @@ class GSM8KDataModule(TokenizedDataModule):
         answer_ids = encode(tokenizer, completion)
         if len(answer_ids) >= self.max_length:
             raise ValueError(
-                f"A GSM8K answer alone has {len(answer_ids)} tokens, which leaves no room for the question within "
-                f"max_length={self.max_length}. Raise `max_length`. The answer begins: {answer[:80]!r}"
+                f"GSM8K {origin}: the answer alone has {len(answer_ids)} tokens, which leaves no room for the "
+                f"question within max_length={self.max_length}. Raise `max_length`. The answer begins: {answer[:80]!r}"
             )
         truncated = len(prompt_ids) + len(answer_ids) > self.max_length
         if truncated:

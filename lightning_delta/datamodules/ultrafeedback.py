@@ -28,6 +28,7 @@ __all__ = ["UltraFeedbackDataModule"]
 
 PLAIN_FORMAT = "{role}: {content}\n"  # without a chat template, per message; the prompt ends with "assistant:"
 TOO_LONG = ("error", "drop")
+FIELDS = {"prompt": str, "chosen": list, "rejected": list}  # what every row holds (scores are optional)
 
 
 class UltraFeedbackDataModule(TokenizedDataModule):
@@ -50,6 +51,11 @@ class UltraFeedbackDataModule(TokenizedDataModule):
         limit: the first ``limit`` pairs only.
         chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
             plain ``"role: content"`` lines); ``True`` requires it; ``False`` always uses the plain format.
+
+    Raises:
+        ValueError: bad arguments, an empty split, a row without ``prompt``, ``chosen`` or ``rejected`` or with a
+        malformed message list (the message names the file and row); ``FileNotFoundError``: a local path that
+        does not exist.
 
     Example::
 
@@ -80,12 +86,12 @@ class UltraFeedbackDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
             return
-        rows = load_rows(self.data, self.split, None, self.limit, "UltraFeedback")
+        rows, origins = load_rows(self.data, self.split, None, self.limit, "UltraFeedback", FIELDS)
         use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
         examples = []
         self.num_truncated = self.num_dropped = 0
-        for index, row in enumerate(rows):
-            example = self.encode_pair(row, use_template, index)
+        for row, origin in zip(rows, origins):
+            example = self.encode_pair(row, use_template, origin)
             if example is None:
                 self.num_dropped += 1
                 continue
@@ -102,24 +108,36 @@ class UltraFeedbackDataModule(TokenizedDataModule):
         self.examples = examples
 
     @staticmethod
-    def _conversation(row: dict, key: str, index: int) -> tuple[list[dict], str]:
+    def _conversation(row: dict, key: str, origin: str) -> tuple[list[dict], str]:
+        """(the messages before the answer, the answer) of ``row[key]``, a list of ``{"role", "content"}`` messages
+        ending with the assistant's."""
         messages = row[key]
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            raise ValueError(
-                f"UltraFeedback row {index}: `{key}` must be a list of messages ending with the assistant's answer."
-            )
+        shape = f"`{key}` must be a non-empty list of {{'role', 'content'}} messages ending with the assistant's answer"
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"UltraFeedback {origin}: {shape}; it is {str(messages)[:80]!r}.")
+        for position, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"UltraFeedback {origin}: {shape}; its message {position} is a "
+                                 f"{type(message).__name__} ({str(message)[:60]!r}).")
+            bad = [name for name in ("role", "content") if not isinstance(message.get(name), str)]
+            if bad:
+                found = ", ".join(repr(k) for k, v in message.items() if v is not None) or "no fields"
+                raise ValueError(f"UltraFeedback {origin}: {shape}; its message {position} has no string "
+                                 f"{' or '.join(map(repr, bad))} (it has {found}).")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"UltraFeedback {origin}: {shape}; its last message has role {messages[-1]['role']!r}.")
         return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
 
     def _plain(self, messages: list[dict], answer: str) -> tuple[str, str]:
         prompt = "".join(PLAIN_FORMAT.format(**m) for m in messages) + "assistant:"
         return prompt, " " + answer + (self.tokenizer.eos_token or "")
 
-    def encode_pair(self, row: dict, use_template: bool, index: int = 0) -> dict[str, Any] | None:
-        """Token ids of one pair (``None`` when dropped as too long)."""
-        chosen_messages, chosen = self._conversation(row, "chosen", index)
-        rejected_messages, rejected = self._conversation(row, "rejected", index)
+    def encode_pair(self, row: dict, use_template: bool, origin: str = "row") -> dict[str, Any] | None:
+        """Token ids of one pair (``None`` when dropped as too long); ``origin`` says where the row is, for errors."""
+        chosen_messages, chosen = self._conversation(row, "chosen", origin)
+        rejected_messages, rejected = self._conversation(row, "rejected", origin)
         if chosen_messages != rejected_messages:
-            raise ValueError(f"UltraFeedback row {index}: `chosen` and `rejected` have different prompts.")
+            raise ValueError(f"UltraFeedback {origin}: `chosen` and `rejected` have different prompts.")
         if not chosen_messages:
             chosen_messages = [{"role": "user", "content": row["prompt"]}]
         tokenizer = self.tokenizer
@@ -137,7 +155,7 @@ class UltraFeedbackDataModule(TokenizedDataModule):
             if self.too_long == "drop":
                 return None
             raise ValueError(
-                f"UltraFeedback row {index}: an answer alone has {longest} tokens, which leaves no room for the prompt "
+                f"UltraFeedback {origin}: an answer alone has {longest} tokens, which leaves no room for the prompt "
                 f"within max_length={self.max_length}. Raise `max_length` or pass `too_long='drop'`."
             )
         truncated = len(prompt_ids) + longest > self.max_length
