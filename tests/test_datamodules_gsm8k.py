@@ -72,6 +72,90 @@ def test_few_shot_turns_come_from_the_train_split(tokenizer, tmp_path):
     check_example(batch, 0, ids(tokenizer, prompt), ids(tokenizer, GSM8K_ROWS[0]["answer"] + "</s>\n"))
 
 
+def shot_and_question_tokens(tokenizer, batch: dict, row: int) -> tuple[list[int], list[int]]:
+    """The prompt tokens of ``row`` split into (the few-shot turns, the evaluated question's turn)."""
+    prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()].tolist()
+    turn = ids(tokenizer, "<|user|>\n")
+    starts = [i for i in range(len(prompt)) if prompt[i: i + len(turn)] == turn]
+    return prompt[: starts[-1]], prompt[starts[-1]:]
+
+
+def contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i: i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_few_shot_from_a_directory_takes_train_questions_never_the_evaluated_one(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    dm = GSM8KDataModule(tokenizer, data=str(main), few_shot=2, batch_size=5)
+    batch = next(iter(dm.val_dataloader()))
+    for row, evaluated in enumerate(GSM8K_ROWS):
+        shots, question = shot_and_question_tokens(tokenizer, batch, row)
+        assert question == ids(tokenizer, chat(evaluated["question"]))
+        assert all(contains(shots, ids(tokenizer, r["question"])) for r in GSM8K_TRAIN_ROWS)
+        assert not any(contains(shots, ids(tokenizer, r["question"])) for r in GSM8K_ROWS)
+
+
+def test_few_shot_with_one_file_needs_few_shot_data(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    one_file = GSM8KDataModule(tokenizer, data=str(main / "test.jsonl"), few_shot=2)
+    with pytest.raises(ValueError, match=r"`few_shot=2` .* `data` '.*test.jsonl' is one file .* `few_shot_data=`"):
+        one_file.setup()
+    assert one_file.examples is None
+    # the default few_shot=0 needs no shots: one file is fine
+    assert len(GSM8KDataModule(tokenizer, data=str(main / "test.jsonl")).val_dataloader().dataset) == len(GSM8K_ROWS)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_few_shot_data_a_train_file_gives_its_first_rows_as_shots(tokenizer, tmp_path, fmt):
+    main = write_gsm8k(tmp_path, fmt)
+    test_file, train_file = sorted(main.glob(f"test*.{fmt}"))[0], sorted(main.glob(f"train*.{fmt}"))[0]
+    dm = GSM8KDataModule(tokenizer, data=str(test_file), few_shot=1, few_shot_data=str(train_file), batch_size=2)
+    batch = next(iter(dm.val_dataloader()))
+    first = GSM8K_TRAIN_ROWS[0]
+    for row in range(2):
+        prompt = f"<|user|>\n{first['question']}</s>\n<|assistant|>\n{first['answer']}</s>\n" + chat(
+            GSM8K_ROWS[row]["question"])
+        check_example(batch, row, ids(tokenizer, prompt), ids(tokenizer, GSM8K_ROWS[row]["answer"] + "</s>\n"))
+
+
+def test_few_shot_from_the_evaluated_source_is_refused(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    test_file = str(main / "test.jsonl")
+    same = "would come from the evaluated examples .* both read .*test.jsonl"
+    with pytest.raises(ValueError, match=same):  # the same file, whatever few_shot_split says
+        GSM8KDataModule(tokenizer, data=test_file, few_shot=1, few_shot_data=test_file).setup()
+    with pytest.raises(ValueError, match=same):  # the same file, spelt differently
+        GSM8KDataModule(tokenizer, data=test_file, few_shot=1, few_shot_data=str(main / ".." / "main" / "test.jsonl"),
+                        few_shot_split="test").setup()
+    with pytest.raises(ValueError, match=same):  # the evaluated split of a directory
+        GSM8KDataModule(tokenizer, data=str(main), few_shot=1, few_shot_split="test").setup()
+    with pytest.raises(ValueError, match=same):  # the directory's test file, as few_shot_data
+        GSM8KDataModule(tokenizer, data=str(main), few_shot=1, few_shot_data=test_file).setup()
+    with pytest.raises(ValueError, match="would come from the evaluated split 'test' of 'openai/gsm8k'"):
+        GSM8KDataModule(tokenizer, few_shot=1, few_shot_split="test").setup()  # refused before any download
+
+
+def test_few_shot_question_among_the_evaluated_ones_is_refused(tokenizer, tmp_path):
+    main = write_gsm8k(tmp_path)
+    leaky = write_jsonl(tmp_path / "leaky" / "train.jsonl", [GSM8K_TRAIN_ROWS[0], {**GSM8K_ROWS[3], "answer": "#### 2.5"}])
+    dm = GSM8KDataModule(tokenizer, data=str(main / "test.jsonl"), few_shot=2, few_shot_data=str(leaky))
+    with pytest.raises(ValueError, match=r"evaluated GSM8K row 3 .*test.jsonl has the same question as the few-shot "
+                                         r"row 1 .*leaky.train.jsonl \('Half of 5 is what\?'\)"):
+        dm.setup()
+    # one shot, the first row, does not reach the leaking second one
+    dm = GSM8KDataModule(tokenizer, data=str(main / "test.jsonl"), few_shot=1, few_shot_data=str(leaky))
+    assert len(dm.val_dataloader().dataset) == len(GSM8K_ROWS)
+
+
+def test_few_shot_from_a_directory_without_train_split(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "only_test" / "test.jsonl", GSM8K_ROWS).parent
+    with pytest.raises(FileNotFoundError, match=r"No GSM8K few-shot file for split 'train' in .*only_test.* "
+                                                r"The 2 few-shot examples come from split 'train' .*`few_shot_data=`"):
+        GSM8KDataModule(tokenizer, data=str(data), few_shot=2).setup()
+    with pytest.raises(ValueError, match="`few_shot=3` but split 'train' of .* has 2 examples"):
+        GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), few_shot=3).setup()
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

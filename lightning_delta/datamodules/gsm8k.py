@@ -8,6 +8,7 @@ the answer as the template writes the assistant's turn. Labels are ``-100`` on t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lightning_delta.datamodules._common import (
     check_positive,
     encode,
     load_rows,
+    local_files,
     pad_left,
     pad_right,
     resolve_chat_template,
@@ -49,9 +51,13 @@ class GSM8KDataModule(TokenizedDataModule):
         data: a hub id (config ``main``, through ``datasets.load_dataset``), a local ``.json``/``.jsonl``/``.parquet``
             file holding the split, or a directory with ``<split>.jsonl`` / ``<split>-*.parquet`` files.
         split: the evaluated split (``"test"`` in the paper).
-        few_shot: number of worked examples (the first ones of ``few_shot_split``) put before each question.
-        few_shot_data: where the few-shot examples come from (default ``data``; needed when ``data`` is one file).
-        few_shot_split: their split.
+        few_shot: number of worked examples (the first ones of ``few_shot_split``) put before each question. They
+            never come from the evaluated examples: a ``data`` that is one file holds only those, so it needs
+            ``few_shot_data``; a source and split that are the evaluated ones, or a shot whose question is an
+            evaluated question, is an error.
+        few_shot_data: where the few-shot examples come from: a train file, a directory or a hub id (default
+            ``data``, a directory or hub id with a ``few_shot_split`` split).
+        few_shot_split: their split (ignored when ``few_shot_data`` is one file).
         max_length: the most tokens of an example; longer ones lose prompt tokens from the left (one warning
             counts them); an answer that alone needs ``max_length`` tokens or more is an error.
         batch_size, num_workers: of the validation DataLoader.
@@ -62,7 +68,8 @@ class GSM8KDataModule(TokenizedDataModule):
 
     Raises:
         ValueError: bad arguments, an empty split, a row without ``question`` or ``answer`` (the message names the
-        file and row), an answer longer than ``max_length``; ``FileNotFoundError``: a local path that does not exist.
+        file and row), an answer longer than ``max_length``, few-shot examples that would come from the evaluated
+        ones; ``FileNotFoundError``: a local path that does not exist.
 
     Example::
 
@@ -97,13 +104,10 @@ class GSM8KDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
             return
-        rows, origins = load_rows(self.data, self.split, "main", self.limit, "GSM8K", FIELDS)
-        shots: list[dict] = []
         if self.few_shot:
-            shots, _ = load_rows(self.few_shot_data or self.data, self.few_shot_split, "main", self.few_shot,
-                                 "GSM8K few-shot", FIELDS)
-            if len(shots) < self.few_shot:
-                raise ValueError(f"`few_shot={self.few_shot}` but split {self.few_shot_split!r} has {len(shots)} examples.")
+            self.check_shot_source()
+        rows, origins = load_rows(self.data, self.split, "main", self.limit, "GSM8K", FIELDS)
+        shots = self.load_shots(rows, origins) if self.few_shot else []
         use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
         examples = [self.encode_example(row["question"], row["answer"], shots, use_template, origin)
                     for row, origin in zip(rows, origins)]
@@ -115,6 +119,59 @@ class GSM8KDataModule(TokenizedDataModule):
                 "first). Raise `max_length` to keep them whole."
             )
         self.examples = examples
+
+    def check_shot_source(self) -> None:
+        """Refuse few-shot examples that would come from the evaluated ones (before anything is loaded)."""
+        k, data, split = self.few_shot, self.data, self.split
+        source = data if self.few_shot_data is None else self.few_shot_data
+        evaluated = local_files(data, split, "GSM8K")
+        if self.few_shot_data is None and evaluated is not None and not Path(data).expanduser().is_dir():
+            raise ValueError(
+                f"`few_shot={k}` needs worked examples apart from the evaluated ones, but `data` {data!r} is one file "
+                f"that holds only the evaluated examples: the shots would be evaluated questions with their answers. "
+                "Pass `few_shot_data=` a GSM8K train file (e.g. train.jsonl or train-00000-of-00001.parquet), or give "
+                "`data` as a directory holding train and test files."
+            )
+        try:
+            shot_files = local_files(source, self.few_shot_split, "GSM8K few-shot")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error} The {k} few-shot examples come from split {self.few_shot_split!r} of {source!r}: add that "
+                "file, or pass `few_shot_data=` a GSM8K train file."
+            ) from error
+        if evaluated is not None and shot_files is not None:
+            same = sorted({f.resolve() for f in evaluated} & {f.resolve() for f in shot_files})
+            if same:
+                raise ValueError(
+                    f"The few-shot examples (`few_shot_data={self.few_shot_data!r}`, split {self.few_shot_split!r}) "
+                    f"would come from the evaluated examples (`data={data!r}`, split {split!r}): both read "
+                    f"{', '.join(map(str, same))}. Pass `few_shot_data=` a train file, or a `few_shot_split` other "
+                    "than the evaluated one."
+                )
+        elif evaluated is None and shot_files is None and source == data and self.few_shot_split == split:
+            raise ValueError(
+                f"The few-shot examples would come from the evaluated split {split!r} of {data!r}: set "
+                "`few_shot_split` to another split (e.g. 'train') or pass `few_shot_data=`."
+            )
+
+    def load_shots(self, rows: list[dict], origins: list[str]) -> list[dict]:
+        """The first ``few_shot`` rows of the few-shot source; none may ask an evaluated question of ``rows``."""
+        k = self.few_shot
+        source = self.data if self.few_shot_data is None else self.few_shot_data
+        shots, shot_origins = load_rows(source, self.few_shot_split, "main", k, "GSM8K few-shot", FIELDS)
+        if len(shots) < k:
+            raise ValueError(f"`few_shot={k}` but split {self.few_shot_split!r} of {source!r} has {len(shots)} "
+                             "examples; lower `few_shot` or pass `few_shot_data=` with more.")
+        shot_questions = {" ".join(shot["question"].split()): where for shot, where in zip(shots, shot_origins)}
+        for row, origin in zip(rows, origins):
+            where = shot_questions.get(" ".join(row["question"].split()))
+            if where is not None:
+                raise ValueError(
+                    f"The evaluated GSM8K {origin} has the same question as the few-shot {where} "
+                    f"({row['question'][:60]!r}), so its answer would be in its own prompt. Take the few-shot "
+                    "examples from a train split apart from the evaluated examples (`few_shot_data=`)."
+                )
+        return shots
 
     def encode_example(self, question: str, answer: str, shots: list[dict], use_template: bool,
                        origin: str = "example") -> dict[str, Any]:
