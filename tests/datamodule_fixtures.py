@@ -115,3 +115,26 @@ def write_resisc45(root: Path, classes: tuple[str, ...] = ("airplane", "sea_ice"
             pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(base / name / f"{name}_{i + 1:03d}.png")
     return base
+
+
+GTSRB_CSV_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+
+
+def write_gtsrb_test(root: Path, labels: tuple[int, ...] = (16, 1, 38), seed: int = 0,
+                     csv_lines: list[str] | None = None) -> list[np.ndarray]:
+    """GTSRB's test split as unpacked from its archives: ``root/gtsrb/GTSRB/Final_Test/Images/0000i.ppm`` and the
+    semicolon-separated ``root/gtsrb/GT-final_test.csv`` (``csv_lines`` replaces its rows); returns the images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, lines = [], []
+    for i, label in enumerate(labels):
+        pixels = rng.integers(0, 256, size=(30, 31, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.ppm")
+        images.append(pixels)
+        lines.append(f"{i:05d}.ppm;31;30;5;5;25;24;{label}")
+    rows = lines if csv_lines is None else csv_lines
+    (root / "gtsrb" / "GT-final_test.csv").write_text("\n".join([GTSRB_CSV_HEADER, *rows]) + "\n")
+    return images

@@ -15,7 +15,7 @@ from lightning_delta.datamodules.classnames import get_templates
 from lightning_delta.losses import ClassificationLoss
 from lightning_delta.metrics import TopOneAccuracy, classification_evaluator
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import write_mnist, write_resisc45
+from tests.datamodule_fixtures import _write_idx, write_gtsrb_test, write_mnist, write_resisc45
 from tests.riemann_support import brute_force, random_edits
 from tests.tiny_models import make_post_trained, make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
 
@@ -89,6 +89,63 @@ def test_missing_data_says_how_to_get_it(task, tmp_path):
     dm = VisionDataModule(task, str(tmp_path / "nothing"), processor=make_tiny_image_processor())
     with pytest.raises(FileNotFoundError, match=f"{task} data not found: .* To get it: "):
         dm.setup()
+
+
+def test_mnist_images_without_labels_name_both_files(tmp_path):
+    images, labels = write_mnist(tmp_path, num_test=7)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:5])  # two images lose their labels
+    dm = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor())
+    with pytest.raises(ValueError, match=r"MNIST .*t10k-images-idx3-ubyte holds 7 images but .*t10k-labels-idx1-ubyte "
+                                         r"holds 5 labels; each image needs one label"):
+        dm.setup()
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 3, 4, 10, 5, 6]))
+    with pytest.raises(ValueError, match=r"MNIST label 4 \(counting from 0\) of .*t10k-labels-idx1-ubyte is 10, not a "
+                                         r"digit 0-9"):
+        VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor()).setup()
+    # the train split's files are intact
+    train = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor(), split="train")
+    assert len(train.val_dataloader().dataset) == 4
+
+
+def test_gtsrb_test_split_reads_its_csv_labels(tmp_path):
+    images = write_gtsrb_test(tmp_path, labels=(16, 1, 38))
+    processor = make_tiny_image_processor()
+    batch = next(iter(VisionDataModule("gtsrb", str(tmp_path), processor=processor, batch_size=3).val_dataloader()))
+    assert batch["labels"].tolist() == [16, 1, 38]
+    from PIL import Image
+
+    direct = processor(images=Image.fromarray(images[2]), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(batch["pixel_values"][2], direct)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24"],
+         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'ClassId': each row needs "
+         r"the fields 'Filename' and 'ClassId'; this row has 'Filename', 'Width', 'Height', 'Roi.X1', 'Roi.Y1', "
+         r"'Roi.X2', 'Roi.Y2'\."),
+        (["00000.ppm;31;30;5;5;25;24;16", ";31;30;5;5;25;24;1"],
+         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'Filename'"),
+        (["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24;43"],
+         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv: `ClassId` is '43', expected a class "
+         r"index 0-42"),
+    ],
+)
+def test_gtsrb_csv_rows_without_fields_name_file_row_and_fields(tmp_path, lines, message):
+    write_gtsrb_test(tmp_path, labels=(16, 1), csv_lines=lines)
+    with pytest.raises(ValueError, match=rf"GTSRB {message}"):
+        VisionDataModule("gtsrb", str(tmp_path), processor=make_tiny_image_processor()).setup()
+
+
+def test_gtsrb_csv_without_a_classid_column(tmp_path):
+    write_gtsrb_test(tmp_path, labels=(16,), csv_lines=["00000.ppm;31;30;5;5;25;24;16"])
+    csv = tmp_path / "gtsrb" / "GT-final_test.csv"
+    csv.write_text(csv.read_text().replace(";ClassId", ";Class"))
+    with pytest.raises(ValueError, match=r"GTSRB row 0 .*GT-final_test.csv lacks the field 'ClassId': .* this row has "
+                                         r"'Filename', .*'Roi.Y2', 'Class'\."):
+        VisionDataModule("gtsrb", str(tmp_path), processor=make_tiny_image_processor()).setup()
 
 
 def test_empty_split_and_bad_arguments(tmp_path):

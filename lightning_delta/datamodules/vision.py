@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_delta.datamodules._common import check_positive, validation_loader
+from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
 from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_classnames, get_templates
 
 __all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "expected_layout"]
@@ -94,12 +94,45 @@ def _resisc45(root: Path, split: str, transform: Any) -> Dataset:
     return dataset if folder == base / split else _Every(dataset, split)
 
 
+def _check_mnist(dataset: Any, root: Path, split: str) -> Any:
+    """Every MNIST image needs its label, a digit 0-9: raise naming the idx files otherwise."""
+    prefix = "train" if split == "train" else "t10k"
+    raw = root / "MNIST" / "raw"
+    images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if len(dataset.data) != len(dataset.targets):
+        raise ValueError(f"MNIST {images} holds {len(dataset.data)} images but {labels} holds {len(dataset.targets)} "
+                         "labels; each image needs one label. Replace the two files by a matching pair.")
+    outside = (dataset.targets < 0) | (dataset.targets > 9)
+    if outside.any():
+        index = int(outside.nonzero()[0])
+        raise ValueError(f"MNIST label {index} (counting from 0) of {labels} is {int(dataset.targets[index])}, not a "
+                         "digit 0-9.")
+    return dataset
+
+
+def _check_gtsrb_test_csv(path: Path) -> None:
+    """Every row of GTSRB's ``GT-final_test.csv`` needs ``Filename`` and a ``ClassId`` 0-42; raise naming the row."""
+    import csv
+
+    fields = {"Filename": str, "ClassId": str}
+    with open(path, newline="") as file:
+        for index, row in enumerate(csv.DictReader(file, delimiter=";", skipinitialspace=True)):
+            row = {key: (value or None) for key, value in row.items() if key is not None}  # "" is missing too
+            origin = f"row {index} (counting from 0, after the header) of {path}"
+            check_fields(row, origin, fields, "GTSRB")
+            if not row["ClassId"].strip().isdigit() or int(row["ClassId"]) >= len(CLASSNAMES["gtsrb"]):
+                raise ValueError(f"GTSRB {origin}: `ClassId` is {row['ClassId']!r}, expected a class index 0-"
+                                 f"{len(CLASSNAMES['gtsrb']) - 1}.")
+
+
 def build_vision_dataset(task: str, root: str | Path, split: str = "test", download: bool = False,
                          transform: Any = None) -> Dataset:
     """The torchvision dataset (or RESISC45 image folder) of ``task``: items ``(PIL image, label)``.
 
     Raises:
         FileNotFoundError: the data is not under ``root``; the message says how to get it.
+        ValueError: MNIST images without labels (or labels outside 0-9); a row of GTSRB's ``GT-final_test.csv``
+            without ``Filename`` or a ``ClassId`` 0-42 (the message names the file and row).
     """
     from torchvision import datasets as tv
 
@@ -111,10 +144,12 @@ def build_vision_dataset(task: str, root: str | Path, split: str = "test", downl
     common = dict(transform=transform)
     try:
         if task == "mnist":
-            return tv.MNIST(str(root), train=split == "train", download=download, **common)
+            return _check_mnist(tv.MNIST(str(root), train=split == "train", download=download, **common), root, split)
         if task == "svhn":
             return tv.SVHN(str(root / "svhn"), split=split, download=download, **common)
         if task == "gtsrb":
+            if split != "train" and (root / "gtsrb" / "GT-final_test.csv").exists():
+                _check_gtsrb_test_csv(root / "gtsrb" / "GT-final_test.csv")
             return tv.GTSRB(str(root), split=split, download=download, **common)
         if task == "dtd":
             return tv.DTD(str(root), split=split, download=download, **common)
