@@ -272,8 +272,10 @@ def edit(
 def plot(results: list[str], output_dir: str = "figures", extension: str = "png") -> list[str]:
     """Draw every figure the rows of the results files allow (see :mod:`lightning_delta.plots`).
 
+    Rows of different settings (C, model, data, loss, ...) are drawn as separate lines, labelled by what differs.
+
     Args:
-        results: JSONL results files written by ``lightning-delta sweep`` or ``demo``.
+        results: JSONL results files written by ``lightning-delta sweep`` or ``demo``; each must exist.
         output_dir: where the figures go.
         extension: image format (``png``, ``pdf``, ``svg``).
     """
@@ -282,7 +284,7 @@ def plot(results: list[str], output_dir: str = "figures", extension: str = "png"
 
     rows = list(iter_rows(results))
     if not rows:
-        raise ValueError(f"No rows in {results}: run `lightning-delta sweep` first.")
+        raise ValueError(f"No rows in {', '.join(map(str, results))}: run `lightning-delta sweep` first.")
     written = plot_all(rows, output_dir, extension)
     for path in written.values():
         print(f"figure: {path}")

@@ -16,10 +16,16 @@ function                what it shows                                           
 
 Each function takes rows (dicts, see :mod:`lightning_delta.sweep`) and a path, and returns the path, or ``None``
 when no row fits the figure. :func:`plot_all` draws every figure it can.
+
+Rows may come from several sweeps. Rows that differ in anything besides what a figure lays out (its x axis, its
+lines' edit arguments, its data set panels) are never drawn as one line: they are split by :func:`row_settings`
+(C, the model, the pre-trained weights, the loss, the data and trainer settings, ...) and each line's label names
+the settings that tell it apart (:func:`setting_labels`), e.g. ``k=0, C=5``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -32,6 +38,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lightning_delta.sweep import VOLATILE_KEYS, _drop_key  # noqa: E402
+
 __all__ = [
     "edit_family",
     "edit_label",
@@ -42,6 +50,8 @@ __all__ = [
     "plot_expo_gap",
     "plot_loss_curve",
     "plot_modules",
+    "row_settings",
+    "setting_labels",
 ]
 
 GROUP_ORDER = ("attention", "mlp", "norms", "embeddings", "other")
@@ -110,6 +120,104 @@ def metric(row: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
+# Config keys that are not settings of a row: the edit (its own field), C (from the result), and the data keys that the
+# data set label already names (lightning_delta.cli._dataset_label).
+_NOT_SETTINGS = (
+    "edit",
+    "riemann.num_points",
+    "data.class_path",
+    *(f"data.init_args.{key}" for key in ("task", "tasks", "name", "subset", "split")),
+)
+_SETTING_NAMES = {"model.model": "model", "model.pretrained": "pretrained", "model.loss": "loss",
+                  "seed_everything": "seed"}
+_SETTING_ORDER = ("data", "C", "model", "pretrained", "loss")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value, default=str)
+    return _format_number(value)
+
+
+def row_settings(row: Mapping[str, Any], shown_edit_keys: Iterable[str] | None = None) -> dict[str, str]:
+    """Everything a row was measured under besides what a figure lays out, as ``{name: value}`` strings.
+
+    ``data`` (the data set label), ``C`` (the Riemann points), every key of the row's config (dotted, without
+    ``init_args``; ``model``, ``pretrained``, ``loss`` and ``seed`` for the module's main arguments) except the edit
+    and the keys that only say where or how fast it ran (:data:`lightning_delta.sweep.VOLATILE_KEYS`), and, when
+    ``shown_edit_keys`` is given, the edit's arguments not among them (as ``edit.<name>``).
+    """
+    settings = {"data": dataset(row)}
+    num_points = (row.get("result") or {}).get("num_points")
+    if num_points is not None:
+        settings["C"] = _setting_value(num_points)
+    if shown_edit_keys is not None:
+        shown = set(shown_edit_keys)
+        for key, value in edit_config(row).items():
+            if key not in shown:
+                settings[f"edit.{key}"] = _setting_value(value)
+    config = json.loads(json.dumps(row.get("config") or {}, default=str))
+    for dotted in (*VOLATILE_KEYS, *_NOT_SETTINGS):
+        _drop_key(config, dotted)
+    for key, value in _flatten(config):
+        name = ".".join(part for part in key.split(".") if part != "init_args")
+        settings[_SETTING_NAMES.get(name, name)] = _setting_value(value)
+    return settings
+
+
+def _short_values(values: Iterable[str]) -> dict[str, str]:
+    """Paths cut to their last components, as few as keep them apart (``runs/a/post``, ``runs/b/post`` -> ``a/post``,
+    ``b/post``); other values as they are."""
+    values = sorted(set(values))
+    if len(values) < 2 or not all("/" in value for value in values):
+        return {value: value for value in values}
+    parts = {value: value.rstrip("/").split("/") for value in values}
+    for count in range(1, max(len(split) for split in parts.values()) + 1):
+        short = {value: "/".join(split[-count:]) for value, split in parts.items()}
+        if len(set(short.values())) == len(values):
+            return short
+    return {value: value for value in values}
+
+
+def setting_labels(
+    rows: Sequence[Mapping[str, Any]], shown_edit_keys: Iterable[str] | None = None
+) -> list[str]:
+    """For each row, the :func:`row_settings` that differ between rows of the same data set, as ``C=5, model=a/post``
+    (``""`` where the rows of each data set agree on all of them: the figures show the data set themselves).
+
+    Two rows with equal labels have equal settings, so a figure may draw them on one line; a setting one row lacks
+    (an older row without a config) counts as different (``none``).
+    """
+    settings = [row_settings(row, shown_edit_keys) for row in rows]
+    by_dataset: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row, setting in zip(rows, settings):
+        by_dataset[dataset(row)].append(setting)
+    names = {name for setting in settings for name in setting}
+    differing = [
+        name for name in names
+        if any(len({setting.get(name) for setting in group}) > 1 for group in by_dataset.values())
+    ]
+    differing.sort(key=lambda name: (_SETTING_ORDER.index(name) if name in _SETTING_ORDER else len(_SETTING_ORDER),
+                                     name))
+    short = {name: _short_values(setting[name] for setting in settings if name in setting) for name in differing}
+    return [
+        ", ".join(f"{name}={short[name][setting[name]] if name in setting else 'none'}" for name in differing)
+        for setting in settings
+    ]
+
+
+def _joined(*parts: str) -> str:
+    return ", ".join(part for part in parts if part)
+
+
 def _rows(rows: Iterable[Mapping[str, Any]], *families: str) -> list[Mapping[str, Any]]:
     return [row for row in rows if edit_family(row) in families]
 
@@ -130,21 +238,26 @@ def plot_dare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     rows = _rows(rows, "dare", "drop_only")
     if not rows:
         return None
+    settings = setting_labels(rows, shown_edit_keys=("name", "p", "k", "rescale"))
     datasets = sorted({dataset(row) for row in rows})
     figure, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
     for panels, name in zip(axes, datasets):
-        lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-        for row in rows:
+        lines: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+        for row, setting in zip(rows, settings):
             if dataset(row) != name:
                 continue
             edit = edit_config(row)
-            label = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(edit.get('k', 0.0))}"
-            lines[label].append((float(edit["p"]), metric(row, "term"), metric(row, "exact")))
-        for label in sorted(lines, key=lambda label: (label == "drop only", label)):
-            points = sorted(lines[label])
-            style = dict(linestyle="--", color="0.4") if label == "drop only" else {}
+            kind = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(edit.get('k', 0.0))}"
+            lines[(kind, setting)].append((float(edit["p"]), metric(row, "term"), metric(row, "exact")))
+        drop_only_lines = sum(kind == "drop only" for kind, _ in lines)
+        for kind, setting in sorted(lines, key=lambda line: (line[0] == "drop only", line)):
+            points = sorted(lines[(kind, setting)])
+            style = {}
+            if kind == "drop only":
+                style = dict(linestyle="--", color="0.4") if drop_only_lines == 1 else dict(linestyle="--")
             for axis, column in zip(panels, (1, 2)):
-                axis.plot([p[0] for p in points], [p[column] for p in points], marker="o", label=label, **style)
+                axis.plot([p[0] for p in points], [p[column] for p in points], marker="o",
+                          label=_joined(kind, setting), **style)
         for axis, title in zip(panels, ("Riemann term (C points, left rule)", "exact ΔL = L(W_post+E) − L(W_post)")):
             axis.axhline(0.0, color="black", linewidth=0.6)
             axis.set_xlabel("drop rate p")
@@ -180,10 +293,10 @@ def plot_modules(
     groups = [group for group in GROUP_ORDER if any(group in row["result"]["term_per_group"] for row in selected)]
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
     width = 0.8 / len(selected)
-    for number, row in enumerate(selected):
+    for number, (row, setting) in enumerate(zip(selected, setting_labels(selected))):
         values = [row["result"]["term_per_group"].get(group, 0.0) for group in groups]
         positions = [index + (number - (len(selected) - 1) / 2) * width for index in range(len(groups))]
-        axis.bar(positions, values, width=width, label=f"{edit_label(row)} ({dataset(row)})")
+        axis.bar(positions, values, width=width, label=f"{edit_label(row)} ({_joined(dataset(row), setting)})")
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.set_xticks(range(len(groups)), groups)
     axis.set_ylabel("Riemann term")
@@ -199,8 +312,9 @@ def plot_alpha(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
         return None
     figure, axis = plt.subplots(figsize=(6.5, 4))
     by_dataset: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
-    for row in rows:
-        by_dataset[dataset(row)].append((float(edit_config(row)["alpha"]), metric(row, "term"), metric(row, "exact")))
+    for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
+        point = (float(edit_config(row)["alpha"]), metric(row, "term"), metric(row, "exact"))
+        by_dataset[_joined(dataset(row), setting)].append(point)
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
         alphas = [point[0] for point in points]
@@ -229,8 +343,9 @@ def plot_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     name_edit, name_post = ("accuracy_edit", "accuracy_post") if use_accuracy else ("loss_edit", "loss_post")
     figure, axis = plt.subplots(figsize=(6, 4))
     by_dataset: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    for row in rows:
-        by_dataset[dataset(row)].append((int(edit_config(row)["bits"]), metric(row, name_edit), metric(row, name_post)))
+    for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "bits", "scale", "magnitudes"))):
+        point = (int(edit_config(row)["bits"]), metric(row, name_edit), metric(row, name_post))
+        by_dataset[_joined(dataset(row), setting)].append(point)
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
         (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"BitDelta, {name}")
@@ -257,12 +372,13 @@ def plot_expo_gap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
     (extrapolation)."""
     rows = _rows(rows, "extrapolate")
     best: dict[str, dict[str, float]] = defaultdict(dict)
-    for row in rows:
+    for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
         alpha, gap = float(edit_config(row)["alpha"]), performance_gap(row)
         if alpha == 0.0 or gap is None:
             continue
         side = "interpolation (α < 0)" if alpha < 0 else "extrapolation (α > 0)"
-        best[dataset(row)][side] = max(gap, best[dataset(row)].get(side, -math.inf))
+        name = "\n".join(part for part in (dataset(row), setting) if part)
+        best[name][side] = max(gap, best[name].get(side, -math.inf))
     if not best:
         return None
     uses_accuracy = all(metric(row, "accuracy_edit") is not None for row in rows)
@@ -295,7 +411,7 @@ def plot_loss_curve(
     if not selected:
         return None
     figure, axes = plt.subplots(len(selected), 2, figsize=(10, 3.4 * len(selected)), squeeze=False)
-    for (left, right), row in zip(axes, selected):
+    for (left, right), row, setting in zip(axes, selected, setting_labels(selected)):
         result = row["result"]
         num_points = int(result["num_points"])
         losses, inner = result["losses"], result["inner_products"]
@@ -307,7 +423,7 @@ def plot_loss_curve(
         left.plot(ts, predicted, marker="s", linestyle="--", label="L(0) + left Riemann sum")
         left.set_xlabel("t  (W_post + t·E)")
         left.set_ylabel("loss")
-        left.set_title(f"{edit_label(row)} ({dataset(row)})", fontsize=9)
+        left.set_title(f"{edit_label(row)} ({_joined(dataset(row), setting)})", fontsize=9)
         left.legend(fontsize=7)
         right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
                   label=f"left rectangles: term = {result['term']:.4g}")

@@ -417,7 +417,17 @@ def _run_sweep(
     return sorted(rows, key=lambda row: keys[row["key"]])
 
 
-def iter_rows(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
-    """The rows of several results files, in order."""
-    for path in paths:
-        yield from ResultsFile(path).read()
+def iter_rows(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The rows of one or several results files, in order.
+
+    Raises:
+        FileNotFoundError: naming every path that is not an existing file, before any row is read.
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(path) for path in paths]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"No results file at {', '.join(missing)}: check the path, or write it with `lightning-delta sweep` "
+            "(its --sweep.results) first."
+        )
+    return (row for path in paths for row in ResultsFile(path).read())

@@ -108,3 +108,107 @@ def test_plot_without_rows_says_what_to_do(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="No rows"):
         run(["plot", "--results", f"[{tmp_path / 'empty.jsonl'}]"])
+
+
+# ------------------------------------------------------------------------------- rows of several sweeps
+def _sweep_row(p: float, term: float, num_points: int, model: str, devices: int, dataset: str = "Digits/test") -> dict:
+    """A DARE row with the config a sweep records (C in the result and in the config)."""
+    row = _row({"name": "dare", "p": p, "k": 0.0, "rescale": True, "seed": 0}, dataset, term, 1.1 * term, 0.7,
+               num_points=num_points)
+    row["key"] = f"{p}-{num_points}-{model}"
+    row["config"] = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": devices, "precision": "32-true"},
+        "model": {"model": model, "pretrained": "runs/base/pre", "loss": "causal_lm"},
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
+                 "init_args": {"split": dataset.rsplit("/", 1)[-1], "limit": 24}},
+        "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": p, "k": 0.0}},
+        "riemann": {"num_points": num_points, "filename": None},
+    }
+    return row
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    results = ResultsFile(path)
+    for row in rows:
+        results.append(row)
+    return path
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, object]:
+    """The matplotlib Figures that plots save, by file stem (saved as usual)."""
+    drawn = {}
+    save = plots._save
+
+    def keep(figure, path):
+        drawn[Path(path).stem] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return drawn
+
+
+def _series(axis) -> dict[str, tuple[list[float], list[float]]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+P = (0.9, 0.1, 0.5)  # written out of order: each line must still run left to right
+
+
+def test_rows_with_different_C_are_separate_lines(tmp_path, figures):
+    terms = {2: {0.1: 0.01, 0.5: 0.08, 0.9: 0.5}, 5: {0.1: 0.02, 0.5: 0.1, 0.9: 0.6}}
+    # the two sweeps ran on different numbers of devices: that does not change the numbers, so it is no setting
+    coarse = _write_rows(tmp_path / "c2.jsonl", [_sweep_row(p, terms[2][p], 2, "runs/a/post", 8) for p in P])
+    fine = _write_rows(tmp_path / "c5.jsonl", [_sweep_row(p, terms[5][p], 5, "runs/a/post", 1) for p in P])
+    run(["plot", "--results", f"[{coarse}, {fine}]", "--output_dir", str(tmp_path / "figures")])
+
+    term_axis, exact_axis = figures["dare_p_k"].axes[:2]
+    lines = _series(term_axis)
+    assert sorted(lines) == ["k=0, C=2", "k=0, C=5"]
+    for num_points in (2, 5):
+        xs, ys = lines[f"k=0, C={num_points}"]
+        assert xs == [0.1, 0.5, 0.9]
+        assert ys == pytest.approx([terms[num_points][p] for p in xs])
+    assert sorted(_series(exact_axis)) == ["k=0, C=2", "k=0, C=5"]
+    assert sorted(text.get_text() for text in term_axis.get_legend().get_texts()) == ["k=0, C=2", "k=0, C=5"]
+
+
+def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path, figures):
+    rows = [_sweep_row(p, 0.1 * p, 5, model, 1) for model in ("runs/a/post", "runs/b/post") for p in P]
+    for row in rows:
+        row["edit"] = {"name": "extrapolate", "alpha": row["edit"]["p"] - 0.5}
+    only_one = {"data", "C", "pretrained", "loss", "seed", "trainer.precision", "data.limit"}
+    assert plots.setting_labels(rows[:3]) == ["", "", ""]  # one sweep: nothing to tell apart
+    assert only_one <= set(plots.row_settings(rows[0]))
+    path = _write_rows(tmp_path / "r.jsonl", rows)
+    run(["plot", "--results", f"[{path}]", "--output_dir", str(tmp_path / "figures")])
+
+    (axis,) = figures["expo_alpha"].axes
+    lines = _series(axis)
+    assert sorted(lines) == ["term, Digits/test, model=a/post", "term, Digits/test, model=b/post",
+                             "ΔL, Digits/test, model=a/post", "ΔL, Digits/test, model=b/post"]
+    for label, (xs, _) in lines.items():
+        assert xs == sorted(xs) and len(xs) == 3, label
+
+
+def test_rows_that_differ_only_where_they_ran_are_one_line(tmp_path, figures):
+    rows = [_sweep_row(p, 0.1 * p, 5, "runs/a/post", devices) for devices, p in zip((1, 8, 2), P)]
+    plots.plot_dare(rows, tmp_path / "dare.png")
+    lines = _series(figures["dare"].axes[0])
+    assert list(lines) == ["k=0"] and lines["k=0"][0] == [0.1, 0.5, 0.9]
+
+
+def test_plot_of_a_missing_file_names_it(tmp_path):
+    missing = tmp_path / "no-such-results.jsonl"
+    with pytest.raises(FileNotFoundError, match=rf"No results file at {missing}") as error:
+        run(["plot", "--results", f"[{missing}]", "--output_dir", str(tmp_path / "figures")])
+    assert "No rows" not in str(error.value)
+
+
+def test_plot_with_one_missing_file_among_several_names_it_and_draws_nothing(results_file, tmp_path):
+    missing = tmp_path / "typo.jsonl"
+    with pytest.raises(FileNotFoundError, match=rf"No results file at {missing}:"):
+        run(["plot", "--results", f"[{results_file}, {missing}]", "--output_dir", str(tmp_path / "figures")])
+    assert not (tmp_path / "figures").exists()
