@@ -37,6 +37,7 @@ from lightning_delta._loading import TensorSource, format_names, load_tensors, t
 
 __all__ = [
     "DeltaMatch",
+    "check_tied_targets",
     "TensorSource",
     "compute_delta",
     "delta_dtype",
@@ -225,6 +226,33 @@ def match_tensors(
             f"{format_names(available, limit=8) or 'none in common'}."
         )
     return matches
+
+
+def check_tied_targets(names: Iterable[str], post: TensorSource) -> None:
+    """Refuse two selected names that write into one tied tensor of the post-trained model.
+
+    A tied tensor (an embedding shared with the LM head) is one tensor in the model; when the pre-trained weights
+    (a state dict of copies, a checkpoint saved untied) or a mapping of edits hold it under two names, editing both
+    would add two edits to one weight. Used by every path that edits a model: :func:`~lightning_delta.export.
+    apply_edit_`, :class:`~lightning_delta.parametrize.EditedModel` and so the Riemann analysis.
+
+    Example:
+        >>> shared = torch.zeros(2)
+        >>> check_tied_targets(["emb", "head"], load_tensors({"emb": shared, "head": shared}))
+        Traceback (most recent call last):
+        ...
+        ValueError: head and emb are one tied tensor in the model but two tensors in the pre-trained weights (or the edit), so the edit is ambiguous. Give W_pre (or the edit) under one of the names only, e.g. without 'head', or leave the tensor out with exclude=r'^(head)$'.
+    """
+    targets: dict[str, str] = {}
+    for name in names:
+        target = post.canonical(name) if name in post else name  # unknown names are their callers' to report
+        if target in targets:
+            raise ValueError(
+                f"{name} and {targets[target]} are one tied tensor in the model but two tensors in the pre-trained "
+                f"weights (or the edit), so the edit is ambiguous. Give W_pre (or the edit) under one of the names "
+                f"only, e.g. without {name!r}, or leave the tensor out with {_exclude_suggestion([name])}."
+            )
+        targets[target] = name
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from lightning_delta.delta import (
     DeltaMatch,
     Patterns,
     _all_finite,
+    check_tied_targets,
     difference,
     match_tensors,
     open_pair,
@@ -96,19 +97,6 @@ def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post
         raise ValueError(f"edit must map each name to a tensor of the delta's shape: {format_names(bad)}.")
 
 
-def _check_tied_targets(matches: list[DeltaMatch], post: TensorSource) -> None:
-    """Two selected tensors must not write into one tied tensor of the model."""
-    targets: dict[str, str] = {}
-    for match in matches:
-        target = post.canonical(match.post_name)
-        if target in targets:
-            raise ValueError(
-                f"{match.name} and {targets[target]} are one tied tensor in the model but different tensors in the "
-                "pre-trained weights, so the edit is ambiguous. Leave one of them out with exclude=."
-            )
-        targets[target] = match.name
-
-
 def apply_edit_(
     model: nn.Module,
     pretrained: Any,
@@ -173,7 +161,7 @@ def apply_edit_(
                     f"{type(edit).__name__} needs the gradient of the loss at W_post for every edited tensor; missing "
                     f"for {len(missing)} tensors: {format_names(missing)}. Pass gradients={{name: grad}}."
                 )
-        _check_tied_targets(matches, post)
+        check_tied_targets([match.post_name for match in matches], post)
 
         with torch.no_grad():
             for match in matches:

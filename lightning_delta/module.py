@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchmetrics import Metric
 
-from lightning_delta.attach import attach_edit
-from lightning_delta.losses import DeltaLoss, LossOutput, build_loss
+from lightning_delta.attach import attach_edit, check_edit
+from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
+from lightning_delta.losses_dpo import DPOLoss
 from lightning_delta.parametrize import EditedModel
 
 __all__ = ["DeltaEditModule", "load_model"]
@@ -51,6 +52,24 @@ def load_model(source: Any, torch_dtype: Any = None) -> nn.Module:
     )
 
 
+def check_batch(batch: Any, loss: DeltaLoss) -> Any:
+    """Refuse a batch the library's losses cannot read: they take a mapping of model inputs (``input_ids``,
+    ``labels``, ``pixel_values``), classification also an ``(inputs, targets)`` pair. A loss of the user's own reads
+    what it likes."""
+    if isinstance(batch, Mapping) or not isinstance(loss, (CausalLMLoss, ClassificationLoss, DPOLoss)):
+        return batch
+    classification = isinstance(loss, ClassificationLoss)
+    if classification and isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch
+    pairs = " (or an (inputs, targets) pair)" if classification else ""
+    raise ValueError(
+        f"DeltaEditModule's {type(loss).__name__} reads each batch as a mapping of model inputs (e.g. input_ids, "
+        f"attention_mask, labels){pairs}, got a {type(batch).__name__}. Give a DataLoader whose collate function "
+        "returns a dict (the lightning_delta DataModules do), or use RiemannCallback(pretrained=..., edit=...) on "
+        "your own LightningModule, whose training_step reads the batch."
+    )
+
+
 class DeltaEditModule(pl.LightningModule):
     """The post-trained model with an edit applied as the parametrization ``W_post + t·E``, ``E = F(ΔW) − ΔW``.
 
@@ -86,6 +105,7 @@ class DeltaEditModule(pl.LightningModule):
         torch_dtype: Any = None,
     ) -> None:
         super().__init__()
+        check_edit(edit)
         self.model = load_model(model, torch_dtype)
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
@@ -125,7 +145,7 @@ class DeltaEditModule(pl.LightningModule):
         self.edited_model().set_t(t)
 
     def riemann_prepare(self, batch: Any) -> Any:
-        return self.loss.prepare(batch)
+        return self.loss.prepare(check_batch(batch, self.loss))
 
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
         return self.loss(self.model, batch)
@@ -140,6 +160,7 @@ class DeltaEditModule(pl.LightningModule):
         """Loss and accuracy at t = 0 and t = 1 (the loss only without a RiemannCallback, which measures it)."""
         from lightning_delta.callbacks.riemann import RiemannCallback
 
+        check_batch(batch, self.loss)
         edited = self.edited_model(self.trainer)
         measure_loss = not any(isinstance(callback, RiemannCallback) for callback in self.trainer.callbacks)
         prepared = self.riemann_prepare(batch) if measure_loss else batch

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_delta.delta import check_tied_targets, load_tensors
+
 __all__ = ["EditParametrization", "EditedModel"]
 
 
@@ -109,6 +111,25 @@ class EditedModel:
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
         aliases = aliases if aliases is not None else _tied_aliases(tensors)
+        check_tied_targets(self.names, load_tensors(model))
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        try:
+            self._register(model, edits, tensors, aliases)
+        except BaseException:
+            self.remove()  # nothing half-registered stays on the user's model
+            raise
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        for parametrization in self.parametrizations.values():
+            parametrization.t.requires_grad_(True)
+
+    def _register(
+        self,
+        model: nn.Module,
+        edits: Mapping[str, Tensor],
+        tensors: Mapping[str, Tensor],
+        aliases: Mapping[str, Sequence[str]],
+    ) -> None:
         for name in self.names:
             if name not in tensors:
                 raise ValueError(
@@ -121,19 +142,12 @@ class EditedModel:
                 raise ValueError(f"Edit for {name!r} has shape {tuple(edit.shape)}, the tensor {tuple(target.shape)}.")
             accumulate = torch.float64 if target.dtype == torch.float64 else torch.float32
             parametrization = EditParametrization(edit.detach().to(device=target.device, dtype=accumulate))
-            owners = []
             for full_name in [name, *aliases.get(name, ())]:
                 module_name, _, attr = full_name.rpartition(".")
                 module = model.get_submodule(module_name)
                 parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
-                owners.append((module, attr))
-            self.parametrizations[name] = parametrization
-            self._owners[name] = owners
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        for parametrization in self.parametrizations.values():
-            parametrization.t.requires_grad_(True)
+                self.parametrizations[name] = parametrization
+                self._owners.setdefault(name, []).append((module, attr))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -210,8 +224,8 @@ class EditedModel:
 
     def remove(self) -> nn.Module:
         """Remove the parametrizations and give back W_post untouched."""
-        for name in self.names:
-            for module, attr in self._owners[name]:
+        for owners in self._owners.values():
+            for module, attr in owners:
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         self._detach()
         return self.model

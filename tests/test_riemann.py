@@ -260,3 +260,117 @@ def test_bf16_against_float32(capsys):
     assert gaps["loss_post"] < 0.02 * f32.loss_post
     assert gaps["term"] < 0.1 * abs(f32.term) + 1e-3
     assert gaps["exact"] < 0.1 * abs(f32.exact) + 1e-3
+
+
+def _untied_copy_of(model: nn.Module, shift: float = 0.02) -> dict[str, torch.Tensor]:
+    """W_pre as users often pass it: a state dict of copies, in which a tied tensor's names are separate tensors."""
+    return {name: value.detach().clone() - shift for name, value in model.state_dict().items()}
+
+
+class TiedLM(pl.LightningModule):
+    """A user's module around a tied Llama, validated through the callback's own `pretrained`/`edit`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(tie=True)
+
+    def training_step(self, batch, batch_idx):
+        output = CausalLMLoss()(self.model, batch)
+        return output.total / output.count
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def _assert_untouched(model: nn.Module, post: dict[str, torch.Tensor]) -> None:
+    assert not any(nn.utils.parametrize.is_parametrized(module) for module in model.modules())
+    assert all(torch.equal(value, post[name]) for name, value in model.state_dict().items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_module():
+    """Separate W_pre copies of a tied tensor would edit it twice (lm_head reading W + tE + tE): a clear error."""
+    from lightning_delta.edits import DARE
+
+    model = tiny_llama(tie=True)
+    post = {name: value.clone() for name, value in model.state_dict().items()}
+    module = DeltaEditModule(model, _untied_copy_of(model), DARE(p=0.5, seed=0))
+    callback = RiemannCallback(num_points=2, filename=None)
+    with pytest.raises(ValueError, match=r"lm_head\.weight and model\.embed_tokens\.weight are one tied tensor.*without "
+                                         r"'lm_head\.weight'"):
+        run_validate(module, DataLoader(token_dataset(8), batch_size=4), callback)
+    _assert_untouched(model, post)
+
+
+def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_callback():
+    from lightning_delta.edits import DARE
+
+    module = TiedLM()
+    post = {name: value.clone() for name, value in module.model.state_dict().items()}
+    callback = RiemannCallback(num_points=2, pretrained=_untied_copy_of(module.model), edit=DARE(p=0.5, seed=0),
+                               module_name="model", filename=None)
+    with pytest.raises(ValueError, match=r"one tied tensor"):
+        run_validate(module, DataLoader(token_dataset(8), batch_size=4), callback)
+    _assert_untouched(module.model, post)
+
+
+def test_tied_tensor_mapping_naming_both_is_refused():
+    model = tiny_llama(tie=True)
+    edits = {"lm_head.weight": torch.ones(64, 32, dtype=torch.float64),
+             "model.embed_tokens.weight": torch.ones(64, 32, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="one tied tensor"):
+        run_validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(8), batch_size=4),
+                     RiemannCallback(num_points=2, filename=None))
+    assert not any(nn.utils.parametrize.is_parametrized(module) for module in model.modules())
+
+
+def test_tied_tensor_with_one_pretrained_name_equals_brute_force():
+    """The error's advice works: W_pre without the lm_head copy edits the tied tensor once, as a brute force says."""
+    from lightning_delta.edits import Extrapolate
+
+    model = tiny_llama(tie=True)
+    pre = _untied_copy_of(model)
+    loader = DataLoader(token_dataset(), batch_size=8)
+    post = dict(model.named_parameters())  # a tied tensor once, under its first name
+    edits = {name: 0.5 * (post[name].detach() - pre[name]) for name in post}  # Extrapolate(0.5): E = 0.5·ΔW
+    reference = brute_force(model, edits, CausalLMLoss(), loader, num_points=3)
+
+    del pre["lm_head.weight"]
+    module = DeltaEditModule(model, pre, Extrapolate(alpha=0.5))
+    callback = RiemannCallback(num_points=3, filename=None)
+    run_validate(module, loader, callback)
+    assert_matches_reference(callback.result, reference)
+    assert "lm_head.weight" not in callback.result.term_per_tensor
+
+
+@pytest.mark.parametrize("edit", ["dare", "not_an_edit", 0.9, None])
+def test_edit_that_is_not_an_operation_names_the_operations(edit):
+    with pytest.raises(ValueError, match=r"edit must be an editing operation.*DARE \('dare'\)"):
+        DeltaEditModule(tiny_llama(), {}, edit)
+
+
+def test_edit_given_by_name_says_how_to_build_it():
+    with pytest.raises(ValueError, match=r"lightning_delta\.edits\.build\('dare', \.\.\.\)"):
+        DeltaEditModule(tiny_llama(), {}, "dare")
+
+
+@pytest.mark.parametrize("batch_kind", ["tuple", "tensor"])
+def test_batches_that_are_not_mappings_get_a_clear_error(batch_kind):
+    rows = token_dataset(4)
+    data = [(row["input_ids"], row["labels"]) for row in rows] if batch_kind == "tuple" else [row["input_ids"]
+                                                                                             for row in rows]
+    module = DeltaEditModule(tiny_llama(), None, random_edits(tiny_llama()))
+    with pytest.raises(ValueError, match=r"CausalLMLoss reads each batch as a mapping.*got a (list|Tensor)"):
+        run_validate(module, DataLoader(data, batch_size=2), RiemannCallback(num_points=1, filename=None))
+
+
+def test_classification_batches_may_be_pairs():
+    model = tiny_vit()
+    edits = random_edits(model)
+    loader = DataLoader(image_dataset(), batch_size=6)  # (image, label) pairs
+    exact = plain_loss(model, edits, ClassificationLoss(), loader, 1.0) - plain_loss(model, edits, ClassificationLoss(),
+                                                                                     loader, 0.0)
+    module = DeltaEditModule(model, None, edits, loss="classification")
+    callback = RiemannCallback(num_points=1, filename=None)
+    run_validate(module, loader, callback)
+    assert callback.result.exact == pytest.approx(exact, rel=1e-10)
