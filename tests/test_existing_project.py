@@ -121,3 +121,66 @@ def test_gradient_biased_end_to_end():
     ours = torch.tensor([callback.result.term_per_tensor[n] for n in reference["names"]], dtype=torch.float64)
     expected = torch.tensor([reference["term_per_tensor"][n] for n in reference["names"]], dtype=torch.float64)
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def test_validate_takes_its_validation_step_away_again():
+    """`riemann.validate` gives a training_step-only module a no-op validation_step for the run, then removes it."""
+    module = UserClassifier()
+    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1),
+                               module_name="model", filename=None)
+    callback.validate(trainer_with(callback), module, DataLoader(image_dataset(4)), verbose=False)
+    assert callback.result is not None
+    assert "validation_step" not in vars(module)
+    assert not pl.utilities.model_helpers.is_overridden("validation_step", module, pl.LightningModule)
+    with pytest.raises(Exception, match="validation_step"):  # plain validate refuses it again, as before
+        trainer_with(RiemannCallback(pretrained={}, edit=Extrapolate(0.1), filename=None)).validate(
+            module, DataLoader(image_dataset(4)), verbose=False)
+
+
+def test_validate_leaves_a_users_own_validation_step():
+    module = UserClassifierWithValidation()
+    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1),
+                               module_name="model", filename=None)
+    callback.validate(trainer_with(callback), module, DataLoader(image_dataset(4)), verbose=False)
+    assert type(module).validation_step is UserClassifierWithValidation.validation_step
+    assert "validation_step" not in vars(module)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
+    """GradientBiased's ∇L(W_post): float64 for float64 models; for bf16 models each batch's gradient is summed in
+    float32 (a bf16 running sum over 24 batches loses about three digits)."""
+    import lightning_delta.callbacks.riemann as riemann
+
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured.update(gradients_at_post(*args, **kwargs))
+        return captured
+
+    gradients_at_post = riemann.gradients_at_post
+    monkeypatch.setattr(riemann, "gradients_at_post", capture)
+    model = tiny_vit(seed=5).to(dtype)
+    data = [(images.to(dtype), labels) for images, labels in image_dataset(n=48)]
+    loader = DataLoader(data, batch_size=2)
+    pre = {name: p.detach() - 0.05 for name, p in model.state_dict().items()}
+    point = copy.deepcopy(model)
+    module = DeltaEditModule(model, pre, GradientBiased(p=0.3, k=0.5), loss="classification")
+    trainer_with(RiemannCallback(num_points=1, filename=None)).validate(module, loader, verbose=False)
+
+    # independent reference: every batch's gradient from a plain copy in the model's dtype, summed in float64
+    exact = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in point.named_parameters()}
+    for images, labels in loader:
+        point.zero_grad()
+        F.cross_entropy(point(images).logits.double(), labels, reduction="sum").backward()
+        for name, p in point.named_parameters():
+            if p.grad is not None:  # parameters the loss never reaches (ViT's mask token) have none
+                exact[name] += p.grad.double()
+    assert captured.keys() == exact.keys()
+    for name, gradient in captured.items():
+        assert gradient.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        expected = exact[name] / len(data)
+        scale = expected.abs().max().item() or 1.0
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+        assert (gradient.double() - expected).abs().max().item() <= tolerance * scale, name
+    assert all(p.grad is None for p in module.parameters())

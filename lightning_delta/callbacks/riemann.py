@@ -144,8 +144,12 @@ class RiemannCallback(Callback):
         """
         if self not in trainer.callbacks:
             raise ValueError("Add this RiemannCallback to the Trainer's `callbacks` before calling its `validate`.")
-        ensure_validation_step(model)
-        return trainer.validate(model, *args, **kwargs)
+        added = ensure_validation_step(model)
+        try:
+            return trainer.validate(model, *args, **kwargs)
+        finally:
+            if added:
+                del model.validation_step  # the instance reads its class's methods again
 
     # ------------------------------------------------------------------------------------------ the sweep
     @override
@@ -230,9 +234,10 @@ class RiemannCallback(Callback):
         )
         for name, value in self.result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
             pl_module.log(name, value, sync_dist=True)
-        if self.filename and trainer.is_global_zero:
-            directory = trainer.log_dir or trainer.default_root_dir
-            self.result.save(Path(directory) / self.filename)
+        if self.filename:
+            directory = trainer.log_dir or trainer.default_root_dir  # a collective: read on every rank (§2.13)
+            if trainer.is_global_zero:
+                self.result.save(Path(directory) / self.filename)
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -250,10 +255,13 @@ class RiemannCallback(Callback):
         self.result = RiemannResult(**result) if result is not None else None
 
 
-def ensure_validation_step(module: "pl.LightningModule") -> None:
-    """Give ``module`` a no-op ``validation_step`` if its class has none (Lightning requires one to validate)."""
-    if not is_overridden("validation_step", module, pl.LightningModule):
-        module.validation_step = MethodType(_no_validation_step, module)
+def ensure_validation_step(module: "pl.LightningModule") -> bool:
+    """Give ``module`` a no-op ``validation_step`` if its class has none (Lightning requires one to validate);
+    return whether one was added (``del module.validation_step`` takes it away again)."""
+    if is_overridden("validation_step", module, pl.LightningModule) or "validation_step" in vars(module):
+        return False
+    module.validation_step = MethodType(_no_validation_step, module)
+    return True
 
 
 def _no_validation_step(self: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -280,32 +288,52 @@ def gradients_at_post(
     loss_fn: Callable[[Any, int], LossOutput],
     names: list[str] | None = None,
 ) -> dict[str, Tensor]:
-    """∇L at W_post over the validation data (one pass), summed over processes: what ``GradientBiased`` needs."""
+    """∇L(W_post) = (1/N) Σ_batches ∇(Σ loss) over the validation data (one pass), summed over processes: what
+    ``GradientBiased`` needs.
+
+    Each batch's gradient is added, as soon as autograd has it, into a float32 sum (float64 for float64 weights)
+    and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
+    The returned tensors have that accumulation dtype.
+    """
     parameters = dict(model.named_parameters())
     names = names if names is not None else list(parameters)
     flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    sums: dict[str, Tensor] = {}
+    hooks = []
+
+    def accumulate(name: str) -> Callable[[Tensor], None]:
+        def hook(parameter: Tensor) -> None:
+            sums[name].add_(parameter.grad)
+            parameter.grad = None
+
+        return hook
+
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in names)
         parameter.grad = None
+    for name in names:
+        parameter = parameters[name]
+        dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
+        sums[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
+        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-    with torch.enable_grad():
-        for loader in loaders:
-            for batch_idx, batch in enumerate(loader):
-                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                prepare = getattr(pl_module, "riemann_prepare", None)
-                batch = prepare(batch) if prepare is not None else batch
-                output = loss_fn(batch, batch_idx)
-                output.total.backward()
-                count += output.count
+    prepare = getattr(pl_module, "riemann_prepare", None)
+    try:
+        with torch.enable_grad():
+            for loader in loaders:
+                for batch_idx, batch in enumerate(loader):
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    batch = prepare(batch) if prepare is not None else batch
+                    output = loss_fn(batch, batch_idx)
+                    output.total.backward()
+                    count += output.count
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, parameter in parameters.items():
+            parameter.grad = None
+            parameter.requires_grad_(flags[name])
     count = trainer.strategy.reduce(count, reduce_op="sum")
-    gradients = {}
-    for name in names:
-        parameter = parameters[name]
-        gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-        gradients[name] = trainer.strategy.reduce(gradient.float(), reduce_op="sum") / count.float()
-        parameter.grad = None
-    for name, parameter in parameters.items():
-        parameter.requires_grad_(flags[name])
-    return gradients
+    return {name: trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype) for name, total in sums.items()}
