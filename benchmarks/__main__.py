@@ -5,7 +5,8 @@ Items (``--only`` takes a comma-separated subset):
 ``riemann``    the library's Riemann pass vs the naive way, with and without recomputed weights, vs plain training
 ``paired``     naive and library points alternating in one process: the steadier time ratio on a busy machine
 ``overhead``   a C-point analysis under ``trainer.validate`` ÷ (C × plain forward+backward on the same batches)
-``edits``      DARE, MagnitudePrune, LowRank vs peft, mergekit and ``torch.linalg.svd`` on the same tensors
+``edits``      DARE, MagnitudePrune, LowRank vs peft, mergekit and ``torch.linalg.svd`` on the same tensors; the
+               randomized LowRank vs the exact one (``--operations`` takes a subset of dare, magnitude, lowrank)
 ``processes``  the same sweep on 1 and 2 CPU processes (DDP): result agreement and wall time
 ``gpu``        tokens/s, MFU and peak memory on an 8B Llama in bf16 (``--device cuda`` only)
 
@@ -58,7 +59,9 @@ EDITS = {
     "full": [((4096, 4096), 1, 2), ((4096, 14336), 1, 2), ((128256, 4096), 1, 1)],
 }
 EDIT_RANK = {"tiny": 8, "quick": 64, "full": 64}
-SVD_CAP_S = {"tiny": 60, "quick": 150, "full": 150}
+# a full SVD (the exact LowRank and torch.linalg.svd) gets this many seconds per worker, and is skipped at a shape
+# where the time measured at the previous shape, scaled by m·n·min(m, n), predicts more
+SVD_CAP_S = {"tiny": 60, "quick": 180, "full": 180}
 # processes: (size, sequences, seq_len, batch, points, rounds)
 PROCESSES = {
     "tiny": ("tiny", 12, 8, 2, 2, 1),
@@ -199,36 +202,90 @@ def bench_overhead(mode: str, profile: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ edits
-def bench_edits(mode: str) -> dict[str, Any]:
-    from benchmarks.edits import IMPLEMENTATIONS, unavailable_reason
+def _svd_work(shape: tuple[int, int] | list[int]) -> float:
+    return shape[0] * shape[1] * min(shape)
 
+
+def bench_edits(mode: str, operations: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.edits import EXACT_SVDS, IMPLEMENTATIONS, LOWRANK_THREADS, unavailable_reason
+
+    operations = list(operations or IMPLEMENTATIONS)
     cases, skipped = [], {}
     cap = SVD_CAP_S[mode]
+    measured: dict[str, tuple[tuple[int, int], float]] = {}  # a full SVD's last (shape, worker time)
     for shape, rounds, runs in EDITS[mode]:
         for operation, implementations in IMPLEMENTATIONS.items():
+            if operation not in operations:
+                continue
             names = list(implementations)
             results: dict[str, list[dict]] = {name: [] for name in names}
             for round_index in range(rounds):
                 for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                    full_svd = operation == "lowrank" and name in EXACT_SVDS
                     reason = unavailable_reason(name) or skipped.get((operation, name))
+                    if not reason and full_svd and name in measured:
+                        (rows, cols), seconds = measured[name]
+                        estimate = seconds * _svd_work(shape) / _svd_work((rows, cols))
+                        if estimate > cap:
+                            reason = (f"skipped: estimated {estimate:.0f} s ({seconds:.0f} s at {rows}x{cols} × "
+                                      f"m·n·min(m, n)), over the {cap} s cap")
                     if reason:
                         results[name] = [{"skipped": reason}]
                         continue
                     log(f"edits {operation} {name} {shape[0]}x{shape[1]} (round {round_index + 1}/{rounds})")
-                    timeout = cap if name == "torch.linalg.svd" else 1200
                     spec = {"kind": "edit", "operation": operation, "implementation": name, "shape": list(shape),
-                            "runs": runs, "low_rank_input": operation == "lowrank", "rank": EDIT_RANK[mode]}
-                    result = run_worker(spec, timeout=timeout, threads=None)
+                            "runs": 1 if full_svd else runs, "low_rank_input": operation == "lowrank",
+                            "rank": EDIT_RANK[mode]}
+                    if operation == "lowrank":
+                        spec["threads"] = LOWRANK_THREADS
+                    started = time.perf_counter()
+                    result = run_worker(spec, timeout=cap if full_svd else 1200,
+                                        threads=LOWRANK_THREADS if operation == "lowrank" else None)
                     results[name].append(result)
+                    if full_svd and "times_s" in result:
+                        measured[name] = (shape, time.perf_counter() - started)
                     if result.get("timed_out"):  # a larger shape would only take longer
                         skipped[(operation, name)] = (f"skipped: took over {cap} s at {shape[0]}x{shape[1]} "
                                                       "(the cap per case); its time grows with m·n·min(m, n)")
                         break
             cases.append(_summarise_edit(operation, shape, results))
-    return {"cases": cases}
+    edits: dict[str, Any] = {"cases": cases, "operations": operations}
+    if "lowrank" in operations:
+        edits["lowrank_demo"] = bench_lowrank_demo(mode)
+    return edits
+
+
+def bench_lowrank_demo(mode: str) -> dict[str, Any]:
+    """The randomized LowRank's error against the exact one on the real deltas of the demo pair."""
+    if mode == "tiny":
+        return {"skipped": "not run in tiny mode (building the demo pair takes minutes)"}
+    from benchmarks.edits import LOWRANK_THREADS
+
+    log("edits lowrank on the demo pair's deltas")
+    return run_worker({"kind": "lowrank_demo", "threads": LOWRANK_THREADS}, timeout=1800, threads=LOWRANK_THREADS)
+
+
+def merge_edits(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with the cases of ``current``'s operations replaced (a ``--operations`` subset run)."""
+    operations = set(current.get("operations", []))
+    fresh = {(case["operation"], tuple(case["shape"])): case for case in current["cases"]}
+    cases = []
+    for case in previous.get("cases", []):
+        key = (case["operation"], tuple(case["shape"]))
+        if case["operation"] not in operations:
+            cases.append(case)
+        elif key in fresh:
+            cases.append(fresh.pop(key))
+    merged = {**previous, **{key: value for key, value in current.items() if key != "cases"}}
+    merged["cases"] = cases + list(fresh.values())
+    merged["operations"] = sorted(set(previous.get("operations", [])) | operations
+                                  | {case["operation"] for case in cases}, key=["dare", "magnitude", "lowrank"].index)
+    return merged
 
 
 def _summarise_edit(operation: str, shape: tuple[int, int], results: dict[str, list[dict]]) -> dict[str, Any]:
+    from benchmarks.edits import RANDOMIZED
+
     case: dict[str, Any] = {"operation": operation, "shape": list(shape), "implementations": {}}
     for name, runs in results.items():
         good = [run for run in runs if "error" not in run and "skipped" not in run]
@@ -245,7 +302,14 @@ def _summarise_edit(operation: str, shape: tuple[int, int], results: dict[str, l
     for name, entry in case["implementations"].items():
         if name == "lightning_delta":
             continue
-        if "time_s" in entry:
+        if name == RANDOMIZED:  # the opt-in against the exact default: randomized ÷ exact, and its F error
+            if "time_s" in entry:
+                entry["time_vs_exact"] = ratio(entry["time_s"], ours.get("time_s"))
+                entry["memory_vs_exact"] = ratio(entry["extra_peak_mib"], ours.get("extra_peak_mib"))
+            for key in ("randomized_f_error", "randomized_residual_excess"):
+                if key in ours:
+                    entry[key] = ours[key]
+        elif "time_s" in entry:
             entry["time_ratio"] = ratio(ours.get("time_s"), entry["time_s"])
             entry["memory_ratio"] = ratio(ours.get("extra_peak_mib"), entry["extra_peak_mib"])
         elif "timeout_s" in entry and "time_s" in ours:
@@ -321,6 +385,8 @@ def _goal(value: float | None, goal: float) -> str:
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row per figure: item, case, measured, baseline, ratio, goal."""
+    from benchmarks.edits import RANDOMIZED
+
     rows = []
     items = results["items"]
     for size in items.get("riemann", {}).get("sizes", []):
@@ -363,21 +429,38 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     for case in items.get("edits", {}).get("cases", []):
         ours = case["implementations"].get("lightning_delta", {})
         label = f"{case['operation']} {case['shape'][0]}x{case['shape'][1]}"
-        ours_cell = (f"{_fmt(ours.get('time_s'))} s, {_fmt(ours.get('extra_peak_mib'))} MiB" if "time_s" in ours
-                     else ours.get("error", ours.get("skipped", ""))[:50])
+        ours_cell = (f"{_fmt(ours.get('time_s'))} s, {_fmt(ours.get('extra_peak_mib'))} MiB{_threads(ours)}"
+                     if "time_s" in ours else ours.get("error", ours.get("skipped", ""))[:80])
+        if case["operation"] == "lowrank":
+            ours_cell = "exact: " + ours_cell
         for name, entry in case["implementations"].items():
             if name == "lightning_delta":
                 continue
+            if name == RANDOMIZED:
+                rows.append(_randomized_row(label, ours, entry))
+                continue
             if "time_s" in entry:
-                peer = f"{name} {_fmt(entry['time_s'])} s, {_fmt(entry['extra_peak_mib'])} MiB"
+                peer = f"{name} {_fmt(entry['time_s'])} s, {_fmt(entry['extra_peak_mib'])} MiB{_threads(entry)}"
                 ratios = f"time {_fmt(entry.get('time_ratio'))}, mem {_fmt(entry.get('memory_ratio'))}"
             elif "time_ratio_at_most" in entry:
                 peer = f"{name} > {entry['timeout_s']:.0f} s (cap)"
                 ratios = f"time < {_fmt(entry['time_ratio_at_most'])}"
             else:
-                peer = f"{name}: {(entry.get('skipped') or entry.get('error') or '')[:60]}"
+                peer = f"{name}: {(entry.get('skipped') or entry.get('error') or '')[:80]}"
                 ratios = "–"
             rows.append(["edit " + label, "", ours_cell, peer, ratios, _agreement(case["operation"], ours, entry)])
+    demo = items.get("edits", {}).get("lowrank_demo")
+    if demo:
+        if "ranks" in demo:
+            for rank, entry in demo["ranks"].items():
+                shapes = ", ".join(f"{rows_}x{cols}" for rows_, cols in entry["shapes"])
+                rows.append(["edit lowrank randomized, demo pair", f"r={rank}, {entry['matrices']} real deltas "
+                             f"({shapes})", f"F error vs exact: median {_fmt(entry['f_error_median'], 2)}, "
+                             f"max {_fmt(entry['f_error_max'], 2)}", "exact LowRank", "–",
+                             f"residual excess max {_fmt(entry['residual_excess_max'], 2)}"])
+        else:
+            rows.append(["edit lowrank randomized, demo pair", "", (demo.get("skipped") or demo.get("error", ""))[:80],
+                         "", "", ""])
     processes = items.get("processes")
     if processes:
         one, two = processes.get("1_process", {}), processes.get("2_process", {})
@@ -396,6 +479,30 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append(["gpu 8B bf16", gpu["device"], f"{_fmt(gpu['tokens_per_s'])} tok/s",
                          f"MFU {_fmt(gpu['mfu'])}", f"max alloc {_fmt(gpu['max_memory_allocated_gib'])} GiB", ""])
     return rows
+
+
+def _threads(entry: dict) -> str:
+    threads = entry.get("threads")
+    return "" if threads is None else f" ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def _randomized_row(label: str, exact: dict, entry: dict) -> list[str]:
+    """The randomized LowRank against the exact one: time, memory, and how far its F is."""
+    if "time_s" not in entry:
+        return ["edit " + label + " randomized", "", (entry.get("skipped") or entry.get("error") or "")[:80],
+                "", "–", ""]
+    cell = f"randomized: {_fmt(entry['time_s'])} s, {_fmt(entry['extra_peak_mib'])} MiB{_threads(entry)}"
+    if "time_s" in exact:
+        baseline = f"exact LowRank {_fmt(exact['time_s'])} s, {_fmt(exact['extra_peak_mib'])} MiB{_threads(exact)}"
+        ratios = f"time {_fmt(entry.get('time_vs_exact'))}, mem {_fmt(entry.get('memory_vs_exact'))}"
+    else:
+        baseline, ratios = "exact LowRank: " + (exact.get("skipped") or exact.get("error") or "not run")[:80], "–"
+    if "randomized_f_error" in entry:
+        check = (f"F error vs exact {_fmt(entry['randomized_f_error'], 2)}, residual "
+                 f"+{_fmt(entry['randomized_residual_excess'], 2)}")
+    else:
+        check = f"F error not measured (no exact F); rel. residual {_fmt(entry.get('relative_error'), 4)}"
+    return ["edit " + label + " randomized", "", cell, baseline, ratios, check]
 
 
 def _agreement(operation: str, ours: dict, peer: dict) -> str:
@@ -461,7 +568,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`DeltaEditModule` (C backward passes plus the forward at t = 1 for the exact ΔL, new Trainer each time) "
         "÷ C plain forward+backward passes over the same batches, interleaved.",
         "- **edits**: each implementation in a fresh process on the same random float32 tensor (p = 0.9, i.e. "
-        "density 0.1; rank 64, on a rank-32 matrix plus noise for LowRank); time is the median over runs, memory the first run's extra peak.",
+        "density 0.1); time is the median over runs, memory the first run's extra peak. LowRank: rank 64 of "
+        "A·diag(i^-1/2)·B + noise (a slowly decaying spectrum over 512 directions), every implementation on one "
+        "thread (LowRank's SVD always runs on one thread), one run for a full SVD, capped at "
+        f"{SVD_CAP_S.get(results['mode'], 180)} s per worker and skipped where the previous shape's time × "
+        "m·n·min(m, n) predicts more. The randomized row is `LowRank(method=\"randomized\")` against the exact "
+        "default: time ratio randomized ÷ exact, F error ‖F_rand − F_exact‖/‖F_exact‖ and residual excess "
+        "‖ΔW − F_rand‖/‖ΔW − F_exact‖ − 1; the demo-pair rows measure the same on its real deltas.",
         "- **processes**: the same sweep (`RiemannCallback`, DeltaEditModule, UnrepeatedDistributedSampler) on 1 "
         "process and on 2 DDP processes sharing the cores.",
         "",
@@ -507,6 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-markdown", action="store_true", help="leave the Markdown report alone")
     parser.add_argument("--merge", action="store_true", help="put this run's items into the existing --json results "
                         "(same mode) and render the Markdown from the union")
+    parser.add_argument("--operations", default=None, help="comma-separated subset of the edits item's operations "
+                        "(dare, magnitude, lowrank); with --merge the other operations' cases are kept")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table to the overhead item")
     parser.add_argument("--in-process", action="store_true", help="run every worker in this process (for tests: "
                         "fast, but peaks mix and nothing is isolated)")
@@ -516,6 +631,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown item(s) {', '.join(unknown)}; known: {', '.join(ITEMS)}")
     args.items = items
+    if args.operations is not None:
+        from benchmarks.edits import IMPLEMENTATIONS
+
+        args.operations = [operation.strip() for operation in args.operations.split(",") if operation.strip()]
+        unknown = [operation for operation in args.operations if operation not in IMPLEMENTATIONS]
+        if unknown or not args.operations:
+            parser.error(f"unknown operation(s) {', '.join(unknown) or '(none given)'}; known: "
+                         f"{', '.join(IMPLEMENTATIONS)}")
     args.mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     return args
 
@@ -539,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif item == "overhead":
             results["items"]["overhead"] = bench_overhead(args.mode, args.profile)
         elif item == "edits":
-            results["items"]["edits"] = bench_edits(args.mode)
+            results["items"]["edits"] = bench_edits(args.mode, args.operations)
         elif item == "processes":
             results["items"]["processes"] = bench_processes(args.mode)
         elif item == "gpu":
@@ -550,6 +673,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge and previous_path.exists():  # a subset run updates its items in the earlier full results
         previous = json.loads(previous_path.read_text())
         if previous.get("mode") == results["mode"]:
+            if args.operations and "edits" in results["items"] and "edits" in previous["items"]:
+                results["items"]["edits"] = merge_edits(previous["items"]["edits"], results["items"]["edits"])
             previous["items"].update(results["items"])
             previous.setdefault("updates", []).append(
                 {key: results[key] for key in ("date", "command", "elapsed_s")} | {"items": list(results["items"])})

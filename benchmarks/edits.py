@@ -7,8 +7,15 @@ dare       ``DARE(p).edit_tensor``                     peft ``merge_utils.random
                                                        mergekit ``sparsify.bernoulli(rescale_norm=l1)`` (its DARE)
 magnitude  ``MagnitudePrune(p).edit_tensor``           peft ``merge_utils.magnitude_based_pruning``;
                                                        mergekit ``sparsify.magnitude``
-lowrank    ``LowRank(rank).edit_tensor``               ``torch.linalg.svd`` (full, then truncated to the rank)
+lowrank    ``LowRank(rank).edit_tensor`` (exact SVD)   ``torch.linalg.svd`` (full, then truncated to the rank);
+           ``LowRank(rank, method="randomized")``      compared with the exact ``LowRank``: time and F error
 =========  ==========================================  ==========================================================
+
+LowRank runs its SVD on one thread whatever the process's thread count, so every lowrank implementation runs in a
+process with one thread (like for like). Its input has a slowly decaying spectrum (:func:`decaying_delta`), where the
+randomized SVD's error is what a user would see on a fine-tuning delta; the exact worker also measures that error
+(``randomized_f_error``, ``‖F_randomized − F_exact‖_F / ‖F_exact‖_F``). :func:`demo_worker` measures it on the real
+deltas of the demo pair.
 
 Peers are optional (the ``bench`` extra); one that cannot be imported is skipped with the reason.
 """
@@ -16,6 +23,7 @@ Peers are optional (the ``bench`` extra); one that cannot be imported is skipped
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +36,16 @@ from benchmarks.common import MiB, PeakMemory
 
 DROP_RATE = 0.9  # p; density 1 - p = 0.1 for the peers
 RANK = 64
+RANDOMIZED = "lightning_delta randomized"  # LowRank(method="randomized"), timed against the exact LowRank
+EXACT_SVDS = ("lightning_delta", "torch.linalg.svd")  # the lowrank implementations that run a full SVD
+LOWRANK_THREADS = 1  # LowRank's SVD runs on one thread (single_threaded); the reference gets the same
+SPECTRUM_DIRECTIONS = 512  # decaying_delta: σ_i ≈ i^(-1/2) over this many directions, then a noise floor
+DEMO_RANKS = (1, 4)  # the demo's LowRank grid
 
 SHAPES = {"tiny": [(64, 48), (96, 64)], "full": [(4096, 4096), (4096, 14336), (128256, 4096)]}
 
 
-def _ours(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
+def _ours(operation: str, rank: int = RANK, method: str = "exact") -> Callable[[Tensor], Tensor]:
     try:
         from lightning_delta.edits import DARE, LowRank, MagnitudePrune
     except ImportError:  # the package's __init__ may not list them yet
@@ -40,8 +53,12 @@ def _ours(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
         from lightning_delta.edits.lowrank import LowRank
         from lightning_delta.edits.prune import MagnitudePrune
     edit = {"dare": lambda: DARE(p=DROP_RATE, seed=0), "magnitude": lambda: MagnitudePrune(p=DROP_RATE),
-            "lowrank": lambda: LowRank(rank=rank)}[operation]()
+            "lowrank": lambda: LowRank(rank=rank, method=method)}[operation]()
     return lambda delta: edit.edit_tensor("model.layers.0.mlp.up_proj.weight", delta)
+
+
+def _ours_randomized(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
+    return _ours(operation, rank, method="randomized")
 
 
 def peft_merge_utils():
@@ -88,7 +105,7 @@ def _svd(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
 IMPLEMENTATIONS: dict[str, dict[str, Callable[[str, int], Callable[[Tensor], Tensor]]]] = {
     "dare": {"lightning_delta": _ours, "peft": _peft, "mergekit": _mergekit},
     "magnitude": {"lightning_delta": _ours, "peft": _peft, "mergekit": _mergekit},
-    "lowrank": {"lightning_delta": _ours, "torch.linalg.svd": _svd},
+    "lowrank": {"lightning_delta": _ours, "torch.linalg.svd": _svd, RANDOMIZED: _ours_randomized},
 }
 
 
@@ -106,6 +123,35 @@ def unavailable_reason(implementation: str) -> str | None:
     return None
 
 
+def decaying_delta(shape: tuple[int, int], noise: Tensor) -> Tensor:
+    """``ΔW = A·diag(σ)·B + 0.01·noise`` with Gaussian ``A (d, n)``, ``B (n, k)``, ``σ_i = i^(−1/2)`` and
+    ``n = min(512, d, k)``: a slowly decaying spectrum (roughly ``i^(−1/2)`` over ``n`` directions, then the noise
+    floor), like a fine-tuning delta's. ``noise`` is scaled in place and returned."""
+    rows, cols = shape
+    n = min(SPECTRUM_DIRECTIONS, rows, cols)
+    generator = torch.Generator().manual_seed(1)
+    scales = torch.arange(1, n + 1, dtype=torch.float32).pow_(-0.5)
+    left = torch.randn(rows, n, generator=generator).mul_(scales)
+    right = torch.randn(n, cols, generator=generator)
+    return noise.mul_(0.01).addmm_(left, right)
+
+
+def _relative(difference: Tensor, reference: Tensor) -> float:
+    return float(torch.linalg.norm(difference, dtype=torch.float64) / torch.linalg.norm(reference, dtype=torch.float64))
+
+
+def randomized_error(delta: Tensor, exact: Tensor, rank: int) -> dict[str, float]:
+    """How far ``LowRank(rank, method="randomized")`` is from the exact ``F`` computed by ``LowRank(rank)``:
+    ``‖F_randomized − F_exact‖ / ‖F_exact‖`` and the excess of its residual, ``‖ΔW − F_randomized‖ / ‖ΔW − F_exact‖
+    − 1``."""
+    randomized = _ours_randomized("lowrank", rank)(delta)
+    f_error = _relative(randomized - exact, exact)
+    randomized.sub_(delta)  # −(ΔW − F_randomized), in place: the residuals are full-size
+    residual_randomized = float(torch.linalg.norm(randomized, dtype=torch.float64))
+    return {"randomized_f_error": f_error,
+            "randomized_residual_excess": residual_randomized / float(torch.linalg.norm(delta - exact, dtype=torch.float64)) - 1}
+
+
 def agreement(operation: str, delta: Tensor, out: Tensor) -> dict[str, float]:
     """What must agree between implementations: kept count and scale, or the low-rank error."""
     if operation == "lowrank":
@@ -116,6 +162,26 @@ def agreement(operation: str, delta: Tensor, out: Tensor) -> dict[str, float]:
     return {"kept": count, "kept_fraction": count / delta.numel(), "kept_scale": scale}
 
 
+def with_threads(worker: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Run ``worker`` with ``torch.set_num_threads(spec["threads"])`` when the spec names a thread count (also
+    in-process, where the caller's count is restored afterwards)."""
+
+    def run(spec: dict[str, Any]) -> dict[str, Any]:
+        threads = spec.get("threads")
+        if threads is None:
+            return worker(spec)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return worker(spec)
+        finally:
+            torch.set_num_threads(previous)
+
+    run.__doc__, run.__name__ = worker.__doc__, worker.__name__
+    return run
+
+
+@with_threads
 def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation of one operation on one random float32 tensor, ``runs`` times in a fresh process."""
     operation, implementation = spec["operation"], spec["implementation"]
@@ -127,12 +193,8 @@ def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec.get("seed", 0) + 1_000_003)
     fn = IMPLEMENTATIONS[operation][implementation](operation, spec.get("rank", RANK))
     delta = torch.randn(*spec["shape"], generator=torch.Generator().manual_seed(spec.get("seed", 0)))
-    if spec.get("low_rank_input"):  # a decaying spectrum, like a real delta: ΔW = A·B plus noise
-        rows, cols = spec["shape"]
-        generator = torch.Generator().manual_seed(1)
-        factors = torch.randn(rows, 32, generator=generator), torch.randn(32, cols, generator=generator)
-        delta = delta.mul_(0.01).addmm_(*factors)
-        del factors
+    if spec.get("low_rank_input"):  # a slowly decaying spectrum, like a real delta
+        delta = decaying_delta(tuple(spec["shape"]), delta)
     times, memory = [], None
     for run in range(spec.get("runs", 1)):
         with PeakMemory("cpu") as probe:
@@ -142,6 +204,37 @@ def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
         memory = memory or probe  # the first run's peak: the cold one, as a user sees it
         if run + 1 < spec.get("runs", 1):
             del out
-    result = {"times_s": times, "extra_peak_mib": memory.extra / MiB, "input_mib": delta.numel() * 4 / MiB}
+    result = {"times_s": times, "extra_peak_mib": memory.extra / MiB, "input_mib": delta.numel() * 4 / MiB,
+              "threads": torch.get_num_threads()}
     result.update(agreement(operation, delta, out))
+    if operation == "lowrank" and implementation == "lightning_delta" and spec.get("compare_randomized", True):
+        result.update(randomized_error(delta, out, spec.get("rank", RANK)))  # after the timing: not timed
+    return result
+
+
+@with_threads
+def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``randomized_error`` on every 2-D delta of the demo pair (built and cached by ``lightning_delta.demo`` when
+    missing, minutes), for the demo's ranks: median and max over the matrices."""
+    from lightning_delta.delta import compute_delta
+    from lightning_delta.demo.pair import build_pair
+
+    pair = build_pair()
+    deltas = compute_delta(str(pair.pre_dir), str(pair.post_dir))
+    result: dict[str, Any] = {"pair": str(pair.post_dir.parent.name), "threads": torch.get_num_threads(), "ranks": {}}
+    for rank in spec.get("ranks", DEMO_RANKS):
+        errors, excesses, shapes = [], [], set()
+        for name, delta in deltas.items():
+            if delta.dim() != 2 or rank >= min(delta.shape):
+                continue
+            exact = _ours("lowrank", rank)(delta)
+            measured = randomized_error(delta, exact, rank)
+            errors.append(measured["randomized_f_error"])
+            excesses.append(measured["randomized_residual_excess"])
+            shapes.add(tuple(delta.shape))
+        result["ranks"][str(rank)] = {
+            "matrices": len(errors), "shapes": sorted(list(shape) for shape in shapes),
+            "f_error_median": statistics.median(errors) if errors else None, "f_error_max": max(errors, default=None),
+            "residual_excess_max": max(excesses, default=None),
+        }
     return result

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import __main__ as bench
 from benchmarks.common import PeakMemory, run_worker
-from benchmarks.edits import DROP_RATE, edit_worker, unavailable_reason
+from benchmarks.edits import DROP_RATE, RANDOMIZED, edit_worker, unavailable_reason
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
@@ -61,10 +61,44 @@ def test_dare_peers_keep_the_same_fraction_and_rescale(peer):
 
 
 def test_lowrank_matches_the_full_svd():
-    spec = {"operation": "lowrank", "shape": [96, 64], "rank": 8, "low_rank_input": True}
-    ours = edit_worker({**spec, "implementation": "lightning_delta"})
+    spec = {"operation": "lowrank", "shape": [96, 64], "rank": 8, "low_rank_input": True, "threads": 1}
+    ours = edit_worker({**spec, "implementation": "lightning_delta"})  # LowRank's default: the exact SVD
     svd = edit_worker({**spec, "implementation": "torch.linalg.svd"})
-    assert ours["relative_error"] == pytest.approx(svd["relative_error"], rel=1e-4)
+    assert ours["relative_error"] == pytest.approx(svd["relative_error"], rel=1e-5)
+    assert ours["threads"] == svd["threads"] == 1
+    # the exact worker measures how far the randomized opt-in is, on the same decaying spectrum
+    randomized = edit_worker({**spec, "implementation": RANDOMIZED})
+    assert 0 < ours["randomized_f_error"] < 0.1 and ours["randomized_residual_excess"] >= -1e-6
+    assert randomized["relative_error"] >= ours["relative_error"] * (1 - 1e-6)  # Eckart–Young
+    assert "randomized_f_error" not in randomized and "randomized_f_error" not in svd
+
+
+def test_full_svd_is_skipped_where_its_estimated_time_exceeds_the_cap(monkeypatch):
+    monkeypatch.setattr(bench, "IN_PROCESS", True)
+    monkeypatch.setitem(bench.EDITS, "tiny", [((96, 64), 1, 1), ((192, 128), 1, 1)])
+    monkeypatch.setitem(bench.SVD_CAP_S, "tiny", 1e-9)  # any measured time predicts more at the larger shape
+    edits = bench.bench_edits("tiny", ["lowrank"])
+    assert edits["operations"] == ["lowrank"] and "skipped" in edits["lowrank_demo"]
+    small, large = edits["cases"]
+    assert all("time_s" in entry for entry in small["implementations"].values())
+    for name in ("lightning_delta", "torch.linalg.svd"):
+        assert "estimated" in large["implementations"][name]["skipped"]
+    assert "time_s" in large["implementations"][RANDOMIZED]  # the randomized one is not a full SVD
+    rows = bench.table_rows({"items": {"edits": edits}})
+    assert any("F error not measured" in row[-1] for row in rows)
+
+
+def test_merge_edits_replaces_only_the_measured_operations():
+    def case(operation, shape, time_s):
+        return {"operation": operation, "shape": shape, "implementations": {"lightning_delta": {"time_s": time_s}}}
+
+    previous = {"cases": [case("dare", [8, 8], 1.0), case("lowrank", [8, 8], 1.0), case("dare", [16, 8], 1.0),
+                          case("lowrank", [16, 8], 1.0)]}
+    current = {"cases": [case("lowrank", [8, 8], 2.0)], "operations": ["lowrank"], "lowrank_demo": {"ranks": {}}}
+    merged = bench.merge_edits(previous, current)
+    assert [(c["operation"], c["shape"], c["implementations"]["lightning_delta"]["time_s"]) for c in merged["cases"]] == [
+        ("dare", [8, 8], 1.0), ("lowrank", [8, 8], 2.0), ("dare", [16, 8], 1.0)]
+    assert merged["lowrank_demo"] == {"ranks": {}} and merged["operations"] == ["dare", "lowrank"]
 
 
 def test_peak_memory_sees_an_allocation():
@@ -90,6 +124,11 @@ def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
         assert key in size
     cases = results["items"]["edits"]["cases"]
     assert {case["operation"] for case in cases} == {"dare", "magnitude", "lowrank"}
+    lowrank = next(case for case in cases if case["operation"] == "lowrank")["implementations"]
+    assert set(lowrank) == {"lightning_delta", "torch.linalg.svd", RANDOMIZED}
+    assert {entry["threads"] for entry in lowrank.values()} == {1}  # like for like: one thread each
+    assert lowrank[RANDOMIZED]["randomized_f_error"] == lowrank["lightning_delta"]["randomized_f_error"]
+    assert "skipped" in results["items"]["edits"]["lowrank_demo"]  # tiny mode does not build the demo pair
     for case in cases:
         assert "time_s" in case["implementations"]["lightning_delta"]
         for name, entry in case["implementations"].items():
@@ -108,7 +147,19 @@ def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
     assert set(merged["items"]) == {"riemann", "paired", "edits", "gpu"} and merged["updates"][0]["items"] == ["gpu"]
     assert "re-measured" in markdown.read_text()
 
+    # --operations lowrank re-measures LowRank only; the other operations' cases stay
+    before = [case for case in merged["items"]["edits"]["cases"] if case["operation"] != "lowrank"]
+    bench.main(["--tiny", "--in-process", "--only", "edits", "--operations", "lowrank", "--merge", "--json", str(out),
+                "--markdown", str(markdown)])
+    edits = json.loads(out.read_text())["items"]["edits"]
+    assert [case for case in edits["cases"] if case["operation"] != "lowrank"] == before
+    assert [case["operation"] for case in edits["cases"]].count("lowrank") == 1
+    assert "edit lowrank 96x64 randomized" in markdown.read_text()
+
 
 def test_unknown_item_is_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "riemann,warp"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "edits", "--operations", "lowrank,svd"])
+    assert bench.parse_args(["--only", "edits", "--operations", "lowrank"]).operations == ["lowrank"]
