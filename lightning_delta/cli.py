@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_delta.callbacks import RiemannCallback
-from lightning_delta.edits import DeltaEdit
+from lightning_delta.edits import EDITS, DeltaEdit
 from lightning_delta.module import DeltaEditModule
 
 __all__ = ["DeltaCLI", "main", "run", "run_directory", "run_point", "sweep_points"]
@@ -299,9 +299,28 @@ def _sweep_help() -> None:
     """A grid of Riemann analyses, one JSONL row each, resumable (see `lightning-delta sweep --help`)."""
 
 
+def check_edit_argument(argv: Sequence[str]) -> None:
+    """Refuse ``--edit NAME`` for a name that is no edit, listing the edits (jsonargparse would only say that the
+    name is not a dot import path). Class paths, config files and JSON values are left to jsonargparse."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--edit"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--edit=")]
+    known = {cls.__name__: name for name, cls in EDITS.items()}
+    for value in values:
+        if value in known or "." in value or value.lstrip().startswith("{") or Path(value).exists():
+            continue
+        lower = {name.lower(): name for name in known}
+        hint = f" Did you mean {lower[value.lower()]}?" if value.lower() in lower else ""
+        hint = f" Did you mean {[cls for cls, name in known.items() if name == value][0]}?" if value in EDITS else hint
+        raise ValueError(
+            f"Unknown edit {value!r} for --edit.{hint} The edits are {', '.join(known)} (or a class path such as "
+            "lightning_delta.edits.DARE); set their arguments with --edit.<argument>, e.g. --edit DARE --edit.p 0.9."
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> Any:
     """Run one command and return what it made (the CLI, rows, paths); ``main`` is the console script around it."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    check_edit_argument(argv)
     if argv and argv[0] == "validate":
         return DeltaCLI(args=argv)
     if argv and argv[0] == "sweep":

@@ -100,9 +100,14 @@ def test_validate_refuses_inference_mode(config_file):
         run(["validate", "--config", str(config_file), "--trainer.inference_mode", "true"])
 
 
-def test_bad_edit_argument_is_reported(config_file, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_edit_argument_is_reported_with_the_edits(config_file):
+    with pytest.raises(ValueError, match=r"Unknown edit 'NoSuchEdit' for --edit\. The edits are DARE, DELLA, .*Extrapolate"):
         run(["validate", "--config", str(config_file), "--edit", "NoSuchEdit"])
+
+
+def test_bad_edit_class_path_is_left_to_the_parser(config_file, capsys):
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(config_file), "--edit", "lightning_delta.edits.NoSuchEdit"])
     assert "NoSuchEdit" in capsys.readouterr().err
 
 

@@ -1,0 +1,297 @@
+"""Every bad input of ``docs/bad_inputs.md``, one test each: the error type and the start of its message.
+
+The table is written from :data:`CASES` (``python -m tests.test_bad_inputs > docs/bad_inputs.md``) and
+``test_the_docs_table_is_this_list`` keeps the two equal, so a row of the table is a test and a test is a row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+
+
+class Case(NamedTuple):
+    id: str
+    given: str  # what the user wrote or passed
+    error: type[Exception]
+    message: str  # the start of the message, after the tmp directory is written <tmp>
+    call: Callable[[Path], object]
+
+
+def _edits():
+    from lightning_delta import edits
+
+    return edits
+
+
+def _tiny_linear_pair():
+    post = nn.Linear(3, 2)
+    pre = {name: value.detach().clone() - 0.1 for name, value in post.state_dict().items()}
+    return pre, post
+
+
+def _tied_model():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    return model
+
+
+def _results_locked(tmp: Path):
+    from lightning_delta.sweep import ResultsLock
+
+    path = tmp / "results.jsonl"
+    first = ResultsLock(path)
+    first.acquire()
+    try:
+        ResultsLock(path).acquire()
+    finally:
+        first.release()
+
+
+def _gsm8k_file(tmp: Path) -> str:
+    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl
+
+    return str(write_jsonl(tmp / "test.jsonl", GSM8K_ROWS))
+
+
+def _gsm8k_without_answer(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.datamodule_fixtures import write_jsonl
+    from tests.tiny_models import make_tiny_tokenizer
+
+    path = write_jsonl(tmp / "test.jsonl", [{"question": "What is 1 + 1?"}])
+    GSM8KDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
+
+
+def _ultrafeedback_without_rejected(tmp: Path):
+    from lightning_delta.datamodules import UltraFeedbackDataModule
+    from tests.datamodule_fixtures import ULTRAFEEDBACK_ROWS, write_jsonl
+    from tests.tiny_models import make_tiny_tokenizer
+
+    row = {key: value for key, value in ULTRAFEEDBACK_ROWS[0].items() if key != "rejected"}
+    path = write_jsonl(tmp / "test_prefs.jsonl", [row])
+    UltraFeedbackDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
+
+
+def _gsm8k_few_shot_one_file(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.tiny_models import make_tiny_tokenizer
+
+    GSM8KDataModule(make_tiny_tokenizer(), data=_gsm8k_file(tmp), few_shot=2).setup("validate")
+
+
+def _save_edited(tmp: Path, output: Path, **kwargs):
+    from lightning_delta.export import save_edited
+    from tests.tiny_models import make_tiny_pair
+
+    pair = make_tiny_pair(tmp, "llama", shard=None)
+    save_edited(str(pair.post_dir), str(pair.pre_dir), _edits().DARE(p=0.5), str(output), **kwargs)
+
+
+def _output_not_empty(tmp: Path):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "model.safetensors").write_bytes(b"another model")
+    _save_edited(tmp, tmp / "out")
+
+
+def _output_is_a_file(tmp: Path):
+    (tmp / "out").write_text("a file")
+    _save_edited(tmp, tmp / "out")
+
+
+def _module_batch_not_a_mapping(tmp: Path):
+    from lightning_delta import DeltaEditModule
+
+    pre, post = _tiny_linear_pair()
+    DeltaEditModule(post, pre, _edits().DARE(p=0.5)).riemann_prepare((torch.zeros(2, 3), torch.zeros(2)))
+
+
+def _tied_copies(tmp: Path):
+    from lightning_delta.attach import attach_edit
+
+    model = _tied_model()
+    pre = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    attach_edit(model, pre, _edits().DARE(p=0.5))
+
+
+def _edited_model(edits: dict):
+    from lightning_delta.parametrize import EditedModel
+
+    EditedModel(nn.Linear(3, 2, bias=False), edits)
+
+
+def _compute_delta(pre, post, **kwargs):
+    from lightning_delta import compute_delta
+
+    return compute_delta(pre, post, **kwargs)
+
+
+def _apply_to_parametrized(tmp: Path):
+    from lightning_delta.export import apply_edit_
+    from lightning_delta.parametrize import EditedModel
+
+    pre, post = _tiny_linear_pair()
+    EditedModel(post, {"weight": torch.zeros(2, 3)})
+    apply_edit_(post, pre, _edits().DARE(p=0.5))
+
+
+def _riemann(**kwargs):
+    from lightning_delta.callbacks import RiemannCallback
+
+    return RiemannCallback(**kwargs)
+
+
+def _plot_missing(tmp: Path):
+    from lightning_delta.cli import plot
+
+    plot([str(tmp / "results.jsonl")], output_dir=str(tmp / "figures"))
+
+
+def _run_cli(tmp: Path, argv: list[str]):
+    from lightning_delta.cli import run
+
+    return run(argv)
+
+
+def _gradient_biased_without_gradients(tmp: Path):
+    from lightning_delta.attach import edit_differences
+
+    pre, post = _tiny_linear_pair()
+    edit_differences(post, pre, _edits().GradientBiased(p=0.5, k=0.5))
+
+
+CASES = [
+    # ------------------------------------------------------------------------------------------ edits
+    Case("dare-p-above-1", "`DARE(p=1.5)`", ValueError, "DARE: `p` must be in [0, 1)", lambda tmp: _edits().DARE(p=1.5)),
+    Case("dare-p-1", "`DARE(p=1.0)` (every entry dropped, rescale 1/(1−p) undefined)", ValueError, "DARE: `p` must be in [0, 1)",
+         lambda tmp: _edits().DARE(p=1.0)),
+    Case("dare-p-string", "`DARE(p=\"0.9\")`", ValueError, "DARE: `p` must be a finite real number, got p='0.9'",
+         lambda tmp: _edits().DARE(p="0.9")),
+    Case("bitdelta-bits-0", "`BitDelta(bits=0)`", ValueError, "BitDelta: `bits` must be", lambda tmp: _edits().BitDelta(bits=0)),
+    Case("lowrank-both", "`LowRank(rank=4, fraction=0.1)`", ValueError,
+         "LowRank: give exactly one of `rank` and `fraction`", lambda tmp: _edits().LowRank(rank=4, fraction=0.1)),
+    Case("lowrank-method", "`LowRank(rank=4, method=\"fast\")`", ValueError, "LowRank: `method` must be",
+         lambda tmp: _edits().LowRank(rank=4, method="fast")),
+    Case("prune-p", "`MagnitudePrune(p=2)`", ValueError, "MagnitudePrune: `p` must be in",
+         lambda tmp: _edits().MagnitudePrune(p=2)),
+    Case("build-unknown", "`edits.build(\"dropout\")`", ValueError, "Unknown edit 'dropout'; the known edits are",
+         lambda tmp: _edits().build("dropout")),
+    Case("build-unknown-argument", "`edits.build(\"dare\", q=0.5)`", ValueError,
+         "DARE ('dare') got unknown argument(s) ['q']", lambda tmp: _edits().build("dare", q=0.5)),
+    Case("gradient-biased-no-gradients", "GradientBiased without ∇L at W_post", ValueError,
+         "GradientBiased needs the gradients at W_post", _gradient_biased_without_gradients),
+    # --------------------------------------------------------------------------------- module and callback
+    Case("module-edit-name", "`DeltaEditModule(post, pre, edit=\"dare\")`", ValueError,
+         "edit must be an editing operation of lightning_delta.edits",
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, "dare")),
+    Case("module-model-type", "`DeltaEditModule(model=3, ...)`", ValueError, "`model` must be an nn.Module",
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(3, {}, _edits().DARE(p=0.5))),
+    Case("module-batch-tuple", "a `(inputs, labels)` batch for the causal-LM loss", ValueError,
+         "DeltaEditModule's CausalLMLoss reads each batch as a mapping", _module_batch_not_a_mapping),
+    Case("loss-unknown", "`DeltaEditModule(..., loss=\"mse\")`", ValueError, "Unknown loss 'mse'",
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, {}, loss="mse")),
+    Case("riemann-num-points", "`RiemannCallback(num_points=0)`", ValueError, "`num_points` must be an integer >= 1",
+         lambda tmp: _riemann(num_points=0)),
+    Case("riemann-edit-alone", "`RiemannCallback(edit=DARE(p=0.9))` without `pretrained`", ValueError,
+         "Pass `pretrained` and `edit` together", lambda tmp: _riemann(edit=_edits().DARE(p=0.9))),
+    Case("tied-copies", "W_pre as a state dict of copies for a model with tied embeddings", ValueError,
+         "1.weight and 0.weight are one tied tensor in the model but two tensors", _tied_copies),
+    Case("edited-model-name", "an `E` for a name the model does not have", ValueError,
+         "Edited tensor 'bias' is not a parameter or buffer of Linear",
+         lambda tmp: _edited_model({"bias": torch.zeros(2)})),
+    Case("edited-model-shape", "an `E` of the wrong shape", ValueError, "Edit for 'weight' has shape (3, 2)",
+         lambda tmp: _edited_model({"weight": torch.zeros(3, 2)})),
+    # ----------------------------------------------------------------------------------- weights and ΔW
+    Case("path-missing", "a W_pre path that does not exist", ValueError, "Cannot load the pre-trained weights: The path",
+         lambda tmp: _compute_delta(str(tmp / "missing"), {"w": torch.zeros(1)})),
+    Case("missing-tensor", "W_pre without a tensor that W_post has", ValueError,
+         "The pre- and post-trained weights do not hold the same tensors",
+         lambda tmp: _compute_delta({"a": torch.zeros(2)}, {"a": torch.ones(2), "b": torch.ones(2)})),
+    Case("shape-mismatch", "a resized vocabulary (shapes differ)", ValueError, "Shapes differ between pre and post",
+         lambda tmp: _compute_delta({"emb": torch.zeros(4, 2)}, {"emb": torch.zeros(5, 2)})),
+    Case("nan-weights", "NaN in W_post", ValueError, "The post-trained tensor 'w'",
+         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, float("nan")])})),
+    Case("bad-regex", "`include=\"(\"`", ValueError, "The include pattern '(' is not a valid regular expression",
+         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.ones(2)}, include="(")),
+    Case("empty-selection", "`include` that matches nothing", ValueError, "include='nothing', exclude=None select no floating-point tensor present in both pre",
+         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.ones(2)}, include="nothing")),
+    Case("state-dict-values", "a state dict holding a non-tensor", ValueError,
+         "Cannot load the pre-trained weights: A state dict must map names to tensors",
+         lambda tmp: _compute_delta({"w": [0.0, 1.0]}, {"w": torch.ones(2)})),
+    # ----------------------------------------------------------------------------------------- export
+    Case("output-not-empty", "`save_edited(..., output_dir)` on a directory holding another model", ValueError,
+         "output_dir <tmp>/out is not empty; refusing to write a model over its files. Pass overwrite=True", _output_not_empty),
+    Case("output-is-file", "`save_edited(..., output_dir)` where a file is", ValueError,
+         "output_dir <tmp>/out exists and is not a directory", _output_is_a_file),
+    Case("apply-parametrized", "`apply_edit_` on a model that still has the analysis attached", ValueError,
+         "The model has parametrizations on", _apply_to_parametrized),
+    # --------------------------------------------------------------------------------------------- data
+    Case("gsm8k-few-shot-one-file", "`GSM8KDataModule(data=\"test.jsonl\", few_shot=2)`", ValueError,
+         "`few_shot=2` needs worked examples apart from the evaluated ones", _gsm8k_few_shot_one_file),
+    Case("gsm8k-row-fields", "a GSM8K row without `answer`", ValueError, "GSM8K row 0 (counting from 0) of <tmp>/test.jsonl lacks the field 'answer'",
+         _gsm8k_without_answer),
+    Case("ultrafeedback-row-fields", "an UltraFeedback row without `rejected`", ValueError,
+         "UltraFeedback row 0 (counting from 0) of <tmp>/test_prefs.jsonl lacks the field 'rejected'",
+         _ultrafeedback_without_rejected),
+    Case("gsm8k-batch-size", "`GSM8KDataModule(batch_size=0)`", ValueError, "`batch_size` must be",
+         lambda tmp: __import__("lightning_delta.datamodules", fromlist=["x"]).GSM8KDataModule("tok", batch_size=0)),
+    # ------------------------------------------------------------------------------------ sweep and plot
+    Case("grid-block", "a sweep grid block that is not a mapping", ValueError,
+         "Each block of the sweep grid must be a mapping of dotted keys",
+         lambda tmp: __import__("lightning_delta.sweep", fromlist=["x"]).expand_grid([["edit.p", 0.1]])),
+    Case("results-locked", "a second sweep on a results file another sweep is writing", RuntimeError,
+         "Another sweep holds <tmp>/results.jsonl", _results_locked),
+    Case("cli-edit-unknown", "`lightning-delta edit ... --edit Dropout`", ValueError,
+         "Unknown edit 'Dropout' for --edit. The edits are DARE, DELLA, SignBiased",
+         lambda tmp: _run_cli(tmp, ["edit", "--model", "post", "--pretrained", "pre", "--edit", "Dropout",
+                                    "--output_dir", str(tmp / "out")])),
+    Case("cli-edit-registry-name", "`lightning-delta validate --edit dare` (the registry name)", ValueError,
+         "Unknown edit 'dare' for --edit. Did you mean DARE?",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit=dare"])),
+    Case("plot-missing-file", "`lightning-delta plot --results missing.jsonl`", FileNotFoundError,
+         "No results file at <tmp>/results.jsonl", _plot_missing),
+]
+
+
+def _message(error: BaseException, tmp: Path) -> str:
+    return str(error).replace(str(tmp.resolve()), "<tmp>").replace(str(tmp), "<tmp>")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_gets_a_clear_error(case: Case, tmp_path):
+    with pytest.raises(case.error) as info:
+        case.call(tmp_path)
+    assert _message(info.value, tmp_path).startswith(case.message), _message(info.value, tmp_path)
+
+
+def render() -> str:
+    lines = [
+        "# Bad inputs and what they say",
+        "",
+        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised and",
+        "the start of its message. Written by `python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
+        "",
+        "| input | error | message (start) | test |",
+        "|---|---|---|---|",
+    ]
+    for case in CASES:
+        message = case.message.replace("|", "\\|")
+        lines.append(f"| {case.given} | `{case.error.__name__}` | {message} | `{case.id}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_docs_table_is_this_list():
+    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
+    assert DOC.read_text() == render(), "regenerate with: python -m tests.test_bad_inputs > docs/bad_inputs.md"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
