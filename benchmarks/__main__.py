@@ -60,7 +60,7 @@ EDITS = {
 }
 EDIT_RANK = {"tiny": 8, "quick": 64, "full": 64}
 # a full SVD (the exact LowRank and torch.linalg.svd) gets this many seconds per worker, and is skipped at a shape
-# where the time measured at the previous shape, scaled by m·n·min(m, n), predicts more
+# where its worker's wall time at the previous shape, scaled by m·n·min(m, n), predicts more
 SVD_CAP_S = {"tiny": 60, "quick": 180, "full": 180}
 # processes: (size, sequences, seq_len, batch, points, rounds)
 PROCESSES = {
@@ -430,7 +430,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         ours = case["implementations"].get("lightning_delta", {})
         label = f"{case['operation']} {case['shape'][0]}x{case['shape'][1]}"
         ours_cell = (f"{_fmt(ours.get('time_s'))} s, {_fmt(ours.get('extra_peak_mib'))} MiB{_threads(ours)}"
-                     if "time_s" in ours else ours.get("error", ours.get("skipped", ""))[:80])
+                     if "time_s" in ours else ours.get("error", ours.get("skipped", ""))[:100])
         if case["operation"] == "lowrank":
             ours_cell = "exact: " + ours_cell
         for name, entry in case["implementations"].items():
@@ -446,7 +446,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                 peer = f"{name} > {entry['timeout_s']:.0f} s (cap)"
                 ratios = f"time < {_fmt(entry['time_ratio_at_most'])}"
             else:
-                peer = f"{name}: {(entry.get('skipped') or entry.get('error') or '')[:80]}"
+                peer = f"{name}: {(entry.get('skipped') or entry.get('error') or '')[:100]}"
                 ratios = "–"
             rows.append(["edit " + label, "", ours_cell, peer, ratios, _agreement(case["operation"], ours, entry)])
     demo = items.get("edits", {}).get("lowrank_demo")
@@ -459,7 +459,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                              f"max {_fmt(entry['f_error_max'], 2)}", "exact LowRank", "–",
                              f"residual excess max {_fmt(entry['residual_excess_max'], 2)}"])
         else:
-            rows.append(["edit lowrank randomized, demo pair", "", (demo.get("skipped") or demo.get("error", ""))[:80],
+            rows.append(["edit lowrank randomized, demo pair", "", (demo.get("skipped") or demo.get("error", ""))[:100],
                          "", "", ""])
     processes = items.get("processes")
     if processes:
@@ -489,14 +489,14 @@ def _threads(entry: dict) -> str:
 def _randomized_row(label: str, exact: dict, entry: dict) -> list[str]:
     """The randomized LowRank against the exact one: time, memory, and how far its F is."""
     if "time_s" not in entry:
-        return ["edit " + label + " randomized", "", (entry.get("skipped") or entry.get("error") or "")[:80],
+        return ["edit " + label + " randomized", "", (entry.get("skipped") or entry.get("error") or "")[:100],
                 "", "–", ""]
     cell = f"randomized: {_fmt(entry['time_s'])} s, {_fmt(entry['extra_peak_mib'])} MiB{_threads(entry)}"
     if "time_s" in exact:
         baseline = f"exact LowRank {_fmt(exact['time_s'])} s, {_fmt(exact['extra_peak_mib'])} MiB{_threads(exact)}"
         ratios = f"time {_fmt(entry.get('time_vs_exact'))}, mem {_fmt(entry.get('memory_vs_exact'))}"
     else:
-        baseline, ratios = "exact LowRank: " + (exact.get("skipped") or exact.get("error") or "not run")[:80], "–"
+        baseline, ratios = "exact LowRank: " + (exact.get("skipped") or exact.get("error") or "not run")[:100], "–"
     if "randomized_f_error" in entry:
         check = (f"F error vs exact {_fmt(entry['randomized_f_error'], 2)}, residual "
                  f"+{_fmt(entry['randomized_residual_excess'], 2)}")
