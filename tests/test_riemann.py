@@ -181,6 +181,23 @@ def test_results_are_logged_and_written(tmp_path):
     assert float(values[header.index("riemann/exact")]) == pytest.approx(callback.result.exact, rel=1e-6)
 
 
+def test_runs_without_a_logger_never_overwrite_each_others_results(tmp_path):
+    """logger=False writes into default_root_dir: the second and third runs get riemann-v1.json and -v2.json."""
+    model = tiny_llama()
+    loader = DataLoader(token_dataset(6), batch_size=3)
+    results = []
+    for scale in (0.01, 0.02, 0.03):
+        callback = RiemannCallback(num_points=1)
+        run_validate(DeltaEditModule(model, None, random_edits(model, "mlp", scale=scale)), loader, callback,
+                     default_root_dir=tmp_path)
+        results.append(callback.result)
+    names = ["riemann.json", "riemann-v1.json", "riemann-v2.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names)
+    for name, result in zip(names, results):
+        assert RiemannResult.load(tmp_path / name) == result
+    assert len({result.term for result in results}) == 3
+
+
 def test_progress_bar_shows_the_running_figures(capsys):
     model = tiny_llama()
     edits = random_edits(model, "mlp")

@@ -52,7 +52,8 @@ class RiemannCallback(Callback):
         module_name: the submodule of the LightningModule whose tensor names match ``pretrained`` (``""``: the
             LightningModule itself).
         include: regular expressions selecting the edited tensors; ``exclude``: the ones to leave alone.
-        filename: the JSON file written in the trainer's log directory (``None``: none).
+        filename: the JSON file written in the trainer's log directory (``None``: none); without a logger, in its
+            ``default_root_dir``, as ``<stem>-v1.json``, ``-v2``, … when the name is taken (nothing is overwritten).
 
     Raises:
         ValueError: ``num_points`` < 1, ``edit`` without ``pretrained`` or the reverse.
@@ -237,7 +238,7 @@ class RiemannCallback(Callback):
         if self.filename:
             directory = trainer.log_dir or trainer.default_root_dir  # a collective: read on every rank (§2.13)
             if trainer.is_global_zero:
-                self.result.save(Path(directory) / self.filename)
+                self.result.save(unused_path(Path(directory) / self.filename))
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -253,6 +254,17 @@ class RiemannCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         result = state_dict.get("result")
         self.result = RiemannResult(**result) if result is not None else None
+
+
+def unused_path(path: Path) -> Path:
+    """``path``, or ``<stem>-v1<suffix>``, ``-v2``, … when it exists (as ModelCheckpoint names its files): a run
+    without a logger writes into ``default_root_dir`` and must not overwrite the previous run's result."""
+    version = 0
+    candidate = path
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return candidate
 
 
 def ensure_validation_step(module: "pl.LightningModule") -> bool:
