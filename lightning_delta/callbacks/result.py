@@ -77,6 +77,8 @@ class RiemannResult:
     exact: float
     loss_post: float
     loss_edit: float
+    accuracy_post: float | None = None  # the task's accuracy at W_post (t = 0), when the target has an evaluator
+    accuracy_edit: float | None = None  # and at W_pre + F(ΔW) (t = 1)
     term_per_tensor: dict[str, float] = field(default_factory=dict)
     term_per_group: dict[str, float] = field(default_factory=dict)
     inner_products_per_tensor: dict[str, list[float]] = field(default_factory=dict)
@@ -84,7 +86,14 @@ class RiemannResult:
 
     @classmethod
     def from_sums(
-        cls, names: list[str], inner: Tensor, loss: Tensor, count: Tensor, trapezoid: bool = True, config=None
+        cls,
+        names: list[str],
+        inner: Tensor,
+        loss: Tensor,
+        count: Tensor,
+        trapezoid: bool = True,
+        config: dict[str, Any] | None = None,
+        accuracy: tuple[float, float] | None = None,
     ) -> RiemannResult:
         num_points = inner.shape[0] - 1
         if float(count) <= 0:
@@ -112,6 +121,8 @@ class RiemannResult:
             exact=float(losses[num_points] - losses[0]),
             loss_post=float(losses[0]),
             loss_edit=float(losses[num_points]),
+            accuracy_post=accuracy[0] if accuracy is not None else None,
+            accuracy_edit=accuracy[1] if accuracy is not None else None,
             term_per_tensor=dict(zip(names, per_tensor.tolist())),
             term_per_group=groups,
             inner_products_per_tensor={
@@ -131,6 +142,9 @@ class RiemannResult:
         }
         if self.trapezoid is not None:
             values["riemann/trapezoid"] = self.trapezoid
+        if self.accuracy_post is not None:
+            values["riemann/accuracy_post"] = self.accuracy_post
+            values["riemann/accuracy_edit"] = self.accuracy_edit
         for c, value in enumerate(self.losses):
             values[f"riemann/loss_at/{c}"] = value
         for group, value in self.term_per_group.items():
