@@ -1,25 +1,147 @@
-"""Build ``E = F(ΔW) − ΔW`` tensor by tensor and register ``W_post + t·E`` on a model."""
+"""Attaching an edit to a model: the one place where ``E = F(ΔW) − ΔW`` is built and ``W_post + t·E`` registered.
+
+:class:`RiemannCallback <lightning_delta.callbacks.RiemannCallback>` drives an :class:`EditTarget`: a
+:class:`~lightning_delta.DeltaEditModule` is one, and :class:`ModuleTarget` makes one of any other
+LightningModule (its loss is the module's ``training_step`` output). Both attach through :func:`attach_edit`, and
+``GradientBiased`` gets its ∇L(W_post) from :func:`gradients_at_post` here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from lightning_delta.delta import _next_delta, check_tied_targets, match_tensors, open_pair
+from lightning_delta.delta import Patterns, _next_delta, check_tied_targets, match_tensors, open_pair
 from lightning_delta.edits import EDITS
+from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel
 
-__all__ = ["attach_edit", "check_edit", "edit_differences"]
+__all__ = [
+    "EditTarget",
+    "ModuleTarget",
+    "attach_edit",
+    "check_edit",
+    "edit_differences",
+    "gradients_at_post",
+    "training_step_loss",
+]
+
+@runtime_checkable
+class EditTarget(Protocol):
+    """What :class:`~lightning_delta.callbacks.RiemannCallback` sweeps: a model with ``W_post + t·E`` attached.
+
+    ``edited_model`` attaches the edit (once) and returns the handle that sets ``t``; ``riemann_prepare`` turns a
+    batch into what ``riemann_loss`` reads (once per batch, before the C + 1 points); ``riemann_loss`` is the summed
+    loss and item count of a batch at the current ``t``; ``riemann_accuracy`` the task's accuracy at ``t = 0`` and
+    ``t = 1`` once validation has ended (``None`` without an evaluator); ``detach_edit`` is called when validation
+    ends. ``loss_measured_by_sweep`` is set while a sweep measures the loss, so that the target need not.
+    """
+
+    loss_measured_by_sweep: bool
+
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel: ...
+
+    def riemann_prepare(self, batch: Any) -> Any: ...
+
+    def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput: ...
+
+    def riemann_accuracy(self) -> tuple[float, float] | None: ...
+
+    def detach_edit(self) -> None: ...
+
+
+class ModuleTarget:
+    """Any LightningModule as an :class:`EditTarget`: the edit goes on its submodule ``module_name`` (whose tensor
+    names match ``pretrained``), the loss is its ``training_step`` (or ``loss_fn``), and ``detach_edit`` gives the
+    module back with W_post and its ``requires_grad`` flags as they were.
+
+    Args:
+        module: the user's LightningModule.
+        pretrained: W_pre (module, state dict, directory, hub id).
+        edit: the editing operation F, or a mapping of ready-made ``E`` tensors.
+        module_name: the submodule to edit (``""``: the module itself).
+        include, exclude: regular expressions selecting the edited tensors.
+        loss_fn: ``(module, batch, batch_idx) -> LossOutput``; default :func:`training_step_loss`.
+    """
+
+    loss_measured_by_sweep = True
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        pretrained: Any,
+        edit: Any,
+        module_name: str = "",
+        include: Patterns = None,
+        exclude: Patterns = None,
+        loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
+    ) -> None:
+        check_edit(edit)
+        self.module, self.pretrained, self.edit = module, pretrained, edit
+        self.model = module.get_submodule(module_name) if module_name else module
+        self.include, self.exclude = include, exclude
+        self.loss_fn = loss_fn if loss_fn is not None else training_step_loss
+        self._edited: EditedModel | None = None
+
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel:
+        if self._edited is None:
+            gradients = None
+            if getattr(self.edit, "needs_gradients", False):
+                gradients = gradients_at_post(_require_trainer(trainer, self.edit), self, self.model)
+            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients)
+        return self._edited
+
+    def riemann_prepare(self, batch: Any) -> Any:
+        return batch
+
+    def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
+        return self.loss_fn(self.module, batch, batch_idx)
+
+    def riemann_accuracy(self) -> tuple[float, float] | None:
+        return None
+
+    def detach_edit(self) -> None:
+        if self._edited is not None:
+            self._edited.remove()
+            self._edited = None
+
+
+def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
+    if trainer is None:
+        raise ValueError(f"{type(edit).__name__} needs the gradients at W_post over the validation data: attach it "
+                         "under trainer.validate.")
+    return trainer
+
+
+def check_edit(edit: Any) -> None:
+    """Refuse anything but an editing operation (``edit_tensor``) or a mapping of ``E`` tensors, naming the edits."""
+    if isinstance(edit, Mapping) or callable(getattr(edit, "edit_tensor", None)):
+        return
+    known = ", ".join(f"{cls.__name__} ({name!r})" for name, cls in EDITS.items())
+    hint = ""
+    if isinstance(edit, str):
+        hint = (
+            f" For a name, build the operation: lightning_delta.edits.build({edit!r}, ...)"
+            if edit in EDITS
+            else f" {edit!r} is not an edit name"
+        )
+    raise ValueError(
+        f"edit must be an editing operation of lightning_delta.edits or a mapping from tensor names to "
+        f"E = F(ΔW) − ΔW tensors; got {type(edit).__name__} {edit!r}.{hint} The operations are: {known}."
+    )
 
 
 def edit_differences(
     model: nn.Module,
     pretrained: Any,
     edit: Any,
-    include: Any = None,
-    exclude: Any = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``E_k = F(ΔW_k) − ΔW_k`` for every selected tensor, computed one tensor at a time on the model's device.
@@ -55,32 +177,81 @@ def edit_differences(
     return differences
 
 
-def check_edit(edit: Any) -> None:
-    """Refuse anything but an editing operation (``edit_tensor``) or a mapping of ``E`` tensors, naming the edits."""
-    if isinstance(edit, Mapping) or callable(getattr(edit, "edit_tensor", None)):
-        return
-    known = ", ".join(f"{cls.__name__} ({name!r})" for name, cls in EDITS.items())
-    hint = ""
-    if isinstance(edit, str):
-        hint = (
-            f" For a name, build the operation: lightning_delta.edits.build({edit!r}, ...)"
-            if edit in EDITS
-            else f" {edit!r} is not an edit name"
-        )
-    raise ValueError(
-        f"edit must be an editing operation of lightning_delta.edits or a mapping from tensor names to "
-        f"E = F(ΔW) − ΔW tensors; got {type(edit).__name__} {edit!r}.{hint} The operations are: {known}."
-    )
-
-
 def attach_edit(
     model: nn.Module,
     pretrained: Any,
     edit: Any,
-    include: Any = None,
-    exclude: Any = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
 ) -> EditedModel:
     """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``."""
     differences = edit_differences(model, pretrained, edit, include, exclude, gradients)
     return EditedModel(model, differences)
+
+
+def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> LossOutput:
+    """A foreign module's ``training_step`` loss (a batch mean) as a sum over the batch's examples."""
+    output = module.training_step(batch, batch_idx)
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError(
+            f"{type(module).__name__}.training_step returned {type(output).__name__}; RiemannCallback needs a "
+            "scalar loss tensor (or a dict with 'loss'), or pass `loss_fn=`."
+        )
+    size = float(extract_batch_size(batch))
+    return LossOutput(loss.to(torch.float64) * size, torch.tensor(size, dtype=torch.float64))
+
+
+def gradients_at_post(
+    trainer: pl.Trainer, target: EditTarget, model: nn.Module, names: list[str] | None = None
+) -> dict[str, Tensor]:
+    """∇L(W_post) = (1/N) Σ_batches ∇(Σ loss) over the validation data (one pass), summed over processes: what
+    ``GradientBiased`` needs. The loss is ``target``'s (``riemann_prepare`` then ``riemann_loss``); ``model`` is the
+    module whose parameters (all, or ``names``) get gradients.
+
+    Each batch's gradient is added, as soon as autograd has it, into a float32 sum (float64 for float64 weights)
+    and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
+    The returned tensors have that accumulation dtype.
+    """
+    parameters = dict(model.named_parameters())
+    names = names if names is not None else list(parameters)
+    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    sums: dict[str, Tensor] = {}
+    hooks = []
+
+    def accumulate(name: str) -> Callable[[Tensor], None]:
+        def hook(parameter: Tensor) -> None:
+            sums[name].add_(parameter.grad)
+            parameter.grad = None
+
+        return hook
+
+    for name, parameter in parameters.items():
+        parameter.requires_grad_(name in names)
+        parameter.grad = None
+    for name in names:
+        parameter = parameters[name]
+        dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
+        sums[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
+        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
+    loaders = trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    device = trainer.strategy.root_device
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        with torch.enable_grad():
+            for loader in loaders:
+                for batch_idx, batch in enumerate(loader):
+                    batch = target.riemann_prepare(trainer.strategy.batch_to_device(batch, device))
+                    output = target.riemann_loss(batch, batch_idx)
+                    output.total.backward()
+                    count += output.count
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, parameter in parameters.items():
+            parameter.grad = None
+            parameter.requires_grad_(flags[name])
+    count = trainer.strategy.reduce(count, reduce_op="sum")
+    return {name: trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype) for name, total in sums.items()}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchmetrics import Metric
 
-from lightning_delta.attach import attach_edit, check_edit
+from lightning_delta.attach import attach_edit, check_edit, gradients_at_post
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
 from lightning_delta.losses_dpo import DPOLoss
 from lightning_delta.parametrize import EditedModel
@@ -93,6 +93,8 @@ class DeltaEditModule(pl.LightningModule):
         Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
     """
 
+    loss_measured_by_sweep = False  # set by RiemannCallback while it measures the loss at every t
+
     def __init__(
         self,
         model: Any,
@@ -135,9 +137,7 @@ class DeltaEditModule(pl.LightningModule):
             if getattr(self.edit, "needs_gradients", False):
                 if trainer is None:
                     raise ValueError(f"{type(self.edit).__name__} needs gradients at W_post: attach under a Trainer.")
-                from lightning_delta.callbacks.riemann import gradients_at_post
-
-                gradients = gradients_at_post(trainer, self, self.model, self.riemann_loss)
+                gradients = gradients_at_post(trainer, self, self.model)
             self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients)
         return self._edited
 
@@ -156,13 +156,20 @@ class DeltaEditModule(pl.LightningModule):
     def on_validation_start(self) -> None:
         self.edited_model(self.trainer)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Loss and accuracy at t = 0 and t = 1 (the loss only without a RiemannCallback, which measures it)."""
-        from lightning_delta.callbacks.riemann import RiemannCallback
+    def riemann_accuracy(self) -> tuple[float, float] | None:
+        """Accuracy at t = 0 and t = 1 over the validation set (all processes), or ``None`` without an evaluator."""
+        if self.evaluator is None or not self.accuracy_post.update_called:
+            return None
+        return float(self.accuracy_post.compute()), float(self.accuracy_edit.compute())
 
+    def detach_edit(self) -> None:
+        """Nothing: the module keeps its edit attached after validation (for :meth:`materialize`)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (``loss_measured_by_sweep``)."""
         check_batch(batch, self.loss)
         edited = self.edited_model(self.trainer)
-        measure_loss = not any(isinstance(callback, RiemannCallback) for callback in self.trainer.callbacks)
+        measure_loss = not self.loss_measured_by_sweep
         prepared = self.riemann_prepare(batch) if measure_loss else batch
         for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
                                                 (1.0, self.loss_edit, self.accuracy_edit)):

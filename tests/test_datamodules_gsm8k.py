@@ -324,6 +324,7 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
         counts = [evaluator(point, batch) for batch in dm.val_dataloader()]
         expected = sum(float(c) for c, _ in counts) / sum(float(n) for _, n in counts)
         assert float(trainer.callback_metrics[key]) == pytest.approx(expected)
+        assert getattr(result, key.replace("/", "_")) == pytest.approx(expected)  # and in the result record
 
 
 def test_unrepeated_sampler_under_several_processes(tokenizer, tmp_path):

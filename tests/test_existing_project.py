@@ -150,7 +150,7 @@ def test_validate_leaves_a_users_own_validation_step():
 def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
     """GradientBiased's ∇L(W_post): float64 for float64 models; for bf16 models each batch's gradient is summed in
     float32 (a bf16 running sum over 24 batches loses about three digits)."""
-    import lightning_delta.callbacks.riemann as riemann
+    import lightning_delta.module as module_file
 
     captured = {}
 
@@ -158,8 +158,8 @@ def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
         captured.update(gradients_at_post(*args, **kwargs))
         return captured
 
-    gradients_at_post = riemann.gradients_at_post
-    monkeypatch.setattr(riemann, "gradients_at_post", capture)
+    gradients_at_post = module_file.gradients_at_post
+    monkeypatch.setattr(module_file, "gradients_at_post", capture)
     model = tiny_vit(seed=5).to(dtype)
     data = [(images.to(dtype), labels) for images, labels in image_dataset(n=48)]
     loader = DataLoader(data, batch_size=2)

@@ -11,7 +11,7 @@ At the end the sums are reduced across processes (torchmetrics) and divided by t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -21,12 +21,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
 
+from lightning_delta.attach import EditTarget, ModuleTarget
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel
@@ -93,8 +92,8 @@ class RiemannCallback(Callback):
         self.filename = filename
         self.loss_fn = loss_fn
         self.result: RiemannResult | None = None
+        self._target: EditTarget | None = None
         self._edited: EditedModel | None = None
-        self._attached_here = False
         self._sums: RiemannSums | None = None
 
     # ----------------------------------------------------------------------------------------------- checks
@@ -106,7 +105,7 @@ class RiemannCallback(Callback):
                 "RiemannCallback needs gradients during validation, but the Trainer runs it under "
                 "torch.inference_mode. Create the Trainer with `Trainer(inference_mode=False, ...)`."
             )
-        if self.edit is None and not hasattr(pl_module, "edited_model"):
+        if self.edit is None and not isinstance(pl_module, EditTarget):
             raise ValueError(
                 f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
             )
@@ -156,29 +155,20 @@ class RiemannCallback(Callback):
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.check_no_repeated_samples(trainer)
-        self._edited = self._attach(trainer, pl_module)
+        self._target = self.target(pl_module)
+        self._target.loss_measured_by_sweep = True
+        self._edited = self._target.edited_model(trainer)
         self._sums = RiemannSums(self.num_points, len(self._edited), sync_on_compute=True).to(pl_module.device)
         self._sums.reset()  # states may be shared with the parent under ddp_spawn (DESIGN.md §2.7)
         self.result = None
 
-    def _attach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> EditedModel:
+    def target(self, pl_module: "pl.LightningModule") -> EditTarget:
+        """What the sweep drives: ``pl_module`` itself (a DeltaEditModule), or, given ``pretrained`` and ``edit``,
+        a :class:`~lightning_delta.attach.ModuleTarget` around it."""
         if self.edit is None:
-            return pl_module.edited_model(trainer)
-        from lightning_delta.attach import attach_edit
-
-        target = pl_module.get_submodule(self.module_name) if self.module_name else pl_module
-        gradients = None
-        if getattr(self.edit, "needs_gradients", False):
-            gradients = gradients_at_post(trainer, pl_module, target, self._loss_fn(pl_module))
-        self._attached_here = True
-        return attach_edit(target, self.pretrained, self.edit, self.include, self.exclude, gradients)
-
-    def _loss_fn(self, pl_module: "pl.LightningModule") -> Callable[[Any, int], LossOutput]:
-        if self.loss_fn is not None:
-            return lambda batch, batch_idx: self.loss_fn(pl_module, batch, batch_idx)
-        if hasattr(pl_module, "riemann_loss"):
-            return pl_module.riemann_loss
-        return lambda batch, batch_idx: training_step_loss(pl_module, batch, batch_idx)
+            return pl_module
+        return ModuleTarget(pl_module, self.pretrained, self.edit, self.module_name, self.include, self.exclude,
+                            self.loss_fn)
 
     @override
     def on_validation_batch_end(
@@ -190,10 +180,8 @@ class RiemannCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        edited, num_points = self._edited, self.num_points
-        loss_fn = self._loss_fn(pl_module)
-        prepare = getattr(pl_module, "riemann_prepare", None)
-        batch = prepare(batch) if prepare is not None else batch
+        edited, target, num_points = self._edited, self._target, self.num_points
+        batch = target.riemann_prepare(batch)
         inner = torch.zeros(num_points + 1, len(edited), dtype=torch.float64, device=pl_module.device)
         losses = torch.zeros(num_points + 1, dtype=torch.float64, device=pl_module.device)
         count = None
@@ -201,7 +189,7 @@ class RiemannCallback(Callback):
             edited.set_t(c / num_points)
             with_gradient = c < num_points or self.trapezoid
             with torch.set_grad_enabled(with_gradient), edited.recompute_weights():
-                output = loss_fn(batch, batch_idx)
+                output = target.riemann_loss(batch, batch_idx)
                 if with_gradient:
                     output.total.backward()
             inner[c] = edited.pop_inner_products().to(inner.device)
@@ -231,7 +219,8 @@ class RiemannCallback(Callback):
         if hasattr(edit, "config"):
             config["edit"] = edit.config()
         self.result = RiemannResult.from_sums(
-            self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config
+            self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config,
+            self._target.riemann_accuracy(),
         )
         for name, value in self.result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
             pl_module.log(name, value, sync_dist=True)
@@ -242,9 +231,10 @@ class RiemannCallback(Callback):
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._attached_here and self._edited is not None:
-            self._edited.remove()  # the user's module goes back to W_post, trainable as before
-            self._edited, self._attached_here = None, False
+        if self._target is not None:
+            self._target.loss_measured_by_sweep = False
+            self._target.detach_edit()  # a user's module goes back to W_post, trainable as before
+            self._target, self._edited = None, None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -278,74 +268,3 @@ def ensure_validation_step(module: "pl.LightningModule") -> bool:
 
 def _no_validation_step(self: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
     return None
-
-
-def training_step_loss(pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> LossOutput:
-    """A foreign module's ``training_step`` loss (a batch mean) as a sum over the batch's examples."""
-    output = pl_module.training_step(batch, batch_idx)
-    loss = output["loss"] if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        raise ValueError(
-            f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; RiemannCallback needs a "
-            "scalar loss tensor (or a dict with 'loss'), or pass `loss_fn=`."
-        )
-    size = float(extract_batch_size(batch))
-    return LossOutput(loss.to(torch.float64) * size, torch.tensor(size, dtype=torch.float64))
-
-
-def gradients_at_post(
-    trainer: "pl.Trainer",
-    pl_module: "pl.LightningModule",
-    model: torch.nn.Module,
-    loss_fn: Callable[[Any, int], LossOutput],
-    names: list[str] | None = None,
-) -> dict[str, Tensor]:
-    """∇L(W_post) = (1/N) Σ_batches ∇(Σ loss) over the validation data (one pass), summed over processes: what
-    ``GradientBiased`` needs.
-
-    Each batch's gradient is added, as soon as autograd has it, into a float32 sum (float64 for float64 weights)
-    and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
-    The returned tensors have that accumulation dtype.
-    """
-    parameters = dict(model.named_parameters())
-    names = names if names is not None else list(parameters)
-    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
-    sums: dict[str, Tensor] = {}
-    hooks = []
-
-    def accumulate(name: str) -> Callable[[Tensor], None]:
-        def hook(parameter: Tensor) -> None:
-            sums[name].add_(parameter.grad)
-            parameter.grad = None
-
-        return hook
-
-    for name, parameter in parameters.items():
-        parameter.requires_grad_(name in names)
-        parameter.grad = None
-    for name in names:
-        parameter = parameters[name]
-        dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
-        sums[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
-        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
-    loaders = trainer.val_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-    prepare = getattr(pl_module, "riemann_prepare", None)
-    try:
-        with torch.enable_grad():
-            for loader in loaders:
-                for batch_idx, batch in enumerate(loader):
-                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    batch = prepare(batch) if prepare is not None else batch
-                    output = loss_fn(batch, batch_idx)
-                    output.total.backward()
-                    count += output.count
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, parameter in parameters.items():
-            parameter.grad = None
-            parameter.requires_grad_(flags[name])
-    count = trainer.strategy.reduce(count, reduce_op="sum")
-    return {name: trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype) for name, total in sums.items()}
