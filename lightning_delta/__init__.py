@@ -20,7 +20,7 @@ _EXPORTS = {
     "DeltaLoss": "lightning_delta.losses",
     "LossOutput": "lightning_delta.losses",
     "build_loss": "lightning_delta.losses",
-    "DPOLoss": "lightning_delta.losses_dpo",
+    "DPOLoss": "lightning_delta.losses",
     "DeltaEditModule": "lightning_delta.module",
     "EditedModel": "lightning_delta.parametrize",
     "RiemannCallback": "lightning_delta.callbacks",
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from lightning_delta.callbacks import RiemannCallback, RiemannResult
     from lightning_delta.delta import compute_delta, delta_names, iter_delta
     from lightning_delta.export import apply_edit_, save_edited
-    from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
-    from lightning_delta.losses_dpo import DPOLoss
+    from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
     from lightning_delta.module import DeltaEditModule
     from lightning_delta.parametrize import EditedModel

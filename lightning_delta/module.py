@@ -12,8 +12,7 @@ from torch.nn.utils import parametrize
 from torchmetrics import Metric
 
 from lightning_delta.attach import attach_edit, check_edit, gradients_at_post
-from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput, build_loss
-from lightning_delta.losses_dpo import DPOLoss
+from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.parametrize import EditedModel
 
 __all__ = ["DeltaEditModule", "load_model"]

@@ -11,8 +11,7 @@ import torch
 
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import UltraFeedbackDataModule
-from lightning_delta.losses import build_loss
-from lightning_delta.losses_dpo import DPOLoss
+from lightning_delta.losses import DPOLoss, build_loss
 from lightning_delta.metrics import RewardAccuracy
 from lightning_delta.module import DeltaEditModule
 from tests.datamodule_fixtures import (

@@ -1,9 +1,5 @@
-"""DataModules for the paper's three tasks: GSM8K, UltraFeedback preference pairs and the eight CLIP image tasks.
+"""DataModules for the paper's three tasks: GSM8K, UltraFeedback preference pairs and the eight CLIP image tasks."""
 
-Importing this package also registers the ``"dpo"`` loss (:class:`~lightning_delta.losses_dpo.DPOLoss`).
-"""
-
-from lightning_delta import losses_dpo as _losses_dpo  # noqa: F401  (registers "dpo" with build_loss)
 from lightning_delta.datamodules.classnames import CLASSNAMES, TASKS, TEMPLATES, get_classnames, get_templates
 from lightning_delta.datamodules.gsm8k import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules.ultrafeedback import UltraFeedbackDataModule

@@ -3,7 +3,7 @@
 Each row has ``prompt``, ``chosen`` and ``rejected`` (lists of ``{"role", "content"}`` messages, the last the
 assistant's), ``score_chosen`` and ``score_rejected`` (DESIGN.md §5). The conversation before the last message is the
 prompt, written with the tokenizer's chat template and masked (``-100``); the last message of ``chosen`` and of
-``rejected`` is the answer scored by :class:`~lightning_delta.losses_dpo.DPOLoss`.
+``rejected`` is the answer scored by :class:`~lightning_delta.losses.DPOLoss`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ FIELDS = {"prompt": str, "chosen": list, "rejected": list}  # what every row hol
 
 
 class UltraFeedbackDataModule(TokenizedDataModule):
-    """Chosen/rejected pairs through the chat template, prompt masked, for :class:`~lightning_delta.losses_dpo.DPOLoss`.
+    """Chosen/rejected pairs through the chat template, prompt masked, for :class:`~lightning_delta.losses.DPOLoss`.
 
     Batch (a dict, B pairs): ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_attention_mask``, ``rejected_labels``, all (B, T) right-padded to one length

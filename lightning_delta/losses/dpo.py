@@ -1,4 +1,4 @@
-"""The DPO loss for preference pairs (EXPO, paper §6), registered as ``"dpo"`` in :mod:`lightning_delta.losses`.
+"""The DPO loss for preference pairs (EXPO, paper §6), ``"dpo"`` in :data:`lightning_delta.losses.LOSSES`.
 
 For a prompt x with chosen answer y_w and rejected answer y_l, with π the edited model and π_ref the reference:
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_delta.losses import IGNORE_INDEX, DeltaLoss, LossOutput, _logits, at_least_float32, register_loss
+from lightning_delta.losses.base import IGNORE_INDEX, DeltaLoss, LossOutput, at_least_float32, model_logits
 
 __all__ = ["DPOLoss", "sequence_log_probs"]
 
@@ -31,7 +31,7 @@ def sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tens
 
     Shapes: ``input_ids``, ``attention_mask``, ``labels`` (B, T).
     """
-    logits = at_least_float32(_logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1])  # (B, T-1, V)
+    logits = at_least_float32(model_logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1])  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     picked = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -68,7 +68,6 @@ class DPOLoss(DeltaLoss):
             raise ValueError(f"`reference` must be an nn.Module, a local directory or a hub id, got {type(reference).__name__}.")
         self.reference = reference.eval().requires_grad_(False)
         self.beta = float(beta)
-        self.reference_calls = 0  # forward passes of the reference model (one per batch)
         self._cache: tuple[Tensor, Tensor] | None = None  # (the batch's chosen_input_ids, reference log-probs)
 
     def train(self, mode: bool = True) -> DPOLoss:
@@ -110,7 +109,6 @@ class DPOLoss(DeltaLoss):
             return self._cache[1]  # the evaluator already computed them for this batch
         with torch.no_grad():
             chosen, rejected = self.policy_log_probs(self.reference, batch)
-        self.reference_calls += 1
         result = torch.stack([chosen, rejected])
         self._cache = (key, result) if key is not None else None
         return result
@@ -143,5 +141,3 @@ class DPOLoss(DeltaLoss):
         correct = (chosen > rejected).sum().to(torch.float64)
         return correct, torch.tensor(float(chosen.numel()), dtype=torch.float64, device=correct.device)
 
-
-register_loss("dpo", DPOLoss)
