@@ -226,6 +226,8 @@ class DeltaEdit:
     """
 
     name: ClassVar[str]
+    label: ClassVar[str]  # how figures and tables name the edit: "DARE", "BitDelta", "EXPO"
+    reference: ClassVar[str]  # where the paper (or the edit's own paper) defines it
     needs_gradients: ClassVar[bool] = False
 
     def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:

@@ -123,6 +123,8 @@ class SignBiased(DeltaEdit):
     """
 
     name = "sign_biased"
+    label = "sign-biased rescale"  # how figures and tables name the edit
+    reference = "paper, section 4.3, Table 1 middle column"  # where the paper defines it
 
     def __init__(self, p: float, k: float) -> None:
         self.p = check_drop_rate("SignBiased", p)
@@ -161,6 +163,8 @@ class GradientBiased(DeltaEdit):
     """
 
     name = "gradient_biased"
+    label = "gradient-biased rescale"  # how figures and tables name the edit
+    reference = "paper, section 4.3, Table 1 right column"  # where the paper defines it
     needs_gradients = True
 
     def __init__(self, p: float, k: float) -> None:

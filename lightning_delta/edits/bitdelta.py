@@ -244,6 +244,8 @@ class BitDelta(DeltaEdit):
     """
 
     name = "bitdelta"
+    label = "BitDelta"  # how figures and tables name the edit
+    reference = "paper, sections 5.1 and 5.3"  # where the paper defines it
 
     def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0) -> None:
         self.bits, self.scale, self.magnitudes = check_bitdelta(bits, scale, magnitudes)

@@ -146,6 +146,8 @@ class DARE(DeltaEdit):
     """
 
     name = "dare"
+    label = "DARE"  # how figures and tables name the edit
+    reference = "paper, sections 4.1 and 4.2 (equation 2)"  # where the paper defines it
 
     def __init__(self, p: float, k: float = 0.0, rescale: bool = True, seed: int = 0) -> None:
         self.p, self.k, self.rescale = check_dare(p, k, rescale)

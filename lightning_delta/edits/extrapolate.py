@@ -52,6 +52,8 @@ class Extrapolate(DeltaEdit):
     """
 
     name = "extrapolate"
+    label = "EXPO"  # how figures and tables name the edit
+    reference = "paper, section 6, equations 13–15"  # where the paper defines it
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("Extrapolate", "alpha", alpha)

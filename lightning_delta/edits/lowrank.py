@@ -171,6 +171,8 @@ class LowRank(DeltaEdit):
     """
 
     name = "lowrank"
+    label = "low rank (Twin-Merging)"  # how figures and tables name the edit
+    reference = "paper, equation 10 and section 5.2"  # where the paper defines it
 
     def __init__(
         self, rank: int | None = None, fraction: float | None = None, method: str = "exact", seed: int = 0

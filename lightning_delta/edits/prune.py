@@ -108,6 +108,8 @@ class MagnitudePrune(DeltaEdit):
     """
 
     name = "magnitude_prune"
+    label = "magnitude pruning (TIES-Merging's trim)"  # how figures and tables name the edit
+    reference = "paper, section 5.2"  # where the paper defines it
 
     def __init__(self, p: float) -> None:
         self.p = check_drop_rate("MagnitudePrune", p)
