@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_delta._loading import TensorSource, format_names, load_tensors, tied_names
+from lightning_delta.edits.base import CHUNK_NUMEL
 
 __all__ = [
     "DeltaMatch",
@@ -51,8 +52,6 @@ __all__ = [
 
 Patterns = str | Iterable[str] | None
 
-# Entries checked per step for NaN / inf: bounds the temporary memory of the check on large embeddings.
-_FINITE_CHECK_CHUNK = 1 << 24
 
 
 class DeltaMatch(NamedTuple):
@@ -281,7 +280,7 @@ def _all_finite(tensor: Tensor) -> bool:
     if not tensor.is_floating_point():
         return True
     flat = tensor.reshape(-1)  # a view for contiguous tensors, a copy otherwise
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHECK_CHUNK))
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(CHUNK_NUMEL))
 
 
 def _as_device(device: torch.device | str | None) -> torch.device | None:

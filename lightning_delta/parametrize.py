@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_delta.delta import check_tied_targets, load_tensors
+from lightning_delta.delta import check_tied_targets, load_tensors, tied_names
 
 __all__ = ["EditParametrization", "EditedModel"]
 
@@ -110,7 +110,7 @@ class EditedModel:
         self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
-        aliases = aliases if aliases is not None else _tied_aliases(tensors)
+        aliases = aliases if aliases is not None else tied_names(model)
         check_tied_targets(self.names, load_tensors(model))
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         try:
@@ -165,9 +165,6 @@ class EditedModel:
         with torch.no_grad():
             for parametrization in self.parametrizations.values():
                 parametrization.t.fill_(t)
-
-    def t_parameters(self) -> list[nn.Parameter]:
-        return [self.parametrizations[name].t for name in self.names]
 
     def pop_inner_products(self) -> Tensor:
         """``⟨∇L, E⟩`` per tensor (float64, shape ``(K,)``, order of :attr:`names`) left by backward; clears them."""
@@ -236,14 +233,6 @@ class EditedModel:
         self.parametrizations.clear()
         self._owners.clear()
         self.names = []
-
-
-def _tied_aliases(tensors: Mapping[str, Tensor]) -> dict[str, list[str]]:
-    """The first name of every tensor shared under several names, to its other names."""
-    by_identity: dict[int, list[str]] = {}
-    for name, tensor in tensors.items():
-        by_identity.setdefault(id(tensor), []).append(name)
-    return {names[0]: names[1:] for names in by_identity.values() if len(names) > 1}
 
 
 class _Rebuild:
