@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_delta.datamodules._common import (
-    IGNORE_INDEX,
     LazyTokenizer,
     TokenizedDataModule,
     check_positive,
@@ -30,6 +29,7 @@ from lightning_delta.datamodules._common import (
     split_completion,
     validation_loader,
 )
+from lightning_delta.losses import IGNORE_INDEX
 from lightning_delta.metrics import extract_final_number, numbers_match
 
 __all__ = ["GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT"]

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_delta.datamodules._common import (
-    IGNORE_INDEX,
     TokenizedDataModule,
     encode,
     load_rows,
@@ -23,6 +22,7 @@ from lightning_delta.datamodules._common import (
     split_completion,
     validation_loader,
 )
+from lightning_delta.losses import IGNORE_INDEX
 
 __all__ = ["UltraFeedbackDataModule"]
 
