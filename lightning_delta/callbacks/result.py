@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,24 @@ class RiemannResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RiemannResult:
+        """The result that :meth:`to_dict` gave ``data``; fields with defaults may be missing (rows of older versions).
+
+        Raises:
+            ValueError: naming the missing required fields and the unknown ones.
+        """
+        known = [item.name for item in fields(cls)]
+        required = [item.name for item in fields(cls) if item.default is MISSING and item.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        unknown = [name for name in data if name not in known]
+        if missing or unknown:
+            raise ValueError(
+                f"Not a RiemannResult: missing fields {missing}, unknown fields {unknown}. Its fields are "
+                f"{', '.join(known)}; {', '.join(required)} are required."
+            )
+        return cls(**data)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,4 +181,4 @@ class RiemannResult:
 
     @classmethod
     def load(cls, path: str | Path) -> RiemannResult:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text()))
