@@ -9,33 +9,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torchmetrics import Metric
 
 from lightning_delta.attach import attach_edit, check_edit, gradients_at_post
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
+from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import EditedModel
 
 __all__ = ["DeltaEditModule", "load_model"]
 
 Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
-
-
-class MeanMetric64(Metric):
-    """``Σ numerator / Σ denominator`` in float64, summed across processes."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("numerator", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("denominator", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, numerator: Tensor, denominator: Tensor) -> None:
-        self.numerator += torch.as_tensor(numerator).to(self.numerator)
-        self.denominator += torch.as_tensor(denominator).to(self.denominator)
-
-    def compute(self) -> Tensor:
-        return self.numerator / self.denominator
 
 
 def load_model(source: Any, torch_dtype: Any = None) -> nn.Module:
@@ -113,8 +95,8 @@ class DeltaEditModule(pl.LightningModule):
         self.loss = self._resolve_loss(loss, pretrained, torch_dtype)
         self.include, self.exclude = include, exclude
         self.evaluator = evaluator if evaluator is not None else getattr(self.loss, "evaluator", None)
-        self.loss_post, self.loss_edit = MeanMetric64(), MeanMetric64()
-        self.accuracy_post, self.accuracy_edit = MeanMetric64(), MeanMetric64()
+        self.loss_post, self.loss_edit = RatioOfSums(), RatioOfSums()
+        self.accuracy_post, self.accuracy_edit = RatioOfSums(), RatioOfSums()
         self._edited: EditedModel | None = None
 
     @staticmethod

@@ -9,7 +9,7 @@ import torch
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.losses import CausalLMLoss
-from lightning_delta.metrics import ExactMatchAccuracy, extract_final_number
+from lightning_delta.metrics import extract_final_number
 from lightning_delta.module import DeltaEditModule
 from tests.datamodule_fixtures import (
     GSM8K_ROWS,
@@ -266,10 +266,13 @@ def test_final_number_extraction(text, expected):
     assert extract_final_number(text) == expected
 
 
-def test_exact_match_metric_counts():
-    metric = ExactMatchAccuracy()
-    metric.update(["#### 7", "so 1,300 in total", "-5.0", "nothing"], [r["answer"] for r in GSM8K_ROWS[:4]])
-    assert float(metric.correct) == 3 and float(metric.total) == 4
+def test_exact_match_counts():
+    correct, total = GSM8KEvaluator.count_matches(["#### 7", "so 1,300 in total", "-5.0", "nothing"],
+                                                  [r["answer"] for r in GSM8K_ROWS[:4]])
+    assert float(correct) == 3 and float(total) == 4
+    assert correct.dtype == total.dtype == torch.float64
+    with pytest.raises(ValueError, match="Got 1 generated texts for 2 reference answers"):
+        GSM8KEvaluator.count_matches(["#### 7"], ["#### 7", "#### 8"])
 
 
 def greedy(model, prompt_ids: list[int], steps: int) -> list[int]:

@@ -8,6 +8,7 @@ the answer as the template writes the assistant's turn. Labels are ``-100`` on t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,8 @@ class GSM8KEvaluator(LazyTokenizer):
 
     The number after ``####`` (or the last number) of the generated text is compared with the reference answer's
     (:func:`~lightning_delta.metrics.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``, which sums
-    the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or feed
-    :class:`~lightning_delta.metrics.ExactMatchAccuracy` with :meth:`generate`'s texts.
+    the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or count
+    :meth:`generate`'s texts yourself with :meth:`count_matches`.
 
     Args:
         tokenizer: path, hub id or tokenizer object (for decoding and the pad id).
@@ -260,10 +261,21 @@ class GSM8KEvaluator(LazyTokenizer):
         )
         return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        texts = self.generate(model, batch)
+    @staticmethod
+    def count_matches(texts: Sequence[str], references: Sequence[str], device: Any = None) -> tuple[Tensor, Tensor]:
+        """``(correct, total)`` as float64 tensors (): texts whose final number equals their reference's.
+
+        Example:
+            >>> GSM8KEvaluator.count_matches(["so 3 + 4 = 7", "#### 1,000"], ["#### 7", "#### 999"])
+            (tensor(1., dtype=torch.float64), tensor(2., dtype=torch.float64))
+        """
+        if len(texts) != len(references):
+            raise ValueError(f"Got {len(texts)} generated texts for {len(references)} reference answers.")
         correct = sum(numbers_match(extract_final_number(text), extract_final_number(reference))
-                      for text, reference in zip(texts, batch["answers"]))
-        device = batch["prompt_input_ids"].device
+                      for text, reference in zip(texts, references))
         return (torch.tensor(float(correct), dtype=torch.float64, device=device),
                 torch.tensor(float(len(texts)), dtype=torch.float64, device=device))
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        texts = self.generate(model, batch)
+        return self.count_matches(texts, batch["answers"], device=batch["prompt_input_ids"].device)
