@@ -163,3 +163,16 @@ def test_unknown_item_is_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "edits", "--operations", "lowrank,svd"])
     assert bench.parse_args(["--only", "edits", "--operations", "lowrank"]).operations == ["lowrank"]
+
+
+def test_in_place_variant_gives_the_parametrizations_inner_products():
+    """What benchmarks/inplace.py compares computes the same ⟨∇L, E⟩ per tensor in all three ways."""
+    from benchmarks.inplace import VARIANTS, run_variant
+
+    results = {variant: run_variant(variant, hidden=64, layers=1, tokens=32, repeats=1) for variant in VARIANTS}
+    reference = results["parametrization"]["inner"]
+    assert len(reference) == 8  # q, k, v, o, gate, up, down of the one layer and the LM head
+    for result in results.values():
+        assert result["inner"].keys() == reference.keys()
+        for name, value in reference.items():
+            assert result["inner"][name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
