@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import EDITS, DeltaEdit
 from lightning_delta.module import DeltaEditModule
+from lightning_delta.sweep import SweepPoint, SweepRow
 
 __all__ = ["DeltaCLI", "main", "run", "run_directory", "run_point", "sweep_points"]
 
@@ -167,35 +169,12 @@ def sweep_points(args: Any) -> tuple[list[Any], dict[str, Any], DeltaCLI]:
     return make_points(base, settings.get("grid"), normalize), settings, cli
 
 
-def _dataset_label(data: dict[str, Any]) -> str:
-    """``Digits/test``, ``GSM8K``, ``Vision/eurosat``: the data module's short name and what picks its data."""
-    name = str(data.get("class_path", "data")).rsplit(".", 1)[-1].removesuffix("DataModule") or "data"
-    init_args = data.get("init_args") or {}
-    picks = [str(init_args[key]) for key in ("task", "tasks", "name", "subset", "split") if init_args.get(key)]
-    return "/".join([name, *picks])
-
-
-def run_point(cli: DeltaCLI, point: Any) -> dict[str, Any]:
+def run_point(cli: DeltaCLI, point: SweepPoint) -> SweepRow:
     """Instantiate one point's config, run ``trainer.validate`` with its RiemannCallback and return its row."""
+    started = time.time()
     cli.instantiate_point(point.config)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    result = cli.riemann_callback().result
-    logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
-    metrics = {
-        "term": result.term,
-        "trapezoid": result.trapezoid,
-        "exact": result.exact,
-        "loss_post": result.loss_post,
-        "loss_edit": result.loss_edit,
-        "accuracy_post": logged.get("accuracy/post"),
-        "accuracy_edit": logged.get("accuracy/edit"),
-    }
-    return {
-        "edit": cli.model.edit.config(),
-        "dataset": _dataset_label(point.config.get("data") or {}),
-        "metrics": metrics,
-        "result": result.to_dict(),
-    }
+    return SweepRow.of(point, cli.model.edit.config(), cli.riemann_callback().result, started)
 
 
 def _is_global_zero() -> bool:
@@ -209,7 +188,7 @@ def _is_global_zero() -> bool:
     return rank_zero_only.rank == 0 and int(node_rank) == 0
 
 
-def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def sweep(args: Sequence[str] | dict[str, Any] | None = None) -> list[SweepRow]:
     """Run (or resume) a sweep; rows go to ``sweep.results`` and, with ``sweep.figures``, figures are drawn.
 
     The writing process holds ``<sweep.results>.lock`` while the sweep runs: a second sweep on the same results file

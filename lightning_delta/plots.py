@@ -14,7 +14,7 @@ function                what it shows                                           
                         with the left Riemann rectangles and the trapezoid
 ======================  ======================================================  ==============
 
-Each function takes rows (dicts, see :mod:`lightning_delta.sweep`) and a path, and returns the path, or ``None``
+Each function takes rows (:class:`~lightning_delta.sweep.SweepRow`) and a path, and returns the path, or ``None``
 when no row fits the figure. :func:`plot_all` draws every figure it can.
 
 Rows may come from several sweeps. Rows that differ in anything besides what a figure lays out (its x axis, its
@@ -38,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lightning_delta.sweep import VOLATILE_KEYS, _drop_key  # noqa: E402
+from lightning_delta.sweep import DATASET_KEYS, VOLATILE_KEYS, SweepRow, drop_key  # noqa: E402
 
 __all__ = [
     "edit_family",
@@ -58,17 +58,11 @@ GROUP_ORDER = ("attention", "mlp", "norms", "embeddings", "other")
 
 
 # ------------------------------------------------------------------------------------------------ row helpers
-def edit_config(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row's edit as ``{"name": ..., **arguments}`` (``edit.config()``)."""
-    return dict(row.get("edit") or {})
-
-
-def edit_family(row: Mapping[str, Any]) -> str:
+def edit_family(row: SweepRow) -> str:
     """``dare``, ``drop_only`` (DARE without rescale), ``bitdelta``, ``lowrank``, ``magnitude_prune``,
     ``extrapolate``, ... (the edit's registry name otherwise)."""
-    edit = edit_config(row)
-    name = edit.get("name", "?")
-    if name == "dare" and edit.get("rescale") is False:
+    name = row.edit.get("name", "?")
+    if name == "dare" and row.edit.get("rescale") is False:
         return "drop_only"
     return name
 
@@ -84,9 +78,9 @@ _SHOWN = {
 _DEFAULTS = {"scale": 1.0, "magnitudes": "mean"}
 
 
-def edit_parameters(row: Mapping[str, Any]) -> str:
+def edit_parameters(row: SweepRow) -> str:
     """The parameters that tell the row's edit apart, e.g. ``p=0.5 k=0``."""
-    edit = edit_config(row)
+    edit = row.edit
     family = edit_family(row)
     keys = _SHOWN.get(family, tuple(key for key in edit if key not in ("name", "seed")))
     parts = []
@@ -98,7 +92,7 @@ def edit_parameters(row: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def edit_label(row: Mapping[str, Any]) -> str:
+def edit_label(row: SweepRow) -> str:
     return f"{edit_family(row)} {edit_parameters(row)}".strip()
 
 
@@ -108,25 +102,13 @@ def _format_number(value: Any) -> str:
     return str(value)
 
 
-def dataset(row: Mapping[str, Any]) -> str:
-    return str(row.get("dataset") or "data")
-
-
-def metric(row: Mapping[str, Any], name: str) -> float | None:
-    """``term``, ``trapezoid``, ``exact``, ``loss_post``, ``loss_edit``, ``accuracy_post``, ``accuracy_edit``."""
-    value = (row.get("metrics") or {}).get(name)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return float(value)
-
-
 # Config keys that are not settings of a row: the edit (its own field), C (from the result), and the data keys that the
-# data set label already names (lightning_delta.cli._dataset_label).
+# data set label already names (lightning_delta.sweep.dataset_label).
 _NOT_SETTINGS = (
     "edit",
     "riemann.num_points",
     "data.class_path",
-    *(f"data.init_args.{key}" for key in ("task", "tasks", "name", "subset", "split")),
+    *(f"data.init_args.{key}" for key in DATASET_KEYS),
 )
 _SETTING_NAMES = {"model.model": "model", "model.pretrained": "pretrained", "model.loss": "loss",
                   "seed_everything": "seed"}
@@ -147,7 +129,7 @@ def _setting_value(value: Any) -> str:
     return _format_number(value)
 
 
-def row_settings(row: Mapping[str, Any], shown_edit_keys: Iterable[str] | None = None) -> dict[str, str]:
+def row_settings(row: SweepRow, shown_edit_keys: Iterable[str] | None = None) -> dict[str, str]:
     """Everything a row was measured under besides what a figure lays out, as ``{name: value}`` strings.
 
     ``data`` (the data set label), ``C`` (the Riemann points), every key of the row's config (dotted, without
@@ -155,18 +137,15 @@ def row_settings(row: Mapping[str, Any], shown_edit_keys: Iterable[str] | None =
     and the keys that only say where or how fast it ran (:data:`lightning_delta.sweep.VOLATILE_KEYS`), and, when
     ``shown_edit_keys`` is given, the edit's arguments not among them (as ``edit.<name>``).
     """
-    settings = {"data": dataset(row)}
-    num_points = (row.get("result") or {}).get("num_points")
-    if num_points is not None:
-        settings["C"] = _setting_value(num_points)
+    settings = {"data": row.dataset, "C": _setting_value(row.result.num_points)}
     if shown_edit_keys is not None:
         shown = set(shown_edit_keys)
-        for key, value in edit_config(row).items():
+        for key, value in row.edit.items():
             if key not in shown:
                 settings[f"edit.{key}"] = _setting_value(value)
-    config = json.loads(json.dumps(row.get("config") or {}, default=str))
+    config = json.loads(json.dumps(row.config, default=str))
     for dotted in (*VOLATILE_KEYS, *_NOT_SETTINGS):
-        _drop_key(config, dotted)
+        drop_key(config, dotted)
     for key, value in _flatten(config):
         name = ".".join(part for part in key.split(".") if part != "init_args")
         settings[_SETTING_NAMES.get(name, name)] = _setting_value(value)
@@ -187,9 +166,7 @@ def _short_values(values: Iterable[str]) -> dict[str, str]:
     return {value: value for value in values}
 
 
-def setting_labels(
-    rows: Sequence[Mapping[str, Any]], shown_edit_keys: Iterable[str] | None = None
-) -> list[str]:
+def setting_labels(rows: Sequence[SweepRow], shown_edit_keys: Iterable[str] | None = None) -> list[str]:
     """For each row, the :func:`row_settings` that differ between rows of the same data set, as ``C=5, model=a/post``
     (``""`` where the rows of each data set agree on all of them: the figures show the data set themselves).
 
@@ -199,7 +176,7 @@ def setting_labels(
     settings = [row_settings(row, shown_edit_keys) for row in rows]
     by_dataset: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row, setting in zip(rows, settings):
-        by_dataset[dataset(row)].append(setting)
+        by_dataset[row.dataset].append(setting)
     names = {name for setting in settings for name in setting}
     differing = [
         name for name in names
@@ -218,7 +195,7 @@ def _joined(*parts: str) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _rows(rows: Iterable[Mapping[str, Any]], *families: str) -> list[Mapping[str, Any]]:
+def _rows(rows: Iterable[SweepRow], *families: str) -> list[SweepRow]:
     return [row for row in rows if edit_family(row) in families]
 
 
@@ -232,23 +209,22 @@ def _save(figure: plt.Figure, path: str | os.PathLike) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- figures
-def plot_dare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+def plot_dare(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 1/3: the Riemann term (left) and the exact ΔL (right) against the drop rate p, one line per k; drop only
     (no rescale) dashed. One row of panels per data set."""
     rows = _rows(rows, "dare", "drop_only")
     if not rows:
         return None
     settings = setting_labels(rows, shown_edit_keys=("name", "p", "k", "rescale"))
-    datasets = sorted({dataset(row) for row in rows})
+    datasets = sorted({row.dataset for row in rows})
     figure, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
     for panels, name in zip(axes, datasets):
         lines: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
         for row, setting in zip(rows, settings):
-            if dataset(row) != name:
+            if row.dataset != name:
                 continue
-            edit = edit_config(row)
-            kind = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(edit.get('k', 0.0))}"
-            lines[(kind, setting)].append((float(edit["p"]), metric(row, "term"), metric(row, "exact")))
+            kind = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(row.edit.get('k', 0.0))}"
+            lines[(kind, setting)].append((float(row.edit["p"]), row.result.term, row.result.exact))
         drop_only_lines = sum(kind == "drop only" for kind, _ in lines)
         for kind, setting in sorted(lines, key=lambda line: (line[0] == "drop only", line)):
             points = sorted(lines[(kind, setting)])
@@ -266,21 +242,21 @@ def plot_dare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     return _save(figure, path)
 
 
-def _strongest_per_family(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    best: dict[str, Mapping[str, Any]] = {}
+def _strongest_per_family(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    best: dict[str, SweepRow] = {}
     for row in rows:
         family = edit_family(row)
-        if family == "extrapolate" or not (row.get("result") or {}).get("term_per_group"):
+        if family == "extrapolate" or not row.result.term_per_group:
             continue
-        if family == "dare" and edit_config(row).get("k", 0.0) != 0.0:  # DARE itself beside drop only, as in Fig. 3
+        if family == "dare" and row.edit.get("k", 0.0) != 0.0:  # DARE itself beside drop only, as in Fig. 3
             continue
-        if family not in best or abs(metric(row, "term") or 0.0) > abs(metric(best[family], "term") or 0.0):
+        if family not in best or abs(row.result.term) > abs(best[family].result.term):
             best[family] = row
     return list(best.values())
 
 
 def plot_modules(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, selected: Sequence[Mapping[str, Any]] | None = None
+    rows: Sequence[SweepRow], path: str | os.PathLike, selected: Sequence[SweepRow] | None = None
 ) -> Path | None:
     """Fig. 3: the term per kind of tensor (attention, mlp, norms, embeddings, other), a bar per edit.
 
@@ -290,13 +266,13 @@ def plot_modules(
     selected = list(selected) if selected is not None else _strongest_per_family(rows)
     if not selected:
         return None
-    groups = [group for group in GROUP_ORDER if any(group in row["result"]["term_per_group"] for row in selected)]
+    groups = [group for group in GROUP_ORDER if any(group in row.result.term_per_group for row in selected)]
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
     width = 0.8 / len(selected)
     for number, (row, setting) in enumerate(zip(selected, setting_labels(selected))):
-        values = [row["result"]["term_per_group"].get(group, 0.0) for group in groups]
+        values = [row.result.term_per_group.get(group, 0.0) for group in groups]
         positions = [index + (number - (len(selected) - 1) / 2) * width for index in range(len(groups))]
-        axis.bar(positions, values, width=width, label=f"{edit_label(row)} ({_joined(dataset(row), setting)})")
+        axis.bar(positions, values, width=width, label=f"{edit_label(row)} ({_joined(row.dataset, setting)})")
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.set_xticks(range(len(groups)), groups)
     axis.set_ylabel("Riemann term")
@@ -305,7 +281,7 @@ def plot_modules(
     return _save(figure, path)
 
 
-def plot_alpha(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 6: the term (solid) and exact ΔL (dotted) against α for EXPO, per data set; the trough is marked."""
     rows = _rows(rows, "extrapolate")
     if not rows:
@@ -313,8 +289,8 @@ def plot_alpha(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     figure, axis = plt.subplots(figsize=(6.5, 4))
     by_dataset: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
-        point = (float(edit_config(row)["alpha"]), metric(row, "term"), metric(row, "exact"))
-        by_dataset[_joined(dataset(row), setting)].append(point)
+        point = (float(row.edit["alpha"]), row.result.term, row.result.exact)
+        by_dataset[_joined(row.dataset, setting)].append(point)
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
         alphas = [point[0] for point in points]
@@ -332,20 +308,21 @@ def plot_alpha(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     return _save(figure, path)
 
 
-def plot_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 4: the edited model's accuracy against BitDelta's bits (the loss where no accuracy was measured); the
     post-trained model dashed."""
-    rows = [row for row in _rows(rows, "bitdelta") if edit_config(row).get("magnitudes", "mean") == "mean"
-            and edit_config(row).get("scale", 1.0) == 1.0]
+    rows = [row for row in _rows(rows, "bitdelta") if row.edit.get("magnitudes", "mean") == "mean"
+            and row.edit.get("scale", 1.0) == 1.0]
     if not rows:
         return None
-    use_accuracy = all(metric(row, "accuracy_edit") is not None for row in rows)
-    name_edit, name_post = ("accuracy_edit", "accuracy_post") if use_accuracy else ("loss_edit", "loss_post")
+    use_accuracy = all(row.result.accuracy_edit is not None for row in rows)
     figure, axis = plt.subplots(figsize=(6, 4))
     by_dataset: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "bits", "scale", "magnitudes"))):
-        point = (int(edit_config(row)["bits"]), metric(row, name_edit), metric(row, name_post))
-        by_dataset[_joined(dataset(row), setting)].append(point)
+        result = row.result
+        edited, post = (result.accuracy_edit, result.accuracy_post) if use_accuracy else (result.loss_edit,
+                                                                                           result.loss_post)
+        by_dataset[_joined(row.dataset, setting)].append((int(row.edit["bits"]), edited, post))
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
         (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"BitDelta, {name}")
@@ -358,30 +335,29 @@ def plot_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     return _save(figure, path)
 
 
-def performance_gap(row: Mapping[str, Any]) -> float | None:
+def performance_gap(row: SweepRow) -> float:
     """The edited model against the post-trained one: accuracy difference, else ``−ΔL`` (higher is better)."""
-    accuracy_edit, accuracy_post = metric(row, "accuracy_edit"), metric(row, "accuracy_post")
+    accuracy_edit, accuracy_post = row.result.accuracy_edit, row.result.accuracy_post
     if accuracy_edit is not None and accuracy_post is not None:
         return accuracy_edit - accuracy_post
-    exact = metric(row, "exact")
-    return None if exact is None else -exact
+    return -row.result.exact
 
 
-def plot_expo_gap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+def plot_expo_gap(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 7: per data set, the best gap to the post-trained model over α < 0 (interpolation) and over α > 0
     (extrapolation)."""
     rows = _rows(rows, "extrapolate")
     best: dict[str, dict[str, float]] = defaultdict(dict)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
-        alpha, gap = float(edit_config(row)["alpha"]), performance_gap(row)
-        if alpha == 0.0 or gap is None:
+        alpha, gap = float(row.edit["alpha"]), performance_gap(row)
+        if alpha == 0.0:
             continue
         side = "interpolation (α < 0)" if alpha < 0 else "extrapolation (α > 0)"
-        name = "\n".join(part for part in (dataset(row), setting) if part)
+        name = "\n".join(part for part in (row.dataset, setting) if part)
         best[name][side] = max(gap, best[name].get(side, -math.inf))
     if not best:
         return None
-    uses_accuracy = all(metric(row, "accuracy_edit") is not None for row in rows)
+    uses_accuracy = all(row.result.accuracy_edit is not None for row in rows)
     names = sorted(best)
     sides = ("interpolation (α < 0)", "extrapolation (α > 0)")
     figure, axis = plt.subplots(figsize=(max(5.0, 1.8 * len(names) + 2), 4))
@@ -397,24 +373,24 @@ def plot_expo_gap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
 
 
 def plot_loss_curve(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, selected: Sequence[Mapping[str, Any]] | None = None
+    rows: Sequence[SweepRow], path: str | os.PathLike, selected: Sequence[SweepRow] | None = None
 ) -> Path | None:
     """L(t) measured at t = c/C beside the left-rule prediction ``L(0) + (1/C) Σ_{j<c} g_j`` (left panel), and the
     integrand ``g(t) = ⟨∇L(W_post + tE), E⟩`` with the left Riemann rectangles, whose area is the term (right panel).
 
     ``selected``: rows to draw (one line of panels each); by default up to three rows with the largest ``|ΔL|``.
     """
-    usable = [row for row in rows if (row.get("result") or {}).get("losses")]
+    usable = [row for row in rows if row.result.losses]
     if selected is None:
-        selected = sorted(usable, key=lambda row: -abs(metric(row, "exact") or 0.0))[:3]
+        selected = sorted(usable, key=lambda row: -abs(row.result.exact))[:3]
     selected = list(selected)
     if not selected:
         return None
     figure, axes = plt.subplots(len(selected), 2, figsize=(10, 3.4 * len(selected)), squeeze=False)
     for (left, right), row, setting in zip(axes, selected, setting_labels(selected)):
-        result = row["result"]
-        num_points = int(result["num_points"])
-        losses, inner = result["losses"], result["inner_products"]
+        result = row.result
+        num_points = result.num_points
+        losses, inner = result.losses, result.inner_products
         ts = [c / num_points for c in range(num_points + 1)]
         predicted = [losses[0]]
         for c in range(num_points):
@@ -423,17 +399,17 @@ def plot_loss_curve(
         left.plot(ts, predicted, marker="s", linestyle="--", label="L(0) + left Riemann sum")
         left.set_xlabel("t  (W_post + t·E)")
         left.set_ylabel("loss")
-        left.set_title(f"{edit_label(row)} ({_joined(dataset(row), setting)})", fontsize=9)
+        left.set_title(f"{edit_label(row)} ({_joined(row.dataset, setting)})", fontsize=9)
         left.legend(fontsize=7)
         right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
-                  label=f"left rectangles: term = {result['term']:.4g}")
+                  label=f"left rectangles: term = {result.term:.4g}")
         finite = [(t, g) for t, g in zip(ts, inner) if g is not None and not math.isnan(g)]
         right.plot([t for t, _ in finite], [g for _, g in finite], marker="o", color="C3", label="⟨∇L(t), E⟩")
-        trapezoid = result.get("trapezoid")
+        trapezoid = result.trapezoid
         right.axhline(0.0, color="black", linewidth=0.6)
         right.set_xlabel("t")
         right.set_title(
-            f"exact ΔL = {result['exact']:.4g}" + (f", trapezoid = {trapezoid:.4g}" if trapezoid is not None else ""),
+            f"exact ΔL = {result.exact:.4g}" + (f", trapezoid = {trapezoid:.4g}" if trapezoid is not None else ""),
             fontsize=9,
         )
         right.legend(fontsize=7)
@@ -450,9 +426,7 @@ FIGURES = {
 }
 
 
-def plot_all(
-    rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, extension: str = "png"
-) -> dict[str, Path]:
+def plot_all(rows: Sequence[SweepRow], output_dir: str | os.PathLike, extension: str = "png") -> dict[str, Path]:
     """Every figure of :data:`FIGURES` that the rows allow, as ``<output_dir>/<name>.<extension>``."""
     rows = list(rows)
     written = {}

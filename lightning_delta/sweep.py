@@ -19,8 +19,11 @@ the middle of a write) is cut off before anything new is appended. While a sweep
 rows holds ``<results>.lock`` (a :class:`filelock.FileLock`, freed when the process ends, even when it is killed): a
 second sweep on the same file stops at once instead of running the same points again and writing duplicate rows.
 
-This module knows nothing about Lightning: :mod:`lightning_delta.cli` gives :func:`run_sweep` the function that turns
-one config into a result.
+Each line of the results file is one :class:`SweepRow` (``dataclasses.asdict``; :meth:`SweepRow.from_dict` reads it
+back): the point's key and config, its edit and data set, the :class:`~lightning_delta.callbacks.RiemannResult`
+measured there, and when and with what it ran. The figures (:mod:`lightning_delta.plots`) and the demo's table read
+these rows. This module runs no model: :mod:`lightning_delta.runner` gives :func:`run_sweep` the function that turns
+one point into its row.
 """
 
 from __future__ import annotations
@@ -33,21 +36,29 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_delta.callbacks.result import RiemannResult
+
 __all__ = [
     "ResultsFile",
     "ResultsLockedError",
     "SweepPoint",
+    "SweepRow",
     "apply_overrides",
     "config_key",
+    "dataset_label",
     "expand_grid",
+    "iter_rows",
     "library_versions",
+    "make_points",
     "run_sweep",
 ]
 
@@ -70,6 +81,9 @@ VOLATILE_KEYS = (
     "config",
     "subcommand",
 )
+
+# The data module's arguments that pick its data, in the order the data set label names them (``Vision/mnist/test``).
+DATASET_KEYS = ("task", "tasks", "name", "subset", "split")
 
 
 # ------------------------------------------------------------------------------------------------------- the grid
@@ -148,7 +162,8 @@ def _short_name(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
 
-def _drop_key(config: dict[str, Any], dotted: str) -> None:
+def drop_key(config: dict[str, Any], dotted: str) -> None:
+    """Remove the dotted key from the nested dict ``config`` in place, if it is there."""
     *parents, leaf = dotted.split(".")
     node: Any = config
     for part in parents:
@@ -173,14 +188,13 @@ def config_key(config: Mapping[str, Any], volatile: Iterable[str] = VOLATILE_KEY
     """
     stripped = json.loads(canonical_json(config))
     for dotted in volatile:
-        _drop_key(stripped, dotted)
+        drop_key(stripped, dotted)
     return hashlib.sha256(canonical_json(stripped).encode("utf-8")).hexdigest()[:16]
 
 
+@cache
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a result depends on (those installed)."""
-    from importlib import metadata
-
     versions = {"python": platform.python_version()}
     for package in ("lightning_delta", "torch", "lightning", "transformers", "torchmetrics", "jsonargparse", "numpy"):
         try:
@@ -188,6 +202,92 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+# ------------------------------------------------------------------------------------------------------ the rows
+def dataset_label(data: Mapping[str, Any]) -> str:
+    """The data set of a config's ``data`` section as a short label: the data module's name without ``DataModule``
+    and the arguments that pick its data (:data:`DATASET_KEYS`).
+
+    Example:
+        >>> dataset_label({"class_path": "lightning_delta.datamodules.VisionDataModule",
+        ...                "init_args": {"task": "mnist", "split": "test", "batch_size": 8}})
+        'Vision/mnist/test'
+    """
+    name = str(data.get("class_path", "data")).rsplit(".", 1)[-1].removesuffix("DataModule") or "data"
+    init_args = data.get("init_args") or {}
+    picks = [str(init_args[key]) for key in DATASET_KEYS if init_args.get(key)]
+    return "/".join([name, *picks])
+
+
+@dataclass
+class SweepRow:
+    """One finished point of a sweep, as one line of the results file (its :func:`dataclasses.asdict`).
+
+    What the figures (:mod:`lightning_delta.plots`), the demo's table and its findings read: the measured numbers
+    are the fields of :attr:`result` (``row.result.term``, ``row.result.exact``, ``row.result.accuracy_edit``, ...).
+    """
+
+    key: str  # config_key of the point's config: a resumed sweep skips the keys already in the file
+    index: int  # the point's position among the sweep's points
+    overrides: dict[str, Any]  # the grid's dotted keys for this point, e.g. {"edit.init_args.p": 0.9}
+    edit: dict[str, Any]  # the edit as edit.config(), e.g. {"name": "dare", "p": 0.9, "k": 0.0, ...}
+    dataset: str  # the data it was measured on (dataset_label), e.g. "Digits/test", "GSM8K/test"
+    result: RiemannResult  # what the RiemannCallback measured: term, trapezoid, exact ΔL, losses, accuracy, ...
+    config: dict[str, Any]  # the point's whole config as the parser normalised it (what the key hashes)
+    versions: dict[str, str]  # versions of Python and the libraries it ran with (library_versions)
+    started: str  # local start time, e.g. "2025-01-31T12:00:00+0100"
+    seconds: float  # wall-clock seconds the point took, set-up included
+
+    @classmethod
+    def of(cls, point: SweepPoint, edit: Mapping[str, Any], result: RiemannResult, started: float) -> SweepRow:
+        """The row of ``point``, whose run began at ``started`` (a ``time.time()``) and ends now."""
+        return cls(
+            key=point.key,
+            index=point.index,
+            overrides=point.overrides,
+            edit=dict(edit),
+            dataset=dataset_label(point.config.get("data") or {}),
+            result=result,
+            config=point.config,
+            versions=dict(library_versions()),
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            seconds=round(time.time() - started, 3),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepRow:
+        """The row that :meth:`to_dict` gave ``data`` (a line of a results file).
+
+        Rows of the previous format, which copied five numbers of the result into a ``"metrics"`` dict, are read too:
+        the copy is dropped, and the accuracies, which only it held, move into the result.
+
+        Raises:
+            ValueError: ``data`` is no row: the missing and unknown fields are named.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A sweep row must be a mapping of its fields, got {type(data).__name__}: {data!r:.200}.")
+        data = dict(data)
+        metrics = data.pop("metrics", None)
+        known = [item.name for item in fields(cls)]
+        missing = [name for name in known if name not in data]
+        unknown = [name for name in data if name not in known]
+        if missing or unknown or not isinstance(data["result"], Mapping):
+            raise ValueError(
+                f"Not a sweep row: missing fields {missing}, unknown fields {unknown}"
+                f"{'' if missing or isinstance(data['result'], Mapping) else ', a result that is no mapping'}. "
+                f"A row has the fields {', '.join(known)} (see lightning_delta.sweep.SweepRow); results files are "
+                "written by `lightning-delta sweep` and `lightning-delta demo`."
+            )
+        result = dict(data["result"])
+        if isinstance(metrics, Mapping):
+            for name in ("accuracy_post", "accuracy_edit"):
+                if result.get(name) is None and metrics.get(name) is not None:
+                    result[name] = metrics[name]
+        return cls(**{**data, "result": RiemannResult.from_dict(result)})
 
 
 # -------------------------------------------------------------------------------------------------- the results
@@ -206,6 +306,20 @@ class ResultsFile:
         rows, torn = self._parse()
         if torn is not None:
             rank_zero_warn(f"{self.path}: the last line is incomplete (a write was cut short); it is ignored.")
+        return rows
+
+    def rows(self) -> list[SweepRow]:
+        """Every complete row as a :class:`SweepRow`.
+
+        Raises:
+            ValueError: naming the file and the row that is no sweep row.
+        """
+        rows = []
+        for number, row in enumerate(self.read()):
+            try:
+                rows.append(SweepRow.from_dict(row))
+            except ValueError as error:
+                raise ValueError(f"{self.path}, row {number + 1}: {error}") from None
         return rows
 
     def keys(self) -> set[str]:
@@ -312,7 +426,6 @@ class SweepPoint:
     config: dict[str, Any]
     key: str = ""
     index: int = 0
-    labels: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -342,11 +455,11 @@ def make_points(
 def run_sweep(
     points: Sequence[SweepPoint],
     results: str | os.PathLike,
-    run_point: Callable[[SweepPoint], Mapping[str, Any]],
+    run_point: Callable[[SweepPoint], SweepRow],
     should_write: Callable[[], bool] = lambda: True,
     max_points: int | None = None,
-) -> list[dict[str, Any]]:
-    """Run every point whose key is not in ``results`` yet, appending one row per point as soon as it finishes.
+) -> list[SweepRow]:
+    """Run every point whose key is not in ``results`` yet, appending its row as soon as it finishes.
 
     The process that writes holds the results file's :class:`ResultsLock` from start to end; the others take no
     lock.
@@ -354,7 +467,7 @@ def run_sweep(
     Args:
         points: from :func:`make_points`.
         results: the JSONL file; created if missing, resumed if present.
-        run_point: runs one point and returns what to record (the Riemann result, metrics, ...).
+        run_point: runs one point and returns its row (:meth:`SweepRow.of`).
         should_write: asked at the start and after each point; False on the processes of a distributed run that do
             not write (every rank runs every point; the rank is only sure once the first trainer has set up, and the
             lock follows the answer).
@@ -377,10 +490,10 @@ def _run_sweep(
     points: Sequence[SweepPoint],
     results_file: ResultsFile,
     lock: ResultsLock,
-    run_point: Callable[[SweepPoint], Mapping[str, Any]],
+    run_point: Callable[[SweepPoint], SweepRow],
     should_write: Callable[[], bool],
     max_points: int | None,
-) -> list[dict[str, Any]]:
+) -> list[SweepRow]:
     if should_write():
         lock.acquire()
         results_file.repair()
@@ -389,35 +502,23 @@ def _run_sweep(
     rank_zero_info(
         f"Sweep: {len(points)} points, {len(points) - len(todo)} already in {results_file.path}, {len(todo)} to run."
     )
-    versions = library_versions()
     for number, point in enumerate(todo):
         if max_points is not None and number >= max_points:
             break
-        started = time.time()
-        record = dict(run_point(point))
-        row = {
-            "key": point.key,
-            "index": point.index,
-            "overrides": point.overrides,
-            **record,
-            "config": point.config,
-            "versions": versions,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "seconds": round(time.time() - started, 3),
-        }
+        row = run_point(point)
         writes = should_write()
         if writes and not lock.held:
             lock.acquire()
         elif lock.held and not writes:
             lock.release()
         if writes:
-            results_file.append(row)
+            results_file.append(row.to_dict())
     keys = {point.key: point.index for point in points}
-    rows = [row for row in results_file.read() if row.get("key") in keys]
-    return sorted(rows, key=lambda row: keys[row["key"]])
+    rows = [row for row in results_file.rows() if row.key in keys]
+    return sorted(rows, key=lambda row: keys[row.key])
 
 
-def iter_rows(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterator[dict[str, Any]]:
+def iter_rows(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterator[SweepRow]:
     """The rows of one or several results files, in order.
 
     Raises:
@@ -430,4 +531,4 @@ def iter_rows(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterato
             f"No results file at {', '.join(missing)}: check the path, or write it with `lightning-delta sweep` "
             "(its --sweep.results) first."
         )
-    return (row for path in paths for row in ResultsFile(path).read())
+    return (row for path in paths for row in ResultsFile(path).rows())

@@ -12,6 +12,7 @@ import yaml
 
 from lightning_delta.cli import DeltaCLI, run, sweep_points
 from lightning_delta.edits import DARE
+from tests.test_plots import sweep_row
 from tests.test_sweep import digits_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
@@ -131,12 +132,12 @@ def test_sweep_command_writes_rows_and_figures(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     rows = run(["sweep", "--config", str(path), "--riemann.num_points", "3"])
-    assert [row["edit"]["name"] for row in rows] == ["dare", "dare", "extrapolate", "extrapolate"]
-    assert all(row["result"]["num_points"] == 3 for row in rows)
+    assert [row.edit["name"] for row in rows] == ["dare", "dare", "extrapolate", "extrapolate"]
+    assert all(row.result.num_points == 3 for row in rows)
     assert (tmp_path / "figures" / "dare_p_k.png").is_file()
     assert (tmp_path / "figures" / "expo_alpha.png").is_file()
     again = run(["sweep", "--config", str(path), "--riemann.num_points", "3"])
-    assert [row["key"] for row in again] == [row["key"] for row in rows]
+    assert [row.key for row in again] == [row.key for row in rows]
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
@@ -220,8 +221,8 @@ def test_edit_output_dir_that_is_a_file(llama_pair, tmp_path):
 def test_console_entry_returns_nothing(tmp_path):
     from lightning_delta.cli import main
 
-    (tmp_path / "r.jsonl").write_text(json.dumps({"key": "a", "edit": {"name": "dare", "p": 0.1, "k": 0.0},
-                                                  "metrics": {"term": 0.1, "exact": 0.1}}) + "\n")
+    row = sweep_row({"name": "dare", "p": 0.1, "k": 0.0}, "Digits/test", term=0.1, exact=0.1, accuracy=None)
+    (tmp_path / "r.jsonl").write_text(json.dumps(row.to_dict()) + "\n")
     assert main(["plot", "--results", f"[{tmp_path / 'r.jsonl'}]", "--output_dir", str(tmp_path)]) is None
 
 

@@ -75,11 +75,11 @@ def test_gsm8k_config_runs_on_a_tiny_model(name, tmp_path):
     config = _tiny_language_config(config, tmp_path, PAPER_CONFIGS[name][0])
     config["data"]["init_args"]["data"] = str(write_gsm8k(tmp_path / "gsm8k"))
     rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
-    assert [(row["edit"]["p"], row["edit"]["k"]) for row in rows] == [(0.1, -1.0), (0.1, -0.5)]
+    assert [(row.edit["p"], row.edit["k"]) for row in rows] == [(0.1, -1.0), (0.1, -0.5)]
     for row in rows:
-        assert row["dataset"] == "GSM8K/test"
-        assert row["metrics"]["accuracy_edit"] is not None
-        assert abs(row["metrics"]["trapezoid"] - row["metrics"]["exact"]) < 0.1 * abs(row["metrics"]["exact"]) + 1e-2
+        assert row.dataset == "GSM8K/test"
+        assert row.result.accuracy_edit is not None
+        assert abs(row.result.trapezoid - row.result.exact) < 0.1 * abs(row.result.exact) + 1e-2
 
 
 def test_zephyr_expo_config_runs_on_a_tiny_model(tmp_path):
@@ -89,8 +89,8 @@ def test_zephyr_expo_config_runs_on_a_tiny_model(tmp_path):
     write_ultrafeedback(tmp_path / "ultrafeedback")
     config["data"]["init_args"]["data"] = str(tmp_path / "ultrafeedback")
     rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
-    assert [row["edit"]["alpha"] for row in rows] == [-1.0, -0.9]
-    assert rows[0]["metrics"]["loss_post"] > 0
+    assert [row.edit["alpha"] for row in rows] == [-1.0, -0.9]
+    assert rows[0].result.loss_post > 0
     assert (tmp_path / "figures" / "expo_alpha.png").is_file()
 
 
@@ -107,9 +107,9 @@ def test_clip_config_runs_on_a_tiny_model(tmp_path):
     tasks = "data.init_args.task,model.model.init_args.task,model.model.init_args.vision_model"
     block[tasks] = [["mnist", "mnist", str(pair.post_dir)]]
     rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
-    assert [row["dataset"] for row in rows] == ["Vision/mnist/test"] * 2
+    assert [row.dataset for row in rows] == ["Vision/mnist/test"] * 2
     assert all(name.startswith(("vision_model.", "visual_projection."))
-               for name in rows[0]["result"]["term_per_tensor"])
+               for name in rows[0].result.term_per_tensor)
 
 
 def _write(config: dict, tmp_path: Path) -> str:

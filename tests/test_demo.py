@@ -17,6 +17,7 @@ from lightning_delta.demo.digits import (
     digit_sequences,
     load_digit_splits,
 )
+from tests.test_plots import sweep_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
@@ -51,7 +52,7 @@ def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     rows = run(args)
     first = capsys.readouterr().out
     assert "Trained pair" in first
-    assert [row["edit"]["name"] for row in rows] == ["dare", "dare", "dare", "bitdelta", "bitdelta", "extrapolate",
+    assert [row.edit["name"] for row in rows] == ["dare", "dare", "dare", "bitdelta", "bitdelta", "extrapolate",
                                                      "extrapolate"]
     assert "| edit | params | data | term | trapezoid | exact ΔL | accuracy |" in first
     assert "The paper's findings on this pair:" in first
@@ -71,7 +72,7 @@ def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     second = capsys.readouterr().out
     assert "Loaded cached pair" in second
     assert [path.stat().st_mtime_ns for path in weights] == stamps
-    assert [row["metrics"]["exact"] for row in again] == pytest.approx([row["metrics"]["exact"] for row in rows])
+    assert [row.result.exact for row in again] == pytest.approx([row.result.exact for row in rows])
     assert len((output / "results.jsonl").read_text().splitlines()) == 7  # a fresh results file, not appended
 
 
@@ -89,9 +90,7 @@ def test_cache_key_follows_the_settings(tmp_path, monkeypatch):
 
 def test_findings_say_where_they_depart():
     def row(edit, exact, term=None, data="Digits/test"):
-        return {"edit": edit, "dataset": data,
-                "metrics": {"term": exact if term is None else term, "trapezoid": exact, "exact": exact,
-                            "loss_post": 1.0, "accuracy_edit": 0.5}}
+        return sweep_row(edit, data, term=exact if term is None else term, exact=exact, accuracy=0.5)
 
     rows = [row({"name": "dare", "p": 0.1, "k": 0.0, "rescale": True}, 0.001),
             row({"name": "dare", "p": 0.9, "k": 0.0, "rescale": True}, 0.5, term=0.3),

@@ -12,46 +12,46 @@ import pytest
 from matplotlib.image import imread
 
 from lightning_delta import plots
+from lightning_delta.callbacks import RiemannResult
 from lightning_delta.cli import run
-from lightning_delta.sweep import ResultsFile
+from lightning_delta.sweep import ResultsFile, SweepRow
 
 
-def _row(edit: dict, dataset: str, term: float, exact: float, accuracy: float | None, num_points: int = 5) -> dict:
+def sweep_row(edit: dict, dataset: str, term: float, exact: float, accuracy: float | None,
+              num_points: int = 5) -> SweepRow:
     """A row shaped like the sweep's, with a loss curve whose integrand is linear in t."""
     losses = [1.0 + exact * (c / num_points) ** 2 for c in range(num_points + 1)]
     inner = [2 * exact * c / num_points for c in range(num_points + 1)]
     groups = {"attention": 0.5 * term, "mlp": 0.4 * term, "norms": 0.05 * term, "embeddings": 0.05 * term}
-    return {
-        "key": f"{edit}-{dataset}",
-        "edit": edit,
-        "dataset": dataset,
-        "metrics": {"term": term, "trapezoid": exact, "exact": exact, "loss_post": 1.0, "loss_edit": 1.0 + exact,
-                    "accuracy_post": None if accuracy is None else 0.8,
-                    "accuracy_edit": accuracy},
-        "result": {"num_points": num_points, "losses": losses, "inner_products": inner, "term": term,
-                   "trapezoid": exact, "exact": exact, "term_per_group": groups},
-    }
+    result = RiemannResult(num_points=num_points, count=1.0, losses=losses, inner_products=inner, term=term,
+                           trapezoid=exact, exact=exact, loss_post=1.0, loss_edit=1.0 + exact,
+                           accuracy_post=None if accuracy is None else 0.8, accuracy_edit=accuracy,
+                           term_per_group=groups)
+    return SweepRow(key=f"{edit}-{dataset}", index=0, overrides={}, edit=edit, dataset=dataset, result=result,
+                    config={}, versions={}, started="2025-01-01T00:00:00+0000", seconds=0.0)
 
 
-def synthetic_rows() -> list[dict]:
+
+def synthetic_rows() -> list[SweepRow]:
     rng = random.Random(0)
     rows = []
     for k in (-1.0, 0.0, 0.5):
         for p in (0.1, 0.5, 0.9):
             exact = p ** 3 * (1 + abs(k)) * 0.3 + rng.uniform(-0.005, 0.005)
-            rows.append(_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": 0}, "GSM8K", exact * 0.9,
-                             exact, 0.8 - exact))
+            rows.append(sweep_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": 0}, "GSM8K",
+                                  exact * 0.9, exact, 0.8 - exact))
     for p in (0.1, 0.5, 0.9):
-        rows.append(_row({"name": "dare", "p": p, "k": 0.0, "rescale": False, "seed": 0}, "GSM8K", p, 1.2 * p, 0.5))
+        rows.append(sweep_row({"name": "dare", "p": p, "k": 0.0, "rescale": False, "seed": 0}, "GSM8K",
+                              p, 1.2 * p, 0.5))
     for bits in (1, 2, 3, 4):
-        rows.append(_row({"name": "bitdelta", "bits": bits, "scale": 1.0, "magnitudes": "mean", "seed": 0}, "GSM8K",
-                         0.2 / bits, 0.25 / bits, 0.8 - 0.1 / bits))
-    rows.append(_row({"name": "lowrank", "rank": 4, "fraction": None}, "GSM8K", 0.3, 0.4, 0.6))
-    rows.append(_row({"name": "magnitude_prune", "p": 0.9}, "GSM8K", 0.25, 0.3, 0.65))
+        rows.append(sweep_row({"name": "bitdelta", "bits": bits, "scale": 1.0, "magnitudes": "mean", "seed": 0},
+                              "GSM8K", 0.2 / bits, 0.25 / bits, 0.8 - 0.1 / bits))
+    rows.append(sweep_row({"name": "lowrank", "rank": 4, "fraction": None}, "GSM8K", 0.3, 0.4, 0.6))
+    rows.append(sweep_row({"name": "magnitude_prune", "p": 0.9}, "GSM8K", 0.25, 0.3, 0.65))
     for data in ("UltraFeedback", "Digits/train"):
         for alpha in (-0.5, -0.2, 0.2, 0.5, 1.0):
             term = (alpha - 0.3) ** 2 - 0.09
-            rows.append(_row({"name": "extrapolate", "alpha": alpha}, data, term, term * 1.1, None))
+            rows.append(sweep_row({"name": "extrapolate", "alpha": alpha}, data, term, term * 1.1, None))
     return rows
 
 
@@ -59,7 +59,7 @@ def synthetic_rows() -> list[dict]:
 def results_file(tmp_path: Path) -> Path:
     results = ResultsFile(tmp_path / "results.jsonl")
     for row in synthetic_rows():
-        results.append(row)
+        results.append(row.to_dict())
     return results.path
 
 
@@ -82,7 +82,7 @@ def test_every_figure_from_a_results_file(results_file, tmp_path):
 
 
 def test_figures_without_their_rows_are_skipped(tmp_path):
-    only_dare = [row for row in synthetic_rows() if row["edit"]["name"] == "dare"]
+    only_dare = [row for row in synthetic_rows() if row.edit["name"] == "dare"]
     written = plots.plot_all(only_dare, tmp_path)
     assert set(written) == {"dare_p_k", "per_module", "loss_curve"}
     for name, function in plots.FIGURES.items():
@@ -90,11 +90,11 @@ def test_figures_without_their_rows_are_skipped(tmp_path):
 
 
 def test_alpha_trough_and_gap_values():
-    rows = [row for row in synthetic_rows() if row["dataset"] == "UltraFeedback"]
-    trough = min(rows, key=lambda row: row["metrics"]["term"])
-    assert trough["edit"]["alpha"] == 0.2
+    rows = [row for row in synthetic_rows() if row.dataset == "UltraFeedback"]
+    trough = min(rows, key=lambda row: row.result.term)
+    assert trough.edit["alpha"] == 0.2
     gaps = [plots.performance_gap(row) for row in rows]
-    assert all(math.isclose(gap, -row["metrics"]["exact"]) for gap, row in zip(gaps, rows))
+    assert all(math.isclose(gap, -row.result.exact) for gap, row in zip(gaps, rows))
 
 
 def test_labels():
@@ -111,12 +111,13 @@ def test_plot_without_rows_says_what_to_do(tmp_path):
 
 
 # ------------------------------------------------------------------------------- rows of several sweeps
-def _sweep_row(p: float, term: float, num_points: int, model: str, devices: int, dataset: str = "Digits/test") -> dict:
+def _configured_row(p: float, term: float, num_points: int, model: str, devices: int,
+               dataset: str = "Digits/test") -> SweepRow:
     """A DARE row with the config a sweep records (C in the result and in the config)."""
-    row = _row({"name": "dare", "p": p, "k": 0.0, "rescale": True, "seed": 0}, dataset, term, 1.1 * term, 0.7,
+    row = sweep_row({"name": "dare", "p": p, "k": 0.0, "rescale": True, "seed": 0}, dataset, term, 1.1 * term, 0.7,
                num_points=num_points)
-    row["key"] = f"{p}-{num_points}-{model}"
-    row["config"] = {
+    row.key = f"{p}-{num_points}-{model}"
+    row.config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": devices, "precision": "32-true"},
         "model": {"model": model, "pretrained": "runs/base/pre", "loss": "causal_lm"},
@@ -128,10 +129,10 @@ def _sweep_row(p: float, term: float, num_points: int, model: str, devices: int,
     return row
 
 
-def _write_rows(path: Path, rows: list[dict]) -> Path:
+def _write_rows(path: Path, rows: list[SweepRow]) -> Path:
     results = ResultsFile(path)
     for row in rows:
-        results.append(row)
+        results.append(row.to_dict())
     return path
 
 
@@ -160,8 +161,8 @@ P = (0.9, 0.1, 0.5)  # written out of order: each line must still run left to ri
 def test_rows_with_different_C_are_separate_lines(tmp_path, figures):
     terms = {2: {0.1: 0.01, 0.5: 0.08, 0.9: 0.5}, 5: {0.1: 0.02, 0.5: 0.1, 0.9: 0.6}}
     # the two sweeps ran on different numbers of devices: that does not change the numbers, so it is no setting
-    coarse = _write_rows(tmp_path / "c2.jsonl", [_sweep_row(p, terms[2][p], 2, "runs/a/post", 8) for p in P])
-    fine = _write_rows(tmp_path / "c5.jsonl", [_sweep_row(p, terms[5][p], 5, "runs/a/post", 1) for p in P])
+    coarse = _write_rows(tmp_path / "c2.jsonl", [_configured_row(p, terms[2][p], 2, "runs/a/post", 8) for p in P])
+    fine = _write_rows(tmp_path / "c5.jsonl", [_configured_row(p, terms[5][p], 5, "runs/a/post", 1) for p in P])
     run(["plot", "--results", f"[{coarse}, {fine}]", "--output_dir", str(tmp_path / "figures")])
 
     term_axis, exact_axis = figures["dare_p_k"].axes[:2]
@@ -176,9 +177,9 @@ def test_rows_with_different_C_are_separate_lines(tmp_path, figures):
 
 
 def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path, figures):
-    rows = [_sweep_row(p, 0.1 * p, 5, model, 1) for model in ("runs/a/post", "runs/b/post") for p in P]
+    rows = [_configured_row(p, 0.1 * p, 5, model, 1) for model in ("runs/a/post", "runs/b/post") for p in P]
     for row in rows:
-        row["edit"] = {"name": "extrapolate", "alpha": row["edit"]["p"] - 0.5}
+        row.edit = {"name": "extrapolate", "alpha": row.edit["p"] - 0.5}
     only_one = {"data", "C", "pretrained", "loss", "seed", "trainer.precision", "data.limit"}
     assert plots.setting_labels(rows[:3]) == ["", "", ""]  # one sweep: nothing to tell apart
     assert only_one <= set(plots.row_settings(rows[0]))
@@ -194,7 +195,7 @@ def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path
 
 
 def test_rows_that_differ_only_where_they_ran_are_one_line(tmp_path, figures):
-    rows = [_sweep_row(p, 0.1 * p, 5, "runs/a/post", devices) for devices, p in zip((1, 8, 2), P)]
+    rows = [_configured_row(p, 0.1 * p, 5, "runs/a/post", devices) for devices, p in zip((1, 8, 2), P)]
     plots.plot_dare(rows, tmp_path / "dare.png")
     lines = _series(figures["dare"].axes[0])
     assert list(lines) == ["k=0"] and lines["k=0"][0] == [0.1, 0.5, 0.9]

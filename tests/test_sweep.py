@@ -14,13 +14,16 @@ import yaml
 
 from filelock import FileLock
 
+from lightning_delta.callbacks import RiemannResult
 from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
     SweepPoint,
+    SweepRow,
     apply_overrides,
     config_key,
     expand_grid,
+    iter_rows,
     make_points,
     run_sweep,
 )
@@ -134,35 +137,84 @@ def test_results_file_torn_last_line_is_cut_and_corruption_raises(tmp_path):
         corrupt.read()
 
 
+def _row(point: SweepPoint, value: float = 0.0) -> SweepRow:
+    """The row of a point whose result is ``value`` (as term and exact ΔL), without running anything."""
+    result = RiemannResult(num_points=1, count=1.0, losses=[1.0, 1.0 + value], inner_products=[value, value],
+                           term=value, trapezoid=value, exact=value, loss_post=1.0, loss_edit=1.0 + value)
+    return SweepRow.of(point, {"name": "square"}, result, time.time())
+
+
+def test_rows_read_back_equal_to_what_was_written(tmp_path):
+    point = SweepPoint({"edit.init_args.p": 0.5}, {"edit": {"init_args": {"p": 0.5}},
+                                                  "data": {"class_path": "x.DigitsDataModule",
+                                                           "init_args": {"split": "test", "limit": 4}}}, index=3)
+    row = _row(point, 0.25)
+    results = ResultsFile(tmp_path / "r.jsonl")
+    results.append(row.to_dict())
+    (read,) = iter_rows(results.path)
+    assert read == row and read.dataset == "Digits/test" and read.index == 3
+    assert read.result.term == 0.25 and read.edit == {"name": "square"}
+
+
+def test_rows_of_the_previous_format_are_read_with_their_accuracy(tmp_path):
+    """Rows written before SweepRow copied five numbers into "metrics" and held the accuracies only there."""
+    old = _row(SweepPoint({}, {"i": 0}), 0.5).to_dict()
+    del old["result"]["accuracy_post"], old["result"]["accuracy_edit"]
+    old["metrics"] = {"term": 0.5, "trapezoid": 0.5, "exact": 0.5, "loss_post": 1.0, "loss_edit": 1.5,
+                      "accuracy_post": 0.75, "accuracy_edit": 0.5}
+    row = SweepRow.from_dict(old)
+    assert (row.result.accuracy_post, row.result.accuracy_edit) == (0.75, 0.5)
+    assert row.result.term == 0.5
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda row: row.pop("result"), r"missing fields \['result'\]"),
+    (lambda row: row.update(score=1), r"unknown fields \['score'\]"),
+    (lambda row: row.update(result=[1, 2]), "a result that is no mapping"),
+    (lambda row: row["result"].pop("term"), r"Not a RiemannResult: missing fields \['term'\]"),
+])
+def test_a_malformed_row_is_named_with_its_file_and_fields(tmp_path, mutate, match):
+    good = _row(SweepPoint({}, {"i": 0}), 0.5).to_dict()
+    bad = _row(SweepPoint({}, {"i": 1}), 0.5).to_dict()
+    mutate(bad)
+    results = ResultsFile(tmp_path / "r.jsonl")
+    results.append(good)
+    results.append(bad)
+    with pytest.raises(ValueError, match=rf"r\.jsonl, row 2: .*{match}"):
+        list(iter_rows(results.path))
+    with pytest.raises(ValueError, match=match):
+        SweepRow.from_dict(bad)
+
+
 def test_run_sweep_skips_finished_points_and_stops_when_asked(tmp_path):
     points = [SweepPoint({"i": i}, {"i": i}, index=i) for i in range(5)]
     calls = []
 
     def run_point(point):
         calls.append(point.config["i"])
-        return {"metrics": {"value": point.config["i"] ** 2}}
+        return _row(point, point.config["i"] ** 2)
 
     rows = run_sweep(points, tmp_path / "r.jsonl", run_point, max_points=2)
     assert calls == [0, 1] and len(rows) == 2
     rows = run_sweep(points, tmp_path / "r.jsonl", run_point)
     assert calls == [0, 1, 2, 3, 4]
-    assert [row["metrics"]["value"] for row in rows] == [0, 1, 4, 9, 16]
-    assert {"key", "config", "versions", "seconds", "started"} <= set(rows[0])
-    assert "torch" in rows[0]["versions"]
+    assert [row.result.term for row in rows] == [0, 1, 4, 9, 16]
+    assert {"key", "config", "versions", "seconds", "started"} <= set(ResultsFile(tmp_path / "r.jsonl").read()[0])
+    assert "torch" in rows[0].versions
     run_sweep(points, tmp_path / "r.jsonl", run_point)
     assert calls == [0, 1, 2, 3, 4]  # nothing left to run
 
 
 def test_run_sweep_writes_nothing_on_non_writing_ranks(tmp_path):
     points = [SweepPoint({"i": 0}, {"i": 0})]
-    run_sweep(points, tmp_path / "r.jsonl", lambda point: {}, should_write=lambda: False)
+    run_sweep(points, tmp_path / "r.jsonl", _row, should_write=lambda: False)
     assert not (tmp_path / "r.jsonl").exists()
 
 
 def _squares(calls: list):
     def run_point(point):
         calls.append(point.config["i"])
-        return {"metrics": {"value": point.config["i"] ** 2}}
+        return _row(point, point.config["i"] ** 2)
 
     return run_point
 
@@ -187,7 +239,7 @@ def test_a_second_sweep_on_a_locked_results_file_stops_at_once(tmp_path):
 
     rows = run_sweep(points, results, _squares(calls))  # the lock is free again: the sweep resumes
     assert calls == [0, 1, 2, 3]
-    assert [row["metrics"]["value"] for row in rows] == [0, 1, 4, 9]
+    assert [row.result.term for row in rows] == [0, 1, 4, 9]
     keys = [row["key"] for row in ResultsFile(results).read()]
     assert len(keys) == len(set(keys)) == 4
     FileLock(str(results) + ".lock", timeout=0).acquire()  # the finished sweep let go of its lock
@@ -222,7 +274,7 @@ def test_a_writer_that_turns_out_not_to_be_rank_zero_lets_go_of_the_lock(tmp_pat
             held_during.append(False)
         except Exception:
             held_during.append(True)
-        return {}
+        return _row(point)
 
     run_sweep(points, results, run_point, should_write=lambda: next(answers))
     assert held_during == [True, False]
@@ -261,9 +313,9 @@ def test_killed_sweep_resumes_without_losing_or_repeating_rows(tmp_path):
     assert results.read_bytes().startswith(before.rpartition(b"\n")[0])  # what was written stays as it was
     keys = [row["key"] for row in ResultsFile(results).read()]
     assert len(keys) == len(set(keys)) == 5
-    assert [row["edit"]["p"] for row in rows] == [0.1, 0.3, 0.5, 0.7, 0.9]
-    assert [row["key"] for row in rows[: len(killed_rows)]] == [row["key"] for row in killed_rows]
+    assert [row.edit["p"] for row in rows] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert [row.key for row in rows[: len(killed_rows)]] == [row["key"] for row in killed_rows]
     for row in rows:
-        assert set(row["metrics"]) >= {"term", "trapezoid", "exact", "accuracy_edit"}
-        assert row["config"]["edit"]["init_args"]["p"] == row["edit"]["p"]
-        assert row["dataset"] == "Digits/test"
+        assert None not in (row.result.term, row.result.trapezoid, row.result.exact, row.result.accuracy_edit)
+        assert row.config["edit"]["init_args"]["p"] == row.edit["p"]
+        assert row.dataset == "Digits/test"

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_delta.demo.pair import DemoPair, PairSettings, build_pair, default_cache_dir
+from lightning_delta.plots import edit_family, edit_parameters
+from lightning_delta.sweep import SweepRow
 
 __all__ = ["DEMO_GRID", "FAST_GRID", "PairSettings", "build_pair", "demo", "default_cache_dir", "findings", "table"]
 
@@ -67,9 +69,8 @@ def sweep_config(pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], n
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[SweepRow]) -> str:
     """The rows as a Markdown table: edit, parameters, data, term, trapezoid, exact ΔL, accuracy."""
-    from lightning_delta.plots import dataset, edit_family, edit_parameters, metric
 
     def number(value: float | None, digits: int = 4) -> str:
         return "—" if value is None else f"{value:+.{digits}f}"
@@ -77,81 +78,80 @@ def table(rows: list[dict[str, Any]]) -> str:
     header = "| edit | params | data | term | trapezoid | exact ΔL | accuracy |"
     lines = [header, "|---|---|---|---:|---:|---:|---:|"]
     for row in rows:
-        accuracy = metric(row, "accuracy_edit")
+        result = row.result
+        accuracy = "—" if result.accuracy_edit is None else f"{100 * result.accuracy_edit:.1f}%"
         lines.append(
-            f"| {edit_family(row)} | {edit_parameters(row)} | {dataset(row)} | {number(metric(row, 'term'))} | "
-            f"{number(metric(row, 'trapezoid'))} | {number(metric(row, 'exact'))} | "
-            f"{'—' if accuracy is None else f'{100 * accuracy:.1f}%'} |"
+            f"| {edit_family(row)} | {edit_parameters(row)} | {row.dataset} | {number(result.term)} | "
+            f"{number(result.trapezoid)} | {number(result.exact)} | {accuracy} |"
         )
     return "\n".join(lines)
 
 
-def _select(rows: list[dict[str, Any]], family: str, data: str = "Digits/test", **params: Any) -> list[dict[str, Any]]:
-    from lightning_delta.plots import dataset, edit_config, edit_family
-
-    return [row for row in rows if edit_family(row) == family and dataset(row) == data
-            and all(edit_config(row).get(key) == value for key, value in params.items())]
+def _select(rows: list[SweepRow], family: str, data: str = "Digits/test", **params: Any) -> list[SweepRow]:
+    return [row for row in rows if edit_family(row) == family and row.dataset == data
+            and all(row.edit.get(key) == value for key, value in params.items())]
 
 
-def findings(rows: list[dict[str, Any]]) -> list[str]:
+def findings(rows: list[SweepRow]) -> list[str]:
     """The paper's qualitative claims, checked on the rows: one line each, saying whether it holds here."""
-    from lightning_delta.plots import edit_config, metric
 
-    def exact(row: dict[str, Any]) -> float:
-        return metric(row, "exact")
+    def exact(row: SweepRow) -> float:
+        return row.result.exact
+
+    def term(row: SweepRow) -> float:
+        return row.result.term
 
     lines = []
-    dare = sorted(_select(rows, "dare", k=0.0, rescale=True), key=lambda row: edit_config(row)["p"])
+    dare = sorted(_select(rows, "dare", k=0.0, rescale=True), key=lambda row: row.edit["p"])
     if len(dare) >= 2:
         small, large = dare[0], dare[-1]
-        loss_post = metric(small, "loss_post")
+        loss_post = small.result.loss_post
         holds = abs(exact(small)) < 0.05 * loss_post
         lines.append(
-            f"DARE at p={edit_config(small)['p']:g} barely changes the loss (|ΔL| below 5% of L_post): ΔL = "
+            f"DARE at p={small.edit['p']:g} barely changes the loss (|ΔL| below 5% of L_post): ΔL = "
             f"{exact(small):+.4f}, {100 * abs(exact(small)) / loss_post:.1f}% of L_post = {loss_post:.4f}: "
             f"{'holds' if holds else 'DEPARTS'}."
         )
         rising = exact(large) > exact(small)
         lines.append(
-            f"DARE's loss rises at large p (ΔL {exact(small):+.4f} at p={edit_config(small)['p']:g} → "
-            f"{exact(large):+.4f} at p={edit_config(large)['p']:g}): {'holds' if rising else 'DEPARTS'}."
+            f"DARE's loss rises at large p (ΔL {exact(small):+.4f} at p={small.edit['p']:g} → "
+            f"{exact(large):+.4f} at p={large.edit['p']:g}): {'holds' if rising else 'DEPARTS'}."
         )
     pairs = []
     for drop in _select(rows, "drop_only"):
-        match = [row for row in dare if edit_config(row)["p"] == edit_config(drop)["p"]]
+        match = [row for row in dare if row.edit["p"] == drop.edit["p"]]
         if match:
-            pairs.append((edit_config(drop)["p"], exact(match[0]), exact(drop)))
+            pairs.append((drop.edit["p"], exact(match[0]), exact(drop)))
     if pairs:
         verdicts = [f"p={p:g}: {rescaled:+.4f} vs {drop:+.4f} {'holds' if drop > rescaled else 'DEPARTS'}"
                     for p, rescaled, drop in sorted(pairs)]
         lines.append(f"Drop only is worse than DARE (ΔL DARE vs drop only): {'; '.join(verdicts)}.")
-    bits = sorted(_select(rows, "bitdelta"), key=lambda row: edit_config(row)["bits"])
+    bits = sorted(_select(rows, "bitdelta"), key=lambda row: row.edit["bits"])
     if len(bits) >= 2:
         changes = [abs(exact(row)) for row in bits]
         closer = all(later <= earlier for earlier, later in zip(changes, changes[1:]))
-        detail = ", ".join(f"{edit_config(row)['bits']} bits: {exact(row):+.4f}" for row in bits)
+        detail = ", ".join(f"{row.edit['bits']} bits: {exact(row):+.4f}" for row in bits)
         lines.append(f"More BitDelta bits come closer to W_post ({detail}): {'holds' if closer else 'DEPARTS'}.")
-    measured = [row for row in rows if metric(row, "term") is not None and exact(row) is not None]
-    if measured:
-        same_sign = sum((metric(row, "term") > 0) == (exact(row) > 0) for row in measured)
-        small = [row for row in measured if abs(exact(row)) < 0.1 * metric(row, "loss_post")]
-        line = f"The term has the sign of ΔL in {same_sign} of {len(measured)} rows"
+    if rows:
+        same_sign = sum((term(row) > 0) == (exact(row) > 0) for row in rows)
+        small = [row for row in rows if abs(exact(row)) < 0.1 * row.result.loss_post]
+        line = f"The term has the sign of ΔL in {same_sign} of {len(rows)} rows"
         if small:
-            gaps = sorted(abs(metric(row, "term") - exact(row)) / max(abs(exact(row)), 1e-12) for row in small)
+            gaps = sorted(abs(term(row) - exact(row)) / max(abs(exact(row)), 1e-12) for row in small)
             line += (f"; for the {len(small)} edits with |ΔL| < 10% of L_post the left term (C points) is off by "
                      f"{100 * gaps[len(gaps) // 2]:.0f}% of ΔL at the median, {100 * gaps[-1]:.0f}% at worst")
-        trapezoid = [abs(metric(row, "trapezoid") - exact(row)) / max(abs(exact(row)), 1e-12) for row in measured
-                     if metric(row, "trapezoid") is not None]
+        trapezoid = [abs(row.result.trapezoid - exact(row)) / max(abs(exact(row)), 1e-12) for row in rows
+                     if row.result.trapezoid is not None]
         if trapezoid:
             line += f"; the trapezoid rule is off by {100 * max(trapezoid):.1f}% at worst"
         lines.append(line + ".")
-    for data in sorted({row.get("dataset") for row in rows if row.get("edit", {}).get("name") == "extrapolate"}):
-        expo = sorted(_select(rows, "extrapolate", data=data), key=lambda row: edit_config(row)["alpha"])
+    for data in sorted({row.dataset for row in rows if row.edit.get("name") == "extrapolate"}):
+        expo = sorted(_select(rows, "extrapolate", data=data), key=lambda row: row.edit["alpha"])
         if len(expo) >= 2:
-            trough = min(expo, key=lambda row: metric(row, "term"))
-            alpha = edit_config(trough)["alpha"]
-            where = f"α={alpha:g} (term {metric(trough, 'term'):+.4f}, ΔL {exact(trough):+.4f})"
-            if metric(trough, "term") < 0:
+            trough = min(expo, key=term)
+            alpha = trough.edit["alpha"]
+            where = f"α={alpha:g} (term {term(trough):+.4f}, ΔL {exact(trough):+.4f})"
+            if term(trough) < 0:
                 side = "extrapolation" if alpha > 0 else "interpolation"
                 lines.append(f"EXPO on {data}: the term's trough is below zero at {where}: {side} lowers the loss.")
             else:
@@ -196,7 +196,7 @@ def demo(
     retrain: bool = False,
     threads: int | None = 1,
     figures: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[SweepRow]:
     """Build (or load) a real pre/post pair on the bundled digits, sweep the edits, print the table and findings.
 
     Args:
@@ -226,7 +226,7 @@ def demo(
 
 def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None,
          grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
-         figures: bool) -> list[dict[str, Any]]:
+         figures: bool) -> list[SweepRow]:
     from lightning_delta.cli import sweep
 
     started = time.time()
@@ -252,7 +252,7 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
     text = table(rows)
     checks = findings(rows)
     print(f"\nSweep of {len(rows)} points, C = {num_points}, in {time.time() - sweep_started:.1f} s "
-          f"(W_post accuracy {100 * (rows[0]['metrics'].get('accuracy_post') or 0):.1f}% on the analysed images):\n")
+          f"(W_post accuracy {100 * (rows[0].result.accuracy_post or 0):.1f}% on the analysed images):\n")
     print(text)
     print("\nThe paper's findings on this pair:")
     for line in checks:
