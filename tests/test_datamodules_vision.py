@@ -198,6 +198,16 @@ def test_head_is_shared_by_pre_and_post_vision_towers(clip, tokenizer):
         ZeroShotClassifier(clip, task="mnist")
 
 
+def test_a_clip_vision_model_as_the_vision_tower(clip, tokenizer):
+    tower = make_post_trained(make_tiny_model("clip-vision", dtype=torch.float64), scale=0.05)  # no projection
+    model = ZeroShotClassifier(clip, classnames=NAMES, templates=TEMPLATES, tokenizer=tokenizer, vision_model=tower)
+    assert set(model.state_dict()) == {n for n in clip.state_dict() if n.startswith(("vision_model.", "visual_projection."))}
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=clip.dtype)
+    with torch.no_grad():
+        features = F.normalize(clip.visual_projection(tower(pixel_values=pixels).pooler_output), dim=-1)
+        torch.testing.assert_close(model.image_features(pixels), features, rtol=0, atol=0)
+
+
 def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer, tmp_path):
     write_mnist(tmp_path, num_test=7)
     dm = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor(), batch_size=3)

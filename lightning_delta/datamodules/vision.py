@@ -260,6 +260,8 @@ class VisionDataModule(pl.LightningDataModule):
 def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """(vision transformer, visual projection or None) of a CLIPModel, CLIPVisionModel(WithProjection)."""
     vision = getattr(model, "vision_model", None)
+    if vision is None and getattr(getattr(model, "config", None), "model_type", None) == "clip_vision_model":
+        vision = model  # transformers 5's CLIPVisionModel is the tower itself (CLIPModel.vision_model is one)
     if vision is None:
         raise ValueError(f"{type(model).__name__} has no `vision_model`; give a CLIP model or CLIP vision model.")
     return vision, getattr(model, "visual_projection", None)
