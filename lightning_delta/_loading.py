@@ -1,4 +1,4 @@
-"""Where weights come from: one tensor at a time from a module, a state dict, safetensors, ``.bin`` files or the Hub.
+"""Where weights and models come from: a module, a state dict, safetensors, ``.bin`` files, a directory or the Hub.
 
 A :class:`TensorSource` lists the names of a model's tensors and hands them out one by one. safetensors files are
 memory-mapped with ``safe_open`` and read tensor by tensor, so two large checkpoints never sit in memory together.
@@ -7,6 +7,11 @@ memory-mapped with ``safe_open`` and read tensor by tensor, so two large checkpo
 Tied tensors (the same storage under two names, e.g. a Llama's ``model.embed_tokens.weight`` and ``lm_head.weight``
 when ``tie_word_embeddings`` is set) are listed once, under the first name in state-dict order; the other names are
 aliases that :meth:`TensorSource.get` still accepts.
+
+Whole models are loaded by :func:`load_model`, the library's one model loader (the post-trained model, the DPO
+reference, CLIP towers and the model :func:`~lightning_delta.export.save_edited` writes): ``from_pretrained`` of
+transformers' own classes only (``trust_remote_code`` is never set), on a local directory or the snapshot of a hub id
+that :func:`resolve_hub_id` fetched (safetensors first).
 """
 
 from __future__ import annotations
@@ -14,45 +19,30 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
 
-__all__ = ["TensorSource", "format_names", "load_tensors", "tied_names"]
+__all__ = ["TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "tied_names"]
 
-# Weight files of a Hugging Face model directory, in the order they are looked for.
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_FILE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_FILE = "pytorch_model.bin"
-WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS_FILE, BIN_INDEX, BIN_FILE)
+# Weight files of a Hugging Face model directory, in the order they are looked for. huggingface_hub names all but the
+# .bin index, which is the .bin file's name + ".index.json" (as transformers' WEIGHTS_INDEX_NAME; transformers itself
+# is not imported here, as it takes a second).
+BIN_INDEX_FILE = PYTORCH_WEIGHTS_NAME + ".index.json"
+WEIGHT_FILES = (SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE, BIN_INDEX_FILE, PYTORCH_WEIGHTS_NAME)
 
 # What is fetched from the Hub (or its offline cache) for a hub id: safetensors first, .bin only where none exist.
 HUB_SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json"]
 HUB_BIN_PATTERNS = ["*.bin", "*.bin.index.json", "*.json"]
 
-# A hub id: "name" or "org/name" (letters, digits, '-', '_', '.').
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# Names that look like weight files are never taken for hub ids (a missing "model.safetensors" is a missing file).
+_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".pt", ".pth")
 
 
 def format_names(names: Iterable[str], limit: int = 10) -> str:
@@ -247,8 +237,11 @@ class SafetensorsSource(TensorSource):
         return torch.Size(self._handle(self._files[name]).get_slice(name).get_shape())
 
     def _dtype(self, name: str) -> torch.dtype:
+        # safetensors' own table of its dtype codes ("BF16" -> torch.bfloat16); a code it lacks loads the tensor.
+        from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
+
         code = self._handle(self._files[name]).get_slice(name).get_dtype()
-        dtype = _SAFETENSORS_DTYPES.get(code)
+        dtype = SAFETENSORS_DTYPES.get(code)
         return dtype if dtype is not None else self._get(name).dtype
 
     def close(self) -> None:
@@ -365,7 +358,7 @@ def _weights_in_directory(directory: Path) -> Path | None:
         if len(found) > 1:
             raise ValueError(
                 f"{directory} holds several {pattern} files ({format_names(file.name for file in found)}) and no "
-                f"{SAFETENSORS_INDEX}; pass the path of the one to read."
+                f"{SAFETENSORS_INDEX_FILE}; pass the path of the one to read."
             )
     return None
 
@@ -411,7 +404,13 @@ def resolve_model_path(source: str | os.PathLike, extra_patterns: Iterable[str] 
     if path.exists():
         return path
     text = os.fspath(source)
-    if not _HUB_ID.match(text) or text.endswith((".safetensors", ".bin", ".json", ".pt", ".pth")):
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        hub_id = False
+    else:
+        hub_id = not text.endswith(_FILE_SUFFIXES)
+    if not hub_id:
         raise ValueError(f"The path {text!r} does not exist (and is not a hub id such as 'org/name').")
     return resolve_hub_id(text, extra_patterns)
 
@@ -447,3 +446,95 @@ def load_tensors(source: Any) -> TensorSource:
         "Weights must be given as an nn.Module, a state dict (Mapping[str, Tensor]), a path to a model directory or "
         f"to a .safetensors/.bin file, a hub id, or a TensorSource; got {type(source).__name__}."
     )
+
+
+def check_dtype(torch_dtype: Any) -> torch.dtype | str | None:
+    """``torch_dtype`` as ``from_pretrained`` takes it: ``None``, ``"auto"`` or a ``torch.dtype`` (a name such as
+    ``"bfloat16"`` becomes the dtype).
+
+    Example:
+        >>> check_dtype("bfloat16")
+        torch.bfloat16
+    """
+    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+        return getattr(torch, torch_dtype)
+    raise ValueError(
+        f"torch_dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
+        f"{torch_dtype!r}."
+    )
+
+
+def model_directory(source: str | os.PathLike, extra_patterns: Iterable[str] = ()) -> Path:
+    """The Hugging Face model directory (with a ``config.json``) of a local path or a hub id (its snapshot, see
+    :func:`resolve_hub_id`; ``extra_patterns`` are fetched besides the weights and JSON files)."""
+    directory = resolve_model_path(source, extra_patterns)
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{os.fspath(source)!r} must be a Hugging Face model directory (or hub id) with a config.json; "
+            f"{directory} is not one."
+        )
+    return directory
+
+
+def _model_class(model_class: type | str | None, directory: Path) -> type:
+    """The class to call ``from_pretrained`` on: ``model_class`` (a class, or the name of one of transformers'), or
+    the transformers class named in the directory's ``config.architectures`` (``AutoModel`` when transformers has no
+    class by that name). Only transformers' own classes are named: remote code is never trusted."""
+    import transformers
+
+    if isinstance(model_class, type):
+        return model_class
+    if isinstance(model_class, str):
+        found = getattr(transformers, model_class, None)
+        if not isinstance(found, type) or not callable(getattr(found, "from_pretrained", None)):
+            raise ValueError(
+                f"model_class must be a model class or the name of one of transformers' (e.g. 'AutoModelForCausalLM',"
+                f" 'CLIPModel'), got {model_class!r}."
+            )
+        return found
+    if model_class is not None:
+        raise ValueError(f"model_class must be a class, a class name or None, got {type(model_class).__name__}.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"Cannot read the model configuration in {directory} ({error}).") from error
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    found = getattr(transformers, architecture, None) if architecture else None
+    if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+        return found
+    return transformers.AutoModel
+
+
+def load_model(
+    source: Any, torch_dtype: Any = None, model_class: type | str | None = None, argument: str = "model"
+) -> nn.Module:
+    """A model: an ``nn.Module`` as it is, or ``from_pretrained`` of a Hugging Face directory or hub id.
+
+    The one model loader of the library. A path or hub id goes through :func:`model_directory` (a hub id is fetched
+    with ``snapshot_download``, safetensors first, offline from the cache when ``HF_HUB_OFFLINE=1``); the model comes
+    back in eval mode. Remote code is never trusted (``trust_remote_code`` stays off), and ``.bin`` weights are read
+    by transformers with ``weights_only=True``.
+
+    Args:
+        source: an ``nn.Module`` (returned as it is: neither cast nor moved), a local model directory or a hub id.
+        torch_dtype: ``None`` or ``"auto"`` (the stored dtype), a ``torch.dtype`` or its name.
+        model_class: the class to load with: a class (``transformers.AutoModelForCausalLM``) or the name of one of
+            transformers' (``"CLIPModel"``); ``None``: the class named in the config's ``architectures``.
+        argument: the caller's name for ``source``, used in error messages.
+
+    Raises:
+        ValueError: for a ``source`` of another type, a path that does not exist and is not a hub id, a directory
+            without ``config.json``, an unknown ``torch_dtype`` or ``model_class``, or an unreadable config.
+    """
+    if isinstance(source, nn.Module):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"`{argument}` must be an nn.Module, a local directory or a hub id, got {type(source).__name__}."
+        )
+    dtype = check_dtype(torch_dtype)
+    directory = model_directory(source)
+    model = _model_class(model_class, directory).from_pretrained(directory, dtype="auto" if dtype is None else dtype)
+    return model.eval()

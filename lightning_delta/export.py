@@ -13,12 +13,12 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import TensorSource, format_names, resolve_model_path
+from lightning_delta._loading import TensorSource, check_dtype, format_names, load_model, model_directory
 from lightning_delta.delta import (
     DeltaMatch,
     Patterns,
@@ -29,8 +29,9 @@ from lightning_delta.delta import (
     open_pair,
     read_pair,
 )
+from lightning_delta.edits.base import DeltaEdit
 
-__all__ = ["TensorEdit", "apply_edit_", "load_pretrained_model", "save_edited"]
+__all__ = ["apply_edit_", "save_edited"]
 
 # Files copied from the post-trained model's directory next to the edited weights, when present.
 TOKENIZER_AND_PROCESSOR_FILES = (
@@ -53,13 +54,6 @@ TOKENIZER_AND_PROCESSOR_FILES = (
 
 # What is fetched for a hub id given as the post-trained model, besides its weights and JSON files.
 _HUB_EXTRA_PATTERNS = ["*.model", "*.txt", "*.jinja"]
-
-
-@runtime_checkable
-class TensorEdit(Protocol):
-    """An editing operation F: ``edit_tensor(name, delta, gradient=None)`` returns F(ΔW) for one tensor."""
-
-    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor: ...
 
 
 def _check_not_parametrized(model: nn.Module) -> None:
@@ -100,7 +94,7 @@ def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post
 def apply_edit_(
     model: nn.Module,
     pretrained: Any,
-    edit: TensorEdit | Mapping[str, Tensor],
+    edit: DeltaEdit | Mapping[str, Tensor],
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
@@ -185,59 +179,6 @@ def apply_edit_(
     return model
 
 
-def _model_class(architecture: str | None) -> type:
-    """The transformers class named in ``config.architectures`` (``AutoModel`` when transformers has none by that
-    name). Only transformers' own classes: remote code is never trusted."""
-    import transformers
-
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-        return model_class
-    return transformers.AutoModel
-
-
-def _check_dtype(torch_dtype: Any) -> torch.dtype | str | None:
-    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-        return getattr(torch, torch_dtype)
-    raise ValueError(
-        f"torch_dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
-        f"{torch_dtype!r}."
-    )
-
-
-def load_pretrained_model(path: str | os.PathLike, torch_dtype: torch.dtype | str | None = None) -> nn.Module:
-    """A model from a Hugging Face directory or hub id, of the class named in its ``config.architectures``.
-
-    The class is looked up in transformers' auto mappings (``AutoModel`` when it is not found); weights keep their
-    stored dtype unless ``torch_dtype`` is given. Remote code is never trusted.
-    """
-    from transformers import AutoConfig
-
-    directory = _model_directory(path)
-    dtype = _check_dtype(torch_dtype)
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"Cannot read the model configuration in {directory} ({error}).") from error
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = _model_class(architecture)
-    model = model_class.from_pretrained(directory, config=config, dtype="auto" if dtype is None else dtype)
-    model.eval()
-    return model
-
-
-def _model_directory(path: str | os.PathLike) -> Path:
-    directory = resolve_model_path(path, extra_patterns=_HUB_EXTRA_PATTERNS)
-    if not directory.is_dir() or not (directory / "config.json").is_file():
-        raise ValueError(
-            f"{os.fspath(path)!r} must be a Hugging Face model directory (or hub id) with a config.json; "
-            f"{directory} is not one."
-        )
-    return directory
-
-
 def _same_path(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -248,7 +189,7 @@ def _same_path(a: Path, b: Path) -> bool:
 def save_edited(
     post: nn.Module | str | os.PathLike,
     pretrained: Any,
-    edit: TensorEdit | Mapping[str, Tensor],
+    edit: DeltaEdit | Mapping[str, Tensor],
     output_dir: str | os.PathLike,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -288,7 +229,7 @@ def save_edited(
     if not save_kwargs.pop("safe_serialization", True):
         raise ValueError("save_edited writes safetensors only; drop safe_serialization=False.")
     output_dir = Path(output_dir)
-    dtype = _check_dtype(torch_dtype)
+    dtype = check_dtype(torch_dtype)
     if isinstance(post, nn.Module):
         if not callable(getattr(post, "save_pretrained", None)):
             raise ValueError(
@@ -301,7 +242,7 @@ def save_edited(
         name_or_path = getattr(model, "name_or_path", "") or ""
         source_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
     elif isinstance(post, (str, os.PathLike)):
-        source_dir = _model_directory(post)
+        source_dir = model_directory(post, extra_patterns=_HUB_EXTRA_PATTERNS)
         model = None
     else:
         raise ValueError(
@@ -324,7 +265,7 @@ def save_edited(
     _check_output_dir(output_dir, overwrite)
 
     if model is None:
-        model = load_pretrained_model(source_dir, dtype)
+        model = load_model(source_dir, dtype)
     apply_edit_(model, pretrained, edit, include=include, exclude=exclude)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_sibling(output_dir, "tmp")

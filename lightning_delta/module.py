@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_delta._loading import load_model
 from lightning_delta.attach import attach_edit, check_edit, gradients_at_post
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
@@ -18,19 +19,6 @@ from lightning_delta.parametrize import EditedModel
 __all__ = ["DeltaEditModule", "load_model"]
 
 Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
-
-
-def load_model(source: Any, torch_dtype: Any = None) -> nn.Module:
-    """A module as is, or a causal LM from a local directory or hub id through ``from_pretrained``."""
-    if isinstance(source, nn.Module):
-        return source
-    if isinstance(source, str):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    raise ValueError(
-        f"`model` must be an nn.Module, a local directory or a hub id, got {type(source).__name__}."
-    )
 
 
 def check_batch(batch: Any, loss: DeltaLoss) -> Any:
@@ -89,7 +77,7 @@ class DeltaEditModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_edit(edit)
-        self.model = load_model(model, torch_dtype)
+        self.model = load_model(model, torch_dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
         self.loss = self._resolve_loss(loss, pretrained, torch_dtype)
@@ -104,7 +92,8 @@ class DeltaEditModule(pl.LightningModule):
         if isinstance(loss, DeltaLoss):
             return loss
         if loss == "dpo":
-            return build_loss("dpo", reference=load_model(pretrained, torch_dtype))
+            reference = load_model(pretrained, torch_dtype, "AutoModelForCausalLM", argument="pretrained")
+            return build_loss("dpo", reference=reference)
         return build_loss(loss)
 
     @property

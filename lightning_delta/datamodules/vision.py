@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_delta._loading import load_model
 from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
 from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_classnames, get_templates
 
@@ -268,17 +269,11 @@ def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 
 def _load_clip(source: Any, torch_dtype: Any, vision_only: bool = False) -> nn.Module:
-    if isinstance(source, nn.Module):
-        return source
-    from transformers import AutoConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
-
+    """``CLIPModel`` for ``clip``; a vision tower (``vision_only``) as the class its config names: ``CLIPModel``,
+    ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``. Modules are kept as they are."""
     if vision_only:
-        config = AutoConfig.from_pretrained(str(source))
-        architectures = config.architectures or []
-        cls = CLIPModel if config.model_type == "clip" else (
-            CLIPVisionModelWithProjection if "CLIPVisionModelWithProjection" in architectures else CLIPVisionModel)
-        return cls.from_pretrained(str(source), dtype=torch_dtype)
-    return CLIPModel.from_pretrained(str(source), dtype=torch_dtype)
+        return load_model(source, torch_dtype, argument="vision_model")
+    return load_model(source, torch_dtype, "CLIPModel", argument="clip")
 
 
 class ZeroShotClassifier(nn.Module):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_delta._loading import load_model
 from lightning_delta.losses.base import IGNORE_INDEX, DeltaLoss, LossOutput, at_least_float32, model_logits
 
 __all__ = ["DPOLoss", "sequence_log_probs"]
@@ -48,24 +49,21 @@ class DPOLoss(DeltaLoss):
 
     Args:
         reference: the reference policy π_ref (the SFT model for Zephyr): a module, or a local directory or hub id
-            loaded with ``AutoModelForCausalLM``. It is frozen and kept in eval mode.
+            loaded as ``AutoModelForCausalLM`` (:func:`~lightning_delta._loading.load_model`). It is frozen and kept
+            in eval mode.
         beta: the DPO temperature β > 0.
         torch_dtype: dtype for a reference loaded from a path.
 
     Raises:
-        ValueError: ``beta`` <= 0, or a batch without the chosen/rejected keys.
+        ValueError: ``beta`` <= 0, a ``reference`` that is not a module, directory or hub id, or a batch without the
+            chosen/rejected keys.
     """
 
     def __init__(self, reference: Any, beta: float = 0.1, torch_dtype: Any = None) -> None:
         super().__init__()
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta <= 0:
             raise ValueError(f"`beta` must be a positive number (DPO uses 0.1), got {beta!r}.")
-        if isinstance(reference, str):
-            from transformers import AutoModelForCausalLM
-
-            reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch_dtype)
-        if not isinstance(reference, nn.Module):
-            raise ValueError(f"`reference` must be an nn.Module, a local directory or a hub id, got {type(reference).__name__}.")
+        reference = load_model(reference, torch_dtype, "AutoModelForCausalLM", argument="reference")
         self.reference = reference.eval().requires_grad_(False)
         self.beta = float(beta)
         self._cache: tuple[Tensor, Tensor] | None = None  # (the batch's chosen_input_ids, reference log-probs)
