@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from huggingface_hub.constants import CONFIG_NAME, PYTORCH_WEIGHTS_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
 
@@ -470,7 +470,7 @@ def model_directory(source: str | os.PathLike, extra_patterns: Iterable[str] = (
     """The Hugging Face model directory (with a ``config.json``) of a local path or a hub id (its snapshot, see
     :func:`resolve_hub_id`; ``extra_patterns`` are fetched besides the weights and JSON files)."""
     directory = resolve_model_path(source, extra_patterns)
-    if not directory.is_dir() or not (directory / "config.json").is_file():
+    if not directory.is_dir() or not (directory / CONFIG_NAME).is_file():
         raise ValueError(
             f"{os.fspath(source)!r} must be a Hugging Face model directory (or hub id) with a config.json; "
             f"{directory} is not one."
