@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_delta.cli import DeltaCLI, run, sweep_points
+from lightning_delta.cli import run
 from lightning_delta.edits import DARE
+from lightning_delta.runner import DeltaCLI, sweep_points
 from tests.test_plots import sweep_row
 from tests.test_sweep import digits_config
 
@@ -232,3 +233,23 @@ def test_top_level_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("validate", "sweep", "edit", "plot", "demo"):
         assert command in out
+
+
+@pytest.mark.parametrize("command, only_there", [("validate", "--ckpt_path"), ("sweep", "--sweep.grid")])
+def test_validate_and_sweep_help_show_the_analysis_config(command, only_there, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run([command, "--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    for argument in ("--config", "--model.model", "--edit", "--riemann.num_points", "--trainer.devices", only_there):
+        assert argument in out
+
+
+@pytest.mark.parametrize("module", ["sweep", "plots", "runner", "demo", "cli"])
+def test_each_module_imports_first(module):
+    """Imports point downward (sweep < plots < runner < demo < cli): any of them can be the first one imported."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import lightning_delta.{module}"], check=True, capture_output=True,
+                   timeout=300)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_delta.cli import DeltaCLI, run
+from lightning_delta.cli import run
+from lightning_delta.runner import DeltaCLI
 from lightning_delta.sweep import expand_grid
 from tests.datamodule_fixtures import write_gsm8k, write_mnist, write_ultrafeedback
 from tests.tiny_models import make_tiny_pair

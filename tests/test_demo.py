@@ -9,7 +9,7 @@ import yaml
 
 import lightning_delta.demo.pair as pair_module
 from lightning_delta.cli import run
-from lightning_delta.demo import DEMO_GRID, PairSettings, build_pair, findings, table
+from lightning_delta.demo import PairSettings, build_pair, demo_grid, findings, table
 from lightning_delta.demo.digits import (
     SEQUENCE_LENGTH,
     VOCAB_SIZE,
@@ -17,6 +17,7 @@ from lightning_delta.demo.digits import (
     digit_sequences,
     load_digit_splits,
 )
+from lightning_delta.sweep import expand_grid
 from tests.test_plots import sweep_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
@@ -111,5 +112,12 @@ def test_demo_yaml_is_the_demo_default(capsys):
     with pytest.raises(SystemExit):
         run(["demo", "--print_config"])
     defaults = yaml.safe_load(capsys.readouterr().out)
-    assert printed["grid"] == DEMO_GRID and printed["num_points"] == 5
-    assert {**printed, "grid": None} == defaults  # the default grid (None) is DEMO_GRID
+    assert printed["grid"] == demo_grid() and printed["num_points"] == 5
+    assert len(expand_grid(printed["grid"])) == 30  # the README's table
+    assert {**printed, "grid": None} == defaults  # the default grid (None) is that of configs/demo.yaml
+
+
+def test_demo_without_its_config_says_where_it_looked(tmp_path):
+    missing = tmp_path / "demo.yaml"
+    with pytest.raises(FileNotFoundError, match=rf"grid from {missing}, which is not there.*pip install -e"):
+        demo_grid(missing)

@@ -15,6 +15,7 @@ import yaml
 from filelock import FileLock
 
 from lightning_delta.callbacks import RiemannResult
+from lightning_delta.runner import sweep
 from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
@@ -306,8 +307,6 @@ def test_killed_sweep_resumes_without_losing_or_repeating_rows(tmp_path):
     before = results.read_bytes()
     killed_rows = ResultsFile(results).read()
     assert 1 <= len(killed_rows) < 5
-
-    from lightning_delta.cli import sweep
 
     rows = sweep(["--config", str(config_path)])
     assert results.read_bytes().startswith(before.rpartition(b"\n")[0])  # what was written stays as it was

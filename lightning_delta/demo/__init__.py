@@ -3,39 +3,40 @@
 1. :func:`~lightning_delta.demo.pair.build_pair`: a tiny Llama pre-trained on scikit-learn's bundled 8×8 digits
    (next-pixel prediction and a short first pass at the answers), then post-trained on the answers alone; cached,
    so a second run reuses it.
-2. A sweep through the same code as ``lightning-delta sweep`` (``trainer.validate`` + ``RiemannCallback``, C = 5):
-   DARE, drop only, the DARE k extension, BitDelta 1–4 bits, magnitude pruning, low rank and EXPO.
+2. A sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.runner.sweep`:
+   ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``: DARE, drop only, the
+   DARE k extension, BitDelta 1–4 bits, magnitude pruning, low rank and EXPO.
 3. A table (edit, parameters, term, trapezoid, exact ΔL, accuracy), the paper's qualitative findings checked on it,
    the JSONL results file and the figures in ``output_dir``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from transformers.utils import logging as transformers_logging
+
 from lightning_delta.demo.pair import DemoPair, PairSettings, build_pair, default_cache_dir
-from lightning_delta.plots import edit_family, edit_parameters
+from lightning_delta.plots import edit_family, edit_parameters, plot_all
+from lightning_delta.runner import sweep
 from lightning_delta.sweep import SweepRow
 
-__all__ = ["DEMO_GRID", "FAST_GRID", "PairSettings", "build_pair", "demo", "default_cache_dir", "findings", "table"]
+__all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "demo", "demo_grid", "default_cache_dir",
+           "findings", "table"]
 
 _EDITS = "lightning_delta.edits."
 
-# The sweep of the demo: one block per family, a Cartesian product inside each block (see lightning_delta.sweep).
-DEMO_GRID: list[dict[str, Any]] = [
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.1, 0.3, 0.5, 0.7, 0.9]},
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.1, 0.5, 0.9], "edit.init_args.rescale": False},
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.5, 0.9], "edit.init_args.k": [-1.0, 0.5]},
-    {"edit": _EDITS + "BitDelta", "edit.init_args.bits": [1, 2, 3, 4]},
-    {"edit": _EDITS + "MagnitudePrune", "edit.init_args.p": [0.5, 0.9]},
-    {"edit": _EDITS + "LowRank", "edit.init_args.rank": [1, 4]},
-    {"edit": _EDITS + "Extrapolate", "edit.init_args.alpha": [-0.5, -0.2, 0.2, 0.5, 1.0],
-     "data.init_args.split": ["test", "train"]},
-]
+# The demo's config, beside the paper configs in the repository's configs/: its grid is the demo's sweep, its other
+# keys are the defaults of demo() (`lightning-delta demo --config configs/demo.yaml` gives the same run).
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 # A few points of every family, for tests.
 FAST_GRID: list[dict[str, Any]] = [
@@ -46,6 +47,22 @@ FAST_GRID: list[dict[str, Any]] = [
     {"edit": _EDITS + "LowRank", "edit.init_args.rank": [1]},
     {"edit": _EDITS + "Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]},
 ]
+
+
+def demo_grid(path: Path = DEMO_CONFIG) -> list[dict[str, Any]]:
+    """The sweep grid of ``configs/demo.yaml``: one block per family, a Cartesian product inside each block (see
+    :mod:`lightning_delta.sweep`).
+
+    Raises:
+        FileNotFoundError: ``path`` is not there (lightning_delta installed from a wheel, not from its repository).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The demo reads its grid from {path}, which is not there: configs/demo.yaml ships with the repository, "
+            "not the package. Install lightning_delta from a clone (`pip install -e .`, as `make demo` does), or give "
+            "the demo a grid (--grid, or --config with a copy of configs/demo.yaml)."
+        )
+    return yaml.safe_load(path.read_text())["grid"]
 
 
 def sweep_config(pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], num_points: int,
@@ -162,11 +179,6 @@ def findings(rows: list[SweepRow]) -> list[str]:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Keep the demo's output to its own lines (no per-point Lightning banners or loading bars); restored after."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as transformers_logging
-
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [logger.level for logger in loggers]
     bars = transformers_logging.is_progress_bar_enabled()
@@ -204,7 +216,7 @@ def demo(
         cache_dir: where the trained pair is cached (default ``~/.cache/lightning_delta/demo``).
         num_points: C, the Riemann points (the paper's 5).
         eval_limit: test images used for the analysis (``None``: all 450).
-        grid: the sweep grid (default :data:`DEMO_GRID`).
+        grid: the sweep grid (default: that of ``configs/demo.yaml``, :func:`demo_grid`).
         fast: a few points per family (:data:`FAST_GRID`), for a quick check.
         pair: how the pair is trained (part of the cache key).
         resume: keep the rows of an earlier run in ``output_dir`` and run only the missing points.
@@ -212,8 +224,6 @@ def demo(
         threads: torch CPU threads (``None``: torch's default); tiny models run best on one.
         figures: draw the figures.
     """
-    import torch
-
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -227,8 +237,6 @@ def demo(
 def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None,
          grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
          figures: bool) -> list[SweepRow]:
-    from lightning_delta.cli import sweep
-
     started = time.time()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -243,9 +251,7 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
     results = output / "results.jsonl"
     if not resume and results.exists():
         results.unlink()
-    config = sweep_config(built, output, grid or (FAST_GRID if fast else DEMO_GRID), num_points, eval_limit)
-    import yaml
-
+    config = sweep_config(built, output, grid or (FAST_GRID if fast else demo_grid()), num_points, eval_limit)
     (output / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     sweep_started = time.time()
     rows = sweep(config)
@@ -259,8 +265,6 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
         print(f"- {line}")
     (output / "table.md").write_text(text + "\n\n" + "\n".join(f"- {line}" for line in checks) + "\n")
     if figures:
-        from lightning_delta.plots import plot_all
-
         written = plot_all(rows, output / "figures")
         print(f"\nFigures: {', '.join(str(path) for path in written.values())}")
     print(f"Results: {results} ({time.time() - started:.1f} s in all)")
