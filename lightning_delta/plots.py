@@ -1,4 +1,4 @@
-"""Figures like the paper's, drawn from the rows of a sweep's JSONL results file (matplotlib, Agg backend).
+"""Figures like the paper's, drawn from the rows of a sweep's JSONL results file.
 
 ======================  ======================================================  ==============
 function                what it shows                                           paper
@@ -21,6 +21,9 @@ Rows may come from several sweeps. Rows that differ in anything besides what a f
 lines' edit arguments, its data set panels) are never drawn as one line: they are split by :func:`row_settings`
 (C, the model, the pre-trained weights, the loss, the data and trainer settings, ...) and each line's label names
 the settings that tell it apart (:func:`setting_labels`), e.g. ``k=0, C=5``.
+
+Each figure is a :class:`matplotlib.figure.Figure` of its own, saved with ``savefig``: no pyplot state, no backend
+chosen for the whole process. The edits are named by their classes' ``label`` (``BitDelta.label``).
 """
 
 from __future__ import annotations
@@ -33,12 +36,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lightning_delta.sweep import DATASET_KEYS, VOLATILE_KEYS, SweepRow, drop_key  # noqa: E402
+from lightning_delta.edits import BitDelta, Extrapolate
+from lightning_delta.sweep import DATASET_KEYS, VOLATILE_KEYS, SweepRow, drop_key
 
 __all__ = [
     "edit_family",
@@ -199,12 +200,11 @@ def _rows(rows: Iterable[SweepRow], *families: str) -> list[SweepRow]:
     return [row for row in rows if edit_family(row) in families]
 
 
-def _save(figure: plt.Figure, path: str | os.PathLike) -> Path:
+def _save(figure: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
@@ -217,7 +217,8 @@ def plot_dare(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
         return None
     settings = setting_labels(rows, shown_edit_keys=("name", "p", "k", "rescale"))
     datasets = sorted({row.dataset for row in rows})
-    figure, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
+    figure = Figure(figsize=(10, 3.6 * len(datasets)))
+    axes = figure.subplots(len(datasets), 2, squeeze=False)
     for panels, name in zip(axes, datasets):
         lines: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
         for row, setting in zip(rows, settings):
@@ -267,7 +268,8 @@ def plot_modules(
     if not selected:
         return None
     groups = [group for group in GROUP_ORDER if any(group in row.result.term_per_group for row in selected)]
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
+    figure = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
+    axis = figure.subplots()
     width = 0.8 / len(selected)
     for number, (row, setting) in enumerate(zip(selected, setting_labels(selected))):
         values = [row.result.term_per_group.get(group, 0.0) for group in groups]
@@ -286,7 +288,8 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
     rows = _rows(rows, "extrapolate")
     if not rows:
         return None
-    figure, axis = plt.subplots(figsize=(6.5, 4))
+    figure = Figure(figsize=(6.5, 4))
+    axis = figure.subplots()
     by_dataset: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
         point = (float(row.edit["alpha"]), row.result.term, row.result.exact)
@@ -303,7 +306,7 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.set_xlabel("α (F(ΔW) = (1 + α)·ΔW)")
     axis.set_ylabel("loss change")
-    axis.set_title("EXPO: Riemann term against α")
+    axis.set_title(f"{Extrapolate.label}: Riemann term against α")
     axis.legend(fontsize=7)
     return _save(figure, path)
 
@@ -316,7 +319,8 @@ def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     if not rows:
         return None
     use_accuracy = all(row.result.accuracy_edit is not None for row in rows)
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     by_dataset: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "bits", "scale", "magnitudes"))):
         result = row.result
@@ -325,12 +329,13 @@ def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
         by_dataset[_joined(row.dataset, setting)].append((int(row.edit["bits"]), edited, post))
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
-        (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"BitDelta, {name}")
+        (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                            label=f"{BitDelta.label}, {name}")
         axis.axhline(points[0][2], linestyle="--", color=line.get_color(), label=f"post-trained, {name}")
     axis.set_xticks(sorted({p[0] for points in by_dataset.values() for p in points}))
     axis.set_xlabel("bits per entry (sign included)")
     axis.set_ylabel("accuracy" if use_accuracy else "loss")
-    axis.set_title("BitDelta with more bits")
+    axis.set_title(f"{BitDelta.label} with more bits")
     axis.legend(fontsize=7)
     return _save(figure, path)
 
@@ -360,7 +365,8 @@ def plot_expo_gap(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | N
     uses_accuracy = all(row.result.accuracy_edit is not None for row in rows)
     names = sorted(best)
     sides = ("interpolation (α < 0)", "extrapolation (α > 0)")
-    figure, axis = plt.subplots(figsize=(max(5.0, 1.8 * len(names) + 2), 4))
+    figure = Figure(figsize=(max(5.0, 1.8 * len(names) + 2), 4))
+    axis = figure.subplots()
     for number, side in enumerate(sides):
         values = [best[name].get(side, math.nan) for name in names]
         axis.bar([index + (number - 0.5) * 0.38 for index in range(len(names))], values, width=0.38, label=side)
@@ -386,7 +392,8 @@ def plot_loss_curve(
     selected = list(selected)
     if not selected:
         return None
-    figure, axes = plt.subplots(len(selected), 2, figsize=(10, 3.4 * len(selected)), squeeze=False)
+    figure = Figure(figsize=(10, 3.4 * len(selected)))
+    axes = figure.subplots(len(selected), 2, squeeze=False)
     for (left, right), row, setting in zip(axes, selected, setting_labels(selected)):
         result = row.result
         num_points = result.num_points

@@ -14,6 +14,7 @@ from matplotlib.image import imread
 from lightning_delta import plots
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.cli import run
+from lightning_delta.edits import EDITS, Extrapolate
 from lightning_delta.sweep import ResultsFile, SweepRow
 
 
@@ -102,6 +103,15 @@ def test_labels():
     assert plots.edit_label(dare) == "dare p=0.5 k=0"
     assert plots.edit_label(drop) == "drop_only p=0.1"
     assert plots.edit_label(bits) == "bitdelta bits=1"
+
+
+def test_edits_are_named_by_their_classes(tmp_path, figures):
+    for cls in EDITS.values():
+        assert cls.label and cls.reference.startswith(("paper", cls.label)), cls
+    plots.plot_all(synthetic_rows(), tmp_path)
+    assert figures["expo_alpha"].axes[0].get_title() == f"{Extrapolate.label}: Riemann term against α" == \
+        "EXPO: Riemann term against α"
+    assert figures["bitdelta_bits"].axes[0].get_title() == "BitDelta with more bits"
 
 
 def test_plot_without_rows_says_what_to_do(tmp_path):
