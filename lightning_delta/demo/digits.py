@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,6 +44,7 @@ def load_digit_splits(test_fraction: float = 0.25, seed: int = 0) -> dict[str, t
 
     Shapes: images ``(N, 64)`` int64 in 0…16, digits ``(N,)`` int64 in 0…9.
     """
+    # scikit-learn only when the digits are read: it takes half a second, which `lightning-delta --help` need not wait
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -131,8 +133,6 @@ class DigitsDataModule(pl.LightningDataModule):
         sampler = None
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
             sampler = UnrepeatedDistributedSampler(self.dataset, shuffle=False)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 

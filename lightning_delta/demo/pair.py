@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_delta.demo.digits import (
     BOS_TOKEN,
@@ -98,8 +99,6 @@ class CausalLMTraining(pl.LightningModule):
 
 
 def _tiny_llama(settings: PairSettings) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=settings.hidden_size,
