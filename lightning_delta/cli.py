@@ -31,8 +31,8 @@ from lightning_delta.runner import DeltaCLI, edit, plot, sweep, validate
 
 __all__ = ["COMMANDS", "check_edit_argument", "command_parser", "main", "run"]
 
-# The commands, each the function that runs it. validate and sweep take the rest of the command line, which DeltaCLI
-# parses (it builds the trainer too); the others take the arguments that the parser made from their signatures gives.
+# The commands, each the function that runs it. The ANALYSES take the rest of the command line, which DeltaCLI parses
+# (a LightningCLI: it builds the trainer too); the others take what a parser made from their signature parsed.
 COMMANDS: dict[str, Callable[..., Any]] = {"validate": validate, "sweep": sweep, "edit": edit, "plot": plot,
                                            "demo": demo}
 ANALYSES = ("validate", "sweep")
