@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from lightning_delta.delta import Patterns, _next_delta, check_tied_targets, match_tensors, open_pair
-from lightning_delta.edits import EDITS
+from lightning_delta.delta import Patterns
+from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel
 
@@ -25,7 +25,6 @@ __all__ = [
     "EditTarget",
     "ModuleTarget",
     "attach_edit",
-    "check_edit",
     "edit_differences",
     "gradients_at_post",
     "training_step_loss",
@@ -118,28 +117,10 @@ def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
     return trainer
 
 
-def check_edit(edit: Any) -> None:
-    """Refuse anything but an editing operation (``edit_tensor``) or a mapping of ``E`` tensors, naming the edits."""
-    if isinstance(edit, Mapping) or callable(getattr(edit, "edit_tensor", None)):
-        return
-    known = ", ".join(f"{cls.__name__} ({name!r})" for name, cls in EDITS.items())
-    hint = ""
-    if isinstance(edit, str):
-        hint = (
-            f" For a name, build the operation: lightning_delta.edits.build({edit!r}, ...)"
-            if edit in EDITS
-            else f" {edit!r} is not an edit name"
-        )
-    raise ValueError(
-        f"edit must be an editing operation of lightning_delta.edits or a mapping from tensor names to "
-        f"E = F(ΔW) − ΔW tensors; got {type(edit).__name__} {edit!r}.{hint} The operations are: {known}."
-    )
-
-
 def edit_differences(
     model: nn.Module,
     pretrained: Any,
-    edit: Any,
+    edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
@@ -154,27 +135,13 @@ def edit_differences(
         gradients: ∇L at W_post per tensor, for operations with ``needs_gradients``.
 
     Raises:
-        ValueError: for an ``edit`` that is neither, an operation that needs gradients without them, two names of
-            one tied tensor of ``model`` (:func:`~lightning_delta.delta.check_tied_targets`), and every error of
-            :func:`~lightning_delta.delta.iter_delta`.
+        ValueError: every error of :func:`~lightning_delta.editing.iter_edited` (the generator behind this and
+            :func:`~lightning_delta.export.apply_edit_`).
     """
     if isinstance(edit, Mapping):
-        return dict(edit)  # EditedModel checks the names
-    check_edit(edit)
-    if getattr(edit, "needs_gradients", False) and gradients is None:
-        raise ValueError(f"{type(edit).__name__} needs the gradients at W_post; pass `gradients=`.")
-    devices = {name: tensor.device for name, tensor in model.state_dict(keep_vars=True).items()}
-    differences = {}
-    with open_pair(pretrained, model) as (pre, post):
-        matches = match_tensors(pre, post, include, exclude)
-        check_tied_targets([match.post_name for match in matches], post)
-        for match in matches:
-            delta = _next_delta(match, pre, post, devices[match.post_name])
-            gradient = gradients.get(match.name) if gradients is not None else None
-            gradient = gradient.to(delta.device) if gradient is not None else None
-            differences[match.name] = edit.edit_tensor(match.name, delta, gradient) - delta
-            del delta
-    return differences
+        return dict(edit)  # ready-made E: no W_pre to read; EditedModel checks the names
+    return {item.name: item.edited - item.delta  # on each tensor's own device
+            for item in iter_edited(pretrained, model, edit, include, exclude, gradients)}
 
 
 def attach_edit(

@@ -18,18 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import TensorSource, check_dtype, format_names, load_model, model_directory
-from lightning_delta.delta import (
-    DeltaMatch,
-    Patterns,
-    _all_finite,
-    check_tied_targets,
-    difference,
-    match_tensors,
-    open_pair,
-    read_pair,
-)
-from lightning_delta.edits.base import DeltaEdit
+from lightning_delta._loading import check_dtype, format_names, load_model, model_directory
+from lightning_delta.delta import Patterns
+from lightning_delta.editing import Edit, iter_edited
 
 __all__ = ["apply_edit_", "save_edited"]
 
@@ -70,31 +61,10 @@ def _check_not_parametrized(model: nn.Module) -> None:
         )
 
 
-def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post: TensorSource) -> None:
-    """Every name of a mapping ``edit`` is a selected tensor and holds a tensor of its shape."""
-    shapes = {match.name: post.shape(match.post_name) for match in matches}
-    unknown = [name for name in edit if name not in shapes]
-    if unknown:
-        raise ValueError(
-            f"edit has tensors that are not among the selected delta tensors: {format_names(unknown)}. Selected "
-            f"({len(shapes)}): {format_names(shapes, limit=8)}. Use the names the delta is computed under (see "
-            "lightning_delta.delta.delta_names; a tied tensor appears under its first name), or widen include= / "
-            "exclude=."
-        )
-    bad = [
-        f"{name} ({tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}, expected "
-        f"{tuple(shapes[name])})"
-        for name, value in edit.items()
-        if not isinstance(value, Tensor) or value.shape != shapes[name]
-    ]
-    if bad:
-        raise ValueError(f"edit must map each name to a tensor of the delta's shape: {format_names(bad)}.")
-
-
 def apply_edit_(
     model: nn.Module,
     pretrained: Any,
-    edit: DeltaEdit | Mapping[str, Tensor],
+    edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
@@ -130,52 +100,9 @@ def apply_edit_(
             f"model must be an nn.Module (the post-trained model to edit in place), got {type(model).__name__}."
         )
     _check_not_parametrized(model)
-    if isinstance(edit, Mapping):
-        edit_tensor = None
-    elif callable(getattr(edit, "edit_tensor", None)):
-        edit_tensor = edit.edit_tensor
-    else:
-        raise ValueError(
-            "edit must be an object with an edit_tensor(name, delta, gradient=None) method (such as "
-            "lightning_delta.edits.DARE) or a mapping from tensor names to E = F(ΔW) − ΔW tensors; got "
-            f"{type(edit).__name__}."
-        )
-    if gradients is not None and not isinstance(gradients, Mapping):
-        raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
-
-    with open_pair(pretrained, model) as (pre, post):
-        matches = match_tensors(pre, post, include, exclude)
-        if edit_tensor is None:
-            _check_edit_mapping(edit, matches, post)
-            matches = [match for match in matches if match.name in edit]
-        elif getattr(edit, "needs_gradients", False):
-            missing = [match.name for match in matches if gradients is None or match.name not in gradients]
-            if missing:
-                raise ValueError(
-                    f"{type(edit).__name__} needs the gradient of the loss at W_post for every edited tensor; missing "
-                    f"for {len(missing)} tensors: {format_names(missing)}. Pass gradients={{name: grad}}."
-                )
-        check_tied_targets([match.post_name for match in matches], post)
-
-        with torch.no_grad():
-            for match in matches:
-                w_pre, w_post = read_pair(match, pre, post)  # w_post is the model's own tensor
-                delta = difference(match, w_pre, w_post, pre, post)
-                if edit_tensor is None:
-                    edited = delta + edit[match.name].to(delta)
-                else:
-                    gradient = None if gradients is None else gradients.get(match.name)
-                    edited = edit_tensor(match.name, delta, gradient=gradient)
-                if not isinstance(edited, Tensor) or edited.shape != w_post.shape:
-                    got = f"shape {tuple(edited.shape)}" if isinstance(edited, Tensor) else type(edited).__name__
-                    raise ValueError(
-                        f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(w_post.shape)}."
-                    )
-                if not _all_finite(edited):
-                    raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
-                # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype.
-                w_post.copy_(w_pre.to(delta.dtype) + edited.to(delta))
-                del w_pre, w_post, delta, edited
+    for item in iter_edited(pretrained, model, edit, include, exclude, gradients):
+        # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype.
+        item.w_post.copy_(item.w_pre.to(item.delta.dtype) + item.edited.to(item.delta))
     return model
 
 
@@ -189,7 +116,7 @@ def _same_path(a: Path, b: Path) -> bool:
 def save_edited(
     post: nn.Module | str | os.PathLike,
     pretrained: Any,
-    edit: DeltaEdit | Mapping[str, Tensor],
+    edit: Edit,
     output_dir: str | os.PathLike,
     include: Patterns = None,
     exclude: Patterns = None,

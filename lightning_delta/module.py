@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_delta._loading import load_model
-from lightning_delta.attach import attach_edit, check_edit, gradients_at_post
+from lightning_delta.attach import attach_edit, gradients_at_post
+from lightning_delta.editing import check_edit
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import EditedModel

@@ -187,7 +187,8 @@ CASES = [
     Case("build-unknown-argument", "`edits.build(\"dare\", q=0.5)`", ValueError,
          "DARE ('dare') got unknown argument(s) ['q']", lambda tmp: _edits().build("dare", q=0.5)),
     Case("gradient-biased-no-gradients", "GradientBiased without ∇L at W_post", ValueError,
-         "GradientBiased needs the gradients at W_post", _gradient_biased_without_gradients),
+         "GradientBiased needs the gradient of the loss at W_post for every edited tensor; missing for 2 tensors",
+         _gradient_biased_without_gradients),
     # --------------------------------------------------------------------------------- module and callback
     Case("module-edit-name", "`DeltaEditModule(post, pre, edit=\"dare\")`", ValueError,
          "edit must be an editing operation of lightning_delta.edits",

@@ -223,7 +223,7 @@ class Diverging:
 def test_bad_edits_are_named(tiny_pair, tmp_path):
     pair = tiny_pair("llama-tied", shard="post")
     post = pair.post
-    with pytest.raises(ValueError, match=r"edit_tensor\(name, delta, gradient=None\).*got str"):
+    with pytest.raises(ValueError, match=r"edit must be an editing operation of lightning_delta.edits.*got str"):
         apply_edit_(copy.deepcopy(post), pair.pre, "dare")
     with pytest.raises(ValueError, match=r"returned shape \(4096,\) for model\.embed_tokens\.weight.*\(128, 32\)"):
         apply_edit_(copy.deepcopy(post), pair.pre, WrongShape())

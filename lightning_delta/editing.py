@@ -1,0 +1,148 @@
+"""``(name, W_pre, W_post, ΔW, F(ΔW))`` for every selected tensor, one at a time: the one generator behind both
+writing an edited model (:func:`lightning_delta.export.apply_edit_`) and attaching ``E = F(ΔW) − ΔW`` for the
+Riemann analysis (:func:`lightning_delta.attach.edit_differences`).
+
+Names: the *edit* is the operation F (an object of :mod:`lightning_delta.edits`, or a mapping of ready-made ``E``
+tensors), *edited* is ``F(ΔW)``, and ``E = F(ΔW) − ΔW`` is what the model moves by (the paper's ΔW̃).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_delta._loading import TensorSource, format_names
+from lightning_delta.delta import (
+    DeltaMatch,
+    Patterns,
+    _all_finite,
+    _as_device,
+    check_tied_targets,
+    difference,
+    match_tensors,
+    open_pair,
+    read_pair,
+)
+from lightning_delta.edits import EDITS, DeltaEdit
+
+__all__ = ["EditedTensor", "check_edit", "iter_edited"]
+
+Edit = DeltaEdit | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
+
+
+class EditedTensor(NamedTuple):
+    """One selected tensor after the edit."""
+
+    name: str  # its name in results (a tied tensor under its first name)
+    w_pre: Tensor  # W_pre in its stored dtype, on the tensor's device
+    w_post: Tensor  # W_post: for a module, the module's own tensor
+    delta: Tensor  # ΔW = W_post − W_pre in delta_dtype (at least float32)
+    edited: Tensor  # F(ΔW): the tensor's shape, finite, in the delta's dtype or wider
+
+
+def check_edit(edit: Any) -> None:
+    """Refuse anything but an editing operation (``edit_tensor``) or a mapping of ``E`` tensors, naming the edits."""
+    if isinstance(edit, Mapping) or callable(getattr(edit, "edit_tensor", None)):
+        return
+    known = ", ".join(f"{cls.__name__} ({name!r})" for name, cls in EDITS.items())
+    hint = ""
+    if isinstance(edit, str):
+        hint = (
+            f" For a name, build the operation: lightning_delta.edits.build({edit!r}, ...)"
+            if edit in EDITS
+            else f" {edit!r} is not an edit name"
+        )
+    raise ValueError(
+        f"edit must be an editing operation of lightning_delta.edits or a mapping from tensor names to "
+        f"E = F(ΔW) − ΔW tensors; got {type(edit).__name__} {edit!r}.{hint} The operations are: {known}."
+    )
+
+
+def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post: TensorSource) -> None:
+    """Every name of a mapping ``edit`` is a selected tensor and holds a tensor of its shape."""
+    shapes = {match.name: post.shape(match.post_name) for match in matches}
+    unknown = [name for name in edit if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"edit has tensors that are not among the selected delta tensors: {format_names(unknown)}. Selected "
+            f"({len(shapes)}): {format_names(shapes, limit=8)}. Use the names the delta is computed under (see "
+            "lightning_delta.delta.delta_names; a tied tensor appears under its first name), or widen include= / "
+            "exclude=."
+        )
+    bad = [
+        f"{name} ({tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}, expected "
+        f"{tuple(shapes[name])})"
+        for name, value in edit.items()
+        if not isinstance(value, Tensor) or value.shape != shapes[name]
+    ]
+    if bad:
+        raise ValueError(f"edit must map each name to a tensor of the delta's shape: {format_names(bad)}.")
+
+
+def iter_edited(
+    pre: Any,
+    post: Any,
+    edit: Edit,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    gradients: Mapping[str, Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[EditedTensor]:
+    """Each selected tensor with its ``F(ΔW)``, read, differenced and edited one at a time (no gradient is taken).
+
+    Everything that needs no values is checked before the first tensor is read: the edit, the selection
+    (:func:`~lightning_delta.delta.match_tensors`), the names and shapes of a mapping edit, the gradients an edit
+    needs, and that no tied tensor of ``post`` is selected twice
+    (:func:`~lightning_delta.delta.check_tied_targets`). A mapping edit yields ``F(ΔW) = ΔW + E`` for its own
+    names only.
+
+    Args:
+        pre, post: W_pre and W_post, in any form :func:`~lightning_delta.delta.load_tensors` reads.
+        edit: the operation F, or a mapping name -> ``E``.
+        include, exclude: regular expressions selecting the tensors.
+        gradients: name -> ∇L at W_post, for operations with ``needs_gradients``.
+        device: where ΔW and F(ΔW) are computed; default each post-trained tensor's device.
+
+    Raises:
+        ValueError: for each check above, an ``F(ΔW)`` of the wrong shape or with NaN / inf (when its tensor is
+            reached), and every error of :func:`~lightning_delta.delta.iter_delta`.
+    """
+    check_edit(edit)
+    if gradients is not None and not isinstance(gradients, Mapping):
+        raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
+    device = _as_device(device)
+    with open_pair(pre, post) as (pre_source, post_source):
+        matches = match_tensors(pre_source, post_source, include, exclude)
+        if isinstance(edit, Mapping):
+            _check_edit_mapping(edit, matches, post_source)
+            matches = [match for match in matches if match.name in edit]
+        elif getattr(edit, "needs_gradients", False):
+            missing = [match.name for match in matches if gradients is None or match.name not in gradients]
+            if missing:
+                raise ValueError(
+                    f"{type(edit).__name__} needs the gradient of the loss at W_post for every edited tensor; missing "
+                    f"for {len(missing)} tensors: {format_names(missing)}. Pass gradients={{name: grad}}."
+                )
+        check_tied_targets([match.post_name for match in matches], post_source)
+        with torch.no_grad():
+            for match in matches:
+                w_pre, w_post = read_pair(match, pre_source, post_source, device)
+                delta = difference(match, w_pre, w_post, pre_source, post_source)
+                if isinstance(edit, Mapping):
+                    edited = delta + edit[match.name].to(delta)
+                else:
+                    gradient = None if gradients is None else gradients.get(match.name)
+                    gradient = None if gradient is None else gradient.to(delta.device)
+                    edited = edit.edit_tensor(match.name, delta, gradient)
+                if not isinstance(edited, Tensor) or edited.shape != w_post.shape:
+                    got = f"shape {tuple(edited.shape)}" if isinstance(edited, Tensor) else type(edited).__name__
+                    raise ValueError(
+                        f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(w_post.shape)}."
+                    )
+                if not _all_finite(edited):
+                    raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
+                yield EditedTensor(match.name, w_pre, w_post, delta, edited)
+                del w_pre, w_post, delta, edited
