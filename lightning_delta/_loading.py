@@ -448,21 +448,21 @@ def load_tensors(source: Any) -> TensorSource:
     )
 
 
-def check_dtype(torch_dtype: Any) -> torch.dtype | str | None:
-    """``torch_dtype`` as ``from_pretrained`` takes it: ``None``, ``"auto"`` or a ``torch.dtype`` (a name such as
+def check_dtype(dtype: Any) -> torch.dtype | str | None:
+    """``dtype`` as ``from_pretrained`` takes it: ``None``, ``"auto"`` or a ``torch.dtype`` (a name such as
     ``"bfloat16"`` becomes the dtype).
 
     Example:
         >>> check_dtype("bfloat16")
         torch.bfloat16
     """
-    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-        return getattr(torch, torch_dtype)
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
     raise ValueError(
-        f"torch_dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
-        f"{torch_dtype!r}."
+        f"dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
+        f"{dtype!r}."
     )
 
 
@@ -508,7 +508,7 @@ def _model_class(model_class: type | str | None, directory: Path) -> type:
 
 
 def load_model(
-    source: Any, torch_dtype: Any = None, model_class: type | str | None = None, argument: str = "model"
+    source: Any, dtype: Any = None, model_class: type | str | None = None, argument: str = "model"
 ) -> nn.Module:
     """A model: an ``nn.Module`` as it is, or ``from_pretrained`` of a Hugging Face directory or hub id.
 
@@ -519,14 +519,14 @@ def load_model(
 
     Args:
         source: an ``nn.Module`` (returned as it is: neither cast nor moved), a local model directory or a hub id.
-        torch_dtype: ``None`` or ``"auto"`` (the stored dtype), a ``torch.dtype`` or its name.
+        dtype: ``None`` or ``"auto"`` (the stored dtype), a ``torch.dtype`` or its name.
         model_class: the class to load with: a class (``transformers.AutoModelForCausalLM``) or the name of one of
             transformers' (``"CLIPModel"``); ``None``: the class named in the config's ``architectures``.
         argument: the caller's name for ``source``, used in error messages.
 
     Raises:
         ValueError: for a ``source`` of another type, a path that does not exist and is not a hub id, a directory
-            without ``config.json``, an unknown ``torch_dtype`` or ``model_class``, or an unreadable config.
+            without ``config.json``, an unknown ``dtype`` or ``model_class``, or an unreadable config.
     """
     if isinstance(source, nn.Module):
         return source
@@ -534,7 +534,7 @@ def load_model(
         raise ValueError(
             f"`{argument}` must be an nn.Module, a local directory or a hub id, got {type(source).__name__}."
         )
-    dtype = check_dtype(torch_dtype)
+    dtype = check_dtype(dtype)
     directory = model_directory(source)
     model = _model_class(model_class, directory).from_pretrained(directory, dtype="auto" if dtype is None else dtype)
     return model.eval()

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from lightning_delta.delta import Patterns
+from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel
@@ -73,8 +73,8 @@ class ModuleTarget:
     def __init__(
         self,
         module: pl.LightningModule,
-        pretrained: Any,
-        edit: Any,
+        pretrained: nn.Module | Mapping[str, Tensor] | str,
+        edit: Edit,
         module_name: str = "",
         include: Patterns = None,
         exclude: Patterns = None,
@@ -119,7 +119,7 @@ def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
 
 def edit_differences(
     model: nn.Module,
-    pretrained: Any,
+    pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -141,13 +141,13 @@ def edit_differences(
     if isinstance(edit, Mapping):
         return dict(edit)  # ready-made E: no W_pre to read; EditedModel checks the names
     return {item.name: item.edited - item.delta  # on each tensor's own device
-            for item in iter_edited(pretrained, model, edit, include, exclude, gradients)}
+            for item in iter_edited(model, pretrained, edit, include, exclude, gradients)}
 
 
 def attach_edit(
     model: nn.Module,
-    pretrained: Any,
-    edit: Any,
+    pretrained: Weights,
+    edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,

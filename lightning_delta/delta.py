@@ -25,13 +25,14 @@ Rules every function here follows:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_delta._loading import TensorSource, format_names, load_tensors, tied_names
 from lightning_delta.edits.base import CHUNK_NUMEL
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 Patterns = str | Iterable[str] | None
+# Weights in any form load_tensors reads: a module, a state dict, a directory, a file or a hub id.
+Weights = nn.Module | Mapping[str, Tensor] | str | os.PathLike | TensorSource
 
 
 
@@ -255,7 +258,7 @@ def check_tied_targets(names: Iterable[str], post: TensorSource) -> None:
 
 
 @contextmanager
-def open_pair(pre: Any, post: Any) -> Iterator[tuple[TensorSource, TensorSource]]:
+def open_pair(pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
     """Both sides as :class:`TensorSource` objects; those opened here are closed when the block ends.
 
     Raises:
@@ -332,7 +335,7 @@ def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSour
     )
 
 
-def delta_names(pre: Any, post: Any, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+def delta_names(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
     """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
 
     Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
@@ -340,7 +343,7 @@ def delta_names(pre: Any, post: Any, include: Patterns = None, exclude: Patterns
     Example:
         >>> pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
         >>> post = {"w": torch.ones(2), "step": torch.tensor(4)}
-        >>> delta_names(pre, post)
+        >>> delta_names(post, pre)
         ['w']
     """
     with open_pair(pre, post) as (pre_source, post_source):
@@ -363,8 +366,8 @@ def _next_delta(match: DeltaMatch, pre: TensorSource, post: TensorSource, device
 
 
 def iter_delta(
-    pre: Any,
-    post: Any,
+    post: Weights,
+    pre: Weights,
     include: Patterns = None,
     exclude: Patterns = None,
     device: torch.device | str | None = None,
@@ -375,9 +378,9 @@ def iter_delta(
     advances, and it holds no delta but the one it is yielding: memory is one tensor pair at a time.
 
     Args:
-        pre: pre-trained weights: an ``nn.Module``, a state dict, a model directory, a ``.safetensors`` / ``.bin``
+        post: post-trained weights: an ``nn.Module``, a state dict, a model directory, a ``.safetensors`` / ``.bin``
             file, a hub id or a :class:`TensorSource`.
-        post: post-trained weights, in any of the same forms.
+        pre: pre-trained weights, in any of the same forms.
         include: regular expressions (``re.search`` on tensor names); only matching tensors are selected.
         exclude: regular expressions; matching tensors are left out.
         device: where the delta is computed; default the post-trained tensor's device (CPU for files).
@@ -393,7 +396,7 @@ def iter_delta(
     Example:
         >>> pre = {"w": torch.tensor([1.0, 2.0])}
         >>> post = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
-        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(pre, post)]
+        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre)]
         [('w', [0.5, -1.0], torch.float32)]
     """
     device = _as_device(device)
@@ -407,14 +410,14 @@ def iter_delta(
     return _generate(matches, pre_source, post_source, device, stack)
 
 
-def compute_delta(pre: Any, post: Any, include: Patterns = None, exclude: Patterns = None) -> dict[str, Tensor]:
-    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(pre, post, include, exclude))``.
+def compute_delta(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> dict[str, Tensor]:
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre, include, exclude))``.
 
     Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
 
     Example:
-        >>> compute_delta({"a": torch.zeros(2), "b": torch.zeros(1)}, {"a": torch.ones(2), "b": torch.ones(1)},
+        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, {"a": torch.zeros(2), "b": torch.zeros(1)},
         ...               exclude="b")
         {'a': tensor([1., 1.])}
     """
-    return dict(iter_delta(pre, post, include, exclude))
+    return dict(iter_delta(post, pre, include, exclude))

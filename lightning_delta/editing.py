@@ -18,6 +18,7 @@ from lightning_delta._loading import TensorSource, format_names
 from lightning_delta.delta import (
     DeltaMatch,
     Patterns,
+    Weights,
     _all_finite,
     _as_device,
     check_tied_targets,
@@ -83,8 +84,8 @@ def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post
 
 
 def iter_edited(
-    pre: Any,
-    post: Any,
+    post: Weights,
+    pre: Weights,
     edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -100,7 +101,7 @@ def iter_edited(
     names only.
 
     Args:
-        pre, post: W_pre and W_post, in any form :func:`~lightning_delta.delta.load_tensors` reads.
+        post, pre: W_post and W_pre, in any form :func:`~lightning_delta.delta.load_tensors` reads.
         edit: the operation F, or a mapping name -> ``E``.
         include, exclude: regular expressions selecting the tensors.
         gradients: name -> ∇L at W_post, for operations with ``needs_gradients``.

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_delta._loading import check_dtype, format_names, load_model, model_directory
-from lightning_delta.delta import Patterns
+from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, iter_edited
 
 __all__ = ["apply_edit_", "save_edited"]
@@ -63,7 +63,7 @@ def _check_not_parametrized(model: nn.Module) -> None:
 
 def apply_edit_(
     model: nn.Module,
-    pretrained: Any,
+    pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -100,7 +100,7 @@ def apply_edit_(
             f"model must be an nn.Module (the post-trained model to edit in place), got {type(model).__name__}."
         )
     _check_not_parametrized(model)
-    for item in iter_edited(pretrained, model, edit, include, exclude, gradients):
+    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
         # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype.
         item.w_post.copy_(item.w_pre.to(item.delta.dtype) + item.edited.to(item.delta))
     return model
@@ -115,12 +115,12 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def save_edited(
     post: nn.Module | str | os.PathLike,
-    pretrained: Any,
+    pretrained: Weights,
     edit: Edit,
     output_dir: str | os.PathLike,
     include: Patterns = None,
     exclude: Patterns = None,
-    torch_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
     **save_kwargs: Any,
 ) -> Path:
@@ -139,7 +139,7 @@ def save_edited(
             must differ from, and not contain, the directories read.
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
-        torch_dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
+        dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
         overwrite: replace a non-empty ``output_dir`` whole (none of its old files remain, a stale
             ``model.safetensors.index.json`` or shard included); without it such a directory is refused.
         save_kwargs: passed to ``save_pretrained`` (e.g. ``max_shard_size``).
@@ -156,7 +156,7 @@ def save_edited(
     if not save_kwargs.pop("safe_serialization", True):
         raise ValueError("save_edited writes safetensors only; drop safe_serialization=False.")
     output_dir = Path(output_dir)
-    dtype = check_dtype(torch_dtype)
+    dtype = check_dtype(dtype)
     if isinstance(post, nn.Module):
         if not callable(getattr(post, "save_pretrained", None)):
             raise ValueError(

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from lightning_delta._loading import load_model
 from lightning_delta.attach import attach_edit, gradients_at_post
-from lightning_delta.editing import check_edit
+from lightning_delta.editing import Edit, check_edit
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import EditedModel
@@ -55,7 +55,7 @@ class DeltaEditModule(pl.LightningModule):
         evaluator: ``(model, batch) -> (correct, total)``; accuracy is logged at ``t = 0`` (``accuracy/post``) and
             ``t = 1`` (``accuracy/edit``). Default: the loss's own ``evaluator`` if it has one (DPO's reward
             accuracy).
-        torch_dtype: dtype for models loaded from a path.
+        dtype: dtype for models loaded from a path.
 
     Example::
 
@@ -67,21 +67,21 @@ class DeltaEditModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: Any,
-        pretrained: Any,
-        edit: Any,
+        model: nn.Module | str,
+        pretrained: nn.Module | Mapping[str, Tensor] | str | None,
+        edit: Edit,
         loss: str | DeltaLoss = "causal_lm",
-        include: Any = None,
-        exclude: Any = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         evaluator: Evaluator | None = None,
-        torch_dtype: Any = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_edit(edit)
-        self.model = load_model(model, torch_dtype, "AutoModelForCausalLM")
+        self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
-        self.loss = self._resolve_loss(loss, pretrained, torch_dtype)
+        self.loss = self._resolve_loss(loss, pretrained, dtype)
         self.include, self.exclude = include, exclude
         self.evaluator = evaluator if evaluator is not None else getattr(self.loss, "evaluator", None)
         self.loss_post, self.loss_edit = RatioOfSums(), RatioOfSums()
@@ -89,11 +89,11 @@ class DeltaEditModule(pl.LightningModule):
         self._edited: EditedModel | None = None
 
     @staticmethod
-    def _resolve_loss(loss: str | DeltaLoss, pretrained: Any, torch_dtype: Any) -> DeltaLoss:
+    def _resolve_loss(loss: str | DeltaLoss, pretrained: Any, dtype: Any) -> DeltaLoss:
         if isinstance(loss, DeltaLoss):
             return loss
         if loss == "dpo":
-            reference = load_model(pretrained, torch_dtype, "AutoModelForCausalLM", argument="pretrained")
+            reference = load_model(pretrained, dtype, "AutoModelForCausalLM", argument="pretrained")
             return build_loss("dpo", reference=reference)
         return build_loss(loss)
 

@@ -241,7 +241,7 @@ def edit(
     output_dir: str,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
-    torch_dtype: str | None = None,
+    dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it.
@@ -257,11 +257,11 @@ def edit(
             ``--overwrite true``).
         include: regular expressions on tensor names: only these are edited.
         exclude: regular expressions on tensor names: these are left as they are.
-        torch_dtype: dtype to load the model in (``bfloat16``, ``float32``, ...); default its stored dtype.
+        dtype: dtype to load the model in (``bfloat16``, ``float32``, ...); default its stored dtype.
         overwrite: replace a non-empty ``output_dir`` whole (its old files, an old shard index included, are
             removed once the new model is complete).
     """
-    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, torch_dtype=torch_dtype,
+    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, dtype=dtype,
                        overwrite=overwrite)
     print(f"Edited model ({edit!r}) written to {path}")
     return path

@@ -128,10 +128,10 @@ def _edited_model(edits: dict):
     EditedModel(nn.Linear(3, 2, bias=False), edits)
 
 
-def _compute_delta(pre, post, **kwargs):
+def _compute_delta(post, pre, **kwargs):
     from lightning_delta import compute_delta
 
-    return compute_delta(pre, post, **kwargs)
+    return compute_delta(post, pre, **kwargs)
 
 
 def _apply_to_parametrized(tmp: Path):
@@ -212,21 +212,21 @@ CASES = [
          lambda tmp: _edited_model({"weight": torch.zeros(3, 2)})),
     # ----------------------------------------------------------------------------------- weights and ΔW
     Case("path-missing", "a W_pre path that does not exist", ValueError, "Cannot load the pre-trained weights: The path",
-         lambda tmp: _compute_delta(str(tmp / "missing"), {"w": torch.zeros(1)})),
+         lambda tmp: _compute_delta({"w": torch.zeros(1)}, str(tmp / "missing"))),
     Case("missing-tensor", "W_pre without a tensor that W_post has", ValueError,
          "The pre- and post-trained weights do not hold the same tensors",
-         lambda tmp: _compute_delta({"a": torch.zeros(2)}, {"a": torch.ones(2), "b": torch.ones(2)})),
+         lambda tmp: _compute_delta({"a": torch.ones(2), "b": torch.ones(2)}, {"a": torch.zeros(2)})),
     Case("shape-mismatch", "a resized vocabulary (shapes differ)", ValueError, "Shapes differ between pre and post",
-         lambda tmp: _compute_delta({"emb": torch.zeros(4, 2)}, {"emb": torch.zeros(5, 2)})),
+         lambda tmp: _compute_delta({"emb": torch.zeros(5, 2)}, {"emb": torch.zeros(4, 2)})),
     Case("nan-weights", "NaN in W_post", ValueError, "The post-trained tensor 'w'",
-         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, float("nan")])})),
+         lambda tmp: _compute_delta({"w": torch.tensor([0.0, float("nan")])}, {"w": torch.zeros(2)})),
     Case("bad-regex", "`include=\"(\"`", ValueError, "The include pattern '(' is not a valid regular expression",
-         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.ones(2)}, include="(")),
+         lambda tmp: _compute_delta({"w": torch.ones(2)}, {"w": torch.zeros(2)}, include="(")),
     Case("empty-selection", "`include` that matches nothing", ValueError, "include='nothing', exclude=None select no floating-point tensor present in both pre",
-         lambda tmp: _compute_delta({"w": torch.zeros(2)}, {"w": torch.ones(2)}, include="nothing")),
+         lambda tmp: _compute_delta({"w": torch.ones(2)}, {"w": torch.zeros(2)}, include="nothing")),
     Case("state-dict-values", "a state dict holding a non-tensor", ValueError,
          "Cannot load the pre-trained weights: A state dict must map names to tensors",
-         lambda tmp: _compute_delta({"w": [0.0, 1.0]}, {"w": torch.ones(2)})),
+         lambda tmp: _compute_delta({"w": torch.ones(2)}, {"w": [0.0, 1.0]})),
     # ----------------------------------------------------------------------------------------- export
     Case("output-not-empty", "`save_edited(..., output_dir)` on a directory holding another model", ValueError,
          "output_dir <tmp>/out is not empty; refusing to write a model over its files. Pass overwrite=True", _output_not_empty),

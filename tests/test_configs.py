@@ -38,7 +38,7 @@ def test_config_parses_with_ddp_and_bf16(name):
     assert config.trainer.strategy == "ddp" and config.trainer.devices == 8 and config.trainer.num_nodes == 1
     assert config.trainer.precision == "bf16-true" and config.trainer.inference_mode is False
     assert config.trainer.use_distributed_sampler is False
-    assert config.model.torch_dtype == "bfloat16"
+    assert config.model.dtype == "bfloat16"
     assert config.riemann.num_points == 5
     assert config.sweep.results.startswith("results/")
     assert len(expand_grid(config.sweep.grid)) == PAPER_CONFIGS[name][1]

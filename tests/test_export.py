@@ -158,7 +158,7 @@ def test_save_edited_from_offline_hub_cache(tiny_pair, tmp_path, offline_hub):
 def test_mapping_edit_matches_the_edit_object(tiny_pair):
     pair = tiny_pair("llama", shard="post")
     edit = _dare_or_sign_scale()
-    deltas = compute_delta(pair.pre_dir, pair.post_dir, include=r"\.mlp\.")
+    deltas = compute_delta(pair.post_dir, pair.pre_dir, include=r"\.mlp\.")
     differences = {name: edit.edit_tensor(name, delta) - delta for name, delta in deltas.items()}  # E = F(ΔW) − ΔW
     from_mapping = apply_edit_(copy.deepcopy(pair.post), pair.pre_dir, differences)
     from_object = apply_edit_(copy.deepcopy(pair.post), pair.pre_dir, edit, include=r"\.mlp\.")
@@ -280,14 +280,14 @@ def test_save_edited_argument_errors(tiny_pair, tmp_path):
         save_edited(torch.nn.Linear(2, 2), pair.pre_dir, SignScale(), tmp_path / "out")
     with pytest.raises(ValueError, match=r"must be a Hugging Face model directory .* with a config\.json"):
         save_edited(pair.post_dir / "model.safetensors", pair.pre_dir, SignScale(), tmp_path / "out")
-    with pytest.raises(ValueError, match=r"torch_dtype must be None, 'auto', a torch\.dtype.*'float31'"):
-        save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "out", torch_dtype="float31")
+    with pytest.raises(ValueError, match=r"dtype must be None, 'auto', a torch\.dtype.*'float31'"):
+        save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "out", dtype="float31")
     assert not (tmp_path / "out").exists()
 
 
 def test_save_edited_casts_to_the_requested_dtype(tiny_pair, tmp_path):
     pair = tiny_pair("llama", shard=None)
-    out = save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "edited", torch_dtype="bfloat16")
+    out = save_edited(pair.post_dir, pair.pre_dir, SignScale(), tmp_path / "edited", dtype="bfloat16")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
     for name, expected in reference_edited_state(pair.pre, pair.post.to(torch.bfloat16), sign_scale).items():

@@ -59,7 +59,7 @@ def test_a_hub_id_from_the_offline_cache(tmp_path, offline_hub):
 def test_the_callers_load_through_it(tmp_path):
     llama = make_tiny_model("llama", dtype=torch.float64)
     llama_dir = save_model(llama, tmp_path / "llama", tokenizer=False)
-    module = DeltaEditModule(str(llama_dir), llama, {}, torch_dtype="float32")
+    module = DeltaEditModule(str(llama_dir), llama, {}, dtype="float32")
     assert type(module.model) is transformers.LlamaForCausalLM and module.model.lm_head.weight.dtype == torch.float32
     dpo = DeltaEditModule(llama, str(llama_dir), {}, loss="dpo")
     assert same_weights(dpo.loss.reference, llama) and not dpo.loss.reference.training
@@ -92,7 +92,7 @@ def test_remote_code_is_never_run(tmp_path):
     [
         (lambda tmp: load_model(3), r"`model` must be an nn.Module, a local directory or a hub id, got int"),
         (lambda tmp: DPOLoss({"w": torch.zeros(1)}), r"`reference` must be an nn.Module.*got dict"),
-        (lambda tmp: load_model(tmp, "float31"), r"torch_dtype must be None, 'auto', a torch.dtype.*'float31'"),
+        (lambda tmp: load_model(tmp, "float31"), r"dtype must be None, 'auto', a torch.dtype.*'float31'"),
         (lambda tmp: load_model(tmp), r"must be a Hugging Face model directory \(or hub id\) with a config\.json"),
         (lambda tmp: load_model(tmp / "absent" / "model.safetensors"), r"does not exist \(and is not a hub id"),
         (lambda tmp: load_model(tmp / "m", model_class="NoSuchModel"), r"model_class must be .*'NoSuchModel'"),

@@ -11,7 +11,7 @@ At the end the sums are reduced across processes (torchmetrics) and divided by t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -22,11 +22,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
 
 from lightning_delta.attach import EditTarget, ModuleTarget
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
+from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel
 
@@ -70,11 +72,11 @@ class RiemannCallback(Callback):
         self,
         num_points: int = 5,
         trapezoid: bool = True,
-        pretrained: Any = None,
-        edit: Any = None,
+        pretrained: nn.Module | Mapping[str, Tensor] | str | None = None,
+        edit: Edit | None = None,
         module_name: str = "",
-        include: Any = None,
-        exclude: Any = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         filename: str | None = "riemann.json",
         loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
     ) -> None:

@@ -268,12 +268,12 @@ def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return vision, getattr(model, "visual_projection", None)
 
 
-def _load_clip(source: Any, torch_dtype: Any, vision_only: bool = False) -> nn.Module:
+def _load_clip(source: Any, dtype: Any, vision_only: bool = False) -> nn.Module:
     """``CLIPModel`` for ``clip``; a vision tower (``vision_only``) as the class its config names: ``CLIPModel``,
     ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``. Modules are kept as they are."""
     if vision_only:
-        return load_model(source, torch_dtype, argument="vision_model")
-    return load_model(source, torch_dtype, "CLIPModel", argument="clip")
+        return load_model(source, dtype, argument="vision_model")
+    return load_model(source, dtype, "CLIPModel", argument="clip")
 
 
 class ZeroShotClassifier(nn.Module):
@@ -292,7 +292,7 @@ class ZeroShotClassifier(nn.Module):
         vision_model: the vision tower to use instead of ``clip``'s (a per-task fine-tuned tower, W_post): path or
             module (``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` or ``CLIPModel``).
         tokenizer: for the text tower (default: the one saved with ``clip``).
-        torch_dtype: dtype for models loaded from paths.
+        dtype: dtype for models loaded from paths.
     """
 
     def __init__(
@@ -304,7 +304,7 @@ class ZeroShotClassifier(nn.Module):
         root: str | None = None,
         vision_model: Any = None,
         tokenizer: Any = None,
-        torch_dtype: Any = None,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
         if task is None and (classnames is None or templates is None):
@@ -313,7 +313,7 @@ class ZeroShotClassifier(nn.Module):
         templates = templates if templates is not None else get_templates(task)
         if not classnames or not templates or any(t.count("{}") != 1 for t in templates):
             raise ValueError("`classnames` must be non-empty and each template must hold exactly one '{}'.")
-        model = _load_clip(clip, torch_dtype)
+        model = _load_clip(clip, dtype)
         if tokenizer is None:
             if not isinstance(clip, (str, Path)):
                 raise ValueError("Pass `tokenizer=` (the CLIP tokenizer) when `clip` is a module.")
@@ -323,7 +323,7 @@ class ZeroShotClassifier(nn.Module):
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         head = self.zero_shot_head(model, tokenizer, classnames, templates)
-        vision, projection = _vision_parts(_load_clip(vision_model, torch_dtype, True) if vision_model is not None
+        vision, projection = _vision_parts(_load_clip(vision_model, dtype, True) if vision_model is not None
                                            else model)
         self.vision_model = vision
         self.visual_projection = projection if projection is not None else model.visual_projection

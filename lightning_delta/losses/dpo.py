@@ -52,18 +52,18 @@ class DPOLoss(DeltaLoss):
             loaded as ``AutoModelForCausalLM`` (:func:`~lightning_delta._loading.load_model`). It is frozen and kept
             in eval mode.
         beta: the DPO temperature β > 0.
-        torch_dtype: dtype for a reference loaded from a path.
+        dtype: dtype for a reference loaded from a path.
 
     Raises:
         ValueError: ``beta`` <= 0, a ``reference`` that is not a module, directory or hub id, or a batch without the
             chosen/rejected keys.
     """
 
-    def __init__(self, reference: Any, beta: float = 0.1, torch_dtype: Any = None) -> None:
+    def __init__(self, reference: Any, beta: float = 0.1, dtype: Any = None) -> None:
         super().__init__()
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta <= 0:
             raise ValueError(f"`beta` must be a positive number (DPO uses 0.1), got {beta!r}.")
-        reference = load_model(reference, torch_dtype, "AutoModelForCausalLM", argument="reference")
+        reference = load_model(reference, dtype, "AutoModelForCausalLM", argument="reference")
         self.reference = reference.eval().requires_grad_(False)
         self.beta = float(beta)
         self._cache: tuple[Tensor, Tensor] | None = None  # (the batch's chosen_input_ids, reference log-probs)
