@@ -482,7 +482,7 @@ def _model_class(model_class: type | str | None, directory: Path) -> type:
     """The class to call ``from_pretrained`` on: ``model_class`` (a class, or the name of one of transformers'), or
     the transformers class named in the directory's ``config.architectures`` (``AutoModel`` when transformers has no
     class by that name). Only transformers' own classes are named: remote code is never trusted."""
-    import transformers
+    import transformers  # here, not at the top: reading and differencing weights never needs it
 
     if isinstance(model_class, type):
         return model_class

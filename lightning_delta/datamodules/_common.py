@@ -110,7 +110,7 @@ def load_rows(data: str, split: str, config: str | None, limit: int | None, what
         FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
         ValueError: an empty split (after ``limit``); a row without one of ``fields`` or with a value of another type.
     """
-    import datasets
+    import datasets  # here, not at the top: it takes seconds to import and only loading rows needs it
 
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"`limit` must be a positive number of examples or None, got {limit!r}.")
@@ -175,7 +175,7 @@ def names(items: Any) -> str:
 
 def _is_empty(file: Path) -> bool:
     if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # comes with datasets; only parquet files need it
 
         return pq.ParquetFile(str(file)).metadata.num_rows == 0
     return file.read_text().strip() in ("", "[]")

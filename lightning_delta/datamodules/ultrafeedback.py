@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -171,8 +172,6 @@ class UltraFeedbackDataModule(TokenizedDataModule):
         }
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         pad = self.tokenizer.pad_token_id
         length = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
         batch: dict[str, Any] = {}

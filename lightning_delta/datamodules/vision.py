@@ -10,6 +10,7 @@ is the same for W_pre and W_post; only the vision tower (``vision_model.*``, ``v
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,6 @@ def _check_mnist(dataset: Any, root: Path, split: str) -> Any:
 
 def _check_gtsrb_test_csv(path: Path) -> None:
     """Every row of GTSRB's ``GT-final_test.csv`` needs ``Filename`` and a ``ClassId`` 0-42; raise naming the row."""
-    import csv
-
     fields = {"Filename": str, "ClassId": str}
     with open(path, newline="") as file:
         for index, row in enumerate(csv.DictReader(file, delimiter=";", skipinitialspace=True)):
