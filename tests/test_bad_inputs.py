@@ -208,7 +208,7 @@ CASES = [
     Case("edited-model-name", "an `E` for a name the model does not have", ValueError,
          "Edited tensor 'bias' is not a parameter or buffer of Linear",
          lambda tmp: _edited_model({"bias": torch.zeros(2)})),
-    Case("edited-model-shape", "an `E` of the wrong shape", ValueError, "Edit for 'weight' has shape (3, 2)",
+    Case("edited-model-shape", "an `E` of the wrong shape", ValueError, "E for 'weight' has shape (3, 2)",
          lambda tmp: _edited_model({"weight": torch.zeros(3, 2)})),
     # ----------------------------------------------------------------------------------- weights and ΔW
     Case("path-missing", "a W_pre path that does not exist", ValueError, "Cannot load the pre-trained weights: The path",

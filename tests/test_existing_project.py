@@ -117,7 +117,7 @@ def test_gradient_biased_end_to_end():
     trainer_with(callback).validate(module, loader, verbose=False)
     edited = module.edited_model()
     for name in names:
-        torch.testing.assert_close(edited.edit(name).double(), edits[name], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(edited.E(name).double(), edits[name], rtol=1e-6, atol=1e-9)
     ours = torch.tensor([callback.result.term_per_tensor[n] for n in reference["names"]], dtype=torch.float64)
     expected = torch.tensor([reference["term_per_tensor"][n] for n in reference["names"]], dtype=torch.float64)
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())

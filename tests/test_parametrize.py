@@ -112,7 +112,7 @@ def test_edit_buffer_stays_float32_for_half_models():
     edited = EditedModel(model, {"weight": torch.ones(3, 3, dtype=torch.bfloat16)})
     parametrization = edited.parametrizations["weight"]
     assert isinstance(parametrization, EditParametrization)
-    assert parametrization.edit.dtype == torch.float32 and parametrization.t.dtype == torch.float64
+    assert parametrization.E.dtype == torch.float32 and parametrization.t.dtype == torch.float64
     assert model.weight.dtype == torch.bfloat16
 
 

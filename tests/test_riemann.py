@@ -267,7 +267,7 @@ def test_bf16_against_float32(capsys):
         callback = RiemannCallback(num_points=5, filename=None)
         module = DeltaEditModule(model, None, edits)
         run_validate(module, loader, callback)
-        assert all(p.edit.dtype == torch.float32 for p in module.edited_model().parametrizations.values())
+        assert all(p.E.dtype == torch.float32 for p in module.edited_model().parametrizations.values())
         results[dtype] = callback.result
     f32, bf16 = results[torch.float32], results[torch.bfloat16]
     gaps = {key: abs(getattr(bf16, key) - getattr(f32, key)) for key in ("term", "trapezoid", "exact", "loss_post")}
