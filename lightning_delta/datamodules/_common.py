@@ -206,7 +206,7 @@ def pad_left(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
 
 
 def validation_loader(module: Any, dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Any) -> DataLoader:
-    """A DataLoader that gives each sample to exactly one process (DESIGN.md §2.5).
+    """A DataLoader that gives each sample to exactly one process, so that the loss sums count each once.
 
     Under several processes the sampler is Lightning's ``UnrepeatedDistributedSampler`` (a ``DistributedSampler``,
     so Lightning leaves it in place): no sample is repeated to even out the ranks, which would bias the loss sums.

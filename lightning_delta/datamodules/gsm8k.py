@@ -1,9 +1,18 @@
 """GSM8K: the causal-LM loss of the answer given the question, and accuracy by greedy generation (paper §4, §5).
 
-Each example is a question and its worked answer ending in ``#### <number>`` (DESIGN.md §5). The prompt is the
-question through the tokenizer's chat template (after optional few-shot turns from the train split); the target is
-the answer as the template writes the assistant's turn. Labels are ``-100`` on the prompt and on padding, so
+Each example is a question and its worked answer ending in ``#### <number>``, as in ``openai/gsm8k``. The prompt is
+the question through the tokenizer's chat template (after optional few-shot turns from the train split); the target
+is the answer as the template writes the assistant's turn. Labels are ``-100`` on the prompt and on padding, so
 :class:`~lightning_delta.losses.CausalLMLoss` sums over answer tokens only.
+
+A local file holds the evaluated examples, one JSON object with ``question`` and ``answer`` per line (``gsm8k.jsonl``;
+``.json`` and ``.parquet`` files with these two columns are read too)::
+
+    {"question": "Ann has 3 apples and buys 4 more. How many apples does she have?", "answer": "3 + 4 = 7\\n#### 7"}
+    {"question": "A pen costs $2. What do 5 pens cost?", "answer": "5 * 2 = 10\\n#### 10"}
+    {"question": "Tom reads 6 pages a day. How many pages does he read in 3 days?", "answer": "6 * 3 = 18\\n#### 18"}
+
+The tokenizer (``tokenizer``, required) is the post-trained model's: its directory or hub id.
 """
 
 from __future__ import annotations
@@ -48,29 +57,36 @@ class GSM8KDataModule(TokenizedDataModule):
         ``prompt_attention_mask`` (B, P), left-padded for generation; ``answers``: the reference answer texts.
 
     Args:
-        tokenizer: a path or hub id (``AutoTokenizer``), or a tokenizer object. A missing pad token is set to eos.
-        data: a hub id (config ``main``, through ``datasets.load_dataset``), a local ``.json``/``.jsonl``/``.parquet``
-            file holding the split, or a directory with ``<split>.jsonl`` / ``<split>-*.parquet`` files.
-        split: the evaluated split (``"test"`` in the paper).
+        tokenizer: the tokenizer that writes prompts and answers as token ids (required): the post-trained model's
+            directory or hub id (its tokenizer files, read with ``AutoTokenizer.from_pretrained``; ``lightning-delta
+            edit`` copies them beside an edited model), or a tokenizer object. A missing pad token is set to eos.
+        data: where the examples are: a hub id (config ``main``, read with ``datasets.load_dataset``), a local
+            ``.jsonl`` file with one ``{"question": ..., "answer": "... #### <number>"}`` object per line (or a
+            ``.json`` / ``.parquet`` file with those two columns) holding the evaluated split, or a directory with
+            ``<split>.jsonl`` / ``<split>-*.parquet`` files (the hub's layout).
+        split: the evaluated split (``"test"`` in the paper); a ``data`` that is one file is that split whatever
+            ``split`` says.
         few_shot: number of worked examples (the first ones of ``few_shot_split``) put before each question. They
             never come from the evaluated examples: a ``data`` that is one file holds only those, so it needs
             ``few_shot_data``; a source and split that are the evaluated ones, or a shot whose question is an
             evaluated question, is an error.
         few_shot_data: where the few-shot examples come from: a train file, a directory or a hub id (default
             ``data``, a directory or hub id with a ``few_shot_split`` split).
-        few_shot_split: their split (ignored when ``few_shot_data`` is one file).
+        few_shot_split: the split of the few-shot examples (ignored when ``few_shot_data`` is one file).
         max_length: the most tokens of an example; longer ones lose prompt tokens from the left (one warning
             counts them); an answer that alone needs ``max_length`` tokens or more is an error.
-        batch_size, num_workers: of the validation DataLoader.
-        limit: evaluate the first ``limit`` examples only.
+        batch_size: examples per batch of the validation DataLoader (per process).
+        num_workers: worker processes of the validation DataLoader.
+        limit: evaluate the first ``limit`` examples only (``None``: all).
         chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
             plain ``"Question: …\\nAnswer: …"`` format); ``True`` requires it; ``False`` always uses the plain format.
         system_prompt: an optional system message (chat template only).
 
     Raises:
         ValueError: bad arguments, an empty split, a row without ``question`` or ``answer`` (the message names the
-        file and row), an answer longer than ``max_length``, few-shot examples that would come from the evaluated
-        ones; ``FileNotFoundError``: a local path that does not exist.
+            file and row), an answer longer than ``max_length``, few-shot examples that would come from the
+            evaluated ones.
+        FileNotFoundError: a local path that does not exist.
 
     Example::
 

@@ -1,9 +1,21 @@
 """UltraFeedback binarized preference pairs for the DPO loss (EXPO, paper §6).
 
 Each row has ``prompt``, ``chosen`` and ``rejected`` (lists of ``{"role", "content"}`` messages, the last the
-assistant's), ``score_chosen`` and ``score_rejected`` (DESIGN.md §5). The conversation before the last message is the
-prompt, written with the tokenizer's chat template and masked (``-100``); the last message of ``chosen`` and of
-``rejected`` is the answer scored by :class:`~lightning_delta.losses.DPOLoss`.
+assistant's), and optionally ``score_chosen`` and ``score_rejected``, as in ``HuggingFaceH4/ultrafeedback_binarized``.
+The conversation before the last message is the prompt, written with the tokenizer's chat template and masked
+(``-100``); the last message of ``chosen`` and of ``rejected`` is the answer scored by
+:class:`~lightning_delta.losses.DPOLoss`.
+
+A local file holds the evaluated pairs, one JSON object per line (``ultrafeedback.jsonl``; ``.json`` and ``.parquet``
+files with these columns are read too). ``chosen`` and ``rejected`` hold the whole conversation, or only the
+assistant's answer, whose prompt is then ``prompt`` as the user's message; ``score_chosen`` and ``score_rejected``
+(numbers, in every row or in none) are optional::
+
+    {"prompt": "Name a primary colour.", "chosen": [{"role": "assistant", "content": "Red."}], "rejected": [{"role": "assistant", "content": "Green."}]}
+    {"prompt": "What is 2 + 2?", "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    {"prompt": "Say hi.", "chosen": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "No."}]}
+
+The tokenizer (``tokenizer``, required) is the post-trained model's: its directory or hub id.
 """
 
 from __future__ import annotations
@@ -40,23 +52,28 @@ class UltraFeedbackDataModule(TokenizedDataModule):
     T, labels ``-100`` on the prompt and padding; ``score_chosen`` and ``score_rejected`` (B,) float.
 
     Args:
-        tokenizer: a path or hub id (``AutoTokenizer``), or a tokenizer object. A missing pad token is set to eos.
-        data: a hub id, a local ``.json``/``.jsonl``/``.parquet`` file holding the split, or a directory with
-            ``<split>-*.parquet`` / ``<split>.jsonl`` files.
-        split: ``"test_prefs"`` (or ``"train_prefs"``).
+        tokenizer: the tokenizer that writes prompts and answers as token ids (required): the post-trained model's
+            directory or hub id (its tokenizer files, read with ``AutoTokenizer.from_pretrained``), or a tokenizer
+            object. A missing pad token is set to eos.
+        data: where the pairs are: a hub id, a local ``.jsonl`` file with one ``{"prompt": ..., "chosen": [...],
+            "rejected": [...]}`` object per line (or a ``.json`` / ``.parquet`` file with those columns) holding the
+            evaluated split, or a directory with ``<split>-*.parquet`` / ``<split>.jsonl`` files (the hub's layout).
+        split: ``"test_prefs"`` (or ``"train_prefs"``); a ``data`` that is one file is that split whatever ``split``
+            says.
         max_length: the most tokens of prompt + answer; longer pairs lose prompt tokens from the left (one warning
             counts them).
         too_long: what to do with a pair whose answer alone needs ``max_length`` tokens or more: ``"error"``, or
             ``"drop"`` the pair (counted in a warning).
-        batch_size, num_workers: of the validation DataLoader.
-        limit: the first ``limit`` pairs only.
+        batch_size: pairs per batch of the validation DataLoader (per process).
+        num_workers: worker processes of the validation DataLoader.
+        limit: the first ``limit`` pairs only (``None``: all).
         chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
             plain ``"role: content"`` lines); ``True`` requires it; ``False`` always uses the plain format.
 
     Raises:
         ValueError: bad arguments, an empty split, a row without ``prompt``, ``chosen`` or ``rejected`` or with a
-        malformed message list (the message names the file and row); ``FileNotFoundError``: a local path that
-        does not exist.
+            malformed message list (the message names the file and row).
+        FileNotFoundError: a local path that does not exist.
 
     Example::
 

@@ -6,6 +6,17 @@ RESISC45 as an image folder, and turns images into ``pixel_values`` with the CLI
 task's class names and templates: ``logits = scale · normalize(image features) @ normalize(text head)ᵀ``. The head
 is the same for W_pre and W_post; only the vision tower (``vision_model.*``, ``visual_projection.weight``, named as in
 ``CLIPModel``) carries parameters, so the edit touches the vision tower alone.
+
+The images are read from a folder (``root``), in torchvision's layout for each task (``download=True`` fetches
+them where torchvision can) or, for RESISC45 and any image-folder copy, one sub-folder per class::
+
+    data/resisc45/airplane/airplane_001.jpg
+    data/resisc45/beach/beach_001.jpg
+    data/resisc45/forest/forest_001.jpg
+
+No tokenizer is needed for the data: images become ``pixel_values`` with the CLIP image processor (``processor``, by
+default ``openai/clip-vit-base-patch32``'s; give a local CLIP directory to stay offline). The model,
+:class:`ZeroShotClassifier`, reads the CLIP tokenizer saved with ``clip`` (or ``tokenizer``) to build its head.
 """
 
 from __future__ import annotations
@@ -193,18 +204,21 @@ class VisionDataModule(pl.LightningDataModule):
     Args:
         task: ``mnist``, ``svhn``, ``gtsrb``, ``dtd``, ``eurosat``, ``stanford_cars``, ``sun397`` or ``resisc45``.
         root: the folder holding the data in torchvision's layout (``<root>/MNIST/raw``, ``<root>/svhn``,
-            ``<root>/gtsrb``, ``<root>/dtd``, ``<root>/eurosat``, ``<root>/stanford_cars``, ``<root>/SUN397``) and
-            ``<root>/resisc45/<class>/`` for RESISC45.
-        processor: the CLIP image processor: a path or hub id (``AutoImageProcessor``) or an object.
+            ``<root>/gtsrb``, ``<root>/dtd``, ``<root>/eurosat``, ``<root>/stanford_cars``, ``<root>/SUN397``), or
+            ``<root>/resisc45/<class>/<image>.jpg`` for RESISC45 (one folder per class, named as its class with
+            ``_`` for spaces, e.g. ``<root>/resisc45/airplane/airplane_001.jpg``).
+        processor: the CLIP image processor that turns images into ``pixel_values``: a path or hub id
+            (``AutoImageProcessor``; the CLIP model's directory holds one) or an object. No tokenizer is needed.
         split: ``"test"`` (default) or ``"train"`` (DTD also ``"val"``). EuroSAT, SUN397 and an unsplit RESISC45
             folder have no official split: every fifth image is ``"test"``, the rest ``"train"``, ``"all"`` is all.
         download: let torchvision download the data (not possible for Stanford Cars and RESISC45).
-        batch_size, num_workers: of the validation DataLoader.
-        limit: the first ``limit`` images only.
+        batch_size: images per batch of the validation DataLoader (per process).
+        num_workers: worker processes of the validation DataLoader.
+        limit: the first ``limit`` images only (``None``: all).
 
     Raises:
-        ValueError: an unknown task or bad arguments; ``FileNotFoundError`` (in ``setup``): missing data, with how
-        to get it.
+        ValueError: an unknown task or bad arguments.
+        FileNotFoundError: (in ``setup``) missing data, with how to get it.
     """
 
     def __init__(
@@ -286,11 +300,13 @@ class ZeroShotClassifier(nn.Module):
     Args:
         clip: the CLIP model (text and vision towers): path, hub id or ``CLIPModel``.
         task: one of the eight tasks, for its class names and templates (or give ``classnames`` and ``templates``).
-        classnames, templates: explicit class names and templates (each with one ``{}``).
+        classnames: explicit class names (with ``templates``, instead of ``task``).
+        templates: explicit prompt templates, each with one ``{}`` for the class name.
         root: the data folder, for Stanford Cars and SUN397 whose class names come with the data.
         vision_model: the vision tower to use instead of ``clip``'s (a per-task fine-tuned tower, W_post): path or
             module (``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` or ``CLIPModel``).
-        tokenizer: for the text tower (default: the one saved with ``clip``).
+        tokenizer: the CLIP tokenizer for the text tower: a path, hub id or object (default: the one saved
+            with ``clip``; needed when ``clip`` is a module).
         dtype: dtype for models loaded from paths.
     """
 
