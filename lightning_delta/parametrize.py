@@ -42,24 +42,37 @@ from lightning_delta.delta import check_tied_targets, load_tensors, tied_names
 __all__ = ["EditParametrization", "EditedModel"]
 
 
-_INNER_PRODUCT_CHUNK = 1 << 16  # entries per float64 dot on CPU: 1 MiB of temporaries, few Python steps
+# Entries per float32 dot: a chunk's sum is accumulated by BLAS in float32, the chunk sums in float64. Small enough
+# that the float32 part stays at the level of the gradient's own rounding, large enough for few Python steps; on
+# accelerators larger chunks keep the number of kernel launches down.
+_INNER_PRODUCT_CHUNK = {"cpu": 1 << 16}
+_INNER_PRODUCT_CHUNK_ACCELERATOR = 1 << 22
 
 
 def inner_product(grad: Tensor, E: Tensor) -> Tensor:
-    """``⟨grad, E⟩ = Σ_ij grad_ij · E_ij`` as a float64 scalar, each product and the sum in float64.
+    """``⟨grad, E⟩ = Σ_ij grad_ij · E_ij`` as a float64 scalar.
 
-    On CPU it runs as float64 dot products over chunks of the flattened tensors, so no tensor-sized product is
-    materialised (2.7× faster than ``sum(grad * E)`` on a 4096×14336 tensor); elsewhere as one fused reduction.
+    float64 tensors: one float64 dot. Otherwise the flattened tensors are cut into chunks of 65,536 entries
+    (4,194,304 on accelerators), each chunk's products summed by a float32 dot and the chunk sums added in float64:
+    no tensor-sized temporary, and no float64 copy of the data. Against an exact float64 sum of the same float32
+    tensors (16M random entries) the relative error is 6e-7, the size of the float32 gradient's own rounding; it is
+    35× faster than converting every chunk to float64 first (``python -m benchmarks`` item ``overhead``).
+
+    Example:
+        >>> grad, E = torch.randn(100_000), torch.randn(100_000)
+        >>> exact = torch.dot(grad.double(), E.double())
+        >>> bool(abs(inner_product(grad, E) - exact) <= 1e-5 * torch.dot(grad.abs().double(), E.abs().double()))
+        True
     """
-    if grad.device.type != "cpu":
-        return torch.sum(grad * E, dtype=torch.float64)
     grad, E = grad.reshape(-1), E.reshape(-1)
-    chunk = _INNER_PRODUCT_CHUNK
+    if grad.dtype == torch.float64 and E.dtype == torch.float64:
+        return torch.dot(grad, E)
+    chunk = _INNER_PRODUCT_CHUNK.get(grad.device.type, _INNER_PRODUCT_CHUNK_ACCELERATOR)
     dots = [
-        torch.dot(grad[start : start + chunk].double(), E[start : start + chunk].double())
+        torch.dot(grad[start : start + chunk].float(), E[start : start + chunk].float())
         for start in range(0, grad.numel(), chunk)
     ]
-    return torch.stack(dots).sum() if dots else torch.zeros((), dtype=torch.float64)
+    return torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64, device=grad.device)
 
 
 class _AddScaledEdit(torch.autograd.Function):
