@@ -865,3 +865,57 @@ def test_delta_edit_subclass_contract():
     edit = Halve()
     assert edit.config() == {"name": "halve", "factor": 0.5} and repr(edit) == "Halve(factor=0.5)"
     assert torch.equal(edit({"w": torch.ones(2)})["w"], torch.full((2,), 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BitDelta counted as the paper counts (blocks = M, the paper's bits log2 M)
+
+
+def blocks_reference(delta: torch.Tensor, blocks: int) -> np.ndarray:
+    """numpy, any M: the entries sorted by |ΔW| (stable) cut into M runs by rank, floor(r·M/n), each run's magnitudes
+    replaced by the run's mean, times the sign."""
+    values = delta.double().numpy().ravel()
+    ranks = np.empty(values.size, dtype=np.int64)
+    ranks[np.argsort(np.abs(values), kind="stable")] = np.arange(values.size)
+    out = np.empty_like(values)
+    for block in range(blocks):
+        members = (ranks * blocks) // values.size == block
+        out[members] = np.abs(values[members]).mean() * np.sign(values[members])
+    return out.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 16, 100])
+def test_bitdelta_blocks_is_the_papers_m_for_any_count(blocks):
+    delta = randn(23, 19, seed=32)
+    out = BitDelta(blocks=blocks).edit_tensor("w", delta)
+    np.testing.assert_allclose(out.double().numpy(), blocks_reference(delta, blocks), rtol=1e-6)
+    assert out.abs().unique().numel() == blocks  # M magnitudes: log2 M bits beside the sign
+
+
+@pytest.mark.parametrize("paper_bits", [0, 1, 2, 3, 4])
+def test_bitdelta_papers_bits_are_ours_minus_the_sign_bit(paper_bits):
+    delta = randn(31, 29, seed=33)
+    edit = BitDelta(blocks=2 ** paper_bits)
+    assert edit.paper_bits == paper_bits and edit.num_blocks == 2 ** paper_bits
+    assert BitDelta(bits=paper_bits + 1).num_blocks == edit.num_blocks
+    assert torch.equal(edit.edit_tensor("w", delta), BitDelta(bits=paper_bits + 1).edit_tensor("w", delta))
+    assert math.isclose(edit.paper_bits, math.log2(edit.edit_tensor("w", delta).abs().unique().numel()))
+
+
+def test_bitdelta_blocks_with_sampled_magnitudes_and_scale():
+    delta = randn(40, 40, seed=34)
+    blocks = BitDelta(blocks=4, magnitudes="uniform", scale=0.5, seed=3).edit_tensor("w", delta)
+    bits = BitDelta(bits=3, magnitudes="uniform", scale=0.5, seed=3).edit_tensor("w", delta)
+    assert torch.equal(blocks, bits)  # the same M, the same draws
+    assert build(**BitDelta(blocks=16).config()) == BitDelta(blocks=16)
+
+
+@pytest.mark.parametrize("arguments, match", [
+    ({"blocks": 0}, r"blocks=0"),
+    ({"blocks": 2.0}, r"blocks=2\.0"),
+    ({"blocks": True}, r"blocks=True"),
+    ({"bits": 3, "blocks": 4}, r"not both.*bits=3 and blocks=4"),
+])
+def test_bitdelta_bad_blocks(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        BitDelta(**arguments)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,11 +26,26 @@ __all__ = [
     "BitDelta",
     "block_statistics",
     "check_bitdelta",
+    "check_blocks",
     "number_of_blocks",
+    "paper_bits",
     "quantize_magnitudes",
 ]
 
 MAGNITUDE_MODES = ("mean", "normal", "uniform")
+
+
+def check_blocks(bits: int, blocks: int | None) -> int | None:
+    """``blocks`` checked: ``None``, or an int ``>= 1`` given with ``bits`` left at its default 1 (one of the two)."""
+    if blocks is None:
+        return None
+    blocks = check_int("BitDelta", "blocks", blocks, minimum=1)
+    if bits != 1:
+        raise ValueError(
+            f"BitDelta: give `bits` (sign bit included) or `blocks` (the paper's M), not both; got bits={bits!r} and "
+            f"blocks={blocks!r}. bits=b is blocks=2**(b-1)."
+        )
+    return blocks
 
 
 def check_bitdelta(bits: int, scale: float, magnitudes: str) -> tuple[int, float, str]:
@@ -46,6 +63,17 @@ def check_bitdelta(bits: int, scale: float, magnitudes: str) -> tuple[int, float
 def number_of_blocks(bits: int) -> int:
     """``M = 2^(bits − 1)``, capped at ``2^64`` (more blocks than any tensor has entries: lossless anyway)."""
     return 2 ** min(bits - 1, 64)
+
+
+def paper_bits(blocks: int) -> float:
+    """The paper's bit count of ``M`` magnitude blocks, ``log2 M`` (section 5.3), which leaves the sign bit out:
+    BitDelta (``M = 1``) is 0 there and 1 here (``bits = 1 + log2 M``).
+
+    Example:
+        >>> paper_bits(16), paper_bits(1)
+        (4.0, 0.0)
+    """
+    return math.log2(blocks)
 
 
 # Up to this many thresholds (bits <= 4, the paper's range) an entry's block is a sum of comparisons in uint8,
@@ -139,6 +167,7 @@ def quantize_magnitudes(
     scale: float = 1.0,
     magnitudes: str = "mean",
     generator: torch.Generator | None = None,
+    blocks: int | None = None,
 ) -> Tensor:
     r"""BitDelta (Liu et al. 2024; paper, equation 7) and the paper's extensions (section 5.3), as a pure function.
 
@@ -148,8 +177,10 @@ def quantize_magnitudes(
     ``bits`` counts the sign bit: ``M = 2^{bits − 1}`` magnitude blocks (:func:`block_statistics`: the entry of
     ascending ``|ΔW|`` rank ``r`` lies in block ``B(i) = floor(r·M/n)``). ``bits = 1`` is BitDelta,
     ``mean(|ΔW|)·sign(ΔW)`` over the whole tensor; more bits replace each magnitude by its block's mean (Figure 4,
-    whose axis is ``log2 M = bits − 1``). ``M >= n`` is lossless: ``s·ΔW`` is returned without sampling, in
-    every mode. ``s`` is ``scale``, the "degenerate" statistic of Figure 5 (``s = 1`` is BitDelta).
+    whose axis is the paper's bits ``log2 M = bits − 1``, :func:`paper_bits`). ``blocks`` gives ``M`` directly (the
+    paper's count: its 4 bits are ``blocks=16``, ``bits=5`` here; any ``M``, not only powers of two), with ``bits``
+    left at 1. ``M >= n`` is lossless: ``s·ΔW`` is returned without sampling, in every mode. ``s`` is ``scale``,
+    the "degenerate" statistic of Figure 5 (``s = 1`` is BitDelta).
 
     ``magnitudes`` chooses ``m`` (Figure 5 samples the magnitudes around the mean):
 
@@ -176,10 +207,13 @@ def quantize_magnitudes(
         tensor([-2.5000,  2.5000, -2.5000,  2.5000])
         >>> quantize_magnitudes(torch.tensor([-4.0, 1.0, -2.0, 3.0]), bits=2)
         tensor([-3.5000,  1.5000, -1.5000,  3.5000])
+        >>> quantize_magnitudes(torch.tensor([-4.0, 1.0, -2.0, 3.0]), blocks=2)  # the paper's 1 bit: M = 2
+        tensor([-3.5000,  1.5000, -1.5000,  3.5000])
     """
     bits, scale, magnitudes = check_bitdelta(bits, scale, magnitudes)
+    blocks = check_blocks(bits, blocks)
+    blocks = number_of_blocks(bits) if blocks is None else blocks
     n = delta.numel()
-    blocks = number_of_blocks(bits)
     if blocks >= n:  # one entry per block: every magnitude is its own block mean
         return promoted_copy(delta) if scale == 1.0 else delta.to(output_dtype(delta)) * scale
     if magnitudes != "mean" and generator is None:
@@ -217,9 +251,12 @@ class BitDelta(DeltaEdit):
     .. math::
         F(\Delta W) = s \cdot \mathrm{AVG}(|\Delta W|) \cdot \mathrm{sign}(\Delta W) \quad (\text{bits} = 1)
 
-    ``bits`` counts the sign bit. With ``bits > 1`` (Figure 4) ``|ΔW|`` is cut by ascending magnitude into
-    ``M = 2^{bits − 1}`` equal-count blocks, the entry of rank ``r`` in block ``floor(r·M/n)``, and each magnitude
-    is replaced by its block's mean; ``M >= n`` returns ``s·ΔW`` (lossless). ``scale`` (``s``) multiplies the
+    **Bits.** ``bits`` counts the sign bit, as BitDelta's own paper does (1 bit per entry). With ``bits > 1``
+    (Figure 4) ``|ΔW|`` is cut by ascending magnitude into ``M = 2^{bits − 1}`` equal-count blocks, the entry of
+    rank ``r`` in block ``floor(r·M/n)``, and each magnitude is replaced by its block's mean; ``M >= n`` returns
+    ``s·ΔW`` (lossless). The unified-view paper counts ``log2 M`` bits (section 5.3), the sign left out: its
+    "4 bits" are ``M = 16``, ``BitDelta(blocks=16)`` or ``BitDelta(bits=5)`` here. ``blocks`` takes that count
+    directly (any ``M >= 1``; ``bits`` then stays 1); :attr:`num_blocks` and :attr:`paper_bits` read both back. ``scale`` (``s``) multiplies the
     statistic (Figure 5, "degenerate"); ``magnitudes="normal"`` or ``"uniform"`` samples the magnitudes around
     the block means (Figure 5); negative normal draws are clipped to 0, see :func:`quantize_magnitudes` for the
     definition and the bias this causes. Statistics are per tensor.
@@ -227,33 +264,50 @@ class BitDelta(DeltaEdit):
     Random draws (``normal``/``uniform`` only) come from ``tensor_generator(seed, name, delta.device)``.
 
     Args:
-        bits: bits per entry including the sign bit, an int ``>= 1``.
+        bits: bits per entry including the sign bit, an int ``>= 1``: ``M = 2^{bits − 1}`` blocks.
         scale: multiplier of the magnitudes, a finite real ``>= 0``; 1 is BitDelta.
         magnitudes: ``"mean"`` (BitDelta), ``"normal"`` or ``"uniform"``.
         seed: run seed, an int ``>= 0`` (unused by ``"mean"``).
+        blocks: the number of magnitude blocks ``M``, the paper's count (its bits are ``log2 M``); ``None`` takes
+            ``M`` from ``bits``.
 
     Raises:
         ValueError: if ``bits`` is not an int ``>= 1``, ``scale`` is negative or not finite, ``magnitudes`` is not
-            one of ``"mean"``, ``"normal"``, ``"uniform"``, or ``seed`` is not a non-negative int.
+            one of ``"mean"``, ``"normal"``, ``"uniform"``, ``seed`` is not a non-negative int, ``blocks`` is not
+            ``None`` or an int ``>= 1``, or both ``blocks`` and ``bits != 1`` are given.
 
     Example:
         >>> BitDelta()({"w": torch.tensor([-4.0, 1.0, -2.0, 3.0])})["w"]
         tensor([-2.5000,  2.5000, -2.5000,  2.5000])
         >>> BitDelta(bits=2)({"w": torch.tensor([-4.0, 1.0, -2.0, 3.0])})["w"]
         tensor([-3.5000,  1.5000, -1.5000,  3.5000])
+        >>> BitDelta(blocks=16).num_blocks, BitDelta(blocks=16).paper_bits, BitDelta(bits=5).num_blocks
+        (16, 4.0, 16)
     """
 
     name = "bitdelta"
     label = "BitDelta"  # how figures and tables name the edit
     reference = "paper, sections 5.1 and 5.3"  # where the paper defines it
 
-    def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0) -> None:
+    def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0,
+                 blocks: int | None = None) -> None:
         self.bits, self.scale, self.magnitudes = check_bitdelta(bits, scale, magnitudes)
         self.seed = check_seed(seed, "BitDelta")
+        self.blocks = check_blocks(self.bits, blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        """``M``, the number of magnitude blocks: ``blocks``, else ``2^{bits − 1}``."""
+        return self.blocks if self.blocks is not None else number_of_blocks(self.bits)
+
+    @property
+    def paper_bits(self) -> float:
+        """The paper's bit count, ``log2 M`` (the sign bit left out): 0 for BitDelta, 4 for ``M = 16``."""
+        return paper_bits(self.num_blocks)
 
     @torch.no_grad()
     def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
         generator = None
-        if self.magnitudes != "mean" and number_of_blocks(self.bits) < delta.numel():
+        if self.magnitudes != "mean" and self.num_blocks < delta.numel():
             generator = tensor_generator(self.seed, name, delta.device)
-        return quantize_magnitudes(delta, self.bits, self.scale, self.magnitudes, generator)
+        return quantize_magnitudes(delta, self.bits, self.scale, self.magnitudes, generator, self.blocks)
