@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
     SweepPoint,
+    SweepReport,
     SweepRow,
     apply_overrides,
     config_key,
@@ -280,6 +282,56 @@ def test_a_writer_that_turns_out_not_to_be_rank_zero_lets_go_of_the_lock(tmp_pat
     run_sweep(points, results, run_point, should_write=lambda: next(answers))
     assert held_during == [True, False]
     assert ResultsFile(results).read() == []
+
+
+# ------------------------------------------------------------------------------------------------- the report
+def test_the_report_prints_a_line_per_point_and_a_table_with_what_is_left(tmp_path):
+    import io
+
+    points = [SweepPoint({"edit": "lightning_delta.edits.DARE", "edit.init_args.p": p}, {"p": p}, index=i)
+              for i, p in enumerate([0.1, 0.5, 0.9])]
+    results = tmp_path / "r.jsonl"
+    out = io.StringIO()
+    run_sweep(points[:1], results, lambda point: _row(point, 0.25))  # run earlier
+    run_sweep(points, results, lambda point: _row(point, 0.5), max_points=1, report=SweepReport(out))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"Sweep: 3 points, 1 already in {results}, 2 to run, 1 of them now (--sweep.max_points)."
+    assert re.fullmatch(r"\[1/1\] DARE p=0\.5: term \+0\.5, exact ΔL \+0\.5, accuracy -, \d+\.\d s", lines[1])
+    table = [line.split() for line in lines[3:7]]
+    assert table[0] == ["#", "point", "term", "exact", "ΔL", "accuracy", "seconds", "run"]
+    assert table[1][:5] + table[1][-1:] == ["1", "DARE", "p=0.1", "+0.25", "+0.25", "before"]
+    assert table[2][:5] + table[2][-1:] == ["2", "DARE", "p=0.5", "+0.5", "+0.5", "now"]
+    assert table[3] == ["3", "DARE", "p=0.9", "left"]
+    assert lines[7] == (f"1 point run now, 1 before, 1 left; rows in {results}. --sweep.max_points 1 stopped the "
+                        "sweep: run the same command again to run the 1 left.")
+
+
+def test_the_report_draws_a_rich_progress_bar_on_a_terminal(tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    points = [SweepPoint({"edit.init_args.p": p}, {"p": p}, index=i) for i, p in enumerate([0.1, 0.9])]
+    out = Terminal()
+    report = SweepReport(out)
+    assert report.bar  # a terminal, and Rich is installed
+
+    def run_point(point):
+        assert report.live  # the bar is on the terminal while a point runs
+        report.batches(2)
+        report.batch_done()
+        report.batch_done()
+        return _row(point, 0.5)
+
+    run_sweep(points, tmp_path / "r.jsonl", run_point, report=report)
+    assert not report.live
+    text = out.getvalue()
+    assert "\x1b[" in text and "━" in text  # Rich's bar, drawn with ANSI control sequences
+    assert "[2/2] p=0.9: term +0.5, exact ΔL +0.5, accuracy -" in text
+    assert "2 points run now, 0 before, 0 left" in text
+    assert SweepReport(io.StringIO()).bar is False  # not a terminal: lines only
 
 
 # ------------------------------------------------------------------------------------- a real killed sweep
