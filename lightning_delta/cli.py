@@ -10,14 +10,31 @@
 
 ``validate`` and ``sweep`` read the same config, parsed by :class:`~lightning_delta.runner.DeltaCLI` (a
 LightningCLI, see :mod:`lightning_delta.runner`): ``--print_config`` prints the whole config, and any key can be
-overridden on the command line (``--trainer.devices 8``). Each ``validate`` run writes its ``config.yaml`` and
-``riemann.json`` into ``trainer.log_dir``, a directory of its own. ``edit``, ``plot`` and ``demo`` are parsed from
-their functions' signatures by jsonargparse (also with ``--config`` and ``--print_config``).
+overridden on the command line (``--trainer.devices 8``). ``edit``, ``plot`` and ``demo`` are parsed from their
+functions' signatures by jsonargparse (also with ``--config`` and ``--print_config``).
+
+Two things happen here and nowhere else:
+
+- Help comes back at once. This module imports neither torch nor Lightning: ``lightning-delta --help`` is built
+  here, and ``lightning-delta COMMAND --help`` prints the command's help from :mod:`lightning_delta._help`, which
+  :func:`write_stored_help` writes from the live parsers (:func:`live_help`). It is printed only while the sources
+  and libraries it was written from are unchanged (:func:`fingerprint`), the terminal is at least
+  :data:`HELP_WIDTH` columns wide and no ``JSONARGPARSE_*`` variable changes the parsers; otherwise the live
+  parser prints it (seconds: it imports torch, Lightning and transformers). ``LIGHTNING_DELTA_HELP=live`` forces
+  the live help.
+- Errors come back as their message. :func:`main` prints ``lightning-delta: error: <message>`` on stderr and
+  exits with status 1 (130 when interrupted); ``--debug`` anywhere on the line, or ``LIGHTNING_DELTA_DEBUG=1``,
+  shows the traceback instead. :func:`run` raises, for callers in Python.
 """
 
 from __future__ import annotations
 
-import inspect
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,50 +42,200 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_delta.demo import demo
-from lightning_delta.edits import EDITS
-from lightning_delta.runner import DeltaCLI, edit, plot, sweep, validate
+__all__ = [
+    "COMMANDS",
+    "check_edit_argument",
+    "command_parser",
+    "fingerprint",
+    "help_text",
+    "live_help",
+    "main",
+    "run",
+    "write_stored_help",
+]
 
-__all__ = ["COMMANDS", "check_edit_argument", "command_parser", "main", "run"]
-
-# The commands, each the function that runs it. The ANALYSES take the rest of the command line, which DeltaCLI parses
-# (a LightningCLI: it builds the trainer too); the others take what a parser made from their signature parsed.
-COMMANDS: dict[str, Callable[..., Any]] = {"validate": validate, "sweep": sweep, "edit": edit, "plot": plot,
-                                           "demo": demo}
+# The commands: the module and function that run each, and its line in `lightning-delta --help`. The ANALYSES take
+# the rest of the command line, which DeltaCLI parses (a LightningCLI: it builds the trainer too); the others take
+# what a parser made from their function's signature parsed.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "validate": ("lightning_delta.runner", "validate",
+                 "One Riemann analysis of an edit: term, trapezoid and exact ΔL, printed and written to a run "
+                 "directory."),
+    "sweep": ("lightning_delta.runner", "sweep",
+              "A grid of Riemann analyses, one JSONL row per point, resumable; a line per point, a closing table."),
+    "edit": ("lightning_delta.runner", "edit",
+             "Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it."),
+    "plot": ("lightning_delta.runner", "plot", "Draw the figures of one or more sweep results files."),
+    "demo": ("lightning_delta.demo", "demo",
+             "Build a real small pre/post pair on the bundled digits, sweep the edits, print a table (offline)."),
+}
 ANALYSES = ("validate", "sweep")
 CONFIG_HELP = "Path to a configuration file."
+DEBUG_ENV = "LIGHTNING_DELTA_DEBUG"
+HELP_ENV = "LIGHTNING_DELTA_HELP"
+HELP_WIDTH = 80  # the stored help is formatted for this many columns (argparse's width when not on a terminal)
+HELP_PACKAGES = ("jsonargparse", "lightning", "torch", "torchmetrics", "torchvision", "transformers",
+                 "docstring_parser", "typeshed_client")  # the libraries whose signatures and formatting the help shows
+HELP_MODULE = Path(__file__).with_name("_help.py")
+DESCRIPTION = (
+    "Edit the delta parameters of a post-trained model and measure what the edit does to the loss. "
+    "`lightning-delta COMMAND --help` lists a command's arguments. On an error only its message is printed: add "
+    f"--debug (or set {DEBUG_ENV}=1) for the traceback."
+)
 
 
-def _summary(function: Callable[..., Any]) -> str:
-    """The first paragraph of ``function``'s docstring, on one line: its help in the list of commands."""
-    return " ".join((inspect.getdoc(function) or "").split("\n\n")[0].split())
+def command_function(command: str) -> Callable[..., Any]:
+    """The function that runs ``command`` (importing it imports torch and Lightning)."""
+    module, name, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), name)
 
 
-def command_parser() -> ArgumentParser:
-    """The parser of ``lightning-delta``: a subcommand per command of :data:`COMMANDS`.
+def _import_command(command: str) -> None:
+    """Import the runner and ``command``'s module: the DataModules, edits and evaluators they define are what the help
+    lists and what a class name resolves to. The demo's module only for ``demo``, so that ``validate`` and the
+    others never depend on it."""
+    importlib.import_module("lightning_delta.runner")
+    importlib.import_module(COMMANDS[command][0])
 
-    ``validate`` and ``sweep`` get DeltaCLI's parser of an analysis config; ``edit``, ``plot`` and ``demo`` a parser
-    of their function's arguments, with ``--config`` (what ``jsonargparse.auto_cli`` builds).
-    """
-    parser = ArgumentParser(prog="lightning-delta")
-    parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
-    commands = parser.add_subcommands(required=True)
-    for name, function in COMMANDS.items():
-        if name in ANALYSES:
-            subparser = DeltaCLI.config_parser()
-        else:
-            subparser = ArgumentParser(description=_summary(function))
-            subparser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
-            subparser.add_function_arguments(function, as_group=False, sub_configs=True)
-        commands.add_subcommand(name, subparser, help=_summary(function))
+
+def __getattr__(name: str) -> Any:
+    """The commands' functions and DeltaCLI, as ``lightning_delta.cli.<name>``, imported on first use."""
+    if name in COMMANDS:
+        return command_function(name)
+    if name == "DeltaCLI":
+        return importlib.import_module("lightning_delta.runner").DeltaCLI
+    raise AttributeError(f"module 'lightning_delta.cli' has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------- parsers
+def top_parser() -> ArgumentParser:
+    """``lightning-delta`` and its commands, each with its line of help; imports nothing of the library."""
+    parser = ArgumentParser(prog="lightning-delta", description=DESCRIPTION)
+    commands = parser.add_subcommands(required=True, dest="command")
+    for name, (_, _, summary) in COMMANDS.items():
+        commands.add_subcommand(name, ArgumentParser(description=summary), help=summary)
     return parser
 
 
+def command_parser(command: str) -> ArgumentParser:
+    """The parser of one command: DeltaCLI's for ``validate`` and ``sweep``; for ``edit``, ``plot`` and ``demo`` one
+    of their function's arguments, with ``--config`` (what ``jsonargparse.auto_cli`` builds)."""
+    runner = importlib.import_module("lightning_delta.runner")
+    if command in ANALYSES:
+        return runner.DeltaCLI.config_parser(command)
+    parser = ArgumentParser(prog=f"lightning-delta {command}", description=COMMANDS[command][2],
+                            formatter_class=runner.HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
+    parser.add_function_arguments(command_function(command), as_group=False, sub_configs=True)
+    if command == "edit":
+        next(action for action in parser._actions if action.dest == "edit").help = runner.edit_help()
+    return parser
+
+
+# -------------------------------------------------------------------------------------------------------- help
+def live_help(command: str) -> str:
+    """``lightning-delta COMMAND --help`` from the live parser (imports the library: seconds)."""
+    _import_command(command)
+    return command_parser(command).format_help()
+
+
+def fingerprint(files: Sequence[str]) -> dict[str, Any]:
+    """What the help was made from: Python's version, :data:`HELP_PACKAGES`' versions and the SHA-256 of the
+    package's ``files`` (paths relative to the package)."""
+    from importlib import metadata
+
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in files:
+        path = root / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    versions = {}
+    for package in HELP_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": "%d.%d" % sys.version_info[:2], "packages": versions, "files": list(files),
+            "sources": digest.hexdigest()}
+
+
+def _stored_help(command: str) -> str | None:
+    """The stored help of ``command`` if it is what the live parser would print here, else ``None``."""
+    if os.environ.get(HELP_ENV) == "live" or any(name.startswith("JSONARGPARSE_") for name in os.environ):
+        return None
+    if shutil.get_terminal_size().columns < HELP_WIDTH:
+        return None
+    try:
+        stored = importlib.import_module("lightning_delta._help")
+    except ImportError:
+        return None
+    if stored.FINGERPRINT != fingerprint(stored.FINGERPRINT["files"]):
+        return None
+    return stored.HELP.get(command)
+
+
+def help_text(command: str) -> str:
+    """``lightning-delta COMMAND --help``: the stored help when it is current, else the live parser's."""
+    stored = _stored_help(command)
+    return stored if stored is not None else live_help(command)
+
+
+def generate_help() -> dict[str, Any]:
+    """Every command's live help (at :data:`HELP_WIDTH` columns) and the fingerprint of what it was made from. Run
+    it in a fresh process (as :func:`write_stored_help` does): the known subclasses a help lists are the imported
+    ones, so ``demo``, whose module imports more, comes last (:data:`COMMANDS`' order)."""
+    if shutil.get_terminal_size().columns != HELP_WIDTH:
+        raise RuntimeError(f"generate_help formats for {HELP_WIDTH} columns: run it with COLUMNS={HELP_WIDTH}.")
+    texts = {command: live_help(command) for command in COMMANDS}
+    root = Path(__file__).parent
+    files = sorted(
+        Path(module.__file__).relative_to(root).as_posix()
+        for name, module in list(sys.modules.items())
+        if name.startswith("lightning_delta") and name != "lightning_delta._help" and getattr(module, "__file__", None)
+    )
+    return {"help": texts, "fingerprint": fingerprint(files)}
+
+
+def generated_help() -> dict[str, Any]:
+    """:func:`generate_help` in a fresh Python process."""
+    env = {**os.environ, "COLUMNS": str(HELP_WIDTH)}
+    env.pop(HELP_ENV, None)
+    for name in [name for name in env if name.startswith("JSONARGPARSE_")]:
+        env.pop(name)
+    code = "import json, lightning_delta.cli as cli; print(json.dumps(cli.generate_help()))"
+    finished = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if finished.returncode != 0:
+        raise RuntimeError(f"Generating the help failed:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def write_stored_help(path: str | os.PathLike = HELP_MODULE) -> Path:
+    """Write :mod:`lightning_delta._help` from the live parsers (a fresh process): run it after changing anything
+    the help shows, ``python -c "import lightning_delta.cli as c; c.write_stored_help()"``."""
+    generated = generated_help()
+    text = (
+        '"""Written by ``lightning_delta.cli.write_stored_help()`` from the live parsers: do not edit.\n\n'
+        "The help of each command, and the fingerprint of the sources and libraries it was made from.\"\"\"\n\n"
+        f"FINGERPRINT = {generated['fingerprint']!r}\n\n"
+        "HELP = {\n"
+        + "".join(f"    {command!r}: {text!r},\n" for command, text in generated["help"].items())
+        + "}\n"
+    )
+    path = Path(path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- running
 def check_edit_argument(argv: Sequence[str]) -> None:
     """Refuse ``--edit NAME`` for a name that is no edit, listing the edits (jsonargparse would only say that the
     name is not a dot import path). Class paths, config files and JSON values are left to jsonargparse."""
     values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--edit"]
     values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--edit=")]
+    if not values:
+        return
+    from lightning_delta.edits import EDITS
+
     known = {cls.__name__: name for name, cls in EDITS.items()}
     for value in values:
         if value in known or "." in value or value.lstrip().startswith("{") or Path(value).exists():
@@ -83,25 +250,58 @@ def check_edit_argument(argv: Sequence[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> Any:
-    """Run one command and return what it made (the CLI, rows, paths); ``main`` is the console script around it."""
+    """Run one command and return what it made (the CLI, rows, paths); errors are raised. ``main`` is the console
+    script around it. ``--help`` (and a bad command line) exits with :class:`SystemExit`, as argparse does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    check_edit_argument(argv)
-    if argv and argv[0] in ANALYSES:
-        return COMMANDS[argv[0]](argv[1:])
-    parser = command_parser()
-    config = parser.parse_args(argv)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # the name before jsonargparse 4.49
+    if not argv or argv[0] not in COMMANDS:
+        top_parser().parse_args(argv)  # prints the help, or the error, and exits
+        raise SystemExit(2)
+    command, rest = argv[0], argv[1:]
+    if rest in (["--help"], ["-h"]):
+        sys.stdout.write(help_text(command))
+        sys.stdout.flush()
+        raise SystemExit(0)
+    check_edit_argument(rest)
+    _import_command(command)
+    if command in ANALYSES:
+        return command_function(command)(rest)
+    parser = command_parser(command)
+    config = parser.parse_args(rest)
+    # `instantiate_classes` is the name before jsonargparse 4.49
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     arguments = instantiate(config)
     arguments.pop("config", None)
-    command = arguments.pop("subcommand")
-    arguments = arguments[command]
-    arguments.pop("config", None)
-    return COMMANDS[command](**arguments)
+    return command_function(command)(**arguments)
+
+
+def error_message(error: BaseException) -> str:
+    """The one line ``main`` prints for ``error``: the message of the library's errors (ValueError, RuntimeError,
+    OSError), the type and message of any other."""
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, (ValueError, RuntimeError, OSError)):
+        return message
+    return f"{type(error).__name__}: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-delta`` console script (returns nothing: the exit status is 0 on success)."""
-    run(argv)
+    """Entry point of the ``lightning-delta`` console script: exit status 0 on success; on an error its message alone
+    (status 1), the traceback with ``--debug`` or ``LIGHTNING_DELTA_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("lightning-delta: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # noqa: BLE001 - the command line shows every error as its message
+        if debug:
+            raise
+        print(f"lightning-delta: error: {error_message(error)}", file=sys.stderr)
+        print(f"(the traceback: add --debug, or set {DEBUG_ENV}=1)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -183,13 +183,11 @@ def _edit_args(pair, output: Path) -> list[str]:
 
 
 def test_edit_refuses_a_non_empty_output_dir(llama_pair, tmp_path):
-    from lightning_delta.cli import main
-
     output = tmp_path / "edited"
     shutil.copytree(llama_pair.pre_dir, output)  # another model's weights
     before = _files(output)
     with pytest.raises(ValueError, match=rf"output_dir {output} is not empty.*--overwrite true.*empty directory"):
-        main(_edit_args(llama_pair, output))
+        run(_edit_args(llama_pair, output))
     assert _files(output) == before
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".edited")] == []
 
@@ -253,3 +251,53 @@ def test_each_module_imports_first(module):
 
     subprocess.run([sys.executable, "-c", f"import lightning_delta.{module}"], check=True, capture_output=True,
                    timeout=300)
+
+
+def test_the_model_section_has_the_module_arguments():
+    """The command line's model section (delta_edit_module) takes DeltaEditModule's arguments, same defaults."""
+    import inspect
+
+    from lightning_delta.losses import LOSSES
+    from lightning_delta.module import DeltaEditModule
+    from lightning_delta.runner import LossName, delta_edit_module
+
+    section = inspect.signature(delta_edit_module).parameters
+    module = dict(inspect.signature(DeltaEditModule).parameters)
+    assert list(section) == list(module)
+    assert {name: p.default for name, p in section.items()} == {name: p.default for name, p in module.items()}
+    assert LossName.__args__ == tuple(LOSSES)
+
+
+def test_sweep_reads_the_config_validate_printed(config_file, capsys):
+    """`validate --print_config > tiny.yaml` then `sweep --config tiny.yaml`: validate's own keys are ignored."""
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(config_file), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert {"ckpt_path", "verbose", "weights_only"} <= set(printed)
+    points, _, _ = sweep_points(printed)
+    alone, _, _ = sweep_points({key: value for key, value in printed.items()
+                                if key not in ("ckpt_path", "verbose", "weights_only")})
+    assert [point.key for point in points] == [point.key for point in alone]
+    assert "verbose" not in points[0].config
+
+
+def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
+    cli = run(["validate", "--config", str(config_file), "--edit.p", "0.3",
+               f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    result = cli.riemann_callback().result
+    out = capsys.readouterr().out
+    lines = out[out.index("Riemann analysis of DARE(p=0.3"):].splitlines()
+    assert lines[0].startswith("Riemann analysis of DARE(p=0.3, k=0.0, rescale=True, seed=0) on Digits/test, C = 2,")
+    assert lines[1].split() == ["term", "(left", "rule)", f"{result.term:+.6g}"]
+    assert lines[2].split() == ["trapezoid", f"{result.trapezoid:+.6g}"]
+    assert lines[3].split() == ["exact", "ΔL", f"{result.exact:+.6g}"]
+    assert lines[4].split()[-3:] == [f"{result.loss_post:.6g}", "->", f"{result.loss_edit:.6g}"]
+    assert lines[5].split()[-3:] == [f"{100 * result.accuracy_post:.2f}%", "->", f"{100 * result.accuracy_edit:.2f}%"]
+    assert lines[6].startswith("  top 5 of ")
+    modules: dict[str, float] = {}
+    for tensor, value in result.term_per_tensor.items():
+        modules[tensor.rsplit(".", 1)[0]] = modules.get(tensor.rsplit(".", 1)[0], 0.0) + value
+    largest = sorted(modules, key=lambda name: abs(modules[name]), reverse=True)[:5]
+    assert [line.split()[0] for line in lines[7:12]] == largest
+    assert lines[12] == f"  written to {Path(cli.trainer.log_dir) / 'riemann.json'}"
+    assert "Validate metric" not in out  # Lightning's own table only with --verbose true

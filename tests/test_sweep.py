@@ -334,6 +334,16 @@ def test_the_report_draws_a_rich_progress_bar_on_a_terminal(tmp_path):
     assert SweepReport(io.StringIO()).bar is False  # not a terminal: lines only
 
 
+def test_sweep_prints_its_report_unless_told_not_to(tmp_path, capsys):
+    config = digits_config(tmp_path, {"edit.init_args.p": [0.2, 0.8]}, tmp_path / "r.jsonl", limit=12)
+    sweep(config, progress=False)  # what the demo can ask for: its own output only
+    assert "[1/2]" not in capsys.readouterr().out
+    config["sweep"]["grid"]["edit.init_args.p"].append(0.5)
+    sweep(config)
+    out = capsys.readouterr().out
+    assert "[1/1] p=0.5: term " in out and "1 point run now, 2 before, 0 left" in out
+
+
 # ------------------------------------------------------------------------------------- a real killed sweep
 @pytest.mark.timeout(240)
 def test_killed_sweep_resumes_without_losing_or_repeating_rows(tmp_path):

@@ -254,7 +254,8 @@ class GSM8KEvaluator(LazyTokenizer):
     :meth:`generate`'s texts yourself with :meth:`count_matches`.
 
     Args:
-        tokenizer: path, hub id or tokenizer object (for decoding and the pad id).
+        tokenizer: the tokenizer that decodes the generated answers (and gives the pad id): the post-trained model's
+            directory or hub id, or a tokenizer object.
         max_new_tokens: generation budget per answer.
     """
 
