@@ -21,7 +21,7 @@ Two things happen here and nowhere else:
   and libraries it was written from are unchanged (:func:`fingerprint`), the terminal is at least
   :data:`HELP_WIDTH` columns wide and no ``JSONARGPARSE_*`` variable changes the parsers; otherwise the live
   parser prints it (seconds: it imports torch, Lightning and transformers). ``LIGHTNING_DELTA_HELP=live`` forces
-  the live help.
+  the live help. The tests keep the stored help equal to the live parsers' output.
 - Errors come back as their message. :func:`main` prints ``lightning-delta: error: <message>`` on stderr and
   exits with status 1 (130 when interrupted); ``--debug`` anywhere on the line, or ``LIGHTNING_DELTA_DEBUG=1``,
   shows the traceback instead. :func:`run` raises, for callers in Python.
@@ -29,6 +29,7 @@ Two things happen here and nowhere else:
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import json
@@ -139,16 +140,35 @@ def live_help(command: str) -> str:
     return command_parser(command).format_help()
 
 
+# The modules that make the help text (its descriptions, formatter and lists): a change anywhere in them counts. In
+# the package's other modules only what the help can show counts: module-level code, class bodies, signatures,
+# docstrings and ``__init__`` bodies (jsonargparse reads them for ``**kwargs``), not the bodies of other functions.
+HELP_SOURCES = ("cli.py", "runner.py")
+
+
+def _help_source(path: Path, name: str) -> bytes:
+    """What of the package file ``name`` can show in the help (see :data:`HELP_SOURCES`)."""
+    if not path.is_file():
+        return b"<missing>"
+    if name in HELP_SOURCES:
+        return path.read_bytes()
+    tree = ast.parse(path.read_bytes(), filename=name)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "__init__":
+            docstring = ast.get_docstring(node, clean=False)
+            node.body = [ast.Expr(ast.Constant(docstring))] if docstring is not None else []
+    return ast.dump(tree).encode()
+
+
 def fingerprint(files: Sequence[str]) -> dict[str, Any]:
-    """What the help was made from: Python's version, :data:`HELP_PACKAGES`' versions and the SHA-256 of the
-    package's ``files`` (paths relative to the package)."""
+    """What a command's help was made from: Python's version, :data:`HELP_PACKAGES`' versions, and the SHA-256 of
+    what the help can show of the package's ``files`` (paths relative to the package; see :data:`HELP_SOURCES`)."""
     from importlib import metadata
 
     root = Path(__file__).parent
     digest = hashlib.sha256()
     for name in files:
-        path = root / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+        digest.update(name.encode() + b"\0" + _help_source(root / name, name) + b"\0")
     versions = {}
     for package in HELP_PACKAGES:
         try:
@@ -169,7 +189,8 @@ def _stored_help(command: str) -> str | None:
         stored = importlib.import_module("lightning_delta._help")
     except ImportError:
         return None
-    if stored.FINGERPRINT != fingerprint(stored.FINGERPRINT["files"]):
+    made_from = stored.FINGERPRINTS.get(command)
+    if made_from is None or made_from != fingerprint(made_from["files"]):
         return None
     return stored.HELP.get(command)
 
@@ -181,19 +202,24 @@ def help_text(command: str) -> str:
 
 
 def generate_help() -> dict[str, Any]:
-    """Every command's live help (at :data:`HELP_WIDTH` columns) and the fingerprint of what it was made from. Run
-    it in a fresh process (as :func:`write_stored_help` does): the known subclasses a help lists are the imported
-    ones, so ``demo``, whose module imports more, comes last (:data:`COMMANDS`' order)."""
+    """Every command's live help (at :data:`HELP_WIDTH` columns) and the fingerprint of what it was made from: the
+    package modules imported once its parser is built. Run it in a fresh process (as :func:`write_stored_help`
+    does): the known subclasses a help lists are the imported ones, so ``demo``, whose module imports more, comes
+    last (:data:`COMMANDS`' order)."""
     if shutil.get_terminal_size().columns != HELP_WIDTH:
         raise RuntimeError(f"generate_help formats for {HELP_WIDTH} columns: run it with COLUMNS={HELP_WIDTH}.")
-    texts = {command: live_help(command) for command in COMMANDS}
     root = Path(__file__).parent
-    files = sorted(
-        Path(module.__file__).relative_to(root).as_posix()
-        for name, module in list(sys.modules.items())
-        if name.startswith("lightning_delta") and name != "lightning_delta._help" and getattr(module, "__file__", None)
-    )
-    return {"help": texts, "fingerprint": fingerprint(files)}
+    texts, fingerprints = {}, {}
+    for command in COMMANDS:
+        texts[command] = live_help(command)
+        files = sorted(
+            Path(module.__file__).relative_to(root).as_posix()
+            for name, module in list(sys.modules.items())
+            if name.startswith("lightning_delta") and name != "lightning_delta._help"
+            and getattr(module, "__file__", None)
+        )
+        fingerprints[command] = fingerprint(files)
+    return {"help": texts, "fingerprints": fingerprints}
 
 
 def generated_help() -> dict[str, Any]:
@@ -216,7 +242,9 @@ def write_stored_help(path: str | os.PathLike = HELP_MODULE) -> Path:
     text = (
         '"""Written by ``lightning_delta.cli.write_stored_help()`` from the live parsers: do not edit.\n\n'
         "The help of each command, and the fingerprint of the sources and libraries it was made from.\"\"\"\n\n"
-        f"FINGERPRINT = {generated['fingerprint']!r}\n\n"
+        "FINGERPRINTS = {\n"
+        + "".join(f"    {command!r}: {value!r},\n" for command, value in generated["fingerprints"].items())
+        + "}\n\n"
         "HELP = {\n"
         + "".join(f"    {command!r}: {text!r},\n" for command, text in generated["help"].items())
         + "}\n"
