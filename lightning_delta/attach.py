@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
-from lightning_delta.parametrize import EditedModel
+from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
 
 __all__ = [
     "EditTarget",
@@ -66,6 +66,7 @@ class ModuleTarget:
         module_name: the submodule to edit (``""``: the module itself).
         include, exclude: regular expressions selecting the edited tensors.
         loss_fn: ``(module, batch, batch_idx) -> LossOutput``; default :func:`training_step_loss`.
+        E_dtype: how ``E`` is kept, ``"float32"`` or ``"model"`` (see :class:`~lightning_delta.EditedModel`).
     """
 
     loss_measured_by_sweep = True
@@ -79,8 +80,10 @@ class ModuleTarget:
         include: Patterns = None,
         exclude: Patterns = None,
         loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
+        E_dtype: str = "float32",  # noqa: N803
     ) -> None:
         check_edit(edit)
+        self.E_dtype = check_E_dtype(E_dtype)
         self.module, self.pretrained, self.edit = module, pretrained, edit
         self.model = module.get_submodule(module_name) if module_name else module
         self.include, self.exclude = include, exclude
@@ -92,7 +95,8 @@ class ModuleTarget:
             gradients = None
             if getattr(self.edit, "needs_gradients", False):
                 gradients = gradients_at_post(_require_trainer(trainer, self.edit), self, self.model)
-            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients)
+            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients,
+                                       self.E_dtype)
         return self._edited
 
     def riemann_prepare(self, batch: Any) -> Any:
@@ -124,6 +128,7 @@ def edit_differences(
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
+    E_dtype: str = "float32",  # noqa: N803
 ) -> dict[str, Tensor]:
     """``E_k = F(ΔW_k) − ΔW_k`` for every selected tensor, computed one tensor at a time on the model's device.
 
@@ -133,6 +138,8 @@ def edit_differences(
         edit: an operation from :mod:`lightning_delta.edits` (anything with ``edit_tensor(name, delta, gradient)``),
             or a mapping from tensor names to ready-made edits ``E``.
         gradients: ∇L at W_post per tensor, for operations with ``needs_gradients``.
+        E_dtype: ``"float32"`` or ``"model"`` (see :class:`~lightning_delta.parametrize.EditedModel`); each ``E``
+            is cast as soon as it is computed, so no float32 copy of all of them is ever held.
 
     Raises:
         ValueError: every error of :func:`~lightning_delta.editing.iter_edited` (the generator behind this and
@@ -140,7 +147,8 @@ def edit_differences(
     """
     if isinstance(edit, Mapping):
         return dict(edit)  # ready-made E: no W_pre to read; EditedModel checks the names
-    return {item.name: item.edited - item.delta  # on each tensor's own device
+    check_E_dtype(E_dtype)
+    return {item.name: (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))
             for item in iter_edited(model, pretrained, edit, include, exclude, gradients)}
 
 
@@ -151,10 +159,11 @@ def attach_edit(
     include: Patterns = None,
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
+    E_dtype: str = "float32",  # noqa: N803
 ) -> EditedModel:
     """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``."""
-    differences = edit_differences(model, pretrained, edit, include, exclude, gradients)
-    return EditedModel(model, differences)
+    differences = edit_differences(model, pretrained, edit, include, exclude, gradients, E_dtype)
+    return EditedModel(model, differences, E_dtype=E_dtype)
 
 
 def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> LossOutput:

@@ -15,7 +15,7 @@ from lightning_delta.attach import attach_edit, gradients_at_post
 from lightning_delta.editing import Edit, check_edit
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
-from lightning_delta.parametrize import EditedModel
+from lightning_delta.parametrize import EditedModel, check_E_dtype
 
 __all__ = ["DeltaEditModule", "load_model"]
 
@@ -56,6 +56,9 @@ class DeltaEditModule(pl.LightningModule):
             ``t = 1`` (``accuracy/edit``). Default: the loss's own ``evaluator`` if it has one (DPO's reward
             accuracy).
         dtype: dtype for models loaded from a path.
+        E_dtype: how ``E`` is kept: ``"float32"`` (default; float64 for float64 models) or ``"model"``, each
+            tensor's own dtype, which halves E's memory for bf16 models (an 8B model: 16 GB instead of 32 GB) at
+            the cost measured in the README's Precision section.
 
     Example::
 
@@ -75,9 +78,11 @@ class DeltaEditModule(pl.LightningModule):
         exclude: str | list[str] | None = None,
         evaluator: Evaluator | None = None,
         dtype: str | torch.dtype | None = None,
+        E_dtype: str = "float32",  # noqa: N803 (the paper's name)
     ) -> None:
         super().__init__()
         check_edit(edit)
+        self.E_dtype = check_E_dtype(E_dtype)
         self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
@@ -109,7 +114,8 @@ class DeltaEditModule(pl.LightningModule):
                 if trainer is None:
                     raise ValueError(f"{type(self.edit).__name__} needs gradients at W_post: attach under a Trainer.")
                 gradients = gradients_at_post(trainer, self, self.model)
-            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients)
+            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients,
+                                       self.E_dtype)
         return self._edited
 
     def set_t(self, t: float) -> None:

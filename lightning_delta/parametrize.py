@@ -115,6 +115,31 @@ class EditParametrization(nn.Module):
             return torch.add(original, self.E, alpha=t).to(original.dtype)
 
 
+E_DTYPES = ("float32", "model")
+
+
+def check_E_dtype(E_dtype: str) -> str:  # noqa: N802, N803
+    """``E_dtype`` checked: ``"float32"`` or ``"model"``, else ValueError."""
+    if E_dtype not in E_DTYPES:
+        raise ValueError(
+            f"E_dtype must be 'float32' (E in float32, float64 for float64 models) or 'model' (E in each tensor's "
+            f"own dtype, half the memory for bf16 models); got {E_dtype!r}."
+        )
+    return E_dtype
+
+
+def stored_dtype(weight_dtype: torch.dtype, E_dtype: str) -> torch.dtype:  # noqa: N803
+    """The dtype ``E`` is kept in for a weight of ``weight_dtype``.
+
+    Example:
+        >>> stored_dtype(torch.bfloat16, "float32"), stored_dtype(torch.bfloat16, "model")
+        (torch.float32, torch.bfloat16)
+    """
+    if E_dtype == "model":
+        return weight_dtype
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
 class EditedModel:
     """Registers ``W_post + t·E`` on the named tensors of ``model`` and drives the shared ``t``.
 
@@ -124,6 +149,12 @@ class EditedModel:
         aliases: a tensor name to the other names under which the same tensor is tied (an embedding and an
             LM head); by default found from the model. A tied tensor is edited once: all its modules share one
             parametrization.
+        E_dtype: how ``E`` is kept: ``"float32"`` (float64 for float64 weights), or ``"model"``, each tensor's own
+            dtype (half the memory of float32 for bf16 models; ``W_post + t·E`` is then added in that dtype).
+
+    Raises:
+        ValueError: a name that is not a tensor of ``model``, an ``E`` of the wrong shape, two names of one tied
+            tensor, an unknown ``E_dtype``.
 
     Example:
         >>> lin = nn.Linear(2, 2, bias=False)
@@ -133,8 +164,13 @@ class EditedModel:
     """
 
     def __init__(
-        self, model: nn.Module, E: Mapping[str, Tensor], aliases: Mapping[str, Sequence[str]] | None = None
+        self,
+        model: nn.Module,
+        E: Mapping[str, Tensor],
+        aliases: Mapping[str, Sequence[str]] | None = None,
+        E_dtype: str = "float32",  # noqa: N803 (the paper's name)
     ) -> None:
+        self.E_dtype = check_E_dtype(E_dtype)
         self.model = model
         self.names: list[str] = sorted(E)
         self.parametrizations: dict[str, EditParametrization] = {}
@@ -171,8 +207,9 @@ class EditedModel:
             difference = E[name]
             if difference.shape != target.shape:
                 raise ValueError(f"E for {name!r} has shape {tuple(difference.shape)}, the tensor {tuple(target.shape)}.")
-            accumulate = torch.float64 if target.dtype == torch.float64 else torch.float32
-            parametrization = EditParametrization(difference.detach().to(device=target.device, dtype=accumulate))
+            parametrization = EditParametrization(
+                difference.detach().to(device=target.device, dtype=stored_dtype(target.dtype, self.E_dtype))
+            )
             for full_name in [name, *aliases.get(name, ())]:
                 module_name, _, attr = full_name.rpartition(".")
                 module = model.get_submodule(module_name)

@@ -76,7 +76,7 @@ TRAINER_DEFAULTS = {
 }
 
 # RiemannCallback arguments that only make sense for a module that is not a DeltaEditModule.
-_RIEMANN_SKIP = {"pretrained", "edit", "module_name", "include", "exclude", "loss_fn"}
+_RIEMANN_SKIP = {"pretrained", "edit", "module_name", "include", "exclude", "loss_fn", "E_dtype"}
 
 
 # DeltaCLI's `args` that build its parser and parse nothing (DeltaCLI.config_parser).

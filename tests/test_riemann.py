@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -391,3 +392,35 @@ def test_classification_batches_may_be_pairs():
     callback = RiemannCallback(num_points=1, filename=None)
     run_validate(module, loader, callback)
     assert callback.result.exact == pytest.approx(exact, rel=1e-10)
+
+
+def test_E_in_the_models_dtype_equals_E_rounded_to_it_beforehand():
+    """E_dtype="model" on a bf16 model computes exactly what float32 E already rounded to bf16 computes (an
+    independent route to the same numbers), and differs from float32 E only by that rounding."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    edits = random_edits(model, scale=0.05)  # bf16 tensors
+    rounded = {name: value.to(torch.bfloat16).float() for name, value in edits.items()}
+    loader = DataLoader(token_dataset(12), batch_size=6)
+    results = {}
+    for label, E, E_dtype in (("model", edits, "model"), ("rounded", rounded, "float32")):
+        callback = RiemannCallback(num_points=2, filename=None)
+        run_validate(DeltaEditModule(copy.deepcopy(model), None, E, E_dtype=E_dtype), loader, callback)
+        results[label] = callback.result
+    for key in ("term", "exact", "loss_post", "loss_edit"):
+        assert getattr(results["model"], key) == pytest.approx(getattr(results["rounded"], key), rel=1e-5), key
+
+
+def test_E_dtype_model_keeps_E_in_bf16():
+    model = tiny_llama(dtype=torch.bfloat16)
+    edits = random_edits(model)
+    module = DeltaEditModule(model, None, edits, E_dtype="model")
+    run_validate(module, DataLoader(token_dataset(4), batch_size=4), RiemannCallback(num_points=1, filename=None))
+    assert {p.E.dtype for p in module.edited_model().parametrizations.values()} == {torch.bfloat16}
+    default = DeltaEditModule(tiny_llama(dtype=torch.bfloat16), None, edits)
+    run_validate(default, DataLoader(token_dataset(4), batch_size=4), RiemannCallback(num_points=1, filename=None))
+    assert {p.E.dtype for p in default.edited_model().parametrizations.values()} == {torch.float32}
+
+
+def test_unknown_E_dtype_is_refused():
+    with pytest.raises(ValueError, match=r"E_dtype must be 'float32' .* or 'model' .*got 'bfloat16'"):
+        RiemannCallback(E_dtype="bfloat16")

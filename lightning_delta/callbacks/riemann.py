@@ -30,7 +30,7 @@ from lightning_delta.attach import EditTarget, ModuleTarget
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
-from lightning_delta.parametrize import EditedModel
+from lightning_delta.parametrize import EditedModel, check_E_dtype
 
 __all__ = ["RiemannCallback"]
 
@@ -53,6 +53,8 @@ class RiemannCallback(Callback):
         module_name: the submodule of the LightningModule whose tensor names match ``pretrained`` (``""``: the
             LightningModule itself).
         include: regular expressions selecting the edited tensors; ``exclude``: the ones to leave alone.
+        E_dtype: with ``pretrained`` and ``edit``: how ``E`` is kept, ``"float32"`` or ``"model"`` (each tensor's
+            own dtype; see :class:`~lightning_delta.parametrize.EditedModel`). A DeltaEditModule has its own.
         filename: the JSON file written in the trainer's log directory (``None``: none); without a logger, in its
             ``default_root_dir``, as ``<stem>-v1.json``, ``-v2``, … when the name is taken (nothing is overwritten).
 
@@ -79,6 +81,7 @@ class RiemannCallback(Callback):
         exclude: str | list[str] | None = None,
         filename: str | None = "riemann.json",
         loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
+        E_dtype: str = "float32",  # noqa: N803 (the paper's name)
     ) -> None:
         if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
             raise ValueError(f"`num_points` must be an integer >= 1 (the paper uses 5), got {num_points!r}.")
@@ -93,6 +96,7 @@ class RiemannCallback(Callback):
         self.exclude = exclude
         self.filename = filename
         self.loss_fn = loss_fn
+        self.E_dtype = check_E_dtype(E_dtype)
         self.result: RiemannResult | None = None
         self._target: EditTarget | None = None
         self._edited: EditedModel | None = None
@@ -170,7 +174,7 @@ class RiemannCallback(Callback):
         if self.edit is None:
             return pl_module
         return ModuleTarget(pl_module, self.pretrained, self.edit, self.module_name, self.include, self.exclude,
-                            self.loss_fn)
+                            self.loss_fn, self.E_dtype)
 
     @override
     def on_validation_batch_end(
