@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.container import ErrorbarContainer
 from matplotlib.image import imread
 
 from lightning_delta import plots
@@ -53,6 +54,15 @@ def synthetic_rows() -> list[SweepRow]:
         for alpha in (-0.5, -0.2, 0.2, 0.5, 1.0):
             term = (alpha - 0.3) ** 2 - 0.09
             rows.append(sweep_row({"name": "extrapolate", "alpha": alpha}, data, term, term * 1.1, None))
+    for scale in (0.5, 1.5):  # Fig. 5: the statistic scaled, and sampled
+        rows.append(sweep_row({"name": "bitdelta", "bits": 1, "scale": scale, "magnitudes": "mean", "seed": 0,
+                               "blocks": None}, "GSM8K", 0.3 * abs(scale - 1) + 0.2, 0.3 * abs(scale - 1) + 0.25, 0.6))
+    for seed in (0, 1):
+        rows.append(sweep_row({"name": "bitdelta", "bits": 1, "scale": 1.0, "magnitudes": "normal", "seed": seed,
+                               "blocks": None}, "GSM8K", 0.21 + 0.01 * seed, 0.26 + 0.01 * seed, 0.7))
+    for k in (0.5, 1.5):  # Table 1
+        rows.append(sweep_row({"name": "sign_biased", "p": 0.9, "k": k}, "GSM8K", 0.1 * k, 0.12 * k, 0.7))
+        rows.append(sweep_row({"name": "gradient_biased", "p": 0.9, "k": k}, "GSM8K", 2 * k, 2.5 * k, 0.1))
     return rows
 
 
@@ -109,9 +119,9 @@ def test_edits_are_named_by_their_classes(tmp_path, figures):
     for cls in EDITS.values():
         assert cls.label and cls.reference.startswith(("paper", cls.label)), cls
     plots.plot_all(synthetic_rows(), tmp_path)
-    assert figures["expo_alpha"].axes[0].get_title() == f"{Extrapolate.label}: Riemann term against α" == \
-        "EXPO: Riemann term against α"
-    assert figures["bitdelta_bits"].axes[0].get_title() == "BitDelta with more bits"
+    assert figures["expo_alpha"].axes[0].get_title() == f"{Extrapolate.label}: Riemann term and ΔL against α" == \
+        "EXPO: Riemann term and ΔL against α"
+    assert figures["bitdelta_bits"].axes[0].get_title() == "BitDelta with more magnitude blocks"
 
 
 def test_plot_without_rows_says_what_to_do(tmp_path):
@@ -161,8 +171,24 @@ def figures(monkeypatch) -> dict[str, object]:
 
 
 def _series(axis) -> dict[str, tuple[list[float], list[float]]]:
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()
-            if not line.get_label().startswith("_")}
+    """Every labelled line of ``axis``, error-bar lines included (their label is the container's)."""
+    series = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()
+              if not line.get_label().startswith("_")}
+    for container in axis.containers:
+        if isinstance(container, ErrorbarContainer):
+            line = container.lines[0]
+            series[container.get_label()] = (list(line.get_xdata()), list(line.get_ydata()))
+    return series
+
+
+def _error_bars(axis) -> dict[str, list[float]]:
+    """For each error-bar line, the half-length of its bars (the std drawn), in x order."""
+    bars = {}
+    for container in axis.containers:
+        if isinstance(container, ErrorbarContainer) and container.lines[2]:
+            segments = sorted(container.lines[2][0].get_segments(), key=lambda segment: segment[0][0])
+            bars[container.get_label()] = [float(segment[1][1] - segment[0][1]) / 2 for segment in segments]
+    return bars
 
 
 P = (0.9, 0.1, 0.5)  # written out of order: each line must still run left to right
@@ -197,7 +223,7 @@ def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path
     run(["plot", "--results", f"[{path}]", "--output_dir", str(tmp_path / "figures")])
 
     (axis,) = figures["expo_alpha"].axes
-    lines = _series(axis)
+    lines = {label.split(" (trough")[0]: line for label, line in _series(axis).items()}
     assert sorted(lines) == ["term, Digits/test, model=a/post", "term, Digits/test, model=b/post",
                              "ΔL, Digits/test, model=a/post", "ΔL, Digits/test, model=b/post"]
     for label, (xs, _) in lines.items():
@@ -223,3 +249,97 @@ def test_plot_with_one_missing_file_among_several_names_it_and_draws_nothing(res
     with pytest.raises(FileNotFoundError, match=rf"No results file at {missing}:"):
         run(["plot", "--results", f"[{results_file}, {missing}]", "--output_dir", str(tmp_path / "figures")])
     assert not (tmp_path / "figures").exists()
+
+
+# ------------------------------------------------------------------------------------- seeds, labels, units
+def _seeded_dare_rows() -> tuple[list[SweepRow], dict[tuple[float, float], list[float]]]:
+    values = {(0.5, 0.0): [0.01, 0.03, 0.02], (0.9, 0.0): [0.1, 0.16, 0.13], (0.5, -1.0): [0.05, 0.02, 0.08],
+              (0.9, -1.0): [0.4, 0.3, 0.35]}
+    rows = [sweep_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": seed}, "Digits/test", 0.9 * value,
+                      value, 0.7) for (p, k), seeds in values.items() for seed, value in enumerate(seeds)]
+    return rows, values
+
+
+def test_dare_lines_are_seed_means_with_std_bars(tmp_path, figures):
+    rows, values = _seeded_dare_rows()
+    rows.append(sweep_row({"name": "dare", "p": 0.9, "k": 1.5, "rescale": True, "seed": 0}, "Digits/test", 0.1, 0.1,
+                          0.7))  # a k at one p only (Table 1's): left out where other k span p
+    plots.plot_dare(rows, tmp_path / "dare.png")
+    term_axis, exact_axis = figures["dare"].axes
+    lines, bars = _series(exact_axis), _error_bars(exact_axis)
+    assert sorted(lines) == ["k=-1", "k=0"]
+    for k in (0.0, -1.0):
+        label = f"k={k:g}"
+        assert lines[label][0] == [0.5, 0.9]
+        assert lines[label][1] == pytest.approx([np.mean(values[(p, k)]) for p in (0.5, 0.9)])
+        assert bars[label] == pytest.approx([np.std(values[(p, k)], ddof=1) for p in (0.5, 0.9)])
+        assert _series(term_axis)[label][1] == pytest.approx([0.9 * np.mean(values[(p, k)]) for p in (0.5, 0.9)])
+    assert term_axis.get_ylabel() == "Riemann term (left rule, C = 5)"  # C named
+    assert exact_axis.get_ylabel().startswith("exact ΔL")
+
+
+def test_every_figure_labels_its_axes_and_has_a_legend(tmp_path, figures):
+    plots.plot_all(synthetic_rows(), tmp_path)
+    assert set(figures) == set(plots.FIGURES)
+    for name, figure in figures.items():
+        for axis in figure.axes:
+            assert axis.get_xlabel() and axis.get_ylabel(), (name, axis.get_title())
+            assert axis.get_legend() is not None and axis.get_legend().get_texts(), name
+            assert not axis.texts, name  # no free-floating annotations to overprint
+
+
+def test_alpha_troughs_are_named_in_the_legend(tmp_path, figures):
+    plots.plot_alpha(synthetic_rows(), tmp_path / "alpha.png")
+    labels = [text.get_text() for text in figures["alpha"].axes[0].get_legend().get_texts()]
+    for data in ("Digits/train", "UltraFeedback"):
+        rows = [row for row in synthetic_rows() if row.dataset == data]
+        trough = min(rows, key=lambda row: row.result.term)
+        assert f"term, {data} (trough at α={trough.edit['alpha']:g}: {trough.result.term:+.3f})" in labels
+
+
+def test_expo_gap_is_in_accuracy_points(tmp_path, figures):
+    rows = []
+    for alpha, accuracy in ((-0.5, 0.78), (-0.2, 0.81), (0.2, 0.83), (0.5, 0.79)):
+        row = sweep_row({"name": "extrapolate", "alpha": alpha}, "Digits/test", 0.0, 0.0, accuracy)
+        rows.append(row)  # accuracy_post is 0.8
+    plots.plot_expo_gap(rows, tmp_path / "gap.png")
+    axis = figures["gap"].axes[0]
+    heights = [patch.get_height() for patch in axis.patches]
+    assert heights == pytest.approx([100 * (0.81 - 0.8), 100 * (0.83 - 0.8)])  # points, not a fraction
+    assert "points" in axis.get_ylabel()
+
+
+def test_bits_axis_shows_the_blocks_and_both_bit_counts(tmp_path, figures):
+    rows = [sweep_row({"name": "bitdelta", "bits": 1, "blocks": blocks, "scale": 1.0, "magnitudes": "mean",
+                       "seed": 0}, "GSM8K", 0.1 / blocks, 0.1 / blocks, 0.7 + 0.01 * blocks) for blocks in (1, 2, 16)]
+    plots.plot_bits(rows, tmp_path / "bits.png")
+    axis = figures["bits"].axes[0]
+    (line,) = [line for line in axis.get_lines() if line.get_label().startswith("BitDelta")]
+    assert list(line.get_xdata()) == [1, 2, 16]
+    assert list(line.get_ydata()) == pytest.approx([71.0, 72.0, 86.0])  # accuracy in %
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1\n0 | 1", "2\n1 | 2", "16\n4 | 5"]
+    assert plots.edit_label(rows[2]) == "bitdelta blocks=16"
+
+
+def test_delta_scale_figure_reads_s_from_the_pretrained_model(tmp_path, figures):
+    rows = []
+    for pretrained, s in (("pre", 1.0), ("pre-half", 0.5), ("pre-quarter", 0.25)):
+        for seed, noise in enumerate((0.9, 1.1)):
+            row = sweep_row({"name": "dare", "p": 0.99, "k": 0.0, "rescale": True, "seed": seed}, "Digits/test",
+                            0.0, 0.2 * s * s * noise, 0.7)
+            row.config = {"model": {"pretrained": pretrained}}
+            rows.append(row)
+        revert = sweep_row({"name": "extrapolate", "alpha": -1.0}, "Digits/test", 0.0, 0.5 * s, 0.5)
+        revert.config = {"model": {"pretrained": pretrained}}
+        rows.append(revert)
+    scales = {"pre": 1.0, "pre-half": 0.5, "pre-quarter": 0.25}
+    plots.plot_delta_scale(rows, scales, tmp_path / "scale.png")
+    axis = figures["scale"].axes[0]
+    lines = _series(axis)
+    assert lines["dare p=0.99 k=0"][0] == [0.25, 0.5, 1.0]
+    assert lines["dare p=0.99 k=0"][1] == pytest.approx([0.2 * s * s for s in (0.25, 0.5, 1.0)])
+    assert lines["revert to W_pre (α = −1)"][1] == pytest.approx([0.5 * s for s in (0.25, 0.5, 1.0)])
+    for power in (1, 2):  # the guides through DARE's s = 1 point have slopes 1 and 2
+        xs, ys = lines[f"∝ s^{power}"]
+        assert math.log(ys[1] / ys[0]) / math.log(xs[1] / xs[0]) == pytest.approx(power)
+    assert axis.get_xscale() == "log" and axis.get_yscale() == "log" and "delta scale s" in axis.get_xlabel()
