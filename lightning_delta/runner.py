@@ -40,6 +40,7 @@ from lightning_delta.edits import EDITS, DeltaEdit
 from lightning_delta.export import save_edited
 from lightning_delta.losses import LOSSES, DeltaLoss
 from lightning_delta.module import DeltaEditModule
+from lightning_delta.parametrize import E_DTYPES
 from lightning_delta.plots import plot_all
 from lightning_delta.sweep import (
     SweepPoint,
@@ -196,6 +197,7 @@ def _hidden(action: argparse.Action) -> bool:
 
 # -------------------------------------------------------------------------------------------- the model section
 LossName = Literal[tuple(LOSSES)]  # "causal_lm", "classification", "dpo"
+EDtype = Literal[E_DTYPES]  # "float32", "model"
 
 
 def delta_edit_module(
@@ -207,6 +209,7 @@ def delta_edit_module(
     exclude: str | list[str] | None = None,
     evaluator: GSM8KEvaluator | Callable[[nn.Module, Any], Any] | None = None,
     dtype: str | None = None,
+    E_dtype: EDtype = "float32",  # noqa: N803 (the paper's name)
 ) -> DeltaEditModule:
     """The post-trained model with the edit: W_post, W_pre, the loss, the edited tensors, the accuracy.
 
@@ -226,8 +229,10 @@ def delta_edit_module(
             '^(lm_head.weight)$'. One pattern or a list.
         evaluator: the accuracy at t = 0 and t = 1.
         dtype: the dtype the models are loaded in (bfloat16, float16, float32); default: as stored.
+        E_dtype: how E is kept: float32 (float64 for float64 models), or model: each tensor's own dtype, half the
+            memory for bf16 models (see the README's Precision section).
     """
-    return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype)
+    return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype, E_dtype)
 
 
 def _loss_help() -> str:
