@@ -184,3 +184,28 @@ def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
         tolerance = 1e-12 if dtype == torch.float64 else 1e-5
         assert (gradient.double() - expected).abs().max().item() <= tolerance * scale, name
     assert all(p.grad is None for p in module.parameters())
+
+
+def test_an_error_mid_sweep_gives_the_users_module_back():
+    """A loss that fails on the third batch: the error reaches the user, and the module is W_post again."""
+    module = UserClassifier()
+    post = {k: v.clone() for k, v in module.model.state_dict().items()}
+    calls = []
+
+    def failing_loss(pl_module, batch, batch_idx):
+        calls.append(batch_idx)
+        if batch_idx == 2:
+            raise RuntimeError("loss failed on batch 2")
+        from lightning_delta.attach import training_step_loss
+
+        return training_step_loss(pl_module, batch, batch_idx)
+
+    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.3),
+                               module_name="model", filename=None, loss_fn=failing_loss)
+    with pytest.raises(RuntimeError, match="loss failed on batch 2"):
+        callback.validate(trainer_with(callback), module, DataLoader(image_dataset(12), batch_size=4), verbose=False)
+    assert 2 in calls
+    assert not parametrize.is_parametrized(module.model)
+    assert all(torch.equal(v, post[k]) for k, v in module.model.state_dict().items())
+    assert all(p.requires_grad for p in module.parameters())
+    assert "validation_step" not in vars(module)

@@ -162,8 +162,8 @@ class RiemannCallback(Callback):
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.check_no_repeated_samples(trainer)
         self._target = self.target(pl_module)
-        self._target.loss_measured_by_sweep = True
         self._edited = self._target.edited_model(trainer)
+        self._target.loss_measured_by_sweep = True
         self._sums = RiemannSums(self.num_points, len(self._edited), sync_on_compute=True).to(pl_module.device)
         self._sums.reset()  # states may be shared with the parent under ddp_spawn (DESIGN.md §2.7)
         self.result = None
@@ -237,6 +237,13 @@ class RiemannCallback(Callback):
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._release()  # an error or an interrupt mid-sweep still gives a user's module back as it was
+
+    def _release(self) -> None:
         if self._target is not None:
             self._target.loss_measured_by_sweep = False
             self._target.detach_edit()  # a user's module goes back to W_post, trainable as before
