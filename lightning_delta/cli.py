@@ -141,8 +141,9 @@ def live_help(command: str) -> str:
 
 
 # The modules that make the help text (its descriptions, formatter and lists): a change anywhere in them counts. In
-# the package's other modules only what the help can show counts: module-level code, class bodies, signatures,
-# docstrings and ``__init__`` bodies (jsonargparse reads them for ``**kwargs``), not the bodies of other functions.
+# the package's other modules only what the help can show counts: module-level code, functions' signatures and
+# docstrings, and in classes their docstrings, attributes and ``__init__`` (jsonargparse reads its body for
+# ``**kwargs``); not the bodies of functions nor the other methods of classes.
 HELP_SOURCES = ("cli.py", "runner.py")
 
 
@@ -153,8 +154,11 @@ def _help_source(path: Path, name: str) -> bytes:
     if name in HELP_SOURCES:
         return path.read_bytes()
     tree = ast.parse(path.read_bytes(), filename=name)
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "__init__":
+        if isinstance(node, ast.ClassDef):
+            node.body = [item for item in node.body if not isinstance(item, functions) or item.name == "__init__"]
+        elif isinstance(node, functions) and node.name != "__init__":
             docstring = ast.get_docstring(node, clean=False)
             node.body = [ast.Expr(ast.Constant(docstring))] if docstring is not None else []
     return ast.dump(tree).encode()

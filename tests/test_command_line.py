@@ -71,19 +71,26 @@ def test_the_stored_help_is_what_the_live_parsers_print():
 
 
 def test_a_change_that_the_help_can_show_makes_it_live(tmp_path):
-    """A function body outside cli.py and runner.py leaves the fingerprint as it is; a docstring, a signature or
-    module-level code changes it, and so does any change to cli.py or runner.py."""
+    """Outside cli.py and runner.py, function bodies and methods other than __init__ leave the fingerprint as it is;
+    a docstring, a signature, module-level code, a class attribute or __init__ change it; so does any change to
+    cli.py or runner.py."""
     source = tmp_path / "module.py"
 
     def digest(text: str, name: str = "module.py") -> bytes:
         source.write_text(text)
         return cli._help_source(source, name)
 
-    base = 'X = 1\n\ndef f(a: int = 1):\n    """Doc."""\n    return a\n'
-    assert digest(base) == digest(base.replace("return a", "return a + 1"))
+    base = ('X = 1\n\ndef f(a: int = 1):\n    """Doc."""\n    return a\n\n\nclass C:\n    """Class doc."""\n\n'
+            '    y: int = 0\n\n    def __init__(self, b: int = 1):\n        self.b = b\n\n    def g(self):\n'
+            '        return 1\n')
+    for same in (base.replace("return a", "return a + 1"), base.replace("return 1", "return 2"),
+                 base + "\n    def h(self):\n        return 3\n"):
+        assert digest(same) == digest(base)
     for changed in (base.replace("Doc.", "Other."), base.replace("a: int = 1", "a: int = 2"),
-                    base.replace("X = 1", "X = 2")):
-        assert digest(changed) != digest(base)
+                    base.replace("X = 1", "X = 2"), base.replace("Class doc.", "Other."),
+                    base.replace("y: int = 0", "y: int = 1"), base.replace("self.b = b", "self.b = -b"),
+                    base.replace("b: int = 1", "b: int = 2")):
+        assert digest(changed) != digest(base), changed
     assert digest(base, "runner.py") != digest(base.replace("return a", "return a + 1"), "runner.py")
 
 
