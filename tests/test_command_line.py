@@ -301,3 +301,40 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     post = load_file(work / "post" / "model.safetensors")
     torch.testing.assert_close(edited["lm_head.weight"], post["lm_head.weight"], rtol=0, atol=0)
     assert not torch.equal(edited["model.layers.0.mlp.up_proj.weight"], post["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_tokenizer):
+    """Item 3: the three-line examples of the docstrings (and the README) are files the DataModules read."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_delta.datamodules import (
+        CLASSNAMES,
+        GSM8KDataModule,
+        UltraFeedbackDataModule,
+        VisionDataModule,
+        gsm8k,
+        ultrafeedback,
+        vision,
+    )
+    from tests.tiny_models import make_tiny_image_processor
+
+    (tmp_path / "gsm8k.jsonl").write_text("\n".join(docstring_example(gsm8k)) + "\n")
+    data = GSM8KDataModule(tiny_tokenizer, data=str(tmp_path / "gsm8k.jsonl"), batch_size=3)
+    batch = next(iter(data.val_dataloader()))
+    assert batch["answers"] == ["3 + 4 = 7\n#### 7", "5 * 2 = 10\n#### 10", "6 * 3 = 18\n#### 18"]
+
+    (tmp_path / "ultrafeedback.jsonl").write_text("\n".join(docstring_example(ultrafeedback)) + "\n")
+    data = UltraFeedbackDataModule(tiny_tokenizer, data=str(tmp_path / "ultrafeedback.jsonl"), batch_size=3)
+    batch = next(iter(data.val_dataloader()))
+    assert batch["chosen_input_ids"].shape[0] == 3 and (batch["chosen_labels"] != -100).any(dim=1).all()
+
+    paths = [Path(line) for line in docstring_example(vision)]
+    for path in paths:  # data/resisc45/<class>/<image>.jpg, under tmp_path
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8)).save(tmp_path / path)
+    data = VisionDataModule("resisc45", str(tmp_path / paths[0].parts[0]), processor=make_tiny_image_processor(),
+                            split="all", batch_size=3)
+    batch = next(iter(data.val_dataloader()))
+    assert batch["labels"].tolist() == [CLASSNAMES["resisc45"].index(path.parent.name) for path in paths]
