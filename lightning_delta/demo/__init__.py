@@ -1,36 +1,58 @@
-"""``lightning-delta demo``: the whole path from a real pre/post pair to the paper's findings, offline, on a CPU.
+"""``lightning-delta demo``: the paper's findings on a real pre/post pair in the paper's regime, offline, on a CPU.
 
-1. :func:`~lightning_delta.demo.pair.build_pair`: a tiny Llama pre-trained on scikit-learn's bundled 8×8 digits
-   (next-pixel prediction and a short first pass at the answers), then post-trained on the answers alone; cached,
-   so a second run reuses it.
+1. :func:`~lightning_delta.demo.pair.build_pair`: a Llama of 549,504 parameters pre-trained on scikit-learn's bundled
+   8×8 digits (next-patch prediction, some answers), then briefly post-trained on the answers: ΔW is about 4 % of
+   ‖W_pre‖ (printed per module); cached, so a second run reuses it.
 2. A sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.runner.sweep`:
-   ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``: DARE, drop only, the
-   DARE k extension, BitDelta 1–4 bits, magnitude pruning, low rank and EXPO.
-3. A table (edit, parameters, term, trapezoid, exact ΔL, accuracy), the paper's qualitative findings checked on it,
-   the JSONL results file and the figures in ``output_dir``.
+   ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``, every randomised edit
+   under five mask seeds; then the delta-scale experiment, the same edits with W_pre moved to ``W_post − s·ΔW``.
+3. Eq. 6's expectation from one gradient at W_post (:func:`~lightning_delta.demo.analysis.first_order_terms`).
+4. The findings table (:func:`~lightning_delta.demo.analysis.findings`: each claim of the paper, its numbers over the
+   seeds, holds or departs), Table 1 in the paper's layout, every setting's mean ± std, the JSONL results file and
+   the figures in ``output_dir``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
+from transformers import LlamaForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from lightning_delta.demo.pair import DemoPair, PairSettings, build_pair, default_cache_dir
-from lightning_delta.plots import edit_family, edit_parameters, plot_all
+from lightning_delta.delta import compute_delta
+from lightning_delta.demo.analysis import (
+    COMPETITIVE,
+    aggregate,
+    edit_sizes,
+    findings,
+    findings_table,
+    first_order_terms,
+    gradient_inner_product,
+    loss_gradient,
+    regime_table,
+    revert_cost,
+    settings_table,
+    table1,
+)
+from lightning_delta.demo.digits import digit_sequences, load_digit_splits
+from lightning_delta.demo.pair import DemoPair, PairSettings, build_pair, default_cache_dir, scaled_pretrained
+from lightning_delta.edits import DARE
+from lightning_delta.plots import plot_all, plot_delta_scale
 from lightning_delta.runner import sweep
-from lightning_delta.sweep import SweepRow
+from lightning_delta.sweep import SweepRow, expand_grid
 
-__all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "demo", "demo_grid", "default_cache_dir",
-           "findings", "table"]
+__all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "demo", "demo_config", "demo_grid",
+           "default_cache_dir", "findings", "gradient_and_deltas", "gradient_terms", "sweep_agreement"]
 
 _EDITS = "lightning_delta.edits."
 
@@ -38,20 +60,20 @@ _EDITS = "lightning_delta.edits."
 # keys are the defaults of demo() (`lightning-delta demo --config configs/demo.yaml` gives the same run).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
-# A few points of every family, for tests.
+# A few points of every family, two seeds where there is randomness: for tests and a quick look.
 FAST_GRID: list[dict[str, Any]] = [
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.1, 0.9]},
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.9], "edit.init_args.rescale": False},
-    {"edit": _EDITS + "BitDelta", "edit.init_args.bits": [1, 3]},
+    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.5, 0.9], "edit.init_args.seed": [0, 1]},
+    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.9], "edit.init_args.rescale": False,
+     "edit.init_args.seed": [0, 1]},
+    {"edit": _EDITS + "BitDelta", "edit.init_args.blocks": [1, 4]},
     {"edit": _EDITS + "MagnitudePrune", "edit.init_args.p": [0.9]},
     {"edit": _EDITS + "LowRank", "edit.init_args.rank": [1]},
-    {"edit": _EDITS + "Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]},
+    {"edit": _EDITS + "Extrapolate", "edit.init_args.alpha": [-1.0, -0.5, 0.5, 1.0]},
 ]
 
 
-def demo_grid(path: Path = DEMO_CONFIG) -> list[dict[str, Any]]:
-    """The sweep grid of ``configs/demo.yaml``: one block per family, a Cartesian product inside each block (see
-    :mod:`lightning_delta.sweep`).
+def demo_config(path: Path = DEMO_CONFIG) -> dict[str, Any]:
+    """``configs/demo.yaml`` as a dict.
 
     Raises:
         FileNotFoundError: ``path`` is not there (lightning_delta installed from a wheel, not from its repository).
@@ -62,7 +84,13 @@ def demo_grid(path: Path = DEMO_CONFIG) -> list[dict[str, Any]]:
             "not the package. Install lightning_delta from a clone (`pip install -e .`, as `make demo` does), or give "
             "the demo a grid (--grid, or --config with a copy of configs/demo.yaml)."
         )
-    return yaml.safe_load(path.read_text())["grid"]
+    return yaml.safe_load(path.read_text())
+
+
+def demo_grid(path: Path = DEMO_CONFIG) -> list[dict[str, Any]]:
+    """The sweep grid of ``configs/demo.yaml``: one block per family, a Cartesian product inside each block (see
+    :mod:`lightning_delta.sweep`)."""
+    return demo_config(path)["grid"]
 
 
 def sweep_config(pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], num_points: int,
@@ -81,99 +109,57 @@ def sweep_config(pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], n
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
                  "init_args": {"split": "test", "limit": eval_limit, "batch_size": 100}},
         "edit": {"class_path": _EDITS + "DARE", "init_args": {"p": 0.5}},
-        "riemann": {"num_points": num_points, "trapezoid": True},
+        "riemann": {"num_points": num_points, "trapezoid": False},
         "sweep": {"results": str(output_dir / "results.jsonl"), "grid": grid, "figures": None},
     }
 
 
-def table(rows: list[SweepRow]) -> str:
-    """The rows as a Markdown table: edit, parameters, data, term, trapezoid, exact ΔL, accuracy."""
+def scale_blocks(scale_grid: list[dict[str, Any]] | None, directories: list[str]) -> list[dict[str, Any]]:
+    """The delta-scale blocks: each block of ``scale_grid`` once more, swept over the scaled pre-trained models."""
+    if not scale_grid or not directories:
+        return []
+    return [{**block, "model.pretrained": list(directories)} for block in scale_grid]
 
-    def number(value: float | None, digits: int = 4) -> str:
-        return "—" if value is None else f"{value:+.{digits}f}"
 
-    header = "| edit | params | data | term | trapezoid | exact ΔL | accuracy |"
-    lines = [header, "|---|---|---|---:|---:|---:|---:|"]
+def gradient_and_deltas(pair: DemoPair, eval_limit: int | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """∇L(W_post) of the answer loss over the test images the sweep analyses, and ΔW, for every edited tensor."""
+    model = LlamaForCausalLM.from_pretrained(pair.post_dir)
+    model.eval()
+    images, digits = load_digit_splits()["test"]
+    if eval_limit is not None:
+        images, digits = images[:eval_limit], digits[:eval_limit]
+    gradients = loss_gradient(model, digit_sequences(images, digits))
+    deltas = compute_delta(str(pair.post_dir), str(pair.pre_dir))
+    return {name: gradients[name] for name in deltas}, deltas
+
+
+def gradient_terms(gradients: dict[str, Tensor], deltas: dict[str, Tensor], seeds: int,
+                   ps: tuple[float, ...] = (0.9, 0.99)) -> dict[str, Any]:
+    """Eq. 6 from one gradient: ``⟨∇L(W_post), E⟩`` for DARE and drop only under ``seeds`` masks at each ``p``, and
+    ``⟨∇L(W_post), ΔW⟩``."""
+    result: dict[str, Any] = {"gradient_delta": gradient_inner_product(gradients, deltas), "dare": {},
+                              "drop_only": {}}
+    for p in ps:
+        result["dare"][p] = first_order_terms(gradients, deltas, (DARE(p=p, seed=seed) for seed in range(seeds)))
+        result["drop_only"][p] = first_order_terms(
+            gradients, deltas, (DARE(p=p, rescale=False, seed=seed) for seed in range(seeds)))
+    return result
+
+
+def sweep_agreement(terms: dict[str, Any], rows: list[SweepRow], scales: dict[str, float]) -> dict[float, float]:
+    """For each p of ``terms``, the largest ``|⟨∇L(W_post), E⟩ − c=0 inner product|`` between :func:`gradient_terms`
+    and the sweep's rows of the same masks (DARE and drop only, W_pre of the pair): two ways of one number."""
+    agreement: dict[float, float] = {}
     for row in rows:
-        result = row.result
-        accuracy = "—" if result.accuracy_edit is None else f"{100 * result.accuracy_edit:.1f}%"
-        lines.append(
-            f"| {edit_family(row)} | {edit_parameters(row)} | {row.dataset} | {number(result.term)} | "
-            f"{number(result.trapezoid)} | {number(result.exact)} | {accuracy} |"
-        )
-    return "\n".join(lines)
-
-
-def _select(rows: list[SweepRow], family: str, data: str = "Digits/test", **params: Any) -> list[SweepRow]:
-    return [row for row in rows if edit_family(row) == family and row.dataset == data
-            and all(row.edit.get(key) == value for key, value in params.items())]
-
-
-def findings(rows: list[SweepRow]) -> list[str]:
-    """The paper's qualitative claims, checked on the rows: one line each, saying whether it holds here."""
-
-    def exact(row: SweepRow) -> float:
-        return row.result.exact
-
-    def term(row: SweepRow) -> float:
-        return row.result.term
-
-    lines = []
-    dare = sorted(_select(rows, "dare", k=0.0, rescale=True), key=lambda row: row.edit["p"])
-    if len(dare) >= 2:
-        small, large = dare[0], dare[-1]
-        loss_post = small.result.loss_post
-        holds = abs(exact(small)) < 0.05 * loss_post
-        lines.append(
-            f"DARE at p={small.edit['p']:g} barely changes the loss (|ΔL| below 5% of L_post): ΔL = "
-            f"{exact(small):+.4f}, {100 * abs(exact(small)) / loss_post:.1f}% of L_post = {loss_post:.4f}: "
-            f"{'holds' if holds else 'DEPARTS'}."
-        )
-        rising = exact(large) > exact(small)
-        lines.append(
-            f"DARE's loss rises at large p (ΔL {exact(small):+.4f} at p={small.edit['p']:g} → "
-            f"{exact(large):+.4f} at p={large.edit['p']:g}): {'holds' if rising else 'DEPARTS'}."
-        )
-    pairs = []
-    for drop in _select(rows, "drop_only"):
-        match = [row for row in dare if row.edit["p"] == drop.edit["p"]]
-        if match:
-            pairs.append((drop.edit["p"], exact(match[0]), exact(drop)))
-    if pairs:
-        verdicts = [f"p={p:g}: {rescaled:+.4f} vs {drop:+.4f} {'holds' if drop > rescaled else 'DEPARTS'}"
-                    for p, rescaled, drop in sorted(pairs)]
-        lines.append(f"Drop only is worse than DARE (ΔL DARE vs drop only): {'; '.join(verdicts)}.")
-    bits = sorted(_select(rows, "bitdelta"), key=lambda row: row.edit["bits"])
-    if len(bits) >= 2:
-        changes = [abs(exact(row)) for row in bits]
-        closer = all(later <= earlier for earlier, later in zip(changes, changes[1:]))
-        detail = ", ".join(f"{row.edit['bits']} bits: {exact(row):+.4f}" for row in bits)
-        lines.append(f"More BitDelta bits come closer to W_post ({detail}): {'holds' if closer else 'DEPARTS'}.")
-    if rows:
-        same_sign = sum((term(row) > 0) == (exact(row) > 0) for row in rows)
-        small = [row for row in rows if abs(exact(row)) < 0.1 * row.result.loss_post]
-        line = f"The term has the sign of ΔL in {same_sign} of {len(rows)} rows"
-        if small:
-            gaps = sorted(abs(term(row) - exact(row)) / max(abs(exact(row)), 1e-12) for row in small)
-            line += (f"; for the {len(small)} edits with |ΔL| < 10% of L_post the left term (C points) is off by "
-                     f"{100 * gaps[len(gaps) // 2]:.0f}% of ΔL at the median, {100 * gaps[-1]:.0f}% at worst")
-        trapezoid = [abs(row.result.trapezoid - exact(row)) / max(abs(exact(row)), 1e-12) for row in rows
-                     if row.result.trapezoid is not None]
-        if trapezoid:
-            line += f"; the trapezoid rule is off by {100 * max(trapezoid):.1f}% at worst"
-        lines.append(line + ".")
-    for data in sorted({row.dataset for row in rows if row.edit.get("name") == "extrapolate"}):
-        expo = sorted(_select(rows, "extrapolate", data=data), key=lambda row: row.edit["alpha"])
-        if len(expo) >= 2:
-            trough = min(expo, key=term)
-            alpha = trough.edit["alpha"]
-            where = f"α={alpha:g} (term {term(trough):+.4f}, ΔL {exact(trough):+.4f})"
-            if term(trough) < 0:
-                side = "extrapolation" if alpha > 0 else "interpolation"
-                lines.append(f"EXPO on {data}: the term's trough is below zero at {where}: {side} lowers the loss.")
-            else:
-                lines.append(f"EXPO on {data}: no α tried lowers the loss; the trough is at {where}.")
-    return lines
+        p, seed = row.edit.get("p"), row.edit.get("seed")
+        family = "drop_only" if row.edit.get("rescale") is False else "dare"
+        if (row.edit.get("name") != "dare" or row.edit.get("k", 0.0) != 0.0 or row.dataset != "Digits/test"
+                or scales.get(str(row.config.get("model", {}).get("pretrained")), 1.0) != 1.0
+                or p not in terms.get(family, {}) or seed is None or seed >= len(terms[family][p])):
+            continue
+        difference = abs(terms[family][p][seed] - row.result.inner_products[0])
+        agreement[p] = max(agreement.get(p, 0.0), difference)
+    return agreement
 
 
 @contextmanager
@@ -200,8 +186,11 @@ def demo(
     output_dir: str = "demo_output",
     cache_dir: str | None = None,
     num_points: int = 5,
-    eval_limit: int | None = 200,
+    eval_limit: int | None = 100,
+    gradient_seeds: int = 20,
     grid: list[dict[str, Any]] | None = None,
+    delta_scales: list[float] | None = None,
+    scale_grid: list[dict[str, Any]] | None = None,
     fast: bool = False,
     pair: PairSettings = PairSettings(),
     resume: bool = False,
@@ -209,19 +198,23 @@ def demo(
     threads: int | None = 1,
     figures: bool = True,
 ) -> list[SweepRow]:
-    """Build (or load) a real pre/post pair on the bundled digits, sweep the edits, print the table and findings.
+    """Build (or load) a pair in the paper's regime, sweep the edits over seeds, print the findings and write figures.
 
     Args:
-        output_dir: where ``results.jsonl``, ``sweep.yaml``, ``table.md`` and the figures are written.
+        output_dir: where ``results.jsonl``, ``sweep.yaml``, ``findings.md`` and the figures are written.
         cache_dir: where the trained pair is cached (default ``~/.cache/lightning_delta/demo``).
         num_points: C, the Riemann points (the paper's 5).
         eval_limit: test images used for the analysis (``None``: all 450).
+        gradient_seeds: masks per setting for Eq. 6 from one gradient (0: skip).
         grid: the sweep grid (default: that of ``configs/demo.yaml``, :func:`demo_grid`).
-        fast: a few points per family (:data:`FAST_GRID`), for a quick check.
+        delta_scales: the ``s`` of the delta-scale experiment, each in (0, 1) (default: ``configs/demo.yaml``'s;
+            ``[]`` skips it).
+        scale_grid: the blocks run at each ``s`` (default: ``configs/demo.yaml``'s).
+        fast: a few points per family (:data:`FAST_GRID`), no delta-scale experiment, for a quick check.
         pair: how the pair is trained (part of the cache key).
         resume: keep the rows of an earlier run in ``output_dir`` and run only the missing points.
         retrain: train the pair even if it is cached.
-        threads: torch CPU threads (``None``: torch's default); tiny models run best on one.
+        threads: torch CPU threads (``None``: torch's default); small models run best on one.
         figures: draw the figures.
     """
     previous_threads = torch.get_num_threads()
@@ -229,43 +222,98 @@ def demo(
         torch.set_num_threads(threads)
     try:
         with _quiet():
-            return _run(output_dir, cache_dir, num_points, eval_limit, grid, fast, pair, resume, retrain, figures)
+            return _run(output_dir, cache_dir, num_points, eval_limit, gradient_seeds, grid, delta_scales,
+                        scale_grid, fast, pair, resume, retrain, figures)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None,
-         grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
+def _print_pair(built: DemoPair, seconds: float) -> None:
+    info = built.info
+    regime = info["regime"]
+    print(
+        f"{'Trained' if built.trained else 'Loaded cached'} pair in {seconds:.1f} s ({info['parameters']:,} parameters, "
+        f"{built.pre_dir.parent}):\n"
+        f"  W_pre : test loss {info['pre']['loss']:.4f}, accuracy {100 * info['pre']['accuracy']:.1f}% (450 images)\n"
+        f"  W_post: test loss {info['post']['loss']:.4f}, accuracy {100 * info['post']['accuracy']:.1f}%\n"
+        f"\nThe regime: ‖ΔW‖/‖W_pre‖ = {100 * regime['all']['ratio']:.2f}% over all {regime['all']['parameters']:,} "
+        "parameters; per kind of module (summed over layers):\n"
+    )
+    print(regime_table(regime))
+
+
+def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None, gradient_seeds: int,
+         grid: list[dict[str, Any]] | None, delta_scales: list[float] | None,
+         scale_grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
          figures: bool) -> list[SweepRow]:
     started = time.time()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     built = build_pair(cache_dir, pair, retrain=retrain)
-    info = built.info
-    print(
-        f"{'Trained' if built.trained else 'Loaded cached'} pair in {time.time() - started:.1f} s "
-        f"({info['parameters']} parameters, {built.pre_dir.parent}):\n"
-        f"  W_pre : test loss {info['pre']['loss']:.4f}, accuracy {100 * info['pre']['accuracy']:.1f}%\n"
-        f"  W_post: test loss {info['post']['loss']:.4f}, accuracy {100 * info['post']['accuracy']:.1f}%"
-    )
+    _print_pair(built, time.time() - started)
+
+    # what is not given comes from configs/demo.yaml (fast: FAST_GRID and no delta-scale experiment)
+    shipped = {} if fast or None not in (grid, delta_scales, scale_grid) else demo_config()
+    grid = grid if grid is not None else (FAST_GRID if fast else shipped["grid"])
+    delta_scales = delta_scales if delta_scales is not None else shipped.get("delta_scales", [])
+    scale_grid = scale_grid if scale_grid is not None else shipped.get("scale_grid", [])
+    scales = {str(built.pre_dir): 1.0}
+    for s in delta_scales:
+        scales[str(scaled_pretrained(built, float(s)))] = float(s)
+    full_grid = list(grid) + scale_blocks(scale_grid, [path for path, s in scales.items() if s != 1.0])
+
     results = output / "results.jsonl"
     if not resume and results.exists():
         results.unlink()
-    config = sweep_config(built, output, grid or (FAST_GRID if fast else demo_grid()), num_points, eval_limit)
+    config = sweep_config(built, output, full_grid, num_points, eval_limit)
     (output / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    log = output / "sweep.log"
+    print(f"\nSweeping {len(expand_grid(full_grid))} points (the progress goes to {log}) ...", flush=True)
     sweep_started = time.time()
-    rows = sweep(config)
-    text = table(rows)
-    checks = findings(rows)
-    print(f"\nSweep of {len(rows)} points, C = {num_points}, in {time.time() - sweep_started:.1f} s "
-          f"(W_post accuracy {100 * (rows[0].result.accuracy_post or 0):.1f}% on the analysed images):\n")
-    print(text)
-    print("\nThe paper's findings on this pair:")
-    for line in checks:
-        print(f"- {line}")
-    (output / "table.md").write_text(text + "\n\n" + "\n".join(f"- {line}" for line in checks) + "\n")
+    with log.open("w") as stream, redirect_stdout(stream):
+        rows = sweep(config)
+    sweep_seconds = time.time() - sweep_started
+
+    gradients, deltas = gradient_and_deltas(built, eval_limit)
+    expectation = None
+    if gradient_seeds > 0:
+        expectation = gradient_terms(gradients, deltas, gradient_seeds)
+        expectation["check"] = sweep_agreement(expectation, rows, scales)
+    main = [row for row in rows if scales.get(str(row.config.get("model", {}).get("pretrained")), 1.0) == 1.0]
+    sizes = edit_sizes(deltas, main, gradients)
+    shapes = {name: tuple(delta.shape) for name, delta in deltas.items()}
+    lines = findings(rows, expectation, scales, shapes, sizes)
+    settings = aggregate(rows, scales)
+    randomised = [setting for setting in settings if setting.randomised]
+    seeds = sorted({seed for setting in randomised for seed in setting.seeds})
+    tested = [row for row in main if row.dataset == "Digits/test"]
+    post_accuracy = tested[0].result.accuracy_post if tested else None
+    revert = revert_cost(settings)
+    header = (
+        f"Sweep of {len(rows)} points (C = {num_points}, the first {eval_limit or 450} test images, W_post accuracy "
+        f"{100 * (post_accuracy or 0):.1f}% on them; randomised edits under mask seeds "
+        f"{', '.join(map(str, seeds)) or 'none'}) in {sweep_seconds:.1f} s.\n"
+        f"R = L(W_pre) − L(W_post) = {'—' if revert is None else f'{revert:.4f}'} on these images, the loss change of "
+        f"reverting to W_pre; competitive: mean ΔL ≤ {100 * COMPETITIVE:.0f}% of R."
+    )
+    text = "\n\n".join([
+        header,
+        "The paper's findings on this pair (mean ± sample std over the mask seeds; det.: an edit without randomness):",
+        findings_table(lines),
+        f"Table 1 in the paper's layout (accuracy in % on the {eval_limit or 450} images, mean ± std over the seeds for "
+        "the random column; ΔL beside):",
+        table1(rows, scales=scales),
+        "Every setting (s: the delta scale, W_pre = W_post − s·ΔW):",
+        settings_table(settings),
+    ])
+    print("\n" + text)
+    (output / "findings.md").write_text(text + "\n")
+    (output / "regime.json").write_text(json.dumps(built.info["regime"], indent=1))
     if figures:
-        written = plot_all(rows, output / "figures")
+        written = plot_all(main, output / "figures")
+        path = plot_delta_scale(rows, scales, output / "figures" / "delta_scale.png")
+        if path is not None:
+            written["delta_scale"] = path
         print(f"\nFigures: {', '.join(str(path) for path in written.values())}")
     print(f"Results: {results} ({time.time() - started:.1f} s in all)")
     return rows

@@ -1,21 +1,26 @@
-"""A real pre-trained / post-trained pair, built offline in about a minute and cached.
+"""A real pre-trained / post-trained pair in the paper's regime, built offline in about a minute and cached.
 
-* **Pre-training** (W_pre): a tiny Llama (Hugging Face ``LlamaForCausalLM``) learns the generic objective of the
-  digit sequences, next-pixel prediction over every training image, with the answer as one more token (a briefly
-  trained classifier; ``pretrain_digits`` can restrict the answers it sees to some digits).
-* **Post-training** (W_post): from W_pre, fine-tuning on the task alone, the answer token, with a small learning
-  rate and few steps, as instruction tuning does: ΔW = W_post − W_pre is small next to W_pre and W_post is still
-  under-trained (the situation EXPO exploits).
+* **Pre-training** (W_pre): a small Llama (Hugging Face ``LlamaForCausalLM``, 549,504 parameters by default) learns
+  the generic objective of the digit sequences, next-patch prediction, over the training images moved by up to one
+  pixel (:func:`~lightning_delta.demo.digits.shifted_copies`), with the answer labelled on a fraction of them. It
+  leaves a capable base model that is far from done with the task (about 64 % test accuracy).
+* **Post-training** (W_post): from W_pre, a short fine-tuning on the task alone, the answer token, with a small
+  learning rate, as instruction tuning does: ΔW = W_post − W_pre is a few percent of ‖W_pre‖ (the regime of real
+  post-training deltas; :func:`delta_regime` measures it per module), and the task loss drops by about half.
 
 Both models are saved with ``save_pretrained`` under ``<cache_dir>/digits-llama-<key>/{pre,post}``, where the key
-hashes the settings, so a second run with the same settings loads them instead of training.
+hashes the settings and the recipe's version, so a second run with the same settings loads them instead of training.
+:func:`scaled_pretrained` derives from them the pre-trained models of smaller deltas, ``W_post − s·ΔW`` (the
+delta-scale experiment), cached beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -36,28 +41,30 @@ from lightning_delta.demo.digits import (
     answer_accuracy,
     digit_sequences,
     load_digit_splits,
+    shifted_copies,
 )
 from lightning_delta.losses import CausalLMLoss
 
-__all__ = ["PairSettings", "DemoPair", "build_pair", "default_cache_dir"]
+__all__ = ["PairSettings", "DemoPair", "build_pair", "default_cache_dir", "delta_regime", "module_kind",
+           "scaled_pretrained"]
 
-RECIPE_VERSION = 1  # bump when the recipe changes in a way the settings do not show
+RECIPE_VERSION = 2  # bump when the recipe changes in a way the settings do not show (2: patches, shifts, 549k params)
 
 
 @dataclass(frozen=True)
 class PairSettings:
     """How the demo's models are built; every field is part of the cache key."""
 
-    hidden_size: int = 32  # width of the tiny Llama
-    intermediate_size: int = 64  # width of its MLP
+    hidden_size: int = 128  # width of the Llama
+    intermediate_size: int = 512  # width of its MLP
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    pretrain_steps: int = 300  # next-pixel prediction on all digits, and their answers
+    pretrain_steps: int = 1000  # next-patch prediction on shifted training digits, some answers
     pretrain_lr: float = 3e-3
+    pretrain_answer_fraction: float = 0.3  # the fraction of pre-training images whose answer is labelled
     posttrain_steps: int = 200  # answers only, from W_pre: a small ΔW
-    posttrain_lr: float = 3e-4
+    posttrain_lr: float = 1e-4
     batch_size: int = 64
-    pretrain_digits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # the digits whose answers pre-training sees
     seed: int = 0
 
     def key(self) -> str:
@@ -98,7 +105,7 @@ class CausalLMTraining(pl.LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-def _tiny_llama(settings: PairSettings) -> nn.Module:
+def _llama(settings: PairSettings) -> nn.Module:
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=settings.hidden_size,
@@ -142,6 +149,44 @@ def evaluate(model: nn.Module, split: str = "test") -> dict[str, float]:
     return {"loss": float(output.total / output.count), "accuracy": float(correct / total)}
 
 
+# ------------------------------------------------------------------------------------------------- the regime
+def module_kind(name: str) -> str:
+    """The kind of module a tensor belongs to, the same in every layer: ``q_proj``, ``mlp.up_proj``, ``norms``,
+    ``embed_tokens``, ``lm_head``, ... (the rows of the regime table).
+
+    Example:
+        >>> module_kind("model.layers.1.self_attn.q_proj.weight"), module_kind("model.norm.weight")
+        ('self_attn.q_proj', 'norms')
+    """
+    if "norm" in name:
+        return "norms"
+    kind = re.sub(r"^model\.", "", name.removesuffix(".weight").removesuffix(".bias"))
+    return re.sub(r"^layers\.\d+\.", "", kind)
+
+
+def delta_regime(post: dict[str, Tensor], pre: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """How large ΔW is next to W_pre, per kind of module (:func:`module_kind`) and in all (``"all"``).
+
+    For each group: ``delta_norm`` ‖ΔW‖ and ``pre_norm`` ‖W_pre‖ (Frobenius norms over every tensor of the group,
+    computed in float64), their ratio ``ratio``, and ``parameters``, the number of entries.
+    """
+    sums: dict[str, list[float]] = {}
+    for name, weight in pre.items():
+        delta = post[name].double() - weight.double()
+        for group in (module_kind(name), "all"):
+            entry = sums.setdefault(group, [0.0, 0.0, 0])
+            entry[0] += float(delta.square().sum())
+            entry[1] += float(weight.double().square().sum())
+            entry[2] += weight.numel()
+    regime = {}
+    for group, (delta_sq, pre_sq, count) in sums.items():
+        delta_norm, pre_norm = math.sqrt(delta_sq), math.sqrt(pre_sq)
+        regime[group] = {"delta_norm": delta_norm, "pre_norm": pre_norm,
+                         "ratio": delta_norm / pre_norm if pre_norm > 0 else math.inf, "parameters": int(count)}
+    return regime
+
+
+# ----------------------------------------------------------------------------------------------------- the pair
 def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSettings | None = None,
                retrain: bool = False) -> DemoPair:
     """Load the pair from the cache, or train and cache it (``retrain=True``: train even if cached)."""
@@ -154,25 +199,56 @@ def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSetting
 
     started = time.time()
     pl.seed_everything(settings.seed, verbose=False)
-    splits = load_digit_splits()
-    model = _tiny_llama(settings)
-    generic = DigitSequences(*splits["train"], answer_only=False, answer_digits=settings.pretrain_digits)
+    train_images, train_digits = shifted_copies(*load_digit_splits()["train"])
+    model = _llama(settings)
+    generic = DigitSequences(train_images, train_digits, answer_only=False,
+                             answer_fraction=settings.pretrain_answer_fraction, seed=settings.seed)
     _train(model, generic, settings.pretrain_steps, settings.pretrain_lr, settings)
     staging = root / f".digits-llama-{settings.key()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging / "pre")
+    pre_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     pre_scores = evaluate(model)
-    _train(model, DigitSequences(*splits["train"]), settings.posttrain_steps, settings.posttrain_lr, settings)
+    pretrain_seconds = time.time() - started
+    _train(model, DigitSequences(train_images, train_digits), settings.posttrain_steps, settings.posttrain_lr,
+           settings)
     model.save_pretrained(staging / "post")
     info = {
         "settings": asdict(settings),
         "pre": pre_scores,
         "post": evaluate(model),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "train_seconds": round(time.time() - started, 1),
+        "regime": delta_regime(model.state_dict(), pre_weights),
+        "train_seconds": {"pre": round(pretrain_seconds, 1), "post": round(time.time() - started - pretrain_seconds, 1)},
     }
     (staging / "pair.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(directory, ignore_errors=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, directory)  # the cache entry appears whole or not at all
     return DemoPair(directory / "pre", directory / "post", True, info)
+
+
+def scaled_pretrained(pair: DemoPair, scale: float) -> Path:
+    """A pre-trained model whose delta to W_post is ``s·ΔW``: ``W_post − s·(W_post − W_pre)``, cached beside the pair.
+
+    ``s = 1`` is W_pre itself; ``s = 0.5`` puts the pre-trained model halfway to W_post, so every edit of its delta
+    acts on half of ΔW (the delta-scale experiment of the demo). Written once, as ``pre-scaled-<s>``.
+    """
+    if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+        raise ValueError(f"`scale` must be in (0, 1], got {scale!r}.")
+    if scale == 1:
+        return pair.pre_dir
+    directory = pair.pre_dir.parent / f"pre-scaled-{scale:g}"
+    if (directory / "config.json").is_file():
+        return directory
+    post = LlamaForCausalLM.from_pretrained(pair.post_dir)
+    pre = LlamaForCausalLM.from_pretrained(pair.pre_dir).state_dict()
+    with torch.no_grad():
+        for name, weight in post.state_dict().items():
+            weight.sub_(scale * (weight - pre[name]))  # W_post − s·ΔW, in the weights' float32
+    staging = directory.parent / f".{directory.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    post.save_pretrained(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return directory
