@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -386,3 +387,23 @@ def test_demo_without_its_config_says_where_it_looked(tmp_path):
     missing = tmp_path / "demo.yaml"
     with pytest.raises(FileNotFoundError, match=rf"grid from {missing}, which is not there.*pip install -e"):
         demo_grid(missing)
+
+
+def test_the_readme_quotes_the_findings_table_in_the_demos_format():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## The demo"):]
+    section = section[: section.index("\n## ", 5)]
+    header = findings_table([]).splitlines()
+    lines = section.splitlines()
+    start = lines.index(header[0])
+    assert lines[start + 1] == header[1]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    assert [int(row.split(" | ")[0].removeprefix("| ")) for row in rows] == list(range(1, len(rows) + 1))
+    verdicts = [row.rsplit(" | ", 1)[1].removesuffix(" |") for row in rows]
+    assert all(verdict.startswith(("holds", "departs", "explains #")) for verdict in verdicts), verdicts
+    cited = {int(number) for number in re.findall(r"\[(\d+)", section)}
+    assert cited and max(cited) <= len(rows)  # the prose cites rows that exist

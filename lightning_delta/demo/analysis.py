@@ -546,7 +546,7 @@ def _equal_density_findings(settings: Sequence[Setting], shapes: Mapping[str, tu
         setting = lowrank[0]
         density = "" if shapes is None else f", {100 * lowrank_density(setting.edit, shapes):.1f}% of the numbers kept"
         lines.append(Finding(
-            "§5.2, Fig. 3: Twin-Merging's low rank has a term > 0 and, at DARE p = 0.9's density, loses more than DARE",
+            "§5.2, Fig. 3: Twin-Merging's low rank has a term > 0 and loses more than DARE at p = 0.9 (10 % kept)",
             f"low rank ({edit_parameters(setting.rows[0])}{density}): term {setting.term.mean:+.4f}, ΔL "
             f"{setting.exact.mean:+.4f}; DARE p = 0.9: ΔL {dare.exact}", f"det./{len(dare.rows)}",
             _verdict(setting.term.mean > 0 and setting.exact.mean > dare.exact.mean)))
