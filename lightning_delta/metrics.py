@@ -2,7 +2,8 @@
 
 - :class:`RatioOfSums`: ``Σ numerator / Σ denominator`` in float64: the metric
   :class:`~lightning_delta.module.DeltaEditModule` logs its losses (``Σ per-item loss / #items``) and accuracies
-  (``Σ correct / Σ total``, from an evaluator ``(model, batch) -> (correct, total)``) with (DESIGN.md §2.6).
+  (``Σ correct / Σ total``, from an evaluator ``(model, batch) -> (correct, total)``) with: float64 sums
+  reduced across processes, divided once.
 - GSM8K: :func:`extract_final_number` and :func:`numbers_match` (final numbers of generated and reference answers),
   used by :class:`lightning_delta.datamodules.GSM8KEvaluator`.
 """

@@ -1,11 +1,12 @@
 """The edit as a parametrization: every edited tensor reads ``W(t) = W_post + t·E``.
 
 One scalar ``t`` per tensor (all set together by :meth:`EditedModel.set_t`) is the only tensor that requires a
-gradient, so a backward pass leaves ``∂L/∂t_k = ⟨∇_{W_k} L(W_post + tE), E_k⟩`` in ``t_k.grad`` (DESIGN.md §2.1):
-every per-tensor term of the Riemann sum from one backward pass, with no weight-sized ``.grad`` buffer.
+gradient, so a backward pass leaves ``∂L/∂t_k = ⟨∇_{W_k} L(W_post + tE), E_k⟩`` in ``t_k.grad``: every
+per-tensor term of the Riemann sum from one backward pass (tested against explicit weight gradients), with no
+weight-sized ``.grad`` buffer.
 
 Memory: autograd would keep each materialised ``W(t)`` alive until backward (one more copy of every edited weight,
-DESIGN.md §2.10). Under :meth:`EditedModel.recompute_weights` a saved-tensor hook stores a reference to the
+measured below). Under :meth:`EditedModel.recompute_weights` a saved-tensor hook stores a reference to the
 parametrization instead and rebuilds ``W(t)`` in backward, one tensor at a time.
 
 Why a parametrization rather than writing ``W(t)`` into the weights in place (with a post-accumulate-grad hook

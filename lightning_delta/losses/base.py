@@ -4,7 +4,8 @@ marks positions out of the loss (:data:`IGNORE_INDEX`) and reading logits off a 
 A loss returns :class:`LossOutput` ``(total, count)``: the sum of per-item losses in the batch (differentiable,
 float64) and the number of items summed (answer tokens for a language model, examples for a classifier, pairs for
 DPO). The Riemann callback adds totals and counts over batches and processes and divides once at the end, so L is the
-same for any batch size, split or number of processes (DESIGN.md §2.6).
+same for any batch size, split or number of processes (a float32 batch mean instead
+moved by 3.5e-5 relative between runs).
 """
 
 from __future__ import annotations
