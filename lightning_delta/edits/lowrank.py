@@ -93,7 +93,7 @@ def truncated_svd(
     * slowly decaying spectra, ``σ_i ∝ i^{-1/2}``: 2–6 % at ``r = 16``–64 (512×768 to 1024×1024), 0.1–0.3 % at
       ``r = 5``, under 10 % in every case tested; ``A·diag(i^{-1/2})·B`` at 4096×4096 and 4096×14336, ``r = 64``:
       3.8 % and 3.6 %; ``σ_i ∝ i^{-1}`` (1024×1024, ``r = 64``): about 0.1 %;
-    * the demo pair's real deltas (``lightning_delta.demo``, 32×32 to 96×32, ``r = 1`` and 4): at most 8e-5 (the
+    * the real deltas of the first demo pair (26,784 parameters, 32×32 to 96×32, ``r = 1`` and 4): at most 8e-5 (the
       sketch is then a third to half of ``min(d, k)``, so this says little about large matrices);
     * a flat spectrum (Gaussian 1024×1024, ``r = 100``, and 512×512, ``r = 50``): 38–39 %; small Gaussian matrices
       (40×64 to 100×80, ``r = 1`` and 5): 2–30 % depending on the draw. The residual ``‖ΔW − F‖`` is then within
