@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_delta.delta import check_tied_targets, load_tensors, tied_names
+from lightning_delta.delta import check_tied_targets, load_tensors
 
 __all__ = ["EditParametrization", "EditedModel"]
 
@@ -46,7 +46,7 @@ __all__ = ["EditParametrization", "EditedModel"]
 # Entries per float32 dot: a chunk's sum is accumulated by BLAS in float32, the chunk sums in float64. Small enough
 # that the float32 part stays at the level of the gradient's own rounding, large enough for few Python steps; on
 # accelerators larger chunks keep the number of kernel launches down.
-_INNER_PRODUCT_CHUNK = {"cpu": 1 << 16}
+_INNER_PRODUCT_CHUNK_CPU = 1 << 16
 _INNER_PRODUCT_CHUNK_ACCELERATOR = 1 << 22
 
 
@@ -68,7 +68,7 @@ def inner_product(grad: Tensor, E: Tensor) -> Tensor:
     grad, E = grad.reshape(-1), E.reshape(-1)
     if grad.dtype == torch.float64 and E.dtype == torch.float64:
         return torch.dot(grad, E)
-    chunk = _INNER_PRODUCT_CHUNK.get(grad.device.type, _INNER_PRODUCT_CHUNK_ACCELERATOR)
+    chunk = _INNER_PRODUCT_CHUNK_CPU if grad.device.type == "cpu" else _INNER_PRODUCT_CHUNK_ACCELERATOR
     dots = [
         torch.dot(grad[start : start + chunk].float(), E[start : start + chunk].float())
         for start in range(0, grad.numel(), chunk)
@@ -178,8 +178,9 @@ class EditedModel:
         self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
-        aliases = aliases if aliases is not None else tied_names(model)
-        check_tied_targets(self.names, load_tensors(model))
+        source = load_tensors(model)  # its names, grouped by tied tensor
+        aliases = aliases if aliases is not None else source.tied
+        check_tied_targets(self.names, source)
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         try:
             self._register(model, E, tensors, aliases)
