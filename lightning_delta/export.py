@@ -8,6 +8,7 @@ tokenizer and processor files, so that plain ``transformers`` ``from_pretrained`
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from lightning_delta._loading import check_dtype, format_names, load_model, model_directory
 from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, iter_edited
+from lightning_delta.edits import PerTensor
 
 __all__ = ["apply_edit_", "save_edited"]
 
@@ -42,6 +44,9 @@ TOKENIZER_AND_PROCESSOR_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
 )
+
+# Written beside the weights when the edit is a PerTensor: its settings per tensor (its config()).
+PER_TENSOR_FILE = "per_tensor_edit.json"
 
 # What is fetched for a hub id given as the post-trained model, besides its weights and JSON files.
 _HUB_EXTRA_PATTERNS = ["*.model", "*.txt", "*.jinja"]
@@ -145,7 +150,8 @@ def save_edited(
         save_kwargs: passed to ``save_pretrained`` (e.g. ``max_shard_size``).
 
     Returns:
-        ``output_dir`` as a ``Path``. Tokenizer and processor files of the post-trained directory are copied there.
+        ``output_dir`` as a ``Path``. Tokenizer and processor files of the post-trained directory are copied there;
+        for a :class:`~lightning_delta.edits.PerTensor` edit (a plan), its config goes to ``per_tensor_edit.json``.
 
     Raises:
         ValueError: for a ``post`` that is neither a model with ``save_pretrained`` nor a model directory / hub id,
@@ -198,6 +204,8 @@ def save_edited(
     staging = _new_sibling(output_dir, "tmp")
     try:
         model.save_pretrained(staging, **save_kwargs)
+        if isinstance(edit, PerTensor):
+            (staging / PER_TENSOR_FILE).write_text(json.dumps(edit.config(), indent=2) + "\n")
         if source_dir is not None:
             for name in TOKENIZER_AND_PROCESSOR_FILES:
                 if (source_dir / name).is_file():

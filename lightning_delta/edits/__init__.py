@@ -18,6 +18,9 @@ name (:func:`build`)      class                      paper
 ``extrapolate``           :class:`Extrapolate`       EXPO (sec. 6)
 ========================  =========================  ==================================================
 
+:class:`PerTensor` gives each tensor the edit of the first regular expression its name matches (what
+:mod:`lightning_delta.plan` writes); it is not in :func:`build`'s registry: ``PerTensor(edits={...})``.
+
 Randomised edits draw from :func:`tensor_generator` (run seed and ``zlib.crc32`` of the tensor name): the same
 seed gives the same result in any tensor order, with any number of threads, in any process.
 """
@@ -34,6 +37,7 @@ from lightning_delta.edits.dare import DARE
 from lightning_delta.edits.della import DELLA
 from lightning_delta.edits.extrapolate import Extrapolate
 from lightning_delta.edits.lowrank import LowRank
+from lightning_delta.edits.per_tensor import PerTensor
 from lightning_delta.edits.prune import MagnitudePrune
 
 __all__ = [
@@ -45,6 +49,7 @@ __all__ = [
     "GradientBiased",
     "LowRank",
     "MagnitudePrune",
+    "PerTensor",
     "SignBiased",
     "available",
     "build",
