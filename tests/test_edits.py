@@ -493,6 +493,50 @@ def test_della_matches_reference(p, epsilon):
     torch.testing.assert_close(out.double(), della_reference(delta, p, epsilon, 3, "w"), rtol=1e-6, atol=0)
 
 
+def della_loop(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Generator, rows_per_chunk: int):
+    """DELLA's definition entry by entry in the output dtype's arithmetic (numpy scalars round every operation):
+    rank by decreasing |x| (NaN first, ties by position), p_i = p_min + (ε/n)·r_i, drop when u_i < p_i, else
+    x / (1 − p_i); u from float32 ``torch.rand`` per chunk of whole rows."""
+    real = np.float64 if delta.dtype == torch.float64 else np.float32
+    n = delta.shape[-1]
+    rows = delta.reshape(-1, n).to(torch.float64 if real is np.float64 else torch.float32).numpy()
+    p_min, step, one = real(p - epsilon * (n - 1) / (2 * n)), real(epsilon / n), real(1.0)
+    out = np.zeros_like(rows)
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        block = rows[start : start + rows_per_chunk]
+        draws = torch.rand(block.size, generator=generator).numpy().reshape(block.shape)
+        for r, row in enumerate(block):
+            order = sorted(range(n), key=lambda j: (0, 0.0, j) if math.isnan(row[j]) else (1, -abs(row[j]), j))
+            for rank, j in enumerate(order):
+                p_j = p_min + step * real(rank)
+                out[start + r, j] = 0.0 if draws[r, j] < p_j else row[j] / (one - p_j)
+    return torch.from_numpy(out).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_della_equals_the_definition_bit_for_bit(dtype, chunked, monkeypatch):
+    """Ties (±0, repeated magnitudes), ±inf and NaN included; chunked: several chunks of whole rows."""
+    delta = randn(4, 5, 16, seed=23).to(dtype)
+    delta[0, 0, :6] = 0.0
+    delta[0, 0, 6] = -0.0
+    delta[1, 2, :9] = -delta[1, 2, 9]
+    delta[2, 0, 3], delta[2, 0, 7], delta[2, 0, 11] = float("nan"), -float("nan"), float("inf")
+    delta[3, 4, 5] = -float("inf")
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    nan = torch.full((16,), float("nan"), dtype=dtype)
+    delta[2, 1] = (nan.view(bits) + torch.arange(16, dtype=bits)).view(dtype)  # NaNs of 16 bit patterns
+    rows_per_chunk = 3 if chunked else 20
+    if chunked:
+        monkeypatch.setattr("lightning_delta.edits.della.CHUNK_NUMEL", rows_per_chunk * 16)
+    out = DELLA(p=0.7, epsilon=0.5, seed=4).edit_tensor("w", delta)
+    expected = della_loop(delta, 0.7, 0.5, tensor_generator(4, "w"), rows_per_chunk)
+    assert out.dtype == expected.dtype and out.shape == delta.shape
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert out.isnan().sum() >= 1 and (out == 0).sum() > 0  # the NaN and the drops are exercised
+
+
 def test_della_with_zero_epsilon_is_dare():
     delta = randn(20, 30, seed=20)
     torch.testing.assert_close(

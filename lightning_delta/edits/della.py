@@ -18,6 +18,9 @@ from lightning_delta.edits.base import (
 
 __all__ = ["DELLA", "check_della", "della_drop_probabilities", "magprune"]
 
+_SAME_WIDTH_INTEGER = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                       torch.bfloat16: torch.int16}
+
 
 def check_della(p: float, epsilon: float) -> tuple[float, float]:
     """``(p, epsilon)`` checked: ``p`` in ``[0, 1)`` and ``0 <= epsilon <= 2·min(p, 1 − p)``, else ValueError."""
@@ -42,9 +45,12 @@ def della_drop_probabilities(rows: Tensor, p: float, epsilon: float) -> Tensor:
 
     where ``n`` is the row length and ``r_i ∈ {0, …, n − 1}`` the rank of ``|rows_i|`` in decreasing order (the
     largest magnitude has rank 0 and the lowest drop probability). Equal magnitudes are ranked by position, the
-    first one lower. ``p_min`` makes the row's mean probability exactly ``p`` (DELLA's paper writes
-    ``p_min = p − ε/2``, the same up to ``ε/(2n)``), so ``p_i`` spans ``p ± ε(n − 1)/(2n)``, inside ``[0, 1)``
-    whenever ``ε <= 2·min(p, 1 − p)``.
+    first one lower; NaNs rank above every number. ``p_min`` makes the row's mean probability exactly ``p`` (DELLA's
+    paper writes ``p_min = p − ε/2``, the same up to ``ε/(2n)``), so ``p_i`` spans ``p ± ε(n − 1)/(2n)``, inside
+    ``[0, 1)`` whenever ``ε <= 2·min(p, 1 − p)``.
+
+    One stable sort per row gives the order; the ladder ``p_min + (ε/n)·j`` (``j = 0 … n − 1``, in ``rows``' dtype)
+    is scattered to it, so each ``p_i`` is ``p_min + (ε/n)·r_i`` rounded as if computed entry by entry.
 
     Shapes:
         - ``rows``: ``(R, n)``. Output: ``(R, n)`` in ``rows``' dtype.
@@ -54,11 +60,23 @@ def della_drop_probabilities(rows: Tensor, p: float, epsilon: float) -> Tensor:
         tensor([[0.3500, 0.5500, 0.4500, 0.6500]])
     """
     n = rows.shape[-1]
-    order = torch.sort(rows.abs(), dim=-1, descending=True, stable=True).indices  # (R, n)
-    positions = torch.arange(n, device=rows.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # inverse permutation: rank of each entry
+    order = torch.sort(_magnitude_keys(rows), dim=-1, descending=True, stable=True).indices  # (R, n)
     p_min = p - epsilon * (n - 1) / (2 * n)
-    return p_min + (epsilon / n) * ranks.to(rows.dtype)
+    ladder = p_min + (epsilon / n) * torch.arange(n, device=rows.device).to(rows.dtype)  # p of rank 0, 1, …
+    return torch.empty_like(rows).scatter_(-1, order, ladder.expand_as(rows))
+
+
+def _magnitude_keys(rows: Tensor) -> Tensor:
+    """``|rows|`` as integers of the same width that sort like the magnitudes (a float's bits, sign cleared, order
+    as its value; sorting them is faster than sorting floats). Every NaN becomes one key above +inf, so NaNs tie
+    as a float sort ties them."""
+    magnitudes = rows.abs()
+    if rows.dtype not in _SAME_WIDTH_INTEGER:
+        return magnitudes
+    nans = magnitudes.isnan()
+    if nans.any():
+        magnitudes.masked_fill_(nans, float("nan"))  # one bit pattern for every NaN
+    return magnitudes.view(_SAME_WIDTH_INTEGER[rows.dtype])
 
 
 def magprune(delta: Tensor, p: float, epsilon: float, generator: torch.Generator | None = None) -> Tensor:
@@ -103,11 +121,12 @@ def magprune(delta: Tensor, p: float, epsilon: float, generator: torch.Generator
     rows_per_chunk = max(1, CHUNK_NUMEL // n)
     for start in range(0, rows.shape[0], rows_per_chunk):
         block = rows[start : start + rows_per_chunk].to(dtype)  # (R, n)
-        drop_probability = della_drop_probabilities(block, p, epsilon)
+        probability = della_drop_probabilities(block, p, epsilon)
         draws = torch.rand(block.numel(), generator=generator, device=delta.device, dtype=torch.float32)
-        dropped = draws.view(block.shape) < drop_probability
-        kept = block / (1.0 - drop_probability)
-        out[start : start + rows_per_chunk] = torch.where(dropped, kept.new_zeros(()), kept)
+        dropped = draws.view(block.shape) < probability
+        keep_probability = probability.neg_().add_(1.0)  # 1 − p_i, in place
+        chunk = torch.div(block, keep_probability, out=out[start : start + rows_per_chunk])
+        chunk.masked_fill_(dropped, 0.0)
     return out.view(delta.shape)
 
 
