@@ -28,6 +28,7 @@ import torch
 from huggingface_hub.constants import CONFIG_NAME, PYTORCH_WEIGHTS_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "tied_names"]
 
@@ -135,6 +136,8 @@ class TensorSource:
 
 def _storage_key(tensor: Tensor) -> tuple | None:
     """What identifies the memory a tensor views: equal keys mean the same values under two names."""
+    if isinstance(tensor, DTensor):  # a parameter sharded by FSDP2: its own rows identify it
+        tensor = tensor.to_local()
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return None
     try:
@@ -197,7 +200,15 @@ class MappingSource(TensorSource):
         super().__init__(kept, tied)
 
     def _get(self, name: str) -> Tensor:
-        return self._state[name]
+        tensor = self._state[name]
+        # A sharded (FSDP2) tensor is gathered whole: a collective, reached in the same order on every process.
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def _shape(self, name: str) -> torch.Size:
+        return self._state[name].shape
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self._state[name].dtype
 
     def close(self) -> None:
         self._state = {}
@@ -298,7 +309,15 @@ class TorchBinSource(TensorSource):
         super().__init__(kept, tied)
 
     def _get(self, name: str) -> Tensor:
-        return self._state[name]
+        tensor = self._state[name]
+        # A sharded (FSDP2) tensor is gathered whole: a collective, reached in the same order on every process.
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def _shape(self, name: str) -> torch.Size:
+        return self._state[name].shape
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self._state[name].dtype
 
     def close(self) -> None:
         self._state = {}

@@ -15,11 +15,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
+from lightning_delta.sharded import (
+    ShardedEditedModel,
+    gradient_divide_factors,
+    is_sharded,
+    local_rows,
+    sharded_parameters,
+)
 
 __all__ = [
     "EditTarget",
@@ -43,7 +51,7 @@ class EditTarget(Protocol):
 
     loss_measured_by_sweep: bool
 
-    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel: ...
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel | ShardedEditedModel: ...
 
     def riemann_prepare(self, batch: Any) -> Any: ...
 
@@ -88,9 +96,9 @@ class ModuleTarget:
         self.model = module.get_submodule(module_name) if module_name else module
         self.include, self.exclude = include, exclude
         self.loss_fn = loss_fn if loss_fn is not None else training_step_loss
-        self._edited: EditedModel | None = None
+        self._edited: EditedModel | ShardedEditedModel | None = None
 
-    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel:
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel | ShardedEditedModel:
         if self._edited is None:
             gradients = None
             if getattr(self.edit, "needs_gradients", False):
@@ -132,6 +140,9 @@ def edit_differences(
 ) -> dict[str, Tensor]:
     """``E_k = F(ΔW_k) − ΔW_k`` for every selected tensor, computed one tensor at a time on the model's device.
 
+    On a model sharded by FSDP2 each tensor is gathered whole, edited exactly as on one process (an edit may need
+    the whole tensor: BitDelta's mean, TIES's top k, a low-rank SVD) and only this process's rows of ``E`` are kept.
+
     Args:
         model: the post-trained model (W_post).
         pretrained: W_pre: a module, state dict, local directory or hub id (see :func:`~lightning_delta.compute_delta`).
@@ -145,11 +156,16 @@ def edit_differences(
         ValueError: every error of :func:`~lightning_delta.editing.iter_edited` (the generator behind this and
             :func:`~lightning_delta.export.apply_edit_`).
     """
-    if isinstance(edit, Mapping):
-        return dict(edit)  # ready-made E: no W_pre to read; EditedModel checks the names
+    sharded = sharded_parameters(model)
+    if isinstance(edit, Mapping):  # ready-made E: no W_pre to read; EditedModel checks the names
+        return {name: local_rows(E, sharded[name]) if name in sharded and E.shape == sharded[name].shape else E
+                for name, E in edit.items()}
     check_E_dtype(E_dtype)
-    return {item.name: (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))
-            for item in iter_edited(model, pretrained, edit, include, exclude, gradients)}
+    differences = {}
+    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
+        E = (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))  # noqa: N806
+        differences[item.name] = local_rows(E, sharded[item.name]) if item.name in sharded else E
+    return differences
 
 
 def attach_edit(
@@ -160,9 +176,13 @@ def attach_edit(
     exclude: Patterns = None,
     gradients: Mapping[str, Tensor] | None = None,
     E_dtype: str = "float32",  # noqa: N803
-) -> EditedModel:
-    """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``."""
+) -> EditedModel | ShardedEditedModel:
+    """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``: an
+    :class:`~lightning_delta.parametrize.EditedModel`, or a :class:`~lightning_delta.sharded.ShardedEditedModel` when
+    the model's parameters are sharded by FSDP2."""
     differences = edit_differences(model, pretrained, edit, include, exclude, gradients, E_dtype)
+    if sharded_parameters(model):
+        return ShardedEditedModel(model, differences, E_dtype=E_dtype)
     return EditedModel(model, differences, E_dtype=E_dtype)
 
 
@@ -188,7 +208,9 @@ def gradients_at_post(
 
     Each batch's gradient is added, as soon as autograd has it, into a float32 sum (float64 for float64 weights)
     and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
-    The returned tensors have that accumulation dtype.
+    The returned tensors have that accumulation dtype. A parameter sharded by FSDP2 gets its rows of the gradient
+    (already summed over processes by FSDP's reduce-scatter) after each backward pass; its entry is a ``DTensor``
+    of those rows, gathered whole only when the edit reads it.
     """
     parameters = dict(model.named_parameters())
     names = names if names is not None else list(parameters)
@@ -206,11 +228,14 @@ def gradients_at_post(
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in names)
         parameter.grad = None
+    sharded = [name for name in names if is_sharded(parameters[name])]
     for name in names:
         parameter = parameters[name]
         dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
-        sums[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
-        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
+        rows = parameter.to_local() if name in sharded else parameter
+        sums[name] = torch.zeros(rows.shape, dtype=dtype, device=rows.device)
+        if name not in sharded:
+            hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     device = trainer.strategy.root_device
@@ -222,6 +247,10 @@ def gradients_at_post(
                     batch = target.riemann_prepare(trainer.strategy.batch_to_device(batch, device))
                     output = target.riemann_loss(batch, batch_idx)
                     output.total.backward()
+                    for name in sharded:  # FSDP sets a shard's gradient after backward, without the hook
+                        if parameters[name].grad is not None:
+                            sums[name].add_(parameters[name].grad.to_local())
+                            parameters[name].grad = None
                     count += output.count
     finally:
         for hook in hooks:
@@ -230,4 +259,14 @@ def gradients_at_post(
             parameter.grad = None
             parameter.requires_grad_(flags[name])
     count = trainer.strategy.reduce(count, reduce_op="sum")
-    return {name: trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype) for name, total in sums.items()}
+    factors = gradient_divide_factors(model)
+    gradients = {}
+    for name, total in sums.items():
+        if name in sharded:  # FSDP has summed it over processes and divided by its factor
+            parameter = parameters[name]
+            rows = total * (factors.get(id(parameter), 1.0) / count.to(total.dtype))
+            gradients[name] = DTensor.from_local(rows, parameter.device_mesh, parameter.placements,
+                                                 shape=parameter.shape, stride=parameter.stride())
+        else:
+            gradients[name] = trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype)
+    return gradients

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_delta._loading import TensorSource, format_names
 from lightning_delta.delta import (
@@ -136,6 +137,8 @@ def iter_edited(
                     edited = delta + edit[match.name].to(delta)
                 else:
                     gradient = None if gradients is None else gradients.get(match.name)
+                    if isinstance(gradient, DTensor):  # rows held by each process: gathered whole, in step
+                        gradient = gradient.full_tensor()
                     gradient = None if gradient is None else gradient.to(delta.device)
                     edited = edit.edit_tensor(match.name, delta, gradient)
                 if not isinstance(edited, Tensor) or edited.shape != w_post.shape:

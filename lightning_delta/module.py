@@ -16,6 +16,7 @@ from lightning_delta.editing import Edit, check_edit
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import EditedModel, check_E_dtype
+from lightning_delta.sharded import shard_model, sharded_parameters
 
 __all__ = ["DeltaEditModule", "load_model"]
 
@@ -126,6 +127,12 @@ class DeltaEditModule(pl.LightningModule):
 
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
         return self.loss(self.model, batch)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: shard the model with FSDP2 (:func:`~lightning_delta.sharded.shard_model`)
+        over the data-parallel processes, unless it is sharded already."""
+        if self.device_mesh is not None and not sharded_parameters(self.model):
+            shard_model(self.model, self.device_mesh)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -1,0 +1,208 @@
+"""The edit on a model sharded by FSDP2 (``fully_shard``, as Lightning's ``ModelParallelStrategy`` applies it).
+
+Each edited parameter is then a ``DTensor``: every process holds some rows of W_post. The edit is written into those
+rows, ``W(t)_shard = W_post_shard + t·E_shard``, and FSDP itself gathers ``W(t)`` for each block's forward and
+backward and reduce-scatters the gradient, so that each process ends a backward pass holding the rows of ∇W that
+match its rows of E. The paper's inner product needs no gathering:
+
+    ⟨∇_W L, E⟩ = Σ_processes ⟨(∇_W L)_shard, E_shard⟩
+
+FSDP divides the reduce-scattered gradient by its gradient divide factor (the data-parallel size unless the user set
+another); each local inner product is multiplied by that factor again, so the sums over processes are the same
+``Σ_ranks ⟨∇ Σ loss_rank, E⟩`` as under DDP, and :class:`~lightning_delta.callbacks.RiemannCallback` reduces them
+the same way (float64 sums over processes).
+
+Why in place and not a parametrization as :class:`~lightning_delta.parametrize.EditedModel`: FSDP2 all-gathers the
+parameter registered on the module and puts the gathered tensor back on that module; a parametrization would see a
+shard where it expects the whole tensor. Writing the shard in place is what an optimizer step does under FSDP2, so
+FSDP's own gathering and prefetching serve every point. W_post is kept as a copy of the local rows (1/N of the
+edited weights per process) and written back exactly when the sweep ends, after an error too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lightning_delta.parametrize import check_E_dtype, inner_product, stored_dtype
+
+__all__ = ["ShardedEditedModel", "is_sharded", "local_rows", "shard_model", "sharded_parameters"]
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2 or tensor parallelism)."""
+    return isinstance(tensor, DTensor)
+
+
+def sharded_parameters(model: nn.Module) -> dict[str, DTensor]:
+    """The parameters of ``model`` that are ``DTensor`` shards, by name."""
+    return {name: parameter for name, parameter in model.named_parameters() if is_sharded(parameter)}
+
+
+def local_rows(full: Tensor, like: DTensor) -> Tensor:
+    """This process's part of ``full`` (a whole tensor, equal on every process) as ``like`` is laid out; no
+    communication."""
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """``fully_shard`` each block of ``model`` and then the model itself over the data-parallel dimension of ``mesh``.
+
+    The blocks are the modules of the classes a Hugging Face model lists in ``_no_split_modules`` (its decoder
+    layers); a model without that list is sharded as one unit. Tensor parallelism is not supported: the mesh of
+    Lightning's ``ModelParallelStrategy`` must have ``tensor_parallel`` size 1.
+
+    Raises:
+        ValueError: a ``tensor_parallel`` dimension larger than 1.
+    """
+    if mesh.mesh_dim_names is not None and "data_parallel" in mesh.mesh_dim_names:
+        tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1
+        if tensor_parallel > 1:
+            raise ValueError(
+                f"The sweep shards the model with FSDP2 over data-parallel processes only, but the device mesh has "
+                f"tensor_parallel size {tensor_parallel}. Create the strategy as ModelParallelStrategy("
+                f"data_parallel_size={mesh.size()}, tensor_parallel_size=1)."
+            )
+        mesh = mesh["data_parallel"]
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def gradient_divide_factors(model: nn.Module) -> dict[int, float]:
+    """``id(sharded parameter) -> the factor FSDP2 divides its reduced gradient by``.
+
+    FSDP2 sums the gradients over the data-parallel processes and divides by the group's
+    ``gradient_divide_factor``, by default the data-parallel size (shard size × replicate size under HSDP). The
+    factor lives in FSDP's parameter groups, which have no public getter; the tests that compare a sharded sweep
+    with one process catch any change of this rule.
+    """
+    factors: dict[int, float] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        factor = group.gradient_divide_factor
+        if factor is None:
+            info = group.mesh_info
+            factor = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
+        for fsdp_param in group.fsdp_params:
+            factors[id(fsdp_param.sharded_param)] = float(factor)
+    return factors
+
+
+class ShardedEditedModel:
+    """Drives ``W_post + t·E`` on the ``DTensor`` parameters of an FSDP2-sharded model, one shard per process.
+
+    The same interface as :class:`~lightning_delta.parametrize.EditedModel` (``names``, ``set_t``,
+    ``pop_inner_products``, ``recompute_weights``, ``materialize``, ``remove``), so the Riemann callback drives both.
+
+    Args:
+        model: the sharded post-trained model; its shards are W_post.
+        E: tensor name (as in ``model.named_parameters()``) to this process's rows of ``E = F(ΔW) − ΔW``
+            (:func:`local_rows`).
+        E_dtype: ``"float32"`` (float64 for float64 weights) or ``"model"``; the caller has cast ``E`` already.
+
+    Raises:
+        ValueError: a name that is not a sharded parameter, or an ``E`` whose shape is not the local shard's.
+    """
+
+    def __init__(self, model: nn.Module, E: Mapping[str, Tensor], E_dtype: str = "float32") -> None:  # noqa: N803
+        self.E_dtype = check_E_dtype(E_dtype)
+        self.model = model
+        self.names: list[str] = sorted(E)
+        parameters = sharded_parameters(model)
+        for name in self.names:
+            if name not in parameters:
+                raise ValueError(
+                    f"Edited tensor {name!r} is not a sharded (DTensor) parameter of {type(model).__name__}: under a "
+                    "sharded strategy every edited tensor must be a parameter that fully_shard has sharded."
+                )
+            local = parameters[name].to_local()
+            got = tuple(E[name].shape) if isinstance(E[name], Tensor) else type(E[name]).__name__
+            if got != tuple(local.shape):
+                raise ValueError(f"E for {name!r} has shape {got}; the tensor has shape "
+                                 f"{tuple(parameters[name].shape)} (this process holds rows {tuple(local.shape)}).")
+        self._parameters = {name: parameters[name] for name in self.names}
+        self._E = {name: E[name].detach().to(parameters[name].device, stored_dtype(parameters[name].dtype, E_dtype))
+                   for name in self.names}
+        self._post = {name: parameters[name].to_local().detach().clone() for name in self.names}
+        factors = gradient_divide_factors(model)
+        self._factors = {name: factors.get(id(parameters[name]), 1.0) for name in self.names}
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in self._parameters.values():
+            parameter.requires_grad_(True)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def original(self, name: str) -> Tensor:
+        """This process's rows of W_post of tensor ``name``."""
+        return self._post[name]
+
+    def E(self, name: str) -> Tensor:  # noqa: N802 (the paper's name)
+        """This process's rows of ``E`` of tensor ``name``."""
+        return self._E[name]
+
+    def set_t(self, t: float) -> None:
+        """Write ``W_post + t·E`` into every edited shard (as the parametrization adds it: in E's dtype, then cast)."""
+        with torch.no_grad():
+            for name in self.names:
+                post = self._post[name]
+                self._parameters[name].to_local().copy_(torch.add(post, self._E[name], alpha=t).to(post.dtype))
+
+    def pop_inner_products(self) -> Tensor:
+        """This process's ``⟨(∇L)_shard, E_shard⟩`` per tensor (float64, order of :attr:`names`), times FSDP's
+        divide factor, left by backward; frees the gradients."""
+        values = []
+        for name in self.names:
+            parameter = self._parameters[name]
+            grad = parameter.grad
+            if grad is None:
+                values.append(torch.zeros((), dtype=torch.float64, device=self._E[name].device))
+            else:
+                values.append(inner_product(grad.to_local(), self._E[name]) * self._factors[name])
+            parameter.grad = None
+        if not values:
+            return torch.zeros(0, dtype=torch.float64)
+        device = values[0].device
+        return torch.stack([value.to(device) for value in values])
+
+    @contextlib.contextmanager
+    def recompute_weights(self) -> Iterator[None]:
+        """Nothing to do: FSDP gathers ``W(t)`` again from the shards in backward."""
+        yield
+
+    def materialize(self, t: float = 1.0) -> nn.Module:
+        """Leave ``W_post + t·E`` in the shards and forget the edit."""
+        self.set_t(t)
+        self._detach()
+        return self.model
+
+    def remove(self) -> nn.Module:
+        """Write W_post back into the shards and forget the edit."""
+        with torch.no_grad():
+            for name in self.names:
+                self._parameters[name].to_local().copy_(self._post[name])
+        self._detach()
+        return self.model
+
+    def _detach(self) -> None:
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(self._requires_grad.get(id(parameter), parameter.requires_grad))
+            parameter.grad = None
+        self._parameters, self._E, self._post = {}, {}, {}
+        self.names = []

@@ -1,0 +1,77 @@
+"""FSDP2 (Lightning's ModelParallelStrategy, gloo, 2 CPU processes) gives the numbers of one unsharded process.
+
+Every run is a set of real processes on ``tests/sharded_riemann.py`` (float64, 37 token rows in batches of 4, one
+thread per process). The sharded runs must match one process to 1e-6 relative (they agree to about 1e-13): term,
+trapezoid, exact ΔL, losses and every per-tensor term, and the model must hold W_post again afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.riemann_support import tiny_llama
+from tests.test_distributed import ROOT, assert_same, environment
+
+SCRIPT = Path(__file__).with_name("sharded_riemann.py")
+# A DeltaEditModule (which shards itself) with ready-made E, DARE on a tied model, BitDelta (a whole-tensor mean),
+# GradientBiased (∇L at W_post from the reduce-scattered gradients), and a user's module with a token-sum loss.
+CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient",
+         "ownsum-tied-dare")
+# A user's module with its default training_step loss (a batch mean × batch size): compared with DDP on the same
+# two processes, since its value depends on how the rows are batched.
+OWN_DEFAULT = "own-untied-dare"
+
+
+def run(out: Path, devices: str, *cases: str) -> None:
+    command = [sys.executable, str(SCRIPT), str(out), devices, *cases]
+    result = subprocess.run(command, env=environment(), cwd=ROOT, timeout=400, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def result(out: Path, case: str, rank: int) -> dict:
+    return json.loads(Path(f"{out}.{case}.rank{rank}").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    outs = {"single": root / "single", "fsdp": root / "fsdp", "ddp": root / "ddp"}
+    run(outs["single"], "1", *CASES)
+    run(outs["fsdp"], "2", *CASES, OWN_DEFAULT)
+    run(outs["ddp"], "2ddp", OWN_DEFAULT)
+    return outs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_two_processes_equal_one_unsharded_process(runs, case):
+    single = result(runs["single"], case, 0)
+    assert single["count"] > 0 and single["term"] != 0.0
+    for rank in (0, 1):
+        assert_same(result(runs["fsdp"], case, rank), single, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES + (OWN_DEFAULT,))
+def test_the_sharded_model_holds_w_post_again(runs, case):
+    reference = dict(tiny_llama(dtype=torch.float64, tie="-tied-" in case).named_parameters())
+    for rank in (0, 1):
+        weights = load_file(f"{runs['fsdp']}.{case}.weights{rank}")
+        assert bool(weights.pop("__sharded__").all()), "the run did not shard the model"
+        requires_grad = weights.pop("__requires_grad__")
+        assert weights.keys() == reference.keys()
+        for name, value in reference.items():
+            assert torch.equal(weights[name], value), name
+        if not case.startswith("delta"):  # a user's module is given back trainable as it was
+            assert bool(requires_grad.all())
+
+
+def test_users_module_with_its_default_loss_sharded_equals_ddp(runs):
+    ddp = result(runs["ddp"], OWN_DEFAULT, 0)
+    for rank in (0, 1):
+        assert_same(result(runs["fsdp"], OWN_DEFAULT, rank), ddp, rel=1e-6)
