@@ -1,0 +1,277 @@
+"""lightning_delta.plan: scores against float64 brute force, the knapsack against enumeration, the budget, the
+measured exact ΔL against an independent loss loop, and the `plan` command."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+import yaml
+from torch import nn
+
+from lightning_delta import apply_edit_
+from lightning_delta.cli import run
+from lightning_delta.demo.digits import DigitsDataModule
+from lightning_delta.edits import DARE, BitDelta, LowRank, PerTensor
+from lightning_delta.export import PER_TENSOR_FILE
+from lightning_delta.losses import LossOutput
+from lightning_delta.plan import Plan, plan_edit, relevant_values
+from lightning_delta.planning.allocate import allocate
+from lightning_delta.planning.family import FAMILIES, family
+from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------- gradient statistics
+class SumOfSquares:
+    """A target whose loss is Σ_i ½‖model(x_i) − y_i‖² over the batch's items."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def riemann_prepare(self, batch):
+        return batch
+
+    def riemann_loss(self, batch, batch_idx=0):
+        x, y = batch
+        total = 0.5 * ((self.model(x) - y) ** 2).sum()
+        return LossOutput(total, torch.tensor(float(len(x)), dtype=torch.float64))
+
+
+def small_model_and_batches(sizes):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    batches = [(torch.randn(n, 4, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)) for n in sizes]
+    return model, batches
+
+
+def reference_statistics(model, batches):
+    """g and F̂ by explicit float64 loops: per-batch gradients G_b, then the centred formula; and per item."""
+    target, parameters = SumOfSquares(model), dict(model.named_parameters())
+    per_batch, per_item = [], []
+    for x, y in batches:
+        per_batch.append((len(x), torch.autograd.grad(target.riemann_loss((x, y)).total, list(parameters.values()))))
+        for i in range(len(x)):
+            per_item.append(torch.autograd.grad(target.riemann_loss((x[i:i + 1], y[i:i + 1])).total,
+                                                list(parameters.values())))
+    N = sum(n for n, _ in per_batch)  # noqa: N806
+    gradient, fisher, item_fisher = {}, {}, {}
+    for j, name in enumerate(parameters):
+        g = sum(G[j] for _, G in per_batch) / N
+        gradient[name] = g
+        fisher[name] = sum((G[j] - n * g) ** 2 for n, G in per_batch) / N + g ** 2
+        item_fisher[name] = sum(G[j] ** 2 for G in per_item) / N
+    return gradient, fisher, item_fisher
+
+
+def test_gradient_statistics_equal_explicit_float64_loops():
+    model, batches = small_model_and_batches([3, 1, 4, 2])
+    stats = gradient_statistics(SumOfSquares(model), model, [batches], [name for name, _ in model.named_parameters()])
+    gradient, fisher, _ = reference_statistics(model, batches)
+    assert stats.count == 10 and stats.batches == 4
+    for name in gradient:
+        assert stats.gradient[name].dtype == torch.float64
+        torch.testing.assert_close(stats.gradient[name], gradient[name], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(stats.fisher[name], fisher[name], rtol=1e-10, atol=1e-14)
+    assert all(parameter.grad is None and parameter.requires_grad for parameter in model.parameters())
+
+
+def test_with_one_item_per_batch_the_fisher_is_the_per_item_empirical_fisher():
+    model, batches = small_model_and_batches([1] * 6)
+    stats = gradient_statistics(SumOfSquares(model), model, [batches], [name for name, _ in model.named_parameters()])
+    _, _, item_fisher = reference_statistics(model, batches)
+    for name, expected in item_fisher.items():
+        torch.testing.assert_close(stats.fisher[name], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_statistics_of_a_subset_leave_the_other_parameters_alone():
+    model, batches = small_model_and_batches([2, 2])
+    model[0].bias.requires_grad_(False)
+    stats = gradient_statistics(SumOfSquares(model), model, [batches], ["2.weight"])
+    assert list(stats.gradient) == ["2.weight"]
+    assert model[0].bias.requires_grad is False and model[0].weight.requires_grad is True
+    with pytest.raises(ValueError, match=r"\['nope'\] are not parameters of Sequential"):
+        gradient_statistics(SumOfSquares(model), model, [batches], ["nope"])
+
+
+# ----------------------------------------------------------------------------------------- candidate scores
+@pytest.mark.parametrize(("name", "values"), [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3])])
+def test_candidate_scores_equal_explicit_float64_sums(name, values):
+    pre = make_tiny_model("llama", seed=0, dtype=torch.float64).state_dict()
+    generator = torch.Generator().manual_seed(1)
+    post = {key: value + 0.01 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            for key, value in pre.items()}
+    stats = GradientStatistics({key: torch.randn(v.shape, generator=generator, dtype=torch.float64)
+                                for key, v in post.items()},
+                               {key: torch.rand(v.shape, generator=generator, dtype=torch.float64)
+                                for key, v in post.items()}, 1.0, 1)
+    spec = family(name)
+    scores = candidate_scores(post, pre, spec, values, stats, seed=4)
+    expected_names = [key for key in post if name != "lowrank" or post[key].dim() == 2]
+    assert scores.names == expected_names
+    explicit_edits = {"bitdelta": lambda v: BitDelta(bits=v), "dare": lambda v: DARE(p=1 - v, seed=4),
+                      "lowrank": lambda v: LowRank(rank=v)}[name]
+    for k, key in enumerate(scores.names):
+        delta = post[key] - pre[key]
+        for j, value in enumerate(values):
+            E = explicit_edits(value)({key: delta})[key] - delta  # noqa: N806
+            first = sum(float(a) * float(b) for a, b in zip(stats.gradient[key].flatten(), E.flatten()))
+            curvature = 0.5 * float((stats.fisher[key] * E * E).sum())
+            assert float(scores.first[k, j]) == pytest.approx(first, rel=1e-10, abs=1e-15)
+            assert float(scores.curvature[k, j]) == pytest.approx(curvature, rel=1e-12, abs=1e-18)
+            weight = delta.numel() if name != "lowrank" else sum(delta.shape)
+            assert scores.costs[k][j] == Fraction(str(value)) * weight
+
+
+# --------------------------------------------------------------------------------------------- allocation
+def brute_force(scores, costs, budget):
+    best = None
+    for combo in itertools.product(*(range(len(row)) for row in scores)):
+        if sum(costs[k][j] for k, j in enumerate(combo)) <= budget:
+            value = sum(scores[k][j] for k, j in enumerate(combo))
+            best = value if best is None or value < best else best
+    return best
+
+
+def test_allocation_is_optimal_against_brute_force_enumeration():
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        K, V = rng.randint(1, 6), rng.randint(1, 4)  # noqa: N806
+        scores = [[rng.gauss(0, 1) for _ in range(V)] for _ in range(K)]
+        costs = [[Fraction(rng.randint(0, 20), rng.choice([1, 2, 5])) for _ in range(V)] for _ in range(K)]
+        budget = Fraction(rng.randint(0, 60), 2)
+        best = brute_force(scores, costs, budget)
+        if best is None:
+            with pytest.raises(ValueError, match="below the cheapest plan"):
+                allocate(scores, costs, budget)
+            continue
+        picked = allocate(scores, costs, budget)
+        assert sum(costs[k][j] for k, j in enumerate(picked)) <= budget  # exact rationals: no tolerance
+        assert sum(scores[k][j] for k, j in enumerate(picked)) == pytest.approx(best, abs=1e-12)
+        checked += 1
+    assert checked > 200
+
+
+def test_allocation_meets_the_budget_exactly_when_only_the_full_budget_is_optimal():
+    scores = [[0.0, -1.0], [0.0, -1.0], [0.0, -1.0]]
+    costs = [[Fraction(1, 10), Fraction(3, 10)]] * 3
+    assert allocate(scores, costs, Fraction(7, 10)) in ([1, 1, 0], [1, 0, 1], [0, 1, 1])
+    assert allocate(scores, costs, Fraction(9, 10)) == [1, 1, 1]  # 0.3 · 3 = 0.9 exactly, no float rounding
+
+
+def test_allocation_with_rounded_costs_still_meets_the_budget():
+    rng = random.Random(1)
+    for _ in range(50):
+        scores = [[rng.gauss(0, 1) for _ in range(3)] for _ in range(5)]
+        costs = [[Fraction(rng.randint(1, 1000)) for _ in range(3)] for _ in range(5)]
+        budget = Fraction(sum(max(row) + min(row) for row in costs), 2)
+        picked = allocate(scores, costs, budget, max_states=60)
+        assert sum(costs[k][j] for k, j in enumerate(picked)) <= budget
+
+
+def test_relevant_values_counts_chosen_settings_and_their_neighbours():
+    assert relevant_values([1, 1, 3], 4) == [1, 2, 0, 3]
+    assert relevant_values([0], 3) == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------- the whole plan
+def explicit_loss(model, datamodule) -> float:
+    """The mean next-token cross-entropy over answer tokens, by an explicit float64 loop (no library loss)."""
+    datamodule.setup("validate")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
+
+
+def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
+    spec = FAMILIES[plan.family]
+    weights = {name: spec.weight(pair.post.state_dict()[name].shape) for name in plan.settings}
+    assert plan.budget == float(sum(Fraction(str(average)) * w for w in weights.values()))
+    assert plan.cost == float(sum(Fraction(str(plan.settings[n])) * w for n, w in weights.items()))
+    assert plan.cost <= plan.budget
+    assert set(plan.settings.values()) <= set(values)
+    assert plan.chosen == min(plan.measured, key=plan.measured.get) and plan.exact == plan.measured[plan.chosen]
+    post = copy.deepcopy(pair.post)
+    edited = apply_edit_(copy.deepcopy(pair.post), pair.pre, plan.edit())
+    assert plan.loss_post == pytest.approx(explicit_loss(post, datamodule), rel=1e-6)
+    assert plan.exact == pytest.approx(explicit_loss(edited, datamodule) - explicit_loss(post, datamodule),
+                                       rel=1e-5, abs=1e-7)
+
+
+def test_plan_edit_with_its_defaults(llama_pair):
+    datamodule = DigitsDataModule(limit=24, batch_size=12)
+    plan = plan_edit(str(llama_pair.post_dir), str(llama_pair.pre_dir), datamodule, "bitdelta", 2)
+    check_plan(plan, llama_pair, FAMILIES["bitdelta"].default_candidates, 2, datamodule)
+    assert plan.passes["forward_backward"] == 1 + len(plan.refined) * (5 + 1)
+    assert plan.refined and set(plan.refined) <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(("name", "values", "average"), [("dare", [0.1, 0.3, 0.5], 0.3), ("lowrank", [1, 2], 1.5)])
+def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pair, name, values, average):
+    datamodule = DigitsDataModule(limit=24, batch_size=12)
+    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, name, average, candidates=values, refine=1,
+                     num_points=2, seed=3)
+    check_plan(plan, llama_pair, values, average, datamodule)
+    assert len(plan.refined) == 1 and plan.passes["forward_backward"] == 1 + 3
+    assert isinstance(plan.edit(), PerTensor) and json.loads(json.dumps(plan.to_dict()))["edit"]["name"] == "per_tensor"
+
+
+def test_plan_without_refinement_uses_the_taylor_scores_only(llama_pair):
+    datamodule = DigitsDataModule(limit=12, batch_size=12)
+    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, "bitdelta", 2, candidates=[1, 3], refine=0,
+                     measure=False)
+    assert plan.refined == [] and plan.exact is None and plan.passes == {"forward_backward": 1, "forward": 0}
+    assert plan.predicted == pytest.approx(plan.predicted_second)
+
+
+def test_plan_command_writes_the_plan_and_the_edited_model(llama_pair, tmp_path):
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
+                 "init_args": {"split": "test", "limit": 12, "batch_size": 12}},
+        "family": "bitdelta", "average": 2, "candidates": [1, 2, 3], "num_points": 2, "refine": 1,
+        "output": str(tmp_path / "plan.json"), "output_dir": str(tmp_path / "model"),
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = run(["plan", "--config", str(path)])
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["settings"] == plan.settings and written["cost"] <= written["budget"]
+    assert json.loads((tmp_path / "model" / PER_TENSOR_FILE).read_text()) == plan.edit().config()
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"family_name": "ties"}, r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'lowrank'\]"),
+    ({"average": 0.5}, r"`average` .* must be a number >= the smallest candidate 1, got average=0.5"),
+    ({"candidates": [0, 2]}, r"candidates .* must be integers >= 1, got 0"),
+    ({"candidates": [1.5]}, r"must be integers >= 1, got 1.5"),
+    ({"candidates": []}, "give at least one candidate"),
+    ({"candidates": [float("nan")]}, "must be finite numbers, got nan"),
+    ({"candidates": ["2"]}, "must be finite numbers, got '2'"),
+    ({"refine": -1}, r"`refine` must be None or an int >= 0 \(settings swept\), got refine=-1"),
+])
+def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, match):
+    arguments = {"family_name": "bitdelta", "average": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), **arguments)
+
+
+def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
+    with pytest.raises(ValueError, match=r"DARE candidates \(kept density\) must be in \(0, 1\], got 1.5"):
+        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), "dare", 0.5, candidates=[0.5, 1.5])
