@@ -68,6 +68,9 @@ class DeltaEditModule(pl.LightningModule):
     """
 
     loss_measured_by_sweep = False  # set by RiemannCallback while it measures the loss at every t
+    # the accuracy at t = 0 (W_post) on this data, when a sweep measured it at an earlier point: the evaluator then
+    # runs at t = 1 only (lightning_delta.runner.SweepReuse)
+    accuracy_post_given: float | None = None
 
     def __init__(
         self,
@@ -141,13 +144,22 @@ class DeltaEditModule(pl.LightningModule):
         self.edited_model(self.trainer)
 
     def riemann_accuracy(self) -> tuple[float, float] | None:
-        """Accuracy at t = 0 and t = 1 over the validation set (all processes), or ``None`` without an evaluator."""
-        if self.evaluator is None or not self.accuracy_post.update_called:
+        """Accuracy at t = 0 and t = 1 over the validation set (all processes), or ``None`` without an evaluator;
+        at t = 0 ``accuracy_post_given`` when it is set."""
+        if self.evaluator is None or not self.accuracy_edit.update_called:
             return None
-        return float(self.accuracy_post.compute()), float(self.accuracy_edit.compute())
+        given = self.accuracy_post_given
+        return float(self.accuracy_post.compute()) if given is None else given, float(self.accuracy_edit.compute())
 
     def detach_edit(self) -> None:
         """Nothing: the module keeps its edit attached after validation (for :meth:`materialize`)."""
+
+    def drop_edit(self) -> None:
+        """Remove the attached edit (its E and parametrizations): the model holds W_post again, as loaded, ready
+        for a module with another edit."""
+        if self._edited is not None:
+            self._edited.remove()
+            self._edited = None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (``loss_measured_by_sweep``)."""
@@ -157,18 +169,22 @@ class DeltaEditModule(pl.LightningModule):
         prepared = self.riemann_prepare(batch) if measure_loss else batch
         for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
                                                 (1.0, self.loss_edit, self.accuracy_edit)):
+            evaluate = self.evaluator is not None and (t == 1.0 or self.accuracy_post_given is None)
+            if not (measure_loss or evaluate):
+                continue
             edited.set_t(t)
             with torch.no_grad(), parametrize.cached():
                 if measure_loss:
                     loss_metric.update(*self.loss(self.model, prepared))
-                if self.evaluator is not None:
+                if evaluate:
                     accuracy_metric.update(*self.evaluator(self.model, batch))
         edited.set_t(0.0)
         if measure_loss:
             self.log("loss/post", self.loss_post, batch_size=1)
             self.log("loss/edit", self.loss_edit, batch_size=1)
         if self.evaluator is not None:
-            self.log("accuracy/post", self.accuracy_post, batch_size=1)
+            given = self.accuracy_post_given
+            self.log("accuracy/post", self.accuracy_post if given is None else given, batch_size=1)
             self.log("accuracy/edit", self.accuracy_edit, batch_size=1)
 
     def materialize(self, t: float = 1.0) -> nn.Module:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import inspect
 import json
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +49,8 @@ from lightning_delta.sweep import (
     SweepReport,
     SweepRow,
     apply_overrides,
+    canonical_json,
+    config_key,
     dataset_label,
     iter_rows,
     make_points,
@@ -55,6 +59,7 @@ from lightning_delta.sweep import (
 
 __all__ = [
     "DeltaCLI",
+    "SweepReuse",
     "delta_edit_module",
     "edit",
     "plot",
@@ -232,7 +237,17 @@ def delta_edit_module(
         E_dtype: how E is kept: float32 (float64 for float64 models), or model: each tensor's own dtype, half the
             memory for bf16 models (see the README's Precision section).
     """
-    return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype, E_dtype)
+    reuse = _SWEEP_REUSE.get()
+    if reuse is None:
+        return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype, E_dtype)
+    shared_model, shared_loss = reuse.shared(model, loss)
+    module = DeltaEditModule(shared_model, pretrained, edit, shared_loss, include, exclude, evaluator, dtype, E_dtype)
+    reuse.keep(module, loss)
+    return module
+
+
+# The SweepReuse of the sweep point being built in this process (None outside a reusing sweep).
+_SWEEP_REUSE: ContextVar[SweepReuse | None] = ContextVar("sweep_reuse", default=None)
 
 
 def _loss_help() -> str:
@@ -333,6 +348,11 @@ class DeltaCLI(LightningCLI):
             parser.add_argument("--sweep.figures", type=str | None, default=None, help="Directory for the figures."),
             parser.add_argument("--sweep.max_points", type=int | None, default=None,
                                 help="Stop after this many new points (run the sweep again for the rest)."),
+            parser.add_argument("--sweep.reuse", type=bool, default=True,
+                                help="Load W_post once for the points that share it and measure the accuracy at "
+                                     "W_post once per data set (the rows are the same; false: every point loads "
+                                     "and measures everything itself, e.g. for an evaluator that draws random "
+                                     "numbers)."),
         ]
         if self._validate_parser:
             for action in sweep_arguments:
@@ -497,20 +517,131 @@ class _PointProgress(Callback):
         self.report.batch_done()
 
 
-def run_point(cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = None) -> SweepRow:
+def run_point(cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = None,
+              reuse: SweepReuse | None = None) -> SweepRow:
     """Instantiate one point's config, run ``trainer.validate`` with its RiemannCallback and return its row.
 
     While ``report`` draws a progress bar on the terminal, the point's batches advance it, and Lightning's progress
-    bar (which would draw over it) is off.
+    bar (which would draw over it) is off. With ``reuse``, the point takes W_post and the accuracy at W_post from the
+    earlier points that share them (:class:`SweepReuse`).
     """
     started = time.time()
     live = report is not None and report.live
     config = apply_overrides(point.config, {"trainer.enable_progress_bar": False}) if live else point.config
-    cli.instantiate_point(config)
+    cli.model = cli.datamodule = cli.trainer = cli.config_init = None  # the previous point's, freed before loading
+    if reuse is None:
+        gc.collect()  # the module and trainer hold reference cycles: without this, two models would be in memory
+    accuracy_post = reuse.begin(point.config) if reuse is not None else None
+    building = _SWEEP_REUSE.set(reuse)
+    try:
+        cli.instantiate_point(config)
+    finally:
+        _SWEEP_REUSE.reset(building)
+    cli.model.accuracy_post_given = accuracy_post
     if live:
         cli.trainer.callbacks.append(_PointProgress(report))
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    return SweepRow.of(point, cli.model.edit.config(), cli.riemann_callback().result, started)
+    result = cli.riemann_callback().result
+    row = SweepRow.of(point, cli.model.edit.config(), result, started)
+    if reuse is not None:
+        reuse.end(result)
+    return row
+
+
+# A point's config keys that change E alone: points that differ only there share W_post, the data, the loss and the
+# evaluator, so they share the accuracy at t = 0 (with the DPO loss, model.pretrained is its reference: not listed).
+EDIT_ONLY_KEYS = ("edit", "model.edit", "model.include", "model.exclude", "model.E_dtype", "riemann")
+
+
+def keeps_the_model_as_given(strategy: Any) -> bool:
+    """Whether ``strategy`` (a ``trainer.strategy`` config value) runs validation on the module as given: one device
+    or DDP (not wrapped under validate). Sharded strategies (FSDP, DeepSpeed, model parallel) rewrite its parameters
+    in place, so the module cannot serve another point."""
+    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    name = name.rsplit(".", 1)[-1].lower()
+    return name in ("auto", "single_device", "singledevicestrategy") or name.startswith("ddp")
+
+
+class SweepReuse:
+    """What the points of a sweep share in one process, so that each point builds little more than its own E.
+
+    **W_post.** The post-trained model (and, with the DPO loss, its reference) is loaded at the first point and
+    serves every later point with the same ``model.model``, ``model.dtype``, ``model.loss`` (with DPO also
+    ``model.pretrained``) and ``trainer`` section; after each point its edit is dropped
+    (:meth:`~lightning_delta.DeltaEditModule.drop_edit`), which leaves W_post as loaded. A point with another model
+    lets go of the one held before loading its own. A model given as a class_path (built by the parser), or run under a
+    strategy that shards it in place (:func:`keeps_the_model_as_given`), is built afresh at every point.
+
+    **The accuracy at t = 0.** Measured at the first point of a data set (its row's ``accuracy_post``) and given to
+    every later point whose config differs from it only in :data:`EDIT_ONLY_KEYS` and ``model.pretrained`` (unless
+    the loss is DPO): those run their evaluator at t = 1 only
+    (:attr:`~lightning_delta.DeltaEditModule.accuracy_post_given`). At t = 0 every edited tensor reads
+    ``W_post + 0·E``, which is W_post exactly for any finite E, so the accuracy there is one number.
+
+    **The loss at t = 0** is measured at every point: it comes with the gradient at t = 0, which each point needs for
+    its own E (the first Riemann point), so it costs nothing extra. Rows equal those of a sweep without reuse in
+    every field but the timings ``started`` and ``seconds`` (tests/test_sweep.py, bit for bit, 1 and 2 processes).
+    """
+
+    def __init__(self) -> None:
+        self._held: str | None = None  # the model key of the model held
+        self._model: nn.Module | None = None
+        self._loss: DeltaLoss | None = None  # the DPO loss (with its reference model) of the model held
+        self._point: str | None = None  # the model key of the point being built (None: it builds its own)
+        self._module: DeltaEditModule | None = None  # the point's module, whose edit is dropped when it ends
+        self._accuracy_key: str | None = None
+        self._accuracies: dict[str, float] = {}  # accuracy key -> accuracy at t = 0
+
+    @staticmethod
+    def model_key(config: Mapping[str, Any]) -> str | None:
+        """What the W_post of a point's config depends on, as a string (``None``: not shared, see the class)."""
+        model, trainer = config.get("model") or {}, config.get("trainer") or {}
+        if not isinstance(model.get("model"), str) or not keeps_the_model_as_given(trainer.get("strategy", "auto")):
+            return None
+        dpo = model.get("loss") == "dpo"
+        return canonical_json({"model": model["model"], "dtype": model.get("dtype"), "loss": model.get("loss"),
+                               "reference": model.get("pretrained") if dpo else None, "trainer": trainer})
+
+    @staticmethod
+    def accuracy_key(config: Mapping[str, Any]) -> str:
+        """The key of a point's config without what changes E alone: equal keys, equal accuracy at t = 0."""
+        dpo = (config.get("model") or {}).get("loss") == "dpo"
+        return config_key(config, EDIT_ONLY_KEYS + (() if dpo else ("model.pretrained",)))
+
+    def begin(self, config: Mapping[str, Any]) -> float | None:
+        """Before a point: drop the previous point's edit, let go of a model this point does not share, and return
+        the accuracy at t = 0 measured on its data before (``None``: not yet)."""
+        self._drop_edit()
+        self._point = self.model_key(config)
+        if self._point != self._held and self._model is not None:
+            self._held, self._model, self._loss = None, None, None
+            gc.collect()  # the model's modules hold reference cycles: free it before the next one loads
+        self._accuracy_key = self.accuracy_key(config)
+        return self._accuracies.get(self._accuracy_key)
+
+    def shared(self, model: Any, loss: Any) -> tuple[Any, Any]:
+        """The model and loss the point's module is built with: those held, when the point shares them."""
+        if self._point is None or self._point != self._held:
+            return model, loss
+        return self._model, self._loss if self._loss is not None else loss
+
+    def keep(self, module: DeltaEditModule, loss: Any) -> None:
+        """The point's module is built: hold its model (and a DPO loss) for the points that share it."""
+        self._module = module
+        if self._point is not None and self._held is None:
+            self._held, self._model = self._point, module.model
+            self._loss = module.loss if loss == "dpo" else None
+
+    def end(self, result: RiemannResult | None) -> None:
+        """After a point: remember its accuracy at t = 0 for its data set, and drop its edit."""
+        if result is not None and result.accuracy_post is not None and self._accuracy_key is not None:
+            self._accuracies.setdefault(self._accuracy_key, result.accuracy_post)
+        self._drop_edit()
+
+    def _drop_edit(self) -> None:
+        if self._module is not None:
+            self._module.drop_edit()
+            self._module = None
 
 
 def _is_global_zero() -> bool:
@@ -532,15 +663,20 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None, progress: bool = T
     process holds ``<sweep.results>.lock`` while the sweep runs: a second sweep on the same results file raises
     :class:`~lightning_delta.sweep.ResultsLockedError` before running anything.
 
+    With ``sweep.reuse`` (the default), each process loads W_post once for the points that share it and runs the
+    evaluator at t = 0 once per data set (:class:`SweepReuse`); the rows are those of ``sweep.reuse: false``, where
+    every point loads and measures everything itself.
+
     ``progress`` (global rank 0): print a line per finished point and a closing table of the grid with what is left
     (:class:`~lightning_delta.sweep.SweepReport`), with a progress bar on a terminal; False prints one log line.
     """
     points, settings, cli = sweep_points(args)
     report = SweepReport() if progress and _is_global_zero() else None
+    reuse = SweepReuse() if settings.get("reuse", True) else None
     rows = run_sweep(
         points,
         settings["results"],
-        functools.partial(run_point, cli, report=report),
+        functools.partial(run_point, cli, report=report, reuse=reuse),
         should_write=_is_global_zero,
         max_points=settings.get("max_points"),
         report=report,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,8 +16,10 @@ import yaml
 
 from filelock import FileLock
 
+import lightning_delta.module
 from lightning_delta.callbacks import RiemannResult
-from lightning_delta.runner import sweep
+from lightning_delta.demo.digits import answer_accuracy
+from lightning_delta.runner import SweepReuse, sweep
 from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
@@ -342,6 +345,143 @@ def test_sweep_prints_its_report_unless_told_not_to(tmp_path, capsys):
     sweep(config)
     out = capsys.readouterr().out
     assert "[1/1] p=0.5: term " in out and "1 point run now, 2 before, 0 left" in out
+
+
+# ------------------------------------------------------------------------------------------ reusing work
+EVALUATOR_CALLS: list[int] = []
+
+
+def counting_accuracy(model, batch):
+    """The demo's digit accuracy, counting its calls (the test reads them)."""
+    EVALUATOR_CALLS.append(len(batch["input_ids"]))
+    return answer_accuracy(model, batch)
+
+
+def reuse_grid(other) -> list[dict]:
+    """Points that share W_post and the data (edits, W_pre, E_dtype, include, GradientBiased's gradient pass), points
+    on the training images, and points of another model and back."""
+    edits = "lightning_delta.edits."
+    return [
+        {"edit": edits + "DARE", "edit.init_args.p": [0.3, 0.9], "data.init_args.split": ["test", "train"]},
+        {"edit": edits + "GradientBiased", "edit.init_args.p": 0.5, "edit.init_args.k": 1.0},
+        {"edit": edits + "Extrapolate", "edit.init_args.alpha": 0.5, "model.pretrained": str(other.pre_dir)},
+        {"edit": edits + "DARE", "edit.init_args.p": 0.5, "model.E_dtype": "model", "model.include": "mlp"},
+        {"edit": edits + "DARE", "edit.init_args.p": 0.5, "model.model": str(other.post_dir),
+         "model.pretrained": str(other.pre_dir)},
+        {"edit": edits + "BitDelta", "riemann.num_points": 3},
+    ]
+
+
+def without_timings(rows: list[SweepRow]) -> list[dict]:
+    """Every field of the rows but ``started`` and ``seconds`` (when and how long)."""
+    return [{key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")} for row in rows]
+
+
+def test_a_reusing_sweep_writes_the_rows_of_one_that_does_not(tmp_path, monkeypatch):
+    """The default sweep loads W_post once per model and runs the evaluator at t = 0 once per data set; its rows equal,
+    bit for bit, those of a sweep where every point loads and measures everything itself (--sweep.reuse false)."""
+    other = make_tiny_pair(tmp_path / "other", "llama", seed=3, shard=None, scale=0.05)
+    loads: list[str] = []
+    load_model = lightning_delta.module.load_model
+
+    def counting_load(source, *args, **kwargs):
+        if isinstance(source, str):
+            loads.append(source)
+        return load_model(source, *args, **kwargs)
+
+    monkeypatch.setattr(lightning_delta.module, "load_model", counting_load)
+    runs = {}
+    for reuse in (True, False):
+        loads.clear()
+        EVALUATOR_CALLS.clear()
+        config = digits_config(tmp_path, reuse_grid(other), tmp_path / f"reuse-{reuse}.jsonl")
+        config["model"]["evaluator"] = "tests.test_sweep.counting_accuracy"
+        if not reuse:
+            config["sweep"]["reuse"] = False
+        rows = sweep(config, progress=False)
+        runs[reuse] = (rows, list(loads), len(EVALUATOR_CALLS))
+
+    (rows, loads_reusing, calls_reusing), (rows_alone, loads_alone, calls_alone) = runs[True], runs[False]
+    assert len(rows) == 9
+    assert without_timings(rows) == without_timings(rows_alone)
+    accuracies = [row.result.accuracy_post for row in rows]
+    assert accuracies[0] == accuracies[2] == accuracies[4] == accuracies[5] == accuracies[6] == accuracies[8]
+    # W_post loaded for the first model, the other one, and the first again (one model is held at a time)
+    post = str(Path(rows[0].config["model"]["model"]))
+    assert loads_reusing == [post, str(other.post_dir), post]
+    assert loads_alone == [post] * 7 + [str(other.post_dir), post]
+    # 2 batches a point; the evaluator runs at t = 0 and t = 1 at the first point of each of the 3 data sets and
+    # model, at t = 1 only at the 6 others
+    assert calls_alone == 9 * 2 * 2
+    assert calls_reusing == 3 * 2 * 2 + 6 * 2
+
+
+def test_what_a_sweep_reuses_between_points_follows_its_config(tmp_path):
+    """W_post is shared between configs that differ in the edit, W_pre, E and C, not in model, dtype, loss or trainer,
+    nor under a sharding strategy; the accuracy at t = 0 between configs that differ in the edit alone."""
+    base = digits_config(tmp_path, None, tmp_path / "r.jsonl")
+    del base["sweep"]
+
+    def changed(**overrides):
+        return apply_overrides(base, overrides)
+
+    model_key, accuracy_key = SweepReuse.model_key, SweepReuse.accuracy_key
+    for same in (changed(edit={"class_path": "BitDelta"}), changed(**{"model.pretrained": "elsewhere"}),
+                 changed(**{"model.E_dtype": "model", "model.include": "mlp", "riemann.num_points": 7})):
+        assert model_key(same) == model_key(base) is not None
+        assert accuracy_key(same) == accuracy_key(base)
+    for other_data in (changed(**{"data.init_args.split": "train"}), changed(**{"model.evaluator": None}),
+                       changed(**{"trainer.precision": "bf16-mixed"}), changed(**{"seed_everything": 1})):
+        assert accuracy_key(other_data) != accuracy_key(base)
+    for other_model in (changed(**{"model.model": "elsewhere"}), changed(**{"model.dtype": "bfloat16"}),
+                        changed(**{"trainer.precision": "bf16-true"}), changed(**{"model.loss": "dpo"})):
+        assert model_key(other_model) != model_key(base)
+        assert accuracy_key(other_model) != accuracy_key(base)
+    dpo = changed(**{"model.loss": "dpo"})  # W_pre is the DPO loss's reference: part of both keys
+    assert model_key(apply_overrides(dpo, {"model.pretrained": "elsewhere"})) != model_key(dpo)
+    assert accuracy_key(apply_overrides(dpo, {"model.pretrained": "elsewhere"})) != accuracy_key(dpo)
+    for sharded in ("fsdp", {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, "deepspeed"):
+        assert model_key(changed(**{"trainer.strategy": sharded})) is None
+    for kept in ("ddp", "ddp_spawn", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}):
+        assert model_key(changed(**{"trainer.strategy": kept})) is not None
+    assert model_key(changed(**{"model.model": {"class_path": "torch.nn.Linear"}})) is None
+
+
+SWEEP_ON_TWO_PROCESSES = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from lightning_delta.runner import sweep
+config = json.loads(sys.argv[1])
+sweep(config, progress=False)
+"""
+
+
+@pytest.mark.timeout(400)
+def test_a_reusing_sweep_on_two_processes_writes_the_rows_of_one_that_does_not(tmp_path):
+    """DDP on 2 CPU processes (each holds its own W_post and accuracies; the accuracy at t = 0 is the one reduced
+    over both): the rows of the default sweep equal, bit for bit, those of --sweep.reuse false."""
+    other = make_tiny_pair(tmp_path / "other", "llama", seed=3, shard=None, scale=0.05)
+    script = tmp_path / "sweep_script.py"
+    script.write_text(SWEEP_ON_TWO_PROCESSES)
+    grid = [reuse_grid(other)[0], reuse_grid(other)[4]]
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    rows = {}
+    for reuse in (True, False):
+        results = tmp_path / f"reuse-{reuse}.jsonl"
+        config = digits_config(tmp_path, grid, results)
+        config["trainer"].update(devices=2, strategy="ddp")
+        config["sweep"]["reuse"] = reuse
+        finished = subprocess.run([sys.executable, str(script), json.dumps(config)], cwd=tmp_path, env=env,
+                                  timeout=300, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr[-4000:]
+        assert "Starting with 2 processes" in finished.stderr
+        rows[reuse] = ResultsFile(results).rows()
+    assert len(rows[True]) == 5
+    assert all(row.result.count > 0 and row.result.accuracy_post is not None for row in rows[True])
+    assert without_timings(rows[True]) == without_timings(rows[False])
 
 
 # ------------------------------------------------------------------------------------- a real killed sweep
