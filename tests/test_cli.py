@@ -14,7 +14,7 @@ from lightning_delta.cli import run
 from lightning_delta.edits import DARE
 from lightning_delta.runner import DeltaCLI, sweep_points
 from tests.test_plots import sweep_row
-from tests.test_sweep import digits_config
+from tests.test_sweep import digits_config, without_timings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
@@ -140,6 +140,20 @@ def test_sweep_command_writes_rows_and_figures(tmp_path):
     again = run(["sweep", "--config", str(path), "--riemann.num_points", "3"])
     assert [row.key for row in again] == [row.key for row in rows]
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
+
+
+def test_sweep_command_reuse_false_writes_the_rows_of_the_default(tmp_path):
+    """--sweep.reuse false (every point loads W_post and runs the evaluator at t = 0 itself) through the command line:
+    the rows of the default sweep, every field but the timings."""
+    grid = {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.2, 0.8]}
+    rows = {}
+    for reuse in ([], ["--sweep.reuse", "false"]):
+        results = tmp_path / f"r{len(reuse)}.jsonl"
+        path = tmp_path / f"sweep{len(reuse)}.yaml"
+        path.write_text(yaml.safe_dump(digits_config(tmp_path, grid, results, limit=12)))
+        rows[bool(reuse)] = run(["sweep", "--config", str(path), *reuse])
+    assert len(rows[False]) == 2 and rows[False][0].result.accuracy_post is not None
+    assert without_timings(rows[False]) == without_timings(rows[True])
 
 
 def test_sweep_command_refuses_a_results_file_another_sweep_holds(tmp_path):

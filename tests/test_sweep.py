@@ -12,13 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from filelock import FileLock
+from torch.nn.utils import parametrize
 
 import lightning_delta.module
+from lightning_delta import DeltaEditModule
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.demo.digits import answer_accuracy
+from lightning_delta.edits import DARE
 from lightning_delta.runner import SweepReuse, sweep
 from lightning_delta.sweep import (
     ResultsFile,
@@ -445,6 +449,26 @@ def test_what_a_sweep_reuses_between_points_follows_its_config(tmp_path):
     for kept in ("ddp", "ddp_spawn", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}):
         assert model_key(changed(**{"trainer.strategy": kept})) is not None
     assert model_key(changed(**{"model.model": {"class_path": "torch.nn.Linear"}})) is None
+
+
+def test_dropping_the_edit_gives_back_w_post_as_loaded_for_the_next_edit(tmp_path):
+    """What a reusing sweep does between two points: drop_edit leaves the model's tensors equal, bit for bit, to a
+    fresh load of W_post, without parametrizations or gradients, and a module with another edit on that model builds
+    the E of a fresh one."""
+    pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
+    first = DeltaEditModule(str(pair.post_dir), str(pair.pre_dir), DARE(p=0.5, seed=1))
+    first.edited_model().set_t(1.0)
+    first.drop_edit()
+    loaded = DeltaEditModule(str(pair.post_dir), str(pair.pre_dir), DARE(p=0.9, seed=2))
+    state, fresh = first.model.state_dict(), loaded.model.state_dict()
+    assert state.keys() == fresh.keys()
+    assert all(torch.equal(state[name], fresh[name]) for name in fresh)
+    assert not any(parametrize.is_parametrized(module) for module in first.model.modules())
+    assert [p.requires_grad for p in first.model.parameters()] == [p.requires_grad for p in loaded.model.parameters()]
+    second = DeltaEditModule(first.model, str(pair.pre_dir), DARE(p=0.9, seed=2))
+    reused, new = second.edited_model(), loaded.edited_model()
+    assert reused.names == new.names and reused.names
+    assert all(torch.equal(reused.E(name), new.E(name)) for name in new.names)
 
 
 SWEEP_ON_TWO_PROCESSES = """
