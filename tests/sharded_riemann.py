@@ -91,8 +91,8 @@ def token_sums(module: OwnModule, batch, batch_idx: int):
 
 
 def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
-    """``case`` is ``<delta|own|ownsum>-<untied|tied>-<edit>``."""
-    kind, tying, edit_name = case.split("-")
+    """``case`` is ``<delta|own|ownsum>-<untied|tied>-<edit>[-<batch size, default 4>]``."""
+    kind, tying, edit_name, *batch_size = case.split("-")
     model = tiny_llama(dtype=torch.float64, tie=tying == "tied")
     pretrained, edit = edit_of(edit_name, model, tying == "tied")
     if kind in ("own", "ownsum"):
@@ -114,10 +114,11 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
         callbacks=[callback, SaveResult(callback, f"{out}.{case}", model)], logger=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
+    data = TokenData(int(batch_size[0]) if batch_size else 4)
     if kind != "delta":
-        callback.validate(trainer, module, datamodule=TokenData(4), verbose=False)
+        callback.validate(trainer, module, datamodule=data, verbose=False)
     else:
-        trainer.validate(module, datamodule=TokenData(4), verbose=False)
+        trainer.validate(module, datamodule=data, verbose=False)
 
 
 def main() -> None:

@@ -27,8 +27,13 @@ PAPER_CONFIGS = {
 }
 
 
+# Configs under ModelParallelStrategy (FSDP2): family and grid size.
+SHARDED_CONFIGS = {"llama3-70b-instruct-gsm8k-fsdp.yaml": ("llama", 10 + 4)}
+
+
 def test_every_config_is_tested():
-    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted([*PAPER_CONFIGS, "demo.yaml"])
+    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(
+        [*PAPER_CONFIGS, *SHARDED_CONFIGS, "demo.yaml"])
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
@@ -131,7 +136,7 @@ def _swap(value, replacements: dict[str, str]):
 
 def _tiny_replacements(name: str, tmp_path: Path) -> dict[str, str]:
     """The hub ids and data locations of ``configs/<name>`` -> tiny local models and data in the same formats."""
-    family = PAPER_CONFIGS[name][0]
+    family = {**PAPER_CONFIGS, **SHARDED_CONFIGS}[name][0]
     pair = make_tiny_pair(tmp_path, family, shard=None, scale=0.05)
     if family == "clip":
         write_mnist(tmp_path / "vision")
@@ -149,9 +154,13 @@ def _tiny_replacements(name: str, tmp_path: Path) -> dict[str, str]:
 
 def _as_written_on_cpu(name: str, tmp_path: Path, devices: int) -> Path:
     """``configs/<name>`` with only its hub ids and data locations swapped for tiny local ones, and GPUs for CPU
-    processes: strategy, precision, logger, callback and data arguments stay as shipped."""
+    processes (one node; a sharded strategy over those processes): strategy, precision, logger, callback and data
+    arguments stay as shipped."""
     config = _swap(yaml.safe_load((CONFIGS / name).read_text()), _tiny_replacements(name, tmp_path))
-    config["trainer"].update(accelerator="cpu", devices=devices)
+    config["trainer"].update(accelerator="cpu", devices=devices, num_nodes=1)
+    strategy = config["trainer"]["strategy"]
+    if isinstance(strategy, dict) and "data_parallel_size" in strategy.get("init_args", {}):
+        strategy["init_args"]["data_parallel_size"] = devices
     path = tmp_path / f"{devices}" / name
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -197,3 +206,27 @@ def test_config_as_written_validates_through_the_console_script(name, tmp_path):
     result = _validate_in_subprocess(_as_written_on_cpu(name, tmp_path, devices=1))
     assert result["count"] > 0
     assert abs(result["trapezoid"] - result["exact"]) <= 0.1 * abs(result["exact"]) + 1e-3
+
+
+def test_sharded_config_parses_with_model_parallel_strategy_and_bf16():
+    name = "llama3-70b-instruct-gsm8k-fsdp.yaml"
+    cli = DeltaCLI(args=["--config", str(CONFIGS / name)], run=False, instantiate=False)
+    config = cli.config
+    assert config.trainer.strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert config.trainer.strategy.init_args.data_parallel_size == config.trainer.devices * config.trainer.num_nodes
+    assert config.trainer.strategy.init_args.tensor_parallel_size == 1
+    assert config.trainer.precision == "bf16-true" and config.model.E_dtype == "model"
+    assert len(expand_grid(config.sweep.grid)) == SHARDED_CONFIGS[name][1]
+
+
+def test_sharded_70b_config_as_written_on_two_processes_equals_one(tmp_path):
+    """The shipped 70B config (ModelParallelStrategy, FSDP2, bf16, E in bf16, the GSM8K evaluator) with a tiny Llama
+    through the console script: 2 CPU processes sharding the model give the numbers of 1 process."""
+    name = "llama3-70b-instruct-gsm8k-fsdp.yaml"
+    single = _validate_in_subprocess(_as_written_on_cpu(name, tmp_path, devices=1))
+    double = _validate_in_subprocess(_as_written_on_cpu(name, tmp_path, devices=2))
+    assert double["count"] == single["count"] > 0
+    assert double["accuracy_post"] == single["accuracy_post"] and double["accuracy_edit"] == single["accuracy_edit"]
+    # bf16 as shipped: the processes batch other rows together (as for the DDP config above)
+    for key in ("term", "trapezoid", "exact", "loss_post", "loss_edit"):
+        assert double[key] == pytest.approx(single[key], rel=1e-2), key

@@ -75,3 +75,13 @@ def test_users_module_with_its_default_loss_sharded_equals_ddp(runs):
     ddp = result(runs["ddp"], OWN_DEFAULT, 0)
     for rank in (0, 1):
         assert_same(result(runs["fsdp"], OWN_DEFAULT, rank), ddp, rel=1e-6)
+
+
+def test_processes_with_different_batch_counts_are_refused_with_the_batch_sizes_that_fit(tmp_path):
+    """37 rows in batches of 3 on 2 processes: 19 and 18 rows, 7 and 6 batches; FSDP would wait forever."""
+    command = [sys.executable, str(SCRIPT), str(tmp_path / "out"), "2", "delta-untied-random-3"]
+    finished = subprocess.run(command, env=environment(), cwd=ROOT, timeout=400, capture_output=True, text=True)
+    assert finished.returncode != 0
+    assert "same number of validation batches" in finished.stderr
+    assert "[19, 18] rows" in finished.stderr and "[7, 6] batches of 3" in finished.stderr
+    assert "(4, 5, 7 would)" in finished.stderr  # ceil(19/b) == ceil(18/b) for b = 4, 5, 7 near 3

@@ -31,6 +31,7 @@ from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel, check_E_dtype
+from lightning_delta.sharded import ShardedEditedModel, sharded_parameters
 
 __all__ = ["RiemannCallback"]
 
@@ -99,7 +100,7 @@ class RiemannCallback(Callback):
         self.E_dtype = check_E_dtype(E_dtype)
         self.result: RiemannResult | None = None
         self._target: EditTarget | None = None
-        self._edited: EditedModel | None = None
+        self._edited: EditedModel | ShardedEditedModel | None = None
         self._sums: RiemannSums | None = None
 
     # ----------------------------------------------------------------------------------------------- checks
@@ -143,6 +144,34 @@ class RiemannCallback(Callback):
                     "shuffle=False)` (the lightning_delta DataModules do this)."
                 )
 
+    @staticmethod
+    def check_equal_batch_counts(trainer: "pl.Trainer") -> None:
+        """Under a sharded strategy, raise unless every process has the same number of validation batches.
+
+        FSDP gathers each block's weights on all processes together, so a process with one batch more would wait
+        for the others forever. The error says which batch sizes would give every process the same count.
+        """
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+        loaders = [loader for loader in loaders if isinstance(loader, DataLoader)]
+        local = torch.tensor([[len(loader), len(loader.sampler)] for loader in loaders], dtype=torch.long,
+                             device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, -1, 2).cpu()
+        for index in range(gathered.shape[1]):
+            batches, rows = gathered[:, index, 0].tolist(), gathered[:, index, 1].tolist()
+            if len(set(batches)) == 1:
+                continue
+            size = loaders[index].batch_size or 1
+            fitting = [b for b in range(1, 4 * size + 1) if len({-(-r // b) for r in rows}) == 1]
+            closest = sorted(fitting, key=lambda b: (abs(b - size), b))[:3]
+            raise RuntimeError(
+                f"Under a sharded strategy every process must run the same number of validation batches (FSDP gathers "
+                f"the weights of each forward pass on all processes together), but the {len(rows)} processes hold "
+                f"{rows} rows of validation dataloader {index}, that is {batches} batches of {size}. Use a batch size "
+                f"that gives every process the same count ({', '.join(map(str, closest)) or 'none up to 4x'} would), "
+                "or a data set whose rows divide evenly."
+            )
+
     def validate(self, trainer: "pl.Trainer", model: "pl.LightningModule", *args: Any, **kwargs: Any) -> Any:
         """``trainer.validate(model, ...)`` for any module, also one with only a ``training_step``.
 
@@ -163,6 +192,8 @@ class RiemannCallback(Callback):
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.check_no_repeated_samples(trainer)
         self._target = self.target(pl_module)
+        if sharded_parameters(pl_module):
+            self.check_equal_batch_counts(trainer)
         self._edited = self._target.edited_model(trainer)
         self._target.loss_measured_by_sweep = True
         self._sums = RiemannSums(self.num_points, len(self._edited), sync_on_compute=True).to(pl_module.device)
