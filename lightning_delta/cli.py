@@ -67,6 +67,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "edit": ("lightning_delta.runner", "edit",
              "Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it."),
     "plot": ("lightning_delta.runner", "plot", "Draw the figures of one or more sweep results files."),
+    "estimate": ("lightning_delta.estimate", "estimate", "Peak memory per process of a config, from config.json."),
     "plan": ("lightning_delta.plan", "plan",
              "Plan an edit per tensor under a budget from the Riemann terms, measure its exact ΔL, write the plan."),
     "demo": ("lightning_delta.demo", "demo",

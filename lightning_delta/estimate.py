@@ -1,0 +1,492 @@
+"""Peak memory per process of a Riemann analysis, from the model's ``config.json`` alone: ``lightning-delta estimate``.
+
+The model is built from its config on the meta device (no weight is read or allocated) and the loss runs there on a
+batch of the config's largest shape (``batch_size`` × ``max_length`` tokens, or images) while
+:class:`LiveTensorBytes` adds up the bytes of every tensor the ops create and that is still alive. With s the
+number of shards (N processes under a sharded strategy, FSDP2 through Lightning's ``ModelParallelStrategy`` or
+``FSDPStrategy``; 1 under DDP), the peak per process is the largest of three phases::
+
+    point    = (W + E + R) / s + G + A                  one Riemann point, forward and backward
+    evaluate = (W + E + R + W_e) / s + G + F            the accuracy at t = 0, 1 (only with an evaluator)
+    gradient = (W + R + S) / s + G + A_all              GradientBiased's pass for ∇L(W_post) (only for it)
+    attach   = (W + E + R + S) / s + T                  building E
+
+- ``W``: the model's weights in its dtype; ``R``: the DPO reference model (loss ``dpo``), also held.
+- ``E``: ``F(ΔW) − ΔW`` of the edited tensors in their stored dtype (float32 for bf16 models, or the model's
+  dtype with ``E_dtype="model"``; :func:`~lightning_delta.parametrize.stored_dtype`).
+- ``A``: the meta run's peak over forward and backward: saved activations, logits, each edited weight's gradient
+  (freed as soon as it is made: backward leaves ``⟨∇W, E⟩`` in ``t.grad``, no weight-sized ``.grad``), and each
+  ``W(t) = W_post + t·E`` (the sum in the promoted dtype and its cast) while its module runs forward and again
+  when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it.
+- ``W_e`` and ``F``: ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the evaluator runs;
+  ``F`` is a forward of the loss without gradient (the cache of generated tokens is not counted).
+- ``G`` (sharded only): the gathered full weights: the root group (the tensors outside the repeated blocks) and two
+  blocks, the one computing and the one prefetched, as FSDP2 with one ``fully_shard`` per block holds them.
+- ``S`` and ``A_all``: ``GradientBiased``'s float32 sums of ∇L(W_post) for every weight, and ``A`` with every weight
+  requiring a gradient.
+- ``T``: one tensor's W_pre, ΔW and F(ΔW) in ΔW's dtype (:func:`~lightning_delta.delta.delta_dtype`), largest tensor.
+
+Allocator caches and library workspaces are not counted; ``python -m benchmarks.memory`` measures how far this
+lands from measured peaks (README, Memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from importlib import import_module
+from typing import Any
+
+import torch
+import transformers
+from jsonargparse import Namespace
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_delta.datamodules import ZeroShotClassifier, get_classnames
+from lightning_delta.delta import delta_dtype, delta_names
+from lightning_delta.losses import build_loss
+from lightning_delta.parametrize import check_E_dtype, stored_dtype
+from lightning_delta.runner import DeltaCLI
+
+__all__ = ["LiveTensorBytes", "MemoryEstimate", "estimate", "estimate_memory", "meta_model"]
+
+GiB, MiB = 1 << 30, 1 << 20
+TOKEN_DATA = ("GSM8KDataModule", "UltraFeedbackDataModule")
+IMAGE_DATA = ("VisionDataModule",)
+SHARDED_STRATEGIES = ("fsdp", "model_parallel", "FSDPStrategy", "ModelParallelStrategy")
+GATHERED_BLOCKS = 2  # the block computing and the one prefetched
+META_ATTENTION = "lightning_delta_meta"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Inside, :attr:`peak` is the largest sum of the bytes of the storages that ops made and that were alive at once.
+
+    Storages that exist before (``existing``: weights, buffers, the batch) are not counted. A storage counts from
+    the op that makes it until it is freed. On the meta device, reading a value (``.item()``, ``bool(mask.all())``)
+    answers 1 (true): a full attention mask, which transformers then leaves out.
+
+    Example:
+        >>> with LiveTensorBytes() as live:
+        ...     a = torch.ones(256, device="meta"); b = a * 2; del a; c = b + 1
+        >>> live.peak, live.current  # a and b (2 KiB) alive at once; then b and c
+        (2048, 1024)
+    """
+
+    def __init__(self, existing: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self._known = {tensor.untyped_storage()._cdata for tensor in existing}
+        self.current = self.peak = 0
+
+    def _freed(self, key: int, size: int) -> None:
+        self._known.discard(key)
+        self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return True if args[0].dtype == torch.bool else 1.0 if args[0].is_floating_point() else 1
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self._known:
+                    self._known.add(storage._cdata)
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._freed, storage._cdata, storage.nbytes())
+        self.peak = max(self.peak, self.current)
+        return output
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (SDPA's flash or memory-efficient one, on GPU and CPU) allocates and saves:
+    the output and a float32 log-sum-exp per query forward; the gradients of q, k, v backward. On meta, where
+    SDPA would take its math path and materialise the (T, T) attention matrices that the fused kernels never hold."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor) -> Tensor:  # noqa: ANN001
+        output = torch.empty_like(query)
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def fused_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+                    **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' ``sdpa`` attention as the fused kernels hold it (shapes only): the attention implementation
+    ``"lightning_delta_meta"`` of the meta models."""
+    return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+transformers.AttentionInterface.register(META_ATTENTION, fused_attention)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The parts (bytes, per process) of the formula in :mod:`lightning_delta.estimate`, and the phases' sums."""
+
+    processes: int
+    shards: int
+    weights: int  # W / s
+    E: int  # noqa: N815 (the paper's name)
+    reference: int  # R / s
+    gathered: int  # G
+    activations: int  # A
+    evaluate_extra: int  # W_e / s + F, 0 without an evaluator
+    gradient_sums: int  # S / s
+    gradient_pass: int  # G + A_all, 0 but for GradientBiased
+    attach_temporaries: int  # T
+
+    @property
+    def point(self) -> int:
+        return self.weights + self.E + self.reference + self.gathered + self.activations
+
+    @property
+    def evaluate(self) -> int:
+        held = self.weights + self.E + self.reference + self.gathered + self.evaluate_extra
+        return held if self.evaluate_extra else 0
+
+    @property
+    def gradient(self) -> int:
+        held = self.weights + self.reference + self.gradient_sums + self.gradient_pass
+        return held if self.gradient_pass else 0
+
+    @property
+    def attach(self) -> int:
+        return self.weights + self.E + self.reference + self.gradient_sums + self.attach_temporaries
+
+    @property
+    def peak(self) -> int:
+        return max(self.point, self.evaluate, self.gradient, self.attach)
+
+    def table(self) -> str:
+        """The parts, the phases and the peak, one line each, in GiB."""
+        labels = {"weights": "W_post", "E": "E", "reference": "DPO reference", "gathered": "gathered blocks (FSDP)",
+                  "activations": "activations, W(t), gradient",
+                  "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
+                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
+        layout = f"sharded 1/{self.shards}" if self.shards > 1 else "each holds the whole model"
+        lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
+        lines += [f"  {labels[field.name]:<34} {_format(getattr(self, field.name))}"
+                  for field in fields(self) if field.name in labels]
+        lines += [f"  = {phase:<32} {_format(getattr(self, phase))}" for phase in ("point", "evaluate", "gradient", "attach")]
+        lines.append(f"  peak per process                   {_format(self.peak)}")
+        return "\n".join(lines)
+
+
+def _format(size: int) -> str:
+    return f"{size / GiB:10.2f} GiB" if size >= GiB else f"{size / MiB:10.1f} MiB"
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def meta_model(config: Any, dtype: torch.dtype, auto_class: str = "AutoModelForCausalLM") -> nn.Module:
+    """The model of a transformers ``config`` (object, or directory / hub id of its ``config.json``) on meta, its
+    attention the fused kernels' (:func:`fused_attention`)."""
+    if not isinstance(config, transformers.PretrainedConfig):
+        config = transformers.AutoConfig.from_pretrained(str(config))
+    config = copy.deepcopy(config)
+    config._attn_implementation = META_ATTENTION
+    for name in getattr(config, "sub_configs", {}):
+        if getattr(config, name, None) is not None:
+            getattr(config, name)._attn_implementation = META_ATTENTION
+    model_class = getattr(transformers, auto_class)
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):  # the Auto classes
+            return model_class.from_config(config, dtype=dtype)
+        return model_class(config).to(dtype)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks (the largest ``ModuleList``'s entries) that FSDP2 shards one by one."""
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList) and len(module) > 0]
+    return list(max(lists, key=lambda blocks: _bytes(blocks.parameters()))) if lists else []
+
+
+def _edited_weight(weight: Tensor, E_dtype: str) -> Tensor:  # noqa: N803
+    """``W(t) = W_post + t·E`` as the parametrization makes it: the sum in the promoted dtype, cast to the weight's."""
+    E = torch.empty(weight.shape, dtype=stored_dtype(weight.dtype, E_dtype), device=weight.device)
+    return torch.add(weight.detach(), E, alpha=0.5).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], E_dtype: str) -> Iterator[None]:  # noqa: N803
+    """The edited weights' memory as ``EditedModel.recompute_weights`` spends it: each ``W(t)`` made while its module
+    runs forward, and made again (not saved) when backward reads it."""
+    storages = {weight.untyped_storage()._cdata: weight for weight in edited.values()}
+    owners = [module for module in model.modules()
+              if any(id(weight) in map(id, edited.values()) for weight in module.parameters(recurse=False))]
+
+    def made(module: nn.Module, args: Any) -> None:
+        module._estimate_weights = [_edited_weight(weight, E_dtype) for weight in module.parameters(recurse=False)
+                                    if weight.untyped_storage()._cdata in storages]
+
+    def dropped(module: nn.Module, args: Any, output: Any) -> None:
+        module._estimate_weights = None
+
+    def pack(tensor: Tensor) -> Any:
+        weight = storages.get(tensor.untyped_storage()._cdata)
+        return (weight, tensor.size(), tensor.stride(), tensor.storage_offset()) if weight is not None else tensor
+
+    def unpack(packed: Any) -> Tensor:
+        if isinstance(packed, tuple):
+            weight, size, stride, offset = packed
+            return _edited_weight(weight, E_dtype).as_strided(size, stride, offset)
+        return packed
+
+    hooks = [hook for module in owners for hook in (module.register_forward_pre_hook(made),
+                                                    module.register_forward_hook(dropped))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module in owners:
+            module.__dict__.pop("_estimate_weights", None)
+
+
+def _transient(model: nn.Module, loss: nn.Module, batch: Mapping[str, Tensor], edited: Mapping[str, Tensor],
+               E_dtype: str, backward: bool, with_gradient: Iterable[str] = ()) -> int:  # noqa: N803
+    """``A`` (``backward``), ``F`` or ``A_all``: the meta run's peak of the tensors made beyond weights, buffers and
+    batch, with ``W(t)`` for the ``edited`` tensors and a gradient for those and the ``with_gradient`` ones."""
+    hooks = []
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    with_gradient = set(edited) | set(with_gradient)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(backward and name in with_gradient)
+        if backward and name in with_gradient:
+            hooks.append(parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)))
+    existing = [*model.parameters(), *model.buffers(), *loss.parameters(), *loss.buffers(), *batch.values()]
+    recompute = _parametrized(model, edited, E_dtype) if backward else contextlib.nullcontext()
+    try:
+        with LiveTensorBytes(existing) as live, torch.set_grad_enabled(backward), recompute:
+            output = loss(model, loss.prepare(dict(batch)))
+            if backward:
+                output.total.backward()
+            del output
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+    return live.peak
+
+
+def estimate_memory(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    loss: str | nn.Module = "causal_lm",
+    include: Any = None,
+    exclude: Any = None,
+    E_dtype: str = "float32",  # noqa: N803 (the paper's name)
+    processes: int = 1,
+    sharded: bool = False,
+    gradient_sums: bool = False,
+    evaluator: bool = False,
+) -> MemoryEstimate:
+    """The peak memory per process of a Riemann analysis of ``model`` (on the meta device) on ``batch``.
+
+    Args:
+        model: the post-trained model on the meta device (:func:`meta_model`).
+        batch: one batch of the largest shape, meta tensors, as the loss reads it.
+        loss: ``"causal_lm"``, ``"classification"``, or a loss module (``dpo``: a ``DPOLoss`` whose reference is a
+            meta model, counted in ``R``).
+        include, exclude: the edited tensors, as for ``DeltaEditModule``.
+        E_dtype: ``"float32"`` or ``"model"``.
+        processes: N, the processes of the run; ``sharded``: whether weights, E and the reference are split 1/N.
+        gradient_sums: the edit needs ∇L(W_post) (``GradientBiased``).
+        evaluator: the accuracy is measured at t = 0 and t = 1 (an evaluator is set).
+
+    Raises:
+        ValueError: a model not on meta, ``processes`` < 1, an unknown ``E_dtype``.
+    """
+    check_E_dtype(E_dtype)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be a whole number >= 1 (devices × nodes), got {processes!r}.")
+    if any(tensor.device.type != "meta" for tensor in model.parameters()):
+        raise ValueError("estimate_memory takes a model on the meta device (lightning_delta.estimate.meta_model).")
+    loss = build_loss(loss) if isinstance(loss, str) else loss
+    shards = processes if sharded else 1
+    parameters = dict(model.named_parameters())
+    edited = {name: parameters[name] for name in delta_names(model, model, include, exclude) if name in parameters}
+
+    def rebuilt(weight: Tensor) -> int:
+        summed = torch.promote_types(weight.dtype, stored_dtype(weight.dtype, E_dtype))
+        return weight.numel() * (_size(summed) + (weight.element_size() if summed != weight.dtype else 0))
+
+    E = sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
+    largest = max(edited.values(), key=Tensor.numel, default=None)
+    gathered = 0
+    if shards > 1:
+        blocks = sorted((_bytes(block.parameters()) for block in _blocks(model)), reverse=True)
+        gathered = _bytes(parameters.values()) - sum(blocks) + sum(blocks[:GATHERED_BLOCKS])
+    reference = getattr(loss, "reference", None)
+    activations = _transient(model, loss, batch, edited, E_dtype, backward=True)
+    sums = gradient_pass = 0
+    if gradient_sums:
+        sums = sum(weight.numel() * (8 if weight.dtype == torch.float64 else 4) for weight in parameters.values())
+        gradient_pass = gathered + _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=parameters)
+    evaluate_extra = 0
+    if evaluator:
+        cached = math.ceil(_bytes(edited.values()) / shards) + max(map(rebuilt, edited.values()), default=0)
+        evaluate_extra = cached + _transient(model, loss, batch, edited, E_dtype, backward=False)
+    return MemoryEstimate(
+        processes=processes,
+        shards=shards,
+        weights=math.ceil(_bytes(parameters.values()) / shards),
+        E=math.ceil(E / shards),
+        reference=math.ceil(_bytes(reference.parameters()) / shards) if reference is not None else 0,
+        gathered=gathered,
+        activations=activations,
+        evaluate_extra=evaluate_extra,
+        gradient_sums=math.ceil(sums / shards),
+        gradient_pass=gradient_pass,
+        attach_temporaries=0 if largest is None else 3 * largest.numel() * _size(delta_dtype(largest.dtype,
+                                                                                           largest.dtype)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- from a config
+def _dtype(name: Any, precision: Any, config: Any) -> torch.dtype:
+    """The model's dtype: ``model.dtype``, else a ``*-true`` precision's, else the one its ``config.json`` stores."""
+    if name is None and isinstance(precision, str) and precision.endswith("-true"):
+        name = {"bf16": "bfloat16", "16": "float16", "32": "float32", "64": "float64"}.get(precision[:-5])
+    if name is None:
+        name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.dtype {name!r} is not a torch dtype; use bfloat16, float16, float32 or float64.")
+    return dtype
+
+
+def _processes(trainer: Namespace) -> int:
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"trainer.devices is {devices!r}: the estimate needs the number of processes; set "
+                         "trainer.devices to a number (e.g. --processes 8 for 8 GPUs).")
+    return devices * int(nodes)
+
+
+def _sharded(strategy: Any) -> bool:
+    name = strategy.get("class_path", "") if isinstance(strategy, (Namespace, dict)) else str(strategy or "")
+    return any(name == key or name.endswith("." + key) or name.startswith(key + "_") for key in SHARDED_STRATEGIES)
+
+
+def _class_name(value: Any) -> str:
+    path = value.get("class_path", "") if isinstance(value, (Namespace, dict)) else str(value)
+    return path.rsplit(".", 1)[-1]
+
+
+def _edit_needs_gradients(edit: Any) -> bool:
+    module, _, name = str(edit.get("class_path", "") if isinstance(edit, (Namespace, dict)) else edit).rpartition(".")
+    return bool(module) and bool(getattr(getattr(import_module(module), name, None), "needs_gradients", False))
+
+
+def _meta_zero_shot(init_args: Namespace, dtype: torch.dtype) -> tuple[nn.Module, int]:
+    """A :class:`~lightning_delta.datamodules.ZeroShotClassifier` on meta (CLIP's vision tower and projection from
+    ``clip``'s config, a head of its classes; no tokenizer, no text forward) and its image size."""
+    clip = meta_model(init_args.clip, dtype, "CLIPModel")
+    classnames = init_args.get("classnames") or get_classnames(init_args.task, init_args.get("root"))
+    classifier = ZeroShotClassifier.__new__(ZeroShotClassifier)
+    nn.Module.__init__(classifier)
+    classifier.vision_model, classifier.visual_projection = clip.vision_model, clip.visual_projection
+    projection = clip.visual_projection.weight
+    classifier.register_buffer("head", torch.empty(len(classnames), projection.shape[0], dtype=dtype, device="meta"),
+                               persistent=False)
+    classifier.register_buffer("logit_scale", torch.empty((), dtype=dtype, device="meta"), persistent=False)
+    return classifier, clip.config.vision_config.image_size
+
+
+def _batch(data: Namespace, loss: str, image_size: int | None) -> dict[str, torch.Tensor]:
+    """A meta batch of the data's largest shape: ``batch_size`` rows of ``max_length`` tokens, or of images."""
+    name, arguments = _class_name(data), data.get("init_args") or Namespace()
+    size = arguments.get("batch_size")
+    if name in TOKEN_DATA:
+        shape = (size, arguments.get("max_length"))
+        tokens = {"input_ids": torch.zeros(shape, dtype=torch.long, device="meta"),
+                  "attention_mask": torch.ones(shape, dtype=torch.long, device="meta"),
+                  "labels": torch.zeros(shape, dtype=torch.long, device="meta")}
+        if loss == "dpo":
+            return {f"{side}_{key}": value for side in ("chosen", "rejected") for key, value in tokens.items()}
+        return tokens
+    if name in IMAGE_DATA and image_size is not None:
+        return {"pixel_values": torch.zeros(size, 3, image_size, image_size, device="meta"),
+                "labels": torch.zeros(size, dtype=torch.long, device="meta")}
+    raise ValueError(
+        f"The estimate knows the batch shapes of {', '.join(TOKEN_DATA + IMAGE_DATA)} (with a ZeroShotClassifier for "
+        f"images), not of data {data.get('class_path', data)!r} with model {loss!r}; for another DataModule call "
+        "lightning_delta.estimate.estimate_memory with a meta batch of its shape."
+    )
+
+
+def estimate(
+    model: dict,
+    data: dict,
+    trainer: dict | None = None,
+    edit: dict | str | None = None,
+    riemann: dict | None = None,
+    sweep: dict | None = None,
+    seed_everything: int | bool | None = None,
+    processes: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory per process of ``validate`` or ``sweep`` on a config, from the model's config.json.
+
+    Give the config file that ``validate`` reads (``--config configs/llama3-8b-instruct-gsm8k.yaml``); only the
+    models' ``config.json`` files are read (from a local directory, or downloaded alone from the hub). The batch is
+    the data's largest (``batch_size`` × ``max_length``), the dtype ``model.dtype``, the processes
+    ``trainer.devices`` × ``trainer.num_nodes`` (or ``--processes``), sharded under an FSDP strategy (``fsdp``,
+    ``model_parallel`` or their classes). The formula is in the docstring of :mod:`lightning_delta.estimate`.
+
+    Args:
+        model, data, trainer, edit, riemann, sweep, seed_everything: the sections of an analysis config.
+        processes: the number of processes, instead of the trainer's devices × nodes.
+    """
+    sections = {"model": model, "data": data, "trainer": trainer, "edit": edit, "riemann": riemann, "sweep": sweep,
+                "seed_everything": seed_everything}
+    config = DeltaCLI(args={key: value for key, value in sections.items() if value is not None}, run=False,
+                      instantiate=False).config
+    section = config.model
+    loss_name = section.loss if isinstance(section.loss, str) else _class_name(section.loss)
+    if isinstance(section.model, str):
+        dtype = _dtype(section.dtype, config.trainer.precision, transformers.AutoConfig.from_pretrained(section.model))
+        network, image_size = meta_model(section.model, dtype), None
+    elif _class_name(section.model) == "ZeroShotClassifier":
+        dtype = _dtype(section.dtype, config.trainer.precision, None)
+        network, image_size = _meta_zero_shot(section.model.init_args, dtype)
+    else:
+        raise ValueError(f"The estimate builds a causal LM from a directory or hub id, or a ZeroShotClassifier; got "
+                         f"model {section.model!r}.")
+    if loss_name == "dpo":
+        loss = build_loss("dpo", reference=meta_model(section.pretrained, dtype))
+    elif loss_name in ("causal_lm", "classification"):
+        loss = build_loss(loss_name)
+    else:
+        raise ValueError(f"The estimate runs the losses causal_lm, classification and dpo; got {section.loss!r}.")
+    result = estimate_memory(
+        network, _batch(config.data, loss_name, image_size), loss, section.include, section.exclude,
+        section.E_dtype, processes if processes is not None else _processes(config.trainer),
+        _sharded(config.trainer.strategy), _edit_needs_gradients(config.edit),
+        section.get("evaluator") is not None or getattr(loss, "evaluator", None) is not None,
+    )
+    print(result.table())
+    return result

@@ -1,0 +1,212 @@
+"""The memory estimate (``lightning-delta estimate``) against what a real Riemann point allocates, its parts against
+explicit sums over the weights, and the command on every shipped config with tiny local models (nothing downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_delta.cli import run
+from lightning_delta.estimate import LiveTensorBytes, MemoryEstimate, estimate_memory, meta_model
+from lightning_delta.losses import CausalLMLoss
+from lightning_delta.parametrize import EditedModel, stored_dtype
+from tests.test_configs import CONFIGS, PAPER_CONFIGS, _swap, _tiny_replacements
+from tests.tiny_models import make_tiny_model, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tokens(batch: int, length: int, device: str = "meta", vocab: int = 128) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _allocated_peak(model: torch.nn.Module, batch: dict, E_dtype: str) -> int:  # noqa: N803
+    """Bytes held (weights, E) plus the peak that torch's profiler records from the CPU allocator over one Riemann
+    point as RiemannCallback runs it (EditedModel, recompute_weights, forward and backward)."""
+    generator = torch.Generator().manual_seed(1)
+    E = {name: torch.empty(p.shape, dtype=stored_dtype(p.dtype, E_dtype)).normal_(0, 0.01, generator=generator)
+         for name, p in model.named_parameters()}
+    edited = EditedModel(model, E, E_dtype=E_dtype)
+    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])  # W_post and E (a buffer of each edit)
+    loss = CausalLMLoss()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        edited.set_t(0.4)
+        with edited.recompute_weights():
+            loss(model, batch).total.backward()
+        edited.pop_inner_products()
+    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    allocated = peak = 0
+    for event in events:
+        allocated += event.nbytes()
+        peak = max(peak, allocated)
+    edited.remove()
+    return held + peak
+
+
+@pytest.mark.parametrize(("family", "dtype", "E_dtype"), [
+    ("llama", torch.float32, "float32"),
+    ("llama", torch.bfloat16, "float32"),
+    ("llama", torch.bfloat16, "model"),
+    ("llama-tied", torch.float32, "float32"),
+])
+def test_estimate_equals_what_a_real_point_allocates(family, dtype, E_dtype):
+    """The meta run counts the same tensors the CPU run allocates. The tolerance, 2 %, is for what the meta shapes
+    cannot show: scratch buffers that CPU kernels allocate inside one op (flash attention's per-thread buffers)."""
+    model = make_tiny_model(family, dtype=dtype)
+    estimated = estimate_memory(meta_model(model.config, dtype), _tokens(4, 64), E_dtype=E_dtype)
+    measured = _allocated_peak(model, _tokens(4, 64, "cpu"), E_dtype)
+    assert estimated.point == pytest.approx(measured, rel=0.02)
+    assert estimated.peak == estimated.point  # no evaluator, no GradientBiased: the point is the peak
+
+
+def test_estimate_with_the_default_E_dtype_equals_what_a_real_point_allocates():
+    model = make_tiny_model("llama", dtype=torch.bfloat16)
+    estimated = estimate_memory(meta_model(model.config, torch.bfloat16), _tokens(2, 96))
+    assert estimated.point == pytest.approx(_allocated_peak(model, _tokens(2, 96, "cpu"), "float32"), rel=0.02)
+
+
+def test_live_tensor_bytes_equals_the_profilers_allocation_peak():
+    """On real CPU tensors the counter gives what the allocator records (the estimate's one measuring device)."""
+    model = make_tiny_model("llama")
+    batch = _tokens(2, 32, "cpu")
+    loss = CausalLMLoss()
+    with LiveTensorBytes([*model.parameters(), *model.buffers(), *batch.values()]) as live:
+        loss(model, batch).total.backward()
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        loss(model, batch).total.backward()
+    allocated = peak = 0
+    for event in sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        allocated += event.nbytes()
+        peak = max(peak, allocated)
+    assert live.peak == pytest.approx(peak, rel=0.02)
+
+
+def test_parts_are_the_explicit_sums_over_the_weights():
+    """W, E, the sharded shares and the gathered blocks against sums over a real model's tensors."""
+    config = tiny_config("llama")
+    real = make_tiny_model("llama", dtype=torch.bfloat16)
+    weights = {name: p.numel() for name, p in real.named_parameters()}
+    total = sum(weights.values())
+    attention = sum(n for name, n in weights.items() if ".self_attn." in name)
+    model = meta_model(config, torch.bfloat16)
+    full = estimate_memory(model, _tokens(1, 16))
+    assert full.weights == 2 * total and full.E == 4 * total  # bf16 W, float32 E
+    assert full.shards == 1 and full.gathered == 0 and full.reference == 0
+    assert estimate_memory(model, _tokens(1, 16), E_dtype="model").E == 2 * total
+    only_attention = estimate_memory(model, _tokens(1, 16), include=r"\.self_attn\.")
+    assert only_attention.E == 4 * attention and only_attention.weights == 2 * total
+    sharded = estimate_memory(model, _tokens(1, 16), processes=4, sharded=True)
+    assert sharded.weights == math.ceil(2 * total / 4) and sharded.E == math.ceil(4 * total / 4)
+    block = sum(n for name, n in weights.items() if name.startswith("model.layers.0."))
+    outside = sum(n for name, n in weights.items() if not name.startswith("model.layers."))
+    assert sharded.gathered == 2 * (outside + 2 * block)  # the root group and two of the 2 blocks, in bf16
+    assert sharded.activations == full.activations  # each process runs its own batch whole
+    unsharded = estimate_memory(model, _tokens(1, 16), processes=4)
+    assert unsharded.weights == full.weights and unsharded.processes == 4
+
+
+def test_gradient_biased_and_evaluator_phases():
+    """GradientBiased adds float32 gradient sums of every weight and its gradient pass; an evaluator adds the cached
+    W(t) of every edited tensor (model dtype) while the accuracy is measured."""
+    model = meta_model(tiny_config("llama"), torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    plain = estimate_memory(model, _tokens(2, 32))
+    biased = estimate_memory(model, _tokens(2, 32), gradient_sums=True)
+    assert plain.gradient_sums == plain.gradient_pass == plain.gradient == 0
+    assert biased.gradient_sums == 4 * total
+    assert biased.gradient == biased.weights + biased.gradient_sums + biased.gradient_pass
+    assert biased.gradient_pass >= plain.activations - 4 * total  # every weight's gradient instead of W(t)
+    evaluated = estimate_memory(model, _tokens(2, 32), evaluator=True)
+    assert plain.evaluate == 0 and evaluated.evaluate > evaluated.weights + evaluated.E + 2 * total
+
+
+# --------------------------------------------------------------------------------------------- the command
+def _config(name: str, tmp_path: Path, **trainer) -> Path:
+    config = _swap(yaml.safe_load((CONFIGS / name).read_text()), _tiny_replacements(name, tmp_path))
+    config["trainer"].update(trainer)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Nothing may be downloaded: the hub is off, so a hub id left in a config fails instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_estimate_command_on_every_shipped_config(name, tmp_path, offline, capsys):
+    """Each shipped config as written, hub ids swapped for tiny local models: 8 DDP processes holding the whole
+    model, the DPO reference counted for Zephyr, the accuracy's phase, E in float32 for the bf16 models, only the
+    vision tower for CLIP."""
+    result = run(["estimate", "--config", str(_config(name, tmp_path))])
+    assert isinstance(result, MemoryEstimate)
+    assert result.processes == 8 and result.shards == 1 and result.gathered == 0
+    assert (result.reference > 0) == ("dpo" in name)
+    assert result.evaluate > 0  # every shipped config measures an accuracy (an evaluator, or the loss's own)
+    assert result.E == 2 * result.weights  # bf16 weights, float32 E, every held tensor edited
+    if "clip" in name:  # the classifier holds CLIP's vision tower and projection, not its text tower
+        clip = make_tiny_model("clip")
+        tower = [*clip.vision_model.parameters(), *clip.visual_projection.parameters()]
+        assert result.weights == 2 * sum(p.numel() for p in tower)
+    printed = capsys.readouterr().out
+    assert "peak per process" in printed and "8 process(es)" in printed
+
+
+def test_estimate_command_equals_the_function_on_the_configs_shapes(tmp_path, offline):
+    """The LLaMA config's batch (4 × 1024 tokens), bf16 and evaluator reach :func:`estimate_memory`."""
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
+    model_dir = yaml.safe_load(path.read_text())["model"]["model"]
+    result = run(["estimate", "--config", str(path)])
+    direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(4, 1024), processes=8, evaluator=True)
+    assert result == direct
+
+
+def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path, strategy="fsdp", devices=4)
+    sharded = run(["estimate", "--config", str(path)])
+    whole = run(["estimate", "--config", str(path), "--processes", "1"])
+    assert sharded.shards == 4 and whole.shards == 1
+    assert sharded.weights == math.ceil(whole.weights / 4) and sharded.gathered > 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trainer": {"devices": "auto"}}, "trainer.devices is 'auto'"),
+    ({"data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"}}, "BoringDataModule"),
+    ({"model": {"E_dtype": "float16"}}, "E_dtype"),
+])
+def test_estimate_command_bad_input_is_named(change, message, tmp_path, offline, capsys):
+    """A value the estimate cannot use is named in the error (the config parser's own errors exit, as for validate)."""
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
+    config = yaml.safe_load(path.read_text())
+    for section, values in change.items():
+        if "class_path" in values:
+            config[section] = values
+        else:
+            config[section].update(values)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises((ValueError, SystemExit)) as error:
+        run(["estimate", "--config", str(path)])
+    assert message in (str(error.value) if error.type is ValueError else capsys.readouterr().err)
+
+
+def test_estimate_memory_refuses_bad_arguments():
+    model = meta_model(tiny_config("llama"), torch.float32)
+    with pytest.raises(ValueError, match="processes must be a whole number >= 1"):
+        estimate_memory(model, _tokens(1, 8), processes=0)
+    with pytest.raises(ValueError, match="E_dtype must be"):
+        estimate_memory(model, _tokens(1, 8), E_dtype="half")
+    with pytest.raises(ValueError, match="meta device"):
+        estimate_memory(make_tiny_model("llama"), _tokens(1, 8))
