@@ -102,7 +102,8 @@ def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refin
         "settings": plan.settings, "rho_first": float(spearmanr(scores.first.flatten().numpy(), flat)[0]),
         "rho_second": float(spearmanr(scores.second.flatten().numpy(), flat)[0]),
         "rho_refined": float(spearmanr(used.flatten().numpy(), flat)[0]) if sweeps else None,
-        "misordered": misordered, "pairs": len(scores.names) * len(scores.values) * (len(scores.values) - 1) // 2,
+        "misordered": misordered, "mean_abs_first": float(scores.first.abs().mean()),
+        "mean_curvature": float(scores.curvature.abs().mean()), "pairs": len(scores.names) * len(scores.values) * (len(scores.values) - 1) // 2,
         "plan_passes": plan.passes, "brute_forward_passes": brute_passes, "plan_seconds": plan_seconds,
         "brute_seconds": brute_seconds, "tensors": len(scores.names),
     }
@@ -115,8 +116,8 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| pair | family (budget) | uniform ΔL | planned ΔL | planned < uniform | ρ first | ρ second | "
              "ρ refined | misordered pairs: first, second, after sweeps 1… | plan passes (f+b / f) | "
-             "brute force passes (f) | time plan / brute |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "brute force passes (f) | time plan / brute | mean ½ΣF̂E² / mean |⟨g, E⟩| |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for pair in dict.fromkeys(row["pair"] for row in rows):
         for family in BUDGETS:
             group = [row for row in rows if row["pair"] == pair and row["family"] == family]
@@ -125,7 +126,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             wins = sum(row["planned"] < row["uniform"] for row in group)
             misordered = [statistics.mean(row["misordered"][i] for row in group)
                           for i in range(min(len(row["misordered"]) for row in group))]
-            passes = group[0]["plan_passes"]
+            backward = sorted({row["plan_passes"]["forward_backward"] for row in group})
+            forward = sorted({row["plan_passes"]["forward"] for row in group})
             lines.append(
                 f"| {pair} | {family} ({BUDGETS[family]}) | {mean_std([r['uniform'] for r in group])} | "
                 f"{mean_std([r['planned'] for r in group])} | {wins}/{len(group)} | "
@@ -133,8 +135,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{statistics.mean(r['rho_second'] for r in group):.2f} | "
                 f"{statistics.mean(r['rho_refined'] for r in group if r['rho_refined'] is not None):.2f} | "
                 f"{', '.join(f'{m:.1f}' for m in misordered)} of {group[0]['pairs']} | "
-                f"{passes['forward_backward']} / {passes['forward']} | {group[0]['brute_forward_passes']} | "
-                f"{statistics.median(r['plan_seconds'] / r['brute_seconds'] for r in group):.2f} |")
+                f"{'–'.join(map(str, backward[::max(1, len(backward) - 1)]))} / "
+                f"{'–'.join(map(str, forward[::max(1, len(forward) - 1)]))} | {group[0]['brute_forward_passes']} | "
+                f"{statistics.median(r['plan_seconds'] / r['brute_seconds'] for r in group):.2f} | "
+                f"{statistics.mean(r['mean_curvature'] / r['mean_abs_first'] for r in group):.1e} |")
     return "\n".join(lines)
 
 
@@ -146,7 +150,11 @@ def main() -> None:
     parser.add_argument("--pairs", default="demo,tiny-llama")
     parser.add_argument("--families", default=",".join(BUDGETS))
     parser.add_argument("--json", default=None, help="write every run's figures to this file")
+    parser.add_argument("--table", nargs="+", default=None, help="only print the table of these --json files")
     args = parser.parse_args()
+    if args.table:
+        print(table([row for path in args.table for row in json.loads(Path(path).read_text())]))
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning").setLevel(logging.ERROR)

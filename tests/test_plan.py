@@ -21,9 +21,11 @@ from lightning_delta.demo.digits import DigitsDataModule
 from lightning_delta.edits import DARE, BitDelta, LowRank, PerTensor
 from lightning_delta.export import PER_TENSOR_FILE
 from lightning_delta.losses import LossOutput
+from lightning_delta.module import DeltaEditModule
 from lightning_delta.plan import Plan, plan_edit, relevant_values
 from lightning_delta.planning.allocate import allocate
 from lightning_delta.planning.family import FAMILIES, family
+from lightning_delta.planning.measure import exact_candidate_changes, riemann_sweep, trapezoid_per_tensor
 from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
 from tests.tiny_models import make_tiny_model
 
@@ -253,6 +255,51 @@ def test_plan_command_writes_the_plan_and_the_edited_model(llama_pair, tmp_path)
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["settings"] == plan.settings and written["cost"] <= written["budget"]
     assert json.loads((tmp_path / "model" / PER_TENSOR_FILE).read_text()) == plan.edit().config()
+
+
+def test_plan_command_with_its_defaults(llama_pair, tmp_path, monkeypatch):
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+        "family": "lowrank", "average": 2,
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    plan = run(["plan", "--config", "plan.yaml"])
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["settings"] == plan.settings and set(plan.settings.values()) <= {1, 2, 4, 8}
+    assert plan.cost <= plan.budget and plan.passes["forward_backward"] == 1 + len(plan.refined) * 6
+
+
+def test_sweep_shares_sum_to_the_trapezoid_and_the_model_comes_back(llama_pair):
+    model = copy.deepcopy(llama_pair.post)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    result = riemann_sweep(model, llama_pair.pre, BitDelta(bits=2), DigitsDataModule(limit=12, batch_size=6),
+                           include=["q_proj", "up_proj"], num_points=2)
+    shares = trapezoid_per_tensor(result)
+    assert set(shares) == {name for name in before if "q_proj" in name or "up_proj" in name}
+    assert sum(shares.values()) == pytest.approx(result.trapezoid, rel=1e-12)
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
+    pre, post = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=0)
+    with torch.no_grad():
+        for parameter in post.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    datamodule = DigitsDataModule(limit=12, batch_size=6)
+    datamodule.setup("validate")
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]
+    edits = [BitDelta(bits=1), DARE(p=0.5, seed=2)]
+    target = DeltaEditModule(post, pre, edits[0])
+    changes, passes = exact_candidate_changes(target, post, pre, names, edits, [datamodule.val_dataloader()])
+    assert passes == 2 * 2 + 1
+    base = explicit_loss(post, datamodule)
+    for k, name in enumerate(names):
+        for j, edit in enumerate(edits):
+            edited = apply_edit_(copy.deepcopy(post), pre, edit, include=[f"^{name}$"])
+            assert float(changes[k, j]) == pytest.approx(explicit_loss(edited, datamodule) - base, rel=1e-5,
+                                                         abs=1e-7)
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
