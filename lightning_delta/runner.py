@@ -529,8 +529,6 @@ def run_point(cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = Non
     live = report is not None and report.live
     config = apply_overrides(point.config, {"trainer.enable_progress_bar": False}) if live else point.config
     cli.model = cli.datamodule = cli.trainer = cli.config_init = None  # the previous point's, freed before loading
-    if reuse is None:
-        gc.collect()  # the module and trainer hold reference cycles: without this, two models would be in memory
     accuracy_post = reuse.begin(point.config) if reuse is not None else None
     building = _SWEEP_REUSE.set(reuse)
     try:
