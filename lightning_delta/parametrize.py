@@ -231,6 +231,10 @@ class EditedModel:
         """``E = F(ΔW) − ΔW`` of tensor ``name``."""
         return self.parametrizations[name].E
 
+    def weights_bytes(self) -> int:
+        """The bytes of the edited tensors (one ``W(t)`` of each, as autograd would keep them)."""
+        return sum(self.original(name).numel() * self.original(name).element_size() for name in self.names)
+
     def set_t(self, t: float) -> None:
         """Put every edited tensor at ``W_post + t·E``."""
         with torch.no_grad():

@@ -157,6 +157,10 @@ class ShardedEditedModel:
         """This process's rows of ``E`` of tensor ``name``."""
         return self._E[name]
 
+    def weights_bytes(self) -> int:
+        """The bytes of this process's rows of the edited tensors."""
+        return sum(post.numel() * post.element_size() for post in self._post.values())
+
     def set_t(self, t: float) -> None:
         """Write ``W_post + t·E`` into every edited shard (as the parametrization adds it: in E's dtype, then cast)."""
         with torch.no_grad():

@@ -424,3 +424,33 @@ def test_E_dtype_model_keeps_E_in_bf16():
 def test_unknown_E_dtype_is_refused():
     with pytest.raises(ValueError, match=r"E_dtype must be 'float32' .* or 'model' .*got 'bfloat16'"):
         RiemannCallback(E_dtype="bfloat16")
+
+
+@pytest.mark.parametrize(("recompute_weights", "free_bytes", "recomputes"), [
+    (True, 1 << 50, True), (False, 0, False), (None, 1 << 50, False), (None, 0, True),
+], ids=["rebuild", "keep", "default-with-memory", "default-without-memory"])
+def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes, recomputes, monkeypatch):
+    """W(t) kept from the forward or rebuilt in backward gives the same numbers; the default keeps it only when free
+    memory exceeds twice the edited weights."""
+    monkeypatch.setattr("lightning_delta.callbacks.riemann.free_memory_bytes", lambda device: free_bytes)
+    model = tiny_llama()
+    edits = random_edits(model)
+    loader = DataLoader(token_dataset(), batch_size=8)
+    reference = brute_force(model, edits, CausalLMLoss(), loader, num_points=3)
+    decided = []
+
+    class Decision(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            decided.append(callback._recompute)
+
+    callback = RiemannCallback(num_points=3, filename=None, recompute_weights=recompute_weights)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback, Decision()],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(DeltaEditModule(model, None, edits), loader, verbose=False)
+    assert set(decided) == {recomputes}
+    assert_matches_reference(callback.result, reference)
+
+
+def test_bad_recompute_weights_is_refused():
+    with pytest.raises(ValueError, match="recompute_weights.*'yes'"):
+        RiemannCallback(recompute_weights="yes")
