@@ -203,6 +203,8 @@ CASES = [
          lambda tmp: _riemann(num_points=0)),
     Case("riemann-edit-alone", "`RiemannCallback(edit=DARE(p=0.9))` without `pretrained`", ValueError,
          "Pass `pretrained` and `edit` together", lambda tmp: _riemann(edit=_edits().DARE(p=0.9))),
+    Case("riemann-recompute", "`RiemannCallback(recompute_weights=\"yes\")`", ValueError,
+         "`recompute_weights` must be True, False or None", lambda tmp: _riemann(recompute_weights="yes")),
     Case("tied-copies", "W_pre as a state dict of copies for a model with tied embeddings", ValueError,
          "1.weight and 0.weight are one tied tensor in the model but two tensors", _tied_copies),
     Case("edited-model-name", "an `E` for a name the model does not have", ValueError,
