@@ -18,10 +18,16 @@ randomized SVD's error is what a user would see on a fine-tuning delta; the exac
 deltas of the demo pair.
 
 Peers are optional (the ``bench`` extra); one that cannot be imported is skipped with the reason.
+
+``python -m benchmarks.edits`` times DELLA (:data:`DELLA_IMPLEMENTATIONS`) against DARE followed by one stable sort
+of ``|ΔW|`` along the rows (what DELLA cannot do without: DARE's draws and a rank per entry) and against mergekit's
+``della_magprune``, each in a fresh process, implementations alternating within every round; one line per round and
+the medians, as Markdown rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import time
@@ -32,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.common import MiB, PeakMemory
+from benchmarks.common import MiB, PeakMemory, machine, median, run_worker
 
 DROP_RATE = 0.9  # p; density 1 - p = 0.1 for the peers
 RANK = 64
@@ -43,6 +49,8 @@ SPECTRUM_DIRECTIONS = 512  # decaying_delta: σ_i ≈ i^(-1/2) over this many di
 DEMO_RANKS = (1, 4)  # the demo's LowRank grid
 
 SHAPES = {"tiny": [(64, 48), (96, 64)], "full": [(4096, 4096), (4096, 14336), (128256, 4096)]}
+DELLA_EPSILON = 0.1  # DELLA's spread of drop probabilities; mergekit's epsilon is half of it (see magprune)
+DARE_AND_SORT = "DARE + one sort"  # the bound DELLA should stay under
 
 
 def _ours(operation: str, rank: int = RANK, method: str = "exact") -> Callable[[Tensor], Tensor]:
@@ -102,11 +110,39 @@ def _svd(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
     return truncated
 
 
+def _della(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
+    from lightning_delta.edits import DELLA
+
+    edit = DELLA(p=DROP_RATE, epsilon=DELLA_EPSILON, seed=0)
+    return lambda delta: edit.edit_tensor("model.layers.0.mlp.up_proj.weight", delta)
+
+
+def _dare_and_sort(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
+    dare = _ours("dare")
+
+    def run(delta: Tensor) -> Tensor:
+        out = dare(delta)
+        torch.sort(delta.abs(), dim=-1, descending=True, stable=True)
+        return out
+
+    return run
+
+
+def _mergekit_della(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
+    from mergekit import sparsify
+
+    return lambda delta: sparsify.della_magprune(delta, 1.0 - DROP_RATE, DELLA_EPSILON / 2,
+                                                 rescale_norm=sparsify.RescaleNorm.l1)
+
+
 IMPLEMENTATIONS: dict[str, dict[str, Callable[[str, int], Callable[[Tensor], Tensor]]]] = {
     "dare": {"lightning_delta": _ours, "peft": _peft, "mergekit": _mergekit},
     "magnitude": {"lightning_delta": _ours, "peft": _peft, "mergekit": _mergekit},
     "lowrank": {"lightning_delta": _ours, "torch.linalg.svd": _svd, RANDOMIZED: _ours_randomized},
 }
+# run by ``python -m benchmarks.edits``, not by the suite's edits item
+DELLA_IMPLEMENTATIONS = {"della": {"lightning_delta": _della, DARE_AND_SORT: _dare_and_sort, "DARE": _ours,
+                                   "mergekit": _mergekit_della}}
 
 
 def unavailable_reason(implementation: str) -> str | None:
@@ -191,7 +227,8 @@ def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # the peers draw their masks from the global generator: seeded apart from the input's stream, which a shared
     # seed would correlate with the mask (same uniform draws under the Box-Muller normals)
     torch.manual_seed(spec.get("seed", 0) + 1_000_003)
-    fn = IMPLEMENTATIONS[operation][implementation](operation, spec.get("rank", RANK))
+    fn = {**IMPLEMENTATIONS, **DELLA_IMPLEMENTATIONS}[operation][implementation](
+        "dare" if implementation == "DARE" else operation, spec.get("rank", RANK))
     delta = torch.randn(*spec["shape"], generator=torch.Generator().manual_seed(spec.get("seed", 0)))
     if spec.get("low_rank_input"):  # a slowly decaying spectrum, like a real delta
         delta = decaying_delta(tuple(spec["shape"]), delta)
@@ -238,3 +275,72 @@ def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "residual_excess_max": max(excesses, default=None),
         }
     return result
+
+
+def della_rounds(shapes: list[tuple[int, int]], rounds: int, runs: int) -> list[dict[str, Any]]:
+    """Every implementation of :data:`DELLA_IMPLEMENTATIONS` on each shape, ``rounds`` times in alternating order,
+    each run in a fresh process; per shape the time of every round and the medians over rounds."""
+    names = list(DELLA_IMPLEMENTATIONS["della"])
+    cases = []
+    for shape in shapes:
+        times: dict[str, list[float]] = {name: [] for name in names}
+        memory: dict[str, list[float]] = {name: [] for name in names}
+        notes: dict[str, Any] = {}
+        for round_index in range(rounds):
+            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                reason = unavailable_reason(name)
+                if reason:
+                    notes[name] = reason
+                    continue
+                spec = {"kind": "edit", "operation": "della", "implementation": name, "shape": list(shape),
+                        "runs": runs}
+                result = run_worker(spec, timeout=1200)
+                if "times_s" not in result:
+                    notes[name] = result.get("error", result.get("skipped", "no result"))[:200]
+                    continue
+                times[name].append(median(result["times_s"]))
+                memory[name].append(result["extra_peak_mib"])
+                notes.setdefault(name, {"kept_fraction": result["kept_fraction"], "kept_scale": result["kept_scale"]})
+            print(f"{shape[0]}x{shape[1]} round {round_index + 1}: "
+                  + ", ".join(f"{name} {times[name][-1]:.3g} s" for name in names if len(times[name]) > round_index),
+                  flush=True)
+        cases.append({"shape": list(shape), "times_s": times, "extra_peak_mib": memory, "notes": notes})
+    return cases
+
+
+def della_markdown(cases: list[dict[str, Any]]) -> str:
+    """Rows: shape, DELLA's time and peak, then each other implementation's, and DELLA ÷ it per round."""
+    lines = ["| shape | implementation | time (s), median | extra peak (MiB) | DELLA ÷ this, per round | kept |",
+             "|---|---|---:|---:|---|---|"]
+    for case in cases:
+        ours = case["times_s"]["lightning_delta"]
+        for name, times in case["times_s"].items():
+            note = case["notes"].get(name)
+            if not times:
+                lines.append(f"| {case['shape'][0]}x{case['shape'][1]} | {name} | – | – | {note} | |")
+                continue
+            ratios = "" if name == "lightning_delta" else ", ".join(f"{a / b:.2f}" for a, b in zip(ours, times))
+            kept = f"{note['kept_fraction']:.4f} ×{note['kept_scale']:.3g}" if isinstance(note, dict) else ""
+            lines.append(f"| {case['shape'][0]}x{case['shape'][1]} | {name} | {median(times):.3g} | "
+                         f"{median(case['extra_peak_mib'][name]):.0f} | {ratios} | {kept} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.edits",
+                                     description="DELLA against DARE + one sort and mergekit's della_magprune")
+    parser.add_argument("--shapes", default="4096x14336", help="comma-separated ROWSxCOLS (default 4096x14336)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the order of implementations rotates")
+    parser.add_argument("--runs", type=int, default=2, help="runs per process (their median is the round's time)")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
+    info = machine()
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, mergekit {info['mergekit']}; p = "
+          f"{DROP_RATE}, DELLA epsilon = {DELLA_EPSILON}, float32")
+    cases = della_rounds(shapes, args.rounds, args.runs)
+    print(della_markdown(cases))
+    return cases
+
+
+if __name__ == "__main__":
+    main()
