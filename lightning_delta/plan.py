@@ -103,11 +103,11 @@ def relevant_values(choices: list[int], num_values: int) -> list[int]:
 
 def exact_change(
     model: nn.Module, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu",
+    loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: Patterns = None,
 ) -> tuple[float, float]:
     """``(L(W_post), L(W_post + E) − L(W_post))`` by ``trainer.validate`` on a DeltaEditModule (two forwards per
-    batch, float64 sums); ``model`` is given back at W_post."""
-    module = DeltaEditModule(model, pretrained, edit, loss=loss)
+    batch, float64 sums) editing the tensors ``include`` selects; ``model`` is given back at W_post."""
+    module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include)
     trainer = pl.Trainer(accelerator=accelerator, **TRAINER_ARGUMENTS)
     try:
         (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -200,7 +200,7 @@ def plan_edit(
                 continue
             settings = {name: values[j] for name, j in zip(scores.names, picked)}
             loss_post, measured[label] = exact_change(
-                model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator)
+                model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
             passes["forward"] += 2
         if average in sweeps:
             measured["uniform"] = sweeps[average].exact
