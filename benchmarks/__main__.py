@@ -8,6 +8,8 @@ Items (``--only`` takes a comma-separated subset):
 ``edits``      DARE, MagnitudePrune, LowRank vs peft, mergekit and ``torch.linalg.svd`` on the same tensors; the
                randomized LowRank vs the exact one (``--operations`` takes a subset of dare, magnitude, lowrank)
 ``processes``  the same sweep on 1 and 2 CPU processes (DDP): result agreement and wall time
+``generation`` the GSM8K evaluator's answer tokens/s against ``model.generate`` one prompt at a time and batched
+               without stopping (``benchmarks/generation.py``; also ``python -m benchmarks.generation``)
 ``gpu``        tokens/s, MFU and peak memory on an 8B Llama in bf16 (``--device cuda`` only)
 
 Every variant runs in a fresh process so that peak memory never mixes; variants alternate in order between
@@ -30,7 +32,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import ROOT, available_memory_bytes, machine, median, ratio
 
-ITEMS = ("riemann", "paired", "overhead", "edits", "processes", "gpu")
+ITEMS = ("riemann", "paired", "overhead", "edits", "processes", "gpu", "generation")
 GOALS = {"riemann_time": 1.0, "riemann_memory": 0.5, "overhead": 1.15}
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -478,6 +480,10 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         else:
             rows.append(["gpu 8B bf16", gpu["device"], f"{_fmt(gpu['tokens_per_s'])} tok/s",
                          f"MFU {_fmt(gpu['mfu'])}", f"max alloc {_fmt(gpu['max_memory_allocated_gib'])} GiB", ""])
+    if "generation" in items:
+        from benchmarks import generation
+
+        rows += generation.table_rows(items["generation"])
     return rows
 
 
@@ -667,6 +673,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["items"]["processes"] = bench_processes(args.mode)
         elif item == "gpu":
             results["items"]["gpu"] = bench_gpu(args.device, args.mode)
+        elif item == "generation":
+            from benchmarks import generation
+
+            results["items"]["generation"] = generation.run(args.mode)
     results["elapsed_s"] = elapsed = time.perf_counter() - start
     print(render_table(table_rows(results)))
     previous_path = Path(args.json)

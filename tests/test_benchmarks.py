@@ -176,3 +176,39 @@ def test_in_place_variant_gives_the_parametrizations_inner_products():
         assert result["inner"].keys() == reference.keys()
         for name, value in reference.items():
             assert result["inner"][name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
+
+
+def test_generation_item_times_the_same_tokens_in_every_variant(tmp_path):
+    """benchmarks/generation.py: the naive, previous and library variants give the same answer tokens, and the
+    emulated answer ends stop rows at different lengths; the suite's table and Markdown carry the rows."""
+    out, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    bench.main(["--tiny", "--in-process", "--only", "generation", "--json", str(out), "--markdown", str(markdown)])
+    cases = json.loads(out.read_text())["items"]["generation"]["cases"]
+    assert [case["case"] for case in cases] == ["no stop", "answers end"]
+    for case in cases:
+        assert case["identical"] and case["answer_tokens"] == sum(case["row_lengths"])
+        assert set(case["tokens_per_s"]) == {"naive", "previous", "library"}
+    assert cases[0]["row_lengths"] == [16] * 8
+    assert min(cases[1]["row_lengths"]) < 16 and len(cases[1]["stop_strings"]) == 1
+    assert markdown.read_text().count("| generation tok/s |") == 2
+
+
+def test_della_comparison_keeps_the_same_fraction_and_dare_and_sort_is_dare():
+    """benchmarks/edits.py's DELLA comparison: every implementation keeps about 1 − p of the entries; the
+    "DARE + one sort" bound returns DARE's output (the sort is only timed)."""
+    from benchmarks.edits import DARE_AND_SORT, DELLA_EPSILON, DELLA_IMPLEMENTATIONS
+
+    spec = {"operation": "della", "shape": [200, 150]}
+    n = 200 * 150
+    tolerance = 5 * math.sqrt(n * DROP_RATE * (1 - DROP_RATE))
+    results = {}
+    for name in DELLA_IMPLEMENTATIONS["della"]:
+        if unavailable_reason(name):
+            continue
+        results[name] = edit_worker({**spec, "implementation": name})
+        assert abs(results[name]["kept"] - (1 - DROP_RATE) * n) < tolerance, name
+    assert results[DARE_AND_SORT]["kept"] == results["DARE"]["kept"]
+    assert results[DARE_AND_SORT]["kept_scale"] == results["DARE"]["kept_scale"] == pytest.approx(1 / (1 - DROP_RATE))
+    # DELLA divides each kept entry by its own keep probability, 1 − p ± ε/2: the mean scale lies between
+    half = DELLA_EPSILON / 2
+    assert 1 / (1 - DROP_RATE + half) < results["lightning_delta"]["kept_scale"] < 1 / (1 - DROP_RATE - half)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
+from lightning_delta.datamodules.gsm8k import AnswerLineEnded
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.metrics import extract_final_number
 from lightning_delta.module import DeltaEditModule
@@ -301,6 +304,121 @@ def test_generation_evaluator_against_plain_greedy_decoding(tokenizer, tmp_path)
     batch["answers"] = [f"#### {numbers[0] or 'x'}", "#### 123456789", "#### 987654321"]
     correct, total = evaluator(model, batch)
     assert (float(correct), float(total)) == (1.0 if numbers[0] is not None else 0.0, 3.0)
+
+
+def unpadded_prompts(batch: dict) -> list[list[int]]:
+    return [row[mask.bool()].tolist() for row, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+
+
+def first_prefix(tokenizer, tokens: list[int], ended) -> list[int]:
+    """The shortest prefix of ``tokens`` whose decoded text satisfies ``ended`` (all of them if none does)."""
+    for length in range(1, len(tokens) + 1):
+        if ended(tokenizer.decode(tokens[:length], skip_special_tokens=True)):
+            return tokens[:length]
+    return tokens
+
+
+def ordinary_pair(tokenizer, tokens: list[int], start: int) -> list[int]:
+    """The first two consecutive tokens from ``start`` on that are not special tokens."""
+    special = set(tokenizer.all_special_ids)
+    return next(tokens[i:i + 2] for i in range(start, len(tokens) - 1) if not special & set(tokens[i:i + 2]))
+
+
+def generation_batch(tokenizer, tmp_path, dtype):
+    model = make_tiny_model("llama", dtype=dtype, max_position_embeddings=256)
+    dm = GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), batch_size=5)
+    batch = next(iter(dm.val_dataloader()))
+    assert len(set(batch["prompt_attention_mask"].sum(1).tolist())) > 1  # left padding is exercised
+    return model, batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_generation_equals_unpadded_greedy_token_for_token(tokenizer, tmp_path, dtype):
+    """Left-padded, KV-cached batch generation against a full forward per step on each unpadded prompt."""
+    model, batch = generation_batch(tokenizer, tmp_path, dtype)
+    generated = GSM8KEvaluator(tokenizer, max_new_tokens=40).generate_ids(model, batch)
+    for row, prompt in enumerate(unpadded_prompts(batch)):
+        expected = greedy(model, prompt, 40)
+        assert generated[row, :len(expected)].tolist() == expected
+        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_row_stops_at_its_first_stop_string_and_the_text_is_cut_there(tokenizer, tmp_path, dtype):
+    model, batch = generation_batch(tokenizer, tmp_path, dtype)
+    references = [greedy(model, prompt, 40) for prompt in unpadded_prompts(batch)]
+    stop = tokenizer.decode(ordinary_pair(tokenizer, references[0], 6))  # a text the model writes, in some rows
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=40, stop_strings=[stop])
+    generated = evaluator.generate_ids(model, batch)
+    texts = evaluator.generate(model, batch)
+    lengths = []
+    for row, reference in enumerate(references):
+        expected = first_prefix(tokenizer, reference, lambda text: stop in text)
+        lengths.append(len(expected))
+        assert generated[row, :len(expected)].tolist() == expected
+        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        full = tokenizer.decode(reference, skip_special_tokens=True)
+        assert texts[row] == (full[:full.index(stop)] if stop in full else full)
+    assert min(lengths) < max(lengths) and generated.shape[1] == max(lengths)  # rows stop apart, the batch with the last
+    assert sum(stop in tokenizer.decode(reference) for reference in references) >= 2
+
+
+def test_each_row_stops_at_the_end_of_its_answer_line(tokenizer, tmp_path, monkeypatch):
+    """The answer-line rule through ``model.generate``, with the rule's pattern set to a text the model writes."""
+    model, batch = generation_batch(tokenizer, tmp_path, torch.float64)
+    references = [greedy(model, prompt, 40) for prompt in unpadded_prompts(batch)]
+    marker = tokenizer.decode(ordinary_pair(tokenizer, references[1], 9))
+    monkeypatch.setattr("lightning_delta.datamodules.gsm8k.ANSWER_LINE", re.compile(re.escape(marker)))
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=40)
+    generated = evaluator.generate_ids(model, batch)
+    texts = evaluator.generate(model, batch)
+    for row, reference in enumerate(references):
+        expected = first_prefix(tokenizer, reference, lambda text: marker in text)
+        assert generated[row, :len(expected)].tolist() == expected
+        full = tokenizer.decode(reference, skip_special_tokens=True)
+        assert texts[row] == (full[:full.index(marker) + len(marker) - 1] if marker in full else full)
+
+
+def test_answer_line_criterion_fires_at_the_line_break_after_the_final_number(tokenizer):
+    answers = ["She sold 48/2 = 24 clips.\n#### 72\n\nQuestion: What", "so 7 + 1 = 8 and\n####\n 8 then\nmore",
+               "no final line\nat all"]
+    rows = [ids(tokenizer, text) for text in answers]
+    width = max(map(len, rows))
+    rows = [row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows]
+
+    def ended(text: str) -> bool:  # written apart from the pattern: "####", a digit on its line, a line break
+        if "####" not in text:
+            return False
+        line, _, rest = text.split("####", 1)[1].partition("\n")
+        return any(c.isdigit() for c in line) and _ == "\n"
+
+    prompt = [[5, 6, 7]] * 3  # prompt tokens are never read
+    criterion = AnswerLineEnded(GSM8KEvaluator(tokenizer).token_texts, prompt_length=3)
+    fired = [None] * 3
+    for step in range(1, width + 1):
+        input_ids = torch.tensor([p + row[:step] for p, row in zip(prompt, rows)])
+        for row, done in enumerate(criterion(input_ids, None).tolist()):
+            if done and fired[row] is None:
+                fired[row] = step
+    expected = [len(first_prefix(tokenizer, row, ended)) for row in rows]
+    assert fired[0] == expected[0] and tokenizer.decode(rows[0][:fired[0]]).endswith("#### 72\n")
+    assert fired[1] is None and fired[2] is None  # a "####" line without a number, and no "####" line
+    assert expected[1] == expected[2] == width
+
+
+def test_answer_text_cuts_at_the_first_end():
+    evaluator = GSM8KEvaluator("unused", stop_strings=["\n\nQuestion:", "STOP"])
+    assert evaluator.answer_text("3 + 4 = 7\n#### 7\n#### 9") == "3 + 4 = 7\n#### 7"
+    assert evaluator.answer_text("7 apples\n\nQuestion: x #### 5\n") == "7 apples"
+    assert evaluator.answer_text("#### 7 STOP\n") == "#### 7 "
+    assert evaluator.answer_text("#### no number\n7") == "#### no number\n7"
+    assert GSM8KEvaluator("unused").stop_strings == ("\n\nQuestion:",)
+
+
+@pytest.mark.parametrize("bad", ["\n\nQuestion:", [""], [3]])
+def test_stop_strings_must_be_a_list_of_texts(bad):
+    with pytest.raises(ValueError, match="`stop_strings` must be a list of non-empty strings"):
+        GSM8KEvaluator("unused", stop_strings=bad)
 
 
 def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_path):

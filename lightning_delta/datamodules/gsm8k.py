@@ -17,6 +17,7 @@ The tokenizer (``tokenizer``, required) is the post-trained model's: its directo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lightning_delta.datamodules._common import (
     LazyTokenizer,
@@ -42,9 +44,11 @@ from lightning_delta.datamodules._common import (
 from lightning_delta.losses import IGNORE_INDEX
 from lightning_delta.metrics import extract_final_number, numbers_match
 
-__all__ = ["GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT"]
+__all__ = ["AnswerLineEnded", "GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT", "STOP_STRINGS"]
 
 PLAIN_FORMAT = "Question: {question}\nAnswer:"  # without a chat template; the answer follows after a space
+STOP_STRINGS = ("\n\nQuestion:",)  # the next turn of PLAIN_FORMAT: few-shot turns are joined by a blank line
+ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a final-answer line with a number, ended by its line break
 FIELDS = {"question": str, "answer": str}  # what every GSM8K row holds
 
 
@@ -248,35 +252,78 @@ class GSM8KDataModule(TokenizedDataModule):
 class GSM8KEvaluator(LazyTokenizer):
     """``(model, batch) -> (correct, total)``: greedy generation from the prompt, then exact match of final numbers.
 
-    The number after ``####`` (or the last number) of the generated text is compared with the reference answer's
-    (:func:`~lightning_delta.metrics.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``, which sums
-    the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or count
-    :meth:`generate`'s texts yourself with :meth:`count_matches`.
+    The batch's left-padded prompts are generated together by ``model.generate`` (greedy, KV cache). A row stops at
+    the end of its answer: an eos token (the model's generation config's and the tokenizer's), the line break that
+    ends its first ``#### <number>`` line, or a stop string (default :data:`STOP_STRINGS`: the next few-shot turn of
+    the plain format); the batch stops when every row has stopped, or after ``max_new_tokens``. The text is cut
+    there (:meth:`answer_text`), and the number after ``####`` (or the last number) is compared with the reference
+    answer's (:func:`~lightning_delta.metrics.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``,
+    which sums the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or
+    count :meth:`generate`'s texts yourself with :meth:`count_matches`.
 
     Args:
         tokenizer: the tokenizer that decodes the generated answers (and gives the pad id): the post-trained model's
             directory or hub id, or a tokenizer object.
         max_new_tokens: generation budget per answer.
+        stop_strings: texts that end an answer where they begin (transformers' ``stop_strings``).
     """
 
-    def __init__(self, tokenizer: Any, max_new_tokens: int = 256) -> None:
+    def __init__(self, tokenizer: Any, max_new_tokens: int = 256,
+                 stop_strings: Sequence[str] = STOP_STRINGS) -> None:
         check_positive("max_new_tokens", max_new_tokens)
+        if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"`stop_strings` must be a list of non-empty strings, got {stop_strings!r}.")
         self._tokenizer_source = tokenizer
         self._tokenizer: Any = None
+        self._token_texts: list[str] | None = None
         self.max_new_tokens = max_new_tokens
+        self.stop_strings = tuple(stop_strings)
+
+    @property
+    def token_texts(self) -> list[str]:
+        """Every token id's text, decoded alone without special tokens (built once)."""
+        if self._token_texts is None:
+            tokenizer = self.tokenizer
+            self._token_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        return self._token_texts
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, batch: dict[str, Any]) -> list[str]:
-        """The greedy continuations of the batch's prompts, decoded without special tokens."""
+    def generate_ids(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """The greedy continuations' token ids ``(B, N)``, ``N <= max_new_tokens``: each row ends with the token that
+        ends its answer, then padding."""
         prompt = batch["prompt_input_ids"]
+        tokenizer = self.tokenizer
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
         output = model.generate(
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            eos_token_id=eos or None,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=list(self.stop_strings) or None,
+            tokenizer=tokenizer,
+            stopping_criteria=StoppingCriteriaList([AnswerLineEnded(self.token_texts, prompt.shape[1])]),
         )
-        return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
+        return output[:, prompt.shape[1]:]
+
+    def generate(self, model: nn.Module, batch: dict[str, Any]) -> list[str]:
+        """The greedy answers to the batch's prompts, decoded without special tokens and cut at their end."""
+        texts = self.tokenizer.batch_decode(self.generate_ids(model, batch), skip_special_tokens=True)
+        return [self.answer_text(text) for text in texts]
+
+    def answer_text(self, text: str) -> str:
+        """``text`` up to where the answer ends: before the first stop string, or before the line break that ends
+        the first ``#### <number>`` line, whichever comes first."""
+        ends = [text.find(stop) for stop in self.stop_strings]
+        line = ANSWER_LINE.search(text)
+        if line is not None:
+            ends.append(line.end() - 1)
+        return text[:min((end for end in ends if end >= 0), default=len(text))]
 
     @staticmethod
     def count_matches(texts: Sequence[str], references: Sequence[str], device: Any = None) -> tuple[Tensor, Tensor]:
@@ -296,3 +343,34 @@ class GSM8KEvaluator(LazyTokenizer):
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         texts = self.generate(model, batch)
         return self.count_matches(texts, batch["answers"], device=batch["prompt_input_ids"].device)
+
+
+class AnswerLineEnded(StoppingCriteria):
+    """Stops a row at the line break that ends its first ``#### <number>`` line (:data:`ANSWER_LINE`).
+
+    transformers' stop strings match fixed texts; this one is "a line break after ``####`` and a number". Each call
+    reads only the tokens generated since the last one and adds their texts (``token_texts``, every token decoded
+    alone; ids past the tokenizer's vocabulary add nothing) to the row's text, which the pattern then searches.
+    A token decoded alone can lose a leading space (SentencePiece) or be part of a multi-byte character (byte-level
+    BPE); neither changes a ``#``, a digit or a line break, all the pattern reads.
+
+    Args:
+        token_texts: the text of every token id (:attr:`GSM8KEvaluator.token_texts`).
+        prompt_length: the (padded) prompt length: the generated tokens start there.
+    """
+
+    def __init__(self, token_texts: Sequence[str], prompt_length: int) -> None:
+        self.token_texts, self.prompt_length = token_texts, prompt_length
+        self.texts: list[str] = []
+        self.read = 0  # generated tokens already read
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        new = input_ids[:, self.prompt_length + self.read:].tolist()
+        if not self.texts:
+            self.texts = [""] * len(new)
+        self.read += len(new[0]) if new else 0
+        texts, known = self.token_texts, len(self.token_texts)
+        self.texts = [text + "".join(texts[token] for token in tokens if token < known)
+                      for text, tokens in zip(self.texts, new)]
+        ended = [ANSWER_LINE.search(text) is not None for text in self.texts]
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
