@@ -1,8 +1,8 @@
 """The planning table of the README: ``python -m benchmarks.plan`` (minutes on 2 cores).
 
 For each pair (the demo's digits Llama, built or read from its cache; a tiny random Llama pair, one per seed), each
-family at its budget (BitDelta 2 bits from {1, 2, 3, 4}; DARE density 0.2 from {0.05, 0.1, 0.2, 0.4}; low rank 4
-from {1, 2, 4, 8}) and each seed 0–4:
+family at its budget (BitDelta 2 bits from {1, 2, 3, 4}; DARE and TIES' trim density 0.2 from {0.05, 0.1, 0.2, 0.4};
+low rank 4 from {1, 2, 4, 8}) and each seed 0–4:
 
 * the plan is made on a planning subset of the digits' train split (``--plan-images`` images drawn by the seed,
   which is also DARE's mask seed and the tiny pair's seed), C = 3, the two most relevant settings swept;
@@ -39,7 +39,7 @@ from lightning_delta.planning.family import FAMILIES
 from lightning_delta.planning.measure import exact_candidate_changes
 from tests.tiny_models import make_tiny_pair
 
-BUDGETS = {"bitdelta": 2, "dare": 0.2, "lowrank": 4}
+BUDGETS = {"bitdelta": 2, "dare": 0.2, "magnitude_prune": 0.2, "lowrank": 4}
 NUM_POINTS = 3
 
 

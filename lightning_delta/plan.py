@@ -140,7 +140,8 @@ def plan_edit(
     Args:
         model: W_post (a module, directory or hub id). pretrained: W_pre.
         datamodule: its ``val_dataloader`` is the data the loss is measured on (set up here).
-        family_name: ``"bitdelta"`` (bits), ``"dare"`` (kept density ``1 − p``) or ``"lowrank"`` (rank).
+        family_name: ``"bitdelta"`` (bits), ``"dare"`` or ``"magnitude_prune"`` (TIES' trim; kept density
+            ``1 − p``) or ``"lowrank"`` (rank).
         average: the budget as an average setting: the plan stores no more than the uniform edit at ``average``.
         candidates: the settings each tensor may take (default the family's, see
             :data:`~lightning_delta.planning.family.FAMILIES`).
@@ -248,10 +249,11 @@ def plan(
         model: the post-trained model (W_post): a Hugging Face directory or hub id.
         pretrained: the pre-trained weights (W_pre): a directory, safetensors file or hub id.
         data: a LightningDataModule; its validation data is what the loss is measured on.
-        family: the edit family: bitdelta (bits per entry), dare (kept density 1 - p) or lowrank (rank).
+        family: the edit family: bitdelta (bits per entry), dare or magnitude_prune (TIES' trim; kept density
+            1 - p) or lowrank (rank).
         average: the budget, as the average setting: the plan stores no more than the uniform edit at it.
-        candidates: the settings a tensor may take; default bitdelta 1-4 bits, dare 0.05/0.1/0.2/0.4, lowrank
-            1/2/4/8.
+        candidates: the settings a tensor may take; default bitdelta 1-4 bits, dare and magnitude_prune
+            0.05/0.1/0.2/0.4, lowrank 1/2/4/8.
         loss: causal_lm, classification or dpo.
         include: regular expressions on tensor names (re.search): only the tensors that match one are planned.
         exclude: regular expressions on tensor names: the tensors that match one are left as they are.

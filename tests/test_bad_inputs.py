@@ -253,7 +253,7 @@ CASES = [
          "plan: `average` (bits per entry (sign bit included)) must be a number >= the smallest candidate 1",
          lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 0.5)),
     Case("plan-dare-density", "`plan_edit(..., \"dare\", 0.5, candidates=[0.5, 1.5])`", ValueError,
-         "plan: DARE candidates (kept density) must be in (0, 1], got 1.5",
+         "plan: dare candidates (kept density) must be in (0, 1], got 1.5",
          lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "dare", 0.5,
                                                                                    candidates=[0.5, 1.5])),
     # --------------------------------------------------------------------------------------------- data

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_delta import apply_edit_
 from lightning_delta.cli import run
 from lightning_delta.demo.digits import DigitsDataModule
-from lightning_delta.edits import DARE, BitDelta, LowRank, PerTensor
+from lightning_delta.edits import DARE, BitDelta, LowRank, MagnitudePrune, PerTensor
 from lightning_delta.export import PER_TENSOR_FILE
 from lightning_delta.losses import LossOutput
 from lightning_delta.module import DeltaEditModule
@@ -105,7 +105,8 @@ def test_gradient_statistics_of_a_subset_leave_the_other_parameters_alone():
 
 
 # ----------------------------------------------------------------------------------------- candidate scores
-@pytest.mark.parametrize(("name", "values"), [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3])])
+@pytest.mark.parametrize(("name", "values"), [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3]),
+                                             ("magnitude_prune", [0.25, 0.75])])
 def test_candidate_scores_equal_explicit_float64_sums(name, values):
     pre = make_tiny_model("llama", seed=0, dtype=torch.float64).state_dict()
     generator = torch.Generator().manual_seed(1)
@@ -120,7 +121,7 @@ def test_candidate_scores_equal_explicit_float64_sums(name, values):
     expected_names = [key for key in post if name != "lowrank" or post[key].dim() == 2]
     assert scores.names == expected_names
     explicit_edits = {"bitdelta": lambda v: BitDelta(bits=v), "dare": lambda v: DARE(p=1 - v, seed=4),
-                      "lowrank": lambda v: LowRank(rank=v)}[name]
+                      "lowrank": lambda v: LowRank(rank=v), "magnitude_prune": lambda v: MagnitudePrune(p=1 - v)}[name]
     for k, key in enumerate(scores.names):
         delta = post[key] - pre[key]
         for j, value in enumerate(values):
@@ -309,7 +310,7 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
 
 # --------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"family_name": "ties"}, r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'lowrank'\]"),
+    ({"family_name": "ties"}, r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'magnitude_prune', 'lowrank'\]"),
     ({"average": 0.5}, r"`average` .* must be a number >= the smallest candidate 1, got average=0.5"),
     ({"candidates": [0, 2]}, r"candidates .* must be integers >= 1, got 0"),
     ({"candidates": [1.5]}, r"must be integers >= 1, got 1.5"),
@@ -325,5 +326,5 @@ def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, mat
 
 
 def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
-    with pytest.raises(ValueError, match=r"DARE candidates \(kept density\) must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"dare candidates \(kept density\) must be in \(0, 1\], got 1.5"):
         plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), "dare", 0.5, candidates=[0.5, 1.5])

@@ -1,6 +1,6 @@
 """Edit families with one per-tensor parameter, and what each setting costs to store.
 
-A family maps a setting ``v`` (BitDelta bits, DARE kept density, LowRank rank) to an edit, and a tensor to its
+A family maps a setting ``v`` (BitDelta bits, DARE or TIES-trim kept density, LowRank rank) to an edit, and a tensor to its
 weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` (bits × entries; kept entries = density × entries;
 stored numbers = rank × (rows + columns)). A budget "average ``v̄``" is ``v̄ · Σ_k w_k``, what the uniform edit at
 ``v̄`` costs, so a plan within the budget stores no more than the uniform edit. Costs are exact rationals
@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import torch
 
-from lightning_delta.edits import DARE, BitDelta, DeltaEdit, LowRank
+from lightning_delta.edits import DARE, BitDelta, DeltaEdit, LowRank, MagnitudePrune
 
 __all__ = ["FAMILIES", "Family", "family"]
 
@@ -35,6 +35,8 @@ class Family:
             return BitDelta(bits=int(value))
         if self.name == "dare":
             return DARE(p=round(1.0 - float(value), 12), seed=seed)
+        if self.name == "magnitude_prune":
+            return MagnitudePrune(p=round(1.0 - float(value), 12))
         return LowRank(rank=int(value))
 
     def applies(self, shape: Sequence[int]) -> bool:
@@ -60,10 +62,10 @@ class Family:
                 raise ValueError(f"plan: candidate {self.setting} must be finite numbers, got {value!r}.")
             if self.name in ("bitdelta", "lowrank") and (value != int(value) or value < 1):
                 raise ValueError(f"plan: {self.name} candidates ({self.setting}) must be integers >= 1, got {value!r}.")
-            if self.name == "dare" and not 0.0 < value <= 1.0:
-                raise ValueError(f"plan: DARE candidates (kept density) must be in (0, 1], got {value!r}.")
+            if self.name in DENSITY_FAMILIES and not 0.0 < value <= 1.0:
+                raise ValueError(f"plan: {self.name} candidates (kept density) must be in (0, 1], got {value!r}.")
         values = sorted(set(candidates))
-        return [int(value) for value in values] if self.name != "dare" else [float(value) for value in values]
+        return [float(value) if self.name in DENSITY_FAMILIES else int(value) for value in values]
 
 
 def exact(value: float) -> Fraction:
@@ -71,9 +73,12 @@ def exact(value: float) -> Fraction:
     return Fraction(repr(float(value))) if not isinstance(value, int) else Fraction(value)
 
 
+DENSITY_FAMILIES = ("dare", "magnitude_prune")
+
 FAMILIES = {
     "bitdelta": Family("bitdelta", "bits per entry (sign bit included)", (1, 2, 3, 4)),
     "dare": Family("dare", "kept density 1 − p", (0.05, 0.1, 0.2, 0.4)),
+    "magnitude_prune": Family("magnitude_prune", "kept density 1 − p (TIES' trim)", (0.05, 0.1, 0.2, 0.4)),
     "lowrank": Family("lowrank", "rank", (1, 2, 4, 8)),
 }
 
