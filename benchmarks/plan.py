@@ -103,14 +103,17 @@ def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refin
         "rho_second": float(spearmanr(scores.second.flatten().numpy(), flat)[0]),
         "rho_refined": float(spearmanr(used.flatten().numpy(), flat)[0]) if sweeps else None,
         "misordered": misordered, "mean_abs_first": float(scores.first.abs().mean()),
-        "mean_curvature": float(scores.curvature.abs().mean()), "pairs": len(scores.names) * len(scores.values) * (len(scores.values) - 1) // 2,
+        "mean_curvature": float(scores.curvature.abs().mean()),
+        "pairs": len(scores.names) * len(scores.values) * (len(scores.values) - 1) // 2,
         "plan_passes": plan.passes, "brute_forward_passes": brute_passes, "plan_seconds": plan_seconds,
         "brute_seconds": brute_seconds, "tensors": len(scores.names),
     }
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
+    if len(values) == 1:
+        return f"{values[0]:+.4f}"
+    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
+from scipy.stats import kendalltau
 from torch import nn
+
+from benchmarks.plan import misordered_pairs
 
 from lightning_delta import apply_edit_
 from lightning_delta.cli import run
@@ -181,6 +184,15 @@ def test_allocation_with_rounded_costs_still_meets_the_budget():
         assert sum(costs[k][j] for k, j in enumerate(picked)) <= budget
 
 
+def test_benchmark_misordered_pairs_are_the_discordant_pairs_of_kendalls_tau():
+    generator = torch.Generator().manual_seed(0)
+    scores, exact = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    pairs = 5 * 4 // 2
+    expected = sum(round((1 - kendalltau(a.numpy(), b.numpy())[0]) * pairs / 2) for a, b in zip(scores, exact))
+    assert misordered_pairs(scores, exact) == expected
+    assert misordered_pairs(exact, exact) == 0
+
+
 def test_relevant_values_counts_chosen_settings_and_their_neighbours():
     assert relevant_values([1, 1, 3], 4) == [1, 2, 0, 3]
     assert relevant_values([0], 3) == [0, 1]
@@ -310,7 +322,8 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
 
 # --------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"family_name": "ties"}, r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'magnitude_prune', 'lowrank'\]"),
+    ({"family_name": "ties"},
+     r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'magnitude_prune', 'lowrank'\]"),
     ({"average": 0.5}, r"`average` .* must be a number >= the smallest candidate 1, got average=0.5"),
     ({"candidates": [0, 2]}, r"candidates .* must be integers >= 1, got 0"),
     ({"candidates": [1.5]}, r"must be integers >= 1, got 1.5"),

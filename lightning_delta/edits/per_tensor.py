@@ -69,7 +69,9 @@ class PerTensor(DeltaEdit):
             try:
                 compiled = re.compile(pattern)
             except re.error as error:
-                raise ValueError(f"PerTensor: pattern {pattern!r} is not a valid regular expression: {error}.") from None
+                raise ValueError(
+                    f"PerTensor: pattern {pattern!r} is not a valid regular expression: {error}."
+                ) from None
             edit = _as_edit(pattern, edit)
             self.edits[pattern] = edit
             self._patterns.append((compiled, edit))

@@ -1,7 +1,7 @@
 """Edit families with one per-tensor parameter, and what each setting costs to store.
 
-A family maps a setting ``v`` (BitDelta bits, DARE or TIES-trim kept density, LowRank rank) to an edit, and a tensor to its
-weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` (bits × entries; kept entries = density × entries;
+A family maps a setting ``v`` (BitDelta bits, DARE or TIES-trim kept density, LowRank rank) to an edit, and a
+tensor to its weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` (bits × entries; kept entries = density × entries;
 stored numbers = rank × (rows + columns)). A budget "average ``v̄``" is ``v̄ · Σ_k w_k``, what the uniform edit at
 ``v̄`` costs, so a plan within the budget stores no more than the uniform edit. Costs are exact rationals
 (:class:`fractions.Fraction` of the settings' decimal strings): the budget test has no rounding.
