@@ -1,13 +1,17 @@
-"""The memory estimate against measured peaks: ``python -m benchmarks.memory [--quick]``.
+"""The memory estimate against measured peaks: ``python -m benchmarks.memory [--quick]``; ``--fits``: which models fit
+which GPU, by the estimate.
 
 Each case runs in a fresh process: a Llama of a benchmark shape (``benchmarks.riemann.MODEL_SIZES``, random
 weights), a random ``E`` for every tensor in its stored dtype, and two Riemann points as ``RiemannCallback`` runs
 them (``EditedModel`` under ``recompute_weights``, the causal-LM loss, forward and backward on one batch of
-``batch × seq_len`` random tokens). Measured: the resident set's high-water mark (``VmHWM``) minus the resident set
-before the model was built (after the imports), so weights, ``E`` and every transient are in it. Estimated:
-:func:`lightning_delta.estimate.estimate_memory`'s ``point`` for the same shape, built on meta in this process.
-Printed per case: measured, estimated, their ratio, and the same for the part beyond ``W + E`` (what the estimate
-computes rather than counts).
+``batch × seq_len`` random tokens), after the same on the tiny model (which loads code and kernels). Measured:
+
+- allocated: the bytes of the weights and ``E``, plus the peak of one more point under torch's profiler
+  (``profile_memory``: every allocation and free of the CPU allocator, summed in time order);
+- resident: the resident set's high-water mark (``VmHWM``) over the two points minus the resident set before the
+  model was built, which adds what the C allocator keeps of freed memory.
+
+Estimated: :func:`lightning_delta.estimate.estimate_memory`'s ``point`` for the same shape, on meta in this process.
 """
 
 from __future__ import annotations
@@ -109,7 +113,10 @@ def estimate(size: str, dtype: str, E_dtype: str, batch: int, seq_len: int) -> d
 def run_case(case: tuple, timeout: float = 600) -> dict[str, Any]:
     """:func:`measure` in a fresh process, and the estimate here."""
     command = [sys.executable, "-m", "benchmarks.memory", "--worker", json.dumps(case)]
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": [f"timed out after {timeout:.0f} s"]}
     lines = [line for line in finished.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
         return {"case": case, "error": (finished.stderr or finished.stdout).strip().splitlines()[-3:]}
@@ -131,12 +138,65 @@ HEADER = ("| model | dtype | E | batch × tokens | estimate (MiB) | measured all
           "| measured resident peak (MiB) | ratio |\n|---|---|---|---|---|---|---|---|---|")
 
 
+# Published config.json shapes (no download): (transformers config class, keyword arguments).
+PUBLISHED = {
+    "Llama-3.2-1B": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                          tie_word_embeddings=True)),
+    "Mistral-7B-v0.3": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)),
+    "Qwen2-7B": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                     tie_word_embeddings=False)),
+    "Llama-3-8B": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "Llama-2-13B": ("LlamaConfig", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)),
+    "Llama-3-70B": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)),
+    "Qwen2-72B": ("Qwen2Config", dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
+                                      tie_word_embeddings=False)),
+}
+GPUS_GB = (24, 40, 48, 80, 141)
+USABLE = 0.9  # of a GPU's memory, the rest left to the CUDA context and the caching allocator (not measured here)
+# (label, processes, sharded, E_dtype, batch): the shipped GSM8K configs' batch is 4 × 1024 tokens
+LAYOUTS = [("1 GPU, E fp32, 4×1024", 1, False, "float32", 4), ("1 GPU, E bf16, 4×1024", 1, False, "model", 4),
+           ("1 GPU, E bf16, 1×1024", 1, False, "model", 1), ("FSDP 8, E fp32, 1×1024", 8, True, "float32", 1),
+           ("FSDP 8, E bf16, 1×1024", 8, True, "model", 1), ("FSDP 16, E bf16, 1×1024", 16, True, "model", 1)]
+
+
+def fits_table(tokens: int = 1024) -> str:
+    """Estimated peak per GPU for published models in bf16 with the GSM8K configs' evaluator and batch shape, and the
+    smallest GPU of :data:`GPUS_GB` whose :data:`USABLE` share holds it."""
+    import transformers
+
+    lines = ["| model | parameters | " + " | ".join(label for label, *_ in LAYOUTS) + " |",
+             "|---|---|" + "---|" * len(LAYOUTS)]
+    for name, (config_class, arguments) in PUBLISHED.items():
+        model = meta_model(getattr(transformers, config_class)(**arguments), torch.bfloat16)
+        parameters = sum(p.numel() for p in model.parameters())
+        cells = []
+        for _, processes, sharded, E_dtype, batch in LAYOUTS:  # noqa: N806
+            ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
+            peak = estimate_memory(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+                                   E_dtype=E_dtype, processes=processes, sharded=sharded, evaluator=True).peak
+            fitting = [gb for gb in GPUS_GB if peak <= USABLE * gb * 1e9]
+            cells.append(f"{peak / 1e9:.0f} GB: {fitting[0]} GB" if fitting else f"{peak / 1e9:.0f} GB: none")
+        lines.append(f"| {name} | {parameters / 1e9:.1f} B | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small cases")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--fits", action="store_true", help="only the estimated table of which model fits which GPU")
     arguments = parser.parse_args()
+    if arguments.fits:
+        print(fits_table())
+        return
     if arguments.worker:
         emit(measure(*json.loads(arguments.worker)))
         return

@@ -4,10 +4,10 @@ The model is built from its config on the meta device (no weight is read or allo
 batch of the config's largest shape (``batch_size`` × ``max_length`` tokens, or images) while
 :class:`LiveTensorBytes` adds up the bytes of every tensor the ops create and that is still alive. With s the
 number of shards (N processes under a sharded strategy, FSDP2 through Lightning's ``ModelParallelStrategy`` or
-``FSDPStrategy``; 1 under DDP), the peak per process is the largest of three phases::
+``FSDPStrategy``; 1 under DDP), the peak per process is the largest of four phases::
 
-    point    = (W + E + R) / s + G + A                  one Riemann point, forward and backward
-    evaluate = (W + E + R + W_e) / s + G + F            the accuracy at t = 0, 1 (only with an evaluator)
+    point    = (W + E + R) / s + C + G + A              one Riemann point, forward and backward
+    evaluate = (W + E + R) / s + C + G + W_e + F        the accuracy at t = 0, 1 (only with an evaluator)
     gradient = (W + R + S) / s + G + A_all              GradientBiased's pass for ∇L(W_post) (only for it)
     attach   = (W + E + R + S) / s + T                  building E
 
@@ -17,14 +17,20 @@ number of shards (N processes under a sharded strategy, FSDP2 through Lightning'
 - ``A``: the meta run's peak over forward and backward: saved activations, logits, each edited weight's gradient
   (freed as soon as it is made: backward leaves ``⟨∇W, E⟩`` in ``t.grad``, no weight-sized ``.grad``), and each
   ``W(t) = W_post + t·E`` (the sum in the promoted dtype and its cast) while its module runs forward and again
-  when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it.
-- ``W_e`` and ``F``: ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the evaluator runs;
-  ``F`` is a forward of the loss without gradient (the cache of generated tokens is not counted).
-- ``G`` (sharded only): the gathered full weights: the root group (the tensors outside the repeated blocks) and two
-  blocks, the one computing and the one prefetched, as FSDP2 with one ``fully_shard`` per block holds them.
+  when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it (``RiemannCallback``'s default keeps
+  ``W(t)`` from the forward instead only when free memory exceeds twice the edited weights). Sharded, ``W(t)`` is
+  written into the shards in place (:mod:`lightning_delta.sharded`): no ``W(t)``, and the gathered block's
+  gradients. Each process runs its own batch: ``A`` is not divided by s.
+- ``W_e`` and ``F``: unsharded, ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the
+  evaluator runs; ``F`` is a forward of the loss without gradient (the cache of generated tokens is not counted).
+- ``C`` and ``G`` (sharded only): the copy of W_post's rows of the edited tensors and the rows of ∇W held until
+  the inner products are taken (2·W_e/s); the gathered full weights: the root group (the tensors outside the
+  repeated blocks) and two blocks, the one computing and the one prefetched, as FSDP2 with one ``fully_shard`` per
+  block holds them.
 - ``S`` and ``A_all``: ``GradientBiased``'s float32 sums of ∇L(W_post) for every weight, and ``A`` with every weight
   requiring a gradient.
-- ``T``: one tensor's W_pre, ΔW and F(ΔW) in ΔW's dtype (:func:`~lightning_delta.delta.delta_dtype`), largest tensor.
+- ``T``: one tensor's W_pre, ΔW and F(ΔW) in ΔW's dtype (:func:`~lightning_delta.delta.delta_dtype`), largest tensor
+  (whole, also when sharded).
 
 Allocator caches and library workspaces are not counted; ``python -m benchmarks.memory`` measures how far this
 lands from measured peaks (README, Memory).
@@ -139,6 +145,7 @@ class MemoryEstimate:
     weights: int  # W / s
     E: int  # noqa: N815 (the paper's name)
     reference: int  # R / s
+    sharded_copies: int  # C
     gathered: int  # G
     activations: int  # A
     evaluate_extra: int  # W_e / s + F, 0 without an evaluator
@@ -148,11 +155,11 @@ class MemoryEstimate:
 
     @property
     def point(self) -> int:
-        return self.weights + self.E + self.reference + self.gathered + self.activations
+        return self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.activations
 
     @property
     def evaluate(self) -> int:
-        held = self.weights + self.E + self.reference + self.gathered + self.evaluate_extra
+        held = self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.evaluate_extra
         return held if self.evaluate_extra else 0
 
     @property
@@ -170,7 +177,8 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The parts, the phases and the peak, one line each, in GiB."""
-        labels = {"weights": "W_post", "E": "E", "reference": "DPO reference", "gathered": "gathered blocks (FSDP)",
+        labels = {"weights": "W_post", "E": "E", "reference": "DPO reference",
+                  "sharded_copies": "W_post rows, ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
                   "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
                   "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
@@ -337,14 +345,18 @@ def estimate_memory(
         blocks = sorted((_bytes(block.parameters()) for block in _blocks(model)), reverse=True)
         gathered = _bytes(parameters.values()) - sum(blocks) + sum(blocks[:GATHERED_BLOCKS])
     reference = getattr(loss, "reference", None)
-    activations = _transient(model, loss, batch, edited, E_dtype, backward=True)
+    edited_bytes = _bytes(edited.values())
+    if shards > 1:  # W(t) written into the shards: no parametrization, a gradient for each edited tensor
+        activations = _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=edited)
+    else:
+        activations = _transient(model, loss, batch, edited, E_dtype, backward=True)
     sums = gradient_pass = 0
     if gradient_sums:
         sums = sum(weight.numel() * (8 if weight.dtype == torch.float64 else 4) for weight in parameters.values())
         gradient_pass = gathered + _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=parameters)
     evaluate_extra = 0
     if evaluator:
-        cached = math.ceil(_bytes(edited.values()) / shards) + max(map(rebuilt, edited.values()), default=0)
+        cached = 0 if shards > 1 else edited_bytes + max(map(rebuilt, edited.values()), default=0)
         evaluate_extra = cached + _transient(model, loss, batch, edited, E_dtype, backward=False)
     return MemoryEstimate(
         processes=processes,
@@ -352,6 +364,7 @@ def estimate_memory(
         weights=math.ceil(_bytes(parameters.values()) / shards),
         E=math.ceil(E / shards),
         reference=math.ceil(_bytes(reference.parameters()) / shards) if reference is not None else 0,
+        sharded_copies=2 * math.ceil(edited_bytes / shards) if shards > 1 else 0,
         gathered=gathered,
         activations=activations,
         evaluate_extra=evaluate_extra,

@@ -110,7 +110,8 @@ def test_parts_are_the_explicit_sums_over_the_weights():
     block = sum(n for name, n in weights.items() if name.startswith("model.layers.0."))
     outside = sum(n for name, n in weights.items() if not name.startswith("model.layers."))
     assert sharded.gathered == 2 * (outside + 2 * block)  # the root group and two of the 2 blocks, in bf16
-    assert sharded.activations == full.activations  # each process runs its own batch whole
+    assert sharded.sharded_copies == 2 * math.ceil(2 * total / 4)  # W_post's rows and ∇W's rows, bf16
+    assert 0 < sharded.activations <= full.activations  # its own batch whole; W(t) is written into the shards
     unsharded = estimate_memory(model, _tokens(1, 16), processes=4)
     assert unsharded.weights == full.weights and unsharded.processes == 4
 
