@@ -475,3 +475,29 @@ def test_constructor_from_yaml(tmp_path):
     make_tiny_tokenizer(tmp_path / "tok")
     write_gsm8k(tmp_path)
     assert len(dm.val_dataloader().dataset) == 3
+
+
+def test_a_model_sharded_by_fsdp2_generates_in_step_with_the_other_processes(tokenizer, tmp_path, monkeypatch):
+    """Under FSDP2 every decoding step gathers weights on all processes, so generate runs with synced_gpus (each
+    process steps until all have stopped); the tokens are those of the unsharded model (one gloo process here)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_delta.sharded import shard_model
+
+    model, batch = generation_batch(tokenizer, tmp_path, torch.float64)
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=20)
+    expected = evaluator.generate_ids(model, batch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = shard_model(copy.deepcopy(model), init_device_mesh("cpu", (1,)))
+        synced, generate = [], type(sharded).generate
+        monkeypatch.setattr(type(sharded), "generate",
+                            lambda self, **kwargs: synced.append(kwargs["synced_gpus"]) or generate(self, **kwargs))
+        generated = evaluator.generate_ids(sharded, batch)
+    finally:
+        dist.destroy_process_group()
+    assert synced == [True]
+    assert torch.equal(generated, expected)

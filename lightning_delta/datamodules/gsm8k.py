@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -308,6 +309,8 @@ class GSM8KEvaluator(LazyTokenizer):
             stop_strings=list(self.stop_strings) or None,
             tokenizer=tokenizer,
             stopping_criteria=StoppingCriteriaList([AnswerLineEnded(self.token_texts, prompt.shape[1])]),
+            # a model sharded by FSDP2 gathers its weights on all processes at every step: all must step together
+            synced_gpus=True if any(isinstance(p, DTensor) for p in model.parameters()) else None,
         )
         return output[:, prompt.shape[1]:]
 
