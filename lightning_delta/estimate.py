@@ -471,7 +471,13 @@ def estimate(
     ``model_parallel`` or their classes). The formula is in the docstring of :mod:`lightning_delta.estimate`.
 
     Args:
-        model, data, trainer, edit, riemann, sweep, seed_everything: the sections of an analysis config.
+        model: the config's ``model`` section (the models' directories or hub ids, dtype, E_dtype, loss, include).
+        data: its ``data`` section (the DataModule: batch_size and max_length, or the images' size).
+        trainer: its ``trainer`` section (devices, num_nodes, strategy, precision).
+        edit: its ``edit`` section (GradientBiased adds its gradient sums).
+        riemann: its ``riemann`` section (read by validate, not by the estimate).
+        sweep: its ``sweep`` section (read by sweep, not by the estimate).
+        seed_everything: read by validate, not by the estimate.
         processes: the number of processes, instead of the trainer's devices × nodes.
     """
     sections = {"model": model, "data": data, "trainer": trainer, "edit": edit, "riemann": riemann, "sweep": sweep,

@@ -211,3 +211,14 @@ def test_estimate_memory_refuses_bad_arguments():
         estimate_memory(model, _tokens(1, 8), E_dtype="half")
     with pytest.raises(ValueError, match="meta device"):
         estimate_memory(make_tiny_model("llama"), _tokens(1, 8))
+
+
+def test_estimate_command_counts_gradient_biased_sums(tmp_path, offline):
+    """An edit that needs ∇L(W_post) adds its float32 sums of every weight (twice the bf16 weights) and its pass."""
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["edit"] = {"class_path": "lightning_delta.edits.GradientBiased", "init_args": {"p": 0.9, "k": 1.0}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run(["estimate", "--config", str(path)])
+    assert result.gradient_sums == 2 * result.weights and result.gradient_pass > 0
+    assert result.gradient == result.weights + result.gradient_sums + result.gradient_pass
