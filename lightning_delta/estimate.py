@@ -79,9 +79,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     Example:
         >>> with LiveTensorBytes() as live:
-        ...     a = torch.ones(256, device="meta"); b = a * 2; del a; c = b + 1
-        >>> live.peak, live.current  # a and b (2 KiB) alive at once; then b and c
-        (2048, 1024)
+        ...     a = torch.ones(256, device="meta"); b = a * 2; del a, b; c = torch.ones(128, device="meta")
+        >>> live.peak, live.current  # a and b (1 KiB each) alive at once; at the end only c
+        (2048, 512)
     """
 
     def __init__(self, existing: Iterable[Tensor] = ()) -> None:
@@ -148,7 +148,7 @@ class MemoryEstimate:
     sharded_copies: int  # C
     gathered: int  # G
     activations: int  # A
-    evaluate_extra: int  # W_e / s + F, 0 without an evaluator
+    evaluate_extra: int  # W_e (unsharded) + F, 0 without an evaluator
     gradient_sums: int  # S / s
     gradient_pass: int  # G + A_all, 0 but for GradientBiased
     attach_temporaries: int  # T
@@ -176,7 +176,7 @@ class MemoryEstimate:
         return max(self.point, self.evaluate, self.gradient, self.attach)
 
     def table(self) -> str:
-        """The parts, the phases and the peak, one line each, in GiB."""
+        """The parts, the phases and the peak, one line each, in GiB (MiB below 1 GiB)."""
         labels = {"weights": "W_post", "E": "E", "reference": "DPO reference",
                   "sharded_copies": "W_post rows, ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
@@ -186,7 +186,8 @@ class MemoryEstimate:
         lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
         lines += [f"  {labels[field.name]:<34} {_format(getattr(self, field.name))}"
                   for field in fields(self) if field.name in labels]
-        lines += [f"  = {phase:<32} {_format(getattr(self, phase))}" for phase in ("point", "evaluate", "gradient", "attach")]
+        lines += [f"  = {phase:<32} {_format(getattr(self, phase))}"
+                  for phase in ("point", "evaluate", "gradient", "attach")]
         lines.append(f"  peak per process                   {_format(self.peak)}")
         return "\n".join(lines)
 
@@ -353,7 +354,8 @@ def estimate_memory(
     sums = gradient_pass = 0
     if gradient_sums:
         sums = sum(weight.numel() * (8 if weight.dtype == torch.float64 else 4) for weight in parameters.values())
-        gradient_pass = gathered + _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=parameters)
+        every_weight = _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=parameters)
+        gradient_pass = gathered + every_weight
     evaluate_extra = 0
     if evaluator:
         cached = 0 if shards > 1 else edited_bytes + max(map(rebuilt, edited.values()), default=0)
