@@ -11,10 +11,10 @@ at t = 0 itself, as before), each run in a fresh process, the two alternating in
 ``1b``
     10 points (DARE p = 0.9 under seeds 0-4, BitDelta, MagnitudePrune, Extrapolate α = ±0.5, DELLA p = 0.9,
     ε = 0.1) on the 1B Llama of :mod:`benchmarks.riemann` (TinyLlama-1.1B's shape, random weights written in
-    float32, W_pre = W_post − ΔW with ΔW normal of std 0.002), loaded in bf16 (``model.dtype``; E in float32, the
-    default) so that a 24 GB machine shared with other work holds it, C = 5, on 2 digit images of the demo's data
-    (19 tokens each, one batch) with the demo's evaluator, two threads. The pair is written once under ``--cache``
-    (8.8 GB).
+    float32, W_pre = W_post − ΔW with ΔW normal of std 0.002), loaded in bf16 with E in bf16 (``model.dtype``,
+    ``model.E_dtype: model``: about 4.4 GB, so that a 24 GB machine shared with other work holds it), C = 5, on 2
+    digit images of the demo's data (19 tokens each, one batch) with the demo's evaluator, two threads. The pair is
+    written once under ``--cache`` (8.8 GB).
 
 Every run's rows are compared field by field, all but ``started`` and ``seconds``, and must be equal: the script
 fails otherwise. Printed: a Markdown table of the wall time of each sweep (the whole ``runner.sweep`` call, set-up
@@ -83,7 +83,7 @@ def one_b_sweep_config(output: Path, cache: Path) -> dict[str, Any]:
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                     "default_root_dir": str(output)},
         "model": {"model": str(post_dir), "pretrained": str(pre_dir), "loss": "causal_lm", "dtype": "bfloat16",
-                  "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
+                  "E_dtype": "model", "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
                  "init_args": {"split": "test", "limit": 2, "batch_size": 2}},
         "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": 0.9}},
@@ -120,6 +120,38 @@ def sweep_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The grid's points in one process, each run twice in a row, once reusing (one :class:`SweepReuse` across the
+    points, as a sweep holds it) and once from scratch, alternating which goes first: both see the same machine
+    load, so the ratio of their sums is steadier on a busy machine than that of two whole sweeps."""
+    import torch
+
+    from lightning_delta.runner import SweepReuse, run_point, sweep_points
+
+    torch.set_num_threads(spec["threads"])
+    output = Path(spec["output"])
+    config_of, _ = GRIDS[spec["grid"]]
+    config = config_of(output) if spec["grid"] == "demo" else config_of(output, Path(spec["cache"]))
+    points, _, cli = sweep_points(config)
+    points = points[: spec.get("max_points") or len(points)]
+    reuse = SweepReuse()
+    seconds: dict[str, list[float]] = {"reuse": [], "alone": []}
+    for number, point in enumerate(points):
+        rows = {}
+        for way in (("reuse", "alone") if number % 2 == 0 else ("alone", "reuse")):
+            started = time.perf_counter()
+            rows[way] = run_point(cli, point, reuse=reuse if way == "reuse" else None)
+            seconds[way].append(time.perf_counter() - started)
+        reused, alone = (  # JSON: floats by their exact repr, NaN (the t = 1 product without trapezoid) included
+            json.dumps({key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")},
+                       sort_keys=True)
+            for row in (rows["reuse"], rows["alone"])
+        )
+        if reused != alone:
+            raise AssertionError(f"Point {number} ({point.overrides}): the reusing row differs from the one alone.")
+    return {"point_seconds": seconds, "points": len(points)}
+
+
 def run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """:func:`sweep_worker` in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONPATH": str(ROOT)}
@@ -128,7 +160,7 @@ def run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER):])
-    raise RuntimeError(f"The {spec['grid']} sweep (reuse {spec['reuse']}) failed with exit code "
+    raise RuntimeError(f"The {spec['grid']} sweep (reuse {spec.get('reuse', 'paired')}) failed with exit code "
                        f"{completed.returncode}:\n{completed.stderr[-3000:]}")
 
 
@@ -186,10 +218,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per sweep")
     parser.add_argument("--max-points", type=int, default=None, help="run only the first N points of each grid "
                         "(sweep.max_points; a machine too busy for the whole grid)")
+    parser.add_argument("--paired", action="store_true", help="one process per grid, each point run reusing and "
+                        "alone in turn (steadier on a busy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        emit(sweep_worker(json.loads(args.worker)))
+        spec = json.loads(args.worker)
+        emit(paired_worker(spec) if spec.get("paired") else sweep_worker(spec))
+        return
+    if args.paired:
+        lines = ["| grid | points | point reusing (s, sum) | point alone (s, sum) | reusing ÷ alone | after the first "
+                 "point |", "|---|---:|---:|---:|---:|---:|"]
+        for grid in [name.strip() for name in args.grids.split(",") if name.strip()]:
+            cache = Path(args.cache)
+            if grid == "1b":
+                one_b_pair(cache)
+            spec = {"grid": grid, "paired": True, "threads": GRIDS[grid][1], "cache": str(cache),
+                    "output": str(cache / f"{grid}-paired"), "max_points": args.max_points}
+            result = run(spec, args.timeout)
+            reusing, alone = result["point_seconds"]["reuse"], result["point_seconds"]["alone"]
+            print(f"{grid}: reusing {', '.join(f'{s:.1f}' for s in reusing)}; alone "
+                  f"{', '.join(f'{s:.1f}' for s in alone)}", file=sys.stderr, flush=True)
+            lines.append(f"| {grid} | {result['points']} | {sum(reusing):.1f} | {sum(alone):.1f} | "
+                         f"{sum(reusing) / sum(alone):.3f} | {sum(reusing[1:]) / max(sum(alone[1:]), 1e-9):.3f} |")
+        print("\n".join(lines))
+        print("Rows: equal point by point, in every field but started and seconds.")
         return
     results = []
     for grid in [name.strip() for name in args.grids.split(",") if name.strip()]:
