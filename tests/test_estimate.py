@@ -222,3 +222,17 @@ def test_estimate_command_counts_gradient_biased_sums(tmp_path, offline):
     result = run(["estimate", "--config", str(path)])
     assert result.gradient_sums == 2 * result.weights and result.gradient_pass > 0
     assert result.gradient == result.weights + result.gradient_sums + result.gradient_pass
+
+
+def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
+    """The 70B config as written (ModelParallelStrategy over 8 GPUs, E in bf16, 3 × 384 tokens), its hub ids swapped
+    for a tiny local Llama: 8 shards, and the same figures as :func:`estimate_memory` given those settings."""
+    name = "llama3-70b-instruct-gsm8k-fsdp.yaml"
+    path = _config(name, tmp_path)
+    result = run(["estimate", "--config", str(path)])
+    model_dir = yaml.safe_load(path.read_text())["model"]["model"]
+    direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(3, 384), E_dtype="model", processes=8,
+                             sharded=True, evaluator=True)
+    assert result == direct
+    assert result.shards == 8 and result.E == result.weights and result.gathered > 0
+    assert result.sharded_copies == 2 * result.weights  # every tensor edited: W_post's rows and ∇W's rows
