@@ -23,10 +23,11 @@ number of shards (N processes under a sharded strategy, FSDP2 through Lightning'
   gradients. Each process runs its own batch: ``A`` is not divided by s.
 - ``W_e`` and ``F``: unsharded, ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the
   evaluator runs; ``F`` is a forward of the loss without gradient (the cache of generated tokens is not counted).
-- ``C`` and ``G`` (sharded only): the copy of W_post's rows of the edited tensors and the rows of ∇W held until
-  the inner products are taken (2·W_e/s); the gathered full weights: the root group (the tensors outside the
-  repeated blocks) and two blocks, the one computing and the one prefetched, as FSDP2 with one ``fully_shard`` per
-  block holds them.
+- ``C`` and ``G`` (sharded only): the copy of W_post's rows of the edited tensors (W_e/s) and the rows of ∇W of one
+  FSDP group (the largest: a block or the root group), which a hook turns into inner products and frees as soon as
+  FSDP has reduce-scattered them; the gathered full weights: the root group (the tensors outside the repeated
+  blocks) and two blocks, the one computing and the one prefetched, as FSDP2 with one ``fully_shard`` per block
+  holds them.
 - ``S`` and ``A_all``: ``GradientBiased``'s float32 sums of ∇L(W_post) for every weight, and ``A`` with every weight
   requiring a gradient.
 - ``T``: one tensor's W_pre, ΔW and F(ΔW) in ΔW's dtype (:func:`~lightning_delta.delta.delta_dtype`), largest tensor
@@ -145,7 +146,7 @@ class MemoryEstimate:
     weights: int  # W / s
     E: int  # noqa: N815 (the paper's name)
     reference: int  # R / s
-    sharded_copies: int  # C
+    sharded_copies: int  # C + G
     gathered: int  # G
     activations: int  # A
     evaluate_extra: int  # W_e (unsharded) + F, 0 without an evaluator
@@ -178,7 +179,7 @@ class MemoryEstimate:
     def table(self) -> str:
         """The parts, the phases and the peak, one line each, in GiB (MiB below 1 GiB)."""
         labels = {"weights": "W_post", "E": "E", "reference": "DPO reference",
-                  "sharded_copies": "W_post rows, ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
+                  "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
                   "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
                   "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
@@ -341,10 +342,12 @@ def estimate_memory(
 
     E = sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
     largest = max(edited.values(), key=Tensor.numel, default=None)
-    gathered = 0
+    gathered = gradient_rows = 0
     if shards > 1:
         blocks = sorted((_bytes(block.parameters()) for block in _blocks(model)), reverse=True)
-        gathered = _bytes(parameters.values()) - sum(blocks) + sum(blocks[:GATHERED_BLOCKS])
+        root = _bytes(parameters.values()) - sum(blocks)
+        gathered = root + sum(blocks[:GATHERED_BLOCKS])
+        gradient_rows = math.ceil(max([root, *blocks[:1]]) / shards)
     reference = getattr(loss, "reference", None)
     edited_bytes = _bytes(edited.values())
     if shards > 1:  # W(t) written into the shards: no parametrization, a gradient for each edited tensor
@@ -366,7 +369,7 @@ def estimate_memory(
         weights=math.ceil(_bytes(parameters.values()) / shards),
         E=math.ceil(E / shards),
         reference=math.ceil(_bytes(reference.parameters()) / shards) if reference is not None else 0,
-        sharded_copies=2 * math.ceil(edited_bytes / shards) if shards > 1 else 0,
+        sharded_copies=math.ceil(edited_bytes / shards) + gradient_rows if shards > 1 else 0,
         gathered=gathered,
         activations=activations,
         evaluate_extra=evaluate_extra,

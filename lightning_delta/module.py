@@ -132,8 +132,8 @@ class DeltaEditModule(pl.LightningModule):
         return self.loss(self.model, batch)
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy``: shard the model with FSDP2 (:func:`~lightning_delta.sharded.shard_model`)
-        over the data-parallel processes, unless it is sharded already."""
+        """Under Lightning's ``ModelParallelStrategy``: shard the model with FSDP2 over the data-parallel processes
+        (:func:`~lightning_delta.sharded.shard_model`), unless it is sharded already."""
         if self.device_mesh is not None and not sharded_parameters(self.model):
             shard_model(self.model, self.device_mesh)
 

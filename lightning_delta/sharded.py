@@ -2,15 +2,17 @@
 
 Each edited parameter is then a ``DTensor``: every process holds some rows of W_post. The edit is written into those
 rows, ``W(t)_shard = W_post_shard + t·E_shard``, and FSDP itself gathers ``W(t)`` for each block's forward and
-backward and reduce-scatters the gradient, so that each process ends a backward pass holding the rows of ∇W that
-match its rows of E. The paper's inner product needs no gathering:
+backward and reduce-scatters the gradient, so that each process receives, block by block, the rows of ∇W that
+match its rows of E (and turns them into the inner product at once, in a post-accumulate-grad hook that FSDP calls
+after each reduce-scatter, so no gradient rows outlive their block's backward). The inner product needs no
+gathering:
 
     ⟨∇_W L, E⟩ = Σ_processes ⟨(∇_W L)_shard, E_shard⟩
 
 FSDP divides the reduce-scattered gradient by its gradient divide factor (the data-parallel size unless the user set
 another); each local inner product is multiplied by that factor again, so the sums over processes are the same
-``Σ_ranks ⟨∇ Σ loss_rank, E⟩`` as under DDP, and :class:`~lightning_delta.callbacks.RiemannCallback` reduces them
-the same way (float64 sums over processes).
+``Σ_ranks ⟨∇ Σ loss_rank, E⟩`` as under DDP, and :class:`~lightning_delta.callbacks.RiemannCallback` reduces
+them the same way (float64 sums over processes).
 
 Why in place and not a parametrization as :class:`~lightning_delta.parametrize.EditedModel`: FSDP2 all-gathers the
 parameter registered on the module and puts the gathered tensor back on that module; a parametrization would see a
@@ -140,11 +142,23 @@ class ShardedEditedModel:
         self._post = {name: parameters[name].to_local().detach().clone() for name in self.names}
         factors = gradient_divide_factors(model)
         self._factors = {name: factors.get(id(parameters[name]), 1.0) for name in self.names}
+        self._inner = {name: torch.zeros((), dtype=torch.float64, device=self._E[name].device) for name in self.names}
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for parameter in self._parameters.values():
             parameter.requires_grad_(True)
+        # FSDP2 calls these right after it has reduce-scattered a block's gradients: the rows of ∇W are turned into
+        # the inner product and freed then, so no edited tensor's gradient outlives its block's backward.
+        self._hooks = [parameter.register_post_accumulate_grad_hook(self._take_inner_product(name))
+                       for name, parameter in self._parameters.items()]
+
+    def _take_inner_product(self, name: str):
+        def hook(parameter: DTensor) -> None:
+            self._inner[name] += inner_product(parameter.grad.to_local(), self._E[name]) * self._factors[name]
+            parameter.grad = None
+
+        return hook
 
     def __len__(self) -> int:
         return len(self.names)
@@ -170,20 +184,13 @@ class ShardedEditedModel:
 
     def pop_inner_products(self) -> Tensor:
         """This process's ``⟨(∇L)_shard, E_shard⟩`` per tensor (float64, order of :attr:`names`), times FSDP's
-        divide factor, left by backward; frees the gradients."""
-        values = []
-        for name in self.names:
-            parameter = self._parameters[name]
-            grad = parameter.grad
-            if grad is None:
-                values.append(torch.zeros((), dtype=torch.float64, device=self._E[name].device))
-            else:
-                values.append(inner_product(grad.to_local(), self._E[name]) * self._factors[name])
-            parameter.grad = None
-        if not values:
+        divide factor, taken during backward; clears them."""
+        if not self.names:
             return torch.zeros(0, dtype=torch.float64)
-        device = values[0].device
-        return torch.stack([value.to(device) for value in values])
+        values = torch.stack([self._inner[name].clone() for name in self.names])
+        for value in self._inner.values():
+            value.zero_()
+        return values
 
     @contextlib.contextmanager
     def recompute_weights(self) -> Iterator[None]:
@@ -205,6 +212,9 @@ class ShardedEditedModel:
         return self.model
 
     def _detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         for parameter in self.model.parameters():
             parameter.requires_grad_(self._requires_grad.get(id(parameter), parameter.requires_grad))
             parameter.grad = None
