@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +140,8 @@ def measure(size: str, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 outputs[name] = functions[name](model, batch, tokenizer, new_tokens)
                 times[name].append(time.perf_counter() - start)
+            print(f"[{time.strftime('%H:%M:%S')}] {size} {case} round {round_index + 1}: "
+                  + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in VARIANTS), file=sys.stderr, flush=True)
         stopped = outputs["library"]
         pad = tokenizer.pad_token_id
         lengths = [len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), len(row)) for row in stopped]
@@ -156,10 +159,11 @@ def measure(size: str, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
     return cases
 
 
-def run(mode: str = "full") -> dict[str, Any]:
-    """All models of ``mode``'s plan (``tiny``: the tiny model, one round, 16 tokens: for tests)."""
-    sizes, rounds, new_tokens = PLAN["tiny" if mode == "tiny" else "full"]
-    return {"max_new_tokens": new_tokens, "batch": BATCH,
+def run(mode: str = "full", sizes: list[str] | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """The models of ``mode``'s plan (``tiny``: the tiny model, one round, 16 tokens: for tests), or ``sizes``."""
+    planned, planned_rounds, new_tokens = PLAN["tiny" if mode == "tiny" else "full"]
+    sizes, rounds = sizes or list(planned), rounds or planned_rounds
+    return {"max_new_tokens": new_tokens, "batch": BATCH, "rounds": rounds,
             "cases": [case for size in sizes for case in measure(size, rounds, new_tokens)]}
 
 
@@ -196,8 +200,11 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model, one round, 16 tokens (seconds)")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; 1 with --tiny)")
     args = parser.parse_args(argv)
-    result = run("tiny" if args.tiny else "full")
+    sizes = args.models.split(",") if args.models else None
+    result = run("tiny" if args.tiny else "full", sizes, args.rounds)
     for case in result["cases"]:
         print(f"{case['model']} {case['case']}: stop strings {case['stop_strings']!r}; seconds per round "
               + "; ".join(f"{name} " + ", ".join(f"{t:.2f}" for t in case["times_s"][name]) for name in VARIANTS))
