@@ -17,8 +17,8 @@ number of shards (N processes under a sharded strategy, FSDP2 through Lightning'
 - ``A``: the meta run's peak over forward and backward: saved activations, logits, each edited weight's gradient
   (freed as soon as it is made: backward leaves ``⟨∇W, E⟩`` in ``t.grad``, no weight-sized ``.grad``), and each
   ``W(t) = W_post + t·E`` (the sum in the promoted dtype and its cast) while its module runs forward and again
-  when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it (``RiemannCallback``'s default keeps
-  ``W(t)`` from the forward instead only when free memory exceeds twice the edited weights). Sharded, ``W(t)`` is
+  when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it (``RiemannCallback``'s default;
+  ``recompute_weights=False`` keeps ``W(t)`` from the forward instead). Sharded, ``W(t)`` is
   written into the shards in place (:mod:`lightning_delta.sharded`): no ``W(t)``, and the gathered block's
   gradients. Each process runs its own batch: ``A`` is not divided by s.
 - ``W_e`` and ``F``: unsharded, ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the

@@ -427,11 +427,11 @@ def test_unknown_E_dtype_is_refused():
 
 
 @pytest.mark.parametrize(("recompute_weights", "free_bytes", "recomputes"), [
-    (True, 1 << 50, True), (False, 0, False), (None, 1 << 50, False), (None, 0, True),
-], ids=["rebuild", "keep", "default-with-memory", "default-without-memory"])
+    ("default", 1 << 50, True), (False, 0, False), (None, 1 << 50, False), (None, 0, True),
+], ids=["default-rebuilds", "keep", "auto-with-memory", "auto-without-memory"])
 def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes, recomputes, monkeypatch):
-    """W(t) kept from the forward or rebuilt in backward gives the same numbers; the default keeps it only when free
-    memory exceeds twice the edited weights."""
+    """W(t) kept from the forward or rebuilt in backward gives the same numbers; the default rebuilds it, None keeps
+    it only when free memory exceeds twice the edited weights."""
     monkeypatch.setattr("lightning_delta.callbacks.riemann.free_memory_bytes", lambda device: free_bytes)
     model = tiny_llama()
     edits = random_edits(model)
@@ -443,7 +443,8 @@ def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             decided.append(callback._recompute)
 
-    callback = RiemannCallback(num_points=3, filename=None, recompute_weights=recompute_weights)
+    options = {} if recompute_weights == "default" else {"recompute_weights": recompute_weights}
+    callback = RiemannCallback(num_points=3, filename=None, **options)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback, Decision()],
                          logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(DeltaEditModule(model, None, edits), loader, verbose=False)

@@ -57,10 +57,11 @@ class RiemannCallback(Callback):
         include: regular expressions selecting the edited tensors; ``exclude``: the ones to leave alone.
         E_dtype: with ``pretrained`` and ``edit``: how ``E`` is kept, ``"float32"`` or ``"model"`` (each tensor's
             own dtype; see :class:`~lightning_delta.parametrize.EditedModel`). A DeltaEditModule has its own.
-        recompute_weights: rebuild each ``W(t)`` in backward instead of keeping it from the forward pass (one more
-            copy of the edited weights held through backward). ``None`` (default) keeps ``W(t)`` when the device's
-            free memory at validation start exceeds twice the edited weights' size, and rebuilds it otherwise;
-            keeping it saved 2.5 % of a point's time in ``python -m benchmarks.overhead_points``.
+        recompute_weights: rebuild each ``W(t)`` in backward (default) instead of keeping it from the forward pass,
+            which holds one more copy of the edited weights through backward. ``None`` keeps ``W(t)`` when the
+            device's free memory at validation start exceeds twice the edited weights' size. Keeping it did not
+            save time measurably (``python -m benchmarks.overhead_points``: a point 1.093× against 1.118× plain
+            in one run, 1.152× against 1.108× in another).
         filename: the JSON file written in the trainer's log directory (``None``: none); without a logger, in its
             ``default_root_dir``, as ``<stem>-v1.json``, ``-v2``, … when the name is taken (nothing is overwritten).
 
@@ -88,7 +89,7 @@ class RiemannCallback(Callback):
         filename: str | None = "riemann.json",
         loss_fn: Callable[[pl.LightningModule, Any, int], LossOutput] | None = None,
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
-        recompute_weights: bool | None = None,
+        recompute_weights: bool | None = True,
     ) -> None:
         if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
             raise ValueError(f"`num_points` must be an integer >= 1 (the paper uses 5), got {num_points!r}.")
