@@ -294,33 +294,17 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
     return dict(loaded)
 
 
-class TorchBinSource(TensorSource):
+class TorchBinSource(MappingSource):
     """Tensors in ``.bin`` files, loaded with ``weights_only=True`` and memory-mapped."""
 
     def __init__(self, paths: list[Path], description: str) -> None:
-        self.description = description
-        self._state: dict[str, Tensor] = {}
+        state: dict[str, Tensor] = {}
         for path in paths:
             for name, tensor in _torch_load(path).items():
-                if name in self._state:
+                if name in state:
                     raise ValueError(f"{name!r} appears in more than one file of {description}.")
-                self._state[name] = tensor
-        kept, tied = _group_tied(self._state)
-        super().__init__(kept, tied)
-
-    def _get(self, name: str) -> Tensor:
-        tensor = self._state[name]
-        # A sharded (FSDP2) tensor is gathered whole: a collective, reached in the same order on every process.
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-    def _shape(self, name: str) -> torch.Size:
-        return self._state[name].shape
-
-    def _dtype(self, name: str) -> torch.dtype:
-        return self._state[name].dtype
-
-    def close(self) -> None:
-        self._state = {}
+                state[name] = tensor
+        super().__init__(state, description)
 
 
 def _read_index(path: Path) -> dict[str, Path]:
