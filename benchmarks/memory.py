@@ -49,6 +49,17 @@ CASES = {
 POINTS = 2
 
 
+def allocation_peak(profiler: profile) -> int:
+    """The largest sum of bytes allocated and not yet freed over a profile's ``[memory]`` records, in time order."""
+    events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+                    key=lambda event: event.start_ns())
+    allocated = peak = 0
+    for event in events:
+        allocated += event.nbytes()
+        peak = max(peak, allocated)
+    return peak
+
+
 def random_E(model: torch.nn.Module, E_dtype: str, seed: int = 1) -> dict[str, torch.Tensor]:  # noqa: N802, N803
     """A random ``E`` per tensor (std 0.002), made in its stored dtype (no float32 copy on the way)."""
     generator = torch.Generator().manual_seed(seed)
@@ -68,12 +79,7 @@ def measure(size: str, dtype: str, E_dtype: str, batch: int, seq_len: int) -> di
     resident = peak_rss_bytes() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         setup.points(1)
-    events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
-                    key=lambda event: event.start_ns())
-    allocated = peak = 0
-    for event in events:
-        allocated += event.nbytes()
-        peak = max(peak, allocated)
+    peak = allocation_peak(profiler)
     held = sum(tensor.nbytes for tensor in [*setup.model.parameters(), *setup.model.buffers()])
     return {"resident": resident, "allocated": held + peak, "held": held, "seconds": seconds}
 

@@ -208,9 +208,9 @@ def gradients_at_post(
 
     Each batch's gradient is added, as soon as autograd has it, into a float32 sum (float64 for float64 weights)
     and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
-    The returned tensors have that accumulation dtype. A parameter sharded by FSDP2 gets its rows of the gradient
-    (already summed over processes by FSDP's reduce-scatter) after each backward pass; its entry is a ``DTensor``
-    of those rows, gathered whole only when the edit reads it.
+    The returned tensors have that accumulation dtype. For a parameter sharded by FSDP2 the hook gets this
+    process's rows of the gradient, already summed over processes by FSDP's reduce-scatter; its entry is a
+    ``DTensor`` of those rows, gathered whole only when the edit reads it.
     """
     parameters = dict(model.named_parameters())
     names = names if names is not None else list(parameters)
@@ -219,8 +219,9 @@ def gradients_at_post(
     hooks = []
 
     def accumulate(name: str) -> Callable[[Tensor], None]:
-        def hook(parameter: Tensor) -> None:
-            sums[name].add_(parameter.grad)
+        def hook(parameter: Tensor) -> None:  # FSDP2 calls it too, with this process's rows after reduce-scatter
+            grad = parameter.grad
+            sums[name].add_(grad.to_local() if is_sharded(grad) else grad)
             parameter.grad = None
 
         return hook
@@ -234,8 +235,7 @@ def gradients_at_post(
         dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
         rows = parameter.to_local() if name in sharded else parameter
         sums[name] = torch.zeros(rows.shape, dtype=dtype, device=rows.device)
-        if name not in sharded:
-            hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
+        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     device = trainer.strategy.root_device
@@ -247,10 +247,6 @@ def gradients_at_post(
                     batch = target.riemann_prepare(trainer.strategy.batch_to_device(batch, device))
                     output = target.riemann_loss(batch, batch_idx)
                     output.total.backward()
-                    for name in sharded:  # FSDP sets a shard's gradient after backward, without the hook
-                        if parameters[name].grad is not None:
-                            sums[name].add_(parameters[name].grad.to_local())
-                            parameters[name].grad = None
                     count += output.count
     finally:
         for hook in hooks:

@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.memory import allocation_peak
 from lightning_delta.cli import run
 from lightning_delta.estimate import LiveTensorBytes, MemoryEstimate, estimate_memory, meta_model
 from lightning_delta.losses import CausalLMLoss
@@ -41,14 +42,8 @@ def _allocated_peak(model: torch.nn.Module, batch: dict, E_dtype: str) -> int:  
         with edited.recompute_weights():
             loss(model, batch).total.backward()
         edited.pop_inner_products()
-    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    allocated = peak = 0
-    for event in events:
-        allocated += event.nbytes()
-        peak = max(peak, allocated)
     edited.remove()
-    return held + peak
+    return held + allocation_peak(profiler)
 
 
 @pytest.mark.parametrize(("family", "dtype", "E_dtype"), [
@@ -83,12 +78,7 @@ def test_live_tensor_bytes_equals_the_profilers_allocation_peak():
     model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         loss(model, batch).total.backward()
-    allocated = peak = 0
-    for event in sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        allocated += event.nbytes()
-        peak = max(peak, allocated)
-    assert live.peak == pytest.approx(peak, rel=0.02)
+    assert live.peak == pytest.approx(allocation_peak(profiler), rel=0.02)
 
 
 def test_parts_are_the_explicit_sums_over_the_weights():
