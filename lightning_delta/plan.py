@@ -1,8 +1,9 @@
 """Plan an edit per tensor under a budget from the Riemann terms, then measure it (beyond the paper).
 
 Given an edit family with one setting per tensor (BitDelta bits, DARE kept density, LowRank rank) and a budget,
-the average setting ``v̄`` (the uniform edit's storage), :func:`plan_edit` chooses a setting per tensor that keeps
-the predicted loss change smallest, and measures what it chose:
+the average setting ``v̄`` (the uniform edit's storage) or a size in bytes of ``F(ΔW)`` stored compactly
+(:meth:`~lightning_delta.planning.family.Family.stored_bytes`), :func:`plan_edit` chooses a setting per tensor that
+keeps the predicted loss change smallest, and measures what it chose:
 
 1. **Scores, one pass.** One forward+backward pass per batch at W_post gives ``g = ∇L(W_post)`` and the diagonal
    empirical Fisher ``F̂`` (:func:`~lightning_delta.planning.scores.gradient_statistics`); every candidate of every
@@ -22,7 +23,8 @@ the predicted loss change smallest, and measures what it chose:
    the planning data it is never worse than the uniform edit when the uniform setting was swept.
 
 The plan is a :class:`~lightning_delta.edits.PerTensor` (``Plan.edit()``), usable everywhere an edit is.
-Cost, in passes over the data: ``1`` forward+backward for the scores, ``C + 1`` per refinement sweep, ``2``
+It runs in one process: a process of a distributed job is refused with an error. Cost, in passes over the data:
+``1`` forward+backward for the scores, ``C + 1`` per refinement sweep, ``2``
 forwards per distinct proposal; evaluating every candidate exactly would take ``K · V + 1`` forwards.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+import math
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +47,7 @@ from lightning_delta.export import save_edited
 from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.planning.allocate import allocate
-from lightning_delta.planning.family import FAMILIES, Family, family
+from lightning_delta.planning.family import FAMILIES, Family, exact, family
 from lightning_delta.planning.measure import TRAINER_ARGUMENTS, riemann_sweep, tensor_patterns, trapezoid_per_tensor
 from lightning_delta.planning.scores import CandidateScores, candidate_scores, gradient_statistics
 
@@ -61,11 +64,12 @@ class Plan:
     """
 
     family: str
-    average: float  # the budget, as the average setting of the uniform edit
+    average: float | None  # the budget, as the average setting of the uniform edit (None: budget_bytes)
     seed: int
     settings: dict[str, float]  # tensor name -> its setting
-    budget: float  # Σ_k v̄ · w_k
-    cost: float  # Σ_k v_k · w_k ≤ budget
+    budget: float  # Σ_k v̄ · w_k, or budget_bytes
+    cost: float  # Σ_k v_k · w_k (or the stored bytes when the budget is in bytes) ≤ budget
+    stored_bytes: float  # Σ_k of Family.stored_bytes at the chosen settings
     predicted_first: float  # Σ_k ⟨g, E_k(v_k)⟩
     predicted_second: float  # Σ_k of the second-order scores at the chosen settings
     predicted: float  # Σ_k of the scores the final allocation used (refined where swept)
@@ -75,6 +79,7 @@ class Plan:
     exact: float | None = None  # L(W_pre + F(ΔW)) − L(W_post) of the planned edit
     loss_post: float | None = None
     passes: dict[str, int] = field(default_factory=dict)
+    budget_bytes: float | None = None  # the budget in bytes of F(ΔW) stored compactly (None: average)
 
     def edit(self) -> PerTensor:
         """The planned edit: each planned tensor at its setting, every other tensor left unedited."""
@@ -122,7 +127,7 @@ def plan_edit(
     pretrained: Weights,
     datamodule: pl.LightningDataModule,
     family_name: str,
-    average: float,
+    average: float | None = None,
     candidates: list[float] | None = None,
     loss: str | DeltaLoss = "causal_lm",
     include: Patterns = None,
@@ -134,8 +139,10 @@ def plan_edit(
     accelerator: str = "cpu",
     dtype: str | torch.dtype | None = None,
     scores_out: dict[str, Any] | None = None,
+    budget_bytes: float | None = None,
 ) -> Plan:
-    """Choose a setting per tensor of ``family_name`` within the budget of the uniform edit at ``average``.
+    """Choose a setting per tensor of ``family_name`` within the budget: the uniform edit's at ``average``, or
+    ``budget_bytes``.
 
     Args:
         model: W_post (a module, directory or hub id). pretrained: W_pre.
@@ -143,6 +150,7 @@ def plan_edit(
         family_name: ``"bitdelta"`` (bits), ``"dare"`` or ``"magnitude_prune"`` (TIES' trim; kept density
             ``1 − p``) or ``"lowrank"`` (rank).
         average: the budget as an average setting: the plan stores no more than the uniform edit at ``average``.
+            Give it or ``budget_bytes``.
         candidates: the settings each tensor may take (default the family's, see
             :data:`~lightning_delta.planning.family.FAMILIES`).
         loss: as for :class:`~lightning_delta.DeltaEditModule`. include, exclude: the planned tensors.
@@ -152,14 +160,32 @@ def plan_edit(
             0 plans from the second-order scores alone.
         measure: measure the planned edit's exact ΔL at the end.
         scores_out: if given, filled with the score matrices and sweeps (for benchmarks).
+        budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, values in
+            the model's dtype (:meth:`~lightning_delta.planning.family.Family.stored_bytes`). The uniform edit
+            compared with is then the largest candidate setting that fits.
 
     Raises:
-        ValueError: an unknown family, bad candidates, ``average`` below the smallest candidate, ``refine < 0``,
-            and every error of :class:`~lightning_delta.DeltaEditModule` and the scores.
+        ValueError: an unknown family, bad candidates, neither or both of ``average`` and ``budget_bytes``,
+            ``average`` below the smallest candidate, a budget below the cheapest plan, ``refine < 0``, and every
+            error of :class:`~lightning_delta.DeltaEditModule` and the scores.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            f"plan: the planner runs in one process (its scores are summed there and its trainers use one device), "
+            f"but this is one of {torch.distributed.get_world_size()} processes of a distributed job. Run "
+            "`lightning-delta plan` as a single process, then use its plan in the distributed job."
+        )
     spec: Family = family(family_name)
     values = spec.check_candidates(candidates if candidates is not None else list(spec.default_candidates))
-    if isinstance(average, bool) or not isinstance(average, (int, float)) or not values[0] <= average:
+    if (average is None) == (budget_bytes is None):
+        raise ValueError(f"plan: give the budget as `average` ({spec.setting}) or as `budget_bytes`, exactly one; "
+                         f"got average={average!r} and budget_bytes={budget_bytes!r}.")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+                                     or not 0 < budget_bytes < math.inf):
+        raise ValueError(f"plan: `budget_bytes` must be a positive finite number of bytes, got "
+                         f"budget_bytes={budget_bytes!r}.")
+    if average is not None and (isinstance(average, bool) or not isinstance(average, (int, float))
+                                or not values[0] <= average):
         raise ValueError(f"plan: `average` ({spec.setting}) must be a number >= the smallest candidate {values[0]}, "
                          f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate.")
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
@@ -173,9 +199,19 @@ def plan_edit(
     statistics = gradient_statistics(module, model, loaders, names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
-    budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
+    element_bytes = {name: parameters[name].element_size() for name in scores.names}
+    stored = [[spec.stored_bytes(value, scores.shapes[name], element_bytes[name]) for value in values]
+              for name in scores.names]
+    if budget_bytes is None:
+        costs = scores.costs
+        budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
+        uniform = average if average in values else None
+    else:
+        costs, budget = stored, exact(budget_bytes)
+        fitting = [value for j, value in enumerate(values) if sum(row[j] for row in stored) <= budget]
+        uniform = fitting[-1] if fitting else None
     second = scores.second
-    choices = allocate(second.tolist(), scores.costs, budget)
+    choices = allocate(second.tolist(), costs, budget)
     used = second.clone()
     patterns = tensor_patterns(scores.names)
     order = relevant_values(choices, len(values))
@@ -187,9 +223,9 @@ def plan_edit(
         shares = trapezoid_per_tensor(result)
         used[:, j] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
         sweeps[values[j]] = result
-    proposals = {"second order": choices, "first order": allocate(scores.first.tolist(), scores.costs, budget)}
+    proposals = {"second order": choices, "first order": allocate(scores.first.tolist(), costs, budget)}
     if swept:
-        proposals["refined"] = allocate(used.tolist(), scores.costs, budget)
+        proposals["refined"] = allocate(used.tolist(), costs, budget)
     passes = {"forward_backward": 1 + len(swept) * (num_points + 1), "forward": 0}
     measured: dict[str, float] = {}
     loss_post = None
@@ -203,21 +239,23 @@ def plan_edit(
             loss_post, measured[label] = exact_change(
                 model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
             passes["forward"] += 2
-        if average in sweeps:
-            measured["uniform"] = sweeps[average].exact
-            proposals["uniform"] = [values.index(average)] * len(scores.names)
+        if uniform in sweeps:
+            measured["uniform"] = sweeps[uniform].exact
+            proposals["uniform"] = [values.index(uniform)] * len(scores.names)
     label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
     rows = range(len(scores.names))
     plan = Plan(
-        family=spec.name, average=float(average), seed=seed,
+        family=spec.name, average=None if average is None else float(average), seed=seed,
         settings={name: values[j] for name, j in zip(scores.names, picked)},
-        budget=float(budget), cost=float(sum((scores.costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
+        budget=float(budget), cost=float(sum((costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
+        stored_bytes=float(sum((stored[k][j] for k, j in zip(rows, picked)), Fraction(0))),
         predicted_first=float(sum(scores.first[k, j] for k, j in zip(rows, picked))),
         predicted_second=float(sum(second[k, j] for k, j in zip(rows, picked))),
         predicted=float(sum(used[k, j] for k, j in zip(rows, picked))),
         refined=[values[j] for j in swept], chosen=label, measured=measured,
         exact=measured.get(label), loss_post=loss_post, passes=passes,
+        budget_bytes=None if budget_bytes is None else float(budget_bytes),
     )
     if scores_out is not None:
         scores_out.update(scores=scores, used=used, sweeps=sweeps, budget=budget, model=model, proposals=proposals)
@@ -229,7 +267,7 @@ def plan(
     pretrained: str,
     data: pl.LightningDataModule,
     family: FamilyName,
-    average: float,
+    average: float | None = None,
     candidates: list[float] | None = None,
     loss: str = "causal_lm",
     include: str | list[str] | None = None,
@@ -242,6 +280,7 @@ def plan(
     overwrite: bool = False,
     accelerator: str = "cpu",
     dtype: str | None = None,
+    budget_bytes: float | None = None,
 ) -> Plan:
     """Plan an edit per tensor under a budget (the uniform edit's storage), measure its exact ΔL, write the plan.
 
@@ -251,7 +290,8 @@ def plan(
         data: a LightningDataModule; its validation data is what the loss is measured on.
         family: the edit family: bitdelta (bits per entry), dare or magnitude_prune (TIES' trim; kept density
             1 - p) or lowrank (rank).
-        average: the budget, as the average setting: the plan stores no more than the uniform edit at it.
+        average: the budget, as the average setting: the plan stores no more than the uniform edit at it. Give
+            it or budget_bytes.
         candidates: the settings a tensor may take; default bitdelta 1-4 bits, dare and magnitude_prune
             0.05/0.1/0.2/0.4, lowrank 1/2/4/8.
         loss: causal_lm, classification or dpo.
@@ -265,16 +305,20 @@ def plan(
         overwrite: replace a non-empty ``output_dir``.
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
+        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly
+            (values in the model's dtype; bitdelta b/8 bytes per entry, dare and magnitude_prune the kept values
+            and a bitmap, lowrank the two factors). Give it or average.
     """
     made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
-                     refine, accelerator=accelerator, dtype=dtype)
+                     refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}
     for value in made.settings.values():
         counts[value] = counts.get(value, 0) + 1
-    print(f"Plan for {family} at average {average:g}: cost {made.cost:.6g} of budget {made.budget:.6g}; "
-          f"tensors per setting {dict(sorted(counts.items()))}")
+    budget = f"average {average:g}" if average is not None else f"{budget_bytes:.6g} bytes"
+    print(f"Plan for {family} at {budget}: cost {made.cost:.6g} of budget {made.budget:.6g}, "
+          f"{made.stored_bytes:.6g} bytes stored; tensors per setting {dict(sorted(counts.items()))}")
     print(f"  predicted ΔL {made.predicted:+.6g} (first order {made.predicted_first:+.6g}), exact ΔL "
           f"{made.exact:+.6g}; {made.passes['forward_backward']} forward+backward and {made.passes['forward']} "
           f"forward passes over the data")

@@ -7,7 +7,9 @@ import copy
 import itertools
 import json
 import random
+import shlex
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,6 +322,100 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
                                                          abs=FLOAT32_LOSS)
 
 
+# ------------------------------------------------------------------------------------------- byte budgets
+def compact_bytes(family_name: str, value, delta: torch.Tensor, edited: torch.Tensor) -> Fraction:
+    """The bytes of ``edited`` stored compactly, counted from the edited tensor itself (float32 values, 4 bytes)."""
+    entries = delta.numel()
+    if family_name == "bitdelta":
+        magnitudes = torch.unique(edited.abs())
+        assert len(magnitudes) <= 2 ** (value - 1)  # the block indices fit in value - 1 bits beside the sign
+        return Fraction(entries * value, 8) + 2 ** (value - 1) * 4
+    if family_name == "lowrank":
+        U, S, Vh = torch.linalg.svd(edited.double())  # noqa: N806
+        kept = int((S > S[0] * 1e-6).sum())
+        assert kept <= value
+        return value * (U.shape[0] + Vh.shape[1]) * 4
+    kept = int(torch.count_nonzero(edited))
+    return kept * 4 + Fraction(entries, 8)  # the values and a bitmap of their positions
+
+
+@pytest.mark.parametrize(("name", "value"), [("bitdelta", 1), ("bitdelta", 3), ("magnitude_prune", 0.25),
+                                             ("lowrank", 2)])
+def test_stored_bytes_count_the_compact_form_of_the_edited_tensor(name, value):
+    torch.manual_seed(0)
+    delta = torch.randn(16, 8)
+    spec = FAMILIES[name]
+    edited = spec.edit(value).edit_tensor("w", delta)
+    assert spec.stored_bytes(value, delta.shape, 4) == compact_bytes(name, value, delta, edited)
+
+
+def test_dare_stored_bytes_are_the_expected_kept_values_and_a_bitmap():
+    delta = torch.randn(64, 64)
+    kept = [int(torch.count_nonzero(DARE(p=0.8, seed=seed).edit_tensor("w", delta))) for seed in range(20)]
+    assert FAMILIES["dare"].stored_bytes(0.2, delta.shape, 2) == Fraction(2 * 2 * 64 * 64, 10) + 64 * 64 // 8
+    assert sum(kept) / len(kept) == pytest.approx(0.2 * 64 * 64, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["bitdelta", "lowrank"])
+def test_plan_under_a_byte_budget_stores_no_more_than_it(llama_pair, name):
+    values = [1, 2, 4]
+    weights = {name_: tensor for name_, tensor in llama_pair.post.state_dict().items()}
+    spec = FAMILIES[name]
+    planned = [n for n, t in weights.items() if spec.applies(t.shape) and n in dict(llama_pair.post.named_parameters())
+               and not torch.equal(t, llama_pair.pre.state_dict()[n])]
+    uniform_2 = sum(spec.stored_bytes(2, weights[n].shape, 4) for n in planned)
+    budget = float(uniform_2 + 100)  # the uniform edit at 2 fits, at 4 does not
+    datamodule = DigitsDataModule(limit=24, batch_size=12)
+    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, name, candidates=values, refine=1, num_points=2,
+                     budget_bytes=budget)
+    assert set(plan.settings) == set(planned) and plan.average is None and plan.budget_bytes == budget
+    stored = sum(compact_bytes(name, plan.settings[n], weights[n] - llama_pair.pre.state_dict()[n],
+                               spec.edit(plan.settings[n]).edit_tensor(n, weights[n] - llama_pair.pre.state_dict()[n]))
+                 for n in planned)
+    assert plan.cost == plan.stored_bytes == float(stored) <= plan.budget == budget
+    assert plan.chosen == min(plan.measured, key=plan.measured.get)
+    if 2 in plan.refined:  # the uniform edit compared with is the largest setting that fits: 2
+        assert plan.measured["uniform"] == pytest.approx(
+            explicit_loss(apply_edit_(copy.deepcopy(llama_pair.post), llama_pair.pre, spec.edit(2)), datamodule)
+            - explicit_loss(llama_pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
+
+
+def test_plan_command_with_a_byte_budget(llama_pair, tmp_path):
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+        "family": "dare", "budget_bytes": 20000, "refine": 0, "output": str(tmp_path / "plan.json"),
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    plan = run(["plan", "--config", str(tmp_path / "plan.yaml")])
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["budget_bytes"] == 20000 and written["stored_bytes"] == plan.cost <= 20000
+
+
+def readme_plan_commands() -> list[list[str]]:
+    """The README's `lightning-delta plan` lines (its planning section's bash block), comments dropped."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Planning an edit per tensor"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypatch):
+    commands = readme_plan_commands()
+    assert len(commands) == 3 and all(command[:2] == ["lightning-delta", "plan"] for command in commands)
+    config = {"model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+              "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+              "family": "bitdelta", "average": 2, "refine": 1, "num_points": 2}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    plans = [run(command[1:]) for command in commands]
+    assert plans[0].average == 2 and plans[0].cost <= plans[0].budget
+    assert plans[1].budget_bytes == 2e9 and plans[1].average is None and plans[1].stored_bytes <= 2e9
+    assert "uniform" in plans[1].measured or 4 not in plans[1].refined  # every uniform setting fits: 4 bits
+    assert json.loads((tmp_path / "edited" / PER_TENSOR_FILE).read_text()) == plans[2].edit().config()
+
+
 # --------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"family_name": "ties"},
@@ -331,11 +427,34 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
     ({"candidates": [float("nan")]}, "must be finite numbers, got nan"),
     ({"candidates": ["2"]}, "must be finite numbers, got '2'"),
     ({"refine": -1}, r"`refine` must be None or an int >= 0 \(settings swept\), got refine=-1"),
+    ({"budget_bytes": 1000}, r"give the budget as `average` .* or as `budget_bytes`, exactly one; got average=2 "
+                             r"and budget_bytes=1000"),
+    ({"average": None}, r"exactly one; got average=None and budget_bytes=None"),
+    ({"average": None, "budget_bytes": -5}, r"`budget_bytes` must be a positive finite number of bytes, got "
+                                            r"budget_bytes=-5"),
+    ({"average": None, "budget_bytes": 10}, r"the budget 10 is below the cheapest plan"),
 ])
 def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, match):
     arguments = {"family_name": "bitdelta", "average": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), **arguments)
+
+
+def plan_in_a_process_group(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        plan_edit(nn.Linear(2, 2), nn.Linear(2, 2), DigitsDataModule(limit=4), "bitdelta", 2)
+    except ValueError as error:
+        (Path(out_dir) / f"{rank}.txt").write_text(str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_process_of_a_distributed_job_is_refused(tmp_path):
+    torch.multiprocessing.spawn(plan_in_a_process_group, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        message = (tmp_path / f"{rank}.txt").read_text()
+        assert "the planner runs in one process" in message and "one of 2 processes" in message
 
 
 def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):

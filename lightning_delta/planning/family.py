@@ -5,6 +5,15 @@ tensor to its weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` 
 stored numbers = rank × (rows + columns)). A budget "average ``v̄``" is ``v̄ · Σ_k w_k``, what the uniform edit at
 ``v̄`` costs, so a plan within the budget stores no more than the uniform edit. Costs are exact rationals
 (:class:`fractions.Fraction` of the settings' decimal strings): the budget test has no rounding.
+
+A budget can also be a size in bytes: :meth:`Family.stored_bytes` is what tensor ``k`` takes when ``F(ΔW_k)`` is
+stored compactly, its values in the model's dtype (``e`` bytes each) and ``n`` its entries:
+
+* BitDelta, ``b`` bits: ``b · n / 8`` (the sign bit and ``b − 1`` bits naming one of ``M = 2^(b−1)`` magnitude
+  blocks, per entry) ``+ M · e`` (the magnitudes);
+* DARE and TIES' trim, kept density ``d``: ``d · n · e`` (the kept values, DARE's rescaling folded in) ``+ n / 8``
+  (a bitmap of the kept positions);
+* low rank ``r`` of a ``(m, k)`` matrix: ``r · (m + k) · e`` (the two factors, the singular values folded in).
 """
 
 from __future__ import annotations
@@ -52,6 +61,16 @@ class Family:
     def cost(self, value: float, shape: Sequence[int]) -> Fraction:
         """``v · w_k`` exactly."""
         return exact(value) * self.weight(shape)
+
+    def stored_bytes(self, value: float, shape: Sequence[int], element_bytes: int) -> Fraction:
+        """The bytes of ``F(ΔW)`` stored compactly at setting ``value`` (the module docstring gives each formula),
+        exactly; ``element_bytes`` is the size of one value in the model's dtype."""
+        entries = int(torch.Size(shape).numel())
+        if self.name == "bitdelta":
+            return Fraction(int(value) * entries, 8) + 2 ** (int(value) - 1) * element_bytes
+        if self.name in DENSITY_FAMILIES:
+            return exact(value) * entries * element_bytes + Fraction(entries, 8)
+        return int(value) * (int(shape[0]) + int(shape[1])) * element_bytes
 
     def check_candidates(self, candidates: Sequence[float]) -> list[float]:
         """The candidates sorted, each checked by building its edit; ValueError naming a bad one."""
