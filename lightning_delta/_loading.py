@@ -112,8 +112,20 @@ class TensorSource:
         """The dtype of ``name``, without loading it where the format allows."""
         return self._dtype(self.canonical(name))
 
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` (the first dimension) of ``name``; only those rows are read where the format allows
+        (a safetensors slice; a memory-mapped ``.bin`` touches only their pages)."""
+        return self._rows(self.canonical(name), start, stop)
+
+    def sharded(self, name: str) -> DTensor | None:
+        """The ``DTensor`` stored under ``name`` when it is one (a parameter of a model sharded by FSDP2)."""
+        return None
+
     def _get(self, name: str) -> Tensor:
         raise NotImplementedError
+
+    def _rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self._get(name)[start:stop]
 
     def _shape(self, name: str) -> torch.Size:
         return self._get(name).shape
@@ -204,6 +216,10 @@ class MappingSource(TensorSource):
         # A sharded (FSDP2) tensor is gathered whole: a collective, reached in the same order on every process.
         return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+    def sharded(self, name: str) -> DTensor | None:
+        tensor = self._state[self.canonical(name)]
+        return tensor if isinstance(tensor, DTensor) else None
+
     def _shape(self, name: str) -> torch.Size:
         return self._state[name].shape
 
@@ -243,6 +259,9 @@ class SafetensorsSource(TensorSource):
 
     def _get(self, name: str) -> Tensor:
         return self._handle(self._files[name]).get_tensor(name)
+
+    def _rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self._handle(self._files[name]).get_slice(name)[start:stop]
 
     def _shape(self, name: str) -> torch.Size:
         return torch.Size(self._handle(self._files[name]).get_slice(name).get_shape())

@@ -140,8 +140,9 @@ def edit_differences(
 ) -> dict[str, Tensor]:
     """``E_k = F(ΔW_k) − ΔW_k`` for every selected tensor, computed one tensor at a time on the model's device.
 
-    On a model sharded by FSDP2 each tensor is gathered whole, edited exactly as on one process (an edit may need
-    the whole tensor: BitDelta's mean, TIES's top k, a low-rank SVD) and only this process's rows of ``E`` are kept.
+    On a model sharded by FSDP2 each process reads only its rows of W_pre, ΔW is gathered whole from the processes'
+    rows and edited exactly as on one process (an edit may need the whole tensor: BitDelta's mean, TIES's top k, a
+    low-rank SVD), and only this process's rows of ``E`` are kept.
 
     Args:
         model: the post-trained model (W_post).

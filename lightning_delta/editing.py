@@ -23,12 +23,14 @@ from lightning_delta.delta import (
     _all_finite,
     _as_device,
     check_tied_targets,
+    delta_dtype,
     difference,
     match_tensors,
     open_pair,
     read_pair,
 )
 from lightning_delta.edits import EDITS, DeltaEdit
+from lightning_delta.sharded import gather_rows, row_range
 
 __all__ = ["EditedTensor", "check_edit", "iter_edited"]
 
@@ -36,13 +38,18 @@ Edit = DeltaEdit | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
 
 
 class EditedTensor(NamedTuple):
-    """One selected tensor after the edit."""
+    """One selected tensor after the edit.
+
+    For a parameter sharded by FSDP2, ``rows`` are this process's rows ``(start, stop)``: ``w_pre`` and ``w_post``
+    hold only those (``w_post`` the parameter's own local rows), ``delta`` and ``edited`` are whole.
+    """
 
     name: str  # its name in results (a tied tensor under its first name)
     w_pre: Tensor  # W_pre in its stored dtype, on the tensor's device
     w_post: Tensor  # W_post: for a module, the module's own tensor
     delta: Tensor  # ΔW = W_post − W_pre in delta_dtype (at least float32)
     edited: Tensor  # F(ΔW): the tensor's shape, finite, in the delta's dtype or wider
+    rows: tuple[int, int] | None = None  # this process's rows of a sharded parameter
 
 
 def check_edit(edit: Any) -> None:
@@ -101,6 +108,11 @@ def iter_edited(
     (:func:`~lightning_delta.delta.check_tied_targets`). A mapping edit yields ``F(ΔW) = ΔW + E`` for its own
     names only.
 
+    On a model sharded by FSDP2 each process reads only its own rows of W_pre (a slice of the memory-mapped file),
+    subtracts them from its rows of W_post, and the processes gather ``ΔW`` whole (one all-gather per tensor): the
+    edit then sees the tensor one process would see (BitDelta's mean, TIES' top k, a low-rank SVD, DARE's mask), and
+    every process computes the same ``F(ΔW)``.
+
     Args:
         post, pre: W_post and W_pre, in any form :func:`~lightning_delta.delta.load_tensors` reads.
         edit: the operation F, or a mapping name -> ``E``.
@@ -131,8 +143,13 @@ def iter_edited(
         check_tied_targets([match.post_name for match in matches], post_source)
         with torch.no_grad():
             for match in matches:
-                w_pre, w_post = read_pair(match, pre_source, post_source, device)
-                delta = difference(match, w_pre, w_post, pre_source, post_source)
+                shard = post_source.sharded(match.post_name)
+                rows = None if shard is None or device is not None else row_range(shard)
+                if rows is None:
+                    w_pre, w_post = read_pair(match, pre_source, post_source, device)
+                    delta = difference(match, w_pre, w_post, pre_source, post_source)
+                else:
+                    w_pre, w_post, delta = _read_rows(match, pre_source, post_source, shard, rows)
                 if isinstance(edit, Mapping):
                     edited = delta + edit[match.name].to(delta)
                 else:
@@ -141,12 +158,29 @@ def iter_edited(
                         gradient = gradient.full_tensor()
                     gradient = None if gradient is None else gradient.to(delta.device)
                     edited = edit.edit_tensor(match.name, delta, gradient)
-                if not isinstance(edited, Tensor) or edited.shape != w_post.shape:
+                if not isinstance(edited, Tensor) or edited.shape != delta.shape:
                     got = f"shape {tuple(edited.shape)}" if isinstance(edited, Tensor) else type(edited).__name__
                     raise ValueError(
-                        f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(w_post.shape)}."
+                        f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(delta.shape)}."
                     )
                 if not _all_finite(edited):
                     raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
-                yield EditedTensor(match.name, w_pre, w_post, delta, edited)
+                yield EditedTensor(match.name, w_pre, w_post, delta, edited, rows)
                 del w_pre, w_post, delta, edited
+
+
+def _read_rows(
+    match: DeltaMatch, pre: TensorSource, post: TensorSource, shard: DTensor, rows: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W_pre rows, W_post rows, ΔW whole)`` of a parameter sharded by FSDP2: this process reads only its rows of
+    W_pre, and ΔW is gathered from every process's rows. The finiteness check runs on the whole ΔW, so every
+    process raises together (one raising alone would leave the others waiting in the next all-gather)."""
+    w_post = shard.to_local()
+    w_pre = pre.rows(match.pre_name, *rows).to(w_post.device)
+    dtype = delta_dtype(w_pre.dtype, w_post.dtype)
+    delta = gather_rows(w_post.to(dtype) - w_pre.to(dtype), shard)
+    if not _all_finite(delta):
+        difference(match, w_pre, w_post, pre, post)  # names the side when this process's rows hold the NaN / inf
+        raise ValueError(f"W_post − W_pre of {match.name!r} holds NaN or inf in another process's rows: the "
+                         f"checkpoint is damaged or diverged, or leave the tensor out with exclude=.")
+    return w_pre, w_post, delta

@@ -106,8 +106,10 @@ def apply_edit_(
         )
     _check_not_parametrized(model)
     for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
-        # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype.
-        item.w_post.copy_(item.w_pre.to(item.delta.dtype) + item.edited.to(item.delta))
+        # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype. On a model
+        # sharded by FSDP2, w_pre and w_post are this process's rows, written in place.
+        edited = item.edited if item.rows is None else item.edited[item.rows[0]:item.rows[1]]
+        item.w_post.copy_(item.w_pre.to(item.delta.dtype) + edited.to(item.delta))
     return model
 
 

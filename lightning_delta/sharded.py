@@ -30,11 +30,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_delta.parametrize import check_E_dtype, inner_product, stored_dtype
 
-__all__ = ["ShardedEditedModel", "is_sharded", "local_rows", "shard_model", "sharded_parameters"]
+__all__ = ["ShardedEditedModel", "gather_rows", "is_sharded", "local_rows", "row_range", "shard_model",
+           "sharded_parameters"]
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -51,6 +52,26 @@ def local_rows(full: Tensor, like: DTensor) -> Tensor:
     """This process's part of ``full`` (a whole tensor, equal on every process) as ``like`` is laid out; no
     communication."""
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def row_range(tensor: DTensor) -> tuple[int, int] | None:
+    """The rows ``(start, stop)`` of the whole tensor that this process holds, for FSDP2's layout (one mesh
+    dimension, ``Shard(0)``: ``torch.chunk`` of the rows, the last processes' chunks shorter or empty); ``None`` for
+    any other layout, or if the local rows do not have the length that layout gives."""
+    if tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or tensor.ndim == 0:
+        return None
+    rows, processes = tensor.shape[0], tensor.device_mesh.size()
+    chunk = -(-rows // processes)
+    start = min(tensor.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    return (start, stop) if tensor.to_local().shape[0] == stop - start else None
+
+
+def gather_rows(rows: Tensor, like: DTensor) -> Tensor:
+    """The whole tensor from each process's ``rows``, laid out as ``like`` (an all-gather); equal on every
+    process."""
+    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride()).full_tensor()
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:

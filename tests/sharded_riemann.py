@@ -3,6 +3,8 @@ processes by ``tests/test_sharded.py``.
 
 Usage: python tests/sharded_riemann.py OUT DEVICES CASE [CASE ...], each CASE ``<delta|own|ownsum>-<untied|tied>-<edit>``
 with edit ``random`` (ready-made E), ``dare``, ``bitdelta`` or ``gradient`` (GradientBiased); float64 throughout.
+An edit ending in ``file`` (``darefile``, ``bitdeltafile``) reads W_pre from a safetensors file, and each rank writes
+the reads of that file, ``[name, start, stop]`` for rows and ``[name]`` for whole tensors, to ``OUT.CASE.reads<rank>``.
 
 ``DEVICES`` 1 runs one unsharded process (strategy ``auto``); 2 runs two CPU processes (gloo) under
 ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``2ddp`` two unsharded DDP processes. ``own`` sweeps a LightningModule of the
@@ -15,6 +17,8 @@ check that the model came back to W_post.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_delta._loading import SafetensorsSource  # noqa: E402
 from lightning_delta.callbacks import RiemannCallback  # noqa: E402
 from lightning_delta.edits import DARE, BitDelta, GradientBiased  # noqa: E402
 from lightning_delta.losses import CausalLMLoss  # noqa: E402
@@ -74,7 +79,7 @@ class SaveResult(pl.Callback):
         save_file(weights, f"{self.out}.weights{trainer.global_rank}")
 
 
-def edit_of(kind: str, model: torch.nn.Module, tied: bool):
+def edit_of(kind: str, model: torch.nn.Module, tied: bool, out: str):
     """``(W_pre, edit)``: random ready-made ``E`` tensors, or an operation on a second tiny Llama's weights."""
     if kind == "random":
         return {}, random_edits(model, scale=0.05)
@@ -82,7 +87,29 @@ def edit_of(kind: str, model: torch.nn.Module, tied: bool):
     if tied:  # W_pre under one name of the tied tensor
         pretrained.pop("lm_head.weight")
     edits = {"dare": DARE(p=0.5, seed=3), "bitdelta": BitDelta(), "gradient": GradientBiased(p=0.5, k=0.5)}
+    if kind.endswith("file"):
+        path = f"{out}.pre{os.environ.get('LOCAL_RANK', '0')}.safetensors"
+        save_file({name: tensor.contiguous() for name, tensor in pretrained.items()}, path)
+        return path, edits[kind.removesuffix("file")]
     return pretrained, edits[kind]
+
+
+READS: list[list] = []
+
+
+def record_reads() -> None:
+    """Records every read of a safetensors file (rows or whole tensors) in READS."""
+    whole, rows = SafetensorsSource._get, SafetensorsSource._rows
+
+    def get(self, name):
+        READS.append([name])
+        return whole(self, name)
+
+    def get_rows(self, name, start, stop):
+        READS.append([name, start, stop])
+        return rows(self, name, start, stop)
+
+    SafetensorsSource._get, SafetensorsSource._rows = get, get_rows
 
 
 def token_sums(module: OwnModule, batch, batch_idx: int):
@@ -94,7 +121,8 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
     """``case`` is ``<delta|own|ownsum>-<untied|tied>-<edit>[-<batch size, default 4>]``."""
     kind, tying, edit_name, *batch_size = case.split("-")
     model = tiny_llama(dtype=torch.float64, tie=tying == "tied")
-    pretrained, edit = edit_of(edit_name, model, tying == "tied")
+    pretrained, edit = edit_of(edit_name, model, tying == "tied", f"{out}.{case}")
+    READS.clear()
     if kind in ("own", "ownsum"):
         module = OwnModule(model)
         loss_fn = token_sums if kind == "ownsum" else None
@@ -119,11 +147,14 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
         callback.validate(trainer, module, datamodule=data, verbose=False)
     else:
         trainer.validate(module, datamodule=data, verbose=False)
+    if edit_name.endswith("file"):
+        Path(f"{out}.{case}.reads{trainer.global_rank}").write_text(json.dumps(READS))
 
 
 def main() -> None:
     out, devices, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
+    record_reads()
     for case in cases:
         sweep(out, int(devices.removesuffix("ddp")), case, ddp=devices.endswith("ddp"))
 

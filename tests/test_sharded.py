@@ -24,6 +24,8 @@ SCRIPT = Path(__file__).with_name("sharded_riemann.py")
 # GradientBiased (∇L at W_post from the reduce-scattered gradients), and a user's module with a token-sum loss.
 CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient",
          "ownsum-tied-dare")
+# W_pre read from a safetensors file: each process must read only its rows of it.
+FILE_CASES = ("delta-untied-darefile", "delta-tied-bitdeltafile")
 # A user's module with its default training_step loss (a batch mean × batch size): compared with DDP on the same
 # two processes, since its value depends on how the rows are batched.
 OWN_DEFAULT = "own-untied-dare"
@@ -43,13 +45,13 @@ def result(out: Path, case: str, rank: int) -> dict:
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
     outs = {"single": root / "single", "fsdp": root / "fsdp", "ddp": root / "ddp"}
-    run(outs["single"], "1", *CASES)
-    run(outs["fsdp"], "2", *CASES, OWN_DEFAULT)
+    run(outs["single"], "1", *CASES, *FILE_CASES)
+    run(outs["fsdp"], "2", *CASES, *FILE_CASES, OWN_DEFAULT)
     run(outs["ddp"], "2ddp", OWN_DEFAULT)
     return outs
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + FILE_CASES)
 def test_sharded_two_processes_equal_one_unsharded_process(runs, case):
     single = result(runs["single"], case, 0)
     assert single["count"] > 0 and single["term"] != 0.0
@@ -57,7 +59,25 @@ def test_sharded_two_processes_equal_one_unsharded_process(runs, case):
         assert_same(result(runs["fsdp"], case, rank), single, rel=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES + (OWN_DEFAULT,))
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_each_process_reads_only_its_rows_of_w_pre(runs, case):
+    model = tiny_llama(dtype=torch.float64, tie="-tied-" in case)
+    rows = {name: parameter.shape[0] for name, parameter in model.named_parameters()}
+    single = json.loads(Path(f"{runs['single']}.{case}.reads0").read_text())
+    assert sorted(read[0] for read in single) == sorted(rows)  # one process reads each tensor whole, once
+    assert all(len(read) == 1 for read in single)
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for rank in (0, 1):
+        reads = json.loads(Path(f"{runs['fsdp']}.{case}.reads{rank}").read_text())
+        assert sorted(read[0] for read in reads) == sorted(rows) and all(len(read) == 3 for read in reads), reads
+        for name, start, stop in reads:
+            half = -(-rows[name] // 2)
+            assert (start, stop) == ((0, half) if rank == 0 else (half, rows[name])), (name, start, stop)
+            covered.setdefault(name, []).append((start, stop))
+    assert all(sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == rows[name] for name, ranges in covered.items())
+
+
+@pytest.mark.parametrize("case", CASES + FILE_CASES + (OWN_DEFAULT,))
 def test_the_sharded_model_holds_w_post_again(runs, case):
     reference = dict(tiny_llama(dtype=torch.float64, tie="-tied-" in case).named_parameters())
     for rank in (0, 1):
@@ -85,3 +105,47 @@ def test_processes_with_different_batch_counts_are_refused_with_the_batch_sizes_
     assert "same number of validation batches" in finished.stderr
     assert "[19, 18] rows" in finished.stderr and "[7, 6] batches of 3" in finished.stderr
     assert "(4, 5, 7 would)" in finished.stderr  # ceil(19/b) == ceil(18/b) for b = 4, 5, 7 near 3
+
+
+def apply_edit_sharded(rank: int, init_file: str, pre_path: str, out: str) -> None:
+    """apply_edit_ on a tiny Llama sharded by fully_shard over 2 gloo processes; the whole edited W to ``out``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_delta import apply_edit_
+    from lightning_delta.edits import DARE
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_llama(dtype=torch.float64)
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        apply_edit_(model, pre_path, DARE(p=0.5, seed=3))
+        weights = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(weights, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_apply_edit_on_a_sharded_model_writes_each_process_rows_as_one_process_does(tmp_path):
+    from safetensors.torch import save_file
+
+    from lightning_delta import apply_edit_
+    from lightning_delta.edits import DARE
+
+    pre_path = str(tmp_path / "pre.safetensors")
+    save_file({name: t.contiguous() for name, t in tiny_llama(seed=7).state_dict().items()}, pre_path)
+    torch.multiprocessing.spawn(apply_edit_sharded, args=(str(tmp_path / "init"), pre_path, str(tmp_path / "w.pt")),
+                                nprocs=2)
+    sharded = torch.load(tmp_path / "w.pt", weights_only=True)
+    single = dict(apply_edit_(tiny_llama(), pre_path, DARE(p=0.5, seed=3)).named_parameters())
+    post = dict(tiny_llama().named_parameters())
+    assert sharded.keys() == single.keys()
+    for name, value in single.items():
+        assert torch.equal(sharded[name], value), name
+        if value.ndim == 2:  # the norms' weights are ones in both models
+            assert not torch.equal(value, post[name]), name
