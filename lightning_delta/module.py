@@ -16,7 +16,7 @@ from lightning_delta.editing import Edit, check_edit
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import EditedModel, check_E_dtype
-from lightning_delta.sharded import shard_model, sharded_parameters
+from lightning_delta.sharded import check_strategy, shard_model, sharded_parameters
 
 __all__ = ["DeltaEditModule", "load_model"]
 
@@ -130,6 +130,10 @@ class DeltaEditModule(pl.LightningModule):
 
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
         return self.loss(self.model, batch)
+
+    def setup(self, stage: str) -> None:
+        """Refuse ``FSDPStrategy`` (FSDP1) with an error that names ``ModelParallelStrategy``."""
+        check_strategy(self.trainer.strategy)
 
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy``: shard the model with FSDP2 over the data-parallel processes

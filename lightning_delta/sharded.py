@@ -34,8 +34,23 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_delta.parametrize import check_E_dtype, inner_product, stored_dtype
 
-__all__ = ["ShardedEditedModel", "gather_rows", "is_sharded", "local_rows", "row_range", "shard_model",
-           "sharded_parameters"]
+__all__ = ["ShardedEditedModel", "check_strategy", "gather_rows", "is_sharded", "local_rows", "row_range",
+           "shard_model", "sharded_parameters"]
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse Lightning's ``FSDPStrategy`` (FSDP1): it flattens each block's parameters into one ``FlatParameter``,
+    which neither the parametrization ``W_post + t·E`` nor per-tensor rows of ``E`` can follow. FSDP2
+    (``ModelParallelStrategy``) keeps each parameter a tensor of its own."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "lightning_delta runs sharded models under ModelParallelStrategy (FSDP2's fully_shard), not FSDPStrategy "
+            "(FSDP1 flattens each block's parameters into one FlatParameter, which the edit W_post + t·E cannot "
+            "follow tensor by tensor). Create the Trainer with strategy=ModelParallelStrategy(data_parallel_size=N, "
+            "tensor_parallel_size=1), N the number of processes."
+        )
 
 
 def is_sharded(tensor: Tensor) -> bool:

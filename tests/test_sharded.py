@@ -149,3 +149,24 @@ def test_apply_edit_on_a_sharded_model_writes_each_process_rows_as_one_process_d
         assert torch.equal(sharded[name], value), name
         if value.ndim == 2:  # the norms' weights are ones in both models
             assert not torch.equal(value, post[name]), name
+
+
+def test_fsdp1_strategy_is_refused_naming_model_parallel_strategy():
+    """Lightning itself refuses FSDPStrategy on CPU ("requires a GPU accelerator") before any hook runs, so the two
+    hooks that check it are called here with a trainer holding that strategy."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_delta.callbacks import RiemannCallback
+    from lightning_delta.module import DeltaEditModule
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    model = tiny_llama()
+    module = DeltaEditModule(model, {}, {})
+    module._trainer = trainer
+    match = r"not FSDPStrategy .* strategy=ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\)"
+    with pytest.raises(ValueError, match=match):
+        module.setup("validate")
+    with pytest.raises(ValueError, match=match):
+        RiemannCallback().setup(trainer, module, "validate")

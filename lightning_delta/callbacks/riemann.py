@@ -32,7 +32,7 @@ from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel, check_E_dtype
-from lightning_delta.sharded import ShardedEditedModel, sharded_parameters
+from lightning_delta.sharded import ShardedEditedModel, check_strategy, sharded_parameters
 
 __all__ = ["RiemannCallback"]
 
@@ -118,6 +118,7 @@ class RiemannCallback(Callback):
     # ----------------------------------------------------------------------------------------------- checks
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_strategy(trainer.strategy)
         loop = trainer.validate_loop if stage == "validate" else trainer.fit_loop.epoch_loop.val_loop
         if stage in ("validate", "fit") and loop.inference_mode:
             raise RuntimeError(
