@@ -17,7 +17,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_delta.delta import Patterns, Weights
+from lightning_delta._loading import TensorSource
+from lightning_delta.delta import DeltaMatch, Patterns, Weights, difference, load_tensors, match_tensors
 from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
@@ -32,6 +33,7 @@ from lightning_delta.sharded import (
 __all__ = [
     "EditTarget",
     "ModuleTarget",
+    "RecomputedE",
     "attach_edit",
     "edit_differences",
     "gradients_at_post",
@@ -74,7 +76,7 @@ class ModuleTarget:
         module_name: the submodule to edit (``""``: the module itself).
         include, exclude: regular expressions selecting the edited tensors.
         loss_fn: ``(module, batch, batch_idx) -> LossOutput``; default :func:`training_step_loss`.
-        E_dtype: how ``E`` is kept, ``"float32"`` or ``"model"`` (see :class:`~lightning_delta.EditedModel`).
+        E_dtype: how ``E`` is kept, ``"float32"``, ``"model"`` or ``"on_the_fly"`` (see :func:`attach_edit`).
     """
 
     loss_measured_by_sweep = True
@@ -180,11 +182,78 @@ def attach_edit(
 ) -> EditedModel | ShardedEditedModel:
     """Register ``W_post + t·E`` on ``model`` (tied tensors once) and return the handle that drives ``t``: an
     :class:`~lightning_delta.parametrize.EditedModel`, or a :class:`~lightning_delta.sharded.ShardedEditedModel` when
-    the model's parameters are sharded by FSDP2."""
+    the model's parameters are sharded by FSDP2.
+
+    ``E_dtype="on_the_fly"`` keeps no ``E``: each tensor's ``E`` is a :class:`RecomputedE`, made again from W_post and
+    W_pre (read from its source, memory-mapped for files) wherever it is needed, three times per forward+backward
+    (the forward, the rebuild of ``W(t)`` in backward, ``⟨grad, E⟩``). The model-sized ``E`` (16 GB for an 8B bf16
+    model with ``E_dtype="model"``) is traded for running the edit again: cheap for DARE, drop-only, BitDelta and
+    EXPO, a sort for TIES' trim and DELLA, an SVD for low rank. Every check and every ``E`` is made once here, and
+    each is made a second time and compared, so an edit that does not give the same ``E`` twice is refused.
+    Not for ready-made ``E`` tensors, edits that need ∇L(W_post) (GradientBiased keeps a model-sized gradient) or
+    models sharded by FSDP2.
+    """
+    if E_dtype == "on_the_fly":
+        return _attach_on_the_fly(model, pretrained, edit, include, exclude)
     differences = edit_differences(model, pretrained, edit, include, exclude, gradients, E_dtype)
     if sharded_parameters(model):
         return ShardedEditedModel(model, differences, E_dtype=E_dtype)
     return EditedModel(model, differences, E_dtype=E_dtype)
+
+
+class RecomputedE:
+    """``E = F(ΔW) − ΔW`` of one tensor, made when called from W_post (the parametrization's original) and W_pre
+    (read from ``source`` each time), with the very steps :func:`~lightning_delta.editing.iter_edited` takes, so
+    that it equals the kept ``E`` of ``E_dtype="float32"`` bit for bit. Has the tensor's ``shape``."""
+
+    def __init__(self, match: DeltaMatch, source: TensorSource, edit: Any, shape: torch.Size,
+                 dtype: torch.dtype) -> None:
+        self.match, self.source, self.edit, self.shape, self.dtype = match, source, edit, shape, dtype
+
+    def __call__(self, w_post: Tensor) -> Tensor:
+        with torch.no_grad():
+            w_pre = self.source.get(self.match.pre_name).to(w_post.device)
+            delta = difference(self.match, w_pre, w_post, self.source, self.source)
+            del w_pre
+            return (self.edit.edit_tensor(self.match.name, delta, None) - delta).to(self.dtype)
+
+
+def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, include: Patterns,
+                       exclude: Patterns) -> EditedModel:
+    if isinstance(edit, Mapping):
+        raise ValueError("E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held "
+                         "in memory already. Use E_dtype='float32' or 'model'.")
+    if getattr(edit, "needs_gradients", False):
+        raise ValueError(f"E_dtype='on_the_fly' does not serve {type(edit).__name__}: it needs ∇L(W_post) of every "
+                         "edited tensor, a model-sized buffer kept instead of E. Use E_dtype='model'.")
+    if sharded_parameters(model):
+        raise ValueError("E_dtype='on_the_fly' is not available on a model sharded by FSDP2 (each process keeps only "
+                         "its rows of E there). Use E_dtype='model'.")
+    source = load_tensors(pretrained) if not isinstance(pretrained, TensorSource) else pretrained
+    try:
+        post = load_tensors(model)
+        recomputed = {}
+        for match in match_tensors(source, post, include, exclude):
+            w_post = post.get(match.post_name)
+            recomputed[match.name] = RecomputedE(match, source, edit, w_post.shape, stored_dtype(w_post.dtype,
+                                                                                                  "float32"))
+        for item in iter_edited(model, source, edit, include, exclude):  # every check, each E once
+            E = (item.edited - item.delta).to(recomputed[item.name].dtype)  # noqa: N806
+            if not torch.equal(recomputed[item.name](item.w_post), E):
+                raise ValueError(
+                    f"E_dtype='on_the_fly' needs an edit that gives the same F(ΔW) every time, but "
+                    f"{type(edit).__name__} gave two different ones for {item.name}: its randomness is not seeded "
+                    "per tensor. Use E_dtype='float32' or 'model'."
+                )
+            del E
+        edited = EditedModel(model, recomputed, E_dtype="on_the_fly")
+    except BaseException:
+        if source is not pretrained:
+            source.close()
+        raise
+    if source is not pretrained:
+        edited.on_remove.append(source.close)
+    return edited
 
 
 def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> LossOutput:

@@ -59,7 +59,9 @@ class DeltaEditModule(pl.LightningModule):
         dtype: dtype for models loaded from a path.
         E_dtype: how ``E`` is kept: ``"float32"`` (default; float64 for float64 models) or ``"model"``, each
             tensor's own dtype, which halves E's memory for bf16 models (an 8B model: 16 GB instead of 32 GB) at
-            the cost measured in the README's Precision section.
+            the cost measured in the README's Precision section; or ``"on_the_fly"``: no ``E`` is kept, each is
+            made again from W_pre (memory-mapped) and the edit wherever it is needed, the numbers of ``"float32"``
+            bit for bit (:func:`~lightning_delta.attach.attach_edit` says what it costs and where it applies).
 
     Example::
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -92,39 +92,70 @@ class _AddScaledEdit(torch.autograd.Function):
         return grad_original, None, grad_t
 
 
+class _AddRecomputedEdit(torch.autograd.Function):
+    """``W_post + t·E`` with ``E = recompute(W_post)`` made in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, original: Tensor, t: Tensor, recompute: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.recompute = recompute
+        ctx.save_for_backward(original)
+        return torch.add(original, recompute(original), alpha=float(t)).to(original.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (original,) = ctx.saved_tensors
+        grad_t = inner_product(grad, ctx.recompute(original)) if ctx.needs_input_grad[1] else None
+        grad_original = grad if ctx.needs_input_grad[0] else None
+        return grad_original, grad_t, None
+
+
 class EditParametrization(nn.Module):
-    """``W(t) = W_post + t·E`` for one tensor; ``E`` is kept in float32 (float64 for float64 weights).
+    """``W(t) = W_post + t·E`` for one tensor; ``E`` is kept in float32 (float64 for float64 weights), or, with
+    ``recompute``, not kept: ``E = recompute(W_post)`` is made again wherever it is needed (the forward, the
+    backward's ``⟨grad, E⟩``, the rebuild of ``W(t)``) and dropped at once.
 
     Args:
-        E: ``F(ΔW) − ΔW`` of this tensor.
+        E: ``F(ΔW) − ΔW`` of this tensor, or ``None`` with ``recompute``.
+        recompute: ``W_post -> E`` (see :class:`~lightning_delta.attach.RecomputedE`).
+        device: where ``t`` lives when ``E`` is not kept.
     """
 
-    def __init__(self, E: Tensor) -> None:
+    def __init__(self, E: Tensor | None, recompute: Callable[[Tensor], Tensor] | None = None,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.register_buffer("E", E, persistent=False)
-        self.t = nn.Parameter(torch.zeros((), dtype=torch.float64, device=E.device))
+        self.recompute = recompute
+        self.t = nn.Parameter(torch.zeros((), dtype=torch.float64, device=E.device if E is not None else device))
         self.produced: dict[int, tuple[weakref.ref, EditParametrization, Tensor]] | None = None
 
     def forward(self, original: Tensor) -> Tensor:
-        weight = _AddScaledEdit.apply(original, self.E, self.t)
+        if self.recompute is None:
+            weight = _AddScaledEdit.apply(original, self.E, self.t)
+        else:
+            weight = _AddRecomputedEdit.apply(original, self.t, self.recompute)
         if self.produced is not None:
             self.produced[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), self, original)
         return weight
 
+    def difference(self, original: Tensor) -> Tensor:
+        """``E``: the kept tensor, or made now from ``original`` (W_post)."""
+        return self.E if self.recompute is None else self.recompute(original)
+
     def rebuild(self, original: Tensor, t: float) -> Tensor:
         with torch.no_grad():
-            return torch.add(original, self.E, alpha=t).to(original.dtype)
+            return torch.add(original, self.difference(original), alpha=t).to(original.dtype)
 
 
-E_DTYPES = ("float32", "model")
+E_DTYPES = ("float32", "model", "on_the_fly")
 
 
 def check_E_dtype(E_dtype: str) -> str:  # noqa: N802, N803
-    """``E_dtype`` checked: ``"float32"`` or ``"model"``, else ValueError."""
+    """``E_dtype`` checked: ``"float32"``, ``"model"`` or ``"on_the_fly"``, else ValueError."""
     if E_dtype not in E_DTYPES:
         raise ValueError(
-            f"E_dtype must be 'float32' (E in float32, float64 for float64 models) or 'model' (E in each tensor's "
-            f"own dtype, half the memory for bf16 models); got {E_dtype!r}."
+            f"E_dtype must be 'float32' (E in float32, float64 for float64 models), 'model' (E in each tensor's "
+            f"own dtype, half the memory for bf16 models) or 'on_the_fly' (E not kept: made again from W_pre and the "
+            f"edit wherever it is needed); got {E_dtype!r}."
         )
     return E_dtype
 
@@ -138,7 +169,7 @@ def stored_dtype(weight_dtype: torch.dtype, E_dtype: str) -> torch.dtype:  # noq
     """
     if E_dtype == "model":
         return weight_dtype
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32  # "float32", and "on_the_fly" as made
 
 
 class EditedModel:
@@ -151,7 +182,9 @@ class EditedModel:
             LM head); by default found from the model. A tied tensor is edited once: all its modules share one
             parametrization.
         E_dtype: how ``E`` is kept: ``"float32"`` (float64 for float64 weights), or ``"model"``, each tensor's own
-            dtype (half the memory of float32 for bf16 models; ``W_post + t·E`` is then added in that dtype).
+            dtype (half the memory of float32 for bf16 models; ``W_post + t·E`` is then added in that dtype), or
+            ``"on_the_fly"``: not kept, each value of ``E`` a callable ``W_post -> E`` called wherever ``E`` is
+            needed (:func:`~lightning_delta.attach.attach_edit` builds them).
 
     Raises:
         ValueError: a name that is not a tensor of ``model``, an ``E`` of the wrong shape, two names of one tied
@@ -173,6 +206,7 @@ class EditedModel:
     ) -> None:
         self.E_dtype = check_E_dtype(E_dtype)
         self.model = model
+        self.on_remove: list[Callable[[], None]] = []  # called once the parametrizations are gone (closing files)
         self.names: list[str] = sorted(E)
         self.parametrizations: dict[str, EditParametrization] = {}
         self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -209,9 +243,12 @@ class EditedModel:
             difference = E[name]
             if difference.shape != target.shape:
                 raise ValueError(f"E for {name!r} has shape {tuple(difference.shape)}, the tensor {tuple(target.shape)}.")
-            parametrization = EditParametrization(
-                difference.detach().to(device=target.device, dtype=stored_dtype(target.dtype, self.E_dtype))
-            )
+            if isinstance(difference, Tensor):
+                parametrization = EditParametrization(
+                    difference.detach().to(device=target.device, dtype=stored_dtype(target.dtype, self.E_dtype))
+                )
+            else:
+                parametrization = EditParametrization(None, recompute=difference, device=target.device)
             for full_name in [name, *aliases.get(name, ())]:
                 module_name, _, attr = full_name.rpartition(".")
                 module = model.get_submodule(module_name)
@@ -228,8 +265,8 @@ class EditedModel:
         return module.parametrizations[attr].original
 
     def E(self, name: str) -> Tensor:  # noqa: N802 (the paper's name)
-        """``E = F(ΔW) − ΔW`` of tensor ``name``."""
-        return self.parametrizations[name].E
+        """``E = F(ΔW) − ΔW`` of tensor ``name`` (made now when it is not kept)."""
+        return self.parametrizations[name].difference(self.original(name))
 
     def weights_bytes(self) -> int:
         """The bytes of the edited tensors (one ``W(t)`` of each, as autograd would keep them)."""
@@ -308,6 +345,8 @@ class EditedModel:
         self.parametrizations.clear()
         self._owners.clear()
         self.names = []
+        while self.on_remove:
+            self.on_remove.pop()()
 
 
 class _Rebuild:

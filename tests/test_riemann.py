@@ -422,7 +422,7 @@ def test_E_dtype_model_keeps_E_in_bf16():
 
 
 def test_unknown_E_dtype_is_refused():
-    with pytest.raises(ValueError, match=r"E_dtype must be 'float32' .* or 'model' .*got 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"E_dtype must be 'float32' .*, 'model' .* or 'on_the_fly' .*got 'bfloat16'"):
         RiemannCallback(E_dtype="bfloat16")
 
 

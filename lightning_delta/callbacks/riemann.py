@@ -55,8 +55,10 @@ class RiemannCallback(Callback):
         module_name: the submodule of the LightningModule whose tensor names match ``pretrained`` (``""``: the
             LightningModule itself).
         include: regular expressions selecting the edited tensors; ``exclude``: the ones to leave alone.
-        E_dtype: with ``pretrained`` and ``edit``: how ``E`` is kept, ``"float32"`` or ``"model"`` (each tensor's
-            own dtype; see :class:`~lightning_delta.parametrize.EditedModel`). A DeltaEditModule has its own.
+        E_dtype: with ``pretrained`` and ``edit``: how ``E`` is kept, ``"float32"``, ``"model"`` (each tensor's
+            own dtype; see :class:`~lightning_delta.parametrize.EditedModel`) or ``"on_the_fly"`` (not kept: made
+            again from W_pre and the edit wherever needed; see :func:`~lightning_delta.attach.attach_edit`). A
+            DeltaEditModule has its own.
         recompute_weights: rebuild each ``W(t)`` in backward (default) instead of keeping it from the forward pass,
             which holds one more copy of the edited weights through backward. ``None`` keeps ``W(t)`` when the
             device's free memory at validation start exceeds twice the edited weights' size. Keeping it did not
