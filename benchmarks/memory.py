@@ -168,7 +168,8 @@ GPUS_GB = (24, 40, 48, 80, 141)
 USABLE = 0.9  # of a GPU's memory, the rest left to the CUDA context and the caching allocator (not measured here)
 # (label, processes, sharded, E_dtype, batch): the shipped GSM8K configs' batch is 4 × 1024 tokens
 LAYOUTS = [("1 GPU, E fp32, 4×1024", 1, False, "float32", 4), ("1 GPU, E bf16, 4×1024", 1, False, "model", 4),
-           ("1 GPU, E bf16, 1×1024", 1, False, "model", 1), ("FSDP 8, E fp32, 1×1024", 8, True, "float32", 1),
+           ("1 GPU, E bf16, 1×1024", 1, False, "model", 1), ("1 GPU, E on the fly, 1×1024", 1, False, "on_the_fly", 1),
+           ("FSDP 8, E fp32, 1×1024", 8, True, "float32", 1),
            ("FSDP 8, E bf16, 1×1024", 8, True, "model", 1), ("FSDP 16, E bf16, 1×1024", 16, True, "model", 1)]
 
 
@@ -188,7 +189,7 @@ def fits_table(tokens: int = 1024) -> str:
             peak = estimate_memory(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
                                    E_dtype=E_dtype, processes=processes, sharded=sharded, evaluator=True).peak
             fitting = [gb for gb in GPUS_GB if peak <= USABLE * gb * 1e9]
-            cells.append(f"{peak / 1e9:.0f} GB: {fitting[0]} GB" if fitting else f"{peak / 1e9:.0f} GB: none")
+            cells.append(f"{peak / 1e9:.0f} ({fitting[0] if fitting else 'none'})")
         lines.append(f"| {name} | {parameters / 1e9:.1f} B | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -6,14 +6,16 @@ batch of the config's largest shape (``batch_size`` × ``max_length`` tokens, or
 number of shards (N processes under a sharded strategy, FSDP2 through Lightning's ``ModelParallelStrategy`` or
 ``FSDPStrategy``; 1 under DDP), the peak per process is the largest of four phases::
 
-    point    = (W + E + R) / s + C + G + A              one Riemann point, forward and backward
-    evaluate = (W + E + R) / s + C + G + W_e + F        the accuracy at t = 0, 1 (only with an evaluator)
+    point    = (W + E + R) / s + C + G + A + T_E        one Riemann point, forward and backward
+    evaluate = (W + E + R) / s + C + G + W_e + F + T_E  the accuracy at t = 0, 1 (only with an evaluator)
     gradient = (W + R + S) / s + G + A_all              GradientBiased's pass for ∇L(W_post) (only for it)
     attach   = (W + E + R + S) / s + T                  building E
 
 - ``W``: the model's weights in its dtype; ``R``: the DPO reference model (loss ``dpo``), also held.
 - ``E``: ``F(ΔW) − ΔW`` of the edited tensors in their stored dtype (float32 for bf16 models, or the model's
-  dtype with ``E_dtype="model"``; :func:`~lightning_delta.parametrize.stored_dtype`).
+  dtype with ``E_dtype="model"``; :func:`~lightning_delta.parametrize.stored_dtype`); 0 with
+  ``E_dtype="on_the_fly"``, which instead makes one tensor's ``E`` at a time inside each point: ``T_E = T`` (below),
+  else ``T_E = 0``.
 - ``A``: the meta run's peak over forward and backward: saved activations, logits, each edited weight's gradient
   (freed as soon as it is made: backward leaves ``⟨∇W, E⟩`` in ``t.grad``, no weight-sized ``.grad``), and each
   ``W(t) = W_post + t·E`` (the sum in the promoted dtype and its cast) while its module runs forward and again
@@ -153,14 +155,17 @@ class MemoryEstimate:
     gradient_sums: int  # S / s
     gradient_pass: int  # G + A_all, 0 but for GradientBiased
     attach_temporaries: int  # T
+    E_made: int = 0  # noqa: N815 (T_E) T with E_dtype="on_the_fly", else 0
 
     @property
     def point(self) -> int:
-        return self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.activations
+        return (self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.activations
+                + self.E_made)
 
     @property
     def evaluate(self) -> int:
-        held = self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.evaluate_extra
+        held = (self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.evaluate_extra
+                + self.E_made)
         return held if self.evaluate_extra else 0
 
     @property
@@ -182,7 +187,8 @@ class MemoryEstimate:
                   "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
                   "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
-                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
+                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)",
+                  "E_made": "E made on the fly (one tensor)"}
         layout = f"sharded 1/{self.shards}" if self.shards > 1 else "each holds the whole model"
         lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
         lines += [f"  {labels[field.name]:<34} {_format(getattr(self, field.name))}"
@@ -318,7 +324,7 @@ def estimate_memory(
         loss: ``"causal_lm"``, ``"classification"``, or a loss module (``dpo``: a ``DPOLoss`` whose reference is a
             meta model, counted in ``R``).
         include, exclude: the edited tensors, as for ``DeltaEditModule``.
-        E_dtype: ``"float32"`` or ``"model"``.
+        E_dtype: ``"float32"``, ``"model"`` or ``"on_the_fly"``.
         processes: N, the processes of the run; ``sharded``: whether weights, E and the reference are split 1/N.
         gradient_sums: the edit needs ∇L(W_post) (``GradientBiased``).
         evaluator: the accuracy is measured at t = 0 and t = 1 (an evaluator is set).
@@ -340,7 +346,10 @@ def estimate_memory(
         summed = torch.promote_types(weight.dtype, stored_dtype(weight.dtype, E_dtype))
         return weight.numel() * (_size(summed) + (weight.element_size() if summed != weight.dtype else 0))
 
-    E = sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
+    on_the_fly = E_dtype == "on_the_fly"
+    if on_the_fly and shards > 1:
+        raise ValueError("E_dtype='on_the_fly' is not available on a sharded model; estimate E_dtype='model'.")
+    E = 0 if on_the_fly else sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
     largest = max(edited.values(), key=Tensor.numel, default=None)
     gathered = gradient_rows = 0
     if shards > 1:
@@ -363,6 +372,7 @@ def estimate_memory(
     if evaluator:
         cached = 0 if shards > 1 else edited_bytes + max(map(rebuilt, edited.values()), default=0)
         evaluate_extra = cached + _transient(model, loss, batch, edited, E_dtype, backward=False)
+    one_tensor = 0 if largest is None else 3 * largest.numel() * _size(delta_dtype(largest.dtype, largest.dtype))
     return MemoryEstimate(
         processes=processes,
         shards=shards,
@@ -375,8 +385,8 @@ def estimate_memory(
         evaluate_extra=evaluate_extra,
         gradient_sums=math.ceil(sums / shards),
         gradient_pass=gradient_pass,
-        attach_temporaries=0 if largest is None else 3 * largest.numel() * _size(delta_dtype(largest.dtype,
-                                                                                           largest.dtype)),
+        attach_temporaries=one_tensor,
+        E_made=one_tensor if on_the_fly else 0,
     )
 
 

@@ -68,6 +68,41 @@ def test_estimate_with_the_default_E_dtype_equals_what_a_real_point_allocates():
     assert estimated.point == pytest.approx(_allocated_peak(model, _tokens(2, 96, "cpu"), "float32"), rel=0.02)
 
 
+def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: str) -> int:  # noqa: N803
+    """As :func:`_allocated_peak`, with E from DARE on a W_pre file (made on the fly or kept)."""
+    from lightning_delta.attach import attach_edit
+    from lightning_delta.edits import DARE
+
+    edited = attach_edit(model, pretrained, DARE(p=0.5, seed=1), E_dtype=E_dtype)
+    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        edited.set_t(0.4)
+        with edited.recompute_weights():
+            CausalLMLoss()(model, batch).total.backward()
+        edited.pop_inner_products()
+    edited.remove()
+    return held + allocation_peak(profiler)
+
+
+def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path):
+    """No E held: the point allocates E's bytes less than with kept float32 E; the estimate adds one tensor's W_pre,
+    ΔW and F(ΔW) made inside the point, an upper bound within 5 %."""
+    from safetensors.torch import save_file
+
+    pre = make_tiny_model("llama", seed=3)
+    save_file({name: tensor.contiguous() for name, tensor in pre.state_dict().items()}, tmp_path / "pre.safetensors")
+    measured = {E_dtype: _allocated_peak_with_an_edit(make_tiny_model("llama"), str(tmp_path / "pre.safetensors"),
+                                                      _tokens(4, 64, "cpu"), E_dtype)
+                for E_dtype in ("float32", "on_the_fly")}
+    model = meta_model(make_tiny_model("llama").config, torch.float32)
+    kept, made = (estimate_memory(model, _tokens(4, 64), E_dtype=E_dtype) for E_dtype in ("float32", "on_the_fly"))
+    assert made.E == 0 and made.E_made == made.attach_temporaries > 0
+    assert measured["float32"] - measured["on_the_fly"] >= 0.9 * kept.E
+    assert measured["on_the_fly"] <= made.point <= 1.05 * measured["on_the_fly"]
+    with pytest.raises(ValueError, match="not available on a sharded model"):
+        estimate_memory(model, _tokens(1, 8), E_dtype="on_the_fly", processes=2, sharded=True)
+
+
 def test_live_tensor_bytes_equals_the_profilers_allocation_peak():
     """On real CPU tensors the counter gives what the allocator records (the estimate's one measuring device)."""
     model = make_tiny_model("llama")
