@@ -17,10 +17,10 @@ keeps the predicted loss change smallest, and measures what it chose:
    :class:`~lightning_delta.callbacks.RiemannCallback`); each tensor's trapezoid share replaces its Taylor score at
    that setting (it includes the higher orders along the path, and the interactions with the other tensors at
    that setting), and the allocation is run again.
-4. **Exact ΔL.** The proposals (the first-order, second-order and refined allocations, and the uniform edit when
-   its setting was swept) are measured exactly, ``L(W_pre + F(ΔW)) − L(W_post)`` by ``trainer.validate`` on a
-   :class:`~lightning_delta.DeltaEditModule` (the uniform edit's from its sweep), and the smallest is the plan: on
-   the planning data it is never worse than the uniform edit when the uniform setting was swept.
+4. **Exact ΔL.** The proposals (the first-order, second-order and refined allocations, and the uniform edit at the
+   budget's setting when it is a candidate) are measured exactly, ``L(W_pre + F(ΔW)) − L(W_post)`` by
+   ``trainer.validate`` on a :class:`~lightning_delta.DeltaEditModule` (the uniform edit's from its sweep when one
+   ran), and the smallest is the plan: on the planning data it is never worse than the uniform edit.
 
 The plan is a :class:`~lightning_delta.edits.PerTensor` (``Plan.edit()``), usable everywhere an edit is.
 It runs in one process: a process of a distributed job is refused with an error. Cost, in passes over the data:
@@ -239,9 +239,14 @@ def plan_edit(
             loss_post, measured[label] = exact_change(
                 model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
             passes["forward"] += 2
-        if uniform in sweeps:
-            measured["uniform"] = sweeps[uniform].exact
+        if uniform is not None:  # from its sweep, else measured here: the plan is never worse on this data
             proposals["uniform"] = [values.index(uniform)] * len(scores.names)
+            if uniform in sweeps:
+                measured["uniform"] = sweeps[uniform].exact
+            else:
+                loss_post, measured["uniform"] = exact_change(
+                    model, pretrained, spec.edit(uniform, seed), datamodule, loss, accelerator, patterns)
+                passes["forward"] += 2
     label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
     rows = range(len(scores.names))

@@ -228,6 +228,11 @@ def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
     assert plan.cost <= plan.budget
     assert set(plan.settings.values()) <= set(values)
     assert plan.chosen == min(plan.measured, key=plan.measured.get) and plan.exact == plan.measured[plan.chosen]
+    if average in values:  # the uniform edit is always a measured proposal: the plan is never worse on this data
+        assert plan.exact <= plan.measured["uniform"]
+        uniform = apply_edit_(copy.deepcopy(pair.post), pair.pre, spec.edit(average, plan.seed))
+        assert plan.measured["uniform"] == pytest.approx(
+            explicit_loss(uniform, datamodule) - explicit_loss(pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
     post = copy.deepcopy(pair.post)
     edited = apply_edit_(copy.deepcopy(pair.post), pair.pre, plan.edit())
     assert plan.loss_post == pytest.approx(explicit_loss(post, datamodule), rel=1e-6)
@@ -412,7 +417,7 @@ def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypat
     plans = [run(command[1:]) for command in commands]
     assert plans[0].average == 2 and plans[0].cost <= plans[0].budget
     assert plans[1].budget_bytes == 2e9 and plans[1].average is None and plans[1].stored_bytes <= 2e9
-    assert "uniform" in plans[1].measured or 4 not in plans[1].refined  # every uniform setting fits: 4 bits
+    assert "uniform" in plans[1].measured  # the largest uniform setting that fits, 4 bits, measured too
     assert json.loads((tmp_path / "edited" / PER_TENSOR_FILE).read_text()) == plans[2].edit().config()
 
 
