@@ -148,7 +148,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--plan-images", type=int, default=100)
+    parser.add_argument("--plan-images", type=int, default=400)
     parser.add_argument("--refine", type=int, default=2, help="settings swept per plan (C = 3 each)")
     parser.add_argument("--pairs", default="demo,tiny-llama")
     parser.add_argument("--families", default=",".join(BUDGETS))

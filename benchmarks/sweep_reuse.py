@@ -11,10 +11,10 @@ at t = 0 itself, as before), each run in a fresh process, the two alternating in
 ``1b``
     10 points (DARE p = 0.9 under seeds 0-4, BitDelta, MagnitudePrune, Extrapolate α = ±0.5, DELLA p = 0.9,
     ε = 0.1) on the 1B Llama of :mod:`benchmarks.riemann` (TinyLlama-1.1B's shape, random weights written in
-    float32, W_pre = W_post − ΔW with ΔW normal of std 0.002), loaded in bf16 with E in bf16 (``model.dtype``,
-    ``model.E_dtype: model``: about 4.4 GB, so that a 24 GB machine shared with other work holds it), C = 5, on 2
-    digit images of the demo's data (19 tokens each, one batch) with the demo's evaluator, two threads. The pair is
-    written once under ``--cache`` (8.8 GB).
+    float32, W_pre = W_post − ΔW with ΔW normal of std 0.002), in float32 with E in float32 (``--one-b-dtype``;
+    ``bfloat16`` loads it in bf16 with E in bf16, 4.4 GB, but bf16 matrix products on this CPU made a point take more
+    than 7 minutes of CPU time), C = 5, on 2 digit images of the demo's data (19 tokens each, one batch) with the
+    demo's evaluator, two threads. The pair is written once under ``--cache`` (8.8 GB).
 
 Every run's rows are compared field by field, all but ``started`` and ``seconds``, and must be equal: the script
 fails otherwise. Printed: a Markdown table of the wall time of each sweep (the whole ``runner.sweep`` call, set-up
@@ -76,13 +76,13 @@ def one_b_pair(cache: Path) -> tuple[Path, Path]:
     return post_dir, pre_dir
 
 
-def one_b_sweep_config(output: Path, cache: Path) -> dict[str, Any]:
+def one_b_sweep_config(output: Path, cache: Path, dtype: str = "float32") -> dict[str, Any]:
     post_dir, pre_dir = one_b_pair(cache)
     return {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                     "default_root_dir": str(output)},
-        "model": {"model": str(post_dir), "pretrained": str(pre_dir), "loss": "causal_lm", "dtype": "bfloat16",
+        "model": {"model": str(post_dir), "pretrained": str(pre_dir), "loss": "causal_lm", "dtype": dtype,
                   "E_dtype": "model", "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
                  "init_args": {"split": "test", "limit": 2, "batch_size": 2}},
@@ -106,7 +106,7 @@ def sweep_worker(spec: dict[str, Any]) -> dict[str, Any]:
     output = Path(spec["output"])  # the same for every run: it is part of the rows' config
     (output / "results.jsonl").unlink(missing_ok=True)
     config_of, _ = GRIDS[spec["grid"]]
-    config = config_of(output) if spec["grid"] == "demo" else config_of(output, Path(spec["cache"]))
+    config = config_of(output) if spec["grid"] == "demo" else config_of(output, Path(spec["cache"]), spec["dtype"])
     config["sweep"]["reuse"] = spec["reuse"]
     config["sweep"]["max_points"] = spec.get("max_points")
     started = time.perf_counter()
@@ -131,7 +131,7 @@ def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     output = Path(spec["output"])
     config_of, _ = GRIDS[spec["grid"]]
-    config = config_of(output) if spec["grid"] == "demo" else config_of(output, Path(spec["cache"]))
+    config = config_of(output) if spec["grid"] == "demo" else config_of(output, Path(spec["cache"]), spec["dtype"])
     points, _, cli = sweep_points(config)
     points = points[: spec.get("max_points") or len(points)]
     reuse = SweepReuse()
@@ -164,7 +164,8 @@ def run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
                        f"{completed.returncode}:\n{completed.stderr[-3000:]}")
 
 
-def bench(grid: str, rounds: int, cache: Path, timeout: float, max_points: int | None = None) -> dict[str, Any]:
+def bench(grid: str, rounds: int, cache: Path, timeout: float, max_points: int | None = None,
+          dtype: str = "float32") -> dict[str, Any]:
     """``rounds`` rounds of the grid with and without reuse, alternating which runs first; rows checked equal."""
     threads = GRIDS[grid][1]
     output = cache / f"{grid}-sweep"
@@ -177,7 +178,7 @@ def bench(grid: str, rounds: int, cache: Path, timeout: float, max_points: int |
         for reuse in ((False, True) if number % 2 == 0 else (True, False)):
             print(f"{grid}: round {number + 1}/{rounds}, reuse {reuse} ...", file=sys.stderr, flush=True)
             spec = {"grid": grid, "reuse": reuse, "threads": threads, "cache": str(cache), "output": str(output),
-                    "max_points": max_points}
+                    "max_points": max_points, "dtype": dtype}
             result = run(spec, timeout)
             points = ", ".join(f"{seconds:.1f}" for seconds in result["point_seconds"])
             print(f"{grid}: round {number + 1}, reuse {reuse}: {result['seconds']:.1f} s; points {points}",
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(sweep.max_points; a machine too busy for the whole grid)")
     parser.add_argument("--paired", action="store_true", help="one process per grid, each point run reusing and "
                         "alone in turn (steadier on a busy machine)")
+    parser.add_argument("--one-b-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the dtype of the 1b grid's model and E")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             if grid == "1b":
                 one_b_pair(cache)
             spec = {"grid": grid, "paired": True, "threads": GRIDS[grid][1], "cache": str(cache),
-                    "output": str(cache / f"{grid}-paired"), "max_points": args.max_points}
+                    "output": str(cache / f"{grid}-paired"), "max_points": args.max_points,
+                    "dtype": args.one_b_dtype}
             result = run(spec, args.timeout)
             reusing, alone = result["point_seconds"]["reuse"], result["point_seconds"]["alone"]
             print(f"{grid}: reusing {', '.join(f'{s:.1f}' for s in reusing)}; alone "
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     for grid in [name.strip() for name in args.grids.split(",") if name.strip()]:
         if grid not in GRIDS:
             parser.error(f"unknown grid {grid!r}; the grids are {', '.join(GRIDS)}")
-        results.append(bench(grid, args.rounds, Path(args.cache), args.timeout, args.max_points))
+        results.append(bench(grid, args.rounds, Path(args.cache), args.timeout, args.max_points, args.one_b_dtype))
     print(markdown(results))
     print("Rows: equal in every field but started and seconds, in every run of each grid.")
 
