@@ -256,6 +256,18 @@ CASES = [
          "plan: dare candidates (kept density) must be in (0, 1], got 1.5",
          lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "dare", 0.5,
                                                                                    candidates=[0.5, 1.5])),
+    Case("plan-two-budgets", "`plan_edit(..., \"bitdelta\", 2, budget_bytes=1e6)`", ValueError,
+         "plan: give the budget as `average` (bits per entry (sign bit included)) or as `budget_bytes`, exactly one",
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 2,
+                                                                                   budget_bytes=1e6)),
+    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, None, {name: E}, E_dtype=\"on_the_fly\")` attached",
+         ValueError, "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held",
+         lambda tmp: __import__("lightning_delta.attach", fromlist=["x"]).attach_edit(
+             torch.nn.Linear(2, 2), None, {"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
+    Case("fsdp1-strategy", "a Trainer with `FSDPStrategy` (FSDP1) running a `RiemannCallback`", ValueError,
+         "lightning_delta runs sharded models under ModelParallelStrategy (FSDP2's fully_shard), not FSDPStrategy",
+         lambda tmp: __import__("lightning_delta.sharded", fromlist=["x"]).check_strategy(
+             __import__("lightning.pytorch.strategies", fromlist=["x"]).FSDPStrategy())),
     # --------------------------------------------------------------------------------------------- data
     Case("gsm8k-few-shot-one-file", "`GSM8KDataModule(data=\"test.jsonl\", few_shot=2)`", ValueError,
          "`few_shot=2` needs worked examples apart from the evaluated ones", _gsm8k_few_shot_one_file),
