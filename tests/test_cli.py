@@ -54,6 +54,18 @@ def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
     assert saved["term"] == pytest.approx(float(metrics["riemann/term"]))
 
 
+def test_validate_with_E_on_the_fly_gives_the_numbers_of_kept_E(config_file, tmp_path):
+    """``--model.E_dtype on_the_fly`` through the command line, against the default (float32 E), bit for bit."""
+    results = {}
+    for E_dtype in ("float32", "on_the_fly"):  # noqa: N806
+        cli = run(["validate", "--config", str(config_file), "--model.E_dtype", E_dtype, "--riemann.filename",
+                   "result.json", f"--trainer.default_root_dir={tmp_path / E_dtype}"])
+        assert cli.model.E_dtype == E_dtype
+        results[E_dtype] = json.loads((tmp_path / E_dtype / "lightning_logs" / "version_0" / "result.json").read_text())
+    for key in ("term", "exact", "loss_post", "loss_edit", "inner_products", "inner_products_per_tensor"):
+        assert results["on_the_fly"][key] == results["float32"][key], key
+
+
 def test_validate_runs_write_into_versioned_directories(tmp_path, monkeypatch):
     """As the shipped configs: logger false, no default_root_dir. Each run gets the next lightning_logs/version_N of
     the working directory for its config.yaml and riemann.json; nothing lands in the working directory itself."""

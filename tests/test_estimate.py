@@ -201,6 +201,16 @@ def test_estimate_command_equals_the_function_on_the_configs_shapes(tmp_path, of
     assert result == direct
 
 
+def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
+    """``model.E_dtype: on_the_fly`` in the config reaches the estimate: no E held, one tensor's E made per point."""
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
+    model_dir = yaml.safe_load(path.read_text())["model"]["model"]
+    result = run(["estimate", "--config", str(path), "--model.E_dtype", "on_the_fly"])
+    direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(4, 1024), processes=8, evaluator=True,
+                             E_dtype="on_the_fly")
+    assert result == direct and result.E == 0 and result.E_made == result.attach_temporaries > 0
+
+
 def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path, strategy="fsdp", devices=4)
     sharded = run(["estimate", "--config", str(path)])
