@@ -234,9 +234,8 @@ def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, includ
         post = load_tensors(model)
         recomputed = {}
         for match in match_tensors(source, post, include, exclude):
-            w_post = post.get(match.post_name)
-            recomputed[match.name] = RecomputedE(match, source, edit, w_post.shape, stored_dtype(w_post.dtype,
-                                                                                                  "float32"))
+            dtype = stored_dtype(post.dtype(match.post_name), "float32")
+            recomputed[match.name] = RecomputedE(match, source, edit, post.shape(match.post_name), dtype)
         for item in iter_edited(model, source, edit, include, exclude):  # every check, each E once
             E = (item.edited - item.delta).to(recomputed[item.name].dtype)  # noqa: N806
             if not torch.equal(recomputed[item.name](item.w_post), E):

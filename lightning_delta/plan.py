@@ -226,27 +226,24 @@ def plan_edit(
     proposals = {"second order": choices, "first order": allocate(scores.first.tolist(), costs, budget)}
     if swept:
         proposals["refined"] = allocate(used.tolist(), costs, budget)
+    if uniform is not None:  # always a proposal: the plan is never worse than it on this data
+        proposals["uniform"] = [values.index(uniform)] * len(scores.names)
     passes = {"forward_backward": 1 + len(swept) * (num_points + 1), "forward": 0}
     measured: dict[str, float] = {}
     loss_post = None
-    if measure:  # each distinct proposal's exact ΔL; the uniform edit's when a sweep measured it already
+    if measure:  # each distinct proposal's exact ΔL; the uniform edit's from its sweep when one ran
         for label, picked in proposals.items():
             same = next((other for other in measured if proposals[other] == picked), None)
             if same is not None:
                 measured[label] = measured[same]
                 continue
+            if label == "uniform" and uniform in sweeps:
+                measured[label] = sweeps[uniform].exact
+                continue
             settings = {name: values[j] for name, j in zip(scores.names, picked)}
             loss_post, measured[label] = exact_change(
                 model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
             passes["forward"] += 2
-        if uniform is not None:  # from its sweep, else measured here: the plan is never worse on this data
-            proposals["uniform"] = [values.index(uniform)] * len(scores.names)
-            if uniform in sweeps:
-                measured["uniform"] = sweeps[uniform].exact
-            else:
-                loss_post, measured["uniform"] = exact_change(
-                    model, pretrained, spec.edit(uniform, seed), datamodule, loss, accelerator, patterns)
-                passes["forward"] += 2
     label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
     rows = range(len(scores.names))
