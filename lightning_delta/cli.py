@@ -17,11 +17,13 @@ Two things happen here and nowhere else:
 
 - Help comes back at once. This module imports neither torch nor Lightning: ``lightning-delta --help`` is built
   here, and ``lightning-delta COMMAND --help`` prints the command's help from :mod:`lightning_delta._help`, which
-  :func:`write_stored_help` writes from the live parsers (:func:`live_help`). It is printed only while the sources
-  and libraries it was written from are unchanged (:func:`fingerprint`), the terminal is at least
-  :data:`HELP_WIDTH` columns wide and no ``JSONARGPARSE_*`` variable changes the parsers; otherwise the live
-  parser prints it (seconds: it imports torch, Lightning and transformers). ``LIGHTNING_DELTA_HELP=live`` forces
-  the live help. The tests keep the stored help equal to the live parsers' output.
+  :func:`write_stored_help` writes from the live parsers (:func:`live_help`) in the project's locked environment.
+  It is printed only while the sources and libraries it was written from are unchanged (:func:`fingerprint`); in
+  any other environment the first call prints the live parser's help (seconds: it imports torch, Lightning and
+  transformers) and keeps it under :func:`help_cache_dir` with its own fingerprint, so the next calls are fast
+  again. Either is printed only while the terminal is at least :data:`HELP_WIDTH` columns wide and no
+  ``JSONARGPARSE_*`` variable changes the parsers; ``LIGHTNING_DELTA_HELP=live`` forces the live help. The tests
+  keep the stored help equal to the live parsers' output.
 - Errors come back as their message. :func:`main` prints ``lightning-delta: error: <message>`` on stderr and
   exits with status 1 (130 when interrupted); ``--debug`` anywhere on the line, or ``LIGHTNING_DELTA_DEBUG=1``,
   shows the traceback instead. :func:`run` raises, for callers in Python.
@@ -46,8 +48,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 __all__ = [
     "COMMANDS",
     "check_edit_argument",
+    "close_process_group",
     "command_parser",
     "fingerprint",
+    "help_cache_dir",
     "help_text",
     "live_help",
     "main",
@@ -186,12 +190,16 @@ def fingerprint(files: Sequence[str]) -> dict[str, Any]:
             "sources": digest.hexdigest()}
 
 
+def _help_applies() -> bool:
+    """Whether a help formatted for :data:`HELP_WIDTH` columns may be printed: the terminal is that wide, no
+    ``JSONARGPARSE_*`` variable changes the parsers and ``LIGHTNING_DELTA_HELP=live`` does not ask for the live one."""
+    if os.environ.get(HELP_ENV) == "live" or any(name.startswith("JSONARGPARSE_") for name in os.environ):
+        return False
+    return shutil.get_terminal_size().columns >= HELP_WIDTH
+
+
 def _stored_help(command: str) -> str | None:
     """The stored help of ``command`` if it is what the live parser would print here, else ``None``."""
-    if os.environ.get(HELP_ENV) == "live" or any(name.startswith("JSONARGPARSE_") for name in os.environ):
-        return None
-    if shutil.get_terminal_size().columns < HELP_WIDTH:
-        return None
     try:
         stored = importlib.import_module("lightning_delta._help")
     except ImportError:
@@ -202,10 +210,70 @@ def _stored_help(command: str) -> str | None:
     return stored.HELP.get(command)
 
 
+def help_cache_dir() -> Path:
+    """Where the help made in this environment is kept: ``$LIGHTNING_DELTA_CACHE/help``, else
+    ``$XDG_CACHE_HOME/lightning_delta/help``, else ``~/.cache/lightning_delta/help``; one folder per environment (a
+    hash of the interpreter's prefix and the package's location), so that two virtual environments never share it."""
+    if os.environ.get("LIGHTNING_DELTA_CACHE"):
+        base = Path(os.environ["LIGHTNING_DELTA_CACHE"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_delta"
+    environment = hashlib.sha256(f"{sys.prefix}\0{Path(__file__).resolve().parent}".encode()).hexdigest()[:16]
+    return base / "help" / environment
+
+
+def _cached_help(command: str) -> str | None:
+    """The help of ``command`` that an earlier call made in this environment, if it is still current."""
+    try:
+        cached = json.loads((help_cache_dir() / f"{command}.json").read_text(encoding="utf-8"))
+        made_from, text = cached["fingerprint"], cached["help"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return text if made_from == fingerprint(made_from["files"]) else None
+
+
+def _cache_help(command: str, text: str) -> None:
+    """Keep ``text``, the live help of ``command`` just made in this process, with what it was made from (the package
+    modules imported so far). A cache that cannot be written is left alone: the help was printed all the same."""
+    root = Path(__file__).parent
+    files = sorted(
+        Path(module.__file__).resolve().relative_to(root.resolve()).as_posix()
+        for name, module in list(sys.modules.items())
+        if name.startswith("lightning_delta") and name != "lightning_delta._help" and getattr(module, "__file__", None)
+    )
+    path = help_cache_dir() / f"{command}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"fingerprint": fingerprint(files), "help": text}), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        pass
+
+
 def help_text(command: str) -> str:
-    """``lightning-delta COMMAND --help``: the stored help when it is current, else the live parser's."""
+    """``lightning-delta COMMAND --help``: the stored help when it is current, else the help an earlier call made in
+    this environment (see :func:`help_cache_dir`), else the live parser's, which is then kept for the next call.
+
+    The stored help was made in the project's locked environment; in any other (a release of transformers or
+    jsonargparse pip chose on another day), the first call takes seconds and the later ones do not."""
+    if not _help_applies():
+        return live_help(command)
     stored = _stored_help(command)
-    return stored if stored is not None else live_help(command)
+    if stored is None:
+        stored = _cached_help(command)
+    if stored is None:
+        previous = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = str(HELP_WIDTH)  # the kept help is formatted as the stored one is
+        try:
+            stored = live_help(command)
+        finally:
+            if previous is None:
+                del os.environ["COLUMNS"]
+            else:
+                os.environ["COLUMNS"] = previous
+        _cache_help(command, stored)
+    return stored
 
 
 def generate_help() -> dict[str, Any]:
@@ -318,6 +386,15 @@ def error_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
+def close_process_group() -> None:
+    """Destroy the default process group that a distributed command leaves open (Lightning keeps it for the next
+    ``trainer`` call). Left to the interpreter's exit, gloo's threads were torn down in no fixed order, and under load
+    a process aborted after its work was done ('terminate called without an active exception', status -6)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-delta`` console script: exit status 0 on success; on an error its message alone
     (status 1), the traceback with ``--debug`` or ``LIGHTNING_DELTA_DEBUG=1``."""
@@ -326,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = [arg for arg in argv if arg != "--debug"]
     try:
         run(argv)
+        close_process_group()
     except KeyboardInterrupt:
         if debug:
             raise
