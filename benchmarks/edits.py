@@ -254,9 +254,9 @@ def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """``randomized_error`` on every 2-D delta of the demo pair (built and cached by ``lightning_delta.demo`` when
     missing, minutes), for the demo's ranks: median and max over the matrices."""
     from lightning_delta.delta import compute_delta
-    from lightning_delta.demo.pair import build_pair
+    from lightning_delta.demo.pair import shipped_pair
 
-    pair = build_pair()
+    pair = shipped_pair()
     deltas = compute_delta(str(pair.post_dir), str(pair.pre_dir))
     result: dict[str, Any] = {"pair": str(pair.post_dir.parent.name), "threads": torch.get_num_threads(), "ranks": {}}
     for rank in spec.get("ranks", DEMO_RANKS):

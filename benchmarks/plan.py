@@ -32,7 +32,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
 from lightning_delta.demo.digits import DigitSequences, DigitsDataModule, load_digit_splits
-from lightning_delta.demo.pair import build_pair
+from lightning_delta.demo.pair import shipped_pair
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.plan import exact_change, plan_edit
 from lightning_delta.planning.family import FAMILIES
@@ -166,7 +166,7 @@ def main() -> None:
         for pair_name in args.pairs.split(","):
             for seed in range(args.seeds):
                 if pair_name == "demo":
-                    pair = build_pair()
+                    pair = shipped_pair()
                     post, pre = str(pair.post_dir), str(pair.pre_dir)
                 else:
                     pair = make_tiny_pair(Path(scratch) / f"seed{seed}", "llama", seed=seed, shard=None, scale=0.05)

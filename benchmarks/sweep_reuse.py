@@ -48,10 +48,10 @@ ONE_B_GRID: list[dict[str, Any]] = [
 # ------------------------------------------------------------------------------------------------ the grids
 def demo_sweep_config(output: Path) -> dict[str, Any]:
     """The config ``lightning-delta demo`` sweeps, with its defaults (configs/demo.yaml)."""
-    from lightning_delta.demo import build_pair, demo_config, scale_blocks, scaled_pretrained, sweep_config
+    from lightning_delta.demo import demo_config, scale_blocks, scaled_pretrained, shipped_pair, sweep_config
 
     shipped = demo_config()
-    built = build_pair()
+    built = shipped_pair()
     scaled = [str(scaled_pretrained(built, float(s))) for s in shipped["delta_scales"] if float(s) != 1.0]
     grid = list(shipped["grid"]) + scale_blocks(shipped["scale_grid"], scaled)
     return sweep_config(built, output, grid, shipped["num_points"], shipped["eval_limit"])

@@ -45,6 +45,8 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_delta.shipped import resolve_config_argument
+
 __all__ = [
     "COMMANDS",
     "check_edit_argument",
@@ -365,6 +367,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
         sys.stdout.flush()
         raise SystemExit(0)
     check_edit_argument(rest)
+    rest = resolve_config_argument(rest)
     _import_command(command)
     if command in ANALYSES:
         return command_function(command)(rest)

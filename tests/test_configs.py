@@ -19,21 +19,45 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = {
-    "llama3-8b-instruct-gsm8k.yaml": ("llama", 45 + 5 + 4 + 1 + 5),
-    "mistral-7b-instruct-v0.3-gsm8k.yaml": ("mistral", 45 + 5 + 4 + 1 + 5),
-    "qwen2-7b-instruct-gsm8k.yaml": ("qwen2", 45 + 5 + 4 + 1 + 5),
+    "llama3-8b-instruct-gsm8k.yaml": ("llama", 45 + 5 + 5 + 1 + 5),
+    "mistral-7b-instruct-v0.3-gsm8k.yaml": ("mistral", 45 + 5 + 5 + 1 + 5),
+    "qwen2-7b-instruct-gsm8k.yaml": ("qwen2", 45 + 5 + 5 + 1 + 5),
     "zephyr-7b-dpo-full-ultrafeedback-expo.yaml": ("mistral", 20),
     "clip-vit-b32-eight-tasks.yaml": ("clip", 8 * 25),
 }
 
 
 # Configs under ModelParallelStrategy (FSDP2): family and grid size.
-SHARDED_CONFIGS = {"llama3-70b-instruct-gsm8k-fsdp.yaml": ("llama", 10 + 4)}
+SHARDED_CONFIGS = {"llama3-70b-instruct-gsm8k-fsdp.yaml": ("llama", 10 + 5)}
+
+
+# The example plan config (lightning-delta plan): family and the model it plans.
+PLAN_CONFIGS = {"plan-llama3-8b-instruct-gsm8k.yaml": "llama"}
 
 
 def test_every_config_is_tested():
     assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(
-        [*PAPER_CONFIGS, *SHARDED_CONFIGS, "demo.yaml"])
+        [*PAPER_CONFIGS, *SHARDED_CONFIGS, *PLAN_CONFIGS, "demo.yaml"])
+
+
+def test_plan_config_as_written_plans_within_its_budget(tmp_path, monkeypatch):
+    """The example plan config as shipped, but for its hub ids and data (tiny local ones, the same formats): it plans
+    the matrices it names within the uniform 2-bit budget and writes plan.json where it says."""
+    import json
+
+    name = "plan-llama3-8b-instruct-gsm8k.yaml"
+    pair = make_tiny_pair(tmp_path, PLAN_CONFIGS[name], shard=None, scale=0.05)
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    replacements = {config["model"]: str(pair.post_dir), config["pretrained"]: str(pair.pre_dir),
+                    "openai/gsm8k": str(write_gsm8k(tmp_path / "gsm8k"))}
+    config = _swap(config, replacements)
+    (tmp_path / name).write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    plan = run(["plan", "--config", name])
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["settings"] == plan.settings and plan.cost <= plan.budget
+    assert set(plan.settings) == {tensor for tensor in pair.post.state_dict() if tensor.endswith("_proj.weight")}
+    assert set(plan.settings.values()) <= {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))

@@ -22,6 +22,7 @@ from lightning_delta.cli import run
 from lightning_delta.demo import PairSettings, build_pair, demo_grid, sweep_agreement
 from lightning_delta.demo.analysis import (
     COMPETITIVE,
+    Finding,
     aggregate,
     edit_sizes,
     findings,
@@ -30,6 +31,7 @@ from lightning_delta.demo.analysis import (
     loglog_slope,
     loss_gradient,
     lowrank_density,
+    over_pairs_table,
     regime_table,
     stat,
     table1,
@@ -337,10 +339,11 @@ def test_sweep_agreement_compares_the_same_masks():
 def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     cache, output = tmp_path / "cache", tmp_path / "out"
     args = ["demo", "--cache_dir", str(cache), "--output_dir", str(output), "--num_points", "2", "--eval_limit", "20",
-            "--gradient_seeds", "4", "--grid", GRID, "--delta_scales", "[0.5]", "--scale_grid", SCALE_GRID, *SMALL]
+            "--gradient_seeds", "4", "--grid", GRID, "--delta_scales", "[0.5]", "--scale_grid", SCALE_GRID,
+            "--train", "true", *SMALL]
     rows = run(args)
     first = capsys.readouterr().out
-    assert "Trained pair" in first and "| module | parameters | ‖ΔW‖ | ‖W_pre‖ | ‖ΔW‖/‖W_pre‖ |" in first
+    assert "Trained your pair (seed 0)" in first and "| module | parameters | ‖ΔW‖ | ‖W_pre‖ | ‖ΔW‖/‖W_pre‖ |" in first
     assert "| # | the paper's finding | measured here (mean ± std over seeds) | seeds | verdict |" in first
     assert "| k | Random (DARE extension, p = 0.9) | Biased ΔW | Biased ΔW·∇L |" in first
     assert len(rows) == 14 + 3 and len((output / "results.jsonl").read_text().splitlines()) == 17
@@ -363,7 +366,7 @@ def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(pair_module, "_train", no_training)
     again = run(args)
-    assert "Loaded cached pair" in capsys.readouterr().out
+    assert "Loaded your pair (seed 0) from the cache" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in weights] == stamps
     assert [row.result.exact for row in again] == pytest.approx([row.result.exact for row in rows])
     assert len((output / "results.jsonl").read_text().splitlines()) == 17  # a fresh results file, not appended
@@ -383,10 +386,20 @@ def test_demo_yaml_is_the_demo_default(capsys):
     assert {**printed, "grid": None, "delta_scales": None, "scale_grid": None} == defaults
 
 
-def test_demo_without_its_config_says_where_it_looked(tmp_path):
-    missing = tmp_path / "demo.yaml"
-    with pytest.raises(FileNotFoundError, match=rf"grid from {missing}, which is not there.*pip install -e"):
-        demo_grid(missing)
+def test_retrain_without_train_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="retrain=True .* add --train true"):
+        run(["demo", "--retrain", "true", "--output_dir", str(tmp_path)])
+
+
+def test_the_verdicts_over_pairs_are_matched_by_claim_and_counted():
+    first = [Finding("§4.1 DARE p = 0.9", "", "5", "holds"), Finding("Table 1 (middle)", "", "det.", "departs at k = 1.5"),
+             Finding("Why random masks depart", "", "5", "explains #2")]
+    second = [Finding("Table 1 (middle)", "", "det.", "holds"), Finding("§4.1 DARE p = 0.9", "", "5", "departs")]
+    table = over_pairs_table(["pair 0", "pair 1"], [first, second]).splitlines()
+    assert table[0] == "| # | the paper's finding | pair 0 | pair 1 | holds on |"
+    assert table[2] == "| 1 | §4.1 DARE p = 0.9 | holds | departs | 1 of 2 |"
+    assert table[3] == "| 2 | Table 1 (middle) | departs at k = 1.5 | holds | 1 of 2 |"
+    assert table[4] == "| 3 | Why random masks depart | explains #2 | — | — |"
 
 
 def test_the_readme_quotes_the_findings_table_in_the_demos_format():

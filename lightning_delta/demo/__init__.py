@@ -1,19 +1,23 @@
-"""``lightning-delta demo``: the paper's findings on a real pre/post pair in the paper's regime, offline, on a CPU.
+"""``lightning-delta demo``: the paper's findings on real pre/post pairs in the paper's regime, offline, on a CPU.
 
-1. :func:`~lightning_delta.demo.pair.build_pair`: a Llama of 549,504 parameters pre-trained on scikit-learn's bundled
-   8×8 digits (next-patch prediction, some answers), then briefly post-trained on the answers: ΔW is about 4 % of
-   ‖W_pre‖ (printed per module); cached, so a second run reuses it.
-2. A sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.runner.sweep`:
-   ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``, every randomised edit
-   under five mask seeds; then the delta-scale experiment, the same edits with W_pre moved to ``W_post − s·ΔW``.
+1. The pairs: the reference pairs that ship with the package (:func:`~lightning_delta.demo.pair.shipped_pair`,
+   seeds 0, 1 and 2), a Llama of 549,504 parameters pre-trained on scikit-learn's bundled 8×8 digits (next-patch
+   prediction, some answers), then briefly post-trained on the answers: ΔW is about 4 % of ‖W_pre‖ (printed per
+   module). Every machine analyses the same weights; ``train=True`` trains the pairs here instead
+   (:func:`~lightning_delta.demo.pair.build_pair`, cached), reported as "your pair".
+2. For each pair, a sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.runner.sweep`:
+   ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``, every randomised
+   edit under five mask seeds; then the delta-scale experiment, the same edits with W_pre moved to ``W_post − s·ΔW``.
 3. Eq. 6's expectation from one gradient at W_post (:func:`~lightning_delta.demo.analysis.first_order_terms`).
-4. The findings table (:func:`~lightning_delta.demo.analysis.findings`: each claim of the paper, its numbers over the
-   seeds, holds or departs), Table 1 in the paper's layout, every setting's mean ± std, the JSONL results file and
-   the figures in ``output_dir``.
+4. The first pair's findings table (:func:`~lightning_delta.demo.analysis.findings`: each claim of the paper, its
+   numbers over the seeds, holds or departs), Table 1 in the paper's layout, every setting's mean ± std, the JSONL
+   results file and the figures in ``output_dir``; then the verdicts over all the pairs
+   (:func:`~lightning_delta.demo.analysis.over_pairs_table`), each other pair's files in ``output_dir/pairs/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -37,6 +41,8 @@ from lightning_delta.demo.analysis import (
     findings,
     findings_table,
     first_order_terms,
+    holds,
+    over_pairs_table,
     gradient_inner_product,
     loss_gradient,
     regime_table,
@@ -45,20 +51,29 @@ from lightning_delta.demo.analysis import (
     table1,
 )
 from lightning_delta.demo.digits import digit_sequences, load_digit_splits
-from lightning_delta.demo.pair import DemoPair, PairSettings, build_pair, default_cache_dir, scaled_pretrained
+from lightning_delta.demo.pair import (
+    SHIPPED_SEEDS,
+    DemoPair,
+    PairSettings,
+    build_pair,
+    default_cache_dir,
+    scaled_pretrained,
+    shipped_pair,
+)
 from lightning_delta.edits import DARE
 from lightning_delta.plots import plot_all, plot_delta_scale
 from lightning_delta.runner import sweep
 from lightning_delta.sweep import SweepRow, expand_grid
 
 __all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "demo", "demo_config", "demo_grid",
-           "default_cache_dir", "findings", "gradient_and_deltas", "gradient_terms", "sweep_agreement"]
+           "default_cache_dir", "findings", "gradient_and_deltas", "gradient_terms", "shipped_pair",
+           "sweep_agreement"]
 
 _EDITS = "lightning_delta.edits."
 
-# The demo's config, beside the paper configs in the repository's configs/: its grid is the demo's sweep, its other
-# keys are the defaults of demo() (`lightning-delta demo --config configs/demo.yaml` gives the same run).
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# The demo's config, shipped inside the package beside the paper configs (``configs/`` in a clone): its grid is the
+# demo's sweep, its other keys are the defaults of demo() (`lightning-delta demo --config demo` gives the same run).
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 # A few points of every family, two seeds where there is randomness: for tests and a quick look.
 FAST_GRID: list[dict[str, Any]] = [
@@ -73,17 +88,7 @@ FAST_GRID: list[dict[str, Any]] = [
 
 
 def demo_config(path: Path = DEMO_CONFIG) -> dict[str, Any]:
-    """``configs/demo.yaml`` as a dict.
-
-    Raises:
-        FileNotFoundError: ``path`` is not there (lightning_delta installed from a wheel, not from its repository).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"The demo reads its grid from {path}, which is not there: configs/demo.yaml ships with the repository, "
-            "not the package. Install lightning_delta from a clone (`pip install -e .`, as `make demo` does), or give "
-            "the demo a grid (--grid, or --config with a copy of configs/demo.yaml)."
-        )
+    """``configs/demo.yaml`` (shipped in the package) as a dict."""
     return yaml.safe_load(path.read_text())
 
 
@@ -192,17 +197,21 @@ def demo(
     delta_scales: list[float] | None = None,
     scale_grid: list[dict[str, Any]] | None = None,
     fast: bool = False,
+    pair_seeds: list[int] | None = None,
+    train: bool = False,
     pair: PairSettings = PairSettings(),
     resume: bool = False,
     retrain: bool = False,
     threads: int | None = 1,
     figures: bool = True,
 ) -> list[SweepRow]:
-    """Build (or load) a pair in the paper's regime, sweep the edits over seeds, print the findings and write figures.
+    """Analyse the reference pairs (or pairs trained here), sweep the edits over seeds, print the findings and their
+    verdicts over the pairs, and write figures. Returns the first pair's rows.
 
     Args:
-        output_dir: where ``results.jsonl``, ``sweep.yaml``, ``findings.md`` and the figures are written.
-        cache_dir: where the trained pair is cached (default ``~/.cache/lightning_delta/demo``).
+        output_dir: where ``results.jsonl``, ``sweep.yaml``, ``findings.md`` and the figures are written (the first
+            pair's; each other pair's files under ``pairs/seed-<s>/``).
+        cache_dir: where trained pairs and derived models are cached (default ``~/.cache/lightning_delta/demo``).
         num_points: C, the Riemann points (the paper's 5).
         eval_limit: test images used for the analysis (``None``: all 450).
         gradient_seeds: masks per setting for Eq. 6 from one gradient (0: skip).
@@ -211,52 +220,102 @@ def demo(
             ``[]`` skips it).
         scale_grid: the blocks run at each ``s`` (default: ``configs/demo.yaml``'s).
         fast: a few points per family (:data:`FAST_GRID`), no delta-scale experiment, for a quick check.
-        pair: how the pair is trained (part of the cache key).
+        pair_seeds: the pairs, by seed: the first is printed in full, and with several the verdicts over all of them
+            follow (default: the shipped reference pairs 0, 1, 2; with ``train``, ``pair.seed`` alone).
+        train: train the pairs on this machine from ``pair``'s recipe instead of analysing the shipped ones (reported
+            as "your pair": training differs between CPUs, so its numbers are this machine's).
+        pair: how a pair is trained with ``train`` (part of the cache key; the shipped pairs used the defaults).
         resume: keep the rows of an earlier run in ``output_dir`` and run only the missing points.
-        retrain: train the pair even if it is cached.
+        retrain: with ``train``, train the pairs even if they are cached.
         threads: torch CPU threads (``None``: torch's default); small models run best on one.
         figures: draw the figures.
     """
+    if retrain and not train:
+        raise ValueError("retrain=True trains the pairs again, which only applies with train=True (the shipped "
+                         "reference pairs are never trained here): add --train true.")
+    seeds = list(pair_seeds) if pair_seeds is not None else ([pair.seed] if train else list(SHIPPED_SEEDS))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"pair_seeds must name at least one pair, each once; got {pair_seeds!r}.")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         with _quiet():
-            return _run(output_dir, cache_dir, num_points, eval_limit, gradient_seeds, grid, delta_scales,
-                        scale_grid, fast, pair, resume, retrain, figures)
+            return _run(Path(output_dir), cache_dir, seeds, train, pair, retrain, num_points, eval_limit,
+                        gradient_seeds, grid, delta_scales, scale_grid, fast, resume, figures)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _print_pair(built: DemoPair, seconds: float) -> None:
+def _load_pair(seed: int, cache_dir: str | None, train: bool, settings: PairSettings, retrain: bool) -> DemoPair:
+    if train:
+        return build_pair(cache_dir, dataclasses.replace(settings, seed=seed), retrain=retrain)
+    return shipped_pair(seed, cache_dir)
+
+
+def _print_pair(built: DemoPair, seconds: float, regime_table_too: bool = True) -> None:
     info = built.info
     regime = info["regime"]
+    if built.source == "shipped":
+        head = f"Loaded {built.label}, shipped with the package,"
+    else:
+        head = f"Trained {built.label}" if built.trained else f"Loaded {built.label} from the cache"
     print(
-        f"{'Trained' if built.trained else 'Loaded cached'} pair in {seconds:.1f} s ({info['parameters']:,} parameters, "
-        f"{built.pre_dir.parent}):\n"
+        f"{head} in {seconds:.1f} s ({info['parameters']:,} parameters, {built.pre_dir.parent}):\n"
         f"  W_pre : test loss {info['pre']['loss']:.4f}, accuracy {100 * info['pre']['accuracy']:.1f}% (450 images)\n"
         f"  W_post: test loss {info['post']['loss']:.4f}, accuracy {100 * info['post']['accuracy']:.1f}%\n"
-        f"\nThe regime: ‖ΔW‖/‖W_pre‖ = {100 * regime['all']['ratio']:.2f}% over all {regime['all']['parameters']:,} "
-        "parameters; per kind of module (summed over layers):\n"
+        f"  ‖ΔW‖/‖W_pre‖ = {100 * regime['all']['ratio']:.2f}% over all {regime['all']['parameters']:,} parameters"
     )
-    print(regime_table(regime))
+    if regime_table_too:
+        print("\nThe regime per kind of module (summed over layers):\n")
+        print(regime_table(regime))
 
 
-def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: int | None, gradient_seeds: int,
-         grid: list[dict[str, Any]] | None, delta_scales: list[float] | None,
-         scale_grid: list[dict[str, Any]] | None, fast: bool, pair: PairSettings, resume: bool, retrain: bool,
+def _run(output: Path, cache_dir: str | None, seeds: list[int], train: bool, settings: PairSettings, retrain: bool,
+         num_points: int, eval_limit: int | None, gradient_seeds: int, grid: list[dict[str, Any]] | None,
+         delta_scales: list[float] | None, scale_grid: list[dict[str, Any]] | None, fast: bool, resume: bool,
          figures: bool) -> list[SweepRow]:
     started = time.time()
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    built = build_pair(cache_dir, pair, retrain=retrain)
-    _print_pair(built, time.time() - started)
-
     # what is not given comes from configs/demo.yaml (fast: FAST_GRID and no delta-scale experiment)
     shipped = {} if fast or None not in (grid, delta_scales, scale_grid) else demo_config()
     grid = grid if grid is not None else (FAST_GRID if fast else shipped["grid"])
     delta_scales = delta_scales if delta_scales is not None else shipped.get("delta_scales", [])
     scale_grid = scale_grid if scale_grid is not None else shipped.get("scale_grid", [])
+
+    labels, all_findings, reference_rows = [], [], []
+    for index, seed in enumerate(seeds):
+        loaded = time.time()
+        built = _load_pair(seed, cache_dir, train, settings, retrain)
+        if index:
+            print()
+        _print_pair(built, time.time() - loaded, regime_table_too=index == 0)
+        directory = output if index == 0 else output / "pairs" / f"seed-{seed}"
+        rows, lines, text = _analyse(built, directory, grid, delta_scales, scale_grid, num_points, eval_limit,
+                                     gradient_seeds, resume, figures and index == 0)
+        if index == 0:
+            print("\n" + text)
+            reference_rows = rows
+        else:
+            held = [holds(line.verdict) for line in lines]
+            print(f"Findings of {built.label}: {sum(h is True for h in held)} hold, "
+                  f"{sum(h is False for h in held)} depart ({directory / 'findings.md'})")
+        labels.append(f"pair {seed}")
+        all_findings.append(lines)
+    if len(seeds) > 1:
+        table = over_pairs_table(labels, all_findings)
+        text = (f"The findings over the {len(seeds)} pairs (each pair's verdict over its mask seeds; the first pair's "
+                "numbers are above, each other's in its findings.md):\n\n" + table)
+        print("\n" + text)
+        (output / "over_pairs.md").write_text(text + "\n")
+    print(f"\nResults: {output / 'results.jsonl'} ({time.time() - started:.1f} s in all)")
+    return reference_rows
+
+
+def _analyse(built: DemoPair, output: Path, grid: list[dict[str, Any]], delta_scales: list[float],
+             scale_grid: list[dict[str, Any]], num_points: int, eval_limit: int | None, gradient_seeds: int,
+             resume: bool, figures: bool) -> tuple[list[SweepRow], list[Any], str]:
+    """One pair's sweep and findings, written to ``output``: its rows, findings and the text of its tables."""
+    output.mkdir(parents=True, exist_ok=True)
     scales = {str(built.pre_dir): 1.0}
     for s in delta_scales:
         scales[str(scaled_pretrained(built, float(s)))] = float(s)
@@ -298,7 +357,8 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
     )
     text = "\n\n".join([
         header,
-        "The paper's findings on this pair (mean ± sample std over the mask seeds; det.: an edit without randomness):",
+        f"The paper's findings on {built.label} (mean ± sample std over the mask seeds; det.: an edit without "
+        "randomness):",
         findings_table(lines),
         f"Table 1 in the paper's layout (accuracy in % on the {eval_limit or 450} images, mean ± std over the seeds for "
         "the random column; ΔL beside):",
@@ -306,7 +366,6 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
         "Every setting (s: the delta scale, W_pre = W_post − s·ΔW):",
         settings_table(settings),
     ])
-    print("\n" + text)
     (output / "findings.md").write_text(text + "\n")
     (output / "regime.json").write_text(json.dumps(built.info["regime"], indent=1))
     if figures:
@@ -314,6 +373,5 @@ def _run(output_dir: str, cache_dir: str | None, num_points: int, eval_limit: in
         path = plot_delta_scale(rows, scales, output / "figures" / "delta_scale.png")
         if path is not None:
             written["delta_scale"] = path
-        print(f"\nFigures: {', '.join(str(path) for path in written.values())}")
-    print(f"Results: {results} ({time.time() - started:.1f} s in all)")
-    return rows
+        text += f"\n\nFigures: {', '.join(str(path) for path in written.values())}"
+    return rows, lines, text

@@ -38,6 +38,8 @@ __all__ = [
     "Stat",
     "aggregate",
     "findings",
+    "holds",
+    "over_pairs_table",
     "first_order_terms",
     "edit_sizes",
     "findings_table",
@@ -690,6 +692,34 @@ def findings_table(lines: Sequence[Finding]) -> str:
            "|---:|---|---|---|---|"]
     for number, line in enumerate(lines, 1):
         out.append(f"| {number} | {_cell(line.claim)} | {_cell(line.measured)} | {line.seeds} | {line.verdict} |")
+    return "\n".join(out)
+
+
+def holds(verdict: str) -> bool | None:
+    """Whether a verdict says the paper's finding holds (every part of it), ``None`` for the demo's own experiments
+    (their verdicts explain other rows).
+
+    Example:
+        >>> holds("holds"), holds("holds at c = 0; holds at c ≥ 1"), holds("departs at k = 0.5"), holds("explains #2")
+        (True, True, False, None)
+    """
+    if verdict.startswith(("explains", "(measured)")):
+        return None
+    return "departs" not in verdict
+
+
+def over_pairs_table(labels: Sequence[str], findings_per_pair: Sequence[Sequence[Finding]]) -> str:
+    """The findings of several pairs side by side, matched by claim (in the first pair's order): each pair's verdict
+    and on how many pairs the finding holds. A claim a pair did not produce shows ``—`` there."""
+    out = ["| # | the paper's finding | " + " | ".join(labels) + " | holds on |",
+           "|---:|---|" + "---|" * len(labels) + "---|"]
+    by_claim = [{line.claim: line.verdict for line in lines} for lines in findings_per_pair]
+    for number, line in enumerate(findings_per_pair[0], 1):
+        verdicts = [claims.get(line.claim) for claims in by_claim]
+        counted = [holds(verdict) for verdict in verdicts if verdict is not None]
+        tally = "—" if any(value is None for value in counted) else f"{sum(counted)} of {len(labels)}"
+        cells = " | ".join(_cell(verdict) if verdict is not None else "—" for verdict in verdicts)
+        out.append(f"| {number} | {_cell(line.claim)} | {cells} | {tally} |")
     return "\n".join(out)
 
 
