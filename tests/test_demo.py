@@ -45,9 +45,17 @@ from lightning_delta.demo.digits import (
     patch_tokens,
     shifted_copies,
 )
-from lightning_delta.demo.pair import DemoPair, delta_regime, module_kind, scaled_pretrained
+from lightning_delta.demo.pair import (
+    SHIPPED_SEEDS,
+    DemoPair,
+    delta_regime,
+    module_kind,
+    scaled_pretrained,
+    shipped_pair,
+)
 from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, SignBiased
 from lightning_delta.sweep import SweepRow, expand_grid
+from tests.locked import requires_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest on a busy box
 
@@ -420,3 +428,30 @@ def test_the_readme_quotes_the_findings_table_in_the_demos_format():
     assert all(verdict.startswith(("holds", "departs", "explains #")) for verdict in verdicts), verdicts
     cited = {int(number) for number in re.findall(r"\[(\d+)", section)}
     assert cited and max(cited) <= len(rows)  # the prose cites rows that exist
+
+
+# ------------------------------------------------------------------------------------------- the shipped pairs
+PAIRS_HEADER = "| pair | W_pre accuracy | W_pre loss | W_post accuracy | W_post loss | ‖ΔW‖/‖W_pre‖ |"
+
+
+def pair_row(label: str, info: dict) -> str:
+    """A row of the README's table of the shipped pairs, from what the pair measures (the digits the README prints)."""
+    return (f"| {label} | {100 * info['pre']['accuracy']:.1f} % | {info['pre']['loss']:.4f} | "
+            f"{100 * info['post']['accuracy']:.1f} % | {info['post']['loss']:.4f} | "
+            f"{100 * info['regime']['all']['ratio']:.2f} % |")
+
+
+@requires_lock
+def test_the_shipped_pairs_measure_what_the_readme_prints(tmp_path):
+    """Each shipped reference pair, loaded and measured here (test accuracy and loss of W_pre and W_post on the 450
+    test images, ‖ΔW‖/‖W_pre‖), gives the README's row to the digits it prints, and so does the record written where
+    the pair was trained. The README's figures were made in the locked environment, where this test runs."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    start = readme.index(PAIRS_HEADER)
+    rows = [line for line in readme[start + 2:start + 2 + len(SHIPPED_SEEDS)]]
+    for seed, row in zip(SHIPPED_SEEDS, rows):
+        built = shipped_pair(seed, tmp_path)
+        label = "reference (seed 0)" if seed == SHIPPED_SEEDS[0] else f"seed {seed}"
+        assert row == pair_row(label, built.info)
+        assert pair_row(label, built.info["made"]) == row, "measured here as where the pair was trained"
+        assert built.info["regime"]["all"]["parameters"] == built.info["parameters"] == 549_504
