@@ -160,9 +160,11 @@ def plan_edit(
             0 plans from the second-order scores alone.
         measure: measure the planned edit's exact ΔL at the end.
         scores_out: if given, filled with the score matrices and sweeps (for benchmarks).
-        budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, values in
-            the model's dtype (:meth:`~lightning_delta.planning.family.Family.stored_bytes`). The uniform edit
-            compared with is then the largest candidate setting that fits.
+        budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, as
+            :func:`~lightning_delta.compress.save_compressed` writes them (values in ``F(ΔW)``'s dtype, at least
+            float32; :meth:`~lightning_delta.planning.family.Family.stored_bytes` of the edited tensors, DARE's
+            actual kept count included). The uniform edit compared with is then the largest candidate setting that
+            fits.
 
     Raises:
         ValueError: an unknown family, bad candidates, neither or both of ``average`` and ``budget_bytes``,
@@ -199,9 +201,7 @@ def plan_edit(
     statistics = gradient_statistics(module, model, loaders, names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
-    element_bytes = {name: parameters[name].element_size() for name in scores.names}
-    stored = [[spec.stored_bytes(value, scores.shapes[name], element_bytes[name]) for value in values]
-              for name in scores.names]
+    stored = scores.stored  # of the very edited tensors: DARE's actual kept count, BitDelta's zeros
     if budget_bytes is None:
         costs = scores.costs
         budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
@@ -307,9 +307,10 @@ def plan(
         overwrite: replace a non-empty ``output_dir``.
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
-        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly
-            (values in the model's dtype; bitdelta b/8 bytes per entry, dare and magnitude_prune the kept values
-            and a bitmap, lowrank the two factors). Give it or average.
+        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly,
+            as `lightning-delta compress` writes them (values in F(ΔW)'s dtype, at least float32; bitdelta b bits
+            per entry, dare and magnitude_prune the kept values and their positions, lowrank the two factors).
+            Give it or average.
     """
     made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
                      refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
