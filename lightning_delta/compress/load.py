@@ -137,7 +137,8 @@ class CompressedDelta:
             if missing:
                 parts.append(f"{len(missing)} tensors of the delta are not in the {what}: {format_names(missing)}")
             if shapes:
-                parts.append(f"{len(shapes)} have other shapes: {format_names(shapes)}")
+                parts.append(f"{len(shapes)} tensors of the delta have other shapes in the {what}: "
+                             f"{format_names(shapes)}")
             raise ValueError(f"The compressed delta {self.path} was not made for this {what}: " + "; ".join(parts)
                              + ". Load it onto the base model it was computed from.")
 

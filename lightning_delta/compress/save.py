@@ -85,9 +85,7 @@ def _form_of(edit: DeltaEdit | None, numel: int) -> str:
     """The compact form of a tensor that ``edit`` made (see :mod:`~lightning_delta.compress.forms`)."""
     if isinstance(edit, BitDelta) and edit.magnitudes == "mean" and edit.num_blocks < numel:
         return "signs"
-    if isinstance(edit, DARE) and edit.k == 0.0 and edit.p > 0.0:
-        return "sparse"
-    if isinstance(edit, (DELLA, MagnitudePrune)) and edit.p > 0.0:
+    if isinstance(edit, DARE) and edit.k == 0.0 or isinstance(edit, (DELLA, MagnitudePrune)):
         return "sparse"
     return "dense"
 
