@@ -283,6 +283,7 @@ def plan(
     accelerator: str = "cpu",
     dtype: str | None = None,
     budget_bytes: float | None = None,
+    save_compressed: str | None = None,
 ) -> Plan:
     """Plan an edit per tensor under a budget (the uniform edit's storage), measure its exact ΔL, write the plan.
 
@@ -304,13 +305,15 @@ def plan(
         refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
         output: the JSON file the plan is written to.
         output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
-        overwrite: replace a non-empty ``output_dir``.
+        overwrite: replace a non-empty ``output_dir`` (and ``save_compressed``).
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
         budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly,
             as `lightning-delta compress` writes them (values in F(ΔW)'s dtype, at least float32; bitdelta b bits
             per entry, dare and magnitude_prune the kept values and their positions, lowrank the two factors).
             Give it or average.
+        save_compressed: if given, the planned delta F(ΔW) is written there in its compact form (as by
+            ``lightning-delta compress``), the bytes the budget counts.
     """
     made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
                      refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
@@ -329,4 +332,9 @@ def plan(
     if output_dir is not None:
         save_edited(model, pretrained, made.edit(), output_dir, dtype=dtype, overwrite=overwrite)
         print(f"  edited model written to {output_dir}")
+    if save_compressed is not None:
+        from lightning_delta.compress import save_compressed as write_compressed
+
+        written = write_compressed(model, pretrained, made, save_compressed, overwrite=overwrite)
+        print(f"  compressed delta written to {written}")
     return made

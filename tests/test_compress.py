@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import yaml
 from safetensors.torch import load_file
 
+from lightning_delta.cli import run
 from lightning_delta.compress import (
     CompressedDelta,
     apply_compressed_,
@@ -37,6 +41,7 @@ from lightning_delta.edits import (
 from lightning_delta.export import save_edited
 from lightning_delta.plan import plan_edit
 from lightning_delta.planning.family import FAMILIES
+from tests.readme_support import README, block
 from tests.tiny_models import make_tiny_model, make_tiny_pair, reference_state_dict, save_model
 
 EDITS = {
@@ -346,3 +351,53 @@ def test_a_non_empty_output_dir_is_refused_without_overwrite(pairs, tmp_path):
         "sparse"}
     with pytest.raises(ValueError, match=r"which the models are read from"):
         save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.5), pair.post_dir)
+
+
+# ------------------------------------------------------------------------------------------ command line, README
+def test_the_compress_command_takes_an_edit_or_a_plan(pairs, tmp_path, capsys):
+    pair = pairs["bfloat16"]
+    path = run(["compress", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "BitDelta",
+                "--edit.bits", "2", "--output_dir", str(tmp_path / "bits")])
+    assert "Compressed delta of BitDelta(bits=2" in capsys.readouterr().out
+    written = save_edited(pair.post_dir, pair.pre_dir, BitDelta(bits=2), tmp_path / "edited")
+    assert_same_bits(load_compressed(pair.pre_dir, path).state_dict(), saved_state(written))
+    with pytest.raises(ValueError, match=r"compress: give the edit \(--edit CLASS ...\) or the plan \(--plan plan.json\), "
+                                         r"exactly one; got edit=None and plan=None"):
+        run(["compress", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--output_dir",
+             str(tmp_path / "none")])
+    with pytest.raises(ValueError, match=r"holds no plan: a plan.json has an 'edit' entry with name 'per_tensor'"):
+        run(["compress", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--plan",
+             str(path / "compressed.json"), "--output_dir", str(tmp_path / "bad")])
+
+
+def readme_compress_commands() -> list[list[str]]:
+    """The bash lines of the README's section on compressed deltas, comments dropped."""
+    text = README.read_text()
+    section = text[text.index("## Storing an edited delta at the size it costs"):]
+    commands = section[section.index("```bash\n") + len("```bash\n"):]
+    return [shlex.split(line, comments=True) for line in commands[:commands.index("```")].splitlines() if line.strip()]
+
+
+def test_the_readme_walk_through_plan_compress_load_runs_as_written(tmp_path, monkeypatch):
+    pair = make_tiny_pair(tmp_path / "made", scale=0.01)
+    shutil.copytree(pair.pre_dir, tmp_path / "pre")
+    shutil.copytree(pair.post_dir, tmp_path / "post")
+    config = {"model": "post", "pretrained": "pre", "family": "bitdelta", "average": 2, "refine": 1, "num_points": 2,
+              "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    commands = readme_compress_commands()
+    assert [command[:2] for command in commands] == [["lightning-delta", "plan"]] + [["lightning-delta", "compress"]] * 2
+    plan = run(commands[0][1:])
+    for command in commands[1:]:
+        run(command[1:])
+    namespace: dict = {}
+    exec(compile(block("compressed"), "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+
+    header = json.loads((tmp_path / "delta" / "compressed.json").read_text())
+    assert json.loads((tmp_path / "planned" / "compressed.json").read_text()) == header
+    assert header["tensor_bytes"] == plan.stored_bytes <= 5000 == plan.budget_bytes
+    assert len({record["form"] for record in header["tensors"].values()}) == 1 and len(set(plan.settings.values())) > 1
+    written = save_edited(pair.post_dir, pair.pre_dir, plan.edit(), tmp_path / "edited")
+    assert_same_bits(namespace["planned"].state_dict(), saved_state(written))
+    assert_same_bits(namespace["base"].state_dict(), saved_state(pair.pre_dir))
