@@ -191,7 +191,9 @@ def save_compressed(
     :func:`~lightning_delta.editing.iter_edited`, one tensor at a time); tensors the edit leaves out (``include`` /
     ``exclude``) that differ between the models are stored as ``W_post`` itself. The tensor data on disk is, per
     tensor, exactly :meth:`~lightning_delta.planning.family.Family.stored_bytes` of its ``F(ΔW)``; the header
-    records it. Written into a hidden sibling directory that is renamed to ``output_dir`` once complete, as
+    records it. Every stored tensor is decoded before it is written and must give ``F(ΔW)`` back exactly; the
+    low-rank factors do where their product is formed as the edit formed it (on CPU, one thread, the same build of
+    torch), and a tensor that does not is stored dense, with a warning. Written into a hidden sibling directory that is renamed to ``output_dir`` once complete, as
     :func:`~lightning_delta.export.save_edited` does: a crash leaves no half-written ``output_dir``.
 
     Args:
@@ -234,7 +236,7 @@ def save_compressed(
         low_rank: dict[str, tuple[Tensor, Tensor]] = {}
         with open_pair(pretrained, post) as (pre_source, post_source):
             for item in iter_edited(post_source, pre_source, recording if recording is not None else edit,
-                                    include, exclude, device="cpu"):
+                                    include, exclude):
                 used = recording.used if recording is not None else None
                 factors = recording.factors if recording is not None else None
                 record, parts = _encode(item.name, item.edited, _form_of(used, item.edited.numel()), factors, used)
