@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_delta.compress import save_compressed as write_compressed
 from lightning_delta.delta import Patterns, Weights, delta_names
 from lightning_delta.edits import PerTensor
 from lightning_delta.export import save_edited
@@ -333,8 +334,6 @@ def plan(
         save_edited(model, pretrained, made.edit(), output_dir, dtype=dtype, overwrite=overwrite)
         print(f"  edited model written to {output_dir}")
     if save_compressed is not None:
-        from lightning_delta.compress import save_compressed as write_compressed
-
         written = write_compressed(model, pretrained, made, save_compressed, overwrite=overwrite)
         print(f"  compressed delta written to {written}")
     return made

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_delta._loading import _model_class
+
 __all__ = ["write_adapter"]
 
 
@@ -34,7 +36,6 @@ def _module_types(post: Any, names: list[str]) -> dict[str, str] | None:
     if isinstance(post, nn.Module):
         model = post
     elif isinstance(post, (str, os.PathLike)) and (Path(post) / "config.json").is_file():
-        from lightning_delta._loading import _model_class
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(post)

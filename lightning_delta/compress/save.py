@@ -29,6 +29,7 @@ from lightning_delta.editing import Edit, iter_edited
 from lightning_delta.edits import DARE, DELLA, BitDelta, DeltaEdit, LowRank, MagnitudePrune, PerTensor
 from lightning_delta.edits.lowrank import factor_product
 from lightning_delta.compress import forms
+from lightning_delta.compress.adapter import write_adapter
 from lightning_delta.export import _check_output_dir, _inside, _move_into_place, _new_sibling, _same_path
 
 __all__ = ["FORMAT", "HEADER_FILE", "VERSION", "as_edit", "save_compressed"]
@@ -214,8 +215,6 @@ def save_compressed(
         ValueError: an invalid edit or plan, an ``output_dir`` that is an input, a file, or non-empty without
             ``overwrite``, and every error of :func:`~lightning_delta.editing.iter_edited`.
     """
-    from lightning_delta.compress.adapter import write_adapter
-
     edit = as_edit(edit_or_plan)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}.")
