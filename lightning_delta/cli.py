@@ -5,6 +5,7 @@
     lightning-delta validate --config configs/llama3-8b-instruct-gsm8k.yaml --edit.p 0.9   # one Riemann analysis
     lightning-delta sweep    --config configs/llama3-8b-instruct-gsm8k.yaml                # its grid, resumable
     lightning-delta edit     --model post/ --pretrained pre/ --edit DARE --edit.p 0.9 --output_dir edited/
+    lightning-delta compress --model post/ --pretrained pre/ --edit BitDelta --output_dir delta/
     lightning-delta plot     --results results.jsonl --output_dir figures/
     lightning-delta demo                                                                   # offline, a few minutes
 
@@ -72,6 +73,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "A grid of Riemann analyses, one JSONL row per point, resumable; a line per point, a closing table."),
     "edit": ("lightning_delta.runner", "edit",
              "Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it."),
+    "compress": ("lightning_delta.compress.command", "compress",
+                 "Write the edited delta F(ΔW) in its family's compact form (safetensors), to load onto the base."),
     "plot": ("lightning_delta.runner", "plot", "Draw the figures of one or more sweep results files."),
     "estimate": ("lightning_delta.estimate", "estimate", "Peak memory per process of a config, from config.json."),
     "plan": ("lightning_delta.plan", "plan",
@@ -137,7 +140,7 @@ def command_parser(command: str) -> ArgumentParser:
                             formatter_class=runner.HelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
     parser.add_function_arguments(command_function(command), as_group=False, sub_configs=True)
-    if command == "edit":
+    if command in ("edit", "compress"):
         next(action for action in parser._actions if action.dest == "edit").help = runner.edit_help()
     return parser
 

@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_delta.compress import save_compressed as write_compressed
 from lightning_delta.delta import Patterns, Weights, delta_names
 from lightning_delta.edits import PerTensor
 from lightning_delta.export import save_edited
@@ -160,9 +161,11 @@ def plan_edit(
             0 plans from the second-order scores alone.
         measure: measure the planned edit's exact ΔL at the end.
         scores_out: if given, filled with the score matrices and sweeps (for benchmarks).
-        budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, values in
-            the model's dtype (:meth:`~lightning_delta.planning.family.Family.stored_bytes`). The uniform edit
-            compared with is then the largest candidate setting that fits.
+        budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, as
+            :func:`~lightning_delta.compress.save_compressed` writes them (values in ``F(ΔW)``'s dtype, at least
+            float32; :meth:`~lightning_delta.planning.family.Family.stored_bytes` of the edited tensors, DARE's
+            actual kept count included). The uniform edit compared with is then the largest candidate setting that
+            fits.
 
     Raises:
         ValueError: an unknown family, bad candidates, neither or both of ``average`` and ``budget_bytes``,
@@ -199,9 +202,7 @@ def plan_edit(
     statistics = gradient_statistics(module, model, loaders, names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
-    element_bytes = {name: parameters[name].element_size() for name in scores.names}
-    stored = [[spec.stored_bytes(value, scores.shapes[name], element_bytes[name]) for value in values]
-              for name in scores.names]
+    stored = scores.stored  # of the very edited tensors: DARE's actual kept count, BitDelta's zeros
     if budget_bytes is None:
         costs = scores.costs
         budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
@@ -283,6 +284,7 @@ def plan(
     accelerator: str = "cpu",
     dtype: str | None = None,
     budget_bytes: float | None = None,
+    save_compressed: str | None = None,
 ) -> Plan:
     """Plan an edit per tensor under a budget (the uniform edit's storage), measure its exact ΔL, write the plan.
 
@@ -304,12 +306,15 @@ def plan(
         refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
         output: the JSON file the plan is written to.
         output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
-        overwrite: replace a non-empty ``output_dir``.
+        overwrite: replace a non-empty ``output_dir`` (and ``save_compressed``).
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
-        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly
-            (values in the model's dtype; bitdelta b/8 bytes per entry, dare and magnitude_prune the kept values
-            and a bitmap, lowrank the two factors). Give it or average.
+        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly,
+            as `lightning-delta compress` writes them (values in F(ΔW)'s dtype, at least float32; bitdelta b bits
+            per entry, dare and magnitude_prune the kept values and their positions, lowrank the two factors).
+            Give it or average.
+        save_compressed: if given, the planned delta F(ΔW) is written there in its compact form (as by
+            ``lightning-delta compress``), the bytes the budget counts.
     """
     made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
                      refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
@@ -328,4 +333,7 @@ def plan(
     if output_dir is not None:
         save_edited(model, pretrained, made.edit(), output_dir, dtype=dtype, overwrite=overwrite)
         print(f"  edited model written to {output_dir}")
+    if save_compressed is not None:
+        written = write_compressed(model, pretrained, made, save_compressed, overwrite=overwrite)
+        print(f"  compressed delta written to {written}")
     return made

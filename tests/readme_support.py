@@ -15,6 +15,7 @@ BLOCKS = {
     "export": "save_edited(",
     "existing_project": 'module_name="model"',
     "multi_node": "num_nodes=2",
+    "compressed": "load_compressed(",
 }
 
 

@@ -44,6 +44,44 @@ def _tied_model():
     return model
 
 
+def _compressed(tmp: Path) -> tuple[Path, nn.Module]:
+    """A compressed BitDelta of a tiny linear pair in ``tmp/delta``, and the base module it applies to."""
+    from lightning_delta.compress import save_compressed
+    from lightning_delta.edits import BitDelta
+
+    pre, post = _tiny_linear_pair()
+    base = nn.Linear(3, 2)
+    base.load_state_dict(pre)
+    return save_compressed(post, pre, BitDelta(), tmp / "delta"), base
+
+
+def _compressed_other_version(tmp: Path):
+    import json
+
+    from lightning_delta.compress import apply_compressed_
+
+    path, base = _compressed(tmp)
+    header = json.loads((path / "compressed.json").read_text())
+    (path / "compressed.json").write_text(json.dumps({**header, "version": 2}))
+    apply_compressed_(base, path)
+
+
+def _compressed_other_base(tmp: Path):
+    from lightning_delta.compress import apply_compressed_
+
+    path, _ = _compressed(tmp)
+    apply_compressed_(nn.Linear(4, 2), path)
+
+
+def _compressed_truncated(tmp: Path):
+    from lightning_delta.compress import apply_compressed_
+
+    path, base = _compressed(tmp)
+    shard = path / "delta-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    apply_compressed_(base, path)
+
+
 def _results_locked(tmp: Path):
     from lightning_delta.sweep import ResultsLock
 
@@ -268,6 +306,18 @@ CASES = [
          "lightning_delta runs sharded models under ModelParallelStrategy (FSDP2's fully_shard), not FSDPStrategy",
          lambda tmp: __import__("lightning_delta.sharded", fromlist=["x"]).check_strategy(
              __import__("lightning.pytorch.strategies", fromlist=["x"]).FSDPStrategy())),
+    Case("compressed-other-version", "a compressed delta whose `compressed.json` has another format version",
+         ValueError, "<tmp>/delta holds a compressed delta of format version 2; this version of lightning_delta reads "
+         "version 1", _compressed_other_version),
+    Case("compressed-other-base", "`apply_compressed_(model, path)` on a model of other shapes", ValueError,
+         "The compressed delta <tmp>/delta was not made for this model: 1 tensors of the delta have other shapes in the "
+         "model: weight (delta (2, 3), model (2, 4))", _compressed_other_base),
+    Case("compressed-truncated", "a compressed delta whose safetensors file was cut short", ValueError,
+         "Cannot read <tmp>/delta/delta-00001.safetensors (", _compressed_truncated),
+    Case("compress-edit-and-plan", "`lightning-delta compress` with neither `--edit` nor `--plan`", ValueError,
+         "compress: give the edit (--edit CLASS ...) or the plan (--plan plan.json), exactly one",
+         lambda tmp: _run_cli(tmp, ["compress", "--model", "post", "--pretrained", "pre", "--output_dir",
+                                    str(tmp / "out")])),
     # --------------------------------------------------------------------------------------------- data
     Case("gsm8k-few-shot-one-file", "`GSM8KDataModule(data=\"test.jsonl\", few_shot=2)`", ValueError,
          "`few_shot=2` needs worked examples apart from the evaluated ones", _gsm8k_few_shot_one_file),

@@ -27,6 +27,7 @@ __all__ = [
     "block_statistics",
     "check_bitdelta",
     "check_blocks",
+    "check_sign_of_zero",
     "number_of_blocks",
     "paper_bits",
     "quantize_magnitudes",
@@ -46,6 +47,16 @@ def check_blocks(bits: int, blocks: int | None) -> int | None:
             f"blocks={blocks!r}. bits=b is blocks=2**(b-1)."
         )
     return blocks
+
+
+def check_sign_of_zero(value: int) -> int:
+    """``sign_of_zero`` checked: 0 or 1."""
+    if isinstance(value, bool) or value not in (0, 1):
+        raise ValueError(
+            f"BitDelta: `sign_of_zero` must be 0 (an exact zero of ΔW stays 0) or 1 (it counts as positive, as "
+            f"BitDelta's own packing does), got sign_of_zero={value!r}."
+        )
+    return int(value)
 
 
 def check_bitdelta(bits: int, scale: float, magnitudes: str) -> tuple[int, float, str]:
@@ -168,6 +179,7 @@ def quantize_magnitudes(
     magnitudes: str = "mean",
     generator: torch.Generator | None = None,
     blocks: int | None = None,
+    sign_of_zero: int = 0,
 ) -> Tensor:
     r"""BitDelta (Liu et al. 2024; paper, equation 7) and the paper's extensions (section 5.3), as a pure function.
 
@@ -197,7 +209,10 @@ def quantize_magnitudes(
 
     The random draws are ``torch.rand`` (uniform) or ``torch.randn`` (normal) from ``generator`` in the promoted
     dtype, over the flattened tensor in chunks of :data:`~lightning_delta.edits.base.CHUNK_NUMEL` entries.
-    Signs are always kept and ``sign(0) = 0``: a zero delta entry stays 0.
+    Signs are always kept. ``sign_of_zero`` is ``sign(0)``: 0 (the default) keeps a zero delta entry at 0;
+    1 is the convention of BitDelta's own packing (its sign mask is ``ΔW >= 0``), which moves it by ``+s·m`` and
+    lets one bit per entry store every sign (bf16 deltas have many exact zeros: weights that did not move at bf16
+    resolution). The lossless case ``M >= n`` returns ``s·ΔW`` either way.
 
     Shapes:
         - ``delta``: any shape. Output: same shape, dtype promoted to at least float32.
@@ -212,6 +227,7 @@ def quantize_magnitudes(
     """
     bits, scale, magnitudes = check_bitdelta(bits, scale, magnitudes)
     blocks = check_blocks(bits, blocks)
+    sign_of_zero = check_sign_of_zero(sign_of_zero)
     blocks = number_of_blocks(bits) if blocks is None else blocks
     n = delta.numel()
     if blocks >= n:  # one entry per block: every magnitude is its own block mean
@@ -240,7 +256,10 @@ def quantize_magnitudes(
         else:
             draws = torch.randn(work.shape, generator=generator, device=work.device, dtype=dtype)
             magnitude = draws.mul_(block_std).add_(block_mean).clamp_min_(0.0)
-        out[part] = torch.sign(work).mul_(magnitude).mul_(scale)
+        signs = torch.sign(work)
+        if sign_of_zero:
+            signs.masked_fill_(work == 0, 1.0)
+        out[part] = signs.mul_(magnitude).mul_(scale)
     return out.view(delta.shape)
 
 
@@ -270,11 +289,14 @@ class BitDelta(DeltaEdit):
         seed: run seed, an int ``>= 0`` (unused by ``"mean"``).
         blocks: the number of magnitude blocks ``M``, the paper's count (its bits are ``log2 M``); ``None`` takes
             ``M`` from ``bits``.
+        sign_of_zero: ``sign(0)``: 0 keeps an exact zero of ΔW at 0; 1 counts it as positive, as BitDelta's own
+            packing does, so that a stored sign bit per entry is all the file needs (see :func:`quantize_magnitudes`).
 
     Raises:
         ValueError: if ``bits`` is not an int ``>= 1``, ``scale`` is negative or not finite, ``magnitudes`` is not
             one of ``"mean"``, ``"normal"``, ``"uniform"``, ``seed`` is not a non-negative int, ``blocks`` is not
-            ``None`` or an int ``>= 1``, or both ``blocks`` and ``bits != 1`` are given.
+            ``None`` or an int ``>= 1``, both ``blocks`` and ``bits != 1`` are given, or ``sign_of_zero`` is not 0
+            or 1.
 
     Example:
         >>> BitDelta()({"w": torch.tensor([-4.0, 1.0, -2.0, 3.0])})["w"]
@@ -290,10 +312,11 @@ class BitDelta(DeltaEdit):
     reference = "paper, sections 5.1 and 5.3"  # where the paper defines it
 
     def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0,
-                 blocks: int | None = None) -> None:
+                 blocks: int | None = None, sign_of_zero: int = 0) -> None:
         self.bits, self.scale, self.magnitudes = check_bitdelta(bits, scale, magnitudes)
         self.seed = check_seed(seed, "BitDelta")
         self.blocks = check_blocks(self.bits, blocks)
+        self.sign_of_zero = check_sign_of_zero(sign_of_zero)
 
     @property
     def num_blocks(self) -> int:
@@ -310,4 +333,5 @@ class BitDelta(DeltaEdit):
         generator = None
         if self.magnitudes != "mean" and self.num_blocks < delta.numel():
             generator = tensor_generator(self.seed, name, delta.device)
-        return quantize_magnitudes(delta, self.bits, self.scale, self.magnitudes, generator, self.blocks)
+        return quantize_magnitudes(delta, self.bits, self.scale, self.magnitudes, generator, self.blocks,
+                                   self.sign_of_zero)

@@ -20,7 +20,15 @@ from lightning_delta.edits.base import (
     tensor_generator,
 )
 
-__all__ = ["METHODS", "LowRank", "randomized_svd", "resolve_rank", "truncated_svd"]
+__all__ = [
+    "METHODS",
+    "LowRank",
+    "factor_product",
+    "low_rank_factors",
+    "randomized_svd",
+    "resolve_rank",
+    "truncated_svd",
+]
 
 # How the truncated SVD is computed: "exact" (torch.linalg.svd, Twin-Merging's F, the default) or "randomized"
 # (randomized_svd, an approximation; opt-in).
@@ -123,6 +131,19 @@ def truncated_svd(
     method = check_choice("LowRank", "method", method, METHODS)
     if delta.dim() != 2 or rank >= min(delta.shape):
         return promoted_copy(delta)
+    return factor_product(*low_rank_factors(delta, rank, method, generator))
+
+
+def low_rank_factors(
+    delta: Tensor, rank: int, method: str = "exact", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The factors ``(U_r Σ_r, V_rᵀ)`` of :func:`truncated_svd` (``F`` is their :func:`factor_product`), for a
+    2-D ``delta`` and ``rank < min(d, k)``; in float32 (float64 for float64 input). ``method`` and ``generator`` as
+    for :func:`truncated_svd`; the SVD runs on one thread on CPU.
+
+    Shapes:
+        - ``delta``: ``(d, k)``. Outputs: ``(d, rank)`` and ``(rank, k)``.
+    """
     matrix = delta.detach().to(output_dtype(delta))
     use_randomized = method == "randomized" and _sketch_width(rank, min(matrix.shape)) < min(matrix.shape)
     if use_randomized and generator is None:
@@ -135,7 +156,19 @@ def truncated_svd(
         else:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
             u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-        return (u * s) @ vh
+        return u * s, vh.clone()  # a copy: vh is a view of the whole Vᵀ
+
+
+def factor_product(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right``, on one thread on CPU (see :func:`~lightning_delta.edits.base.single_threaded`): how
+    :func:`truncated_svd` forms ``F`` from its factors, so that a stored pair of factors gives ``F`` back bit for
+    bit on the same build of torch.
+
+    Shapes:
+        - ``left``: ``(d, r)``; ``right``: ``(r, k)``. Output: ``(d, k)``.
+    """
+    with single_threaded() if left.device.type == "cpu" else nullcontext():
+        return left @ right
 
 
 class LowRank(DeltaEdit):
@@ -191,11 +224,18 @@ class LowRank(DeltaEdit):
         self.seed = check_seed(seed, "LowRank")
 
     @torch.no_grad()
-    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
+    def factors(self, name: str, delta: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(U_r Σ_r, V_rᵀ)`` of tensor ``name`` (:func:`low_rank_factors`), whose :func:`factor_product` is
+        ``F(ΔW)``; ``None`` where ``F(ΔW) = ΔW`` (a tensor that is not 2-D, or a rank ``>= min(d, k)``)."""
         if delta.dim() != 2:
-            return promoted_copy(delta)
+            return None
         rank = resolve_rank(tuple(delta.shape), self.rank, self.fraction)
         if rank >= min(delta.shape):
-            return promoted_copy(delta)
+            return None
         generator = tensor_generator(self.seed, name, delta.device) if self.method == "randomized" else None
-        return truncated_svd(delta, rank, self.method, generator)
+        return low_rank_factors(delta, rank, self.method, generator)
+
+    @torch.no_grad()
+    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
+        factors = self.factors(name, delta)
+        return promoted_copy(delta) if factors is None else factor_product(*factors)

@@ -6,14 +6,23 @@ stored numbers = rank × (rows + columns)). A budget "average ``v̄``" is ``v̄ 
 ``v̄`` costs, so a plan within the budget stores no more than the uniform edit. Costs are exact rationals
 (:class:`fractions.Fraction` of the settings' decimal strings): the budget test has no rounding.
 
-A budget can also be a size in bytes: :meth:`Family.stored_bytes` is what tensor ``k`` takes when ``F(ΔW_k)`` is
-stored compactly, its values in the model's dtype (``e`` bytes each) and ``n`` its entries:
+A budget can also be a size in bytes: :meth:`Family.stored_bytes` is what tensor ``k`` takes on disk when ``F(ΔW_k)``
+is written by :func:`~lightning_delta.compress.save_compressed` (:mod:`lightning_delta.compress.forms`), exactly.
+``n`` is the number of entries, ``e`` the bytes of one stored value: ``F(ΔW)``'s own dtype (at least float32, 4 bytes
+for a bf16 model), the one that gives the edited model back bit for bit. Bit arrays take ``ceil(n/8)`` bytes;
+``positions(n, c)`` is the smaller of a bitmap and ``c`` int32 indices (0 for ``c = 0``):
 
-* BitDelta, ``b`` bits: ``b · n / 8`` (the sign bit and ``b − 1`` bits naming one of ``M = 2^(b−1)`` magnitude
-  blocks, per entry) ``+ M · e`` (the magnitudes);
-* DARE and TIES' trim, kept density ``d``: ``d · n · e`` (the kept values, DARE's rescaling folded in) ``+ n / 8``
-  (a bitmap of the kept positions);
-* low rank ``r`` of a ``(m, k)`` matrix: ``r · (m + k) · e`` (the two factors, the singular values folded in).
+* BitDelta, ``b`` bits: ``b · ceil(n/8)`` (the sign bit and ``b − 1`` bits naming one of ``M = 2^(b−1)`` magnitude
+  blocks, per entry) ``+ M · e`` (the magnitudes) ``+ positions(n, z)``, ``z`` the exact zeros of ``F(ΔW)`` (an entry
+  of ΔW that is exactly 0 stays 0 under ``sign(0) = 0``; ``BitDelta(sign_of_zero=1)`` leaves none); ``M >= n`` is
+  lossless and stored dense, ``n · e``;
+* DARE and TIES' trim: ``c · e + positions(n, c)``, ``c`` the nonzero entries of ``F(ΔW)`` (the kept values, DARE's
+  rescaling folded in);
+* low rank ``r`` of a ``(m, k)`` matrix: ``r · (m + k) · e`` (the two factors, the singular values folded in);
+  ``r >= min(m, k)`` leaves ``ΔW`` as it is, stored dense, ``n · e``.
+
+Given the edited tensor, the counts ``z`` and ``c`` are its own (DARE's: its mask's actual kept count); without it,
+the expected ``c = d · n`` and ``z = 0``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+from torch import Tensor
 
+from lightning_delta.compress.forms import index_dtype, position_bytes
 from lightning_delta.edits import DARE, BitDelta, DeltaEdit, LowRank, MagnitudePrune
 
 __all__ = ["FAMILIES", "Family", "family"]
@@ -62,15 +73,28 @@ class Family:
         """``v · w_k`` exactly."""
         return exact(value) * self.weight(shape)
 
-    def stored_bytes(self, value: float, shape: Sequence[int], element_bytes: int) -> Fraction:
+    def stored_bytes(self, value: float, shape: Sequence[int], element_bytes: int,
+                     edited: Tensor | None = None) -> Fraction:
         """The bytes of ``F(ΔW)`` stored compactly at setting ``value`` (the module docstring gives each formula),
-        exactly; ``element_bytes`` is the size of one value in the model's dtype."""
+        exactly; ``element_bytes`` is the size of one stored value (``F(ΔW)``'s dtype, at least float32), ``edited``
+        the edited tensor ``F(ΔW)`` whose own counts are then used (DARE's kept entries, BitDelta's exact zeros)."""
         entries = int(torch.Size(shape).numel())
+        bitmap = math.ceil(entries / 8)
         if self.name == "bitdelta":
-            return Fraction(int(value) * entries, 8) + 2 ** (int(value) - 1) * element_bytes
+            bits = int(value)
+            if 2 ** (bits - 1) >= entries:  # one entry per block: lossless, stored dense
+                return Fraction(entries * element_bytes)
+            zeros = 0 if edited is None else int((edited == 0).sum())
+            return Fraction(bits * bitmap + 2 ** (bits - 1) * element_bytes + position_bytes(entries, zeros))
         if self.name in DENSITY_FAMILIES:
-            return exact(value) * entries * element_bytes + Fraction(entries, 8)
-        return int(value) * (int(shape[0]) + int(shape[1])) * element_bytes
+            kept = exact(value) * entries if edited is None else Fraction(int(torch.count_nonzero(edited)))
+            if kept == 0:
+                return Fraction(0)
+            return kept * element_bytes + min(Fraction(bitmap), kept * index_dtype(entries).itemsize)
+        rank = int(value)
+        if len(shape) != 2 or rank >= min(int(shape[0]), int(shape[1])):
+            return Fraction(entries * element_bytes)
+        return Fraction(rank * (int(shape[0]) + int(shape[1])) * element_bytes)
 
     def check_candidates(self, candidates: Sequence[float]) -> list[float]:
         """The candidates sorted, each checked by building its edit; ValueError naming a bad one."""

@@ -135,7 +135,8 @@ def gradient_statistics(
 @dataclass
 class CandidateScores:
     """Per tensor (rows, order of ``names``) and candidate setting (columns, order of ``values``): the first-order
-    score ``⟨g, E⟩``, the second-order part ``½ Σ F̂ E²`` and the cost ``v · w_k``."""
+    score ``⟨g, E⟩``, the second-order part ``½ Σ F̂ E²``, the cost ``v · w_k`` and the bytes ``F(ΔW)`` takes stored
+    compactly (:meth:`~lightning_delta.planning.family.Family.stored_bytes` of the very edited tensor)."""
 
     names: list[str]
     values: list[float]
@@ -143,6 +144,7 @@ class CandidateScores:
     curvature: Tensor  # (K, V) float64
     costs: list[list[Fraction]]
     shapes: dict[str, tuple[int, ...]]
+    stored: list[list[Fraction]]
 
     @property
     def second(self) -> Tensor:
@@ -157,27 +159,32 @@ def candidate_scores(
     """Score every candidate setting of every selected tensor the family applies to, one tensor at a time.
 
     ``E_k(v)`` is computed by the very edit the plan will apply (``family.edit(v, seed).edit_tensor``), so the
-    scores are those of the planned edit (DARE's masks included). No forward pass is run.
+    scores are those of the planned edit (DARE's masks included), and so are the stored bytes (DARE's actual kept
+    count, BitDelta's exact zeros). No forward pass is run.
     """
-    names, rows_first, rows_curvature, costs, shapes = [], [], [], [], {}
+    names, rows_first, rows_curvature, costs, stored, shapes = [], [], [], [], [], {}
     edits = [family.edit(value, seed) for value in values]
     for name, delta in iter_delta(post, pre, include, exclude):
         if not family.applies(delta.shape) or name not in statistics.gradient:
             continue
         gradient, fisher = statistics.gradient[name].to(delta.device), statistics.fisher[name].to(delta.device)
-        first, curvature = [], []
-        for edit in edits:
-            E = edit.edit_tensor(name, delta) - delta  # noqa: N806 (the paper's name)
+        first, curvature, sizes = [], [], []
+        for value, edit in zip(values, edits):
+            edited = edit.edit_tensor(name, delta)
+            sizes.append(family.stored_bytes(value, delta.shape, edited.element_size(), edited))
+            E = edited.sub_(delta)  # noqa: N806 (the paper's name)
             first.append(inner_product(gradient, E))
             curvature.append(0.5 * inner_product(fisher, E * E))
-            del E
+            del E, edited
         names.append(name)
         shapes[name] = tuple(delta.shape)
         rows_first.append(torch.stack(first).cpu())
         rows_curvature.append(torch.stack(curvature).cpu())
         costs.append([family.cost(value, delta.shape) for value in values])
+        stored.append(sizes)
     if not names:
         raise ValueError(f"plan: no selected tensor can take a {family.name} setting (low rank plans 2-D tensors); "
                          "check include= / exclude=.")
-    return CandidateScores(names, list(values), torch.stack(rows_first), torch.stack(rows_curvature), costs, shapes)
+    return CandidateScores(names, list(values), torch.stack(rows_first), torch.stack(rows_curvature), costs, shapes,
+                           stored)
 
