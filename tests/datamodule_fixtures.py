@@ -138,3 +138,50 @@ def write_gtsrb_test(root: Path, labels: tuple[int, ...] = (16, 1, 38), seed: in
     rows = lines if csv_lines is None else csv_lines
     (root / "gtsrb" / "GT-final_test.csv").write_text("\n".join([GTSRB_CSV_HEADER, *rows]) + "\n")
     return images
+
+
+# GSM8K's other config: the same questions, answers with Socratic sub-questions ("How many ...? ** ...").
+GSM8K_SOCRATIC_ROWS = [
+    {"question": row["question"], "answer": "How many in all? ** " + row["answer"]} for row in GSM8K_ROWS
+]
+# A train split long enough for lm-eval's 5-shot draw, in the real answers' form (calculator notes, "#### n").
+GSM8K_TRAIN_POOL = [
+    {"question": f"A box holds {n} pens and Ann buys {n + 2} boxes. How many pens does she have?",
+     "answer": f"She has {n} * {n + 2} = <<{n}*{n + 2}={n * (n + 2)}>>{n * (n + 2)} pens.\n#### {n * (n + 2)}"}
+    for n in range(2, 14)
+]
+
+
+def write_gsm8k_repository(root: Path, test_rows: list[dict] | None = None) -> Path:
+    """A copy of the ``openai/gsm8k`` repository: ``main/`` and ``socratic/``, each with
+    ``{train,test}-00000-of-00001.parquet`` (columns question, answer), as ``hf download`` lays it out."""
+    rows = GSM8K_ROWS if test_rows is None else test_rows
+    write_parquet(root / "main" / "test-00000-of-00001.parquet", rows)
+    write_parquet(root / "main" / "train-00000-of-00001.parquet", GSM8K_TRAIN_POOL)
+    write_parquet(root / "socratic" / "test-00000-of-00001.parquet", GSM8K_SOCRATIC_ROWS)
+    write_parquet(root / "socratic" / "train-00000-of-00001.parquet",
+                  [{**row, "answer": "How many? ** " + row["answer"]} for row in GSM8K_TRAIN_POOL])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n- config_name: socratic\n---\n")
+    return root
+
+
+def write_hub_cache_entry(cache: Path, repo_id: str, source: Path, revision: str = "0" * 40,
+                          repo_type: str = "dataset") -> Path:
+    """``source``'s files in the hub download cache's layout, as ``hf download <repo_id> --repo-type dataset``
+    leaves them: ``<cache>/datasets--org--name/blobs/<hash>``, ``snapshots/<revision>/<path>`` linking to the blob,
+    ``refs/main`` holding the revision. Returns the snapshot folder."""
+    import hashlib
+
+    base = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = base / "snapshots" / revision
+    (base / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../" * (len(file.relative_to(source).parts) + 1)) / "blobs" / blob.name)
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(revision)
+    return snapshot

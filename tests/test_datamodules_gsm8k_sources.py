@@ -1,0 +1,88 @@
+"""GSM8K and UltraFeedback data as users have it: a copy of the hub repository (two configs), the hub download cache
+offline, and what is said when nothing is cached."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_delta.datamodules import GSM8KDataModule, UltraFeedbackDataModule
+from tests.datamodule_fixtures import (
+    GSM8K_ROWS,
+    GSM8K_SOCRATIC_ROWS,
+    ULTRAFEEDBACK_ROWS,
+    write_gsm8k_repository,
+    write_hub_cache_entry,
+    write_ultrafeedback,
+)
+from tests.tiny_models import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+def answers(dm) -> list[str]:
+    dm.setup()
+    return [example["answer"] for example in dm.examples]
+
+
+def test_a_repository_copy_reads_one_config_never_both(tokenizer, tmp_path):
+    repository = write_gsm8k_repository(tmp_path / "gsm8k")
+    assert answers(GSM8KDataModule(tokenizer, data=str(repository))) == [r["answer"] for r in GSM8K_ROWS]
+    socratic = GSM8KDataModule(tokenizer, data=str(repository), config="socratic")
+    assert answers(socratic) == [r["answer"] for r in GSM8K_SOCRATIC_ROWS]
+    # one config's folder given directly is that config
+    assert answers(GSM8KDataModule(tokenizer, data=str(repository / "socratic"), config="socratic")) == \
+        [r["answer"] for r in GSM8K_SOCRATIC_ROWS]
+
+
+def test_unknown_config_and_a_folder_of_unnamed_configs_are_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"`config` must be 'main' or 'socratic'.*got 'Main'"):
+        GSM8KDataModule(tokenizer, config="Main")
+    repository = write_gsm8k_repository(tmp_path / "gsm8k")
+    (repository / "main").rename(repository / "first")  # two config folders, neither named by `config`
+    with pytest.raises(ValueError, match=r"holds GSM8K files of split 'test' in 2 folders \('first' and 'socratic'\)"
+                                         r".*never mixed"):
+        GSM8KDataModule(tokenizer, data=str(repository)).setup()
+
+
+@pytest.mark.parametrize("config", ["main", "socratic"])
+def test_hub_id_offline_from_the_download_cache_equals_the_folder(tokenizer, tmp_path, offline_hub, config):
+    repository = write_gsm8k_repository(tmp_path / "gsm8k")
+    write_hub_cache_entry(offline_hub, "openai/gsm8k", repository)
+    by_id = GSM8KDataModule(tokenizer, config=config, few_shot=2, batch_size=5)
+    by_folder = GSM8KDataModule(tokenizer, data=str(repository), config=config, few_shot=2, batch_size=5)
+    for name in ("input_ids", "labels", "prompt_input_ids"):
+        assert next(iter(by_id.val_dataloader()))[name].tolist() == next(iter(by_folder.val_dataloader()))[name].tolist()
+    expected = GSM8K_ROWS if config == "main" else GSM8K_SOCRATIC_ROWS
+    assert answers(by_id) == [r["answer"] for r in expected]
+
+
+def test_hub_id_offline_without_a_cached_copy_says_how_to_fetch_it(tokenizer, offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"'openai/gsm8k' \(revision 'main'\) is not in the hub download cache "
+                                                r".*HF_HUB_OFFLINE=1.*`hf download openai/gsm8k --repo-type dataset`"
+                                                r".*`huggingface-cli download openai/gsm8k --repo-type dataset`"):
+        GSM8KDataModule(tokenizer).setup()
+
+
+def test_hub_snapshot_without_the_split_offline_names_what_is_missing(tokenizer, tmp_path, offline_hub):
+    repository = write_gsm8k_repository(tmp_path / "gsm8k")
+    for file in repository.glob("*/test-*"):
+        file.unlink()
+    write_hub_cache_entry(offline_hub, "openai/gsm8k", repository)
+    with pytest.raises(FileNotFoundError, match=r"with split 'test' of config 'main' \(its snapshot .* lacks it\)"):
+        GSM8KDataModule(tokenizer).setup()
+
+
+def test_ultrafeedback_hub_id_offline_from_the_download_cache(tokenizer, tmp_path, offline_hub):
+    write_ultrafeedback(tmp_path / "uf")
+    write_hub_cache_entry(offline_hub, "HuggingFaceH4/ultrafeedback_binarized", tmp_path / "uf")
+    by_id = UltraFeedbackDataModule(tokenizer, data="HuggingFaceH4/ultrafeedback_binarized", batch_size=5)
+    by_folder = UltraFeedbackDataModule(tokenizer, data=str(tmp_path / "uf"), batch_size=5)
+    batch_id, batch_folder = next(iter(by_id.val_dataloader())), next(iter(by_folder.val_dataloader()))
+    assert len(by_id.val_dataloader().dataset) == len(ULTRAFEEDBACK_ROWS)
+    assert batch_id.keys() == batch_folder.keys()
+    for name, value in batch_id.items():
+        if hasattr(value, "tolist"):
+            assert value.tolist() == batch_folder[name].tolist()
