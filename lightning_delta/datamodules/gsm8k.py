@@ -272,7 +272,9 @@ class GSM8KDataModule(TokenizedDataModule):
                 turns += [asked.format(question=shot["question"]), shot["answer"]]
             messages = chat_messages(tokenizer, self.system_prompt, [*turns, asked.format(question=question)])
             prompt, completion = split_completion(tokenizer, messages, answer)
-            prompt_ids = encode(tokenizer, prompt)  # the template writes its own special tokens
+            # the template writes its own special tokens; lm-eval adds the tokenizer's where it wrote no bos
+            bos_written = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+            prompt_ids = encode(tokenizer, prompt, special_tokens=self.protocol != "chat" and not bos_written)
         else:
             parts = [PLAIN_FORMAT.format(question=s["question"]) + " " + s["answer"] + "\n\n" for s in shots]
             prompt = "".join(parts) + PLAIN_FORMAT.format(question=question)
