@@ -86,3 +86,23 @@ def test_ultrafeedback_hub_id_offline_from_the_download_cache(tokenizer, tmp_pat
     for name, value in batch_id.items():
         if hasattr(value, "tolist"):
             assert value.tolist() == batch_folder[name].tolist()
+
+
+def test_mistral_v03_template_with_a_system_prompt_puts_it_in_the_first_user_turn(tmp_path):
+    from tests.chat_templates import MISTRAL_V03, tokenizer_with_template
+    from tests.datamodule_fixtures import write_gsm8k
+
+    mistral = tokenizer_with_template(tmp_path / "mistral", MISTRAL_V03)
+    assert mistral.chat_template == MISTRAL_V03
+    main = write_gsm8k(tmp_path)
+    dm = GSM8KDataModule(mistral, data=str(main / "test.jsonl"), system_prompt="Solve it.", batch_size=2)
+    with pytest.warns(UserWarning, match="`system_prompt` is put at the head of the first user turn"):
+        batch = next(iter(dm.val_dataloader()))
+    for row in range(2):
+        question, answer = GSM8K_ROWS[row]["question"], GSM8K_ROWS[row]["answer"]
+        prompt = mistral(f"<s>[INST] Solve it.\n\n{question}[/INST]", add_special_tokens=False)["input_ids"]
+        target = mistral(f" {answer}</s>", add_special_tokens=False)["input_ids"]
+        length = len(prompt) + len(target)
+        assert batch["input_ids"][row, :length].tolist() == prompt + target
+        assert batch["labels"][row, len(prompt):length].tolist() == target
+        assert (batch["labels"][row, :len(prompt)] == -100).all()
