@@ -185,3 +185,65 @@ def write_hub_cache_entry(cache: Path, repo_id: str, source: Path, revision: str
     (base / "refs").mkdir(exist_ok=True)
     (base / "refs" / "main").write_text(revision)
     return snapshot
+
+
+# ----------------------------------------------------------------------------- image data sets in the hub's parquet
+# Where the parquet files of FusionBench's data for each task lie in its hub repository (the config's sub-folder).
+FUSIONBENCH_FOLDERS = {"tanganke": "data", "ylecun/mnist": "mnist", "ufldl-stanford/svhn": "cropped_digits"}
+
+
+def image_classnames(task: str) -> list[str]:
+    """Names for the ``label`` ClassLabel of ``task``'s data set: the library's, or for Stanford Cars and SUN397 as
+    many names as they have classes, SUN397's in its ``ClassName.txt`` form (``/a/abbey``)."""
+    from lightning_delta.datamodules import CLASSNAMES
+
+    if task == "sun397":
+        return [f"/{chr(ord('a') + i % 26)}/scene_{i:03d}/indoor" for i in range(397)]
+    if task == "stanford_cars":
+        return [f"car {i}" for i in range(196)]  # short: the tiny CLIP text tower reads 32 tokens
+    return list(CLASSNAMES[task])
+
+
+def write_image_parquet(path: Path, labels: list[int], names: list[str], seed: int = 0) -> list[bytes]:
+    """One parquet file of an image data set, written by ``datasets`` itself (``Dataset.from_dict`` with the
+    ``Image`` and ``ClassLabel`` features, then ``to_parquet``): ``image`` a struct ``{bytes, path}`` holding PNG
+    files (every third a JPEG file), ``label`` the class index. Returns the image files' bytes, row by row."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(len(labels)):
+        pixels = rng.integers(0, 256, size=(12 + i % 3, 14, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG" if i % 3 == 2 else "PNG")
+        files.append(buffer.getvalue())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    rows = {"image": [{"bytes": data, "path": f"{i:05d}.{'jpg' if i % 3 == 2 else 'png'}"}
+                      for i, data in enumerate(files)], "label": list(labels)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return files
+
+
+def write_fusionbench_repository(root: Path, repo_id: str, task: str, splits: dict[str, list[list[int]]],
+                                 seed: int = 0) -> dict[str, list[bytes]]:
+    """A copy of ``repo_id``'s hub repository as FusionBench reads it: for each split, one parquet file per list of
+    labels (``data/test-00000-of-00002.parquet``, ...; ``mnist/`` for ``ylecun/mnist``, ``cropped_digits/`` and a
+    ``full_numbers/`` config of another schema for ``ufldl-stanford/svhn``) and a README.md. Returns the image files'
+    bytes of each split, in row order."""
+    folder = FUSIONBENCH_FOLDERS.get(repo_id, FUSIONBENCH_FOLDERS["tanganke"])
+    names = image_classnames(task)
+    written: dict[str, list[bytes]] = {}
+    for number, (split, shards) in enumerate(splits.items()):
+        written[split] = []
+        for index, labels in enumerate(shards):
+            path = root / folder / f"{split}-{index:05d}-of-{len(shards):05d}.parquet"
+            written[split] += write_image_parquet(path, labels, names, seed=seed + 10 * number + index)
+    if repo_id == "ufldl-stanford/svhn":  # the other config: whole house numbers with their digits' boxes
+        write_parquet(root / "full_numbers" / "test-00000-of-00001.parquet",
+                      [{"image": {"bytes": b"", "path": "1.png"}, "digits": {"bbox": [[1, 2, 3, 4]], "label": [5]}}])
+    (root / "README.md").write_text(f"---\npretty_name: {repo_id}\n---\n")
+    return written
