@@ -106,3 +106,51 @@ def test_mistral_v03_template_with_a_system_prompt_puts_it_in_the_first_user_tur
         assert batch["input_ids"][row, :length].tolist() == prompt + target
         assert batch["labels"][row, len(prompt):length].tolist() == target
         assert (batch["labels"][row, :len(prompt)] == -100).all()
+
+
+@pytest.mark.parametrize("model", ["llama3", "qwen2", "zephyr", "mistral-v0.3"])
+@pytest.mark.parametrize("system_prompt", [None, "Solve it step by step."])
+@pytest.mark.parametrize("few_shot", [0, 2])
+def test_real_chat_templates_give_the_prompt_and_loss_mask_of_apply_chat_template(tmp_path, model, system_prompt,
+                                                                                   few_shot):
+    """The paper's four instruct models' chat templates, as in their tokenizer_config.json, with their special
+    tokens: the batch holds the ids ``tokenizer.apply_chat_template`` gives for the conversation, the prompt
+    masked and the answer (with the template's end of turn) the target, with and without a system prompt and few-
+    shot turns. Mistral-v0.3 writes a system message into the last user turn: there it heads the first user turn."""
+    import warnings
+
+    from tests.chat_templates import SPECIAL_TOKENS, TEMPLATES, tokenizer_with_template
+    from tests.datamodule_fixtures import GSM8K_TRAIN_ROWS, write_gsm8k
+
+    tokenizer = tokenizer_with_template(tmp_path / model, TEMPLATES[model], SPECIAL_TOKENS[model])
+    assert tokenizer.chat_template == TEMPLATES[model]
+    main = write_gsm8k(tmp_path / "gsm8k")
+    dm = GSM8KDataModule(tokenizer, data=str(main), system_prompt=system_prompt, few_shot=few_shot, batch_size=5,
+                         max_length=512)
+    with warnings.catch_warnings(record=True):
+        batch = next(iter(dm.val_dataloader()))
+    folded = system_prompt is not None and model == "mistral-v0.3"
+    for row, example in enumerate(GSM8K_ROWS):
+        turns = []
+        for shot in GSM8K_TRAIN_ROWS[:few_shot]:
+            turns += [{"role": "user", "content": shot["question"]}, {"role": "assistant", "content": shot["answer"]}]
+        turns.append({"role": "user", "content": example["question"]})
+        if folded:
+            turns[0] = {"role": "user", "content": f"{system_prompt}\n\n{turns[0]['content']}"}
+        elif system_prompt is not None:
+            turns.insert(0, {"role": "system", "content": system_prompt})
+        prompt = list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+        full = list(tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": example["answer"]}],
+                                                  tokenize=True, return_dict=False))
+        assert full[:len(prompt)] == prompt
+        assert batch["input_ids"][row, :len(full)].tolist() == full
+        assert (batch["labels"][row, :len(prompt)] == -100).all()
+        assert batch["labels"][row, len(prompt):len(full)].tolist() == full[len(prompt):]
+        assert (batch["labels"][row, len(full):] == -100).all()
+        assert (batch["attention_mask"][row, len(full):] == 0).all()
+        assert batch["prompt_input_ids"][row, -len(prompt):].tolist() == prompt
+        if system_prompt is not None:
+            assert system_prompt in tokenizer.decode(prompt)
+        if model == "qwen2" and system_prompt is None:
+            assert "You are a helpful assistant." in tokenizer.decode(prompt)  # the template's default system turn
