@@ -23,6 +23,8 @@ __all__ = ["RatioOfSums", "extract_final_number", "numbers_match"]
 # A number as written in GSM8K answers and model outputs: optional sign (ASCII or Unicode minus), optional "$",
 # digits with thousands commas, optional decimals; or a bare decimal such as ".5".
 _NUMBER = re.compile(r"[-−]?\s?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+# "the answer is 12", "The final answer is: $42", "answer: 7": the stated answer, before any later number
+_STATED = re.compile(r"\banswer\s*(?:is|:)\s*:?\s*(?:\*\*)?\s*(" + _NUMBER.pattern + ")", re.IGNORECASE)
 
 
 def _canonical(number: str) -> str | None:
@@ -39,7 +41,8 @@ def _canonical(number: str) -> str | None:
 def extract_final_number(text: str) -> str | None:
     """The final answer of a GSM8K-style solution as a canonical number string, or ``None``.
 
-    The number after the last ``####`` is taken; without ``####``, the last number in the text. Thousands commas,
+    The number after the last ``####`` is taken; without ``####``, the number of the last "the answer is n" (or
+    "answer: n"), so that "The answer is 12 (3 x 4)." gives 12; without either, the last number. Thousands commas,
     ``$`` and trailing zeros are dropped, so ``"1,000.50"`` gives ``"1000.5"`` and ``"-3.0"`` gives ``"-3"``.
 
     Example:
@@ -47,6 +50,8 @@ def extract_final_number(text: str) -> str | None:
         '1024'
         >>> extract_final_number("The loss is $-3.50, so the answer is -3.5.")
         '-3.5'
+        >>> extract_final_number("The final answer is 42. It took 2 steps.")
+        '42'
         >>> extract_final_number("no number here") is None
         True
     """
@@ -54,6 +59,9 @@ def extract_final_number(text: str) -> str | None:
         found = _NUMBER.findall(text.rsplit("####", 1)[1])
         if found:
             return _canonical(found[0])
+    stated = _STATED.findall(text)
+    if stated:
+        return _canonical(stated[-1])
     found = _NUMBER.findall(text)
     return _canonical(found[-1]) if found else None
 

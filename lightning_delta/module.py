@@ -20,7 +20,9 @@ from lightning_delta.sharded import check_strategy, shard_model, sharded_paramet
 
 __all__ = ["DeltaEditModule", "load_model"]
 
-Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
+# (model, batch) -> (correct, total); an evaluator that reads each answer in several ways (GSM8KEvaluator's lm-eval
+# protocols: strict-match and flexible-extract) names them in `accuracy_names` and returns {name: (correct, total)}
+Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor] | Mapping[str, tuple[Tensor, Tensor]]]
 
 
 def check_batch(batch: Any, loss: DeltaLoss) -> Any:
@@ -97,6 +99,9 @@ class DeltaEditModule(pl.LightningModule):
         self.evaluator = evaluator if evaluator is not None else getattr(self.loss, "evaluator", None)
         self.loss_post, self.loss_edit = RatioOfSums(), RatioOfSums()
         self.accuracy_post, self.accuracy_edit = RatioOfSums(), RatioOfSums()
+        names = tuple(getattr(self.evaluator, "accuracy_names", ()))
+        self.named_accuracies = nn.ModuleDict({f"{when}:{name}": RatioOfSums() for name in names
+                                               for when in ("post", "edit")})
         self._edited: EditedModel | None = None
 
     @staticmethod
@@ -183,7 +188,7 @@ class DeltaEditModule(pl.LightningModule):
                 if measure_loss:
                     loss_metric.update(*self.loss(self.model, prepared))
                 if evaluate:
-                    accuracy_metric.update(*self.evaluator(self.model, batch))
+                    accuracy_metric.update(*self.count_correct(batch, "post" if t == 0.0 else "edit"))
         edited.set_t(0.0)
         if measure_loss:
             self.log("loss/post", self.loss_post, batch_size=1)
@@ -192,6 +197,20 @@ class DeltaEditModule(pl.LightningModule):
             given = self.accuracy_post_given
             self.log("accuracy/post", self.accuracy_post if given is None else given, batch_size=1)
             self.log("accuracy/edit", self.accuracy_edit, batch_size=1)
+            for key, metric in self.named_accuracies.items():
+                when, name = key.split(":", 1)
+                if when == "edit" or given is None:
+                    self.log(f"accuracy/{when}/{name}", metric, batch_size=1)
+
+    def count_correct(self, batch: Any, when: str) -> tuple[Tensor, Tensor]:
+        """The evaluator's ``(correct, total)`` on ``batch``; for an evaluator with ``accuracy_names``, each name's
+        counts go to its own metric (logged as ``accuracy/<post|edit>/<name>``) and the first name's are returned."""
+        counts = self.evaluator(self.model, batch)
+        if not isinstance(counts, Mapping):
+            return counts
+        for name, pair in counts.items():
+            self.named_accuracies[f"{when}:{name}"].update(*pair)
+        return next(iter(counts.values()))
 
     def materialize(self, t: float = 1.0) -> nn.Module:
         """The model with ``W_post + t·E`` written into plain weights (ready for ``save_pretrained``)."""

@@ -138,3 +138,112 @@ def write_gtsrb_test(root: Path, labels: tuple[int, ...] = (16, 1, 38), seed: in
     rows = lines if csv_lines is None else csv_lines
     (root / "gtsrb" / "GT-final_test.csv").write_text("\n".join([GTSRB_CSV_HEADER, *rows]) + "\n")
     return images
+
+
+# GSM8K's other config: the same questions, answers with Socratic sub-questions ("How many ...? ** ...").
+GSM8K_SOCRATIC_ROWS = [
+    {"question": row["question"], "answer": "How many in all? ** " + row["answer"]} for row in GSM8K_ROWS
+]
+# A train split long enough for lm-eval's 5-shot draw, in the real answers' form (calculator notes, "#### n").
+GSM8K_TRAIN_POOL = [
+    {"question": f"A box holds {n} pens and Ann buys {n + 2} boxes. How many pens does she have?",
+     "answer": f"She has {n} * {n + 2} = <<{n}*{n + 2}={n * (n + 2)}>>{n * (n + 2)} pens.\n#### {n * (n + 2)}"}
+    for n in range(2, 14)
+]
+
+
+def write_gsm8k_repository(root: Path, test_rows: list[dict] | None = None) -> Path:
+    """A copy of the ``openai/gsm8k`` repository: ``main/`` and ``socratic/``, each with
+    ``{train,test}-00000-of-00001.parquet`` (columns question, answer), as ``hf download`` lays it out."""
+    rows = GSM8K_ROWS if test_rows is None else test_rows
+    write_parquet(root / "main" / "test-00000-of-00001.parquet", rows)
+    write_parquet(root / "main" / "train-00000-of-00001.parquet", GSM8K_TRAIN_POOL)
+    write_parquet(root / "socratic" / "test-00000-of-00001.parquet", GSM8K_SOCRATIC_ROWS)
+    write_parquet(root / "socratic" / "train-00000-of-00001.parquet",
+                  [{**row, "answer": "How many? ** " + row["answer"]} for row in GSM8K_TRAIN_POOL])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n- config_name: socratic\n---\n")
+    return root
+
+
+def write_hub_cache_entry(cache: Path, repo_id: str, source: Path, revision: str = "0" * 40,
+                          repo_type: str = "dataset") -> Path:
+    """``source``'s files in the hub download cache's layout, as ``hf download <repo_id> --repo-type dataset``
+    leaves them: ``<cache>/datasets--org--name/blobs/<hash>``, ``snapshots/<revision>/<path>`` linking to the blob,
+    ``refs/main`` holding the revision. Returns the snapshot folder."""
+    import hashlib
+
+    base = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = base / "snapshots" / revision
+    (base / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../" * (len(file.relative_to(source).parts) + 1)) / "blobs" / blob.name)
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+# ----------------------------------------------------------------------------- image data sets in the hub's parquet
+# Where the parquet files of FusionBench's data for each task lie in its hub repository (the config's sub-folder).
+FUSIONBENCH_FOLDERS = {"tanganke": "data", "ylecun/mnist": "mnist", "ufldl-stanford/svhn": "cropped_digits"}
+
+
+def image_classnames(task: str) -> list[str]:
+    """Names for the ``label`` ClassLabel of ``task``'s data set: the library's, or for Stanford Cars and SUN397 as
+    many names as they have classes, SUN397's in its ``ClassName.txt`` form (``/a/abbey``)."""
+    from lightning_delta.datamodules import CLASSNAMES
+
+    if task == "sun397":
+        return [f"/{chr(ord('a') + i % 26)}/scene_{i:03d}/indoor" for i in range(397)]
+    if task == "stanford_cars":
+        return [f"car {i}" for i in range(196)]  # short: the tiny CLIP text tower reads 32 tokens
+    return list(CLASSNAMES[task])
+
+
+def write_image_parquet(path: Path, labels: list[int], names: list[str], seed: int = 0) -> list[bytes]:
+    """One parquet file of an image data set, written by ``datasets`` itself (``Dataset.from_dict`` with the
+    ``Image`` and ``ClassLabel`` features, then ``to_parquet``): ``image`` a struct ``{bytes, path}`` holding PNG
+    files (every third a JPEG file), ``label`` the class index. Returns the image files' bytes, row by row."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(len(labels)):
+        pixels = rng.integers(0, 256, size=(12 + i % 3, 14, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG" if i % 3 == 2 else "PNG")
+        files.append(buffer.getvalue())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    rows = {"image": [{"bytes": data, "path": f"{i:05d}.{'jpg' if i % 3 == 2 else 'png'}"}
+                      for i, data in enumerate(files)], "label": list(labels)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return files
+
+
+def write_fusionbench_repository(root: Path, repo_id: str, task: str, splits: dict[str, list[list[int]]],
+                                 seed: int = 0) -> dict[str, list[bytes]]:
+    """A copy of ``repo_id``'s hub repository as FusionBench reads it: for each split, one parquet file per list of
+    labels (``data/test-00000-of-00002.parquet``, ...; ``mnist/`` for ``ylecun/mnist``, ``cropped_digits/`` and a
+    ``full_numbers/`` config of another schema for ``ufldl-stanford/svhn``) and a README.md. Returns the image files'
+    bytes of each split, in row order."""
+    folder = FUSIONBENCH_FOLDERS.get(repo_id, FUSIONBENCH_FOLDERS["tanganke"])
+    names = image_classnames(task)
+    written: dict[str, list[bytes]] = {}
+    for number, (split, shards) in enumerate(splits.items()):
+        written[split] = []
+        for index, labels in enumerate(shards):
+            path = root / folder / f"{split}-{index:05d}-of-{len(shards):05d}.parquet"
+            written[split] += write_image_parquet(path, labels, names, seed=seed + 10 * number + index)
+    if repo_id == "ufldl-stanford/svhn":  # the other config: whole house numbers with their digits' boxes
+        write_parquet(root / "full_numbers" / "test-00000-of-00001.parquet",
+                      [{"image": {"bytes": b"", "path": "1.png"}, "digits": {"bbox": [[1, 2, 3, 4]], "label": [5]}}])
+    (root / "README.md").write_text(f"---\npretty_name: {repo_id}\n---\n")
+    return written

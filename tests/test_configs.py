@@ -12,8 +12,13 @@ import yaml
 from lightning_delta.cli import run
 from lightning_delta.runner import DeltaCLI
 from lightning_delta.sweep import expand_grid
-from tests.datamodule_fixtures import write_gsm8k, write_mnist, write_ultrafeedback
-from tests.tiny_models import make_tiny_pair
+from tests.datamodule_fixtures import (
+    write_fusionbench_repository,
+    write_gsm8k,
+    write_hub_cache_entry,
+    write_ultrafeedback,
+)
+from tests.tiny_models import make_fake_hub_repo, make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
@@ -128,18 +133,68 @@ def test_clip_config_runs_on_a_tiny_model(tmp_path):
     name = "clip-vit-b32-eight-tasks.yaml"
     config = yaml.safe_load((CONFIGS / name).read_text())
     pair = make_tiny_pair(tmp_path, "clip", shard=None, scale=0.05)
-    write_mnist(tmp_path / "vision")
+    mnist = str(tmp_path / "mnist")
+    write_fusionbench_repository(tmp_path / "mnist", "ylecun/mnist", "mnist", {"test": [[3, 1, 4, 1, 5, 9, 2]]})
     zero_shot = config["model"]["model"]["init_args"]
-    zero_shot.update(clip=str(pair.pre_dir), vision_model=str(pair.post_dir), root=str(tmp_path / "vision"))
+    zero_shot.update(clip=str(pair.pre_dir), vision_model=str(pair.post_dir), data=mnist)
     config["model"]["pretrained"] = str(pair.pre_dir)
-    config["data"]["init_args"].update(root=str(tmp_path / "vision"), processor=str(pair.pre_dir), batch_size=4)
+    config["data"]["init_args"].update(data=mnist, processor=str(pair.pre_dir), batch_size=4)
     (block,) = config["sweep"]["grid"]
-    tasks = "data.init_args.task,model.model.init_args.task,model.model.init_args.vision_model"
-    block[tasks] = [["mnist", "mnist", str(pair.post_dir)]]
+    (tasks,) = [key for key in block if key.startswith("data.init_args.task,")]
+    block[tasks] = [["mnist", mnist, None, "mnist", mnist, None, str(pair.post_dir)]]
     rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
     assert [row.dataset for row in rows] == ["Vision/mnist/test"] * 2
     assert all(name.startswith(("vision_model.", "visual_projection."))
                for name in rows[0].result.term_per_tensor)
+
+
+def _tiny_clip_reading_long_prompts(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny CLIP pre/post pair whose text tower reads 128 tokens, saved under ``tmp_path``: the tiny tokenizer
+    splits GTSRB's longest prompt into 80 tokens (CLIP's own into fewer than its 77 positions)."""
+    import torch
+    from transformers import CLIPModel
+
+    from tests.tiny_models import make_post_trained, save_model, tiny_config
+
+    config = tiny_config("clip")
+    config.text_config.max_position_embeddings = 128
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pre = CLIPModel(config).eval()
+    post = make_post_trained(pre, scale=0.05)
+    return save_model(pre, tmp_path / "clip" / "pre"), save_model(post, tmp_path / "clip" / "post")
+
+
+def test_clip_config_runs_all_eight_tasks_by_hub_id_offline_from_the_hub_cache(tmp_path, offline_hub):
+    """The shipped CLIP config as written (hub ids of the models and of FusionBench's data sets), with a hub
+    download cache holding a tiny CLIP, its fine-tuned towers and tiny copies of the eight data sets in their hub
+    layout, under HF_HUB_OFFLINE=1: one DARE point per task."""
+    name = "clip-vit-b32-eight-tasks.yaml"
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    (block,) = config["sweep"]["grid"]
+    (tasks,) = [key for key in block if key.startswith("data.init_args.task,")]
+    pre, post = _tiny_clip_reading_long_prompts(tmp_path)
+    make_fake_hub_repo(offline_hub, config["model"]["pretrained"], pre)
+    labels = {}
+    for task, repo_id, data_config, _, _, _, tower in block[tasks]:
+        make_fake_hub_repo(offline_hub, tower, post)
+        size = {"sun397": 397, "stanford_cars": 196, "gtsrb": 43, "dtd": 47, "resisc45": 45}.get(task, 10)
+        labels[task] = [[size - 1, 0, 1], [size // 2, 2]]
+        write_fusionbench_repository(tmp_path / "data" / task, repo_id, task, {"test": labels[task]})
+        write_hub_cache_entry(offline_hub, repo_id, tmp_path / "data" / task)
+    block.update({"edit.init_args.p": [0.5], "edit.init_args.k": [0.0]})
+    config["trainer"].update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
+                             default_root_dir=str(tmp_path), enable_progress_bar=False)
+    config["sweep"].update(results=str(tmp_path / "results.jsonl"), figures=str(tmp_path / "figures"))
+    rows = run(["sweep", "--config", _write(config, tmp_path)])
+    assert [row.dataset for row in rows] == [f"Vision/{row[0]}/test" for row in block[tasks]]
+    for row, (task, repo_id, data_config, *_) in zip(rows, block[tasks]):
+        assert row.config["data"]["init_args"]["data"] == repo_id and row.config["data"]["init_args"]["config"] == \
+            data_config
+        assert row.result.count == 5  # both files of the test split
+        assert row.result.accuracy_post is not None
+        assert all(name.startswith(("vision_model.", "visual_projection.")) for name in row.result.term_per_tensor)
+    assert all(row.result.loss_post > 0 for row in rows)
 
 
 def _write(config: dict, tmp_path: Path) -> str:
@@ -163,9 +218,9 @@ def _tiny_replacements(name: str, tmp_path: Path) -> dict[str, str]:
     family = {**PAPER_CONFIGS, **SHARDED_CONFIGS}[name][0]
     pair = make_tiny_pair(tmp_path, family, shard=None, scale=0.05)
     if family == "clip":
-        write_mnist(tmp_path / "vision")
+        write_fusionbench_repository(tmp_path / "mnist", "ylecun/mnist", "mnist", {"test": [[3, 1, 4, 1, 5, 9, 2]]})
         return {"openai/clip-vit-base-patch32": str(pair.pre_dir), "tanganke/clip-vit-base-patch32_mnist": str(pair.post_dir),
-                "data/vision": str(tmp_path / "vision")}
+                "ylecun/mnist": str(tmp_path / "mnist")}
     config = yaml.safe_load((CONFIGS / name).read_text())
     replacements = {config["model"]["model"]: str(pair.post_dir), config["model"]["pretrained"]: str(pair.pre_dir)}
     if "ultrafeedback" in name:

@@ -501,3 +501,12 @@ def test_a_model_sharded_by_fsdp2_generates_in_step_with_the_other_processes(tok
         dist.destroy_process_group()
     assert synced == [True]
     assert torch.equal(generated, expected)
+
+
+def test_default_extraction_takes_the_stated_answer_before_a_later_number():
+    assert extract_final_number("The answer is 12 (3 x 4).") == "12"  # not 4
+    assert extract_final_number("The final answer is 42. In total it took 2 steps.") == "42"  # not 2
+    assert extract_final_number("The answer: 9 toys, 2 from mom.") == "9"
+    assert extract_final_number("So the answer is 3, then 4 and finally the answer is 5. Done in 6.") == "5"
+    assert extract_final_number("3 + 4 = 7") == "7"  # no stated answer: the last number, as before
+    assert extract_final_number("The answer is 12.\n#### 13") == "13"  # `####` first, as before

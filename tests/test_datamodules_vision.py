@@ -42,7 +42,7 @@ def test_class_names_and_templates():
     assert all(t.count("{}") == 1 for task in TASKS for t in get_templates(task))
     with pytest.raises(ValueError, match="Unknown vision task 'imagenet'; choose one of mnist"):
         get_classnames("imagenet")
-    with pytest.raises(ValueError, match="pass `root`"):
+    with pytest.raises(ValueError, match="pass `data` .* or `root`"):
         get_classnames("sun397")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,26 +68,73 @@ def split_completion(tokenizer: Any, prompt_messages: list[dict], answer: str) -
     return prompt, full[len(prompt):]
 
 
+def system_turn_leads(tokenizer: Any) -> bool:
+    """Whether the chat template writes a system message at the head of the conversation, both in the generation
+    prompt and in the conversation with the answer. Templates without a system role raise on it; Mistral-7B-Instruct
+    -v0.3's writes it into the last user turn, which is the question in the prompt but not once the answer follows."""
+    return _system_turn_leads(tokenizer, tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=8)
+def _system_turn_leads(tokenizer: Any, template: str) -> bool:  # once per tokenizer and template
+    system, user, assistant = "SYSTEM-PROBE", "USER-PROBE", "ASSISTANT-PROBE"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": assistant}], tokenize=False,
+                                             add_generation_prompt=False)
+    except Exception:  # jinja2's TemplateError from raise_exception, or whatever the template trips on
+        return False
+    return all(system in text and text.index(system) < text.index(user) for text in (prompt, full))
+
+
+def chat_messages(tokenizer: Any, system_prompt: str | None, turns: Sequence[str]) -> list[dict]:
+    """The conversation of ``turns`` (user, assistant, user, ...) after ``system_prompt``: as a system message where
+    the chat template writes one at the head of the conversation (:func:`system_turn_leads`), else at the head of
+    the first user turn, followed by a blank line (with a warning)."""
+    messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+    if not system_prompt:
+        return messages
+    if system_turn_leads(tokenizer):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    _warn_system_folded(tokenizer.chat_template)
+    return [{"role": "user", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+
+
+def _warn_system_folded(template: str) -> None:  # Python shows the same warning once per place
+    rank_zero_warn(
+        "The chat template has no system role, or does not write the system message at the head of the "
+        "conversation (Mistral-7B-Instruct-v0.3's puts it into the last user turn); `system_prompt` is put at the "
+        "head of the first user turn instead, followed by a blank line."
+    )
+
+
 def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
-def local_files(data: str, split: str, what: str) -> list[Path] | None:
+def local_files(data: str, split: str, what: str, config: str | None = None) -> list[Path] | None:
     """The local files that hold ``split`` of ``data``, or ``None`` when ``data`` is a hub id.
 
-    A single file is the split itself, whatever ``split`` says; a directory holds ``<split>*.{jsonl,json,parquet}``.
+    A single file is the split itself, whatever ``split`` says; a directory holds ``<split>*.{jsonl,json,parquet}``,
+    searched in its sub-folders too. A directory with a sub-folder named ``config`` (a copy of a hub repository
+    such as ``openai/gsm8k``, whose ``main/`` and ``socratic/`` are two configs) is read in that sub-folder only.
+    Files of ``split`` in two sub-folders are two configs, never mixed: that is an error.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
+        ValueError: a directory whose files for ``split`` lie in several sub-folders (configs).
     """
     path = Path(data).expanduser()
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.name.startswith(split))
+        folder = path / config if config and (path / config).is_dir() else path
+        files = sorted(f for f in folder.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.name.startswith(split))
         if not files:
             raise FileNotFoundError(
-                f"No {what} file for split {split!r} in {path}: expected {split}.jsonl, {split}.json or "
+                f"No {what} file for split {split!r} in {folder}: expected {split}.jsonl, {split}.json or "
                 f"{split}-*.parquet there (the hub's layout)."
             )
+        _check_one_config(files, folder, split, config, what)
         return files
     if path.suffix in LOCAL_SUFFIXES:
         if not path.exists():
@@ -99,26 +147,109 @@ def local_files(data: str, split: str, what: str) -> list[Path] | None:
     return None
 
 
-def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str,
-              fields: dict[str, type] | None = None) -> tuple[list[dict], list[str]]:
-    """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id,
-    and where each comes from (``"row 3 (counting from 0) of /data/test.jsonl"``), for error messages.
+def _check_one_config(files: list[Path], folder: Path, split: str, config: str | None, what: str) -> None:
+    """Raise when the files of ``split`` under ``folder`` lie in more than one sub-folder (one per config)."""
+    groups = sorted({f.relative_to(folder).parts[0] if len(f.relative_to(folder).parts) > 1 else "." for f in files})
+    if len(groups) > 1:
+        wanted = f"`config={config!r}` is none of them" if config else "no `config` picks one"
+        raise ValueError(
+            f"{folder} holds {what} files of split {split!r} in {len(groups)} folders ({names(groups)}): these are "
+            f"configs of the data set and are never mixed, and {wanted}. Point `data` at one of those folders, or "
+            "pass the folder's name as `config`."
+        )
 
-    ``fields`` maps the names every row must have to their type; each kept row is checked (:func:`check_fields`).
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub client is in offline mode (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The folder of data set ``repo_id``'s snapshot in the hub download cache (``HF_HUB_CACHE``, laid out by
+    ``hf download <repo_id> --repo-type dataset``), or ``None`` when it is not cached. Never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True))
+    except Exception:  # not cached (the client raises one of several errors for that): the caller decides
+        return None
+
+
+def fetch_command(repo_id: str, revision: str | None = None) -> str:
+    """The shell command that puts data set ``repo_id`` into the hub download cache."""
+    tail = f" --revision {revision}" if revision else ""
+    return (f"`hf download {repo_id} --repo-type dataset{tail}` (older clients: `huggingface-cli download {repo_id} "
+            f"--repo-type dataset{tail}`)")
+
+
+def not_cached_message(repo_id: str, what: str, revision: str | None = None, detail: str = "") -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"The {what} data set {repo_id!r} (revision {revision or 'main'!r}) is not in the hub download cache "
+        f"{constants.HF_HUB_CACHE}{detail}, and HF_HUB_OFFLINE=1 forbids downloading it. While online, run "
+        f"{fetch_command(repo_id, revision)}, or pass `data=` a local folder or file."
+    )
+
+
+def resolve_files(data: str, split: str, config: str | None, what: str, revision: str | None = None,
+                  ) -> list[Path] | None:
+    """The files holding ``split`` of ``data`` (:func:`local_files`); for a hub id, those of its snapshot in the
+    hub download cache. ``None``: a hub id to read with ``datasets.load_dataset`` (online, or its Arrow cache).
 
     Raises:
-        FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``.
-        ValueError: an empty split (after ``limit``); a row without one of ``fields`` or with a value of another type.
+        FileNotFoundError: offline, a hub id whose snapshot lacks ``split`` (the message names the id, the revision
+            and the command that fetches it).
+    """
+    files = local_files(data, split, what, config)
+    if files is not None:
+        return files
+    snapshot = hub_snapshot(data, revision)
+    if snapshot is None:
+        return None
+    try:
+        return local_files(str(snapshot), split, what, config)
+    except FileNotFoundError:
+        if not hub_offline():
+            return None
+        detail = f" with split {split!r}{f' of config {config!r}' if config else ''} (its snapshot {snapshot} lacks it)"
+        raise FileNotFoundError(not_cached_message(data, what, revision, detail)) from None
+
+
+def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str,
+              fields: dict[str, type] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id
+    (its snapshot in the hub download cache when there is one: offline under ``HF_HUB_OFFLINE=1``), and where each
+    comes from (``"row 3 (counting from 0) of /data/test.jsonl"``), for error messages.
+
+    ``config`` picks the sub-folder of a directory (or snapshot) that holds several configs, and the config of a
+    hub id read by ``datasets``. ``fields`` maps the names every row must have to their type; each kept row is
+    checked (:func:`check_fields`).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or a directory without a file for ``split``; offline,
+            a hub id that is not cached (the message says how to fetch it).
+        ValueError: an empty split (after ``limit``); a row without one of ``fields`` or with a value of another type;
+            a directory whose files of ``split`` lie in several configs.
     """
     import datasets  # here, not at the top: it takes seconds to import and only loading rows needs it
 
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"`limit` must be a positive number of examples or None, got {limit!r}.")
-    files = local_files(data, split, what)
+    files = resolve_files(data, split, config, what)
     rows: list[dict] = []
     origins: list[str] = []
     if files is None:
-        dataset = datasets.load_dataset(data, config, split=split) if config else datasets.load_dataset(data, split=split)
+        try:
+            dataset = (datasets.load_dataset(data, config, split=split) if config
+                       else datasets.load_dataset(data, split=split))
+        except Exception as error:
+            if not hub_offline():
+                raise
+            detail = f" (nor in the datasets cache: {type(error).__name__})"
+            raise FileNotFoundError(not_cached_message(data, what, None, detail)) from error
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
         rows = list(dataset)

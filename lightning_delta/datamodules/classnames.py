@@ -2,8 +2,8 @@
 
 Class names are the datasets' own labels written as words (label order = the index the dataset gives), and the
 templates are the usual CLIP zero-shot prompts per task. Stanford Cars (196 models) and SUN397 (397 scenes) take
-their names from the metadata shipped with the data (``devkit/cars_meta.mat``, ``ClassName.txt``) through
-:func:`get_classnames` with ``root``.
+their names from the metadata shipped with the data through :func:`get_classnames`: the ``label`` ``ClassLabel`` of
+a parquet data set (``data``), or ``devkit/cars_meta.mat`` and ``ClassName.txt`` under ``root``.
 """
 
 from __future__ import annotations
@@ -154,13 +154,21 @@ def _cars_names(root: Path) -> list[str]:
     return [str(name) for name in scipy.io.loadmat(str(path), squeeze_me=True)["class_names"].tolist()]
 
 
-def get_classnames(task: str, root: str | None = None) -> list[str]:
-    """The class names of ``task`` in label order; Stanford Cars and SUN397 read them from the data under ``root``."""
+def get_classnames(task: str, root: str | None = None, data: str | None = None, config: str | None = None,
+                   ) -> list[str]:
+    """The class names of ``task`` in label order. Stanford Cars and SUN397 read them from their data: the parquet
+    data set ``data`` (hub id or path; its ``label``'s ``ClassLabel`` names, see
+    :func:`lightning_delta.datamodules.vision_parquet.classnames_from_data`) or the metadata under ``root``."""
     task = check_task(task)
+    if data is not None:
+        from lightning_delta.datamodules.vision_parquet import classnames_from_data
+
+        return classnames_from_data(task, data, config)
     if task in CLASSNAMES:
         return list(CLASSNAMES[task])
     if root is None:
-        raise ValueError(f"The class names of {task} come with its data: pass `root` (the dataset folder).")
+        raise ValueError(f"The class names of {task} come with its data: pass `data` (the parquet data set, e.g. a "
+                         "hub id) or `root` (the dataset folder).")
     return _sun397_names(Path(root)) if task == "sun397" else _cars_names(Path(root))
 
 

@@ -13,6 +13,11 @@ A local file holds the evaluated examples, one JSON object with ``question`` and
     {"question": "Tom reads 6 pages a day. How many pages does he read in 3 days?", "answer": "6 * 3 = 18\\n#### 18"}
 
 The tokenizer (``tokenizer``, required) is the post-trained model's: its directory or hub id.
+
+``protocol`` picks how the model is asked and how its answers are read (:mod:`.gsm8k_protocols`): ``"chat"``
+(default), ``"lm-eval"`` (lm-evaluation-harness's ``gsm8k``, 5-shot plain text, strict and flexible accuracies) or
+``"lm-eval-cot-llama"`` (its ``gsm8k_cot_llama``, 8-shot chat chain of thought). Give the same ``protocol`` to the
+:class:`GSM8KEvaluator`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lightning_delta.datamodules._common import (
     LazyTokenizer,
     TokenizedDataModule,
     check_positive,
+    chat_messages,
     encode,
     load_rows,
     local_files,
@@ -42,6 +48,7 @@ from lightning_delta.datamodules._common import (
     split_completion,
     validation_loader,
 )
+from lightning_delta.datamodules import gsm8k_protocols as protocols
 from lightning_delta.losses import IGNORE_INDEX
 from lightning_delta.metrics import extract_final_number, numbers_match
 
@@ -51,6 +58,7 @@ PLAIN_FORMAT = "Question: {question}\nAnswer:"  # without a chat template; the a
 STOP_STRINGS = ("\n\nQuestion:",)  # the next turn of PLAIN_FORMAT: few-shot turns are joined by a blank line
 ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a final-answer line with a number, ended by its line break
 FIELDS = {"question": str, "answer": str}  # what every GSM8K row holds
+CONFIGS = ("main", "socratic")  # the two configs of openai/gsm8k, each a folder of the repository
 
 
 class GSM8KDataModule(TokenizedDataModule):
@@ -65,16 +73,23 @@ class GSM8KDataModule(TokenizedDataModule):
         tokenizer: the tokenizer that writes prompts and answers as token ids (required): the post-trained model's
             directory or hub id (its tokenizer files, read with ``AutoTokenizer.from_pretrained``; ``lightning-delta
             edit`` copies them beside an edited model), or a tokenizer object. A missing pad token is set to eos.
-        data: where the examples are: a hub id (config ``main``, read with ``datasets.load_dataset``), a local
-            ``.jsonl`` file with one ``{"question": ..., "answer": "... #### <number>"}`` object per line (or a
-            ``.json`` / ``.parquet`` file with those two columns) holding the evaluated split, or a directory with
-            ``<split>.jsonl`` / ``<split>-*.parquet`` files (the hub's layout).
+        data: where the examples are: a hub id (its snapshot in the hub download cache when there is one, as
+            ``hf download openai/gsm8k --repo-type dataset`` leaves it, which works offline with
+            ``HF_HUB_OFFLINE=1``; else ``datasets.load_dataset``), a local ``.jsonl`` file with one
+            ``{"question": ..., "answer": "... #### <number>"}`` object per line (or a ``.json`` / ``.parquet`` file
+            with those two columns) holding the evaluated split, or a directory with ``<split>.jsonl`` /
+            ``<split>-*.parquet`` files (the hub's layout; a copy of the whole repository is read in its ``config``
+            folder).
+        config: ``"main"`` (default) or ``"socratic"``, the data set's two configs (the latter's answers ask
+            themselves sub-questions); the two are never mixed.
         split: the evaluated split (``"test"`` in the paper); a ``data`` that is one file is that split whatever
             ``split`` says.
-        few_shot: number of worked examples (the first ones of ``few_shot_split``) put before each question. They
-            never come from the evaluated examples: a ``data`` that is one file holds only those, so it needs
-            ``few_shot_data``; a source and split that are the evaluated ones, or a shot whose question is an
-            evaluated question, is an error.
+        protocol: ``"chat"`` (default), ``"lm-eval"`` or ``"lm-eval-cot-llama"`` (see the module's docstring).
+        few_shot: number of worked examples put before each question (default: the protocol's, 0, 5 or 8): the
+            first ones of ``few_shot_split`` (``"chat"``), lm-eval's draw from it (``"lm-eval"``), or the task's
+            fixed examples (``"lm-eval-cot-llama"``). They never come from the evaluated examples: a ``data`` that is
+            one file holds only those, so it needs ``few_shot_data``; a source and split that are the evaluated
+            ones, or a shot whose question is an evaluated question, is an error.
         few_shot_data: where the few-shot examples come from: a train file, a directory or a hub id (default
             ``data``, a directory or hub id with a ``few_shot_split`` split).
         few_shot_split: the split of the few-shot examples (ignored when ``few_shot_data`` is one file).
@@ -85,7 +100,13 @@ class GSM8KDataModule(TokenizedDataModule):
         limit: evaluate the first ``limit`` examples only (``None``: all).
         chat_template: ``None`` uses the tokenizer's chat template where it has one (a warning otherwise, then the
             plain ``"Question: …\\nAnswer: …"`` format); ``True`` requires it; ``False`` always uses the plain format.
-        system_prompt: an optional system message (chat template only).
+        system_prompt: an optional system message (chat template only). A template without a system role, or one
+            that writes it elsewhere than before the conversation (Mistral-7B-Instruct-v0.3 puts it in the last user
+            turn), gets it at the head of the first user turn instead, with a warning.
+        drop_calculator_notes: take GSM8K's calculator notes (``<<48/2=24>>``) out of the loss target. Off by
+            default: the target is then the answer as the data set ships it, the text lm-eval's few-shot examples
+            show and the loss earlier results measured; the notes are tokens no instruct model writes unprompted,
+            so dropping them measures the loss of the reasoning alone.
 
     Raises:
         ValueError: bad arguments, an empty split, a row without ``question`` or ``answer`` (the message names the
@@ -103,8 +124,10 @@ class GSM8KDataModule(TokenizedDataModule):
         self,
         tokenizer: Any,
         data: str = "openai/gsm8k",
+        config: str = "main",
         split: str = "test",
-        few_shot: int = 0,
+        protocol: str = "chat",
+        few_shot: int | None = None,
         few_shot_data: str | None = None,
         few_shot_split: str = "train",
         max_length: int = 1024,
@@ -113,11 +136,25 @@ class GSM8KDataModule(TokenizedDataModule):
         limit: int | None = None,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
+        drop_calculator_notes: bool = False,
     ) -> None:
         super().__init__(tokenizer, max_length, batch_size, num_workers)
-        if not isinstance(few_shot, int) or few_shot < 0:
+        self.protocol = protocols.check_protocol(protocol)
+        few_shot = protocols.DEFAULT_SHOTS[protocol] if few_shot is None else few_shot
+        if not isinstance(few_shot, int) or isinstance(few_shot, bool) or few_shot < 0:
             raise ValueError(f"`few_shot` must be an integer >= 0, got {few_shot!r}.")
-        self.data, self.split, self.limit = data, split, limit
+        if config not in CONFIGS:
+            raise ValueError(f"`config` must be 'main' or 'socratic' (the configs of openai/gsm8k), got {config!r}.")
+        if protocol == "lm-eval-cot-llama" and few_shot > len(protocols.COT_LLAMA_SHOTS):
+            raise ValueError(f"`few_shot={few_shot}` but gsm8k_cot_llama has {len(protocols.COT_LLAMA_SHOTS)} examples.")
+        if protocol == "lm-eval" and chat_template:
+            raise ValueError("`protocol='lm-eval'` is lm-eval's gsm8k task on plain text, without a chat template; "
+                             "pass `chat_template=None` or False, or `protocol='lm-eval-cot-llama'` for chat.")
+        if protocol == "lm-eval-cot-llama" and chat_template is False:
+            raise ValueError("`protocol='lm-eval-cot-llama'` writes its turns through the chat template; pass "
+                             "`chat_template=None` or True.")
+        self.data, self.config, self.split, self.limit = data, config, split, limit
+        self.drop_calculator_notes = bool(drop_calculator_notes)
         self.few_shot, self.few_shot_data, self.few_shot_split = few_shot, few_shot_data, few_shot_split
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.examples: list[dict[str, Any]] | None = None
@@ -126,13 +163,18 @@ class GSM8KDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
             return
-        if self.few_shot:
+        reads_shots = self.few_shot and self.protocol != "lm-eval-cot-llama"
+        if reads_shots:
             self.check_shot_source()
-        rows, origins = load_rows(self.data, self.split, "main", self.limit, "GSM8K", FIELDS)
-        shots = self.load_shots(rows, origins) if self.few_shot else []
-        use_template = resolve_chat_template(self.tokenizer, self.chat_template, PLAIN_FORMAT)
-        examples = [self.encode_example(row["question"], row["answer"], shots, use_template, origin)
-                    for row, origin in zip(rows, origins)]
+        rows, origins = load_rows(self.data, self.split, self.config, self.limit, "GSM8K", FIELDS)
+        shots = self.shots_per_question(rows, origins)
+        if self.protocol == "lm-eval":
+            use_template = False
+        else:
+            chat_template = True if self.protocol == "lm-eval-cot-llama" else self.chat_template
+            use_template = resolve_chat_template(self.tokenizer, chat_template, PLAIN_FORMAT)
+        examples = [self.encode_example(row["question"], row["answer"], question_shots, use_template, origin)
+                    for row, origin, question_shots in zip(rows, origins, shots)]
         self.num_truncated = sum(example.pop("truncated") for example in examples)
         if self.num_truncated:
             rank_zero_warn(
@@ -146,7 +188,7 @@ class GSM8KDataModule(TokenizedDataModule):
         """Refuse few-shot examples that would come from the evaluated ones (before anything is loaded)."""
         k, data, split = self.few_shot, self.data, self.split
         source = data if self.few_shot_data is None else self.few_shot_data
-        evaluated = local_files(data, split, "GSM8K")
+        evaluated = local_files(data, split, "GSM8K", self.config)
         if self.few_shot_data is None and evaluated is not None and not Path(data).expanduser().is_dir():
             raise ValueError(
                 f"`few_shot={k}` needs worked examples apart from the evaluated ones, but `data` {data!r} is one file "
@@ -155,7 +197,7 @@ class GSM8KDataModule(TokenizedDataModule):
                 "`data` as a directory holding train and test files."
             )
         try:
-            shot_files = local_files(source, self.few_shot_split, "GSM8K few-shot")
+            shot_files = local_files(source, self.few_shot_split, "GSM8K few-shot", self.config)
         except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"{error} The {k} few-shot examples come from split {self.few_shot_split!r} of {source!r}: add that "
@@ -176,11 +218,30 @@ class GSM8KDataModule(TokenizedDataModule):
                 "`few_shot_split` to another split (e.g. 'train') or pass `few_shot_data=`."
             )
 
-    def load_shots(self, rows: list[dict], origins: list[str]) -> list[dict]:
-        """The first ``few_shot`` rows of the few-shot source; none may ask an evaluated question of ``rows``."""
+    def shots_per_question(self, rows: list[dict], origins: list[str]) -> list[list[dict]]:
+        """The worked examples before each evaluated question, by protocol: the first ``few_shot`` train rows
+        (``"chat"``), lm-eval's draw of ``few_shot`` train rows for each question in turn (``"lm-eval"``), or the
+        first ``few_shot`` of gsm8k_cot_llama's fixed examples (``"lm-eval-cot-llama"``)."""
+        k = self.few_shot
+        if k == 0:
+            return [[] for _ in rows]
+        if self.protocol == "lm-eval-cot-llama":
+            shots = [{"question": question, "answer": target} for question, target in protocols.COT_LLAMA_SHOTS[:k]]
+            return [shots for _ in rows]
+        if self.protocol == "chat":
+            shots = self.load_shots(rows, origins, k)
+            return [shots for _ in rows]
+        pool = self.load_shots(rows, origins, None)
+        if len(pool) < k:
+            raise ValueError(f"`few_shot={k}` but the few-shot split {self.few_shot_split!r} has {len(pool)} examples.")
+        return [[pool[i] for i in drawn] for drawn in protocols.lm_eval_shot_indices(len(pool), len(rows), k)]
+
+    def load_shots(self, rows: list[dict], origins: list[str], limit: int | None) -> list[dict]:
+        """The first ``limit`` rows (all: ``None``) of the few-shot source; none may ask an evaluated question of
+        ``rows``."""
         k = self.few_shot
         source = self.data if self.few_shot_data is None else self.few_shot_data
-        shots, shot_origins = load_rows(source, self.few_shot_split, "main", k, "GSM8K few-shot", FIELDS)
+        shots, shot_origins = load_rows(source, self.few_shot_split, self.config, limit, "GSM8K few-shot", FIELDS)
         if len(shots) < k:
             raise ValueError(f"`few_shot={k}` but split {self.few_shot_split!r} of {source!r} has {len(shots)} "
                              "examples; lower `few_shot` or pass `few_shot_data=` with more.")
@@ -199,14 +260,21 @@ class GSM8KDataModule(TokenizedDataModule):
                        origin: str = "example") -> dict[str, Any]:
         """Token ids of one example: ``prompt_ids`` (masked), ``answer_ids`` (the target), ``truncated``."""
         tokenizer = self.tokenizer
+        reference = answer
+        if self.drop_calculator_notes:
+            answer = protocols.drop_calculator_notes(answer)
         if use_template:
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            asked = protocols.COT_LLAMA_PROMPT if self.protocol == "lm-eval-cot-llama" else "{question}"
+            if self.protocol == "lm-eval-cot-llama":
+                answer = protocols.cot_target(answer)
+            turns = []
             for shot in shots:
-                messages += [{"role": "user", "content": shot["question"]},
-                             {"role": "assistant", "content": shot["answer"]}]
-            messages.append({"role": "user", "content": question})
+                turns += [asked.format(question=shot["question"]), shot["answer"]]
+            messages = chat_messages(tokenizer, self.system_prompt, [*turns, asked.format(question=question)])
             prompt, completion = split_completion(tokenizer, messages, answer)
-            prompt_ids = encode(tokenizer, prompt)  # the template writes its own special tokens
+            # the template writes its own special tokens; lm-eval adds the tokenizer's where it wrote no bos
+            bos_written = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+            prompt_ids = encode(tokenizer, prompt, special_tokens=self.protocol != "chat" and not bos_written)
         else:
             parts = [PLAIN_FORMAT.format(question=s["question"]) + " " + s["answer"] + "\n\n" for s in shots]
             prompt = "".join(parts) + PLAIN_FORMAT.format(question=question)
@@ -221,7 +289,7 @@ class GSM8KDataModule(TokenizedDataModule):
         truncated = len(prompt_ids) + len(answer_ids) > self.max_length
         if truncated:
             prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - self.max_length:]
-        return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answer": answer, "truncated": truncated}
+        return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answer": reference, "truncated": truncated}
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
@@ -246,8 +314,9 @@ class GSM8KDataModule(TokenizedDataModule):
         return self.val_dataloader()
 
     def evaluator(self, max_new_tokens: int = 256) -> GSM8KEvaluator:
-        """The generation-accuracy evaluator for ``DeltaEditModule(evaluator=...)``, with this tokenizer."""
-        return GSM8KEvaluator(self.tokenizer, max_new_tokens=max_new_tokens)
+        """The generation-accuracy evaluator for ``DeltaEditModule(evaluator=...)``, with this tokenizer and
+        protocol."""
+        return GSM8KEvaluator(self.tokenizer, max_new_tokens=max_new_tokens, protocol=self.protocol)
 
 
 class GSM8KEvaluator(LazyTokenizer):
@@ -262,16 +331,27 @@ class GSM8KEvaluator(LazyTokenizer):
     which sums the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or
     count :meth:`generate`'s texts yourself with :meth:`count_matches`.
 
+    With ``protocol="lm-eval"`` or ``"lm-eval-cot-llama"`` (lm-evaluation-harness's ``gsm8k`` and
+    ``gsm8k_cot_llama``, :mod:`.gsm8k_protocols`) a row stops at the task's stop strings or eos only, and each
+    answer is read by the task's two filters: the evaluator returns ``{"strict-match": (correct, total),
+    "flexible-extract": (correct, total)}`` (:meth:`count_filter_matches`), which ``DeltaEditModule`` logs as
+    ``accuracy/<post|edit>/<filter>``, the first also as ``accuracy/post`` and ``accuracy/edit``.
+
     Args:
         tokenizer: the tokenizer that decodes the generated answers (and gives the pad id): the post-trained model's
             directory or hub id, or a tokenizer object.
-        max_new_tokens: generation budget per answer.
-        stop_strings: texts that end an answer where they begin (transformers' ``stop_strings``).
+        max_new_tokens: generation budget per answer (256 is lm-eval's too).
+        stop_strings: texts that end an answer where they begin (transformers' ``stop_strings``); default: the
+            protocol's (:data:`STOP_STRINGS` for ``"chat"``, the task's ``until`` for the lm-eval protocols).
+        protocol: ``"chat"`` (default), ``"lm-eval"`` or ``"lm-eval-cot-llama"``: the one the DataModule uses.
     """
 
     def __init__(self, tokenizer: Any, max_new_tokens: int = 256,
-                 stop_strings: Sequence[str] = STOP_STRINGS) -> None:
+                 stop_strings: Sequence[str] | None = None, protocol: str = "chat") -> None:
         check_positive("max_new_tokens", max_new_tokens)
+        self.protocol = protocols.check_protocol(protocol)
+        if stop_strings is None:
+            stop_strings = STOP_STRINGS if protocol == "chat" else protocols.STOP_STRINGS[protocol]
         if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
             raise ValueError(f"`stop_strings` must be a list of non-empty strings, got {stop_strings!r}.")
         self._tokenizer_source = tokenizer
@@ -279,6 +359,12 @@ class GSM8KEvaluator(LazyTokenizer):
         self._token_texts: list[str] | None = None
         self.max_new_tokens = max_new_tokens
         self.stop_strings = tuple(stop_strings)
+        self.accuracy_names = tuple(protocols.FILTERS.get(protocol, ()))  # several readings of each answer
+
+    @property
+    def reads_answer_line(self) -> bool:
+        """Whether a row stops after its first ``#### <number>`` line (``"chat"``; lm-eval stops at its strings)."""
+        return self.protocol == "chat"
 
     @property
     def token_texts(self) -> list[str]:
@@ -308,7 +394,8 @@ class GSM8KEvaluator(LazyTokenizer):
             pad_token_id=tokenizer.pad_token_id,
             stop_strings=list(self.stop_strings) or None,
             tokenizer=tokenizer,
-            stopping_criteria=StoppingCriteriaList([AnswerLineEnded(self.token_texts, prompt.shape[1])]),
+            stopping_criteria=StoppingCriteriaList(
+                [AnswerLineEnded(self.token_texts, prompt.shape[1])] if self.reads_answer_line else []),
             # a model sharded by FSDP2 gathers its weights on all processes at every step: all must step together
             synced_gpus=True if any(isinstance(p, DTensor) for p in model.parameters()) else None,
         )
@@ -323,7 +410,7 @@ class GSM8KEvaluator(LazyTokenizer):
         """``text`` up to where the answer ends: before the first stop string, or before the line break that ends
         the first ``#### <number>`` line, whichever comes first."""
         ends = [text.find(stop) for stop in self.stop_strings]
-        line = ANSWER_LINE.search(text)
+        line = ANSWER_LINE.search(text) if self.reads_answer_line else None
         if line is not None:
             ends.append(line.end() - 1)
         return text[:min((end for end in ends if end >= 0), default=len(text))]
@@ -343,9 +430,29 @@ class GSM8KEvaluator(LazyTokenizer):
         return (torch.tensor(float(correct), dtype=torch.float64, device=device),
                 torch.tensor(float(len(texts)), dtype=torch.float64, device=device))
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def count_filter_matches(self, texts: Sequence[str], references: Sequence[str],
+                             device: Any = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{filter: (correct, total)}`` as float64 tensors () under an lm-eval protocol: each filter's answer
+        (``strict-match``, ``flexible-extract``) against the reference, as lm-eval's ``exact_match`` compares them.
+
+        Example:
+            >>> evaluator = GSM8KEvaluator("unused", protocol="lm-eval")
+            >>> counts = evaluator.count_filter_matches(["3 + 4 = 7.\\n#### 7", "It is 7"], ["#### 7", "#### 7"])
+            >>> {name: float(correct) for name, (correct, total) in counts.items()}
+            {'strict-match': 1.0, 'flexible-extract': 2.0}
+        """
+        if len(texts) != len(references):
+            raise ValueError(f"Got {len(texts)} generated texts for {len(references)} reference answers.")
+        total = torch.tensor(float(len(texts)), dtype=torch.float64, device=device)
+        return {name: (torch.tensor(float(correct), dtype=torch.float64, device=device), total)
+                for name, correct in protocols.filter_matches(self.protocol, texts, references).items()}
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         texts = self.generate(model, batch)
-        return self.count_matches(texts, batch["answers"], device=batch["prompt_input_ids"].device)
+        device = batch["prompt_input_ids"].device
+        if self.accuracy_names:
+            return self.count_filter_matches(texts, batch["answers"], device=device)
+        return self.count_matches(texts, batch["answers"], device=device)
 
 
 class AnswerLineEnded(StoppingCriteria):

@@ -1,14 +1,18 @@
 """The eight image tasks of the paper's CLIP experiments, and the zero-shot classifier whose vision tower is edited.
 
-:class:`VisionDataModule` reads MNIST, SVHN, GTSRB, DTD, EuroSAT, Stanford Cars and SUN397 through torchvision and
-RESISC45 as an image folder, and turns images into ``pixel_values`` with the CLIP image processor.
+:class:`VisionDataModule` reads each task from a parquet data set in the hub's format (``data``: a hub id such as
+FusionBench's ``tanganke/sun397``, or a local copy; see :mod:`lightning_delta.datamodules.vision_parquet`), or from
+a folder (``root``): MNIST, SVHN, GTSRB, DTD, EuroSAT, Stanford Cars and SUN397 through torchvision and RESISC45 as an
+image folder. It turns images into ``pixel_values`` with the CLIP image processor.
 :class:`ZeroShotClassifier` is the CLIP vision tower with a fixed head built once from the CLIP text tower over the
 task's class names and templates: ``logits = scale · normalize(image features) @ normalize(text head)ᵀ``. The head
 is the same for W_pre and W_post; only the vision tower (``vision_model.*``, ``visual_projection.weight``, named as in
 ``CLIPModel``) carries parameters, so the edit touches the vision tower alone.
 
-The images are read from a folder (``root``), in torchvision's layout for each task (``download=True`` fetches
-them where torchvision can) or, for RESISC45 and any image-folder copy, one sub-folder per class::
+A folder (``root``) holds torchvision's layout for each task (``download=True`` fetches them where torchvision can)
+or, for RESISC45 and any image-folder copy, one sub-folder per class; files are read in sorted order (SUN397's too,
+which torchvision leaves in the file system's order), and DTD's class numbers are its 47 classes' sorted order
+whichever classes a split file holds::
 
     data/resisc45/airplane/airplane_001.jpg
     data/resisc45/beach/beach_001.jpg
@@ -34,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_delta._loading import load_model
 from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
 from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_classnames, get_templates
+from lightning_delta.datamodules.vision_parquet import ParquetImages
 
 __all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "expected_layout"]
 
@@ -123,6 +128,28 @@ def _check_mnist(dataset: Any, root: Path, split: str) -> Any:
     return dataset
 
 
+def _sorted_sun397(dataset: Any) -> Any:
+    """torchvision's SUN397 with its images in sorted path order (torchvision keeps the file system's order)."""
+    order = sorted(range(len(dataset._image_files)), key=lambda i: dataset._image_files[i])
+    dataset._image_files = [dataset._image_files[i] for i in order]
+    dataset._labels = [dataset._labels[i] for i in order]
+    return dataset
+
+
+def _dtd_classes_numbered_in_full(dataset: Any, split: str) -> Any:
+    """torchvision's DTD with each class numbered by its place among all 47 sorted classes (torchvision numbers the
+    classes that the split file holds, so a partial file shifts them)."""
+    names = CLASSNAMES["dtd"]
+    folders = [path.parent.name for path in dataset._image_files]
+    unknown = sorted(set(folders) - set(names))
+    if unknown:
+        raise ValueError(f"DTD's {split} split file ({dataset._meta_folder}) names folders {unknown} that are not DTD "
+                         f"classes; expected folders among {names}.")
+    dataset._labels = [names.index(folder) for folder in folders]
+    dataset.classes, dataset.class_to_idx = list(names), {name: i for i, name in enumerate(names)}
+    return dataset
+
+
 def _check_gtsrb_test_csv(path: Path) -> None:
     """Every row of GTSRB's ``GT-final_test.csv`` needs ``Filename`` and a ``ClassId`` 0-42; raise naming the row."""
     fields = {"Filename": str, "ClassId": str}
@@ -163,13 +190,13 @@ def build_vision_dataset(task: str, root: str | Path, split: str = "test", downl
                 _check_gtsrb_test_csv(root / "gtsrb" / "GT-final_test.csv")
             return tv.GTSRB(str(root), split=split, download=download, **common)
         if task == "dtd":
-            return tv.DTD(str(root), split=split, download=download, **common)
+            return _dtd_classes_numbered_in_full(tv.DTD(str(root), split=split, download=download, **common), split)
         if task == "eurosat":
             return _Every(tv.EuroSAT(str(root), download=download, **common), split)
         if task == "stanford_cars":
             return tv.StanfordCars(str(root), split=split, download=False, **common)
         if task == "sun397":
-            return _Every(tv.SUN397(str(root), download=download, **common), split)
+            return _Every(_sorted_sun397(tv.SUN397(str(root), download=download, **common)), split)
         return _resisc45(root, split, transform)
     except (RuntimeError, FileNotFoundError) as error:
         raise FileNotFoundError(f"{task} data could not be read under {root} ({error}). To get it: {how}.") from error
@@ -206,25 +233,36 @@ class VisionDataModule(pl.LightningDataModule):
         root: the folder holding the data in torchvision's layout (``<root>/MNIST/raw``, ``<root>/svhn``,
             ``<root>/gtsrb``, ``<root>/dtd``, ``<root>/eurosat``, ``<root>/stanford_cars``, ``<root>/SUN397``), or
             ``<root>/resisc45/<class>/<image>.jpg`` for RESISC45 (one folder per class, named as its class with
-            ``_`` for spaces, e.g. ``<root>/resisc45/airplane/airplane_001.jpg``).
+            ``_`` for spaces, e.g. ``<root>/resisc45/airplane/airplane_001.jpg``). Give ``root`` or ``data``.
+        data: a parquet data set in the hub's format (columns ``image`` and ``label``, files
+            ``<split>-*.parquet``): a hub id, such as FusionBench's ``tanganke/<task>``
+            (:data:`~lightning_delta.datamodules.vision_parquet.FUSIONBENCH_DATA`), read from the hub download cache
+            when it is there (offline with ``HF_HUB_OFFLINE=1``); a local folder (a copy of the hub repository); or
+            a parquet file. Its own splits are used.
+        config: the sub-folder of ``data`` that holds the config to read, where it has several (``cropped_digits``
+            of ``ufldl-stanford/svhn``).
         processor: the CLIP image processor that turns images into ``pixel_values``: a path or hub id
             (``AutoImageProcessor``; the CLIP model's directory holds one) or an object. No tokenizer is needed.
-        split: ``"test"`` (default) or ``"train"`` (DTD also ``"val"``). EuroSAT, SUN397 and an unsplit RESISC45
-            folder have no official split: every fifth image is ``"test"``, the rest ``"train"``, ``"all"`` is all.
+        split: ``"test"`` (default) or ``"train"`` (DTD also ``"val"``); with ``data``, any split of the data set.
+            In ``root``, EuroSAT, SUN397 and an unsplit RESISC45 folder have no official split: every fifth image is
+            ``"test"``, the rest ``"train"``, ``"all"`` is all.
         download: let torchvision download the data (not possible for Stanford Cars and RESISC45).
         batch_size: images per batch of the validation DataLoader (per process).
         num_workers: worker processes of the validation DataLoader.
         limit: the first ``limit`` images only (``None``: all).
 
     Raises:
-        ValueError: an unknown task or bad arguments.
+        ValueError: an unknown task or bad arguments; neither or both of ``root`` and ``data``; (in ``setup``) a
+            parquet data set without the columns ``image`` and ``label``, or with a label outside the task's classes.
         FileNotFoundError: (in ``setup``) missing data, with how to get it.
     """
 
     def __init__(
         self,
         task: str,
-        root: str,
+        root: str | None = None,
+        data: str | None = None,
+        config: str | None = None,
         processor: Any = DEFAULT_CLIP,
         split: str = "test",
         download: bool = False,
@@ -237,13 +275,20 @@ class VisionDataModule(pl.LightningDataModule):
         check_positive("batch_size", batch_size)
         if limit is not None:
             check_positive("limit", limit)
-        self.root, self.processor, self.split, self.download = root, processor, split, download
+        if (root is None) == (data is None):
+            raise ValueError(f"Give the {self.task} images as either `root` (a folder) or `data` (a parquet data set, "
+                             f"e.g. a hub id), not {'both' if root is not None else 'neither'}.")
+        if download and data is not None:
+            raise ValueError("`download` is for torchvision's folders (`root`); a hub id in `data` is read from the "
+                             "hub download cache or downloaded by `datasets`.")
+        self.root, self.data, self.config = root, data, config
+        self.processor, self.split, self.download = processor, split, download
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.dataset: Dataset | None = None
 
     @property
     def classnames(self) -> list[str]:
-        return get_classnames(self.task, self.root)
+        return get_classnames(self.task, self.root, self.data, self.config)
 
     @property
     def templates(self) -> list[str]:
@@ -256,11 +301,15 @@ class VisionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        dataset = build_vision_dataset(self.task, self.root, self.split, download=False)
+        if self.data is not None:
+            dataset = ParquetImages(self.data, self.split, self.config, len(self.classnames), self.task)
+        else:
+            dataset = build_vision_dataset(self.task, self.root, self.split, download=False)
         if self.limit is not None:
             dataset = Subset(dataset, range(min(self.limit, len(dataset))))
         if len(dataset) == 0:
-            raise ValueError(f"The {self.task} split {self.split!r} under {self.root} has no images.")
+            where = f"under {self.root}" if self.data is None else f"of {self.data}"
+            raise ValueError(f"The {self.task} split {self.split!r} {where} has no images.")
         self.dataset = _Processed(dataset, load_image_processor(self.processor))
 
     def val_dataloader(self) -> DataLoader:
@@ -303,6 +352,9 @@ class ZeroShotClassifier(nn.Module):
         classnames: explicit class names (with ``templates``, instead of ``task``).
         templates: explicit prompt templates, each with one ``{}`` for the class name.
         root: the data folder, for Stanford Cars and SUN397 whose class names come with the data.
+        data: the parquet data set (hub id or path), for Stanford Cars and SUN397: the names of its ``label``
+            ``ClassLabel``, as words (instead of ``root``). For the other tasks, its number of classes is checked.
+        config: the config (sub-folder) of ``data``, where it has several.
         vision_model: the vision tower to use instead of ``clip``'s (a per-task fine-tuned tower, W_post): path or
             module (``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` or ``CLIPModel``).
         tokenizer: the CLIP tokenizer for the text tower: a path, hub id or object (default: the one saved
@@ -317,6 +369,8 @@ class ZeroShotClassifier(nn.Module):
         classnames: list[str] | None = None,
         templates: list[str] | None = None,
         root: str | None = None,
+        data: str | None = None,
+        config: str | None = None,
         vision_model: Any = None,
         tokenizer: Any = None,
         dtype: Any = None,
@@ -324,7 +378,7 @@ class ZeroShotClassifier(nn.Module):
         super().__init__()
         if task is None and (classnames is None or templates is None):
             raise ValueError("Give `task`, or both `classnames` and `templates`.")
-        classnames = classnames if classnames is not None else get_classnames(task, root)
+        classnames = classnames if classnames is not None else get_classnames(task, root, data, config)
         templates = templates if templates is not None else get_templates(task)
         if not classnames or not templates or any(t.count("{}") != 1 for t in templates):
             raise ValueError("`classnames` must be non-empty and each template must hold exactly one '{}'.")
