@@ -404,3 +404,11 @@ def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_to
                             split="all", batch_size=3)
     batch = next(iter(data.val_dataloader()))
     assert batch["labels"].tolist() == [CLASSNAMES["resisc45"].index(path.parent.name) for path in paths]
+
+
+def test_the_readme_names_every_command_and_counts_them():
+    readme = README.read_text()
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    match = re.search(r"`lightning-delta` has (\w+) commands: (.*?)\. ", " ".join(readme.split()))
+    assert match and match.group(1) == words[len(cli.COMMANDS) - 1], match and match.group(1)
+    assert sorted(name for name in re.findall(r"`(\w+)`", match.group(2)) if name in cli.COMMANDS) == sorted(cli.COMMANDS)
