@@ -35,6 +35,10 @@ number of shards (N processes under a sharded strategy, FSDP2 through Lightning'
 - ``T``: one tensor's W_pre, ΔW and F(ΔW) in ΔW's dtype (:func:`~lightning_delta.delta.delta_dtype`), largest tensor
   (whole, also when sharded).
 
+The peak is the same for every quadrature rule (``riemann.rule``): each point with a backward holds the same, and a
+point without one (the t = 0 and t = 1 forwards of ``gauss`` and ``adaptive``, t = 1 of the left rule without the
+trapezoid) holds less. The rule sets how many passes each batch takes, which the table prints.
+
 Allocator caches and library workspaces are not counted; ``python -m benchmarks.memory`` measures how far this
 lands from measured peaks (README, Memory).
 """
@@ -46,7 +50,7 @@ import copy
 import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import import_module
 from typing import Any
 
@@ -59,6 +63,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_delta.datamodules import ZeroShotClassifier, get_classnames
 from lightning_delta.delta import delta_dtype, delta_names
+from lightning_delta.callbacks.quadrature import check_rule, schedule
 from lightning_delta.losses import build_loss
 from lightning_delta.parametrize import check_E_dtype, stored_dtype
 from lightning_delta.runner import DeltaCLI
@@ -156,6 +161,10 @@ class MemoryEstimate:
     gradient_pass: int  # G + A_all, 0 but for GradientBiased
     attach_temporaries: int  # T
     E_made: int = 0  # noqa: N815 (T_E) T with E_dtype="on_the_fly", else 0
+    # the riemann section's passes per batch (not memory: left out of comparisons); 0 when no rule was given
+    rule: str = field(default="", compare=False)
+    backward_passes: int = field(default=0, compare=False)  # forward+backward (the adaptive rule's first level)
+    forward_passes: int = field(default=0, compare=False)  # forward alone (t = 0 and t = 1 without a backward)
 
     @property
     def point(self) -> int:
@@ -191,11 +200,15 @@ class MemoryEstimate:
                   "E_made": "E made on the fly (one tensor)"}
         layout = f"sharded 1/{self.shards}" if self.shards > 1 else "each holds the whole model"
         lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
-        lines += [f"  {labels[field.name]:<34} {_format(getattr(self, field.name))}"
-                  for field in fields(self) if field.name in labels]
+        lines += [f"  {labels[item.name]:<34} {_format(getattr(self, item.name))}"
+                  for item in fields(self) if item.name in labels]
         lines += [f"  = {phase:<32} {_format(getattr(self, phase))}"
                   for phase in ("point", "evaluate", "gradient", "attach")]
         lines.append(f"  peak per process                   {_format(self.peak)}")
+        if self.backward_passes:
+            more = " (then more nodes while its error estimate is too large)" if self.rule == "adaptive" else ""
+            lines.append(f"Per batch, rule {self.rule!r}: {self.backward_passes} forward+backward passes and "
+                         f"{self.forward_passes} forwards alone{more}; the peak is that of one point for every rule.")
         return "\n".join(lines)
 
 
@@ -490,7 +503,7 @@ def estimate(
         data: its ``data`` section (the DataModule: batch_size and max_length, or the images' size).
         trainer: its ``trainer`` section (devices, num_nodes, strategy, precision).
         edit: its ``edit`` section (GradientBiased adds its gradient sums).
-        riemann: its ``riemann`` section (read by validate, not by the estimate).
+        riemann: its ``riemann`` section: the rule and its points give the passes per batch (not the peak).
         sweep: its ``sweep`` section (read by sweep, not by the estimate).
         seed_everything: read by validate, not by the estimate.
         processes: the number of processes, instead of the trainer's devices × nodes.
@@ -522,5 +535,11 @@ def estimate(
         _sharded(config.trainer.strategy), _edit_needs_gradients(config.edit),
         section.get("evaluator") is not None or getattr(loss, "evaluator", None) is not None,
     )
+    rule = config.riemann.rule
+    num_points, trapezoid = check_rule(rule, config.riemann.num_points, config.riemann.trapezoid,
+                                       config.riemann.tolerance)
+    points = schedule(rule, num_points, trapezoid)
+    result = replace(result, rule=rule, backward_passes=points.passes,
+                     forward_passes=len(points.points) - points.passes)
     print(result.table())
     return result

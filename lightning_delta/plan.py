@@ -14,8 +14,8 @@ keeps the predicted loss change smallest, and measures what it chose:
    (:func:`~lightning_delta.planning.allocate.allocate`, ``O(K · V · P)``, its docstring says why not greedy).
 3. **Refinement.** For the candidate settings that matter (those chosen and their neighbours, most-used first)
    a C-point Riemann sweep edits every planned tensor at that setting (``trainer.validate`` with
-   :class:`~lightning_delta.callbacks.RiemannCallback`); each tensor's trapezoid share replaces its Taylor score at
-   that setting (it includes the higher orders along the path, and the interactions with the other tensors at
+   :class:`~lightning_delta.callbacks.RiemannCallback`); each tensor's trapezoid share (or, with ``rule="gauss"``
+   or ``"adaptive"``, that rule's per-tensor term) replaces its Taylor score at that setting (it includes the higher orders along the path, and the interactions with the other tensors at
    that setting), and the allocation is run again.
 4. **Exact ΔL.** The proposals (the first-order, second-order and refined allocations, and the uniform edit at the
    budget's setting when it is a candidate) are measured exactly, ``L(W_pre + F(ΔW)) − L(W_post)`` by
@@ -24,8 +24,8 @@ keeps the predicted loss change smallest, and measures what it chose:
 
 The plan is a :class:`~lightning_delta.edits.PerTensor` (``Plan.edit()``), usable everywhere an edit is.
 It runs in one process: a process of a distributed job is refused with an error. Cost, in passes over the data:
-``1`` forward+backward for the scores, ``C + 1`` per refinement sweep, ``2``
-forwards per distinct proposal; evaluating every candidate exactly would take ``K · V + 1`` forwards.
+``1`` forward+backward for the scores, ``C + 1`` per refinement sweep (``n`` and 2 forwards with
+``rule="gauss"``), ``2`` forwards per distinct proposal; evaluating every candidate exactly would take ``K · V + 1`` forwards.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.compress import save_compressed as write_compressed
 from lightning_delta.delta import Patterns, Weights, delta_names
 from lightning_delta.edits import PerTensor
@@ -49,7 +50,13 @@ from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.planning.allocate import allocate
 from lightning_delta.planning.family import FAMILIES, Family, exact, family
-from lightning_delta.planning.measure import TRAINER_ARGUMENTS, riemann_sweep, tensor_patterns, trapezoid_per_tensor
+from lightning_delta.planning.measure import (
+    TRAINER_ARGUMENTS,
+    riemann_sweep,
+    sweep_passes,
+    sweep_per_tensor,
+    tensor_patterns,
+)
 from lightning_delta.planning.scores import CandidateScores, candidate_scores, gradient_statistics
 
 __all__ = ["Plan", "plan", "plan_edit", "relevant_values"]
@@ -134,13 +141,14 @@ def plan_edit(
     include: Patterns = None,
     exclude: Patterns = None,
     seed: int = 0,
-    num_points: int = 5,
+    num_points: int | None = None,
     refine: int | None = None,
     measure: bool = True,
     accelerator: str = "cpu",
     dtype: str | torch.dtype | None = None,
     scores_out: dict[str, Any] | None = None,
     budget_bytes: float | None = None,
+    rule: str = "trapezoid",
 ) -> Plan:
     """Choose a setting per tensor of ``family_name`` within the budget: the uniform edit's at ``average``, or
     ``budget_bytes``.
@@ -156,7 +164,7 @@ def plan_edit(
             :data:`~lightning_delta.planning.family.FAMILIES`).
         loss: as for :class:`~lightning_delta.DeltaEditModule`. include, exclude: the planned tensors.
         seed: DARE's mask seed (the plan is made for those masks).
-        num_points: C of the refinement sweeps.
+        num_points: C of the refinement sweeps, or the Gauss nodes (``None``: the rule's own, 5 for the trapezoid).
         refine: how many candidate settings to sweep (default all that are relevant, see :func:`relevant_values`);
             0 plans from the second-order scores alone.
         measure: measure the planned edit's exact ΔL at the end.
@@ -166,10 +174,13 @@ def plan_edit(
             float32; :meth:`~lightning_delta.planning.family.Family.stored_bytes` of the edited tensors, DARE's
             actual kept count included). The uniform edit compared with is then the largest candidate setting that
             fits.
+        rule: the refinement sweeps' quadrature (:class:`~lightning_delta.RiemannCallback`): ``"trapezoid"`` (C + 1
+            forward+backward passes per setting), ``"gauss"`` (n, and forwards at t = 0 and 1) or ``"adaptive"``.
 
     Raises:
         ValueError: an unknown family, bad candidates, neither or both of ``average`` and ``budget_bytes``,
-            ``average`` below the smallest candidate, a budget below the cheapest plan, ``refine < 0``, and every
+            ``average`` below the smallest candidate, a budget below the cheapest plan, ``refine < 0``, a ``rule``
+            other than trapezoid, gauss, adaptive, and every
             error of :class:`~lightning_delta.DeltaEditModule` and the scores.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -191,6 +202,10 @@ def plan_edit(
                                 or not values[0] <= average):
         raise ValueError(f"plan: `average` ({spec.setting}) must be a number >= the smallest candidate {values[0]}, "
                          f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate.")
+    if rule not in ("trapezoid", "gauss", "adaptive"):
+        raise ValueError(f"plan: `rule` must be 'trapezoid', 'gauss' or 'adaptive' (the refinement sweeps' quadrature), "
+                         f"got rule={rule!r}.")
+    RiemannCallback(num_points=num_points, rule=rule)  # its errors for a bad num_points, before any work
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
     module = DeltaEditModule(model, pretrained, spec.edit(values[0], seed), loss=loss, dtype=dtype)
@@ -220,8 +235,8 @@ def plan_edit(
     sweeps = {}
     for j in swept:
         result = riemann_sweep(model, pretrained, spec.edit(values[j], seed), datamodule, loss, include=patterns,
-                               num_points=num_points, accelerator=accelerator)
-        shares = trapezoid_per_tensor(result)
+                               num_points=num_points, accelerator=accelerator, rule=rule)
+        shares = sweep_per_tensor(result)
         used[:, j] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
         sweeps[values[j]] = result
     proposals = {"second order": choices, "first order": allocate(scores.first.tolist(), costs, budget)}
@@ -229,7 +244,8 @@ def plan_edit(
         proposals["refined"] = allocate(used.tolist(), costs, budget)
     if uniform is not None:  # always a proposal: the plan is never worse than it on this data
         proposals["uniform"] = [values.index(uniform)] * len(scores.names)
-    passes = {"forward_backward": 1 + len(swept) * (num_points + 1), "forward": 0}
+    passes = {"forward_backward": 1 + sum(sweep_passes(result)[0] for result in sweeps.values()),
+              "forward": sum(sweep_passes(result)[1] for result in sweeps.values())}
     measured: dict[str, float] = {}
     loss_post = None
     if measure:  # each distinct proposal's exact ΔL; the uniform edit's from its sweep when one ran
@@ -276,7 +292,7 @@ def plan(
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
     seed: int = 0,
-    num_points: int = 5,
+    num_points: int | None = None,
     refine: int | None = None,
     output: str = "plan.json",
     output_dir: str | None = None,
@@ -285,6 +301,7 @@ def plan(
     dtype: str | None = None,
     budget_bytes: float | None = None,
     save_compressed: str | None = None,
+    rule: str = "trapezoid",
 ) -> Plan:
     """Plan an edit per tensor under a budget (the uniform edit's storage), measure its exact ΔL, write the plan.
 
@@ -302,7 +319,8 @@ def plan(
         include: regular expressions on tensor names (re.search): only the tensors that match one are planned.
         exclude: regular expressions on tensor names: the tensors that match one are left as they are.
         seed: DARE's mask seed.
-        num_points: C of the refinement sweeps.
+        num_points: C of the refinement sweeps, or the Gauss nodes (default: the rule's own, 5 for the
+            trapezoid, 3 for gauss).
         refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
         output: the JSON file the plan is written to.
         output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
@@ -315,9 +333,11 @@ def plan(
             Give it or average.
         save_compressed: if given, the planned delta F(ΔW) is written there in its compact form (as by
             ``lightning-delta compress``), the bytes the budget counts.
+        rule: the refinement sweeps' quadrature: trapezoid (C + 1 forward+backward passes per setting), gauss (n,
+            and two forwards) or adaptive (nested nodes until the per-tensor error estimate is below 1e-3).
     """
     made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
-                     refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
+                     refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes, rule=rule)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}

@@ -525,6 +525,7 @@ def plot_loss_curve(
 ) -> Path | None:
     """L(t) measured at t = c/C beside the left-rule prediction ``L(0) + (1/C) Σ_{j<c} g_j`` (left panel), and the
     integrand ``g(t) = ⟨∇L(W_post + tE), E⟩`` with the left Riemann rectangles, whose area is the term (right panel).
+    A row of another rule (``result.rule``) shows L and g at its own points, without the left rule's prediction.
 
     ``selected``: rows to draw (one line of panels each); by default up to three rows with the largest ``|ΔL|``.
     """
@@ -540,18 +541,23 @@ def plot_loss_curve(
         result = row.result
         num_points = result.num_points
         losses, inner = result.losses, result.inner_products
-        ts = [c / num_points for c in range(num_points + 1)]
-        predicted = [losses[0]]
-        for c in range(num_points):
-            predicted.append(predicted[-1] + inner[c] / num_points)
+        ts = result.points
+        paper = result.rule == "left"
         left.plot(ts, losses, marker="o", label="L(t) measured")
-        left.plot(ts, predicted, marker="s", linestyle="--", label=f"L(0) + left Riemann sum (C = {num_points})")
+        if paper:
+            predicted = [losses[0]]
+            for c in range(num_points):
+                predicted.append(predicted[-1] + inner[c] / num_points)
+            left.plot(ts, predicted, marker="s", linestyle="--", label=f"L(0) + left Riemann sum (C = {num_points})")
         left.set_xlabel("t  (W_post + t·E)")
         left.set_ylabel("loss L(t)")
         left.set_title(f"{edit_label(row)}{_seed_note(row)} ({_joined(row.dataset, setting)})", fontsize=9)
         left.legend(fontsize=7)
-        right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
-                  label=f"left rectangles (C = {num_points}): term = {result.term:.4g}")
+        if paper:
+            right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
+                      label=f"left rectangles (C = {num_points}): term = {result.term:.4g}")
+        else:
+            right.plot([], [], " ", label=f"{result.rule} rule, {result.passes} nodes: term = {result.term:.4g}")
         finite = [(t, g) for t, g in zip(ts, inner) if g is not None and not math.isnan(g)]
         right.plot([t for t, _ in finite], [g for _, g in finite], marker="o", color="C3", label="⟨∇L(t), E⟩")
         trapezoid = result.trapezoid

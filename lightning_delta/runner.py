@@ -427,13 +427,18 @@ def result_table(result: RiemannResult, dataset: str = "", written: str | os.Pat
     name = EDITS[edit["name"]].__name__ if edit.get("name") in EDITS else edit.get("name", "the edit")
     arguments = ", ".join(f"{key}={value}" for key, value in edit.items() if key != "name")
     title = f"Riemann analysis of {name}({arguments})" + (f" on {dataset}" if dataset else "")
-    title += f", C = {result.num_points}, mean over {result.count:g} items (tokens or examples)"
+    points = f"C = {result.num_points}" if result.rule in ("left", "trapezoid") else f"{result.passes} nodes"
+    title += f", {points}, mean over {result.count:g} items (tokens or examples)"
     rows = [
-        ("term (left rule)", f"{result.term:+.6g}"),
+        (f"term ({result.rule} rule)", f"{result.term:+.6g}"),
         ("trapezoid", "-" if result.trapezoid is None else f"{result.trapezoid:+.6g}"),
         ("exact ΔL", f"{result.exact:+.6g}"),
         ("loss W_post -> edited", f"{result.loss_post:.6g} -> {result.loss_edit:.6g}"),
     ]
+    if result.rule != "left":
+        rows.append(("|term − exact ΔL|", f"{result.completeness_gap:.3g} ({result.passes} backward passes)"))
+    if result.error_per_tensor:
+        rows.append(("error estimate", f"{max(result.error_per_tensor.values()):.3g} (largest per tensor)"))
     if result.accuracy_post is not None and result.accuracy_edit is not None:
         rows.append(("accuracy W_post -> edited",
                      f"{100 * result.accuracy_post:.2f}% -> {100 * result.accuracy_edit:.2f}%"))

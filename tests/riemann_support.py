@@ -112,3 +112,25 @@ def plain_loss(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, t: fl
             total += float(output.total)
             count += float(output.count)
     return total / count
+
+
+def integrand(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, t: float) -> torch.Tensor:
+    """``⟨∇L(W_post + t·E), E_k⟩`` per tensor (sorted names), float64, from ``torch.autograd.grad`` on a plain copy
+    at any ``t``: the integrand of ΔL = ∫₀¹ Σ_k g_k(t) dt, independent of the parametrization."""
+    names = sorted(edits)
+    point = weights_at(model, edits, t)
+    parameters = dict(point.named_parameters())
+    weights = [parameters[name] for name in names]
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    count = 0.0
+    for batch in loader:
+        output = loss_fn(point, batch)
+        gradients = torch.autograd.grad(output.total, weights)
+        sums += torch.stack([(g.double() * edits[name].double()).sum() for g, name in zip(gradients, names)])
+        count += float(output.count)
+    return sums / count
+
+
+def quadrature(model: nn.Module, edits: dict, loss_fn, loader: DataLoader, nodes, weights) -> torch.Tensor:
+    """``Σ_i w_i g(t_i)`` per tensor (sorted names) with :func:`integrand` at each node: an explicit loop over t."""
+    return sum(float(w) * integrand(model, edits, loss_fn, loader, float(t)) for t, w in zip(nodes, weights))

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -327,3 +328,41 @@ def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
     assert [line.split()[0] for line in lines[7:12]] == largest
     assert lines[12] == f"  written to {Path(cli.trainer.log_dir) / 'riemann.json'}"
     assert "Validate metric" not in out  # Lightning's own table only with --verbose true
+
+
+def test_validate_takes_a_quadrature_rule(config_file, tmp_path):
+    """``--riemann.rule gauss``: the row's term is the Gauss–Legendre sum of its own inner products (weights from
+    numpy, mapped to [0, 1] here), at 3 nodes without a backward at t = 0 or 1; the default stays the left rule."""
+    cli = run(["validate", "--config", str(config_file), "--riemann.rule", "gauss", "--riemann.num_points", "3",
+               "--riemann.filename", "result.json", f"--trainer.default_root_dir={tmp_path / 'gauss'}"])
+    saved = json.loads((tmp_path / "gauss" / "lightning_logs" / "version_0" / "result.json").read_text())
+    nodes, weights = np.polynomial.legendre.leggauss(3)
+    assert saved["rule"] == "gauss" and saved["passes"] == 3 and saved["trapezoid"] is None
+    assert saved["points"][1:-1] == pytest.approx(list((nodes + 1) / 2), abs=1e-15)
+    for name, values in saved["inner_products_per_tensor"].items():
+        assert saved["term_per_tensor"][name] == pytest.approx(float(weights @ np.array(values)) / 2, rel=1e-12,
+                                                               abs=1e-15)
+    assert float(cli.trainer.callback_metrics["riemann/completeness_gap"]) == pytest.approx(
+        abs(saved["term"] - saved["exact"]), rel=1e-5)
+    default = run(["validate", "--config", str(config_file), "--riemann.filename", "result.json",
+                   f"--trainer.default_root_dir={tmp_path / 'left'}"])
+    assert default.riemann_callback().result.rule == "left"
+    assert default.riemann_callback().result.exact == pytest.approx(saved["exact"], rel=1e-12)
+
+
+def test_sweep_grid_varies_the_rule(tmp_path):
+    """``riemann.rule`` (with its point count) as a grid key: one row per rule, each its own key, the same exact ΔL;
+    the adaptive row carries its per-tensor error estimate."""
+    grid = {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.5,
+            "riemann.rule,riemann.num_points": [["left", 2], ["gauss", 2], ["adaptive", 7]]}
+    config = digits_config(tmp_path, grid, tmp_path / "r.jsonl", limit=12)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rows = run(["sweep", "--config", str(path)])
+    assert [row.result.rule for row in rows] == ["left", "gauss", "adaptive"]
+    assert [row.config["riemann"]["rule"] for row in rows] == ["left", "gauss", "adaptive"]
+    assert len({row.key for row in rows}) == 3
+    assert rows[0].result.passes == 3 and rows[1].result.passes == 2 and rows[2].result.passes in (3, 7)
+    assert rows[1].result.exact == pytest.approx(rows[0].result.exact, rel=1e-12)
+    assert rows[2].result.exact == pytest.approx(rows[0].result.exact, rel=1e-12)
+    assert set(rows[2].result.error_per_tensor) == set(rows[2].result.term_per_tensor)

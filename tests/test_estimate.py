@@ -273,3 +273,18 @@ def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
     assert result.shards == 8 and result.E == result.weights and result.gathered > 0
     # every tensor edited: W_post's rows, and ∇W's rows of one FSDP group at a time
     assert result.weights < result.sharded_copies < 2 * result.weights
+
+
+def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, offline, capsys):
+    """``riemann.rule`` sets the passes per batch, not the memory: gauss runs 3 backward passes and forwards alone at
+    t = 0 and t = 1; the shipped config's left rule with its trapezoid runs C + 1 = 6 backward passes."""
+    path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
+    shipped = run(["estimate", "--config", str(path)])
+    assert (shipped.rule, shipped.backward_passes, shipped.forward_passes) == ("left", 6, 0)
+    gauss = run(["estimate", "--config", str(path), "--riemann.rule", "gauss", "--riemann.trapezoid", "null",
+                 "--riemann.num_points", "3"])
+    assert (gauss.rule, gauss.backward_passes, gauss.forward_passes) == ("gauss", 3, 2)
+    assert gauss == shipped and gauss.peak == shipped.peak
+    assert "rule 'gauss': 3 forward+backward passes and 2 forwards alone" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"trapezoid=True.*rule='gauss'"):
+        run(["estimate", "--config", str(path), "--riemann.rule", "gauss"])  # the config's trapezoid: true

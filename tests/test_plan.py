@@ -481,3 +481,35 @@ def test_a_process_of_a_distributed_job_is_refused(tmp_path):
 def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
     with pytest.raises(ValueError, match=r"dare candidates \(kept density\) must be in \(0, 1\], got 1.5"):
         plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), "dare", 0.5, candidates=[0.5, 1.5])
+
+
+def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
+    """rule="gauss": each refinement sweep runs its n nodes (no backward at t = 1, forwards at t = 0 and 1), and the
+    refined scores are the sweep's Gauss per-tensor terms, which equal a RiemannCallback run of the same rule."""
+    datamodule = DigitsDataModule(limit=24, batch_size=12)
+    out: dict = {}
+    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, "bitdelta", 2, candidates=[1, 3], refine=1,
+                     num_points=2, rule="gauss", scores_out=out)
+    (value, sweep), = out["sweeps"].items()
+    assert sweep.rule == "gauss" and sweep.passes == 2 and plan.refined == [value]
+    column = out["used"][:, [1, 3].index(value)].tolist()
+    assert column == [sweep.term_per_tensor[name] for name in out["scores"].names]
+    assert plan.passes["forward_backward"] == 1 + 2 and plan.passes["forward"] % 2 == 0 and plan.passes["forward"] >= 2
+    direct = riemann_sweep(copy.deepcopy(llama_pair.post), llama_pair.pre, BitDelta(bits=value), datamodule,
+                           include=list(out["scores"].names), num_points=2, rule="gauss")
+    assert direct.term_per_tensor == pytest.approx(sweep.term_per_tensor, rel=1e-6, abs=1e-9)
+
+
+def test_plan_command_takes_a_rule(llama_pair, tmp_path):
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
+                 "init_args": {"split": "test", "limit": 12, "batch_size": 12}},
+        "family": "bitdelta", "average": 2, "candidates": [1, 2, 3], "refine": 1,
+        "output": str(tmp_path / "plan.json"),
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    plan = run(["plan", "--config", str(tmp_path / "plan.yaml"), "--rule", "gauss"])
+    assert plan.passes["forward_backward"] == 1 + 3  # gauss's own 3 nodes for the one refined setting
+    with pytest.raises(ValueError, match="rule.*'trapezoid', 'gauss' or 'adaptive'.*'left'"):
+        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=12), "bitdelta", 2, rule="left")

@@ -343,3 +343,22 @@ def test_delta_scale_figure_reads_s_from_the_pretrained_model(tmp_path, figures)
         xs, ys = lines[f"∝ s^{power}"]
         assert math.log(ys[1] / ys[0]) / math.log(xs[1] / xs[0]) == pytest.approx(power)
     assert axis.get_xscale() == "log" and axis.get_yscale() == "log" and "delta scale s" in axis.get_xlabel()
+
+
+def test_loss_curve_of_a_gauss_row_draws_its_own_points(tmp_path, figures):
+    """A row of rule="gauss" shows L and the integrand at its nodes (t = 0, the nodes, t = 1), no left rectangles."""
+    nodes = [0.0, 0.1127016653792583, 0.5, 0.8872983346207417, 1.0]
+    losses = [1.0 + 0.2 * t**2 for t in nodes]
+    inner = [math.nan, 0.0450806661517033, 0.2, 0.3549193338482967, math.nan]
+    result = RiemannResult(num_points=3, count=1.0, losses=losses, inner_products=inner, term=0.2, trapezoid=None,
+                           exact=0.2, loss_post=1.0, loss_edit=1.2, rule="gauss", points=nodes,
+                           weights=[0.0, 5 / 18, 8 / 18, 5 / 18, 0.0], passes=3)
+    row = SweepRow(key="gauss", index=0, overrides={}, edit={"name": "dare", "p": 0.9, "seed": 0}, dataset="GSM8K",
+                   result=result, config={}, versions={}, started="2025-01-01T00:00:00+0000", seconds=0.0)
+    plots.plot_loss_curve([row], tmp_path / "curve.png")
+    left, right = figures["curve"].axes
+    assert _series(left)["L(t) measured"] == (nodes, losses)
+    assert not right.patches  # no rectangles
+    measured = _series(right)["⟨∇L(t), E⟩"]
+    assert measured == (nodes[1:4], inner[1:4])
+    assert any("gauss rule, 3 nodes" in text.get_text() for text in right.get_legend().get_texts())

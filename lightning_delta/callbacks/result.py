@@ -14,14 +14,17 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_delta.callbacks.quadrature import Schedule, schedule
+
 __all__ = ["RiemannSums", "RiemannResult", "module_groups"]
 
 
 class RiemannSums(Metric):
-    """Float64 sums over the evaluation set for points ``t_c = c/C``, ``c = 0 … C``, reduced by summing.
+    """Float64 sums over the evaluation set for the sweep's points ``t_0 = 0 < … < t_C = 1`` (``t_c = c/C`` for the
+    left rule and the trapezoid; see :mod:`~lightning_delta.callbacks.quadrature`), reduced by summing.
 
     States:
-        inner: (C+1, K) ``Σ_batches ⟨∇(Σ_items loss)(t_c), E_k⟩`` per point and tensor.
+        inner: (C+1, K) ``Σ_batches ⟨∇(Σ_items loss)(t_c), E_k⟩`` per point and tensor (0 where no backward ran).
         loss: (C+1,) ``Σ_batches Σ_items loss(t_c)``.
         count: () the number of items (tokens or examples).
     """
@@ -65,8 +68,13 @@ def module_groups(name: str) -> list[str]:
 class RiemannResult:
     """What one sweep measured; every loss is the mean over the evaluation set.
 
-    ``term = (1/C) Σ_{c<C} ⟨∇L(W_post + (c/C)E), E⟩`` (the paper's left rule, eq. 1), ``trapezoid`` adds half of
-    the end points instead, ``exact = L(W_post + E) − L(W_post)``.
+    ``term = Σ_j w_j ⟨∇L(W_post + t_j E), E⟩`` with the points ``t_j`` and weights ``w_j`` of ``rule``: by default the
+    paper's left rule ``(1/C) Σ_{c<C} ⟨∇L(W_post + (c/C)E), E⟩`` (eq. 1); ``trapezoid`` is the trapezoid on the left
+    rule's points when a backward ran at t = 1; ``exact = L(W_post + E) − L(W_post)``, and ``completeness_gap =
+    |term − exact|``, the rule's error on the total, for free. ``points``, ``losses`` and ``inner_products`` have one
+    entry per point the sweep ran (NaN products where it ran no backward); ``inner_products_per_tensor`` lists, per
+    tensor, the products at the points with a backward. ``passes``: backward passes per batch. The adaptive rule adds
+    ``error_per_tensor``, its estimate of each per-tensor term's error.
     """
 
     num_points: int
@@ -84,6 +92,17 @@ class RiemannResult:
     term_per_group: dict[str, float] = field(default_factory=dict)
     inner_products_per_tensor: dict[str, list[float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    rule: str = "left"
+    points: list[float] = field(default_factory=list)  # t of every point (rows written before rules: c/C)
+    weights: list[float] = field(default_factory=list)
+    passes: int | None = None
+    completeness_gap: float | None = None
+    error_per_tensor: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.points and self.rule == "left":  # a row of a version before the rules: the left rule's points
+            self.points = [c / self.num_points for c in range(self.num_points + 1)]
+            self.weights = [1.0 / self.num_points if c < self.num_points else 0.0 for c in range(self.num_points + 1)]
 
     @classmethod
     def from_sums(
@@ -95,42 +114,57 @@ class RiemannResult:
         trapezoid: bool = True,
         config: dict[str, Any] | None = None,
         accuracy: tuple[float, float] | None = None,
+        points: Schedule | None = None,
+        error_per_tensor: Tensor | None = None,
     ) -> RiemannResult:
-        num_points = inner.shape[0] - 1
+        """The result of the sums of a sweep over ``points`` (default: the left rule with C = ``inner.shape[0] − 1``
+        and, with ``trapezoid``, a backward at t = 1)."""
+        if points is None:
+            points = schedule("left", inner.shape[0] - 1, trapezoid)
         if float(count) <= 0:
             raise ValueError("The evaluation set had no items (tokens or examples) to average the loss over.")
-        mean_inner = (inner / count).cpu()  # (C+1, K)
+        last = len(points.points) - 1
+        gradient = torch.tensor(points.gradient)
+        mean_inner = (inner / count).cpu()  # (points, K)
         losses = (loss / count).cpu()
-        per_tensor = mean_inner[:num_points].mean(dim=0)  # left rule per tensor
-        totals = mean_inner.sum(dim=1)  # (C+1,)
-        trapezoid_value = None
-        if trapezoid:
-            trapezoid_value = float((totals[0] / 2 + totals[1:num_points].sum() + totals[num_points] / 2) / num_points)
+        if points.rule == "left":
+            per_tensor = mean_inner[:last].mean(dim=0)  # the paper's rule exactly as it always was computed
         else:
-            totals[num_points] = math.nan
+            weights = torch.tensor(points.weights, dtype=torch.float64)
+            per_tensor = weights[gradient] @ mean_inner[gradient]
+        totals = mean_inner.sum(dim=1)  # (points,)
+        trapezoid_value = None
+        if points.rule in ("left", "trapezoid") and points.gradient[last]:
+            trapezoid_value = float((totals[0] / 2 + totals[1:last].sum() + totals[last] / 2) / last)
+        totals[~gradient] = math.nan
         groups: dict[str, float] = {}
         for name, value in zip(names, per_tensor.tolist()):
             for group in module_groups(name):
                 groups[group] = groups.get(group, 0.0) + value
+        term = float(per_tensor.sum())
+        exact = float(losses[last] - losses[0])
         return cls(
-            num_points=num_points,
+            num_points=points.passes if points.rule in ("gauss", "adaptive") else last,
             count=float(count),
             losses=losses.tolist(),
             inner_products=totals.tolist(),
-            term=float(per_tensor.sum()),
+            term=term,
             trapezoid=trapezoid_value,
-            exact=float(losses[num_points] - losses[0]),
+            exact=exact,
             loss_post=float(losses[0]),
-            loss_edit=float(losses[num_points]),
+            loss_edit=float(losses[last]),
             accuracy_post=accuracy[0] if accuracy is not None else None,
             accuracy_edit=accuracy[1] if accuracy is not None else None,
             term_per_tensor=dict(zip(names, per_tensor.tolist())),
             term_per_group=groups,
-            inner_products_per_tensor={
-                name: mean_inner[:, k].tolist() if trapezoid else mean_inner[:num_points, k].tolist()
-                for k, name in enumerate(names)
-            },
+            inner_products_per_tensor={name: mean_inner[gradient, k].tolist() for k, name in enumerate(names)},
             config=dict(config or {}),
+            rule=points.rule,
+            points=list(points.points),
+            weights=list(points.weights),
+            passes=points.passes,
+            completeness_gap=abs(term - exact),
+            error_per_tensor={} if error_per_tensor is None else dict(zip(names, error_per_tensor.tolist())),
         )
 
     def metrics(self) -> dict[str, float]:
@@ -141,6 +175,11 @@ class RiemannResult:
             "riemann/loss_post": self.loss_post,
             "riemann/loss_edit": self.loss_edit,
         }
+        if self.completeness_gap is not None:
+            values["riemann/completeness_gap"] = self.completeness_gap
+        if self.error_per_tensor:
+            values["riemann/error_estimate"] = max(self.error_per_tensor.values())
+            values["riemann/passes"] = float(self.passes)
         if self.trapezoid is not None:
             values["riemann/trapezoid"] = self.trapezoid
         if self.accuracy_post is not None:

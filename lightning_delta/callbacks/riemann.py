@@ -1,12 +1,17 @@
-"""RiemannCallback: the paper's approximation term ⟨∇L(W_post + tE), E⟩ swept over t = c/C under ``trainer.validate``.
+"""RiemannCallback: the paper's approximation term ⟨∇L(W_post + tE), E⟩ integrated over t under ``trainer.validate``.
 
-For every batch, and for c = 0 … C, the callback puts every edited tensor at ``W_post + (c/C)·E``, runs forward and
-backward, and adds ``∂(Σ loss)/∂t_k = ⟨∇_{W_k} Σ loss, E_k⟩`` per tensor into float64 sums (the data is read once).
-At the end the sums are reduced across processes (torchmetrics) and divided by the global number of items:
+For every batch, and for each point t_j of the rule (t = c/C, c = 0 … C, for the paper's left rule), the callback puts
+every edited tensor at ``W_post + t_j·E``, runs forward and, at the rule's nodes, backward, and adds
+``∂(Σ loss)/∂t_k = ⟨∇_{W_k} Σ loss, E_k⟩`` per tensor into float64 sums (the data is read once; the adaptive rule
+reads it again for each level it adds). At the end the sums are reduced across processes (torchmetrics) and divided
+by the global number of items:
 
-    term      = (1/C) Σ_{c=0}^{C−1} ⟨∇L(W_post + (c/C)E), E⟩          (paper eq. 1, left rule)
+    term      = (1/C) Σ_{c=0}^{C−1} ⟨∇L(W_post + (c/C)E), E⟩          (paper eq. 1, left rule; the default)
+    term      = Σ_i w_i ⟨∇L(W_post + t_i E), E⟩                        (rule="gauss": Gauss–Legendre on [0, 1])
     trapezoid = (1/C) [½ g_0 + Σ_{c=1}^{C−1} g_c + ½ g_C]
     exact     = L(W_post + E) − L(W_post)
+
+The rules, their points and weights: :mod:`lightning_delta.callbacks.quadrature`.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from typing_extensions import override
 
 from lightning_delta.attach import EditTarget, ModuleTarget
+from lightning_delta.callbacks.quadrature import Schedule, adaptive_levels, check_rule, patterson_chain, schedule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
@@ -38,7 +44,7 @@ __all__ = ["RiemannCallback"]
 
 
 class RiemannCallback(Callback):
-    r"""Sweeps ``t = c/C`` and reports the Riemann term beside the exact loss change.
+    r"""Sweeps t over [0, 1] (``t = c/C`` by default) and reports the Riemann term beside the exact loss change.
 
     Works on a :class:`~lightning_delta.DeltaEditModule`, or on any LightningModule given ``pretrained`` and
     ``edit``: the loss is then the module's ``training_step`` output (a batch mean, weighted by the batch size).
@@ -48,8 +54,18 @@ class RiemannCallback(Callback):
     to the trainer's loggers and to ``<log_dir>/<filename>`` (JSON, per-tensor terms included).
 
     Args:
-        num_points: C, the number of subdivisions of [0, 1] (the paper uses 5).
-        trapezoid: also run backward at t = 1 for the trapezoid estimate (one more backward per batch).
+        num_points: C, the number of subdivisions of [0, 1] (the paper uses 5), or n, the Gauss nodes; ``None``:
+            the rule's own (5; 3 for ``"gauss"``; 31, the most it may use, for ``"adaptive"``: one of 3, 7, 15, 31).
+        trapezoid: with the left rule, also run backward at t = 1 for the trapezoid estimate (one more backward per
+            batch); ``None``: true for the left rule (the default, as before the rules), the rule's own otherwise.
+            ``rule="trapezoid"`` takes the trapezoid as its term; ``"gauss"`` and ``"adaptive"`` refuse ``True``.
+        rule: the quadrature of ∫₀¹ ⟨∇L(W_post + tE), E⟩ dt: ``"left"`` (the paper's, eq. 1: C backward passes),
+            ``"trapezoid"`` (C + 1), ``"gauss"`` (Gauss–Legendre, n passes, exact for polynomials of degree
+            2n − 1), ``"adaptive"`` (nested Gauss–Kronrod–Patterson rules of 3, 7, 15, 31 nodes until the per-tensor
+            error estimate is below ``tolerance`` × the largest |per-tensor term|; it reads the data once per level).
+            Every rule also runs forwards at t = 0 and t = 1 for the exact ΔL; only nodes at t = 1 add a backward
+            there. ``python -m benchmarks.quadrature`` measures the error against the passes.
+        tolerance: the adaptive rule's target, relative to the largest |per-tensor term|.
         pretrained: W_pre, for a module that is not a ``DeltaEditModule`` (module, state dict, directory, hub id).
         edit: the editing operation (or a mapping of ready-made ``E`` tensors), with ``pretrained``.
         module_name: the submodule of the LightningModule whose tensor names match ``pretrained`` (``""``: the
@@ -68,7 +84,8 @@ class RiemannCallback(Callback):
             ``default_root_dir``, as ``<stem>-v1.json``, ``-v2``, … when the name is taken (nothing is overwritten).
 
     Raises:
-        ValueError: ``num_points`` < 1, ``edit`` without ``pretrained`` or the reverse.
+        ValueError: ``num_points`` < 1, an unknown ``rule``, ``trapezoid`` that contradicts it, ``tolerance`` <= 0,
+            ``edit`` without ``pretrained`` or the reverse.
         RuntimeError: in ``setup``, when the trainer runs validation under inference mode, and at validation start
             when a distributed sampler would repeat samples.
 
@@ -77,12 +94,16 @@ class RiemannCallback(Callback):
         trainer = Trainer(inference_mode=False, callbacks=[RiemannCallback(num_points=5)])
         trainer.validate(DeltaEditModule(post, pre, DARE(p=0.9)), datamodule=dm)
         trainer.callback_metrics["riemann/term"]
+
+        RiemannCallback(rule="gauss", num_points=3)  # 3 backward passes, per-tensor terms to about 1e-3
     """
 
     def __init__(
         self,
-        num_points: int = 5,
-        trapezoid: bool = True,
+        num_points: int | None = None,
+        trapezoid: bool | None = None,
+        rule: str = "left",
+        tolerance: float = 1e-3,
         pretrained: nn.Module | Mapping[str, Tensor] | str | None = None,
         edit: Edit | None = None,
         module_name: str = "",
@@ -93,12 +114,14 @@ class RiemannCallback(Callback):
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
         recompute_weights: bool | None = True,
     ) -> None:
-        if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
-            raise ValueError(f"`num_points` must be an integer >= 1 (the paper uses 5), got {num_points!r}.")
+        num_points, trapezoid = check_rule(rule, num_points, trapezoid, tolerance)
         if (pretrained is None) != (edit is None):
             raise ValueError("Pass `pretrained` and `edit` together (or neither, with a DeltaEditModule).")
         self.num_points = num_points
         self.trapezoid = trapezoid
+        self.rule = rule
+        self.tolerance = tolerance
+        self.schedule: Schedule = schedule(rule, num_points, trapezoid)
         self.pretrained = pretrained
         self.edit = edit
         self.module_name = module_name
@@ -214,9 +237,42 @@ class RiemannCallback(Callback):
         self._recompute = self.recompute_weights
         if self._recompute is None:
             self._recompute = free_memory_bytes(pl_module.device) < 2 * self._edited.weights_bytes()
-        self._sums = RiemannSums(self.num_points, len(self._edited), sync_on_compute=True).to(pl_module.device)
+        if self.rule == "adaptive":
+            self.check_repeatable(trainer)
+        self._rows = self._all_points()
+        self._work = self._first_work()
+        self._sums = RiemannSums(len(self._rows) - 1, len(self._edited), sync_on_compute=True).to(pl_module.device)
         self._sums.reset()  # states may be shared with the parent under ddp_spawn
         self.result = None
+
+    def _all_points(self) -> dict[float, int]:
+        """Row of the sums for each t the sweep may run: the rule's points; for the adaptive rule, those of its
+        largest level (0, every node of the nested rules up to ``num_points``, 1)."""
+        if self.rule != "adaptive":
+            return {t: j for j, t in enumerate(self.schedule.points)}
+        largest = schedule("adaptive", self.num_points, level=adaptive_levels(self.num_points))
+        return {t: j for j, t in enumerate(largest.points)}
+
+    def _first_work(self) -> list[tuple[int, float, bool]]:
+        """(row, t, backward) of each point the first pass over the data runs: every point of the rule (the adaptive
+        rule: its 3-node level, with t = 0 and t = 1)."""
+        first = self.schedule if self.rule != "adaptive" else schedule("adaptive", self.num_points, level=1)
+        return [(self._rows[t], t, gradient) for t, gradient in zip(first.points, first.gradient)]
+
+    @staticmethod
+    def check_repeatable(trainer: "pl.Trainer") -> None:
+        """Raise if a validation loader shuffles: the adaptive rule reads the data again for each level it adds and
+        must see the same batches."""
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+        for index, loader in enumerate(loaders):
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+                raise RuntimeError(
+                    f"rule='adaptive' reads the validation data again for each level of nodes it adds, but validation "
+                    f"dataloader {index} shuffles ({type(sampler).__name__}): give it `shuffle=False`, or use "
+                    "rule='gauss'."
+                )
 
     def target(self, pl_module: "pl.LightningModule") -> EditTarget:
         """What the sweep drives: ``pl_module`` itself (a DeltaEditModule), or, given ``pretrained`` and ``edit``,
@@ -236,32 +292,54 @@ class RiemannCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        edited, target, num_points = self._edited, self._target, self.num_points
+        self._accumulate(pl_module, batch, batch_idx, self._work, count_items=True)
+        self._show_progress(pl_module)
+
+    def _accumulate(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int,
+                    work: list[tuple[int, float, bool]], count_items: bool) -> None:
+        """Run ``work``'s points on one batch and add the losses and inner products to the sums (and the items to
+        the count with ``count_items``: the first pass over the data)."""
+        edited, target = self._edited, self._target
         batch = target.riemann_prepare(batch)
-        inner = torch.zeros(num_points + 1, len(edited), dtype=torch.float64, device=pl_module.device)
-        losses = torch.zeros(num_points + 1, dtype=torch.float64, device=pl_module.device)
+        inner = torch.zeros(len(self._rows), len(edited), dtype=torch.float64, device=pl_module.device)
+        losses = torch.zeros(len(self._rows), dtype=torch.float64, device=pl_module.device)
         count = None
-        for c in range(num_points + 1):
-            edited.set_t(c / num_points)
-            with_gradient = c < num_points or self.trapezoid
+        for row, t, with_gradient in work:
+            edited.set_t(t)
             recompute = edited.recompute_weights() if self._recompute else contextlib.nullcontext()
             with torch.set_grad_enabled(with_gradient), recompute:
                 output = target.riemann_loss(batch, batch_idx)
                 if with_gradient:
                     output.total.backward()
-            inner[c] = edited.pop_inner_products().to(inner.device)
-            losses[c] = output.total.detach()
+            inner[row] = edited.pop_inner_products().to(inner.device)
+            losses[row] = output.total.detach()
             count = output.count
         edited.set_t(0.0)
-        self._sums.update(inner, losses, count)
-        self._show_progress(pl_module)
+        self._sums.update(inner, losses, count if count_items else 0.0)
+
+    def _sweep_again(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     work: list[tuple[int, float, bool]]) -> None:
+        """Read the validation batches once more (the same ones, as the loop did) and run ``work``'s points."""
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        for index, loader in enumerate(loaders):
+            limit = trainer.num_val_batches[index]
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= limit:
+                    break
+                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+                self._accumulate(pl_module, batch, batch_idx, work, count_items=False)
 
     def _show_progress(self, pl_module: "pl.LightningModule") -> None:
         """This process's running term and ΔL so far, beside Lightning's validation progress bar (not logged)."""
         sums = self._sums
         count = sums.count.clamp_min(1.0)
+        first = self.schedule if self.rule != "adaptive" else schedule("adaptive", self.num_points, level=1)
+        weights = torch.zeros(len(self._rows), dtype=torch.float64, device=sums.inner.device)
+        for t, weight in zip(first.points, first.weights):
+            weights[self._rows[t]] = weight
         running = {
-            "term": sums.inner[: self.num_points].sum() / (self.num_points * count),
+            "term": (weights @ sums.inner).sum() / count,
             "exact": (sums.loss[-1] - sums.loss[0]) / count,
         }
         for name, value in running.items():
@@ -270,21 +348,60 @@ class RiemannCallback(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        sums = self._sums.compute()
-        config = {"num_points": self.num_points, "trapezoid": self.trapezoid}
+        config = {"num_points": self.num_points, "trapezoid": self.trapezoid, "rule": self.rule}
+        if self.rule == "adaptive":
+            config["tolerance"] = self.tolerance
         edit = self.edit if self.edit is not None else getattr(pl_module, "edit", None)
         if hasattr(edit, "config"):
             config["edit"] = edit.config()
-        self.result = RiemannResult.from_sums(
-            self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config,
-            self._target.riemann_accuracy(),
-        )
+        accuracy = self._target.riemann_accuracy()
+        if self.rule == "adaptive":
+            self.result = self._adaptive_result(trainer, pl_module, config, accuracy)
+        else:
+            sums = self._sums.compute()
+            self.result = RiemannResult.from_sums(
+                self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config, accuracy,
+                self.schedule,
+            )
         for name, value in self.result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
             pl_module.log(name, value, sync_dist=True)
         if self.filename:
             directory = trainer.log_dir or trainer.default_root_dir  # a collective: read on every rank (§2.13)
             if trainer.is_global_zero:
                 self.result.save(unused_path(Path(directory) / self.filename))
+
+    def _level_result(self, sums: dict[str, Tensor], level: int, config: dict[str, Any],
+                      accuracy: tuple[float, float] | None, error: Tensor | None = None) -> RiemannResult:
+        points = schedule("adaptive", self.num_points, level=level)
+        rows = [self._rows[t] for t in points.points]
+        return RiemannResult.from_sums(self._edited.names, sums["inner"][rows], sums["loss"][rows], sums["count"],
+                                       False, config, accuracy, points, error)
+
+    def _adaptive_result(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", config: dict[str, Any],
+                         accuracy: tuple[float, float] | None) -> RiemannResult:
+        """Add the next level's nodes (one more pass over the data each) until every per-tensor error estimate
+        ``|Q_level − Q_level−1|`` is below ``tolerance`` × the largest |per-tensor term|, or the levels run out."""
+        names, last = self._edited.names, adaptive_levels(self.num_points)
+        level = 1
+        while True:
+            sums = {key: value.clone() for key, value in self._sums.compute().items()}
+            terms = [self._level_result(sums, lower, config, accuracy).term_per_tensor for lower in (level - 1, level)]
+            error = torch.tensor([abs(terms[1][name] - terms[0][name]) for name in names], dtype=torch.float64)
+            largest = max((abs(value) for value in terms[1].values()), default=0.0)
+            worst = max(error.tolist(), default=0.0)
+            if worst <= self.tolerance * largest or level == last:
+                break
+            level += 1
+            added = patterson_chain()[level][0]
+            self._sweep_again(trainer, pl_module, [(self._rows[float(t)], float(t), True) for t in added])
+        result = self._level_result(sums, level, config, accuracy, error)
+        if worst > self.tolerance * largest:
+            rank_zero_warn(
+                f"rule='adaptive' stopped at its largest level ({result.passes} nodes) with a per-tensor error estimate "
+                f"of {worst:.3g}, above tolerance × the largest |term| = {self.tolerance * largest:.3g}: "
+                "result.error_per_tensor says which tensors; allow more nodes (num_points=31) or a larger tolerance."
+            )
+        return result
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -6,7 +6,9 @@ runs a model except :func:`loss_gradient`. The demo (:mod:`lightning_delta.demo`
 * :func:`aggregate`: the rows that differ only in the edit's seed, as one setting with mean ± sample std;
 * :func:`first_order_terms`: Eq. 6's quantity ``⟨∇L(W_post), F(ΔW) − ΔW⟩`` for many masks, from one gradient;
 * :func:`findings`: one :class:`Finding` per claim of the paper, its numbers and whether it holds here;
-* :func:`table1`: the paper's Table 1 in its layout (k; random, sign-biased, gradient-biased), from the rows.
+* :func:`table1`: the paper's Table 1 in its layout (k; random, sign-biased, gradient-biased), from the rows;
+* :func:`quadrature_grid` and :func:`quadrature_findings`: the paper's left rule against Gauss–Legendre at equal
+  passes, per setting, against a high-order Gauss reference (a sweep whose grid varies ``riemann.rule``).
 
 A setting is **competitive** when its mean ΔL is at most :data:`COMPETITIVE` (10 %) of ``R = L(W_pre) − L(W_post)``,
 the loss change of reverting to W_pre altogether, measured on the same images (EXPO's α = −1): the edited model keeps
@@ -28,7 +30,7 @@ from lightning_delta.edits import DeltaEdit, build
 from lightning_delta.edits.bitdelta import paper_bits
 from lightning_delta.edits.lowrank import resolve_rank
 from lightning_delta.losses import CausalLMLoss
-from lightning_delta.plots import edit_family, edit_parameters, magnitude_blocks
+from lightning_delta.plots import edit_family, edit_label, edit_parameters, magnitude_blocks
 from lightning_delta.sweep import SweepRow
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "loss_gradient",
     "lowrank_density",
     "loglog_slope",
+    "quadrature_findings",
+    "quadrature_grid",
     "regime_table",
     "revert_cost",
     "settings_table",
@@ -679,6 +683,81 @@ def findings(rows: Sequence[SweepRow], gradient_terms: Mapping[str, Any] | None 
                  if line.claim.startswith("§4.1")}
     lines += _scale_findings(settings, dare_rows)
     return lines
+
+
+# ------------------------------------------------------------------------------------------------ quadrature
+RULE_KEYS = "riemann.rule,riemann.num_points"
+
+
+def quadrature_grid(grid: Sequence[Mapping[str, Any]], num_points: int = 5, reference: int = 16
+                    ) -> list[dict[str, Any]]:
+    """Each block of ``grid`` at its first mask seed, under the paper's left rule with C = ``num_points`` (no
+    backward at t = 1: C passes), Gauss–Legendre with as many nodes, and a ``reference``-node Gauss rule."""
+    blocks = []
+    for block in grid:
+        block = dict(block)
+        seeds = block.get("edit.init_args.seed")
+        if isinstance(seeds, (list, tuple)):
+            block["edit.init_args.seed"] = seeds[0]
+        block["riemann.trapezoid"] = False
+        block[RULE_KEYS] = [["left", num_points], ["gauss", num_points], ["gauss", reference]]
+        blocks.append(block)
+    return blocks
+
+
+def _setting_key(row: SweepRow) -> str:
+    pretrained = (row.config.get("model") or {}).get("pretrained")
+    return repr((sorted(row.edit.items()), row.dataset, str(pretrained)))
+
+
+def per_tensor_error(result: Any, reference: Any) -> float:
+    """``max_k |term_k − reference_k| / max_k |reference_k|``: the worst per-tensor error as a share of the largest
+    per-tensor term of the reference."""
+    largest = max(abs(value) for value in reference.term_per_tensor.values())
+    worst = max(abs(result.term_per_tensor[name] - value) for name, value in reference.term_per_tensor.items())
+    return worst / largest if largest > 0 else math.inf
+
+
+def quadrature_findings(rows: Sequence[SweepRow]) -> list[Finding]:
+    """The paper's left rule against Gauss–Legendre at equal passes over every setting of ``rows``.
+
+    ``rows``: a sweep of :func:`quadrature_grid` (each setting under the left rule with C passes, Gauss with C nodes
+    and a Gauss reference with more). Per setting, :func:`per_tensor_error` of both against the reference; the row
+    holds when Gauss is the more accurate at every setting.
+    """
+    groups: dict[str, list[SweepRow]] = defaultdict(list)
+    for row in rows:
+        groups[_setting_key(row)].append(row)
+    errors = []  # (setting, left error, gauss error)
+    passes = reference_nodes = None
+    for members in groups.values():
+        left = [row for row in members if row.result.rule == "left" and row.result.trapezoid is None]
+        if not left:
+            continue
+        passes = left[0].result.passes
+        gauss = [row for row in members if row.result.rule == "gauss" and row.result.passes == passes]
+        references = sorted((row for row in members if row.result.rule == "gauss" and row.result.passes > passes),
+                            key=lambda row: row.result.passes)
+        if not gauss or not references:
+            continue
+        reference = references[-1].result
+        reference_nodes = reference.passes
+        label = f"{edit_label(left[0])} ({left[0].dataset})"
+        errors.append((label, per_tensor_error(left[0].result, reference), per_tensor_error(gauss[0].result, reference)))
+    if not errors:
+        return []
+    by_left = sorted(errors, key=lambda item: item[1])
+    by_gauss = sorted(errors, key=lambda item: item[2])
+    median = len(errors) // 2
+    better = [item for item in errors if item[2] < item[1]]
+    measured = (f"left rule: median {by_left[median][1]:.2g}, worst {by_left[-1][1]:.2g} ({by_left[-1][0]}); Gauss: "
+                f"median {by_gauss[median][2]:.2g}, worst {by_gauss[-1][2]:.2g} ({by_gauss[-1][0]}); Gauss more "
+                f"accurate at {len(better)} of {len(errors)} settings")
+    worse = [item[0] for item in errors if item not in better]
+    verdict = "holds" if not worse else "departs at " + ", ".join(worse[:3]) + (" …" if len(worse) > 3 else "")
+    return [Finding(f"Beyond the paper: Gauss–Legendre against the paper's left rule at equal passes ({passes}), worst "
+                    f"per-tensor error as a share of the largest per-tensor term of a {reference_nodes}-node Gauss "
+                    "reference", measured, "1", verdict)]
 
 
 # ------------------------------------------------------------------------------------------------------ tables

@@ -4,6 +4,7 @@ brute-force reference that evaluates every candidate setting of every tensor exa
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -21,7 +22,8 @@ from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.parametrize import EditedModel
 
-__all__ = ["exact_candidate_changes", "riemann_sweep", "tensor_patterns", "trapezoid_per_tensor"]
+__all__ = ["exact_candidate_changes", "riemann_sweep", "sweep_passes", "sweep_per_tensor", "tensor_patterns",
+           "trapezoid_per_tensor"]
 
 # What a plan's trainers share: nothing is trained, logged or checkpointed; one process.
 TRAINER_ARGUMENTS = dict(inference_mode=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -35,14 +37,19 @@ def tensor_patterns(names: Sequence[str]) -> list[str]:
 
 def riemann_sweep(
     model: nn.Module, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", include: Patterns = None, exclude: Patterns = None, num_points: int = 5,
-    accelerator: str = "cpu",
+    loss: str | DeltaLoss = "causal_lm", include: Patterns = None, exclude: Patterns = None,
+    num_points: int | None = None, accelerator: str = "cpu", rule: str = "trapezoid",
 ) -> RiemannResult:
-    """One C-point sweep of ``edit`` on the tensors selected by ``include`` / ``exclude`` (trapezoid included), run
-    as ``lightning-delta validate`` runs it; ``model`` is given back at W_post. Costs ``C + 1`` forward+backward
-    passes over the data (the exact ΔL comes from the t = 1 forward)."""
+    """One sweep of ``edit`` on the tensors selected by ``include`` / ``exclude``, run as ``lightning-delta validate``
+    runs it; ``model`` is given back at W_post. ``rule="trapezoid"`` (the default) is the left rule's C points with
+    the backward at t = 1: ``C + 1`` forward+backward passes over the data (the exact ΔL comes from the t = 1
+    forward); ``"gauss"`` and ``"adaptive"`` run their nodes and forwards at t = 0 and 1
+    (:class:`~lightning_delta.RiemannCallback`; ``num_points`` ``None``: the rule's own)."""
     module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include, exclude=exclude)
-    callback = RiemannCallback(num_points=num_points, trapezoid=True, filename=None)
+    if rule == "trapezoid":  # as before the rules: the left rule's sweep with its trapezoid
+        callback = RiemannCallback(num_points=num_points, trapezoid=True, filename=None)
+    else:
+        callback = RiemannCallback(num_points=num_points, rule=rule, filename=None)
     trainer = pl.Trainer(accelerator=accelerator, callbacks=[callback], **TRAINER_ARGUMENTS)
     try:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -59,6 +66,19 @@ def trapezoid_per_tensor(result: RiemannResult) -> dict[str, float]:
         C = len(values) - 1  # noqa: N806 (the paper's name)
         shares[name] = (values[0] / 2 + sum(values[1:C]) + values[C] / 2) / C
     return shares
+
+
+def sweep_per_tensor(result: RiemannResult) -> dict[str, float]:
+    """The per-tensor terms a plan refines with: the trapezoid shares of a left-rule sweep with its backward at t = 1
+    (:func:`trapezoid_per_tensor`), else the rule's own ``term_per_tensor``."""
+    return trapezoid_per_tensor(result) if result.rule == "left" else dict(result.term_per_tensor)
+
+
+def sweep_passes(result: RiemannResult) -> tuple[int, int]:
+    """(forward+backward, forward-only) passes over the data of one sweep: forward-only at t = 0 and t = 1 where the
+    rule runs no backward there."""
+    backward_at_ends = sum(not math.isnan(result.inner_products[j]) for j in (0, -1))
+    return result.passes, 2 - backward_at_ends
 
 
 def _mean_loss(target: Any, model: nn.Module, loaders: Iterable[Iterable[Any]], device: torch.device) -> float:
