@@ -84,6 +84,7 @@ class ModuleTarget:
     def __init__(
         self,
         module: pl.LightningModule,
+        *,
         pretrained: nn.Module | Mapping[str, Tensor] | str,
         edit: Edit,
         module_name: str = "",
@@ -105,8 +106,8 @@ class ModuleTarget:
             gradients = None
             if getattr(self.edit, "needs_gradients", False):
                 gradients = gradients_at_post(_require_trainer(trainer, self.edit), self, self.model)
-            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients,
-                                       self.E_dtype)
+            self._edited = attach_edit(self.model, pretrained=self.pretrained, edit=self.edit, include=self.include,
+                                       exclude=self.exclude, gradients=gradients, E_dtype=self.E_dtype)
         return self._edited
 
     def riemann_prepare(self, batch: Any) -> Any:
@@ -133,6 +134,7 @@ def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
 
 def edit_differences(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -165,7 +167,7 @@ def edit_differences(
                 for name, E in edit.items()}
     check_E_dtype(E_dtype)
     differences = {}
-    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
+    for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
         E = (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))  # noqa: N806
         differences[item.name] = local_rows(E, sharded[item.name]) if item.name in sharded else E
     return differences
@@ -173,6 +175,7 @@ def edit_differences(
 
 def attach_edit(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -195,7 +198,8 @@ def attach_edit(
     """
     if E_dtype == "on_the_fly":
         return _attach_on_the_fly(model, pretrained, edit, include, exclude)
-    differences = edit_differences(model, pretrained, edit, include, exclude, gradients, E_dtype)
+    differences = edit_differences(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude,
+                                   gradients=gradients, E_dtype=E_dtype)
     if sharded_parameters(model):
         return ShardedEditedModel(model, differences, E_dtype=E_dtype)
     return EditedModel(model, differences, E_dtype=E_dtype)
@@ -233,10 +237,11 @@ def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, includ
     try:
         post = load_tensors(model)
         recomputed = {}
-        for match in match_tensors(source, post, include, exclude):
+        for match in match_tensors(pre=source, post=post, include=include, exclude=exclude):
             dtype = stored_dtype(post.dtype(match.post_name), "float32")
             recomputed[match.name] = RecomputedE(match, source, edit, post.shape(match.post_name), dtype)
-        for item in iter_edited(model, source, edit, include, exclude):  # every check, each E once
+        # every check, each E once
+        for item in iter_edited(model, pre=source, edit=edit, include=include, exclude=exclude):
             E = (item.edited - item.delta).to(recomputed[item.name].dtype)  # noqa: N806
             if not torch.equal(recomputed[item.name](item.w_post), E):
                 raise ValueError(

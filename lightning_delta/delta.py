@@ -141,7 +141,7 @@ def _describe_patterns(include: Patterns, exclude: Patterns) -> str:
 
 
 def match_tensors(
-    pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
+    *, pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
 ) -> list[DeltaMatch]:
     """The tensors ΔW is computed for, in the post-trained model's order, after every check that needs no values.
 
@@ -258,7 +258,7 @@ def check_tied_targets(names: Iterable[str], post: TensorSource) -> None:
 
 
 @contextmanager
-def open_pair(pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
+def open_pair(*, pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
     """Both sides as :class:`TensorSource` objects; those opened here are closed when the block ends.
 
     Raises:
@@ -335,7 +335,7 @@ def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSour
     )
 
 
-def delta_names(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+def delta_names(post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
     """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
 
     Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
@@ -343,11 +343,12 @@ def delta_names(post: Weights, pre: Weights, include: Patterns = None, exclude: 
     Example:
         >>> pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
         >>> post = {"w": torch.ones(2), "step": torch.tensor(4)}
-        >>> delta_names(post, pre)
+        >>> delta_names(post, pre=pre)
         ['w']
     """
-    with open_pair(pre, post) as (pre_source, post_source):
-        return [match.name for match in match_tensors(pre_source, post_source, include, exclude)]
+    with open_pair(pre=pre, post=post) as (pre_source, post_source):
+        return [match.name for match in match_tensors(pre=pre_source, post=post_source, include=include,
+                                                      exclude=exclude)]
 
 
 def _generate(
@@ -367,6 +368,7 @@ def _next_delta(match: DeltaMatch, pre: TensorSource, post: TensorSource, device
 
 def iter_delta(
     post: Weights,
+    *,
     pre: Weights,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -396,28 +398,30 @@ def iter_delta(
     Example:
         >>> pre = {"w": torch.tensor([1.0, 2.0])}
         >>> post = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
-        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre)]
+        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre=pre)]
         [('w', [0.5, -1.0], torch.float32)]
     """
     device = _as_device(device)
     stack = ExitStack()
     try:
-        pre_source, post_source = stack.enter_context(open_pair(pre, post))
-        matches = match_tensors(pre_source, post_source, include, exclude)
+        pre_source, post_source = stack.enter_context(open_pair(pre=pre, post=post))
+        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
     except BaseException:
         stack.close()
         raise
     return _generate(matches, pre_source, post_source, device, stack)
 
 
-def compute_delta(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> dict[str, Tensor]:
-    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre, include, exclude))``.
+def compute_delta(
+    post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None
+) -> dict[str, Tensor]:
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre=pre, include=include, exclude=exclude))``.
 
     Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
 
     Example:
-        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, {"a": torch.zeros(2), "b": torch.zeros(1)},
+        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, pre={"a": torch.zeros(2), "b": torch.zeros(1)},
         ...               exclude="b")
         {'a': tensor([1., 1.])}
     """
-    return dict(iter_delta(post, pre, include, exclude))
+    return dict(iter_delta(post, pre=pre, include=include, exclude=exclude))

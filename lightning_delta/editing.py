@@ -93,6 +93,7 @@ def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post
 
 def iter_edited(
     post: Weights,
+    *,
     pre: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -128,8 +129,8 @@ def iter_edited(
     if gradients is not None and not isinstance(gradients, Mapping):
         raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
     device = _as_device(device)
-    with open_pair(pre, post) as (pre_source, post_source):
-        matches = match_tensors(pre_source, post_source, include, exclude)
+    with open_pair(pre=pre, post=post) as (pre_source, post_source):
+        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
         if isinstance(edit, Mapping):
             _check_edit_mapping(edit, matches, post_source)
             matches = [match for match in matches if match.name in edit]

@@ -340,7 +340,8 @@ def estimate_memory(
     loss = build_loss(loss) if isinstance(loss, str) else loss
     shards = processes if sharded else 1
     parameters = dict(model.named_parameters())
-    edited = {name: parameters[name] for name in delta_names(model, model, include, exclude) if name in parameters}
+    edited = {name: parameters[name] for name in delta_names(model, pre=model, include=include,
+                                                             exclude=exclude) if name in parameters}
 
     def rebuilt(weight: Tensor) -> int:
         summed = torch.promote_types(weight.dtype, stored_dtype(weight.dtype, E_dtype))

@@ -68,6 +68,7 @@ def _check_not_parametrized(model: nn.Module) -> None:
 
 def apply_edit_(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -105,7 +106,7 @@ def apply_edit_(
             f"model must be an nn.Module (the post-trained model to edit in place), got {type(model).__name__}."
         )
     _check_not_parametrized(model)
-    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
+    for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
         # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype. On a model
         # sharded by FSDP2, w_pre and w_post are this process's rows, written in place.
         edited = item.edited if item.rows is None else item.edited[item.rows[0]:item.rows[1]]
@@ -122,6 +123,7 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def save_edited(
     post: nn.Module | str | os.PathLike,
+    *,
     pretrained: Weights,
     edit: Edit,
     output_dir: str | os.PathLike,
@@ -201,7 +203,7 @@ def save_edited(
 
     if model is None:
         model = load_model(source_dir, dtype)
-    apply_edit_(model, pretrained, edit, include=include, exclude=exclude)
+    apply_edit_(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_sibling(output_dir, "tmp")
     try:

@@ -107,12 +107,12 @@ def relevant_values(choices: list[int], num_values: int) -> list[int]:
 
 
 def exact_change(
-    model: nn.Module, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
+    model: nn.Module, *, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
     loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: Patterns = None,
 ) -> tuple[float, float]:
     """``(L(W_post), L(W_post + E) − L(W_post))`` by ``trainer.validate`` on a DeltaEditModule (two forwards per
     batch, float64 sums) editing the tensors ``include`` selects; ``model`` is given back at W_post."""
-    module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include)
     trainer = pl.Trainer(accelerator=accelerator, **TRAINER_ARGUMENTS)
     try:
         (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -124,6 +124,7 @@ def exact_change(
 
 def plan_edit(
     model: nn.Module | str,
+    *,
     pretrained: Weights,
     datamodule: pl.LightningDataModule,
     family_name: str,
@@ -190,12 +191,13 @@ def plan_edit(
                          f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate.")
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
-    module = DeltaEditModule(model, pretrained, spec.edit(values[0], seed), loss=loss, dtype=dtype)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=spec.edit(values[0], seed), loss=loss, dtype=dtype)
     model = module.model
     datamodule.setup("validate")
     loaders = [datamodule.val_dataloader()]
     parameters = dict(model.named_parameters())
-    names = [name for name in delta_names(model, pretrained, include, exclude) if name in parameters]
+    names = [name for name in delta_names(model, pre=pretrained, include=include,
+                                          exclude=exclude) if name in parameters]
     statistics = gradient_statistics(module, model, loaders, names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
@@ -218,8 +220,8 @@ def plan_edit(
     swept = order if refine is None else order[:refine]
     sweeps = {}
     for j in swept:
-        result = riemann_sweep(model, pretrained, spec.edit(values[j], seed), datamodule, loss, include=patterns,
-                               num_points=num_points, accelerator=accelerator)
+        result = riemann_sweep(model, pretrained=pretrained, edit=spec.edit(values[j], seed), datamodule=datamodule,
+                               loss=loss, include=patterns, num_points=num_points, accelerator=accelerator)
         shares = trapezoid_per_tensor(result)
         used[:, j] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
         sweeps[values[j]] = result
@@ -242,7 +244,8 @@ def plan_edit(
                 continue
             settings = {name: values[j] for name, j in zip(scores.names, picked)}
             loss_post, measured[label] = exact_change(
-                model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
+                model, pretrained=pretrained, edit=_per_tensor(spec, settings, seed), datamodule=datamodule, loss=loss,
+                accelerator=accelerator, include=patterns)
             passes["forward"] += 2
     label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
@@ -266,6 +269,7 @@ def plan_edit(
 
 def plan(
     model: str,
+    *,
     pretrained: str,
     data: pl.LightningDataModule,
     family: FamilyName,
@@ -311,8 +315,9 @@ def plan(
             (values in the model's dtype; bitdelta b/8 bytes per entry, dare and magnitude_prune the kept values
             and a bitmap, lowrank the two factors). Give it or average.
     """
-    made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
-                     refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
+    made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
+                     candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
+                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}
@@ -326,6 +331,7 @@ def plan(
           f"forward passes over the data")
     print(f"  written to {output}")
     if output_dir is not None:
-        save_edited(model, pretrained, made.edit(), output_dir, dtype=dtype, overwrite=overwrite)
+        save_edited(model, pretrained=pretrained, edit=made.edit(), output_dir=output_dir, dtype=dtype,
+                    overwrite=overwrite)
         print(f"  edited model written to {output_dir}")
     return made

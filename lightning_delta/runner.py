@@ -207,6 +207,7 @@ EDtype = Literal[E_DTYPES]  # "float32", "model"
 
 def delta_edit_module(
     model: str | nn.Module,
+    *,
     pretrained: str | nn.Module,
     edit: DeltaEdit,
     loss: LossName | DeltaLoss = "causal_lm",
@@ -239,9 +240,11 @@ def delta_edit_module(
     """
     reuse = _SWEEP_REUSE.get()
     if reuse is None:
-        return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype, E_dtype)
+        return DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude,
+                               evaluator=evaluator, dtype=dtype, E_dtype=E_dtype)
     shared_model, shared_loss = reuse.shared(model, loss)
-    module = DeltaEditModule(shared_model, pretrained, edit, shared_loss, include, exclude, evaluator, dtype, E_dtype)
+    module = DeltaEditModule(shared_model, pretrained=pretrained, edit=edit, loss=shared_loss, include=include,
+                             exclude=exclude, evaluator=evaluator, dtype=dtype, E_dtype=E_dtype)
     reuse.keep(module, loss)
     return module
 
@@ -688,6 +691,7 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None, progress: bool = T
 # ---------------------------------------------------------------------------------------------- edit and plot
 def edit(
     model: str,
+    *,
     pretrained: str,
     edit: DeltaEdit,
     output_dir: str,
@@ -715,8 +719,8 @@ def edit(
         overwrite: replace a non-empty ``output_dir`` whole (its old files, an old shard index included, are
             removed once the new model is complete).
     """
-    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, dtype=dtype,
-                       overwrite=overwrite)
+    path = save_edited(model, pretrained=pretrained, edit=edit, output_dir=output_dir, include=include,
+                       exclude=exclude, dtype=dtype, overwrite=overwrite)
     print(f"Edited model ({edit!r}) written to {path}")
     return path
 

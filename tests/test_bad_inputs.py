@@ -93,7 +93,8 @@ def _save_edited(tmp: Path, output: Path, **kwargs):
     from tests.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp, "llama", shard=None)
-    save_edited(str(pair.post_dir), str(pair.pre_dir), _edits().DARE(p=0.5), str(output), **kwargs)
+    save_edited(str(pair.post_dir), pretrained=str(pair.pre_dir), edit=_edits().DARE(p=0.5), output_dir=str(output),
+                **kwargs)
 
 
 def _output_not_empty(tmp: Path):
@@ -111,7 +112,8 @@ def _module_batch_not_a_mapping(tmp: Path):
     from lightning_delta import DeltaEditModule
 
     pre, post = _tiny_linear_pair()
-    DeltaEditModule(post, pre, _edits().DARE(p=0.5)).riemann_prepare((torch.zeros(2, 3), torch.zeros(2)))
+    DeltaEditModule(post, pretrained=pre, edit=_edits().DARE(p=0.5)).riemann_prepare((torch.zeros(2, 3),
+                                                                                      torch.zeros(2)))
 
 
 def _tied_copies(tmp: Path):
@@ -119,7 +121,7 @@ def _tied_copies(tmp: Path):
 
     model = _tied_model()
     pre = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    attach_edit(model, pre, _edits().DARE(p=0.5))
+    attach_edit(model, pretrained=pre, edit=_edits().DARE(p=0.5))
 
 
 def _edited_model(edits: dict):
@@ -131,7 +133,7 @@ def _edited_model(edits: dict):
 def _compute_delta(post, pre, **kwargs):
     from lightning_delta import compute_delta
 
-    return compute_delta(post, pre, **kwargs)
+    return compute_delta(post, pre=pre, **kwargs)
 
 
 def _apply_to_parametrized(tmp: Path):
@@ -140,7 +142,7 @@ def _apply_to_parametrized(tmp: Path):
 
     pre, post = _tiny_linear_pair()
     EditedModel(post, {"weight": torch.zeros(2, 3)})
-    apply_edit_(post, pre, _edits().DARE(p=0.5))
+    apply_edit_(post, pretrained=pre, edit=_edits().DARE(p=0.5))
 
 
 def _riemann(**kwargs):
@@ -165,7 +167,7 @@ def _gradient_biased_without_gradients(tmp: Path):
     from lightning_delta.attach import edit_differences
 
     pre, post = _tiny_linear_pair()
-    edit_differences(post, pre, _edits().GradientBiased(p=0.5, k=0.5))
+    edit_differences(post, pretrained=pre, edit=_edits().GradientBiased(p=0.5, k=0.5))
 
 
 CASES = [
@@ -190,15 +192,16 @@ CASES = [
          "GradientBiased needs the gradient of the loss at W_post for every edited tensor; missing for 2 tensors",
          _gradient_biased_without_gradients),
     # --------------------------------------------------------------------------------- module and callback
-    Case("module-edit-name", "`DeltaEditModule(post, pre, edit=\"dare\")`", ValueError,
+    Case("module-edit-name", "`DeltaEditModule(post, pretrained=pre, edit=\"dare\")`", ValueError,
          "edit must be an editing operation of lightning_delta.edits",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, "dare")),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), pretrained={}, edit="dare")),
     Case("module-model-type", "`DeltaEditModule(model=3, ...)`", ValueError, "`model` must be an nn.Module",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(3, {}, _edits().DARE(p=0.5))),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(3, pretrained={}, edit=_edits().DARE(p=0.5))),
     Case("module-batch-tuple", "a `(inputs, labels)` batch for the causal-LM loss", ValueError,
          "DeltaEditModule's CausalLMLoss reads each batch as a mapping", _module_batch_not_a_mapping),
     Case("loss-unknown", "`DeltaEditModule(..., loss=\"mse\")`", ValueError, "Unknown loss 'mse'",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, {}, loss="mse")),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), pretrained={}, edit={},
+                                                                   loss="mse")),
     Case("riemann-num-points", "`RiemannCallback(num_points=0)`", ValueError, "`num_points` must be an integer >= 1",
          lambda tmp: _riemann(num_points=0)),
     Case("riemann-edit-alone", "`RiemannCallback(edit=DARE(p=0.9))` without `pretrained`", ValueError,
@@ -248,22 +251,24 @@ CASES = [
          lambda tmp: _edits().PerTensor({"^a$": _edits().BitDelta()})({"b": torch.ones(2)})),
     Case("plan-unknown-family", "`plan_edit(..., family_name=\"ties\", ...)`", ValueError,
          "plan: unknown edit family 'ties'",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "ties", 0.2)),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="ties", average=0.2)),
     Case("plan-average-below-candidates", "`plan_edit(..., \"bitdelta\", average=0.5)`", ValueError,
          "plan: `average` (bits per entry (sign bit included)) must be a number >= the smallest candidate 1",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 0.5)),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="bitdelta", average=0.5)),
     Case("plan-dare-density", "`plan_edit(..., \"dare\", 0.5, candidates=[0.5, 1.5])`", ValueError,
          "plan: dare candidates (kept density) must be in (0, 1], got 1.5",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "dare", 0.5,
-                                                                                   candidates=[0.5, 1.5])),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="dare", average=0.5, candidates=[0.5, 1.5])),
     Case("plan-two-budgets", "`plan_edit(..., \"bitdelta\", 2, budget_bytes=1e6)`", ValueError,
          "plan: give the budget as `average` (bits per entry (sign bit included)) or as `budget_bytes`, exactly one",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 2,
-                                                                                   budget_bytes=1e6)),
-    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, None, {name: E}, E_dtype=\"on_the_fly\")` attached",
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="bitdelta", average=2, budget_bytes=1e6)),
+    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, pretrained=None, edit={name: E}, E_dtype=\"on_the_fly\")` attached",
          ValueError, "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held",
          lambda tmp: __import__("lightning_delta.attach", fromlist=["x"]).attach_edit(
-             torch.nn.Linear(2, 2), None, {"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
+             torch.nn.Linear(2, 2), pretrained=None, edit={"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
     Case("fsdp1-strategy", "a Trainer with `FSDPStrategy` (FSDP1) running a `RiemannCallback`", ValueError,
          "lightning_delta runs sharded models under ModelParallelStrategy (FSDP2's fully_shard), not FSDPStrategy",
          lambda tmp: __import__("lightning_delta.sharded", fromlist=["x"]).check_strategy(

@@ -427,7 +427,7 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
     dm = GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), batch_size=2)
     reference = brute_force(model, edits, CausalLMLoss(), dm.val_dataloader(), num_points=4)
 
-    module = DeltaEditModule(model, None, edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
+    module = DeltaEditModule(model, pretrained=None, edit=edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
     callback = RiemannCallback(num_points=4, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
                          enable_progress_bar=False, enable_model_summary=False)

@@ -73,7 +73,7 @@ def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: s
     from lightning_delta.attach import attach_edit
     from lightning_delta.edits import DARE
 
-    edited = attach_edit(model, pretrained, DARE(p=0.5, seed=1), E_dtype=E_dtype)
+    edited = attach_edit(model, pretrained=pretrained, edit=DARE(p=0.5, seed=1), E_dtype=E_dtype)
     held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         edited.set_t(0.4)

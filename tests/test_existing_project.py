@@ -112,7 +112,7 @@ def test_gradient_biased_end_to_end():
         edits[name] = factor * delta - delta
     reference = brute_force(copy.deepcopy(model), edits, ClassificationLoss(), loader, num_points=3)
 
-    module = DeltaEditModule(model, pre, GradientBiased(p=p, k=k), loss="classification")
+    module = DeltaEditModule(model, pretrained=pre, edit=GradientBiased(p=p, k=k), loss="classification")
     callback = RiemannCallback(num_points=3, filename=None)
     trainer_with(callback).validate(module, loader, verbose=False)
     edited = module.edited_model()
@@ -165,7 +165,7 @@ def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
     loader = DataLoader(data, batch_size=2)
     pre = {name: p.detach() - 0.05 for name, p in model.state_dict().items()}
     point = copy.deepcopy(model)
-    module = DeltaEditModule(model, pre, GradientBiased(p=0.3, k=0.5), loss="classification")
+    module = DeltaEditModule(model, pretrained=pre, edit=GradientBiased(p=0.3, k=0.5), loss="classification")
     trainer_with(RiemannCallback(num_points=1, filename=None)).validate(module, loader, verbose=False)
 
     # independent reference: every batch's gradient from a plain copy in the model's dtype, summed in float64

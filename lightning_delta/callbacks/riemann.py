@@ -75,7 +75,7 @@ class RiemannCallback(Callback):
     Example::
 
         trainer = Trainer(inference_mode=False, callbacks=[RiemannCallback(num_points=5)])
-        trainer.validate(DeltaEditModule(post, pre, DARE(p=0.9)), datamodule=dm)
+        trainer.validate(DeltaEditModule(post, pretrained=pre, edit=DARE(p=0.9)), datamodule=dm)
         trainer.callback_metrics["riemann/term"]
     """
 
@@ -223,8 +223,8 @@ class RiemannCallback(Callback):
         a :class:`~lightning_delta.attach.ModuleTarget` around it."""
         if self.edit is None:
             return pl_module
-        return ModuleTarget(pl_module, self.pretrained, self.edit, self.module_name, self.include, self.exclude,
-                            self.loss_fn, self.E_dtype)
+        return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
+                            include=self.include, exclude=self.exclude, loss_fn=self.loss_fn, E_dtype=self.E_dtype)
 
     @override
     def on_validation_batch_end(

@@ -34,14 +34,14 @@ def tensor_patterns(names: Sequence[str]) -> list[str]:
 
 
 def riemann_sweep(
-    model: nn.Module, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
+    model: nn.Module, *, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
     loss: str | DeltaLoss = "causal_lm", include: Patterns = None, exclude: Patterns = None, num_points: int = 5,
     accelerator: str = "cpu",
 ) -> RiemannResult:
     """One C-point sweep of ``edit`` on the tensors selected by ``include`` / ``exclude`` (trapezoid included), run
     as ``lightning-delta validate`` runs it; ``model`` is given back at W_post. Costs ``C + 1`` forward+backward
     passes over the data (the exact ΔL comes from the t = 1 forward)."""
-    module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include, exclude=exclude)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude)
     callback = RiemannCallback(num_points=num_points, trapezoid=True, filename=None)
     trainer = pl.Trainer(accelerator=accelerator, callbacks=[callback], **TRAINER_ARGUMENTS)
     try:
@@ -74,7 +74,7 @@ def _mean_loss(target: Any, model: nn.Module, loaders: Iterable[Iterable[Any]], 
 
 
 def exact_candidate_changes(
-    target: Any, model: nn.Module, pretrained: Weights, names: Sequence[str], edits: Sequence[DeltaEdit],
+    target: Any, model: nn.Module, *, pretrained: Weights, names: Sequence[str], edits: Sequence[DeltaEdit],
     loaders: Sequence[Iterable[Any]],
 ) -> tuple[torch.Tensor, int]:
     """The brute-force reference: ``ΔL_k(v) = L(W_post + E_k(v)) − L(W_post)``, tensor ``k`` edited alone, for every
@@ -83,7 +83,7 @@ def exact_candidate_changes(
     base = _mean_loss(target, model, loaders, device)
     changes = torch.zeros(len(names), len(edits), dtype=torch.float64)
     for j, edit in enumerate(edits):
-        differences = edit_differences(model, pretrained, edit, include=tensor_patterns(names))
+        differences = edit_differences(model, pretrained=pretrained, edit=edit, include=tensor_patterns(names))
         for k, name in enumerate(names):
             edited = EditedModel(model, {name: differences[name]})
             try:
