@@ -145,7 +145,8 @@ def save_edited(
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
         edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> E = F(ΔW) − ΔW (see :func:`apply_edit_`).
         output_dir: where the model is saved: a new or empty directory (or, with ``overwrite``, one to replace);
-            must differ from, and not contain, the directories read.
+            must differ from, and not contain, the directories read. A symbolic link is written through, as ``cp``
+            and ``save_pretrained`` do: the model goes where it points, and the link stays a link.
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
         dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
@@ -199,13 +200,18 @@ def save_edited(
                 f"output_dir {output_dir} holds {directory}, which the models are read from; overwrite=True would "
                 "delete it. Choose another directory."
             )
-    _check_output_dir(output_dir, overwrite)
+    # A link is written through: the directory it points to is the one written (or replaced), never the link.
+    target = Path(os.path.realpath(output_dir)) if output_dir.is_symlink() else output_dir
+    if target is not output_dir and not target.exists():
+        raise ValueError(f"output_dir {output_dir} is a symbolic link to {target}, which does not exist; create that "
+                         "directory, or choose another output_dir.")
+    _check_output_dir(target, overwrite)
 
     if model is None:
         model = load_model(source_dir, dtype)
     apply_edit_(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_sibling(output_dir, "tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling(target, "tmp")
     try:
         model.save_pretrained(staging, **save_kwargs)
         if isinstance(edit, PerTensor):
@@ -214,7 +220,7 @@ def save_edited(
             for name in TOKENIZER_AND_PROCESSOR_FILES:
                 if (source_dir / name).is_file():
                     shutil.copyfile(source_dir / name, staging / name)
-        _move_into_place(staging, output_dir, overwrite)
+        _move_into_place(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -268,4 +274,4 @@ def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, output_dir)
         raise
-    old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a link is replaced, not what it points to
+    shutil.rmtree(old)

@@ -306,15 +306,18 @@ def plan(
         seed: DARE's mask seed.
         num_points: C of the refinement sweeps.
         refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
-        output: the JSON file the plan is written to.
+        output: the JSON file the plan is written to: a new file (an existing one needs overwrite).
         output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
-        overwrite: replace a non-empty ``output_dir``.
+        overwrite: replace an existing ``output`` file and a non-empty ``output_dir``.
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
         budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly
             (values in the model's dtype; bitdelta b/8 bytes per entry, dare and magnitude_prune the kept values
             and a bitmap, lowrank the two factors). Give it or average.
     """
+    if Path(output).exists() and not overwrite:
+        raise ValueError(f"output {output} exists; refusing to write a plan over it. Pass --overwrite true to replace "
+                         "it, or choose another --output.")
     made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
                      candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
                      num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)

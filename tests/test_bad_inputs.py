@@ -21,7 +21,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 class Case(NamedTuple):
     id: str
     given: str  # what the user wrote or passed
-    error: type[Exception]
+    error: type[Exception]  # or a Warning class: the input is used, with a warning
     message: str  # the start of the message, after the tmp directory is written <tmp>
     call: Callable[[Path], object]
 
@@ -108,6 +108,17 @@ def _output_is_a_file(tmp: Path):
     _save_edited(tmp, tmp / "out")
 
 
+def _output_dangling_link(tmp: Path):
+    (tmp / "out").symlink_to(tmp / "missing", target_is_directory=True)
+    _save_edited(tmp, tmp / "out")
+
+
+def _plan_output_exists(tmp: Path):
+    (tmp / "plan.json").write_text("{}")
+    _run_cli(tmp, ["plan", "--model", "post", "--pretrained", "pre", "--data", "lightning_delta.demo.digits."
+                   "DigitsDataModule", "--family", "dare", "--average", "0.2", "--output", str(tmp / "plan.json")])
+
+
 def _module_batch_not_a_mapping(tmp: Path):
     from lightning_delta import DeltaEditModule
 
@@ -161,6 +172,37 @@ def _run_cli(tmp: Path, argv: list[str]):
     from lightning_delta.cli import run
 
     return run(argv)
+
+
+def _mixed_precision_pair(tmp: Path):
+    pre, post = _tiny_linear_pair()
+    _compute_delta(post, {name: value.to(torch.bfloat16) for name, value in pre.items()})
+
+
+def _same_weights(tmp: Path):
+    from lightning_delta.export import apply_edit_
+
+    post = nn.Linear(3, 2)
+    apply_edit_(post, pretrained={name: value.clone() for name, value in post.state_dict().items()},
+                edit=_edits().DARE(p=0.5))
+
+
+def _integer_pre(tmp: Path):
+    pre, post = _tiny_linear_pair()
+    _compute_delta(post, {**pre, "weight": torch.zeros(2, 3, dtype=torch.int64)})
+
+
+def _meta_pre(tmp: Path):
+    with torch.device("meta"):
+        pre = nn.Linear(3, 2)
+    _compute_delta(nn.Linear(3, 2), pre)
+
+
+def _swapped_order(tmp: Path):
+    from lightning_delta import compute_delta
+
+    pre, post = _tiny_linear_pair()
+    compute_delta(pre, post)
 
 
 def _gradient_biased_without_gradients(tmp: Path):
@@ -232,11 +274,29 @@ CASES = [
     Case("state-dict-values", "a state dict holding a non-tensor", ValueError,
          "Cannot load the pre-trained weights: A state dict must map names to tensors",
          lambda tmp: _compute_delta({"w": torch.ones(2)}, {"w": [0.0, 1.0]})),
+    Case("mixed-precision-pair", "W_pre in bf16 with W_post in float32 (a bf16 pre directory or state dict)",
+         UserWarning, "W_pre is stored in torch.bfloat16 and W_post in torch.float32 for 2 of the 2 selected tensors: "
+         "ΔW = W_post − W_pre then holds W_pre's rounding to torch.bfloat16", _mixed_precision_pair),
+    Case("same-weights", "the post-trained weights given as W_pre too (`--model.pretrained` naming the post directory)",
+         ValueError, "ΔW = W_post − W_pre is zero in every one of the 2 selected tensors", _same_weights),
+    Case("integer-pre", "an int64 W_pre tensor where W_post's is float (a quantized checkpoint)", ValueError,
+         "Floating point on one side and integer on the other for 1 tensor: weight (pre torch.int64, post "
+         "torch.float32)", _integer_pre),
+    Case("meta-pre", "W_pre on the meta device", ValueError,
+         "W_pre must hold real weights, but 'weight' of the pre-trained weights (module Linear) is on the meta device",
+         _meta_pre),
+    Case("swapped-order", "`compute_delta(pre, post)` (W_pre passed by position)", TypeError,
+         "compute_delta() takes 1 positional argument but 2 were given", _swapped_order),
     # ----------------------------------------------------------------------------------------- export
     Case("output-not-empty", "`save_edited(..., output_dir)` on a directory holding another model", ValueError,
          "output_dir <tmp>/out is not empty; refusing to write a model over its files. Pass overwrite=True", _output_not_empty),
     Case("output-is-file", "`save_edited(..., output_dir)` where a file is", ValueError,
          "output_dir <tmp>/out exists and is not a directory", _output_is_a_file),
+    Case("output-dangling-link", "`save_edited(..., output_dir)` on a symbolic link to a missing directory",
+         ValueError, "output_dir <tmp>/out is a symbolic link to <tmp>/missing, which does not exist",
+         _output_dangling_link),
+    Case("plan-output-exists", "a second `lightning-delta plan` into the same `--output`", ValueError,
+         "output <tmp>/plan.json exists; refusing to write a plan over it. Pass --overwrite true", _plan_output_exists),
     Case("apply-parametrized", "`apply_edit_` on a model that still has the analysis attached", ValueError,
          "The model has parametrizations on", _apply_to_parametrized),
     # ----------------------------------------------------------------------------- per-tensor edits and plans
@@ -307,6 +367,12 @@ def _message(error: BaseException, tmp: Path) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_gets_a_clear_error(case: Case, tmp_path):
+    if issubclass(case.error, Warning):
+        with pytest.warns(case.error) as record:
+            case.call(tmp_path)
+        messages = [_message(warning.message, tmp_path) for warning in record if warning.category is case.error]
+        assert any(message.startswith(case.message) for message in messages), messages
+        return
     with pytest.raises(case.error) as info:
         case.call(tmp_path)
     assert _message(info.value, tmp_path).startswith(case.message), _message(info.value, tmp_path)
@@ -316,8 +382,9 @@ def render() -> str:
     lines = [
         "# Bad inputs and what they say",
         "",
-        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised and",
-        "the start of its message. Written by `python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
+        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised (or,",
+        "for an input that is used as given, the warning) and the start of its message. Written by",
+        "`python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
         "",
         "| input | error | message (start) | test |",
         "|---|---|---|---|",

@@ -415,3 +415,36 @@ def test_w_pre_is_keyword_only_so_a_swapped_pair_is_an_error(name):
         result = function(pre, post, *rest)
         list(result) if name in ("iter_delta", "iter_edited") else None
     assert torch.equal(compute_delta(post, pre=pre)["weight"], post.weight.detach() - pre["weight"])
+
+
+def test_a_bf16_pre_directory_with_a_float32_post_is_warned_with_its_rounding(tmp_path):
+    """W_pre saved in bf16 beside a float32 W_post: ΔW holds W_pre's rounding. The warning names both dtypes and
+    gives ‖bf16(W_post) − W_post‖ / ‖ΔW‖ over the tensors, here against an explicit float64 sum."""
+    pre = make_tiny_model("llama", dtype=torch.bfloat16)
+    post = make_post_trained(make_tiny_model("llama"), scale=0.01)
+    pre.save_pretrained(tmp_path / "pre")
+    with pytest.warns(UserWarning, match=r"W_pre is stored in torch\.bfloat16 and W_post in torch\.float32") as record:
+        delta = compute_delta(post, pre=tmp_path / "pre")
+    rounding = deltas = 0.0
+    for name, tensor in post.state_dict().items():
+        if name in delta:
+            exact = tensor.double()
+            rounding += float(((tensor.to(torch.bfloat16).double() - exact) ** 2).sum())
+            deltas += float(((exact - pre.state_dict()[name].double()) ** 2).sum())
+    (message,) = [str(warning.message) for warning in record if "rounding" in str(warning.message)]
+    shown = float(re.search(r"moves it by ([0-9.e+-]+) % of ‖ΔW‖", message).group(1))
+    assert shown == pytest.approx(100 * (rounding / deltas) ** 0.5, rel=1e-3)
+    assert f"for {len(delta)} of the {len(delta)} selected tensors" in message
+
+
+def test_the_same_dtype_on_both_sides_gives_no_warning(llama_pair, recwarn):
+    compute_delta(llama_pair.post_dir, pre=llama_pair.pre_dir)
+    assert not [warning for warning in recwarn if "rounding" in str(warning.message)]
+
+
+def test_integer_buffers_on_both_sides_stay_skipped():
+    post = {"w": torch.ones(2), "step": torch.tensor(4)}
+    pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
+    assert list(compute_delta(post, pre=pre)) == ["w"]
+    with pytest.raises(ValueError, match=r"integer on the other for 1 tensor: w \(pre torch\.int32, post"):
+        compute_delta(post, pre={**pre, "w": torch.zeros(2, dtype=torch.int32)})

@@ -399,3 +399,47 @@ def test_save_edited_overwrite_never_deletes_an_input(tiny_pair, tmp_path):
         save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=pair.post_dir.parent,
                     overwrite=True)
     assert snapshot(pair.post_dir) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_symlinked_output_dir_is_written_through_and_stays_a_link(tiny_pair, tmp_path, overwrite):
+    """As ``cp`` and ``save_pretrained`` do: the model goes where the link points; the link is never replaced.
+    Without overwrite the link points to an empty directory; with it, to one holding an old model."""
+    from lightning_delta.cli import run
+
+    pair = tiny_pair("llama", shard=None)
+    target, link = tmp_path / "disk" / "edited", tmp_path / "edited"
+    target.mkdir(parents=True)
+    if overwrite:
+        (target / "stale.txt").write_text("left by the old model")
+    link.symlink_to(target, target_is_directory=True)
+    run(["edit", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "DARE", "--edit.p", "0.5",
+         "--output_dir", str(link), "--overwrite", str(overwrite).lower()])
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.safetensors").is_file() and not (target / "stale.txt").exists()
+    assert hidden_siblings(target) == [] and hidden_siblings(link) == []
+    from lightning_delta.edits import DARE
+
+    expected = {name: pair.pre.state_dict()[name].double() + delta.double()
+                for name, delta in DARE(p=0.5)(compute_delta(pair.post_dir, pre=pair.pre_dir)).items()}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(link).state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name].double(), value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_dangling_symlink_output_dir_is_refused(tiny_pair, tmp_path):
+    pair = tiny_pair("llama", shard=None)
+    link = tmp_path / "edited"
+    link.symlink_to(tmp_path / "missing", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"is a symbolic link to .*missing, which does not exist"):
+        save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=link)
+    assert link.is_symlink() and not (tmp_path / "missing").exists()
+
+
+def test_the_post_trained_weights_as_w_pre_are_refused(tiny_pair, tmp_path):
+    """`--pretrained` naming the post-trained directory: ΔW is zero everywhere, every edit a no-op; refused, and
+    nothing is written."""
+    pair = tiny_pair("llama", shard=None)
+    with pytest.raises(ValueError, match=r"ΔW = W_post − W_pre is zero in every one of the \d+ selected tensors"):
+        save_edited(pair.post_dir, pretrained=pair.post_dir, edit=SignScale(), output_dir=tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()

@@ -474,3 +474,22 @@ def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
     with pytest.raises(ValueError, match=r"dare candidates \(kept density\) must be in \(0, 1\], got 1.5"):
         plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=4), family_name="dare",
                   average=0.5, candidates=[0.5, 1.5])
+
+
+def test_a_second_plan_into_the_same_output_is_refused_without_overwrite(llama_pair, tmp_path, monkeypatch):
+    """``plan.json`` is not written over silently (as ``edit`` refuses a non-empty directory): refused before any
+    pass over the data, the old file left as it was; ``--overwrite true`` replaces it."""
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+        "family": "bitdelta", "average": 2, "refine": 0,
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "plan.json").write_text('{"an": "earlier plan"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"output plan\.json exists; refusing to write a plan over it\. Pass "
+                                         r"--overwrite true"):
+        run(["plan", "--config", "plan.yaml"])
+    assert (tmp_path / "plan.json").read_text() == '{"an": "earlier plan"}\n'
+    plan = run(["plan", "--config", "plan.yaml", "--overwrite", "true"])
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"] == plan.settings
