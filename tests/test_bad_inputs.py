@@ -81,6 +81,23 @@ def _ultrafeedback_without_rejected(tmp: Path):
     UltraFeedbackDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
 
 
+def _gsm8k_broken_line(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.tiny_models import make_tiny_tokenizer
+
+    path = tmp / "test.jsonl"
+    path.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?", "answer": "#### 2"\n')
+    GSM8KDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
+
+
+def _tokenizer_directory_without_tokenizer(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.tiny_models import make_tiny_model
+
+    make_tiny_model("llama").save_pretrained(tmp / "model")
+    GSM8KDataModule(str(tmp / "model"), data=_gsm8k_file(tmp)).setup("validate")
+
+
 def _gsm8k_few_shot_one_file(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
     from tests.tiny_models import make_tiny_tokenizer
@@ -341,6 +358,11 @@ CASES = [
     Case("ultrafeedback-row-fields", "an UltraFeedback row without `rejected`", ValueError,
          "UltraFeedback row 0 (counting from 0) of <tmp>/test_prefs.jsonl lacks the field 'rejected'",
          _ultrafeedback_without_rejected),
+    Case("jsonl-broken-line", "a data `.jsonl` file with a broken line", ValueError,
+         "Line 2 of <tmp>/test.jsonl is not valid JSON (Expecting ',' delimiter at column 38)", _gsm8k_broken_line),
+    Case("tokenizer-directory-empty", "`--data.tokenizer` naming a model directory without tokenizer files",
+         ValueError, "The tokenizer directory <tmp>/model has no tokenizer: none of tokenizer.json",
+         _tokenizer_directory_without_tokenizer),
     Case("gsm8k-batch-size", "`GSM8KDataModule(batch_size=0)`", ValueError, "`batch_size` must be",
          lambda tmp: __import__("lightning_delta.datamodules", fromlist=["x"]).GSM8KDataModule("tok", batch_size=0)),
     # ------------------------------------------------------------------------------------ sweep and plot

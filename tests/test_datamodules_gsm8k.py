@@ -501,3 +501,43 @@ def test_a_model_sharded_by_fsdp2_generates_in_step_with_the_other_processes(tok
         dist.destroy_process_group()
     assert synced == [True]
     assert torch.equal(generated, expected)
+
+
+def word_level_tokenizer():
+    """A WordLevel tokenizer over the tiny models' 128 ids (``t004`` … ``t127`` after the special tokens), whose
+    vocabulary transformers' stop-string search cannot read ("substring not found")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i:03d}" for i in range(4, 128)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def test_stop_strings_with_a_word_level_tokenizer_stop_each_row_at_its_first_one():
+    """transformers' stop strings fail on a WordLevel tokenizer; the evaluator then searches them in the generated
+    tokens' texts: each row stops at the token that writes the stop string, against plain greedy decoding."""
+    tokenizer = word_level_tokenizer()
+    model = make_tiny_model("llama", dtype=torch.float64)
+    prompts = [[5, 9, 14, 30], [40, 41], [77, 12, 99]]
+    references = [greedy(model, prompt, 12) for prompt in prompts]
+    stop_token = next(token for token in references[0][2:] if token > 3)  # a word the model writes in row 0
+    stop = tokenizer.convert_ids_to_tokens(stop_token)
+    width = max(map(len, prompts))
+    batch = {"prompt_input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+             "prompt_attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+             "answers": ["#### 1"] * 3}
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=12, stop_strings=[stop])
+    assert not evaluator.stop_strings_by_transformers
+    generated = evaluator.generate_ids(model, batch)
+    texts = evaluator.generate(model, batch)
+    for row, reference in enumerate(references):
+        expected = reference[:reference.index(stop_token) + 1] if stop_token in reference else reference
+        assert generated[row, :len(expected)].tolist() == expected
+        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        full = tokenizer.decode(reference, skip_special_tokens=True)
+        assert texts[row] == (full[:full.index(stop)] if stop in full else full)
+    assert evaluator(model, batch)[1].item() == 3.0
