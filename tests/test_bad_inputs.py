@@ -222,6 +222,13 @@ def _swapped_order(tmp: Path):
     compute_delta(pre, post)
 
 
+def _sweep_grid(tmp: Path, grid: dict):
+    from lightning_delta.runner import sweep_points
+    from tests.test_sweep import digits_config
+
+    sweep_points(digits_config(tmp, grid, tmp / "results.jsonl"))
+
+
 def _gradient_biased_without_gradients(tmp: Path):
     from lightning_delta.attach import edit_differences
 
@@ -378,6 +385,21 @@ CASES = [
     Case("cli-edit-registry-name", "`lightning-delta validate --edit dare` (the registry name)", ValueError,
          "Unknown edit 'dare' for --edit. Did you mean DARE?",
          lambda tmp: _run_cli(tmp, ["validate", "--edit=dare"])),
+    Case("cli-edit-help-typo", "`lightning-delta validate --edit.help DAREE`", ValueError,
+         "Unknown edit 'DAREE' for --edit.help. Did you mean DARE?",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit.help", "DAREE"])),
+    Case("cli-edit-argument-of-another-edit", "`lightning-delta validate --edit BitDelta --edit.p 0.9`", ValueError,
+         "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit", "BitDelta", "--edit.p", "0.9"])),
+    Case("cli-edit-argument-first", "`lightning-delta validate --edit.p 0.9 --edit DARE`", ValueError,
+         "--edit.p comes before --edit DARE: put --edit CLASS before its arguments",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit.p", "0.9", "--edit", "DARE"])),
+    Case("grid-key-typo", "a sweep grid key that the edit does not take (`edit.init_args.q`)", ValueError,
+         "The sweep grid key 'edit.init_args.q': DARE takes no `q`; its arguments are p, k, rescale, seed",
+         lambda tmp: _sweep_grid(tmp, {"edit.init_args.q": [0.1, 0.5]})),
+    Case("grid-invalid-value", "DARE p = 1.0 among valid values of a sweep grid", ValueError,
+         "The sweep grid point {'edit.init_args.p': 1.0} has an invalid edit: DARE: `p` must be in [0, 1)",
+         lambda tmp: _sweep_grid(tmp, {"edit.init_args.p": [0.5, 1.0, 0.9]})),
     Case("plot-missing-file", "`lightning-delta plot --results missing.jsonl`", FileNotFoundError,
          "No results file at <tmp>/results.jsonl", _plot_missing),
 ]
