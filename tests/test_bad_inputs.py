@@ -173,6 +173,33 @@ def _apply_to_parametrized(tmp: Path):
     apply_edit_(post, pretrained=pre, edit=_edits().DARE(p=0.5))
 
 
+def _users_module_run(tmp: Path, reduction: str = "mean", module_name: str = "net", limit_val_batches=None):
+    """A user's regression module with only a training_step, its network at ``net``, validated by the callback."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_delta.callbacks import RiemannCallback
+
+    class Regression(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return nn.functional.mse_loss(self.net(inputs).squeeze(-1), targets, reduction=reduction)
+
+    torch.manual_seed(0)
+    module = Regression()
+    pre = {name: value.detach() - 0.1 for name, value in module.net.state_dict().items()}
+    callback = RiemannCallback(num_points=1, pretrained=pre, edit=_edits().Extrapolate(-0.5), module_name=module_name,
+                               filename=None)
+    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=limit_val_batches)
+    data = TensorDataset(torch.randn(8, 3), torch.randn(8) + 3.0)
+    callback.validate(trainer, module, DataLoader(data, batch_size=4), verbose=False)
+
+
 def _riemann(**kwargs):
     from lightning_delta.callbacks import RiemannCallback
 
@@ -274,6 +301,15 @@ CASES = [
          "Pass `pretrained` and `edit` together", lambda tmp: _riemann(edit=_edits().DARE(p=0.9))),
     Case("riemann-recompute", "`RiemannCallback(recompute_weights=\"yes\")`", ValueError,
          "`recompute_weights` must be True, False or None", lambda tmp: _riemann(recompute_weights="yes")),
+    Case("riemann-no-batch", "`--trainer.limit_val_batches 0`, or an empty validation DataLoader", ValueError,
+         "RiemannCallback evaluated no validation batch, so there is no term, trapezoid or ΔL",
+         lambda tmp: _users_module_run(tmp, limit_val_batches=0)),
+    Case("riemann-module-name", "`RiemannCallback(module_name=\"model\")` where the network is at `net`", ValueError,
+         "module_name='model': Regression has no submodule 'model'. Its children are net",
+         lambda tmp: _users_module_run(tmp, module_name="model")),
+    Case("training-step-batch-sum", "a `training_step` returning the batch's sum instead of its mean", UserWarning,
+         "Regression.training_step looks like a sum over the batch, not a batch mean",
+         lambda tmp: _users_module_run(tmp, reduction="sum")),
     Case("tied-copies", "W_pre as a state dict of copies for a model with tied embeddings", ValueError,
          "1.weight and 0.weight are one tied tensor in the model but two tensors", _tied_copies),
     Case("edited-model-name", "an `E` for a name the model does not have", ValueError,

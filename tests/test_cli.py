@@ -376,3 +376,22 @@ def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tm
     with pytest.raises(ValueError, match=message + r".* No point was run"):
         run(["sweep", "--config", str(tmp_path / "sweep.yaml")])
     assert not (tmp_path / "results.jsonl").exists() or not (tmp_path / "results.jsonl").read_text().strip()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--trainer.limit_val_batches", "0"], "RiemannCallback evaluated no validation batch"),
+    (["--model.pretrained", "POST"], "ΔW = W_post − W_pre is zero in every one of the"),
+])
+def test_validate_that_would_measure_nothing_exits_with_its_reason(change, message, config_file, tmp_path, capsys):
+    """No batch evaluated, or W_pre naming the post-trained model: once exit status 0 with nothing written or every
+    number +0; now status 1, the reason in one line, and no riemann.json."""
+    from lightning_delta.cli import main
+
+    config = yaml.safe_load(config_file.read_text())
+    change = [config["model"]["model"] if value == "POST" else value for value in change]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config_file), *change])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.splitlines()[-2:]  # after transformers' loading bar
+    assert error[0].startswith(f"lightning-delta: error: {message}"), error
+    assert not list(tmp_path.rglob("riemann*.json"))

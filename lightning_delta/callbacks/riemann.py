@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
 
-from lightning_delta.attach import EditTarget, ModuleTarget
+from lightning_delta.attach import EditTarget, ModuleTarget, edited_submodule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
 from lightning_delta.losses import LossOutput
@@ -116,6 +116,7 @@ class RiemannCallback(Callback):
         self._target: EditTarget | None = None
         self._edited: EditedModel | ShardedEditedModel | None = None
         self._sums: RiemannSums | None = None
+        self._evaluated = True  # set False in setup and True once validation starts
 
     # ----------------------------------------------------------------------------------------------- checks
     @override
@@ -130,6 +131,20 @@ class RiemannCallback(Callback):
         if self.edit is None and not isinstance(pl_module, EditTarget):
             raise ValueError(
                 f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
+            )
+        if self.edit is not None:
+            edited_submodule(pl_module, self.module_name)  # a module_name it does not have is named now
+        self._evaluated = False
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Refuse a validation that evaluated no batch (an empty DataLoader, ``limit_val_batches=0``): Lightning
+        then skips every validation hook, and there would be no result at all."""
+        if stage == "validate" and not self._evaluated:
+            raise ValueError(
+                "RiemannCallback evaluated no validation batch, so there is no term, trapezoid or ΔL: the validation "
+                "DataLoader is empty, or the Trainer's limit_val_batches is 0. Give validation data with at least "
+                "one batch (and limit_val_batches > 0)."
             )
 
     @staticmethod
@@ -205,6 +220,7 @@ class RiemannCallback(Callback):
     # ------------------------------------------------------------------------------------------ the sweep
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._evaluated = True
         self.check_no_repeated_samples(trainer)
         self._target = self.target(pl_module)
         if sharded_parameters(pl_module):
@@ -292,6 +308,7 @@ class RiemannCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._evaluated = True  # the exception is the error to report, not an empty validation
         self._release()  # an error or an interrupt mid-sweep still gives a user's module back as it was
 
     def _release(self) -> None:
