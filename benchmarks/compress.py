@@ -102,8 +102,8 @@ def sizes_and_times(root: Path, pre: Path, post: Path, rounds: int) -> dict:
     dense32 = sum(4 * tensor.numel() for tensor in base_state.values())
     rows = []
     for label, edit in edits().items():
-        delta_dir = save_compressed(post, pre, edit, root / f"delta-{len(rows)}")
-        edited_dir = save_edited(post, pre, edit, root / f"edited-{len(rows)}")
+        delta_dir = save_compressed(post, pretrained=pre, edit_or_plan=edit, output_dir=root / f"delta-{len(rows)}")
+        edited_dir = save_edited(post, pretrained=pre, edit=edit, output_dir=root / f"edited-{len(rows)}")
         sizes = file_bytes(delta_dir)
         total = sum(sizes.values())
         loaded = load_compressed(pre, delta_dir)
@@ -182,8 +182,8 @@ def memory(root: Path, pre: Path, post: Path, count: int) -> dict:
     deltas, fulls = [], []
     for index in range(count):
         edit = BitDelta(bits=1 + index % 2, sign_of_zero=1) if index % 2 else DARE(p=0.9, seed=index)
-        deltas.append(str(save_compressed(post, pre, edit, root / f"n-delta-{index}")))
-        fulls.append(str(save_edited(post, pre, edit, root / f"n-full-{index}")))
+        deltas.append(str(save_compressed(post, pretrained=pre, edit_or_plan=edit, output_dir=root / f"n-delta-{index}")))
+        fulls.append(str(save_edited(post, pretrained=pre, edit=edit, output_dir=root / f"n-full-{index}")))
     results = {}
     for kind, paths in (("deltas", deltas), ("full", fulls)):
         command = [sys.executable, "-m", "benchmarks.compress", "--worker", kind, "--pre", str(pre),

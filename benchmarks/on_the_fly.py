@@ -54,7 +54,7 @@ def run_variant(E_dtype: str, size: str, dtype: str, pretrained: str, points: in
     batch = build_batches(model.config.vocab_size, 4, 256, 1)[0]
     existing = [*model.parameters(), *model.buffers(), *batch.values()]
     with LiveTensorBytes(existing) as attaching:
-        edited = attach_edit(model, pretrained, DARE(p=0.9, seed=0), E_dtype=E_dtype)
+        edited = attach_edit(model, pretrained=pretrained, edit=DARE(p=0.9, seed=0), E_dtype=E_dtype)
         gc.collect()
     held = attaching.current
     loss = CausalLMLoss()

@@ -73,21 +73,22 @@ def misordered_pairs(scores: torch.Tensor, exact: torch.Tensor) -> int:
 def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refine: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     started = time.perf_counter()
-    plan = plan_edit(post, pre, DigitsSubset(plan_images, seed), family, BUDGETS[family], seed=seed,
+    plan = plan_edit(post, pretrained=pre, datamodule=DigitsSubset(plan_images, seed), family_name=family,
+                     average=BUDGETS[family], seed=seed,
                      num_points=NUM_POINTS, refine=refine, scores_out=out)
     plan_seconds = time.perf_counter() - started
     scores, used, sweeps, model = out["scores"], out["used"], out["sweeps"], out["model"]
     spec = FAMILIES[family]
     evaluation = DigitsDataModule(split="test", batch_size=150)
-    _, planned = exact_change(model, pre, plan.edit(), evaluation)
-    _, uniform = exact_change(model, pre, spec.edit(BUDGETS[family], seed), evaluation)
+    _, planned = exact_change(model, pretrained=pre, edit=plan.edit(), datamodule=evaluation)
+    _, uniform = exact_change(model, pretrained=pre, edit=spec.edit(BUDGETS[family], seed), datamodule=evaluation)
     planning = DigitsSubset(plan_images, seed)
     planning.setup()
-    target = DeltaEditModule(model, pre, spec.edit(scores.values[0], seed))
+    target = DeltaEditModule(model, pretrained=pre, edit=spec.edit(scores.values[0], seed))
     started = time.perf_counter()
-    exact, brute_passes = exact_candidate_changes(target, model, pre, scores.names,
-                                                  [spec.edit(value, seed) for value in scores.values],
-                                                  [planning.val_dataloader()])
+    exact, brute_passes = exact_candidate_changes(target, model, pretrained=pre, names=scores.names,
+                                                  edits=[spec.edit(value, seed) for value in scores.values],
+                                                  loaders=[planning.val_dataloader()])
     brute_seconds = time.perf_counter() - started
     flat = exact.flatten().numpy()
     refined = scores.second.clone()

@@ -77,7 +77,8 @@ def bf16_rows(seeds: int = 3) -> list[str]:
     for dtype, E_dtype in (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "model")):
         for seed in range(seeds):
             callback = RiemannCallback(num_points=5, filename=None)
-            module = DeltaEditModule(str(pair.post_dir), str(pair.pre_dir), edits.DARE(p=0.9, seed=seed), dtype=dtype,
+            module = DeltaEditModule(str(pair.post_dir), pretrained=str(pair.pre_dir),
+                                     edit=edits.DARE(p=0.9, seed=seed), dtype=dtype,
                                      E_dtype=E_dtype)
             pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
                        enable_progress_bar=False, enable_model_summary=False).validate(module, loader, verbose=False)

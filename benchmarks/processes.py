@@ -63,7 +63,7 @@ def main() -> None:
         enable_model_summary=False, enable_checkpointing=False,
     )
     start = time.perf_counter()
-    trainer.validate(DeltaEditModule(model, None, edits), datamodule=Data(), verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), datamodule=Data(), verbose=False)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero:
         result = callback.result

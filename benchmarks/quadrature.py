@@ -90,7 +90,7 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, make_edit in TABLE_EDITS.items():
         def make_module() -> DeltaEditModule:
-            return DeltaEditModule(copy.deepcopy(pair.post), pair.pre, make_edit(), loss="classification")
+            return DeltaEditModule(copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification")
 
         reference, _ = analyse(make_module, loader, rule="gauss", num_points=16)
         reaching = None
@@ -131,13 +131,13 @@ def main() -> None:
     cases = {}
     for name, make_edit in TABLE_EDITS.items():
         cases[f"MLP, {name}"] = (lambda make_edit=make_edit: DeltaEditModule(
-            copy.deepcopy(pair.post), pair.pre, make_edit(), loss="classification"), pair.loader)
+            copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification"), pair.loader)
     with tempfile.TemporaryDirectory() as directory:
         llama = make_tiny_pair(directory, "llama", shard=None, dtype=torch.float64)
         pre = reference_state_dict(llama.pre)
         tokens = DataLoader(token_dataset(64), batch_size=16)
-        cases["tiny Llama, DARE p = 0.9"] = (lambda: DeltaEditModule(copy.deepcopy(llama.post), pre,
-                                                                     DARE(p=0.9, seed=0)), tokens)
+        cases["tiny Llama, DARE p = 0.9"] = (lambda: DeltaEditModule(copy.deepcopy(llama.post), pretrained=pre,
+                                                                     edit=DARE(p=0.9, seed=0)), tokens)
         table(cases)
     if not args.skip_timing:
         timing(pair, args.copies, args.repeats)

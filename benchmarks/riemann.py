@@ -221,7 +221,7 @@ def overhead_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rows = [row for batch in build_batches(MODEL_SIZES[spec["size"]]["vocab_size"], spec["batch"], spec["seq_len"],
                                            spec["num_batches"]) for row in _split_rows(batch)]
     loader = DataLoader(rows, batch_size=spec["batch"], shuffle=False)
-    module = DeltaEditModule(model, None, edits)
+    module = DeltaEditModule(model, pretrained=None, edit=edits)
     num_points, loss_fn = spec["points"], CausalLMLoss()
 
     def analysis() -> float:

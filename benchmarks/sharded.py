@@ -80,7 +80,8 @@ def process_main(out: str, devices: int, mode: str, size: str, pretrained: str, 
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, inference_mode=False,
                          use_distributed_sampler=False, callbacks=[memory, riemann], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.validate(DeltaEditModule(model, pretrained, DARE(p=0.5, seed=1)), datamodule=Data(), verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=pretrained, edit=DARE(p=0.5, seed=1)), datamodule=Data(),
+                     verbose=False)
     record = {"rank": trainer.global_rank, "state": memory.state, "rss_start": memory.rss_start,
               "peak_sweep": memory.peak, "term": riemann.result.term, "exact": riemann.result.exact}
     Path(f"{out}.rank{trainer.global_rank}").write_text(json.dumps(record))

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -32,12 +33,14 @@ from lightning_delta.sharded import (
 
 __all__ = [
     "EditTarget",
+    "edited_submodule",
     "ModuleTarget",
     "RecomputedE",
     "attach_edit",
     "edit_differences",
     "gradients_at_post",
     "training_step_loss",
+    "warn_if_batch_sum",
 ]
 
 @runtime_checkable
@@ -84,6 +87,7 @@ class ModuleTarget:
     def __init__(
         self,
         module: pl.LightningModule,
+        *,
         pretrained: nn.Module | Mapping[str, Tensor] | str,
         edit: Edit,
         module_name: str = "",
@@ -95,21 +99,25 @@ class ModuleTarget:
         check_edit(edit)
         self.E_dtype = check_E_dtype(E_dtype)
         self.module, self.pretrained, self.edit = module, pretrained, edit
-        self.model = module.get_submodule(module_name) if module_name else module
+        self.model = edited_submodule(module, module_name)
         self.include, self.exclude = include, exclude
         self.loss_fn = loss_fn if loss_fn is not None else training_step_loss
         self._edited: EditedModel | ShardedEditedModel | None = None
+        self._mean_checked = loss_fn is not None  # a loss_fn returns sums and counts itself
 
     def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel | ShardedEditedModel:
         if self._edited is None:
             gradients = None
             if getattr(self.edit, "needs_gradients", False):
                 gradients = gradients_at_post(_require_trainer(trainer, self.edit), self, self.model)
-            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients,
-                                       self.E_dtype)
+            self._edited = attach_edit(self.model, pretrained=self.pretrained, edit=self.edit, include=self.include,
+                                       exclude=self.exclude, gradients=gradients, E_dtype=self.E_dtype)
         return self._edited
 
     def riemann_prepare(self, batch: Any) -> Any:
+        if not self._mean_checked:  # the first batch: is training_step a batch mean, as the sweep reads it?
+            self._mean_checked = True
+            warn_if_batch_sum(self.module, batch)
         return batch
 
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
@@ -124,6 +132,22 @@ class ModuleTarget:
             self._edited = None
 
 
+def edited_submodule(module: nn.Module, module_name: str) -> nn.Module:
+    """``module``'s submodule ``module_name`` (``""``: ``module`` itself); a name it lacks is refused with its
+    children listed."""
+    if not module_name:
+        return module
+    try:
+        return module.get_submodule(module_name)
+    except AttributeError:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(
+            f"module_name={module_name!r}: {type(module).__name__} has no submodule {module_name!r}. Its children "
+            f"are {', '.join(children) or 'none'}; give module_name the one whose tensor names match the pre-trained "
+            "weights (\"\" for the module itself)."
+        ) from None
+
+
 def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
     if trainer is None:
         raise ValueError(f"{type(edit).__name__} needs the gradients at W_post over the validation data: attach it "
@@ -133,6 +157,7 @@ def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
 
 def edit_differences(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -165,7 +190,7 @@ def edit_differences(
                 for name, E in edit.items()}
     check_E_dtype(E_dtype)
     differences = {}
-    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
+    for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
         E = (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))  # noqa: N806
         differences[item.name] = local_rows(E, sharded[item.name]) if item.name in sharded else E
     return differences
@@ -173,6 +198,7 @@ def edit_differences(
 
 def attach_edit(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -195,7 +221,8 @@ def attach_edit(
     """
     if E_dtype == "on_the_fly":
         return _attach_on_the_fly(model, pretrained, edit, include, exclude)
-    differences = edit_differences(model, pretrained, edit, include, exclude, gradients, E_dtype)
+    differences = edit_differences(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude,
+                                   gradients=gradients, E_dtype=E_dtype)
     if sharded_parameters(model):
         return ShardedEditedModel(model, differences, E_dtype=E_dtype)
     return EditedModel(model, differences, E_dtype=E_dtype)
@@ -233,10 +260,11 @@ def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, includ
     try:
         post = load_tensors(model)
         recomputed = {}
-        for match in match_tensors(source, post, include, exclude):
+        for match in match_tensors(pre=source, post=post, include=include, exclude=exclude):
             dtype = stored_dtype(post.dtype(match.post_name), "float32")
             recomputed[match.name] = RecomputedE(match, source, edit, post.shape(match.post_name), dtype)
-        for item in iter_edited(model, source, edit, include, exclude):  # every check, each E once
+        # every check, each E once
+        for item in iter_edited(model, pre=source, edit=edit, include=include, exclude=exclude):
             E = (item.edited - item.delta).to(recomputed[item.name].dtype)  # noqa: N806
             if not torch.equal(recomputed[item.name](item.w_post), E):
                 raise ValueError(
@@ -266,6 +294,71 @@ def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -
         )
     size = float(extract_batch_size(batch))
     return LossOutput(loss.to(torch.float64) * size, torch.tensor(size, dtype=torch.float64))
+
+
+class _Unsplittable(Exception):
+    pass
+
+
+def _split_batch(batch: Any, size: int, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch of ``size``: tensors and per-example lists are sliced along their first
+    dimension, scalars kept; anything else raises :class:`_Unsplittable`."""
+    if isinstance(batch, Tensor):
+        if batch.ndim == 0:
+            return batch
+        if batch.shape[0] != size:
+            raise _Unsplittable
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({key: _split_batch(value, size, start, stop) for key, value in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(item, (str, int, float, bool)) for item in batch):
+            if len(batch) != size:
+                raise _Unsplittable
+            return type(batch)(batch[start:stop])  # one entry per example (e.g. the answers' texts)
+        return type(batch)(_split_batch(item, size, start, stop) for item in batch)
+    if batch is None or isinstance(batch, (str, int, float, bool)):
+        return batch
+    raise _Unsplittable
+
+
+def warn_if_batch_sum(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> bool:
+    """Warn (and return True) when ``module.training_step`` looks like a sum over the batch, not the batch mean that
+    :func:`training_step_loss` reads: every number would then come out batch-size times too large.
+
+    The batch is split into halves A and B, and ``training_step`` runs on A, B and the whole (no gradient, three
+    forwards, once per validation). A mean, weighted by examples or tokens, lies between its halves' means:
+    ``L(A ∪ B) ≤ max(L(A), L(B))``. A sum is ``L(A) + L(B)``. The warning needs both: ``L(A ∪ B)`` within 5 % of
+    ``L(A) + L(B)`` and above 1.2 ``max(L(A), L(B))``, all three positive. A batch of one example, or one that cannot
+    be split by examples, is not checked.
+    """
+    try:
+        size = int(extract_batch_size(batch))
+        halves = [_split_batch(batch, size, 0, size // 2), _split_batch(batch, size, size // 2, size)]
+    except (_Unsplittable, RecursionError, ValueError, TypeError):
+        return False
+    if size < 2:
+        return False
+    with torch.no_grad():
+        try:
+            whole, first, second = (float(_step_loss(module, part, batch_idx)) for part in (batch, *halves))
+        except Exception:  # noqa: BLE001 - a training_step that cannot run on half a batch is not checked here
+            return False
+    summed = abs(whole - first - second) <= 0.05 * whole and whole > 1.2 * max(first, second)
+    if min(whole, first, second) <= 0 or not summed:
+        return False
+    rank_zero_warn(
+        f"{type(module).__name__}.training_step looks like a sum over the batch, not a batch mean: on the first "
+        f"validation batch its loss is {whole:.6g}, and {first:.6g} + {second:.6g} on the two halves. RiemannCallback "
+        "reads training_step as a batch mean (and weights it by the batch size), so every number would come out "
+        f"about {size}x too large. Return the mean (e.g. reduction='mean'), or pass loss_fn= returning sums and counts."
+    )
+    return True
+
+
+def _step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> Tensor:
+    output = module.training_step(batch, batch_idx)
+    return output["loss"] if isinstance(output, Mapping) else output
 
 
 def gradients_at_post(

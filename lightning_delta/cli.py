@@ -53,6 +53,7 @@ __all__ = [
     "check_edit_argument",
     "close_process_group",
     "command_parser",
+    "edit_class",
     "fingerprint",
     "help_cache_dir",
     "help_text",
@@ -335,26 +336,76 @@ def write_stored_help(path: str | os.PathLike = HELP_MODULE) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def check_edit_argument(argv: Sequence[str]) -> None:
-    """Refuse ``--edit NAME`` for a name that is no edit, listing the edits (jsonargparse would only say that the
-    name is not a dot import path). Class paths, config files and JSON values are left to jsonargparse."""
-    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--edit"]
-    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--edit=")]
-    if not values:
-        return
+def _options(argv: Sequence[str], prefix: str) -> list[tuple[str, str | None]]:
+    """``(option, value)`` for each ``--edit``-like option of ``argv``, in order (``--a b`` and ``--a=b`` alike)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == prefix or arg.startswith(prefix + ".") or arg.startswith(prefix + "="):
+            option, equals, value = arg.partition("=")
+            found.append((option, value if equals else argv[i + 1] if i + 1 < len(argv) else None))
+    return found
+
+
+def edit_class(value: str) -> type | None:
+    """The edit class that ``--edit VALUE`` names (a class name or a path of one), ``None`` for other values."""
+    from lightning_delta.edits import EDITS
+
+    classes = {cls.__name__: cls for cls in EDITS.values()}
+    return classes.get(value.rsplit(".", 1)[-1]) if value.startswith("lightning_delta.") or "." not in value \
+        else None
+
+
+def _unknown_edit(value: str, option: str) -> ValueError:
+    import difflib
+
     from lightning_delta.edits import EDITS
 
     known = {cls.__name__: name for name, cls in EDITS.items()}
-    for value in values:
-        if value in known or "." in value or value.lstrip().startswith("{") or Path(value).exists():
+    spellings = {**{name.lower(): cls for cls, name in known.items()}, **{cls.lower(): cls for cls in known}}
+    close = difflib.get_close_matches(value.lower(), list(spellings), n=1, cutoff=0.6)
+    hint = f" Did you mean {spellings[close[0]]}?" if close else ""
+    return ValueError(
+        f"Unknown edit {value!r} for {option}.{hint} The edits are {', '.join(known)} (or a class path such as "
+        "lightning_delta.edits.DARE); set their arguments with --edit.<argument>, e.g. --edit DARE --edit.p 0.9."
+    )
+
+
+def check_edit_argument(argv: Sequence[str]) -> None:
+    """Check the ``--edit`` options of a command line before jsonargparse reads them (it would print its usage and
+    "Does not validate against any of the Union subtypes"): ``--edit NAME`` and ``--edit.help NAME`` must name an
+    edit (the nearest is suggested), ``--edit.<argument>`` must come after ``--edit NAME`` and be one of that edit's
+    arguments. Class paths of other packages, config files and JSON values are left to jsonargparse."""
+    options = _options(argv, "--edit")
+    if not options:
+        return
+    current: type | None = None
+    chosen = False  # whether an --edit NAME came before
+    for index, (option, value) in enumerate(options):
+        if option in ("--edit", "--edit.class_path") or (option == "--edit.help" and value is not None):
+            if value is None or value.lstrip().startswith("{") or Path(value).exists():
+                current, chosen = None, option != "--edit.help" or chosen
+                continue
+            cls = edit_class(value)
+            if cls is None and "." not in value:
+                raise _unknown_edit(value, option)
+            if option != "--edit.help":
+                current, chosen = cls, True
             continue
-        lower = {name.lower(): name for name in known}
-        hint = f" Did you mean {lower[value.lower()]}?" if value.lower() in lower else ""
-        hint = f" Did you mean {[cls for cls, name in known.items() if name == value][0]}?" if value in EDITS else hint
-        raise ValueError(
-            f"Unknown edit {value!r} for --edit.{hint} The edits are {', '.join(known)} (or a class path such as "
-            "lightning_delta.edits.DARE); set their arguments with --edit.<argument>, e.g. --edit DARE --edit.p 0.9."
-        )
+        argument = option[len("--edit."):].removeprefix("init_args.")
+        if not chosen:
+            later = next((value for option, value in options[index + 1:] if option == "--edit"), None)
+            if later is not None:
+                raise ValueError(
+                    f"{option} comes before --edit {later}: put --edit CLASS before its arguments, e.g. "
+                    f"--edit {later} {option} {value}."
+                )
+            continue  # the edit comes from a config file: jsonargparse checks its arguments
+        if current is not None and argument not in current.parameter_names():
+            raise ValueError(
+                f"{current.__name__} takes no `{argument}` ({option}); its arguments are "
+                f"{', '.join(current.parameter_names())} (--edit.<argument>; all of them with --edit.help "
+                f"{current.__name__})."
+            )
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

@@ -11,7 +11,8 @@ two 16 GB checkpoints never need 32 GB of memory.
 Rules every function here follows:
 
 * **Selection.** ``include`` / ``exclude`` are regular expressions (``re.search``) on tensor names. By default every
-  floating-point tensor present in both models is selected; integer and bool buffers are skipped.
+  floating-point tensor present in both models is selected; integer and bool buffers are skipped. A tensor that is
+  floating point on one side and integer on the other (a quantized checkpoint) is an error, not skipped.
 * **Tied tensors** (one tensor under two names, e.g. ``model.embed_tokens.weight`` and ``lm_head.weight`` with
   ``tie_word_embeddings``) appear once, under the first name in the post-trained model's state-dict order. A name
   that is an alias of a tied tensor on one side and absent on the other (``save_pretrained`` leaves the tied
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
@@ -141,7 +143,7 @@ def _describe_patterns(include: Patterns, exclude: Patterns) -> str:
 
 
 def match_tensors(
-    pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
+    *, pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
 ) -> list[DeltaMatch]:
     """The tensors ΔW is computed for, in the post-trained model's order, after every check that needs no values.
 
@@ -152,8 +154,8 @@ def match_tensors(
         exclude: regular expressions; tensors with a name matching one of them are left out.
 
     Raises:
-        ValueError: for invalid patterns, tensors present on one side only, shapes that differ, or an empty
-            selection.
+        ValueError: for invalid patterns, tensors present on one side only, shapes that differ, a tensor that is
+            floating point on one side and integer on the other, or an empty selection.
     """
     includes = _compile_patterns(include, "include")
     excludes = _compile_patterns(exclude, "exclude")
@@ -168,6 +170,7 @@ def match_tensors(
     missing_in_pre: list[str] = []
     missing_in_post: list[str] = []
     mismatched: list[tuple[str, torch.Size, torch.Size]] = []
+    mixed: list[tuple[str, torch.dtype, torch.dtype]] = []  # floating point on one side only
     for name in order:
         pre_name = _resolve(name, pre, post)
         post_name = _resolve(name, post, pre)
@@ -188,8 +191,11 @@ def match_tensors(
         if key in seen:
             continue
         seen.add(key)
-        if not (pre.dtype(pre_name).is_floating_point and post.dtype(post_name).is_floating_point):
-            continue
+        pre_dtype, post_dtype = pre.dtype(pre_name), post.dtype(post_name)
+        if not (pre_dtype.is_floating_point and post_dtype.is_floating_point):
+            if pre_dtype.is_floating_point or post_dtype.is_floating_point:
+                mixed.append((name, pre_dtype, post_dtype))
+            continue  # integer and bool buffers on both sides are not weights
         pre_shape, post_shape = pre.shape(pre_name), post.shape(post_name)
         if pre_shape != post_shape:
             mismatched.append((name, pre_shape, post_shape))
@@ -219,6 +225,13 @@ def match_tensors(
             f"Shapes differ between pre and post for {_count(mismatched)}: {format_names(shown)}. A resized "
             "vocabulary changes the embedding and output layers; leave such tensors out with "
             f"{_exclude_suggestion([name for name, _, _ in mismatched])}."
+        )
+    if mixed:
+        shown = [f"{name} (pre {a}, post {b})" for name, a, b in mixed]
+        raise ValueError(
+            f"Floating point on one side and integer on the other for {_count(mixed)}: {format_names(shown)}. ΔW of such a pair is meaningless (a quantized checkpoint stores codes, not "
+            "weights); dequantize it first, or leave these tensors out with "
+            f"{_exclude_suggestion([name for name, _, _ in mixed])}."
         )
     if not matches:
         available = [name for name in post.keys() if name in pre]
@@ -258,7 +271,7 @@ def check_tied_targets(names: Iterable[str], post: TensorSource) -> None:
 
 
 @contextmanager
-def open_pair(pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
+def open_pair(*, pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
     """Both sides as :class:`TensorSource` objects; those opened here are closed when the block ends.
 
     Raises:
@@ -303,10 +316,25 @@ def read_pair(
     """``(W_pre, W_post)`` of one match in their stored dtypes, on ``device`` (default: the post tensor's).
 
     For a module the post tensor is the module's own (detached) weight when no move is needed, not a copy.
+
+    Raises:
+        ValueError: if either tensor is on the meta device (a model built without its weights).
     """
-    w_post = post.get(match.post_name)
+    w_post = check_real(post.get(match.post_name), match.name, "post", post)
+    w_pre = check_real(pre.get(match.pre_name), match.name, "pre", pre)
     target = device if device is not None else w_post.device
-    return pre.get(match.pre_name).to(target), w_post.to(target)
+    return w_pre.to(target), w_post.to(target)
+
+
+def check_real(tensor: Tensor, name: str, side: str, source: TensorSource) -> Tensor:
+    """``tensor`` itself, unless it is on the meta device (shapes without values), which is refused naming it."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"W_{side} must hold real weights, but {name!r} of the {side}-trained weights ({source.description}) is "
+            "on the meta device: a model built under torch.device('meta') or loaded without its weights. Give the "
+            f"{side}-trained weights as a directory, a file, or a module whose weights are loaded."
+        )
+    return tensor
 
 
 def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSource, post: TensorSource) -> Tensor:
@@ -335,7 +363,69 @@ def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSour
     )
 
 
-def delta_names(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+class PairChecks:
+    """The checks that need every selected pair, fed one pair at a time by :func:`iter_delta` and
+    :func:`~lightning_delta.editing.iter_edited`: ΔW zero in every tensor (W_pre and W_post are the same weights), and
+    W_pre and W_post stored at different precisions.
+
+    A mixed-precision pair measures ``ΔW = W_post − W_pre`` of the stored values: the post-training change plus the
+    rounding of the finer side to the coarser dtype. :meth:`warn_mixed_precision` says how large that rounding is
+    against ‖ΔW‖, as ‖round(W_fine) − W_fine‖ / ‖ΔW‖ over the mixed tensors (the finer side rounded to the coarser
+    dtype stands for the rounding the coarser side holds).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nonzero = False
+        self.mixed: dict[tuple[torch.dtype, torch.dtype], int] = {}  # (pre dtype, post dtype) -> tensors
+        self.rounding_squared = 0.0
+        self.delta_squared = 0.0
+
+    def add(self, w_pre: Tensor, w_post: Tensor, delta: Tensor, whole: Tensor | None = None) -> None:
+        """One pair; ``delta`` is ``W_post − W_pre`` of the same entries, ``whole`` the whole ΔW when they are one
+        process's rows of a sharded tensor (so that every process finds ΔW zero or not alike)."""
+        self.count += 1
+        if not self.nonzero:
+            self.nonzero = bool((delta if whole is None else whole).any())
+        if w_pre.dtype == w_post.dtype:
+            return
+        key = (w_pre.dtype, w_post.dtype)
+        self.mixed[key] = self.mixed.get(key, 0) + 1
+        fine, coarse = sorted((w_pre, w_post), key=lambda tensor: torch.finfo(tensor.dtype).eps)
+        with torch.no_grad():
+            rounding = fine.to(coarse.dtype).to(delta.dtype) - fine.to(delta.dtype)
+            self.rounding_squared += float(torch.linalg.vector_norm(rounding, dtype=torch.float64)) ** 2
+            self.delta_squared += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+
+    def check_not_zero(self, pre: TensorSource, post: TensorSource) -> None:
+        """Raise if ΔW was zero in every pair: W_pre and W_post are the same weights."""
+        if self.count and not self.nonzero:
+            raise ValueError(
+                f"ΔW = W_post − W_pre is zero in every one of the {self.count} selected tensors: the pre-trained weights "
+                f"({pre.description}) are the post-trained ones ({post.description}), so every edit changes nothing "
+                "and every term is 0. Give the pre-trained model as W_pre (--model.pretrained, `pretrained=`)."
+            )
+
+    def warn_mixed_precision(self) -> None:
+        """Warn once if some pairs had W_pre and W_post in different dtypes, with the rounding against ‖ΔW‖."""
+        if not self.mixed or self.rounding_squared == 0:  # e.g. bf16 weights upcast to float32: no rounding
+            return
+        (pre_dtype, post_dtype), count = max(self.mixed.items(), key=lambda item: item[1])
+        coarse = max((pre_dtype, post_dtype), key=lambda dtype: torch.finfo(dtype).eps)
+        side = "W_pre" if coarse == pre_dtype else "W_post"
+        share = (self.rounding_squared / self.delta_squared) ** 0.5 if self.delta_squared > 0 else float("inf")
+        warnings.warn(
+            f"W_pre is stored in {pre_dtype} and W_post in {post_dtype} for {count} of the {self.count} selected "
+            f"tensors: ΔW = W_post − W_pre then holds {side}'s rounding to {coarse} besides the post-training change. "
+            f"Rounding the other side to {coarse} moves it by {100 * share:.3g} % of ‖ΔW‖ over those tensors: the "
+            "edit and the terms act on a ΔW about that far from the exact one. Give both models in the same dtype "
+            "(e.g. the pre-trained one saved in the post-trained one's dtype, or both loaded in one dtype).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def delta_names(post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
     """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
 
     Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
@@ -343,30 +433,38 @@ def delta_names(post: Weights, pre: Weights, include: Patterns = None, exclude: 
     Example:
         >>> pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
         >>> post = {"w": torch.ones(2), "step": torch.tensor(4)}
-        >>> delta_names(post, pre)
+        >>> delta_names(post, pre=pre)
         ['w']
     """
-    with open_pair(pre, post) as (pre_source, post_source):
-        return [match.name for match in match_tensors(pre_source, post_source, include, exclude)]
+    with open_pair(pre=pre, post=post) as (pre_source, post_source):
+        return [match.name for match in match_tensors(pre=pre_source, post=post_source, include=include,
+                                                      exclude=exclude)]
 
 
 def _generate(
     matches: list[DeltaMatch], pre: TensorSource, post: TensorSource, device: torch.device | None, stack: ExitStack
 ) -> Iterator[tuple[str, Tensor]]:
+    checks = PairChecks()
     with stack:  # closes the files opened by iter_delta once the iteration ends or the generator is closed
         for match in matches:
             # The tuple is the only reference to the delta: once the consumer drops it, it is freed before the
             # next pair is read.
-            yield match.name, _next_delta(match, pre, post, device)
+            yield match.name, _next_delta(match, pre, post, device, checks)
+    checks.warn_mixed_precision()
 
 
-def _next_delta(match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None) -> Tensor:
+def _next_delta(
+    match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None, checks: PairChecks
+) -> Tensor:
     w_pre, w_post = read_pair(match, pre, post, device)
-    return difference(match, w_pre, w_post, pre, post)
+    delta = difference(match, w_pre, w_post, pre, post)
+    checks.add(w_pre, w_post, delta)
+    return delta
 
 
 def iter_delta(
     post: Weights,
+    *,
     pre: Weights,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -396,28 +494,30 @@ def iter_delta(
     Example:
         >>> pre = {"w": torch.tensor([1.0, 2.0])}
         >>> post = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
-        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre)]
+        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre=pre)]
         [('w', [0.5, -1.0], torch.float32)]
     """
     device = _as_device(device)
     stack = ExitStack()
     try:
-        pre_source, post_source = stack.enter_context(open_pair(pre, post))
-        matches = match_tensors(pre_source, post_source, include, exclude)
+        pre_source, post_source = stack.enter_context(open_pair(pre=pre, post=post))
+        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
     except BaseException:
         stack.close()
         raise
     return _generate(matches, pre_source, post_source, device, stack)
 
 
-def compute_delta(post: Weights, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> dict[str, Tensor]:
-    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre, include, exclude))``.
+def compute_delta(
+    post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None
+) -> dict[str, Tensor]:
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre=pre, include=include, exclude=exclude))``.
 
     Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
 
     Example:
-        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, {"a": torch.zeros(2), "b": torch.zeros(1)},
+        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, pre={"a": torch.zeros(2), "b": torch.zeros(1)},
         ...               exclude="b")
         {'a': tensor([1., 1.])}
     """
-    return dict(iter_delta(post, pre, include, exclude))
+    return dict(iter_delta(post, pre=pre, include=include, exclude=exclude))

@@ -18,10 +18,12 @@ from torch.distributed.tensor import DTensor
 from lightning_delta._loading import TensorSource, format_names
 from lightning_delta.delta import (
     DeltaMatch,
+    PairChecks,
     Patterns,
     Weights,
     _all_finite,
     _as_device,
+    check_real,
     check_tied_targets,
     delta_dtype,
     difference,
@@ -93,6 +95,7 @@ def _check_edit_mapping(edit: Mapping[str, Any], matches: list[DeltaMatch], post
 
 def iter_edited(
     post: Weights,
+    *,
     pre: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -120,16 +123,20 @@ def iter_edited(
         gradients: name -> ∇L at W_post, for operations with ``needs_gradients``.
         device: where ΔW and F(ΔW) are computed; default each post-trained tensor's device.
 
+    Once every tensor is read, a pair stored in two dtypes gets a warning with its rounding against ‖ΔW‖, and ΔW
+    zero in every tensor (W_pre given as the post-trained weights) an error (:class:`~lightning_delta.delta.PairChecks`).
+
     Raises:
         ValueError: for each check above, an ``F(ΔW)`` of the wrong shape or with NaN / inf (when its tensor is
-            reached), and every error of :func:`~lightning_delta.delta.iter_delta`.
+            reached), ΔW zero in every tensor (at the end, for an operation F), and every error of
+            :func:`~lightning_delta.delta.iter_delta`.
     """
     check_edit(edit)
     if gradients is not None and not isinstance(gradients, Mapping):
         raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
     device = _as_device(device)
-    with open_pair(pre, post) as (pre_source, post_source):
-        matches = match_tensors(pre_source, post_source, include, exclude)
+    with open_pair(pre=pre, post=post) as (pre_source, post_source):
+        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
         if isinstance(edit, Mapping):
             _check_edit_mapping(edit, matches, post_source)
             matches = [match for match in matches if match.name in edit]
@@ -141,6 +148,7 @@ def iter_edited(
                     f"for {len(missing)} tensors: {format_names(missing)}. Pass gradients={{name: grad}}."
                 )
         check_tied_targets([match.post_name for match in matches], post_source)
+        checks = PairChecks()
         with torch.no_grad():
             for match in matches:
                 shard = post_source.sharded(match.post_name)
@@ -150,6 +158,7 @@ def iter_edited(
                     delta = difference(match, w_pre, w_post, pre_source, post_source)
                 else:
                     w_pre, w_post, delta = _read_rows(match, pre_source, post_source, shard, rows)
+                checks.add(w_pre, w_post, delta if rows is None else delta[rows[0]:rows[1]], whole=delta)
                 if isinstance(edit, Mapping):
                     edited = delta + edit[match.name].to(delta)
                 else:
@@ -167,6 +176,9 @@ def iter_edited(
                     raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
                 yield EditedTensor(match.name, w_pre, w_post, delta, edited, rows)
                 del w_pre, w_post, delta, edited
+        checks.warn_mixed_precision()
+        if not isinstance(edit, Mapping):  # ready-made E is an edit of its own, whatever ΔW is
+            checks.check_not_zero(pre_source, post_source)
 
 
 def _read_rows(
@@ -176,7 +188,7 @@ def _read_rows(
     W_pre, and ΔW is gathered from every process's rows. The finiteness check runs on the whole ΔW, so every
     process raises together (one raising alone would leave the others waiting in the next all-gather)."""
     w_post = shard.to_local()
-    w_pre = pre.rows(match.pre_name, *rows).to(w_post.device)
+    w_pre = check_real(pre.rows(match.pre_name, *rows), match.name, "pre", pre).to(w_post.device)
     dtype = delta_dtype(w_pre.dtype, w_post.dtype)
     delta = gather_rows(w_post.to(dtype) - w_pre.to(dtype), shard)
     if not _all_finite(delta):

@@ -353,7 +353,8 @@ def estimate_memory(
     loss = build_loss(loss) if isinstance(loss, str) else loss
     shards = processes if sharded else 1
     parameters = dict(model.named_parameters())
-    edited = {name: parameters[name] for name in delta_names(model, model, include, exclude) if name in parameters}
+    edited = {name: parameters[name] for name in delta_names(model, pre=model, include=include,
+                                                             exclude=exclude) if name in parameters}
 
     def rebuilt(weight: Tensor) -> int:
         summed = torch.promote_types(weight.dtype, stored_dtype(weight.dtype, E_dtype))
@@ -417,15 +418,32 @@ def _dtype(name: Any, precision: Any, config: Any) -> torch.dtype:
 
 
 def _processes(trainer: Namespace) -> int:
+    """The processes of a run: ``trainer.devices`` × ``trainer.num_nodes``. ``devices: auto`` (Lightning's default,
+    what a ``validate`` run writes) and ``-1`` count the devices of this machine, as Lightning would: every GPU for a
+    GPU accelerator, one process on the CPU."""
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
     if isinstance(devices, (list, tuple)):
         devices = len(devices)
     elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
+    if devices in ("auto", -1):
+        devices = _auto_devices(trainer.get("accelerator", "auto"))
+        print(f"trainer.devices {trainer.get('devices')!r}: {devices} process(es) per node, as Lightning would start "
+              "on this machine (--processes N for another count).")
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"trainer.devices is {devices!r}: the estimate needs the number of processes; set "
                          "trainer.devices to a number (e.g. --processes 8 for 8 GPUs).")
     return devices * int(nodes)
+
+
+def _auto_devices(accelerator: Any) -> int:
+    """The devices Lightning's ``devices="auto"`` takes on this machine for ``accelerator``."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    name = _class_name(accelerator).lower() if accelerator is not None else "auto"
+    if name in ("gpu", "cuda", "cudaaccelerator") or (name == "auto" and CUDAAccelerator.is_available()):
+        return CUDAAccelerator.auto_device_count()
+    return CPUAccelerator.auto_device_count()
 
 
 def _sharded(strategy: Any) -> bool:
@@ -489,10 +507,14 @@ def estimate(
     sweep: dict | None = None,
     seed_everything: int | bool | None = None,
     processes: int | None = None,
+    ckpt_path: str | None = None,
+    verbose: bool | None = None,
+    weights_only: bool | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory per process of ``validate`` or ``sweep`` on a config, from the model's config.json.
 
-    Give the config file that ``validate`` reads (``--config configs/llama3-8b-instruct-gsm8k.yaml``); only the
+    Give the config file that ``validate`` reads (``--config configs/llama3-8b-instruct-gsm8k.yaml``), the one a
+    ``validate`` run writes (``lightning_logs/version_0/config.yaml``) or its ``--print_config`` output; only the
     models' ``config.json`` files are read (from a local directory, or downloaded alone from the hub). The batch is
     the data's largest (``batch_size`` × ``max_length``), the dtype ``model.dtype``, the processes
     ``trainer.devices`` × ``trainer.num_nodes`` (or ``--processes``), sharded under an FSDP strategy (``fsdp``,
@@ -506,7 +528,11 @@ def estimate(
         riemann: its ``riemann`` section: the rule and its points give the passes per batch (not the peak).
         sweep: its ``sweep`` section (read by sweep, not by the estimate).
         seed_everything: read by validate, not by the estimate.
-        processes: the number of processes, instead of the trainer's devices × nodes.
+        processes: the number of processes, instead of the trainer's devices × nodes (``devices: auto``: the devices
+            Lightning would use on this machine).
+        ckpt_path: trainer.validate's argument, in the config validate writes; not read by the estimate.
+        verbose: as ckpt_path.
+        weights_only: as ckpt_path.
     """
     sections = {"model": model, "data": data, "trainer": trainer, "edit": edit, "riemann": riemann, "sweep": sweep,
                 "seed_everything": seed_everything}

@@ -68,6 +68,7 @@ def _check_not_parametrized(model: nn.Module) -> None:
 
 def apply_edit_(
     model: nn.Module,
+    *,
     pretrained: Weights,
     edit: Edit,
     include: Patterns = None,
@@ -105,7 +106,7 @@ def apply_edit_(
             f"model must be an nn.Module (the post-trained model to edit in place), got {type(model).__name__}."
         )
     _check_not_parametrized(model)
-    for item in iter_edited(model, pretrained, edit, include, exclude, gradients):
+    for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
         # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype. On a model
         # sharded by FSDP2, w_pre and w_post are this process's rows, written in place.
         edited = item.edited if item.rows is None else item.edited[item.rows[0]:item.rows[1]]
@@ -122,6 +123,7 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def save_edited(
     post: nn.Module | str | os.PathLike,
+    *,
     pretrained: Weights,
     edit: Edit,
     output_dir: str | os.PathLike,
@@ -143,7 +145,8 @@ def save_edited(
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
         edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> E = F(ΔW) − ΔW (see :func:`apply_edit_`).
         output_dir: where the model is saved: a new or empty directory (or, with ``overwrite``, one to replace);
-            must differ from, and not contain, the directories read.
+            must differ from, and not contain, the directories read. A symbolic link is written through, as ``cp``
+            and ``save_pretrained`` do: the model goes where it points, and the link stays a link.
         include: regular expressions on tensor names; only matching tensors are edited.
         exclude: regular expressions on tensor names; matching tensors are left as they are.
         dtype: dtype to load (or, for a module, cast) the post-trained model in; default its stored dtype.
@@ -197,13 +200,18 @@ def save_edited(
                 f"output_dir {output_dir} holds {directory}, which the models are read from; overwrite=True would "
                 "delete it. Choose another directory."
             )
-    _check_output_dir(output_dir, overwrite)
+    # A link is written through: the directory it points to is the one written (or replaced), never the link.
+    target = Path(os.path.realpath(output_dir)) if output_dir.is_symlink() else output_dir
+    if target is not output_dir and not target.exists():
+        raise ValueError(f"output_dir {output_dir} is a symbolic link to {target}, which does not exist; create that "
+                         "directory, or choose another output_dir.")
+    _check_output_dir(target, overwrite)
 
     if model is None:
         model = load_model(source_dir, dtype)
-    apply_edit_(model, pretrained, edit, include=include, exclude=exclude)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_sibling(output_dir, "tmp")
+    apply_edit_(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling(target, "tmp")
     try:
         model.save_pretrained(staging, **save_kwargs)
         if isinstance(edit, PerTensor):
@@ -212,7 +220,7 @@ def save_edited(
             for name in TOKENIZER_AND_PROCESSOR_FILES:
                 if (source_dir / name).is_file():
                     shutil.copyfile(source_dir / name, staging / name)
-        _move_into_place(staging, output_dir, overwrite)
+        _move_into_place(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -266,4 +274,4 @@ def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, output_dir)
         raise
-    old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a link is replaced, not what it points to
+    shutil.rmtree(old)

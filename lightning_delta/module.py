@@ -67,7 +67,8 @@ class DeltaEditModule(pl.LightningModule):
 
     Example::
 
-        module = DeltaEditModule("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B", DARE(p=0.9))
+        module = DeltaEditModule("meta-llama/Meta-Llama-3-8B-Instruct", pretrained="meta-llama/Meta-Llama-3-8B",
+                                 edit=DARE(p=0.9))
         Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
     """
 
@@ -79,6 +80,7 @@ class DeltaEditModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module | str,
+        *,
         pretrained: nn.Module | Mapping[str, Tensor] | str | None,
         edit: Edit,
         loss: str | DeltaLoss = "causal_lm",
@@ -125,8 +127,8 @@ class DeltaEditModule(pl.LightningModule):
                 if trainer is None:
                     raise ValueError(f"{type(self.edit).__name__} needs gradients at W_post: attach under a Trainer.")
                 gradients = gradients_at_post(trainer, self, self.model)
-            self._edited = attach_edit(self.model, self.pretrained, self.edit, self.include, self.exclude, gradients,
-                                       self.E_dtype)
+            self._edited = attach_edit(self.model, pretrained=self.pretrained, edit=self.edit, include=self.include,
+                                       exclude=self.exclude, gradients=gradients, E_dtype=self.E_dtype)
         return self._edited
 
     def set_t(self, t: float) -> None:

@@ -115,12 +115,12 @@ def relevant_values(choices: list[int], num_values: int) -> list[int]:
 
 
 def exact_change(
-    model: nn.Module, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
+    model: nn.Module, *, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
     loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: Patterns = None,
 ) -> tuple[float, float]:
     """``(L(W_post), L(W_post + E) − L(W_post))`` by ``trainer.validate`` on a DeltaEditModule (two forwards per
     batch, float64 sums) editing the tensors ``include`` selects; ``model`` is given back at W_post."""
-    module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include)
     trainer = pl.Trainer(accelerator=accelerator, **TRAINER_ARGUMENTS)
     try:
         (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -132,6 +132,7 @@ def exact_change(
 
 def plan_edit(
     model: nn.Module | str,
+    *,
     pretrained: Weights,
     datamodule: pl.LightningDataModule,
     family_name: str,
@@ -208,12 +209,13 @@ def plan_edit(
     RiemannCallback(num_points=num_points, rule=rule)  # its errors for a bad num_points, before any work
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
-    module = DeltaEditModule(model, pretrained, spec.edit(values[0], seed), loss=loss, dtype=dtype)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=spec.edit(values[0], seed), loss=loss, dtype=dtype)
     model = module.model
     datamodule.setup("validate")
     loaders = [datamodule.val_dataloader()]
     parameters = dict(model.named_parameters())
-    names = [name for name in delta_names(model, pretrained, include, exclude) if name in parameters]
+    names = [name for name in delta_names(model, pre=pretrained, include=include,
+                                          exclude=exclude) if name in parameters]
     statistics = gradient_statistics(module, model, loaders, names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
@@ -234,8 +236,8 @@ def plan_edit(
     swept = order if refine is None else order[:refine]
     sweeps = {}
     for j in swept:
-        result = riemann_sweep(model, pretrained, spec.edit(values[j], seed), datamodule, loss, include=patterns,
-                               num_points=num_points, accelerator=accelerator, rule=rule)
+        result = riemann_sweep(model, pretrained=pretrained, edit=spec.edit(values[j], seed), datamodule=datamodule,
+                               loss=loss, include=patterns, num_points=num_points, accelerator=accelerator, rule=rule)
         shares = sweep_per_tensor(result)
         used[:, j] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
         sweeps[values[j]] = result
@@ -259,7 +261,8 @@ def plan_edit(
                 continue
             settings = {name: values[j] for name, j in zip(scores.names, picked)}
             loss_post, measured[label] = exact_change(
-                model, pretrained, _per_tensor(spec, settings, seed), datamodule, loss, accelerator, patterns)
+                model, pretrained=pretrained, edit=_per_tensor(spec, settings, seed), datamodule=datamodule, loss=loss,
+                accelerator=accelerator, include=patterns)
             passes["forward"] += 2
     label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
@@ -283,6 +286,7 @@ def plan_edit(
 
 def plan(
     model: str,
+    *,
     pretrained: str,
     data: pl.LightningDataModule,
     family: FamilyName,
@@ -322,9 +326,9 @@ def plan(
         num_points: C of the refinement sweeps, or the Gauss nodes (default: the rule's own, 5 for the
             trapezoid, 3 for gauss).
         refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
-        output: the JSON file the plan is written to.
+        output: the JSON file the plan is written to: a new file (an existing one needs overwrite).
         output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
-        overwrite: replace a non-empty ``output_dir`` (and ``save_compressed``).
+        overwrite: replace an existing ``output`` file, a non-empty ``output_dir`` and ``save_compressed``.
         accelerator: the trainers' accelerator (cpu, gpu, auto).
         dtype: the dtype the models are loaded in; default as stored.
         budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly,
@@ -336,8 +340,13 @@ def plan(
         rule: the refinement sweeps' quadrature: trapezoid (C + 1 forward+backward passes per setting), gauss (n,
             and two forwards) or adaptive (nested nodes until the per-tensor error estimate is below 1e-3).
     """
-    made = plan_edit(model, pretrained, data, family, average, candidates, loss, include, exclude, seed, num_points,
-                     refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes, rule=rule)
+    if Path(output).exists() and not overwrite:
+        raise ValueError(f"output {output} exists; refusing to write a plan over it. Pass --overwrite true to replace "
+                         "it, or choose another --output.")
+    made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
+                     candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
+                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype,
+                     budget_bytes=budget_bytes, rule=rule)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}
@@ -351,9 +360,11 @@ def plan(
           f"forward passes over the data")
     print(f"  written to {output}")
     if output_dir is not None:
-        save_edited(model, pretrained, made.edit(), output_dir, dtype=dtype, overwrite=overwrite)
+        save_edited(model, pretrained=pretrained, edit=made.edit(), output_dir=output_dir, dtype=dtype,
+                    overwrite=overwrite)
         print(f"  edited model written to {output_dir}")
     if save_compressed is not None:
-        written = write_compressed(model, pretrained, made, save_compressed, overwrite=overwrite)
+        written = write_compressed(model, pretrained=pretrained, edit_or_plan=made, output_dir=save_compressed,
+                                   overwrite=overwrite)
         print(f"  compressed delta written to {written}")
     return made

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib
 import inspect
 import json
 import os
@@ -207,6 +208,7 @@ EDtype = Literal[E_DTYPES]  # "float32", "model"
 
 def delta_edit_module(
     model: str | nn.Module,
+    *,
     pretrained: str | nn.Module,
     edit: DeltaEdit,
     loss: LossName | DeltaLoss = "causal_lm",
@@ -239,9 +241,11 @@ def delta_edit_module(
     """
     reuse = _SWEEP_REUSE.get()
     if reuse is None:
-        return DeltaEditModule(model, pretrained, edit, loss, include, exclude, evaluator, dtype, E_dtype)
+        return DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude,
+                               evaluator=evaluator, dtype=dtype, E_dtype=E_dtype)
     shared_model, shared_loss = reuse.shared(model, loss)
-    module = DeltaEditModule(shared_model, pretrained, edit, shared_loss, include, exclude, evaluator, dtype, E_dtype)
+    module = DeltaEditModule(shared_model, pretrained=pretrained, edit=edit, loss=shared_loss, include=include,
+                             exclude=exclude, evaluator=evaluator, dtype=dtype, E_dtype=E_dtype)
     reuse.keep(module, loss)
     return module
 
@@ -493,18 +497,87 @@ _VALIDATE_ONLY = ("ckpt_path", "verbose", "weights_only")
 
 def sweep_points(args: Any) -> tuple[list[SweepPoint], dict[str, Any], DeltaCLI]:
     """The points of the sweep that ``args`` describes (command line or config dict), its ``sweep`` section, and the
-    parse-only CLI that :func:`run_point` instantiates each point with."""
+    parse-only CLI that :func:`run_point` instantiates each point with.
+
+    Every point is parsed, and its edit and RiemannCallback built, before the first one runs: a grid key the config
+    does not have, or a value an edit refuses (DARE's ``p = 1``), is an error naming the point, and no point runs.
+    """
     cli = DeltaCLI(args=args, run=False, instantiate=False)
     base = {key: value for key, value in _config_dict(cli.parser, cli.config).items() if key not in _VALIDATE_ONLY}
     settings = base.pop("sweep")
+    grid = settings.get("grid")
 
     def normalize(config: dict[str, Any]) -> dict[str, Any]:
         config = dict(config)
         config.setdefault("riemann", {})["filename"] = None  # the row holds the result; one JSON per point is noise
-        return {key: value for key, value in _config_dict(cli.parser, cli.parser.parse_object(config)).items()
-                if key != "sweep" and key not in _VALIDATE_ONLY}
+        overrides = {key: value for key, value in _flat(config).items() if _flat(base).get(key, _MISSING) != value
+                     and key != "riemann.filename"}
+        _check_edit_keys(config.get("edit"), overrides)
+        exit_on_error, cli.parser.exit_on_error = cli.parser.exit_on_error, False
+        try:
+            parsed = _config_dict(cli.parser, cli.parser.parse_object(config))
+        except argparse.ArgumentError as error:
+            raise ValueError(f"The sweep grid point {overrides} is not a valid config: {_parse_problem(error)}. "
+                             "No point was run; fix the grid (sweep.grid) and run the sweep again.") from None
+        finally:
+            cli.parser.exit_on_error = exit_on_error
+        check_point(parsed, overrides)
+        return {key: value for key, value in parsed.items() if key != "sweep" and key not in _VALIDATE_ONLY}
 
-    return make_points(base, settings.get("grid"), normalize), settings, cli
+    return make_points(base, grid, normalize), settings, cli
+
+
+_MISSING = object()
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``{"edit.init_args.p": 0.9, ...}``)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_edit_keys(edit: Any, overrides: Mapping[str, Any]) -> None:
+    """Refuse a grid key ``edit.init_args.<argument>`` that the point's edit does not take, naming its arguments."""
+    from lightning_delta.cli import edit_class
+
+    name = edit.get("class_path") if isinstance(edit, Mapping) else edit
+    cls = edit_class(name) if isinstance(name, str) else None
+    for key in overrides:
+        argument = key.removeprefix("edit.init_args.")
+        if cls is not None and key != argument and argument not in cls.parameter_names():
+            raise ValueError(
+                f"The sweep grid key {key!r}: {cls.__name__} takes no `{argument}`; its arguments are "
+                f"{', '.join(cls.parameter_names())}. No point was run; fix the grid (sweep.grid) and run the sweep "
+                "again."
+            )
+
+
+def _parse_problem(error: Exception) -> str:
+    """The line of a jsonargparse error that names the problem (``Option 'q' is not accepted``), else its first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "not accepted" in line or "Key " in line or "does not exist" in line]
+    return "; ".join(dict.fromkeys(named)) if named else lines[0] if lines else type(error).__name__
+
+
+def check_point(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Build a parsed point's edit and RiemannCallback (cheap: no model, no data), so that a value they refuse is
+    found before any point runs; ``overrides`` name the point in the error."""
+    sections = {"edit": config.get("edit"), "riemann": {"class_path": f"{RiemannCallback.__module__}.RiemannCallback",
+                                                         "init_args": config.get("riemann") or {}}}
+    for name, section in sections.items():
+        if not isinstance(section, Mapping) or "class_path" not in section:
+            continue
+        module, _, class_name = section["class_path"].rpartition(".")
+        try:
+            getattr(importlib.import_module(module), class_name)(**(section.get("init_args") or {}))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"The sweep grid point {dict(overrides)} has an invalid {name}: {error} No point was "
+                             "run; fix the grid (sweep.grid) and run the sweep again.") from None
 
 
 class _PointProgress(Callback):
@@ -693,6 +766,7 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None, progress: bool = T
 # ---------------------------------------------------------------------------------------------- edit and plot
 def edit(
     model: str,
+    *,
     pretrained: str,
     edit: DeltaEdit,
     output_dir: str,
@@ -720,8 +794,8 @@ def edit(
         overwrite: replace a non-empty ``output_dir`` whole (its old files, an old shard index included, are
             removed once the new model is complete).
     """
-    path = save_edited(model, pretrained, edit, output_dir, include=include, exclude=exclude, dtype=dtype,
-                       overwrite=overwrite)
+    path = save_edited(model, pretrained=pretrained, edit=edit, output_dir=output_dir, include=include,
+                       exclude=exclude, dtype=dtype, overwrite=overwrite)
     print(f"Edited model ({edit!r}) written to {path}")
     return path
 

@@ -76,7 +76,7 @@ def main() -> None:
         use_distributed_sampler=data == "gsm8k", callbacks=[callback, SaveResult(callback, out)], logger=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.validate(DeltaEditModule(model, None, edits), datamodule=datamodule, verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), datamodule=datamodule, verbose=False)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
         callback = RiemannCallback(num_points=5, filename=None, pretrained=pretrained, edit=edit, module_name="model",
                                    loss_fn=loss_fn)
     else:
-        module = DeltaEditModule(model, pretrained, edit)
+        module = DeltaEditModule(model, pretrained=pretrained, edit=edit)
         callback = RiemannCallback(num_points=5, filename=None)
     if devices == 1:
         strategy = "auto"

@@ -21,7 +21,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 class Case(NamedTuple):
     id: str
     given: str  # what the user wrote or passed
-    error: type[Exception]
+    error: type[Exception]  # or a Warning class: the input is used, with a warning
     message: str  # the start of the message, after the tmp directory is written <tmp>
     call: Callable[[Path], object]
 
@@ -52,7 +52,7 @@ def _compressed(tmp: Path) -> tuple[Path, nn.Module]:
     pre, post = _tiny_linear_pair()
     base = nn.Linear(3, 2)
     base.load_state_dict(pre)
-    return save_compressed(post, pre, BitDelta(), tmp / "delta"), base
+    return save_compressed(post, pretrained=pre, edit_or_plan=BitDelta(), output_dir=tmp / "delta"), base
 
 
 def _compressed_other_version(tmp: Path):
@@ -119,6 +119,23 @@ def _ultrafeedback_without_rejected(tmp: Path):
     UltraFeedbackDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
 
 
+def _gsm8k_broken_line(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.tiny_models import make_tiny_tokenizer
+
+    path = tmp / "test.jsonl"
+    path.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?", "answer": "#### 2"\n')
+    GSM8KDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
+
+
+def _tokenizer_directory_without_tokenizer(tmp: Path):
+    from lightning_delta.datamodules import GSM8KDataModule
+    from tests.tiny_models import make_tiny_model
+
+    make_tiny_model("llama").save_pretrained(tmp / "model")
+    GSM8KDataModule(str(tmp / "model"), data=_gsm8k_file(tmp)).setup("validate")
+
+
 def _gsm8k_few_shot_one_file(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
     from tests.tiny_models import make_tiny_tokenizer
@@ -131,7 +148,8 @@ def _save_edited(tmp: Path, output: Path, **kwargs):
     from tests.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp, "llama", shard=None)
-    save_edited(str(pair.post_dir), str(pair.pre_dir), _edits().DARE(p=0.5), str(output), **kwargs)
+    save_edited(str(pair.post_dir), pretrained=str(pair.pre_dir), edit=_edits().DARE(p=0.5), output_dir=str(output),
+                **kwargs)
 
 
 def _output_not_empty(tmp: Path):
@@ -145,11 +163,23 @@ def _output_is_a_file(tmp: Path):
     _save_edited(tmp, tmp / "out")
 
 
+def _output_dangling_link(tmp: Path):
+    (tmp / "out").symlink_to(tmp / "missing", target_is_directory=True)
+    _save_edited(tmp, tmp / "out")
+
+
+def _plan_output_exists(tmp: Path):
+    (tmp / "plan.json").write_text("{}")
+    _run_cli(tmp, ["plan", "--model", "post", "--pretrained", "pre", "--data", "lightning_delta.demo.digits."
+                   "DigitsDataModule", "--family", "dare", "--average", "0.2", "--output", str(tmp / "plan.json")])
+
+
 def _module_batch_not_a_mapping(tmp: Path):
     from lightning_delta import DeltaEditModule
 
     pre, post = _tiny_linear_pair()
-    DeltaEditModule(post, pre, _edits().DARE(p=0.5)).riemann_prepare((torch.zeros(2, 3), torch.zeros(2)))
+    DeltaEditModule(post, pretrained=pre, edit=_edits().DARE(p=0.5)).riemann_prepare((torch.zeros(2, 3),
+                                                                                      torch.zeros(2)))
 
 
 def _tied_copies(tmp: Path):
@@ -157,7 +187,7 @@ def _tied_copies(tmp: Path):
 
     model = _tied_model()
     pre = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    attach_edit(model, pre, _edits().DARE(p=0.5))
+    attach_edit(model, pretrained=pre, edit=_edits().DARE(p=0.5))
 
 
 def _edited_model(edits: dict):
@@ -169,7 +199,7 @@ def _edited_model(edits: dict):
 def _compute_delta(post, pre, **kwargs):
     from lightning_delta import compute_delta
 
-    return compute_delta(post, pre, **kwargs)
+    return compute_delta(post, pre=pre, **kwargs)
 
 
 def _apply_to_parametrized(tmp: Path):
@@ -178,7 +208,34 @@ def _apply_to_parametrized(tmp: Path):
 
     pre, post = _tiny_linear_pair()
     EditedModel(post, {"weight": torch.zeros(2, 3)})
-    apply_edit_(post, pre, _edits().DARE(p=0.5))
+    apply_edit_(post, pretrained=pre, edit=_edits().DARE(p=0.5))
+
+
+def _users_module_run(tmp: Path, reduction: str = "mean", module_name: str = "net", limit_val_batches=None):
+    """A user's regression module with only a training_step, its network at ``net``, validated by the callback."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_delta.callbacks import RiemannCallback
+
+    class Regression(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return nn.functional.mse_loss(self.net(inputs).squeeze(-1), targets, reduction=reduction)
+
+    torch.manual_seed(0)
+    module = Regression()
+    pre = {name: value.detach() - 0.1 for name, value in module.net.state_dict().items()}
+    callback = RiemannCallback(num_points=1, pretrained=pre, edit=_edits().Extrapolate(-0.5), module_name=module_name,
+                               filename=None)
+    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=limit_val_batches)
+    data = TensorDataset(torch.randn(8, 3), torch.randn(8) + 3.0)
+    callback.validate(trainer, module, DataLoader(data, batch_size=4), verbose=False)
 
 
 def _riemann(**kwargs):
@@ -199,11 +256,49 @@ def _run_cli(tmp: Path, argv: list[str]):
     return run(argv)
 
 
+def _mixed_precision_pair(tmp: Path):
+    pre, post = _tiny_linear_pair()
+    _compute_delta(post, {name: value.to(torch.bfloat16) for name, value in pre.items()})
+
+
+def _same_weights(tmp: Path):
+    from lightning_delta.export import apply_edit_
+
+    post = nn.Linear(3, 2)
+    apply_edit_(post, pretrained={name: value.clone() for name, value in post.state_dict().items()},
+                edit=_edits().DARE(p=0.5))
+
+
+def _integer_pre(tmp: Path):
+    pre, post = _tiny_linear_pair()
+    _compute_delta(post, {**pre, "weight": torch.zeros(2, 3, dtype=torch.int64)})
+
+
+def _meta_pre(tmp: Path):
+    with torch.device("meta"):
+        pre = nn.Linear(3, 2)
+    _compute_delta(nn.Linear(3, 2), pre)
+
+
+def _swapped_order(tmp: Path):
+    from lightning_delta import compute_delta
+
+    pre, post = _tiny_linear_pair()
+    compute_delta(pre, post)
+
+
+def _sweep_grid(tmp: Path, grid: dict):
+    from lightning_delta.runner import sweep_points
+    from tests.test_sweep import digits_config
+
+    sweep_points(digits_config(tmp, grid, tmp / "results.jsonl"))
+
+
 def _gradient_biased_without_gradients(tmp: Path):
     from lightning_delta.attach import edit_differences
 
     pre, post = _tiny_linear_pair()
-    edit_differences(post, pre, _edits().GradientBiased(p=0.5, k=0.5))
+    edit_differences(post, pretrained=pre, edit=_edits().GradientBiased(p=0.5, k=0.5))
 
 
 CASES = [
@@ -228,21 +323,31 @@ CASES = [
          "GradientBiased needs the gradient of the loss at W_post for every edited tensor; missing for 2 tensors",
          _gradient_biased_without_gradients),
     # --------------------------------------------------------------------------------- module and callback
-    Case("module-edit-name", "`DeltaEditModule(post, pre, edit=\"dare\")`", ValueError,
+    Case("module-edit-name", "`DeltaEditModule(post, pretrained=pre, edit=\"dare\")`", ValueError,
          "edit must be an editing operation of lightning_delta.edits",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, "dare")),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), pretrained={}, edit="dare")),
     Case("module-model-type", "`DeltaEditModule(model=3, ...)`", ValueError, "`model` must be an nn.Module",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(3, {}, _edits().DARE(p=0.5))),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(3, pretrained={}, edit=_edits().DARE(p=0.5))),
     Case("module-batch-tuple", "a `(inputs, labels)` batch for the causal-LM loss", ValueError,
          "DeltaEditModule's CausalLMLoss reads each batch as a mapping", _module_batch_not_a_mapping),
     Case("loss-unknown", "`DeltaEditModule(..., loss=\"mse\")`", ValueError, "Unknown loss 'mse'",
-         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), {}, {}, loss="mse")),
+         lambda tmp: __import__("lightning_delta").DeltaEditModule(nn.Linear(2, 2), pretrained={}, edit={},
+                                                                   loss="mse")),
     Case("riemann-num-points", "`RiemannCallback(num_points=0)`", ValueError, "`num_points` must be an integer >= 1",
          lambda tmp: _riemann(num_points=0)),
     Case("riemann-edit-alone", "`RiemannCallback(edit=DARE(p=0.9))` without `pretrained`", ValueError,
          "Pass `pretrained` and `edit` together", lambda tmp: _riemann(edit=_edits().DARE(p=0.9))),
     Case("riemann-recompute", "`RiemannCallback(recompute_weights=\"yes\")`", ValueError,
          "`recompute_weights` must be True, False or None", lambda tmp: _riemann(recompute_weights="yes")),
+    Case("riemann-no-batch", "`--trainer.limit_val_batches 0`, or an empty validation DataLoader", ValueError,
+         "RiemannCallback evaluated no validation batch, so there is no term, trapezoid or ΔL",
+         lambda tmp: _users_module_run(tmp, limit_val_batches=0)),
+    Case("riemann-module-name", "`RiemannCallback(module_name=\"model\")` where the network is at `net`", ValueError,
+         "module_name='model': Regression has no submodule 'model'. Its children are net",
+         lambda tmp: _users_module_run(tmp, module_name="model")),
+    Case("training-step-batch-sum", "a `training_step` returning the batch's sum instead of its mean", UserWarning,
+         "Regression.training_step looks like a sum over the batch, not a batch mean",
+         lambda tmp: _users_module_run(tmp, reduction="sum")),
     Case("tied-copies", "W_pre as a state dict of copies for a model with tied embeddings", ValueError,
          "1.weight and 0.weight are one tied tensor in the model but two tensors", _tied_copies),
     Case("edited-model-name", "an `E` for a name the model does not have", ValueError,
@@ -267,11 +372,29 @@ CASES = [
     Case("state-dict-values", "a state dict holding a non-tensor", ValueError,
          "Cannot load the pre-trained weights: A state dict must map names to tensors",
          lambda tmp: _compute_delta({"w": torch.ones(2)}, {"w": [0.0, 1.0]})),
+    Case("mixed-precision-pair", "W_pre in bf16 with W_post in float32 (a bf16 pre directory or state dict)",
+         UserWarning, "W_pre is stored in torch.bfloat16 and W_post in torch.float32 for 2 of the 2 selected tensors: "
+         "ΔW = W_post − W_pre then holds W_pre's rounding to torch.bfloat16", _mixed_precision_pair),
+    Case("same-weights", "the post-trained weights given as W_pre too (`--model.pretrained` naming the post directory)",
+         ValueError, "ΔW = W_post − W_pre is zero in every one of the 2 selected tensors", _same_weights),
+    Case("integer-pre", "an int64 W_pre tensor where W_post's is float (a quantized checkpoint)", ValueError,
+         "Floating point on one side and integer on the other for 1 tensor: weight (pre torch.int64, post "
+         "torch.float32)", _integer_pre),
+    Case("meta-pre", "W_pre on the meta device", ValueError,
+         "W_pre must hold real weights, but 'weight' of the pre-trained weights (module Linear) is on the meta device",
+         _meta_pre),
+    Case("swapped-order", "`compute_delta(pre, post)` (W_pre passed by position)", TypeError,
+         "compute_delta() takes 1 positional argument but 2 were given", _swapped_order),
     # ----------------------------------------------------------------------------------------- export
     Case("output-not-empty", "`save_edited(..., output_dir)` on a directory holding another model", ValueError,
          "output_dir <tmp>/out is not empty; refusing to write a model over its files. Pass overwrite=True", _output_not_empty),
     Case("output-is-file", "`save_edited(..., output_dir)` where a file is", ValueError,
          "output_dir <tmp>/out exists and is not a directory", _output_is_a_file),
+    Case("output-dangling-link", "`save_edited(..., output_dir)` on a symbolic link to a missing directory",
+         ValueError, "output_dir <tmp>/out is a symbolic link to <tmp>/missing, which does not exist",
+         _output_dangling_link),
+    Case("plan-output-exists", "a second `lightning-delta plan` into the same `--output`", ValueError,
+         "output <tmp>/plan.json exists; refusing to write a plan over it. Pass --overwrite true", _plan_output_exists),
     Case("apply-parametrized", "`apply_edit_` on a model that still has the analysis attached", ValueError,
          "The model has parametrizations on", _apply_to_parametrized),
     # ----------------------------------------------------------------------------- per-tensor edits and plans
@@ -286,22 +409,24 @@ CASES = [
          lambda tmp: _edits().PerTensor({"^a$": _edits().BitDelta()})({"b": torch.ones(2)})),
     Case("plan-unknown-family", "`plan_edit(..., family_name=\"ties\", ...)`", ValueError,
          "plan: unknown edit family 'ties'",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "ties", 0.2)),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="ties", average=0.2)),
     Case("plan-average-below-candidates", "`plan_edit(..., \"bitdelta\", average=0.5)`", ValueError,
          "plan: `average` (bits per entry (sign bit included)) must be a number >= the smallest candidate 1",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 0.5)),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="bitdelta", average=0.5)),
     Case("plan-dare-density", "`plan_edit(..., \"dare\", 0.5, candidates=[0.5, 1.5])`", ValueError,
          "plan: dare candidates (kept density) must be in (0, 1], got 1.5",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "dare", 0.5,
-                                                                                   candidates=[0.5, 1.5])),
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="dare", average=0.5, candidates=[0.5, 1.5])),
     Case("plan-two-budgets", "`plan_edit(..., \"bitdelta\", 2, budget_bytes=1e6)`", ValueError,
          "plan: give the budget as `average` (bits per entry (sign bit included)) or as `budget_bytes`, exactly one",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(None, None, None, "bitdelta", 2,
-                                                                                   budget_bytes=1e6)),
-    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, None, {name: E}, E_dtype=\"on_the_fly\")` attached",
+         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+             None, pretrained=None, datamodule=None, family_name="bitdelta", average=2, budget_bytes=1e6)),
+    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, pretrained=None, edit={name: E}, E_dtype=\"on_the_fly\")` attached",
          ValueError, "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held",
          lambda tmp: __import__("lightning_delta.attach", fromlist=["x"]).attach_edit(
-             torch.nn.Linear(2, 2), None, {"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
+             torch.nn.Linear(2, 2), pretrained=None, edit={"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
     Case("fsdp1-strategy", "a Trainer with `FSDPStrategy` (FSDP1) running a `RiemannCallback`", ValueError,
          "lightning_delta runs sharded models under ModelParallelStrategy (FSDP2's fully_shard), not FSDPStrategy",
          lambda tmp: __import__("lightning_delta.sharded", fromlist=["x"]).check_strategy(
@@ -326,6 +451,11 @@ CASES = [
     Case("ultrafeedback-row-fields", "an UltraFeedback row without `rejected`", ValueError,
          "UltraFeedback row 0 (counting from 0) of <tmp>/test_prefs.jsonl lacks the field 'rejected'",
          _ultrafeedback_without_rejected),
+    Case("jsonl-broken-line", "a data `.jsonl` file with a broken line", ValueError,
+         "Line 2 of <tmp>/test.jsonl is not valid JSON (Expecting ',' delimiter at column 38)", _gsm8k_broken_line),
+    Case("tokenizer-directory-empty", "`--data.tokenizer` naming a model directory without tokenizer files",
+         ValueError, "The tokenizer directory <tmp>/model has no tokenizer: none of tokenizer.json",
+         _tokenizer_directory_without_tokenizer),
     Case("gsm8k-batch-size", "`GSM8KDataModule(batch_size=0)`", ValueError, "`batch_size` must be",
          lambda tmp: __import__("lightning_delta.datamodules", fromlist=["x"]).GSM8KDataModule("tok", batch_size=0)),
     # ------------------------------------------------------------------------------------ sweep and plot
@@ -341,6 +471,21 @@ CASES = [
     Case("cli-edit-registry-name", "`lightning-delta validate --edit dare` (the registry name)", ValueError,
          "Unknown edit 'dare' for --edit. Did you mean DARE?",
          lambda tmp: _run_cli(tmp, ["validate", "--edit=dare"])),
+    Case("cli-edit-help-typo", "`lightning-delta validate --edit.help DAREE`", ValueError,
+         "Unknown edit 'DAREE' for --edit.help. Did you mean DARE?",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit.help", "DAREE"])),
+    Case("cli-edit-argument-of-another-edit", "`lightning-delta validate --edit BitDelta --edit.p 0.9`", ValueError,
+         "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit", "BitDelta", "--edit.p", "0.9"])),
+    Case("cli-edit-argument-first", "`lightning-delta validate --edit.p 0.9 --edit DARE`", ValueError,
+         "--edit.p comes before --edit DARE: put --edit CLASS before its arguments",
+         lambda tmp: _run_cli(tmp, ["validate", "--edit.p", "0.9", "--edit", "DARE"])),
+    Case("grid-key-typo", "a sweep grid key that the edit does not take (`edit.init_args.q`)", ValueError,
+         "The sweep grid key 'edit.init_args.q': DARE takes no `q`; its arguments are p, k, rescale, seed",
+         lambda tmp: _sweep_grid(tmp, {"edit.init_args.q": [0.1, 0.5]})),
+    Case("grid-invalid-value", "DARE p = 1.0 among valid values of a sweep grid", ValueError,
+         "The sweep grid point {'edit.init_args.p': 1.0} has an invalid edit: DARE: `p` must be in [0, 1)",
+         lambda tmp: _sweep_grid(tmp, {"edit.init_args.p": [0.5, 1.0, 0.9]})),
     Case("plot-missing-file", "`lightning-delta plot --results missing.jsonl`", FileNotFoundError,
          "No results file at <tmp>/results.jsonl", _plot_missing),
 ]
@@ -352,6 +497,12 @@ def _message(error: BaseException, tmp: Path) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_gets_a_clear_error(case: Case, tmp_path):
+    if issubclass(case.error, Warning):
+        with pytest.warns(case.error) as record:
+            case.call(tmp_path)
+        messages = [_message(warning.message, tmp_path) for warning in record if warning.category is case.error]
+        assert any(message.startswith(case.message) for message in messages), messages
+        return
     with pytest.raises(case.error) as info:
         case.call(tmp_path)
     assert _message(info.value, tmp_path).startswith(case.message), _message(info.value, tmp_path)
@@ -361,8 +512,9 @@ def render() -> str:
     lines = [
         "# Bad inputs and what they say",
         "",
-        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised and",
-        "the start of its message. Written by `python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
+        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised (or,",
+        "for an input that is used as given, the warning) and the start of its message. Written by",
+        "`python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
         "",
         "| input | error | message (start) | test |",
         "|---|---|---|---|",

@@ -366,3 +366,71 @@ def test_sweep_grid_varies_the_rule(tmp_path):
     assert rows[1].result.exact == pytest.approx(rows[0].result.exact, rel=1e-12)
     assert rows[2].result.exact == pytest.approx(rows[0].result.exact, rel=1e-12)
     assert set(rows[2].result.error_per_tensor) == set(rows[2].result.term_per_tensor)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--edit.help", "DAREE"], "Unknown edit 'DAREE' for --edit.help. Did you mean DARE? The edits are DARE, "),
+    (["--edit", "DAREE", "--edit.p", "0.9"], "Unknown edit 'DAREE' for --edit. Did you mean DARE? "),
+    (["--edit", "BitDelta", "--edit.p", "0.9"],
+     "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks (--edit.<argument>"),
+    (["--edit.p", "0.9", "--edit", "DARE"],
+     "--edit.p comes before --edit DARE: put --edit CLASS before its arguments, e.g. --edit DARE --edit.p 0.9."),
+    (["--edit=DARE", "--edit.init_args.q=0.9"], "DARE takes no `q` (--edit.init_args.q); its arguments are p, k, "),
+])
+def test_a_misplaced_edit_argument_is_one_sentence_without_usage(arguments, message, config_file, capsys):
+    """What ``lightning-delta validate`` prints for it: the problem and the fix in one line, no usage text and no
+    "Does not validate against any of the Union subtypes"."""
+    from lightning_delta.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config_file), *arguments])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"lightning-delta: error: {message}"), error
+    assert len(error.splitlines()) == 2 and "usage" not in error and "Union" not in error
+
+
+def test_edit_arguments_in_their_place_pass_the_check(config_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["validate", "--config", str(config_file), "--edit", "BitDelta", "--edit.bits", "2", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["edit"]["init_args"]["bits"] == 2
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ({"edit.init_args.p": [0.5, 1.0, 0.9]},
+     r"The sweep grid point \{'edit.init_args.p': 1.0\} has an invalid edit: DARE: `p` must be in \[0, 1\)"),
+    ({"edit.init_args.q": [0.5, 0.9]},
+     r"The sweep grid key 'edit.init_args.q': DARE takes no `q`; its arguments are p, k, rescale, seed\."),
+    ({"riemann.num_point": [2, 3]},
+     r"The sweep grid point \{'riemann.num_point': 2\} is not a valid config: .*num_point"),
+    ({"riemann.num_points": [2, 0]}, r"The sweep grid point \{'riemann.num_points': 0\} has an invalid riemann: "
+                                     r"`num_points` must be an integer >= 1"),
+])
+def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tmp_path):
+    """A value an edit refuses, or a key the config does not have, among valid points: no point runs (the valid
+    points before it would otherwise run, and those after it never)."""
+    config = digits_config(tmp_path, grid, tmp_path / "results.jsonl")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=message + r".* No point was run"):
+        run(["sweep", "--config", str(tmp_path / "sweep.yaml")])
+    assert not (tmp_path / "results.jsonl").exists() or not (tmp_path / "results.jsonl").read_text().strip()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--trainer.limit_val_batches", "0"], "RiemannCallback evaluated no validation batch"),
+    (["--model.pretrained", "POST"], "ΔW = W_post − W_pre is zero in every one of the"),
+])
+def test_validate_that_would_measure_nothing_exits_with_its_reason(change, message, config_file, tmp_path, capsys):
+    """No batch evaluated, or W_pre naming the post-trained model: once exit status 0 with nothing written or every
+    number +0; now status 1, the reason in one line, and no riemann.json."""
+    from lightning_delta.cli import main
+
+    config = yaml.safe_load(config_file.read_text())
+    change = [config["model"]["model"] if value == "POST" else value for value in change]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config_file), *change])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.splitlines()[-2:]  # after transformers' loading bar
+    assert error[0].startswith(f"lightning-delta: error: {message}"), error
+    assert not list(tmp_path.rglob("riemann*.json"))

@@ -128,8 +128,8 @@ ROUND_TRIPS = [(label, "bfloat16") for label in EDITS] + [
 @pytest.mark.parametrize(("label", "dtype"), ROUND_TRIPS)
 def test_the_loaded_model_is_what_save_edited_writes_bit_for_bit(pairs, tmp_path, label, dtype):
     pair, edit = pairs[dtype], EDITS[label]
-    written = save_edited(pair.post_dir, pair.pre_dir, edit, tmp_path / "edited")
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, edit, tmp_path / "compressed")
+    written = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=edit, output_dir=tmp_path / "edited")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=edit, output_dir=tmp_path / "compressed")
     header = json.loads((compressed / "compressed.json").read_text())
     assert header["format"] == "lightning_delta.compressed" and header["version"] == 1
     assert {record["form"] for record in header["tensors"].values()} == FORMS[label]
@@ -156,15 +156,16 @@ def test_a_plan_file_and_the_plan_give_the_same_compressed_model(pairs, tmp_path
     plan = PerTensor({"q_proj": BitDelta(bits=2), "up_proj": DARE(p=0.9)}, unmatched="keep")
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({"family": "mixed", "edit": plan.config()}))
-    from_file = load_compressed(pair.pre_dir, save_compressed(pair.post_dir, pair.pre_dir, plan_file, tmp_path / "a"))
-    written = save_edited(pair.post_dir, pair.pre_dir, plan, tmp_path / "edited")
+    from_file = load_compressed(pair.pre_dir, save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=plan_file, output_dir=tmp_path / "a"))
+    written = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=plan, output_dir=tmp_path / "edited")
     assert_same_bits(from_file.state_dict(), saved_state(written))
 
 
 def test_tensors_left_out_of_the_edit_keep_their_post_trained_values(pairs, tmp_path):
     pair = pairs["bfloat16"]
-    written = save_edited(pair.post_dir, pair.pre_dir, DARE(p=0.9), tmp_path / "edited", include="mlp")
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.9), tmp_path / "compressed", include="mlp")
+    written = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=DARE(p=0.9), output_dir=tmp_path / "edited",
+                          include="mlp")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.9), output_dir=tmp_path / "compressed", include="mlp")
     header = json.loads((compressed / "compressed.json").read_text())
     forms = {name: record["form"] for name, record in header["tensors"].items()}
     assert {form for name, form in forms.items() if "mlp" in name} == {"sparse"}
@@ -190,7 +191,7 @@ def test_bit_packing_against_an_explicit_loop():
 def test_the_bytes_on_disk_are_family_stored_bytes_of_the_edited_tensors(pairs, tmp_path, family, value, dtype):
     pair, spec = pairs[dtype], FAMILIES[family]
     edit = spec.edit(value, seed=7)
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, edit, tmp_path / "compressed")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=edit, output_dir=tmp_path / "compressed")
     on_disk = bytes_on_disk(compressed)
     for name, delta in deltas(pair).items():
         edited = edit.edit_tensor(name, delta)
@@ -204,12 +205,12 @@ def test_goals_bitdelta_one_sixteenth_and_dare_a_tenth_plus_the_bitmap(pairs, tm
     linear = [name for name, module in pair.post.named_modules() if isinstance(module, torch.nn.Linear)]
     include = [rf"^{re.escape(name)}\.weight$" for name in linear]
     sizes = {name: tensor.numel() for name, tensor in deltas(pair).items() if name.removesuffix(".weight") in linear}
-    signs = bytes_on_disk(save_compressed(pair.post_dir, pair.pre_dir, BitDelta(sign_of_zero=1), tmp_path / "b",
+    signs = bytes_on_disk(save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=BitDelta(sign_of_zero=1), output_dir=tmp_path / "b",
                                           include=include))
     bf16_dense = sum(2 * n for n in sizes.values())
     assert sum(signs[name] for name in sizes) == sum(-(-n // 8) + 4 for n in sizes.values())
     assert 1 / 16 <= sum(signs[name] for name in sizes) / bf16_dense < 1 / 15
-    sparse = bytes_on_disk(save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.9), tmp_path / "d", include=include))
+    sparse = bytes_on_disk(save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.9), output_dir=tmp_path / "d", include=include))
     total = sum(sizes.values())
     kept_bound = 0.1 * total + 3 * (0.09 * total) ** 0.5  # the kept count is binomial(n, 0.1): 3 sigma above its mean
     assert sum(sparse[name] for name in sizes) <= 4 * kept_bound + sum(-(-n // 8) for n in sizes.values())
@@ -221,10 +222,11 @@ def test_a_dare_plan_stores_exactly_its_stored_bytes_within_the_budget(tmp_path)
     planned = [name for name in deltas(pair) if "proj" in name]
     dense = sum(deltas(pair)[name].numel() for name in planned) * 4
     budget = 0.12 * dense
-    plan = plan_edit(pair.post_dir, pair.pre_dir, DigitsDataModule(limit=12, batch_size=6), "dare", include="proj",
+    plan = plan_edit(pair.post_dir, pretrained=pair.pre_dir, datamodule=DigitsDataModule(limit=12, batch_size=6),
+                     family_name="dare", include="proj",
                      candidates=[0.05, 0.1, 0.2], refine=0, measure=False, seed=3, budget_bytes=budget)
     assert set(plan.settings) == set(planned)
-    on_disk = bytes_on_disk(save_compressed(pair.post_dir, pair.pre_dir, plan, tmp_path / "compressed"))
+    on_disk = bytes_on_disk(save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=plan, output_dir=tmp_path / "compressed"))
     assert plan.stored_bytes == plan.cost == sum(on_disk[name] for name in planned) <= budget
     reference = 0
     for name in planned:  # the kept count from the mask drawn again, and the values' positions in int32 or a bitmap
@@ -241,7 +243,7 @@ def test_the_peft_adapter_loaded_by_peft_and_merged_is_the_compressed_model(pair
     peft = pytest.importorskip("peft", reason="peft is an optional dependency (the `bench` extra)")
     pair = pairs["float32" if dtype == torch.float32 else "bfloat16"]
     edit = PerTensor({"up_proj|embed": LowRank(rank=2), "q_proj|lm_head": LowRank(rank=3)}, unmatched="keep")
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, edit, tmp_path / "compressed")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=edit, output_dir=tmp_path / "compressed")
     header = json.loads((compressed / "compressed.json").read_text())
     low_rank = [name for name, record in header["tensors"].items() if record["form"] == "factors"]
     assert header["adapter"]["modules"] == sorted(name.removesuffix(".weight") for name in low_rank)
@@ -263,9 +265,10 @@ def test_the_peft_adapter_loaded_by_peft_and_merged_is_the_compressed_model(pair
 def test_apply_and_remove_swap_fine_tunes_on_one_base_in_place(pairs, tmp_path):
     pair = pairs["bfloat16"]
     edits = {"bits": BitDelta(bits=2), "sparse": DARE(p=0.9, seed=2), "low": LowRank(rank=2)}
-    paths = {label: save_compressed(pair.post_dir, pair.pre_dir, edit, tmp_path / label) for label, edit in
+    paths = {label: save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=edit, output_dir=tmp_path / label) for label, edit in
              edits.items()}
-    written = {label: saved_state(save_edited(pair.post_dir, pair.pre_dir, edit, tmp_path / f"edited-{label}"))
+    written = {label: saved_state(save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=edit,
+                                              output_dir=tmp_path / f"edited-{label}"))
                for label, edit in edits.items()}
     base_state = saved_state(pair.pre_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(pair.pre_dir)
@@ -285,7 +288,7 @@ def test_apply_and_remove_swap_fine_tunes_on_one_base_in_place(pairs, tmp_path):
 # ------------------------------------------------------------------------------------------------ bad input
 def test_another_format_version_is_refused(pairs, tmp_path):
     pair = pairs["float32"]
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, BitDelta(), tmp_path / "compressed")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=BitDelta(), output_dir=tmp_path / "compressed")
     header_file = compressed / "compressed.json"
     header = json.loads(header_file.read_text())
     header_file.write_text(json.dumps({**header, "version": 2}))
@@ -300,7 +303,7 @@ def test_another_format_version_is_refused(pairs, tmp_path):
 
 def test_a_base_of_other_shapes_or_names_is_refused_before_anything_changes(pairs, tmp_path):
     pair = pairs["float32"]
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.9), tmp_path / "compressed")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.9), output_dir=tmp_path / "compressed")
     wider = make_tiny_model("llama", intermediate_size=48)
     before = {name: tensor.clone() for name, tensor in wider.state_dict().items()}
     with pytest.raises(ValueError, match=r"was not made for this model: 6 tensors of the delta have other shapes in "
@@ -316,7 +319,7 @@ def test_a_base_of_other_shapes_or_names_is_refused_before_anything_changes(pair
 
 def test_a_truncated_file_is_refused(pairs, tmp_path):
     pair = pairs["float32"]
-    compressed = save_compressed(pair.post_dir, pair.pre_dir, BitDelta(bits=2), tmp_path / "compressed")
+    compressed = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=BitDelta(bits=2), output_dir=tmp_path / "compressed")
     shard = compressed / "delta-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"delta-00001.safetensors .*: the file is missing, truncated or damaged"):
@@ -336,21 +339,21 @@ def test_a_crash_while_saving_leaves_no_directory(pairs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_module.forms, "encode_sparse", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.9), tmp_path / "compressed")
+        save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.9), output_dir=tmp_path / "compressed")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_non_empty_output_dir_is_refused_without_overwrite(pairs, tmp_path):
     pair = pairs["float32"]
     out = tmp_path / "compressed"
-    save_compressed(pair.post_dir, pair.pre_dir, BitDelta(), out)
+    save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=BitDelta(), output_dir=out)
     with pytest.raises(ValueError, match=r"is not empty; refusing to write a model over its files"):
-        save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.5), out)
-    save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.5), out, overwrite=True)
+        save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.5), output_dir=out)
+    save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.5), output_dir=out, overwrite=True)
     assert {record["form"] for record in json.loads((out / "compressed.json").read_text())["tensors"].values()} == {
         "sparse"}
     with pytest.raises(ValueError, match=r"which the models are read from"):
-        save_compressed(pair.post_dir, pair.pre_dir, DARE(p=0.5), pair.post_dir)
+        save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=DARE(p=0.5), output_dir=pair.post_dir)
 
 
 # ------------------------------------------------------------------------------------------ command line, README
@@ -359,7 +362,8 @@ def test_the_compress_command_takes_an_edit_or_a_plan(pairs, tmp_path, capsys):
     path = run(["compress", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "BitDelta",
                 "--edit.bits", "2", "--output_dir", str(tmp_path / "bits")])
     assert "Compressed delta of BitDelta(bits=2" in capsys.readouterr().out
-    written = save_edited(pair.post_dir, pair.pre_dir, BitDelta(bits=2), tmp_path / "edited")
+    written = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=BitDelta(bits=2),
+                          output_dir=tmp_path / "edited")
     assert_same_bits(load_compressed(pair.pre_dir, path).state_dict(), saved_state(written))
     with pytest.raises(ValueError, match=r"compress: give the edit \(--edit CLASS ...\) or the plan \(--plan plan.json\), "
                                          r"exactly one; got edit=None and plan=None"):
@@ -398,6 +402,6 @@ def test_the_readme_walk_through_plan_compress_load_runs_as_written(tmp_path, mo
     assert json.loads((tmp_path / "planned" / "compressed.json").read_text()) == header
     assert header["tensor_bytes"] == plan.stored_bytes <= 5000 == plan.budget_bytes
     assert len({record["form"] for record in header["tensors"].values()}) == 1 and len(set(plan.settings.values())) > 1
-    written = save_edited(pair.post_dir, pair.pre_dir, plan.edit(), tmp_path / "edited")
+    written = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=plan.edit(), output_dir=tmp_path / "edited")
     assert_same_bits(namespace["planned"].state_dict(), saved_state(written))
     assert_same_bits(namespace["base"].state_dict(), saved_state(pair.pre_dir))

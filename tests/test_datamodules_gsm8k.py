@@ -427,7 +427,7 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
     dm = GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), batch_size=2)
     reference = brute_force(model, edits, CausalLMLoss(), dm.val_dataloader(), num_points=4)
 
-    module = DeltaEditModule(model, None, edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
+    module = DeltaEditModule(model, pretrained=None, edit=edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
     callback = RiemannCallback(num_points=4, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -510,3 +510,43 @@ def test_default_extraction_takes_the_stated_answer_before_a_later_number():
     assert extract_final_number("So the answer is 3, then 4 and finally the answer is 5. Done in 6.") == "5"
     assert extract_final_number("3 + 4 = 7") == "7"  # no stated answer: the last number, as before
     assert extract_final_number("The answer is 12.\n#### 13") == "13"  # `####` first, as before
+
+
+def word_level_tokenizer():
+    """A WordLevel tokenizer over the tiny models' 128 ids (``t004`` … ``t127`` after the special tokens), whose
+    vocabulary transformers' stop-string search cannot read ("substring not found")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i:03d}" for i in range(4, 128)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def test_stop_strings_with_a_word_level_tokenizer_stop_each_row_at_its_first_one():
+    """transformers' stop strings fail on a WordLevel tokenizer; the evaluator then searches them in the generated
+    tokens' texts: each row stops at the token that writes the stop string, against plain greedy decoding."""
+    tokenizer = word_level_tokenizer()
+    model = make_tiny_model("llama", dtype=torch.float64)
+    prompts = [[5, 9, 14, 30], [40, 41], [77, 12, 99]]
+    references = [greedy(model, prompt, 12) for prompt in prompts]
+    stop_token = next(token for token in references[0][2:] if token > 3)  # a word the model writes in row 0
+    stop = tokenizer.convert_ids_to_tokens(stop_token)
+    width = max(map(len, prompts))
+    batch = {"prompt_input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+             "prompt_attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+             "answers": ["#### 1"] * 3}
+    evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=12, stop_strings=[stop])
+    assert not evaluator.stop_strings_by_transformers
+    generated = evaluator.generate_ids(model, batch)
+    texts = evaluator.generate(model, batch)
+    for row, reference in enumerate(references):
+        expected = reference[:reference.index(stop_token) + 1] if stop_token in reference else reference
+        assert generated[row, :len(expected)].tolist() == expected
+        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        full = tokenizer.decode(reference, skip_special_tokens=True)
+        assert texts[row] == (full[:full.index(stop)] if stop in full else full)
+    assert evaluator(model, batch)[1].item() == 3.0

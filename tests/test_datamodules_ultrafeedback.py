@@ -132,7 +132,7 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
         expected_accuracy[t] = sum(wins) / len(wins)
 
     loss = DPOLoss(CountingReference(reference), beta=0.5)
-    module = DeltaEditModule(model, None, edits, loss=loss)
+    module = DeltaEditModule(model, pretrained=None, edit=edits, loss=loss)
     assert module.evaluator == loss.evaluator  # the loss's reward accuracy, at t = 0 and t = 1, by default
     callback = RiemannCallback(num_points=2, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,

@@ -221,7 +221,7 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer,
         for batch in dm.val_dataloader():
             correct += int((model(batch["pixel_values"]).argmax(dim=-1) == batch["labels"]).sum())
             seen += batch["labels"].numel()
-    module = DeltaEditModule(model, None, edits, loss="classification")  # top-1 accuracy by default
+    module = DeltaEditModule(model, pretrained=None, edit=edits, loss="classification")  # top-1 accuracy by default
     assert module.evaluator is ClassificationLoss.evaluator
     callback = RiemannCallback(num_points=3, filename=None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,

@@ -73,7 +73,7 @@ def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: s
     from lightning_delta.attach import attach_edit
     from lightning_delta.edits import DARE
 
-    edited = attach_edit(model, pretrained, DARE(p=0.5, seed=1), E_dtype=E_dtype)
+    edited = attach_edit(model, pretrained=pretrained, edit=DARE(p=0.5, seed=1), E_dtype=E_dtype)
     held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         edited.set_t(0.4)
@@ -220,7 +220,7 @@ def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"trainer": {"devices": "auto"}}, "trainer.devices is 'auto'"),
+    ({"trainer": {"devices": "many"}}, "trainer.devices is 'many'"),
     ({"data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"}}, "BoringDataModule"),
     ({"model": {"E_dtype": "float16"}}, "E_dtype"),
 ])
@@ -288,3 +288,31 @@ def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, o
     assert "rule 'gauss': 3 forward+backward passes and 2 forwards alone" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"trapezoid=True.*rule='gauss'"):
         run(["estimate", "--config", str(path), "--riemann.rule", "gauss"])  # the config's trapezoid: true
+
+
+def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tmp_path, monkeypatch, offline, capsys):
+    """``lightning_logs/version_0/config.yaml`` of a real validate run (with ``ckpt_path``, ``verbose``,
+    ``weights_only`` and ``devices: auto``) and ``--print_config`` of it are estimates' configs too: one CPU process
+    (what ``devices: auto`` gives there), the run's batch of 2 × 64 tokens."""
+    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl
+    from tests.tiny_models import make_tiny_pair
+
+    pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    monkeypatch.chdir(tmp_path)
+    run(["validate", "--model.model", str(pair.post_dir), "--model.pretrained", str(pair.pre_dir), "--edit", "DARE",
+         "--edit.p", "0.9", "--data", "GSM8KDataModule", "--data.tokenizer", str(pair.post_dir), "--data.data",
+         str(data), "--data.batch_size", "2", "--data.max_length", "64", "--trainer.accelerator", "cpu",
+         "--riemann.num_points", "1", "--trainer.enable_progress_bar", "false"])
+    written = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
+    assert {"ckpt_path", "verbose", "weights_only"} <= set(yaml.safe_load(written.read_text()))
+    assert yaml.safe_load(written.read_text())["trainer"]["devices"] == "auto"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(written), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    expected = estimate_memory(meta_model(pair.post_dir, torch.float32), _tokens(2, 64), processes=1)
+    for path in (written, printed):
+        assert run(["estimate", "--config", str(path)]) == expected
+    assert "trainer.devices 'auto': 1 process(es) per node" in capsys.readouterr().out

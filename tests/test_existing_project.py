@@ -112,7 +112,7 @@ def test_gradient_biased_end_to_end():
         edits[name] = factor * delta - delta
     reference = brute_force(copy.deepcopy(model), edits, ClassificationLoss(), loader, num_points=3)
 
-    module = DeltaEditModule(model, pre, GradientBiased(p=p, k=k), loss="classification")
+    module = DeltaEditModule(model, pretrained=pre, edit=GradientBiased(p=p, k=k), loss="classification")
     callback = RiemannCallback(num_points=3, filename=None)
     trainer_with(callback).validate(module, loader, verbose=False)
     edited = module.edited_model()
@@ -165,7 +165,7 @@ def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
     loader = DataLoader(data, batch_size=2)
     pre = {name: p.detach() - 0.05 for name, p in model.state_dict().items()}
     point = copy.deepcopy(model)
-    module = DeltaEditModule(model, pre, GradientBiased(p=0.3, k=0.5), loss="classification")
+    module = DeltaEditModule(model, pretrained=pre, edit=GradientBiased(p=0.3, k=0.5), loss="classification")
     trainer_with(RiemannCallback(num_points=1, filename=None)).validate(module, loader, verbose=False)
 
     # independent reference: every batch's gradient from a plain copy in the model's dtype, summed in float64
@@ -209,3 +209,91 @@ def test_an_error_mid_sweep_gives_the_users_module_back():
     assert all(torch.equal(v, post[k]) for k, v in module.model.state_dict().items())
     assert all(p.requires_grad for p in module.parameters())
     assert "validation_step" not in vars(module)
+
+
+# ------------------------------------------------------------------------- a training_step that sums its batch
+class LibraryLossModule(pl.LightningModule):
+    """A user's module whose training_step returns one of the library's losses, as a batch mean (``total / count``)
+    or, the mistake, as the batch's sum (``total``)."""
+
+    def __init__(self, model, loss, reduction: str) -> None:
+        super().__init__()
+        self.model, self.loss, self.reduction = model, loss, reduction
+
+    def training_step(self, batch, batch_idx):
+        output = self.loss(self.model, self.loss.prepare(batch))
+        return output.total if self.reduction == "sum" else output.total / output.count
+
+
+def _library_loss_case(name: str, tmp_path):
+    """A tiny model, its W_pre, one of the library's losses and real batches of its data (four examples each)."""
+    from lightning_delta.datamodules import GSM8KDataModule, UltraFeedbackDataModule
+    from lightning_delta.losses import CausalLMLoss, DPOLoss
+    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl, write_ultrafeedback
+    from tests.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
+
+    if name == "classification":
+        module = UserClassifier()
+        return module.model, ClassificationLoss(), pretrained_state(module), DataLoader(image_dataset(), batch_size=4)
+    pre = make_tiny_model("llama")
+    post = make_post_trained(pre, scale=0.05)
+    pre_state = {key: value.detach().clone() for key, value in pre.state_dict().items()}
+    if name == "causal_lm":
+        data = GSM8KDataModule(make_tiny_tokenizer(), data=str(write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS)),
+                               batch_size=4)
+        return post, CausalLMLoss(), pre_state, data.val_dataloader()
+    data = UltraFeedbackDataModule(make_tiny_tokenizer(), data=str(write_ultrafeedback(tmp_path)), batch_size=4)
+    return post, DPOLoss(reference=pre), pre_state, data.val_dataloader()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", ["causal_lm", "classification", "dpo"])
+def test_a_training_step_summing_its_batch_is_warned_and_a_mean_is_not(loss_name, reduction, tmp_path, recwarn):
+    """The check runs on the first batch (its halves and the whole, no gradient): no warning for the batch mean of
+    the library's three losses (token-weighted for causal_lm), a warning for their sums."""
+    model, loss, pre, loader = _library_loss_case(loss_name, tmp_path)
+    module = LibraryLossModule(model, loss, reduction)
+    callback = RiemannCallback(num_points=1, trapezoid=False, pretrained=pre, edit=Extrapolate(-0.5),
+                               module_name="model", filename=None)
+    callback.validate(trainer_with(callback), module, loader, verbose=False)
+    warned = [str(w.message) for w in recwarn if "looks like a sum over the batch" in str(w.message)]
+    assert len(warned) == (1 if reduction == "sum" else 0), warned
+    assert callback.result is not None
+    if warned:
+        assert "training_step looks like a sum over the batch, not a batch mean" in warned[0]
+
+
+def test_the_batch_sum_check_splits_the_batch_by_examples():
+    from lightning_delta.attach import _split_batch
+
+    batch = {"ids": torch.arange(12).reshape(4, 3), "answers": ["a", "b", "c", "d"], "scale": torch.tensor(2.0),
+             "pair": (torch.zeros(4), torch.ones(4, 2))}
+    half = _split_batch(batch, 4, 2, 4)
+    assert half["ids"].tolist() == [[6, 7, 8], [9, 10, 11]] and half["answers"] == ["c", "d"]
+    assert half["scale"].item() == 2.0 and half["pair"][1].shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------------- nothing to evaluate
+@pytest.mark.parametrize("empty", ["limit_val_batches=0", "an empty DataLoader"])
+def test_a_validation_without_batches_is_an_error(empty):
+    """Lightning skips every validation hook then; the callback refuses it at teardown instead of leaving
+    ``result`` None with no word."""
+    module = UserClassifier()
+    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5),
+                               module_name="model", filename=None)
+    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0 if empty.startswith("limit") else None)
+    data = image_dataset() if empty.startswith("limit") else []
+    with pytest.raises(ValueError, match=r"RiemannCallback evaluated no validation batch.*limit_val_batches is 0"):
+        callback.validate(trainer, module, DataLoader(data, batch_size=6), verbose=False)
+    assert callback.result is None and not parametrize.is_parametrized(module.model)
+
+
+def test_a_module_name_the_module_lacks_lists_its_children():
+    module = UserClassifier()
+    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5),
+                               module_name="net", filename=None)
+    with pytest.raises(ValueError, match=r"module_name='net': UserClassifier has no submodule 'net'\. Its children "
+                                         r"are model;"):
+        callback.validate(trainer_with(callback), module, DataLoader(image_dataset(), batch_size=6), verbose=False)

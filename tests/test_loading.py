@@ -59,9 +59,9 @@ def test_a_hub_id_from_the_offline_cache(tmp_path, offline_hub):
 def test_the_callers_load_through_it(tmp_path):
     llama = make_tiny_model("llama", dtype=torch.float64)
     llama_dir = save_model(llama, tmp_path / "llama", tokenizer=False)
-    module = DeltaEditModule(str(llama_dir), llama, {}, dtype="float32")
+    module = DeltaEditModule(str(llama_dir), pretrained=llama, edit={}, dtype="float32")
     assert type(module.model) is transformers.LlamaForCausalLM and module.model.lm_head.weight.dtype == torch.float32
-    dpo = DeltaEditModule(llama, str(llama_dir), {}, loss="dpo")
+    dpo = DeltaEditModule(llama, pretrained=str(llama_dir), edit={}, loss="dpo")
     assert same_weights(dpo.loss.reference, llama) and not dpo.loss.reference.training
     assert same_weights(DPOLoss(llama_dir).reference, llama)
 

@@ -20,7 +20,7 @@ FIELDS = ("term", "trapezoid", "exact", "loss_post", "loss_edit", "inner_product
 
 
 def sweep(pair, edit, E_dtype, **callback_arguments):  # noqa: N803
-    module = DeltaEditModule(copy.deepcopy(pair.post), str(pair.pre_dir), edit, E_dtype=E_dtype)
+    module = DeltaEditModule(copy.deepcopy(pair.post), pretrained=str(pair.pre_dir), edit=edit, E_dtype=E_dtype)
     callback = RiemannCallback(filename=None, **callback_arguments)
     run_validate(module, DataLoader(token_dataset(12), batch_size=6), callback)
     return module, callback.result
@@ -75,7 +75,7 @@ class Unseeded(DeltaEdit):
 def test_on_the_fly_refuses_what_it_cannot_make_again(pairs, edit, match):
     model = copy.deepcopy(pairs["llama"].post)
     edit = random_edits(model) if edit == "mapping" else edit
-    module = DeltaEditModule(model, str(pairs["llama"].pre_dir), edit, E_dtype="on_the_fly")
+    module = DeltaEditModule(model, pretrained=str(pairs["llama"].pre_dir), edit=edit, E_dtype="on_the_fly")
     with pytest.raises(ValueError, match=match):
         run_validate(module, DataLoader(token_dataset(4), batch_size=4), RiemannCallback(num_points=1, filename=None))
     assert not any("parametrizations" in name for name, _ in model.named_parameters())
@@ -83,4 +83,4 @@ def test_on_the_fly_refuses_what_it_cannot_make_again(pairs, edit, match):
 
 def test_unknown_E_dtype_names_on_the_fly():
     with pytest.raises(ValueError, match=r"'on_the_fly' \(E not kept"):
-        DeltaEditModule(tiny_llama(), None, {}, E_dtype="lazy")
+        DeltaEditModule(tiny_llama(), pretrained=None, edit={}, E_dtype="lazy")

@@ -230,11 +230,11 @@ def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
     assert plan.chosen == min(plan.measured, key=plan.measured.get) and plan.exact == plan.measured[plan.chosen]
     if average in values:  # the uniform edit is always a measured proposal: the plan is never worse on this data
         assert plan.exact <= plan.measured["uniform"]
-        uniform = apply_edit_(copy.deepcopy(pair.post), pair.pre, spec.edit(average, plan.seed))
+        uniform = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre, edit=spec.edit(average, plan.seed))
         assert plan.measured["uniform"] == pytest.approx(
             explicit_loss(uniform, datamodule) - explicit_loss(pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
     post = copy.deepcopy(pair.post)
-    edited = apply_edit_(copy.deepcopy(pair.post), pair.pre, plan.edit())
+    edited = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre, edit=plan.edit())
     assert plan.loss_post == pytest.approx(explicit_loss(post, datamodule), rel=1e-6)
     assert plan.exact == pytest.approx(explicit_loss(edited, datamodule) - explicit_loss(post, datamodule),
                                        rel=1e-5, abs=FLOAT32_LOSS)
@@ -242,7 +242,8 @@ def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
 
 def test_plan_edit_with_its_defaults(llama_pair):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(str(llama_pair.post_dir), str(llama_pair.pre_dir), datamodule, "bitdelta", 2)
+    plan = plan_edit(str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), datamodule=datamodule,
+                     family_name="bitdelta", average=2)
     check_plan(plan, llama_pair, FAMILIES["bitdelta"].default_candidates, 2, datamodule)
     assert plan.passes["forward_backward"] == 1 + len(plan.refined) * (5 + 1)
     assert plan.refined and set(plan.refined) <= {1, 2, 3, 4}
@@ -251,7 +252,8 @@ def test_plan_edit_with_its_defaults(llama_pair):
 @pytest.mark.parametrize(("name", "values", "average"), [("dare", [0.1, 0.3, 0.5], 0.3), ("lowrank", [1, 2], 1.5)])
 def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pair, name, values, average):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, name, average, candidates=values, refine=1,
+    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name=name,
+                     average=average, candidates=values, refine=1,
                      num_points=2, seed=3)
     check_plan(plan, llama_pair, values, average, datamodule)
     assert len(plan.refined) == 1 and plan.passes["forward_backward"] == 1 + 3
@@ -260,7 +262,8 @@ def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pai
 
 def test_plan_without_refinement_uses_the_taylor_scores_only(llama_pair):
     datamodule = DigitsDataModule(limit=12, batch_size=12)
-    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, "bitdelta", 2, candidates=[1, 3], refine=0,
+    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name="bitdelta",
+                     average=2, candidates=[1, 3], refine=0,
                      measure=False)
     assert plan.refined == [] and plan.exact is None and plan.passes == {"forward_backward": 1, "forward": 0}
     assert plan.predicted == pytest.approx(plan.predicted_second)
@@ -299,7 +302,8 @@ def test_plan_command_with_its_defaults(llama_pair, tmp_path, monkeypatch):
 def test_sweep_shares_sum_to_the_trapezoid_and_the_model_comes_back(llama_pair):
     model = copy.deepcopy(llama_pair.post)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = riemann_sweep(model, llama_pair.pre, BitDelta(bits=2), DigitsDataModule(limit=12, batch_size=6),
+    result = riemann_sweep(model, pretrained=llama_pair.pre, edit=BitDelta(bits=2),
+                           datamodule=DigitsDataModule(limit=12, batch_size=6),
                            include=["q_proj", "up_proj"], num_points=2)
     shares = trapezoid_per_tensor(result)
     assert set(shares) == {name for name in before if "q_proj" in name or "up_proj" in name}
@@ -316,13 +320,14 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
     datamodule.setup("validate")
     names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]
     edits = [BitDelta(bits=1), DARE(p=0.5, seed=2)]
-    target = DeltaEditModule(post, pre, edits[0])
-    changes, passes = exact_candidate_changes(target, post, pre, names, edits, [datamodule.val_dataloader()])
+    target = DeltaEditModule(post, pretrained=pre, edit=edits[0])
+    changes, passes = exact_candidate_changes(target, post, pretrained=pre, names=names, edits=edits,
+                                              loaders=[datamodule.val_dataloader()])
     assert passes == 2 * 2 + 1
     base = explicit_loss(post, datamodule)
     for k, name in enumerate(names):
         for j, edit in enumerate(edits):
-            edited = apply_edit_(copy.deepcopy(post), pre, edit, include=[f"^{name}$"])
+            edited = apply_edit_(copy.deepcopy(post), pretrained=pre, edit=edit, include=[f"^{name}$"])
             assert float(changes[k, j]) == pytest.approx(explicit_loss(edited, datamodule) - base, rel=1e-5,
                                                          abs=FLOAT32_LOSS)
 
@@ -387,7 +392,8 @@ def test_plan_under_a_byte_budget_stores_no_more_than_it(llama_pair, name):
     uniform_2 = sum(spec.stored_bytes(2, weights[n].shape, 4) for n in planned)
     budget = float(uniform_2 + 100)  # the uniform edit at 2 fits, at 4 does not
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, name, candidates=values, refine=1, num_points=2,
+    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name=name,
+                     candidates=values, refine=1, num_points=2,
                      budget_bytes=budget)
     assert set(plan.settings) == set(planned) and plan.average is None and plan.budget_bytes == budget
     stored = sum(compact_bytes(name, plan.settings[n], weights[n] - llama_pair.pre.state_dict()[n],
@@ -397,7 +403,8 @@ def test_plan_under_a_byte_budget_stores_no_more_than_it(llama_pair, name):
     assert plan.chosen == min(plan.measured, key=plan.measured.get)
     if 2 in plan.refined:  # the uniform edit compared with is the largest setting that fits: 2
         assert plan.measured["uniform"] == pytest.approx(
-            explicit_loss(apply_edit_(copy.deepcopy(llama_pair.post), llama_pair.pre, spec.edit(2)), datamodule)
+            explicit_loss(apply_edit_(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=spec.edit(2)),
+                          datamodule)
             - explicit_loss(llama_pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
 
 
@@ -458,13 +465,14 @@ def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypat
 def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, match):
     arguments = {"family_name": "bitdelta", "average": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
-        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), **arguments)
+        plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=4), **arguments)
 
 
 def plan_in_a_process_group(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        plan_edit(nn.Linear(2, 2), nn.Linear(2, 2), DigitsDataModule(limit=4), "bitdelta", 2)
+        plan_edit(nn.Linear(2, 2), pretrained=nn.Linear(2, 2), datamodule=DigitsDataModule(limit=4),
+                  family_name="bitdelta", average=2)
     except ValueError as error:
         (Path(out_dir) / f"{rank}.txt").write_text(str(error))
     finally:
@@ -480,7 +488,8 @@ def test_a_process_of_a_distributed_job_is_refused(tmp_path):
 
 def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
     with pytest.raises(ValueError, match=r"dare candidates \(kept density\) must be in \(0, 1\], got 1.5"):
-        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=4), "dare", 0.5, candidates=[0.5, 1.5])
+        plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=4), family_name="dare",
+                  average=0.5, candidates=[0.5, 1.5])
 
 
 def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
@@ -488,15 +497,15 @@ def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
     refined scores are the sweep's Gauss per-tensor terms, which equal a RiemannCallback run of the same rule."""
     datamodule = DigitsDataModule(limit=24, batch_size=12)
     out: dict = {}
-    plan = plan_edit(llama_pair.post, llama_pair.pre, datamodule, "bitdelta", 2, candidates=[1, 3], refine=1,
-                     num_points=2, rule="gauss", scores_out=out)
+    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name="bitdelta",
+                     average=2, candidates=[1, 3], refine=1, num_points=2, rule="gauss", scores_out=out)
     (value, sweep), = out["sweeps"].items()
     assert sweep.rule == "gauss" and sweep.passes == 2 and plan.refined == [value]
     column = out["used"][:, [1, 3].index(value)].tolist()
     assert column == [sweep.term_per_tensor[name] for name in out["scores"].names]
     assert plan.passes["forward_backward"] == 1 + 2 and plan.passes["forward"] % 2 == 0 and plan.passes["forward"] >= 2
-    direct = riemann_sweep(copy.deepcopy(llama_pair.post), llama_pair.pre, BitDelta(bits=value), datamodule,
-                           include=list(out["scores"].names), num_points=2, rule="gauss")
+    direct = riemann_sweep(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=BitDelta(bits=value),
+                           datamodule=datamodule, include=list(out["scores"].names), num_points=2, rule="gauss")
     assert direct.term_per_tensor == pytest.approx(sweep.term_per_tensor, rel=1e-6, abs=1e-9)
 
 
@@ -512,4 +521,24 @@ def test_plan_command_takes_a_rule(llama_pair, tmp_path):
     plan = run(["plan", "--config", str(tmp_path / "plan.yaml"), "--rule", "gauss"])
     assert plan.passes["forward_backward"] == 1 + 3  # gauss's own 3 nodes for the one refined setting
     with pytest.raises(ValueError, match="rule.*'trapezoid', 'gauss' or 'adaptive'.*'left'"):
-        plan_edit(llama_pair.post, llama_pair.pre, DigitsDataModule(limit=12), "bitdelta", 2, rule="left")
+        plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=12),
+                  family_name="bitdelta", average=2, rule="left")
+
+
+def test_a_second_plan_into_the_same_output_is_refused_without_overwrite(llama_pair, tmp_path, monkeypatch):
+    """``plan.json`` is not written over silently (as ``edit`` refuses a non-empty directory): refused before any
+    pass over the data, the old file left as it was; ``--overwrite true`` replaces it."""
+    config = {
+        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+        "family": "bitdelta", "average": 2, "refine": 0,
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "plan.json").write_text('{"an": "earlier plan"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"output plan\.json exists; refusing to write a plan over it\. Pass "
+                                         r"--overwrite true"):
+        run(["plan", "--config", "plan.yaml"])
+    assert (tmp_path / "plan.json").read_text() == '{"an": "earlier plan"}\n'
+    plan = run(["plan", "--config", "plan.yaml", "--overwrite", "true"])
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"] == plan.settings

@@ -62,7 +62,7 @@ def test_each_rule_equals_an_explicit_float64_quadrature(rule, num_points):
     exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
 
     callback = RiemannCallback(rule=rule, num_points=num_points, filename=None)
-    run_validate(DeltaEditModule(model, None, edits), loader, callback)
+    run_validate(DeltaEditModule(model, pretrained=None, edit=edits), loader, callback)
     result = callback.result
     names = sorted(edits)
     ours = torch.tensor([result.term_per_tensor[name] for name in names], dtype=torch.float64)
@@ -94,7 +94,7 @@ def test_gauss_converges_to_the_exact_loss_change_and_beats_the_left_rule():
     errors = {}
     for rule, num_points in (("left", 5), ("gauss", 3)):
         callback = RiemannCallback(rule=rule, num_points=num_points, filename=None)
-        run_validate(DeltaEditModule(tiny_llama(), None, edits), loader, callback)
+        run_validate(DeltaEditModule(tiny_llama(), pretrained=None, edit=edits), loader, callback)
         ours = torch.tensor([callback.result.term_per_tensor[name] for name in sorted(edits)], dtype=torch.float64)
         errors[rule] = float((ours - reference).abs().max() / reference.abs().max())
     assert errors["gauss"] < errors["left"] / 100
@@ -133,14 +133,14 @@ def test_two_gauss_nodes_integrate_a_cubic_integrand_exactly_in_two_passes():
     w, E, u, points, exact = _quartic_case()
     calls: list[bool] = []
     callback = RiemannCallback(rule="gauss", num_points=2, filename=None)
-    module = DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuarticLoss(u, calls))
+    module = DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u, calls))
     run_validate(module, DataLoader(points, batch_size=9), callback)
     assert callback.result.term == pytest.approx(exact, rel=1e-12)
     assert callback.result.exact == pytest.approx(exact, rel=1e-12)
     assert callback.result.completeness_gap < 1e-12 * abs(exact)
     assert calls == [False, True, True, False]  # t = 0 forward, two nodes with backward, t = 1 forward only
     left = RiemannCallback(num_points=5, filename=None)
-    run_validate(DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuarticLoss(u)), DataLoader(points), left)
+    run_validate(DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u)), DataLoader(points), left)
     assert abs(left.result.term - exact) > 1e-3 * abs(exact)  # the left rule is not exact here
 
 
@@ -154,7 +154,7 @@ def test_left_rule_is_the_default_and_bit_identical_to_the_paper_formula():
     for label, options in (("default", {}), ("left", {"rule": "left"}), ("explicit", {"rule": "left", "trapezoid": True}),
                            ("no_trapezoid", {"trapezoid": False})):
         callback = RiemannCallback(num_points=5, filename=None, **options)
-        run_validate(DeltaEditModule(tiny_llama(), None, edits), loader, callback)
+        run_validate(DeltaEditModule(tiny_llama(), pretrained=None, edit=edits), loader, callback)
         results[label] = callback.result
     assert results["default"].to_dict() == results["left"].to_dict() == results["explicit"].to_dict()
     result, names = results["default"], list(results["default"].term_per_tensor)
@@ -206,7 +206,7 @@ def digits_pair():
 
 
 def _run_rule(pair, edit, **options) -> tuple[RiemannResult, dict[str, torch.Tensor]]:
-    module = DeltaEditModule(copy.deepcopy(pair.post), pair.pre, edit, loss="classification")
+    module = DeltaEditModule(copy.deepcopy(pair.post), pretrained=pair.pre, edit=edit, loss="classification")
     callback = RiemannCallback(filename=None, **options)
     run_validate(module, pair.loader, callback)
     edited = module.edited_model()
@@ -244,7 +244,7 @@ def test_adaptive_reads_the_data_again_for_the_nodes_it_adds_and_reuses_the_othe
     w, E, u, points, exact = _quartic_case()
     calls: list[bool] = []
     callback = RiemannCallback(rule="adaptive", tolerance=1e-6, filename=None)
-    module = DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuarticLoss(u, calls))
+    module = DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u, calls))
     run_validate(module, DataLoader(points, batch_size=5), callback)  # two batches
     first = [False, True, True, True, False]
     assert calls == first + first + [True] * 4 + [True] * 4
@@ -261,7 +261,7 @@ def plain_quartic(w, u, points) -> float:
 
 def test_adaptive_refuses_a_shuffling_loader():
     w, E, u, points, _ = _quartic_case()
-    module = DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuarticLoss(u))
+    module = DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u))
     with pytest.raises(RuntimeError, match="rule='adaptive' reads the validation data again.*shuffle=False"):
         run_validate(module, DataLoader(points, batch_size=5, shuffle=True),
                      RiemannCallback(rule="adaptive", filename=None))

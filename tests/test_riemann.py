@@ -95,7 +95,8 @@ def test_loss_is_the_same_for_any_batch_size():
     results = []
     for batch_size in (1, 6, 37):
         callback = RiemannCallback(num_points=3, filename=None)
-        run_validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(), batch_size=batch_size), callback)
+        run_validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(),
+                                                                                     batch_size=batch_size), callback)
         results.append(callback.result)
         DeltaEditModule  # the module keeps its parametrization; each run gets a fresh one below
         model = tiny_llama()
@@ -140,7 +141,7 @@ def test_quadratic_left_and_trapezoid_equal_closed_forms(num_points):
     exact = b + q / 2  # also the trapezoid value, exact for a linear integrand
 
     callback = RiemannCallback(num_points=num_points, filename=None)
-    module = DeltaEditModule(Vector(w.clone()), None, {"w": E}, loss=QuadraticLoss(A))
+    module = DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuadraticLoss(A))
     run_validate(module, DataLoader(points, batch_size=4), callback)
     assert callback.result.term == pytest.approx(left, rel=1e-12)
     assert callback.result.trapezoid == pytest.approx(exact, rel=1e-12)
@@ -154,7 +155,7 @@ def test_large_num_points_converges_to_exact():
     errors = {}
     for num_points in (2, 64):
         callback = RiemannCallback(num_points=num_points, filename=None)
-        run_validate(DeltaEditModule(tiny_vit(), None, edits, loss="classification"), loader, callback)
+        run_validate(DeltaEditModule(tiny_vit(), pretrained=None, edit=edits, loss="classification"), loader, callback)
         errors[num_points] = (abs(callback.result.term - callback.result.exact),
                               abs(callback.result.trapezoid - callback.result.exact))
     # left rule error is O(1/C), trapezoid O(1/C²)
@@ -171,7 +172,8 @@ def test_results_are_logged_and_written(tmp_path):
         accelerator="cpu", inference_mode=False, callbacks=[callback], logger=CSVLogger(tmp_path),
         enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(9), batch_size=4), verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4),
+                     verbose=False)
     written = json.loads((tmp_path / "lightning_logs" / "version_0" / "riemann.json").read_text())
     assert written["term"] == pytest.approx(callback.result.term, rel=1e-12)
     assert set(written["term_per_tensor"]) == set(edits)
@@ -189,7 +191,8 @@ def test_runs_without_a_logger_never_overwrite_each_others_results(tmp_path):
     results = []
     for scale in (0.01, 0.02, 0.03):
         callback = RiemannCallback(num_points=1)
-        run_validate(DeltaEditModule(model, None, random_edits(model, "mlp", scale=scale)), loader, callback,
+        run_validate(DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp", scale=scale)), loader,
+                     callback,
                      default_root_dir=tmp_path)
         results.append(callback.result)
     names = ["riemann.json", "riemann-v1.json", "riemann-v2.json"]
@@ -205,7 +208,8 @@ def test_progress_bar_shows_the_running_figures(capsys):
     callback = RiemannCallback(num_points=2, filename=None)
     trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
                          enable_model_summary=False)
-    trainer.validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(9), batch_size=4), verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4),
+                     verbose=False)
     shown = trainer.progress_bar_metrics
     # after the last batch the running figures are the final ones (one process), in float32
     assert shown["riemann/running_term"] == pytest.approx(callback.result.term, rel=1e-6)
@@ -218,7 +222,7 @@ def test_without_trapezoid_skips_the_backward_at_one():
     edits = random_edits(model, "proj")
     loader = DataLoader(token_dataset(9), batch_size=9)
     callback = RiemannCallback(num_points=3, trapezoid=False, filename=None)
-    run_validate(DeltaEditModule(model, None, edits), loader, callback)
+    run_validate(DeltaEditModule(model, pretrained=None, edit=edits), loader, callback)
     assert callback.result.trapezoid is None
     assert math.isnan(callback.result.inner_products[-1])
     reference = brute_force(tiny_llama(), edits, CausalLMLoss(), loader, num_points=3)
@@ -230,7 +234,8 @@ def test_inference_mode_is_refused_with_a_clear_error():
     trainer = pl.Trainer(accelerator="cpu", callbacks=[RiemannCallback(filename=None)], logger=False,
                          enable_progress_bar=False)
     with pytest.raises(RuntimeError, match="inference_mode=False"):
-        trainer.validate(DeltaEditModule(model, None, random_edits(model, "mlp")), DataLoader(token_dataset(4)))
+        trainer.validate(DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp")),
+                         DataLoader(token_dataset(4)))
 
 
 @pytest.mark.parametrize("num_points", [0, -1, 2.5, True])
@@ -266,7 +271,7 @@ def test_bf16_against_float32(capsys):
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny_llama(dtype=dtype)
         callback = RiemannCallback(num_points=5, filename=None)
-        module = DeltaEditModule(model, None, edits)
+        module = DeltaEditModule(model, pretrained=None, edit=edits)
         run_validate(module, loader, callback)
         assert all(p.E.dtype == torch.float32 for p in module.edited_model().parametrizations.values())
         results[dtype] = callback.result
@@ -312,7 +317,7 @@ def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_module():
 
     model = tiny_llama(tie=True)
     post = {name: value.clone() for name, value in model.state_dict().items()}
-    module = DeltaEditModule(model, _untied_copy_of(model), DARE(p=0.5, seed=0))
+    module = DeltaEditModule(model, pretrained=_untied_copy_of(model), edit=DARE(p=0.5, seed=0))
     callback = RiemannCallback(num_points=2, filename=None)
     with pytest.raises(ValueError, match=r"lm_head\.weight and model\.embed_tokens\.weight are one tied tensor.*without "
                                          r"'lm_head\.weight'"):
@@ -337,7 +342,7 @@ def test_tied_tensor_mapping_naming_both_is_refused():
     edits = {"lm_head.weight": torch.ones(64, 32, dtype=torch.float64),
              "model.embed_tokens.weight": torch.ones(64, 32, dtype=torch.float64)}
     with pytest.raises(ValueError, match="one tied tensor"):
-        run_validate(DeltaEditModule(model, None, edits), DataLoader(token_dataset(8), batch_size=4),
+        run_validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(8), batch_size=4),
                      RiemannCallback(num_points=2, filename=None))
     assert not any(nn.utils.parametrize.is_parametrized(module) for module in model.modules())
 
@@ -354,7 +359,7 @@ def test_tied_tensor_with_one_pretrained_name_equals_brute_force():
     reference = brute_force(model, edits, CausalLMLoss(), loader, num_points=3)
 
     del pre["lm_head.weight"]
-    module = DeltaEditModule(model, pre, Extrapolate(alpha=0.5))
+    module = DeltaEditModule(model, pretrained=pre, edit=Extrapolate(alpha=0.5))
     callback = RiemannCallback(num_points=3, filename=None)
     run_validate(module, loader, callback)
     assert_matches_reference(callback.result, reference)
@@ -364,12 +369,12 @@ def test_tied_tensor_with_one_pretrained_name_equals_brute_force():
 @pytest.mark.parametrize("edit", ["dare", "not_an_edit", 0.9, None])
 def test_edit_that_is_not_an_operation_names_the_operations(edit):
     with pytest.raises(ValueError, match=r"edit must be an editing operation.*DARE \('dare'\)"):
-        DeltaEditModule(tiny_llama(), {}, edit)
+        DeltaEditModule(tiny_llama(), pretrained={}, edit=edit)
 
 
 def test_edit_given_by_name_says_how_to_build_it():
     with pytest.raises(ValueError, match=r"lightning_delta\.edits\.build\('dare', \.\.\.\)"):
-        DeltaEditModule(tiny_llama(), {}, "dare")
+        DeltaEditModule(tiny_llama(), pretrained={}, edit="dare")
 
 
 @pytest.mark.parametrize("batch_kind", ["tuple", "tensor"])
@@ -377,7 +382,7 @@ def test_batches_that_are_not_mappings_get_a_clear_error(batch_kind):
     rows = token_dataset(4)
     data = [(row["input_ids"], row["labels"]) for row in rows] if batch_kind == "tuple" else [row["input_ids"]
                                                                                              for row in rows]
-    module = DeltaEditModule(tiny_llama(), None, random_edits(tiny_llama()))
+    module = DeltaEditModule(tiny_llama(), pretrained=None, edit=random_edits(tiny_llama()))
     with pytest.raises(ValueError, match=r"CausalLMLoss reads each batch as a mapping.*got a (list|Tensor)"):
         run_validate(module, DataLoader(data, batch_size=2), RiemannCallback(num_points=1, filename=None))
 
@@ -388,7 +393,7 @@ def test_classification_batches_may_be_pairs():
     loader = DataLoader(image_dataset(), batch_size=6)  # (image, label) pairs
     exact = plain_loss(model, edits, ClassificationLoss(), loader, 1.0) - plain_loss(model, edits, ClassificationLoss(),
                                                                                      loader, 0.0)
-    module = DeltaEditModule(model, None, edits, loss="classification")
+    module = DeltaEditModule(model, pretrained=None, edit=edits, loss="classification")
     callback = RiemannCallback(num_points=1, filename=None)
     run_validate(module, loader, callback)
     assert callback.result.exact == pytest.approx(exact, rel=1e-10)
@@ -404,7 +409,7 @@ def test_E_in_the_models_dtype_equals_E_rounded_to_it_beforehand():
     results = {}
     for label, E, E_dtype in (("model", edits, "model"), ("rounded", rounded, "float32")):
         callback = RiemannCallback(num_points=2, filename=None)
-        run_validate(DeltaEditModule(copy.deepcopy(model), None, E, E_dtype=E_dtype), loader, callback)
+        run_validate(DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=E, E_dtype=E_dtype), loader, callback)
         results[label] = callback.result
     for key in ("term", "exact", "loss_post", "loss_edit"):
         assert getattr(results["model"], key) == pytest.approx(getattr(results["rounded"], key), rel=1e-5), key
@@ -413,10 +418,10 @@ def test_E_in_the_models_dtype_equals_E_rounded_to_it_beforehand():
 def test_E_dtype_model_keeps_E_in_bf16():
     model = tiny_llama(dtype=torch.bfloat16)
     edits = random_edits(model)
-    module = DeltaEditModule(model, None, edits, E_dtype="model")
+    module = DeltaEditModule(model, pretrained=None, edit=edits, E_dtype="model")
     run_validate(module, DataLoader(token_dataset(4), batch_size=4), RiemannCallback(num_points=1, filename=None))
     assert {p.E.dtype for p in module.edited_model().parametrizations.values()} == {torch.bfloat16}
-    default = DeltaEditModule(tiny_llama(dtype=torch.bfloat16), None, edits)
+    default = DeltaEditModule(tiny_llama(dtype=torch.bfloat16), pretrained=None, edit=edits)
     run_validate(default, DataLoader(token_dataset(4), batch_size=4), RiemannCallback(num_points=1, filename=None))
     assert {p.E.dtype for p in default.edited_model().parametrizations.values()} == {torch.float32}
 
@@ -447,7 +452,7 @@ def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes
     callback = RiemannCallback(num_points=3, filename=None, **options)
     trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback, Decision()],
                          logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(DeltaEditModule(model, None, edits), loader, verbose=False)
+    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), loader, verbose=False)
     assert set(decided) == {recomputes}
     assert_matches_reference(callback.result, reference)
 

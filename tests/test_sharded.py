@@ -123,7 +123,7 @@ def apply_edit_sharded(rank: int, init_file: str, pre_path: str, out: str) -> No
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        apply_edit_(model, pre_path, DARE(p=0.5, seed=3))
+        apply_edit_(model, pretrained=pre_path, edit=DARE(p=0.5, seed=3))
         weights = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(weights, out)
@@ -142,7 +142,7 @@ def test_apply_edit_on_a_sharded_model_writes_each_process_rows_as_one_process_d
     torch.multiprocessing.spawn(apply_edit_sharded, args=(str(tmp_path / "init"), pre_path, str(tmp_path / "w.pt")),
                                 nprocs=2)
     sharded = torch.load(tmp_path / "w.pt", weights_only=True)
-    single = dict(apply_edit_(tiny_llama(), pre_path, DARE(p=0.5, seed=3)).named_parameters())
+    single = dict(apply_edit_(tiny_llama(), pretrained=pre_path, edit=DARE(p=0.5, seed=3)).named_parameters())
     post = dict(tiny_llama().named_parameters())
     assert sharded.keys() == single.keys()
     for name, value in single.items():
@@ -163,7 +163,7 @@ def test_fsdp1_strategy_is_refused_naming_model_parallel_strategy():
 
     trainer = SimpleNamespace(strategy=FSDPStrategy())
     model = tiny_llama()
-    module = DeltaEditModule(model, {}, {})
+    module = DeltaEditModule(model, pretrained={}, edit={})
     module._trainer = trainer
     match = r"not FSDPStrategy .* strategy=ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\)"
     with pytest.raises(ValueError, match=match):

@@ -458,16 +458,16 @@ def test_dropping_the_edit_gives_back_w_post_as_loaded_for_the_next_edit(tmp_pat
     fresh load of W_post, without parametrizations or gradients, and a module with another edit on that model builds
     the E of a fresh one."""
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
-    first = DeltaEditModule(str(pair.post_dir), str(pair.pre_dir), DARE(p=0.5, seed=1))
+    first = DeltaEditModule(str(pair.post_dir), pretrained=str(pair.pre_dir), edit=DARE(p=0.5, seed=1))
     first.edited_model().set_t(1.0)
     first.drop_edit()
-    loaded = DeltaEditModule(str(pair.post_dir), str(pair.pre_dir), DARE(p=0.9, seed=2))
+    loaded = DeltaEditModule(str(pair.post_dir), pretrained=str(pair.pre_dir), edit=DARE(p=0.9, seed=2))
     state, fresh = first.model.state_dict(), loaded.model.state_dict()
     assert state.keys() == fresh.keys()
     assert all(torch.equal(state[name], fresh[name]) for name in fresh)
     assert not any(parametrize.is_parametrized(module) for module in first.model.modules())
     assert [p.requires_grad for p in first.model.parameters()] == [p.requires_grad for p in loaded.model.parameters()]
-    second = DeltaEditModule(first.model, str(pair.pre_dir), DARE(p=0.9, seed=2))
+    second = DeltaEditModule(first.model, pretrained=str(pair.pre_dir), edit=DARE(p=0.9, seed=2))
     reused, new = second.edited_model(), loaded.edited_model()
     assert reused.names == new.names and reused.names
     assert all(torch.equal(reused.E(name), new.E(name)) for name in new.names)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from typing_extensions import override
 
-from lightning_delta.attach import EditTarget, ModuleTarget
+from lightning_delta.attach import EditTarget, ModuleTarget, edited_submodule
 from lightning_delta.callbacks.quadrature import Schedule, adaptive_levels, check_rule, patterson_chain, schedule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
@@ -92,7 +92,7 @@ class RiemannCallback(Callback):
     Example::
 
         trainer = Trainer(inference_mode=False, callbacks=[RiemannCallback(num_points=5)])
-        trainer.validate(DeltaEditModule(post, pre, DARE(p=0.9)), datamodule=dm)
+        trainer.validate(DeltaEditModule(post, pretrained=pre, edit=DARE(p=0.9)), datamodule=dm)
         trainer.callback_metrics["riemann/term"]
 
         RiemannCallback(rule="gauss", num_points=3)  # 3 backward passes, per-tensor terms to about 1e-3
@@ -139,6 +139,7 @@ class RiemannCallback(Callback):
         self._target: EditTarget | None = None
         self._edited: EditedModel | ShardedEditedModel | None = None
         self._sums: RiemannSums | None = None
+        self._evaluated = True  # set False in setup and True once validation starts
 
     # ----------------------------------------------------------------------------------------------- checks
     @override
@@ -153,6 +154,20 @@ class RiemannCallback(Callback):
         if self.edit is None and not isinstance(pl_module, EditTarget):
             raise ValueError(
                 f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
+            )
+        if self.edit is not None:
+            edited_submodule(pl_module, self.module_name)  # a module_name it does not have is named now
+        self._evaluated = False
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Refuse a validation that evaluated no batch (an empty DataLoader, ``limit_val_batches=0``): Lightning
+        then skips every validation hook, and there would be no result at all."""
+        if stage == "validate" and not self._evaluated:
+            raise ValueError(
+                "RiemannCallback evaluated no validation batch, so there is no term, trapezoid or ΔL: the validation "
+                "DataLoader is empty, or the Trainer's limit_val_batches is 0. Give validation data with at least "
+                "one batch (and limit_val_batches > 0)."
             )
 
     @staticmethod
@@ -228,6 +243,7 @@ class RiemannCallback(Callback):
     # ------------------------------------------------------------------------------------------ the sweep
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._evaluated = True
         self.check_no_repeated_samples(trainer)
         self._target = self.target(pl_module)
         if sharded_parameters(pl_module):
@@ -279,8 +295,8 @@ class RiemannCallback(Callback):
         a :class:`~lightning_delta.attach.ModuleTarget` around it."""
         if self.edit is None:
             return pl_module
-        return ModuleTarget(pl_module, self.pretrained, self.edit, self.module_name, self.include, self.exclude,
-                            self.loss_fn, self.E_dtype)
+        return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
+                            include=self.include, exclude=self.exclude, loss_fn=self.loss_fn, E_dtype=self.E_dtype)
 
     @override
     def on_validation_batch_end(
@@ -409,6 +425,7 @@ class RiemannCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._evaluated = True  # the exception is the error to report, not an empty validation
         self._release()  # an error or an interrupt mid-sweep still gives a user's module back as it was
 
     def _release(self) -> None:

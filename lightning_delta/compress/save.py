@@ -158,7 +158,7 @@ def _left_out(pre: Any, post: Any, selected: set[str]) -> list[tuple[str, Tensor
     """``(name, W_post)`` of every floating-point tensor the edit leaves out that differs between the models (the
     edited model keeps ``W_post`` there), read one pair at a time."""
     try:
-        matches = match_tensors(pre, post)
+        matches = match_tensors(pre=pre, post=post)
     except ValueError as error:
         raise ValueError(
             "save_compressed stores each tensor left out of the edit (include= / exclude=) that differs between the "
@@ -176,6 +176,7 @@ def _left_out(pre: Any, post: Any, selected: set[str]) -> list[tuple[str, Tensor
 
 def save_compressed(
     post: nn.Module | str | os.PathLike,
+    *,
     pretrained: Weights,
     edit_or_plan: Any,
     output_dir: str | os.PathLike,
@@ -194,8 +195,8 @@ def save_compressed(
     tensor, exactly :meth:`~lightning_delta.planning.family.Family.stored_bytes` of its ``F(ΔW)``; the header
     records it. Every stored tensor is decoded before it is written and must give ``F(ΔW)`` back exactly; the
     low-rank factors do where their product is formed as the edit formed it (on CPU, one thread, the same build of
-    torch), and a tensor that does not is stored dense, with a warning. Written into a hidden sibling directory that is renamed to ``output_dir`` once complete, as
-    :func:`~lightning_delta.export.save_edited` does: a crash leaves no half-written ``output_dir``.
+    torch), and a tensor that does not is stored dense, with a warning. Written into a hidden sibling directory that
+    is renamed to ``output_dir`` once complete, as :func:`~lightning_delta.export.save_edited` does: a crash leaves no half-written ``output_dir``.
 
     Args:
         post: W_post: a model, a directory, a safetensors file or a hub id.
@@ -233,9 +234,9 @@ def save_compressed(
         writer = _ShardWriter(staging, max_shard_bytes)
         records: dict[str, dict[str, Any]] = {}
         low_rank: dict[str, tuple[Tensor, Tensor]] = {}
-        with open_pair(pretrained, post) as (pre_source, post_source):
-            for item in iter_edited(post_source, pre_source, recording if recording is not None else edit,
-                                    include, exclude):
+        with open_pair(pre=pretrained, post=post) as (pre_source, post_source):
+            for item in iter_edited(post_source, pre=pre_source, edit=recording if recording is not None else edit,
+                                    include=include, exclude=exclude):
                 used = recording.used if recording is not None else None
                 factors = recording.factors if recording is not None else None
                 record, parts = _encode(item.name, item.edited, _form_of(used, item.edited.numel()), factors, used)

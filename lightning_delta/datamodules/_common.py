@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,29 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# The files a tokenizer is read from: a fast tokenizer's, its config, or a slow tokenizer's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object as is, or ``AutoTokenizer.from_pretrained`` of a path or hub id; a pad token is ensured."""
+    """A tokenizer object as is, or ``AutoTokenizer.from_pretrained`` of a path or hub id; a pad token is ensured.
+
+    Raises:
+        ValueError: a local directory without tokenizer files (:data:`TOKENIZER_FILES`), or an object that is no
+            tokenizer.
+    """
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
+
+        directory = Path(tokenizer).expanduser()
+        if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+            present = sorted(entry.name for entry in directory.iterdir())
+            raise ValueError(
+                f"The tokenizer directory {directory} has no tokenizer: none of {', '.join(TOKENIZER_FILES)}. It "
+                f"holds: {', '.join(present[:10]) or 'nothing'}{' …' if len(present) > 10 else ''}. Give the "
+                "directory of the post-trained model with its tokenizer files (e.g. --data.tokenizer post/)."
+            )
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
@@ -261,7 +279,10 @@ def load_rows(data: str, split: str, config: str | None, limit: int | None, what
                 break
             if _is_empty(file):
                 continue
-            dataset = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+            try:
+                dataset = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+            except datasets.exceptions.DatasetGenerationError as error:
+                raise ValueError(_unreadable(file, error)) from error
             if limit is not None:
                 dataset = dataset.select(range(min(limit - len(rows), len(dataset))))
             rows += list(dataset)
@@ -271,6 +292,28 @@ def load_rows(data: str, split: str, config: str | None, limit: int | None, what
     for row, origin in zip(rows, origins):
         check_fields(row, origin, fields or {}, what)
     return rows, origins
+
+
+def _unreadable(file: Path, error: Exception) -> str:
+    """Why ``datasets`` could not read a local file: for JSON, the first line that is not a JSON value."""
+    if file.suffix in (".json", ".jsonl"):
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+        try:
+            json.loads("\n".join(lines))
+            return f"Cannot read {file} ({error.__cause__ or error})."  # one JSON document, read by datasets' rules
+        except json.JSONDecodeError:
+            pass
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                shown = line if len(line) <= 80 else line[:77] + "..."
+                return (f"Line {number} of {file} is not valid JSON ({bad.msg} at column {bad.colno}): {shown!r}. "
+                        "Each line of a JSON Lines file must be one complete JSON object; fix or remove that line.")
+    return f"Cannot read {file} ({error.__cause__ or error})."
 
 
 def check_fields(row: Any, origin: str, fields: dict[str, type], what: str) -> None:

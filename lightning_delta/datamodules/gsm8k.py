@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from lightning_delta.datamodules._common import (
     LazyTokenizer,
@@ -341,7 +341,9 @@ class GSM8KEvaluator(LazyTokenizer):
         tokenizer: the tokenizer that decodes the generated answers (and gives the pad id): the post-trained model's
             directory or hub id, or a tokenizer object.
         max_new_tokens: generation budget per answer (256 is lm-eval's too).
-        stop_strings: texts that end an answer where they begin (transformers' ``stop_strings``); default: the
+        stop_strings: texts that end an answer where they begin (transformers' ``stop_strings``; for a tokenizer whose
+            vocabulary transformers' stop-string search cannot read, such as a WordLevel one, they are searched in
+            the generated tokens' texts instead, as :class:`AnswerLineEnded` searches its pattern); default: the
             protocol's (:data:`STOP_STRINGS` for ``"chat"``, the task's ``until`` for the lm-eval protocols).
         protocol: ``"chat"`` (default), ``"lm-eval"`` or ``"lm-eval-cot-llama"``: the one the DataModule uses.
     """
@@ -360,11 +362,24 @@ class GSM8KEvaluator(LazyTokenizer):
         self.max_new_tokens = max_new_tokens
         self.stop_strings = tuple(stop_strings)
         self.accuracy_names = tuple(protocols.FILTERS.get(protocol, ()))  # several readings of each answer
+        self._stop_strings_by_transformers: bool | None = None
 
     @property
     def reads_answer_line(self) -> bool:
         """Whether a row stops after its first ``#### <number>`` line (``"chat"``; lm-eval stops at its strings)."""
         return self.protocol == "chat"
+
+    @property
+    def stop_strings_by_transformers(self) -> bool:
+        """Whether transformers' ``stop_strings`` serve this tokenizer (they read its vocabulary and fail on some,
+        e.g. WordLevel tokenizers, with "substring not found"); else :class:`AnswerLineEnded` searches them."""
+        if self._stop_strings_by_transformers is None:
+            try:
+                StopStringCriteria(self.tokenizer, list(self.stop_strings))
+                self._stop_strings_by_transformers = True
+            except ValueError:
+                self._stop_strings_by_transformers = False
+        return self._stop_strings_by_transformers
 
     @property
     def token_texts(self) -> list[str]:
@@ -384,6 +399,8 @@ class GSM8KEvaluator(LazyTokenizer):
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
+        by_transformers = bool(self.stop_strings) and self.stop_strings_by_transformers
+        searched = () if by_transformers else self.stop_strings
         output = model.generate(
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],
@@ -392,10 +409,11 @@ class GSM8KEvaluator(LazyTokenizer):
             use_cache=True,
             eos_token_id=eos or None,
             pad_token_id=tokenizer.pad_token_id,
-            stop_strings=list(self.stop_strings) or None,
+            stop_strings=list(self.stop_strings) if by_transformers else None,
             tokenizer=tokenizer,
             stopping_criteria=StoppingCriteriaList(
-                [AnswerLineEnded(self.token_texts, prompt.shape[1])] if self.reads_answer_line else []),
+                [AnswerLineEnded(self.token_texts, prompt.shape[1], searched, answer_line=self.reads_answer_line)]
+                if self.reads_answer_line or searched else []),
             # a model sharded by FSDP2 gathers its weights on all processes at every step: all must step together
             synced_gpus=True if any(isinstance(p, DTensor) for p in model.parameters()) else None,
         )
@@ -456,7 +474,8 @@ class GSM8KEvaluator(LazyTokenizer):
 
 
 class AnswerLineEnded(StoppingCriteria):
-    """Stops a row at the line break that ends its first ``#### <number>`` line (:data:`ANSWER_LINE`).
+    """Stops a row at the line break that ends its first ``#### <number>`` line (:data:`ANSWER_LINE`), or at one of
+    ``stop_strings``.
 
     transformers' stop strings match fixed texts; this one is "a line break after ``####`` and a number". Each call
     reads only the tokens generated since the last one and adds their texts (``token_texts``, every token decoded
@@ -467,10 +486,15 @@ class AnswerLineEnded(StoppingCriteria):
     Args:
         token_texts: the text of every token id (:attr:`GSM8KEvaluator.token_texts`).
         prompt_length: the (padded) prompt length: the generated tokens start there.
+        stop_strings: texts that also end a row (default none: transformers' ``stop_strings`` search them where they
+            can read the tokenizer).
+        answer_line: stop at the first answer line (the chat protocol); False: at ``stop_strings`` alone.
     """
 
-    def __init__(self, token_texts: Sequence[str], prompt_length: int) -> None:
+    def __init__(self, token_texts: Sequence[str], prompt_length: int, stop_strings: Sequence[str] = (),
+                 answer_line: bool = True) -> None:
         self.token_texts, self.prompt_length = token_texts, prompt_length
+        self.stop_strings, self.answer_line = tuple(stop_strings), answer_line
         self.texts: list[str] = []
         self.read = 0  # generated tokens already read
 
@@ -482,5 +506,6 @@ class AnswerLineEnded(StoppingCriteria):
         texts, known = self.token_texts, len(self.token_texts)
         self.texts = [text + "".join(texts[token] for token in tokens if token < known)
                       for text, tokens in zip(self.texts, new)]
-        ended = [ANSWER_LINE.search(text) is not None for text in self.texts]
+        ended = [(self.answer_line and ANSWER_LINE.search(text) is not None)
+                 or any(stop in text for stop in self.stop_strings) for text in self.texts]
         return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)

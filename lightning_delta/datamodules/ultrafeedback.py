@@ -78,7 +78,7 @@ class UltraFeedbackDataModule(TokenizedDataModule):
     Example::
 
         dm = UltraFeedbackDataModule("HuggingFaceH4/zephyr-7b-dpo-full", max_length=1024, batch_size=2)
-        module = DeltaEditModule(post, sft, Extrapolate(alpha=0.3), loss="dpo")
+        module = DeltaEditModule(post, pretrained=sft, edit=Extrapolate(alpha=0.3), loss="dpo")
     """
 
     def __init__(

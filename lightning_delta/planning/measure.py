@@ -36,7 +36,7 @@ def tensor_patterns(names: Sequence[str]) -> list[str]:
 
 
 def riemann_sweep(
-    model: nn.Module, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
+    model: nn.Module, *, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
     loss: str | DeltaLoss = "causal_lm", include: Patterns = None, exclude: Patterns = None,
     num_points: int | None = None, accelerator: str = "cpu", rule: str = "trapezoid",
 ) -> RiemannResult:
@@ -45,7 +45,7 @@ def riemann_sweep(
     the backward at t = 1: ``C + 1`` forward+backward passes over the data (the exact ΔL comes from the t = 1
     forward); ``"gauss"`` and ``"adaptive"`` run their nodes and forwards at t = 0 and 1
     (:class:`~lightning_delta.RiemannCallback`; ``num_points`` ``None``: the rule's own)."""
-    module = DeltaEditModule(model, pretrained, edit, loss=loss, include=include, exclude=exclude)
+    module = DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude)
     if rule == "trapezoid":  # as before the rules: the left rule's sweep with its trapezoid
         callback = RiemannCallback(num_points=num_points, trapezoid=True, filename=None)
     else:
@@ -94,7 +94,7 @@ def _mean_loss(target: Any, model: nn.Module, loaders: Iterable[Iterable[Any]], 
 
 
 def exact_candidate_changes(
-    target: Any, model: nn.Module, pretrained: Weights, names: Sequence[str], edits: Sequence[DeltaEdit],
+    target: Any, model: nn.Module, *, pretrained: Weights, names: Sequence[str], edits: Sequence[DeltaEdit],
     loaders: Sequence[Iterable[Any]],
 ) -> tuple[torch.Tensor, int]:
     """The brute-force reference: ``ΔL_k(v) = L(W_post + E_k(v)) − L(W_post)``, tensor ``k`` edited alone, for every
@@ -103,7 +103,7 @@ def exact_candidate_changes(
     base = _mean_loss(target, model, loaders, device)
     changes = torch.zeros(len(names), len(edits), dtype=torch.float64)
     for j, edit in enumerate(edits):
-        differences = edit_differences(model, pretrained, edit, include=tensor_patterns(names))
+        differences = edit_differences(model, pretrained=pretrained, edit=edit, include=tensor_patterns(names))
         for k, name in enumerate(names):
             edited = EditedModel(model, {name: differences[name]})
             try:
