@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMANDS = ("", "validate", "sweep", "edit", "plot", "estimate", "plan", "demo")
+from lightning_delta.cli import COMMANDS as LIBRARY_COMMANDS  # imports neither torch nor Lightning
+
+COMMANDS = ("", *LIBRARY_COMMANDS)
 
 
 def timed_help(console: Path, command: str, cache: Path) -> tuple[float, bool]:

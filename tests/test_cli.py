@@ -372,7 +372,8 @@ def test_sweep_grid_varies_the_rule(tmp_path):
     (["--edit.help", "DAREE"], "Unknown edit 'DAREE' for --edit.help. Did you mean DARE? The edits are DARE, "),
     (["--edit", "DAREE", "--edit.p", "0.9"], "Unknown edit 'DAREE' for --edit. Did you mean DARE? "),
     (["--edit", "BitDelta", "--edit.p", "0.9"],
-     "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks (--edit.<argument>"),
+     "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks, sign_of_zero "
+     "(--edit.<argument>"),
     (["--edit.p", "0.9", "--edit", "DARE"],
      "--edit.p comes before --edit DARE: put --edit CLASS before its arguments, e.g. --edit DARE --edit.p 0.9."),
     (["--edit=DARE", "--edit.init_args.q=0.9"], "DARE takes no `q` (--edit.init_args.q); its arguments are p, k, "),
