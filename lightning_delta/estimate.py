@@ -198,7 +198,8 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The parts, the phases and the peak, one line each, in GiB (MiB below 1 GiB)."""
-        labels = {"weights": "W_post", "buffers": "buffers (rotary tables, ...)", "E": "E", "reference": "DPO reference",
+        labels = {"weights": "W_post", "buffers": "buffers (rotary tables, ...)", "E": "E",
+                  "reference": "DPO reference",
                   "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
                   "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",

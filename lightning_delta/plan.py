@@ -320,7 +320,8 @@ def plan(
                          "it, or choose another --output.")
     made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
                      candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
-                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype, budget_bytes=budget_bytes)
+                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype,
+                     budget_bytes=budget_bytes)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}
