@@ -53,7 +53,6 @@ __all__ = [
     "check_edit_argument",
     "close_process_group",
     "command_parser",
-    "edit_class",
     "fingerprint",
     "help_cache_dir",
     "help_text",
@@ -346,15 +345,6 @@ def _options(argv: Sequence[str], prefix: str) -> list[tuple[str, str | None]]:
     return found
 
 
-def edit_class(value: str) -> type | None:
-    """The edit class that ``--edit VALUE`` names (a class name or a path of one), ``None`` for other values."""
-    from lightning_delta.edits import EDITS
-
-    classes = {cls.__name__: cls for cls in EDITS.values()}
-    return classes.get(value.rsplit(".", 1)[-1]) if value.startswith("lightning_delta.") or "." not in value \
-        else None
-
-
 def _unknown_edit(value: str, option: str) -> ValueError:
     import difflib
 
@@ -378,6 +368,8 @@ def check_edit_argument(argv: Sequence[str]) -> None:
     options = _options(argv, "--edit")
     if not options:
         return
+    from lightning_delta.edits import edit_class
+
     current: type | None = None
     chosen = False  # whether an --edit NAME came before
     for index, (option, value) in enumerate(options):

@@ -229,8 +229,9 @@ def match_tensors(
     if mixed:
         shown = [f"{name} (pre {a}, post {b})" for name, a, b in mixed]
         raise ValueError(
-            f"Floating point on one side and integer on the other for {_count(mixed)}: {format_names(shown)}. ΔW of such a pair is meaningless (a quantized checkpoint stores codes, not "
-            "weights); dequantize it first, or leave these tensors out with "
+            f"Floating point on one side and integer on the other for {_count(mixed)}: {format_names(shown)}. "
+            "ΔW of such a pair is meaningless (a quantized checkpoint stores codes, not weights); dequantize it "
+            "first, or leave these tensors out with "
             f"{_exclude_suggestion([name for name, _, _ in mixed])}."
         )
     if not matches:
@@ -401,9 +402,9 @@ class PairChecks:
         """Raise if ΔW was zero in every pair: W_pre and W_post are the same weights."""
         if self.count and not self.nonzero:
             raise ValueError(
-                f"ΔW = W_post − W_pre is zero in every one of the {self.count} selected tensors: the pre-trained weights "
-                f"({pre.description}) are the post-trained ones ({post.description}), so every edit changes nothing "
-                "and every term is 0. Give the pre-trained model as W_pre (--model.pretrained, `pretrained=`)."
+                f"ΔW = W_post − W_pre is zero in every one of the {self.count} selected tensors: the pre-trained "
+                f"weights ({pre.description}) are the post-trained ones ({post.description}), so every edit changes "
+                "nothing and every term is 0. Give the pre-trained model as W_pre (--model.pretrained, `pretrained=`)."
             )
 
     def warn_mixed_precision(self) -> None:
@@ -511,7 +512,7 @@ def iter_delta(
 def compute_delta(
     post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None
 ) -> dict[str, Tensor]:
-    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre=pre, include=include, exclude=exclude))``.
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre=pre, ...))``.
 
     Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
 

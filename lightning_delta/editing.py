@@ -124,7 +124,8 @@ def iter_edited(
         device: where ΔW and F(ΔW) are computed; default each post-trained tensor's device.
 
     Once every tensor is read, a pair stored in two dtypes gets a warning with its rounding against ‖ΔW‖, and ΔW
-    zero in every tensor (W_pre given as the post-trained weights) an error (:class:`~lightning_delta.delta.PairChecks`).
+    zero in every tensor (W_pre given as the post-trained weights) an error
+    (:class:`~lightning_delta.delta.PairChecks`).
 
     Raises:
         ValueError: for each check above, an ``F(ΔW)`` of the wrong shape or with NaN / inf (when its tensor is

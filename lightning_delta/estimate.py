@@ -6,21 +6,29 @@ batch of the config's largest shape (``batch_size`` × ``max_length`` tokens, or
 number of shards (N processes under a sharded strategy, FSDP2 through Lightning's ``ModelParallelStrategy`` or
 ``FSDPStrategy``; 1 under DDP), the peak per process is the largest of four phases::
 
-    point    = (W + E + R) / s + C + G + A + T_E        one Riemann point, forward and backward
-    evaluate = (W + E + R) / s + C + G + W_e + F + T_E  the accuracy at t = 0, 1 (only with an evaluator)
+    point    = (W + E + R) / s + C + G + A              one Riemann point, forward and backward
+    evaluate = (W + E + R) / s + C + G + W_e + F        the accuracy at t = 0, 1 (only with an evaluator)
     gradient = (W + R + S) / s + G + A_all              GradientBiased's pass for ∇L(W_post) (only for it)
     attach   = (W + E + R + S) / s + T                  building E
 
-- ``W``: the model's weights in its dtype; ``R``: the DPO reference model (loss ``dpo``), also held.
+- ``W``: the model's weights in its dtype; ``R``: the DPO reference model (loss ``dpo``), also held; and, in every
+  phase (left out of the formulas below), the buffers of both (rotary tables, position ids), held whole.
 - ``E``: ``F(ΔW) − ΔW`` of the edited tensors in their stored dtype (float32 for bf16 models, or the model's
   dtype with ``E_dtype="model"``; :func:`~lightning_delta.parametrize.stored_dtype`); 0 with
-  ``E_dtype="on_the_fly"``, which instead makes one tensor's ``E`` at a time inside each point: ``T_E = T`` (below),
-  else ``T_E = 0``.
+  ``E_dtype="on_the_fly"``, which instead makes one tensor's ``E`` wherever it is needed inside each point (counted
+  in ``A``, where it is made).
 - ``A``: the meta run's peak over forward and backward: saved activations, logits, each edited weight's gradient
   (freed as soon as it is made: backward leaves ``⟨∇W, E⟩`` in ``t.grad``, no weight-sized ``.grad``), and each
   ``W(t) = W_post + t·E`` (the sum in the promoted dtype and its cast) while its module runs forward and again
   when backward reads it, as ``EditedModel.recompute_weights`` rebuilds it (``RiemannCallback``'s default;
-  ``recompute_weights=False`` keeps ``W(t)`` from the forward instead). Sharded, ``W(t)`` is
+  ``recompute_weights=False`` keeps ``W(t)`` from the forward instead); each edited tensor's inner product
+  ``⟨∇W, E⟩`` when its gradient is made (its float32 chunks and per-chunk sums, the larger of the CPU's and an
+  accelerator's chunking), the float64 ``t`` of each edited tensor and its gradient; with ``E_dtype="on_the_fly"``,
+  ``E`` made from W_pre (read in the weight's dtype), ΔW and F(ΔW) at each of those three places (an edit's working
+  memory is counted as DARE's draws; TIES' sort or an SVD need more); for half-precision weights, a copy of the largest
+  weight, which a CPU kernel holds inside one op in backward (the 44M Llama in bf16 at 1 × 128 tokens: its peak is
+  that far above the tensors alive; the op was not pinned down). Where that copy is not at the peak (the same model
+  at 2 × 256 tokens), or on a GPU, it is an over-count of at most that weight. Sharded, ``W(t)`` is
   written into the shards in place (:mod:`lightning_delta.sharded`): no ``W(t)``, and the gathered block's
   gradients. Each process runs its own batch: ``A`` is not divided by s.
 - ``W_e`` and ``F``: unsharded, ``parametrize.cached()`` holds every edited ``W(t)`` (model dtype) while the
@@ -64,8 +72,14 @@ from torch.utils._pytree import tree_flatten
 from lightning_delta.datamodules import ZeroShotClassifier, get_classnames
 from lightning_delta.delta import delta_dtype, delta_names
 from lightning_delta.callbacks.quadrature import check_rule, schedule
+from lightning_delta.edits.base import CHUNK_NUMEL
 from lightning_delta.losses import build_loss
-from lightning_delta.parametrize import check_E_dtype, stored_dtype
+from lightning_delta.parametrize import (
+    _INNER_PRODUCT_CHUNK_ACCELERATOR,
+    _INNER_PRODUCT_CHUNK_CPU,
+    check_E_dtype,
+    stored_dtype,
+)
 from lightning_delta.runner import DeltaCLI
 
 __all__ = ["LiveTensorBytes", "MemoryEstimate", "estimate", "estimate_memory", "meta_model"]
@@ -75,6 +89,7 @@ TOKEN_DATA = ("GSM8KDataModule", "UltraFeedbackDataModule")
 IMAGE_DATA = ("VisionDataModule",)
 SHARDED_STRATEGIES = ("fsdp", "model_parallel", "FSDPStrategy", "ModelParallelStrategy")
 GATHERED_BLOCKS = 2  # the block computing and the one prefetched
+SCALARS = 64  # bytes of scalars (a loss, a count, a comparison's result) the meta run may not see where they peak
 META_ATTENTION = "lightning_delta_meta"
 
 
@@ -160,7 +175,7 @@ class MemoryEstimate:
     gradient_sums: int  # S / s
     gradient_pass: int  # G + A_all, 0 but for GradientBiased
     attach_temporaries: int  # T
-    E_made: int = 0  # noqa: N815 (T_E) T with E_dtype="on_the_fly", else 0
+    buffers: int = 0  # B: the model's (and the DPO reference's) buffers, e.g. rotary tables, held whole
     # the riemann section's passes per batch (not memory: left out of comparisons); 0 when no rule was given
     rule: str = field(default="", compare=False)
     backward_passes: int = field(default=0, compare=False)  # forward+backward (the adaptive rule's first level)
@@ -168,23 +183,23 @@ class MemoryEstimate:
 
     @property
     def point(self) -> int:
-        return (self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.activations
-                + self.E_made)
+        return (self.weights + self.buffers + self.E + self.reference + self.sharded_copies + self.gathered
+                + self.activations)
 
     @property
     def evaluate(self) -> int:
-        held = (self.weights + self.E + self.reference + self.sharded_copies + self.gathered + self.evaluate_extra
-                + self.E_made)
+        held = (self.weights + self.buffers + self.E + self.reference + self.sharded_copies + self.gathered
+                + self.evaluate_extra)
         return held if self.evaluate_extra else 0
 
     @property
     def gradient(self) -> int:
-        held = self.weights + self.reference + self.gradient_sums + self.gradient_pass
+        held = self.weights + self.buffers + self.reference + self.gradient_sums + self.gradient_pass
         return held if self.gradient_pass else 0
 
     @property
     def attach(self) -> int:
-        return self.weights + self.E + self.reference + self.gradient_sums + self.attach_temporaries
+        return self.weights + self.buffers + self.E + self.reference + self.gradient_sums + self.attach_temporaries
 
     @property
     def peak(self) -> int:
@@ -192,12 +207,12 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The parts, the phases and the peak, one line each, in GiB (MiB below 1 GiB)."""
-        labels = {"weights": "W_post", "E": "E", "reference": "DPO reference",
+        labels = {"weights": "W_post", "buffers": "buffers (rotary tables, ...)", "E": "E",
+                  "reference": "DPO reference",
                   "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
                   "activations": "activations, W(t), gradient",
                   "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
-                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)",
-                  "E_made": "E made on the fly (one tensor)"}
+                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
         layout = f"sharded 1/{self.shards}" if self.shards > 1 else "each holds the whole model"
         lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
         lines += [f"  {labels[item.name]:<34} {_format(getattr(self, item.name))}"
@@ -247,22 +262,61 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda blocks: _bytes(blocks.parameters()))) if lists else []
 
 
-def _edited_weight(weight: Tensor, E_dtype: str) -> Tensor:  # noqa: N803
-    """``W(t) = W_post + t·E`` as the parametrization makes it: the sum in the promoted dtype, cast to the weight's."""
-    E = torch.empty(weight.shape, dtype=stored_dtype(weight.dtype, E_dtype), device=weight.device)
+def _made_E(weight: Tensor) -> Tensor:  # noqa: N802
+    """``E`` as :class:`~lightning_delta.attach.RecomputedE` makes it on the fly: W_pre read in the weight's dtype,
+    ``ΔW = W_post − W_pre`` in ΔW's dtype (the upcast copies included), ``F(ΔW)`` as one new tensor beside the edit's
+    working memory, counted as DARE's (a float32 draw and a bool per entry, in chunks of ``CHUNK_NUMEL``), then
+    ``F(ΔW) − ΔW``."""
+    dtype = delta_dtype(weight.dtype, weight.dtype)
+    w_pre = torch.empty_like(weight)
+    delta = weight.detach().to(dtype) - w_pre.to(dtype)
+    del w_pre
+    edited = torch.empty_like(delta)
+    chunk = min(delta.numel(), CHUNK_NUMEL)
+    draws = torch.empty(chunk, dtype=torch.float32, device=delta.device)
+    dropped = torch.empty(chunk, dtype=torch.bool, device=delta.device)
+    del draws, dropped
+    return (edited - delta).to(stored_dtype(weight.dtype, "float32"))
+
+
+def _edited_weight(weight: Tensor, E: Tensor | None) -> Tensor:  # noqa: N803
+    """``W(t) = W_post + t·E`` as the parametrization makes it: the sum in the promoted dtype, cast to the weight's;
+    ``E`` the kept one, or ``None``: made now (:func:`_made_E`)."""
+    E = _made_E(weight) if E is None else E  # noqa: N806
     return torch.add(weight.detach(), E, alpha=0.5).to(weight.dtype)
 
 
+def inner_product_bytes(numel: int, grad_dtype: torch.dtype, E_dtype: torch.dtype) -> int:  # noqa: N803
+    """The most bytes :func:`~lightning_delta.parametrize.inner_product` holds at once for one tensor, with the CPU's
+    chunks or an accelerator's (whichever needs more): float32 copies of a chunk of the gradient and of ``E`` where
+    they are not float32, and the chunk sums: one float32 scalar each, stacked, then as float64.
+
+    Example:
+        >>> inner_product_bytes(1 << 20, torch.float32, torch.float32)  # 16 CPU chunks: 16 × (4 + 4 + 8) + 8 bytes
+        264
+    """
+    if grad_dtype == torch.float64 and E_dtype == torch.float64:
+        return 8
+    most = 0
+    for chunk in (_INNER_PRODUCT_CHUNK_CPU, _INNER_PRODUCT_CHUNK_ACCELERATOR):
+        chunks = math.ceil(numel / chunk)
+        copies = 4 * min(chunk, numel) * ((grad_dtype != torch.float32) + (E_dtype != torch.float32))
+        most = max(most, copies + 4 * chunks + 4, 16 * chunks + 8)
+    return most
+
+
 @contextlib.contextmanager
-def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], E_dtype: str) -> Iterator[None]:  # noqa: N803
+def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[int, Tensor]) -> Iterator[None]:
     """The edited weights' memory as ``EditedModel.recompute_weights`` spends it: each ``W(t)`` made while its module
-    runs forward, and made again (not saved) when backward reads it."""
+    runs forward, and made again (not saved) when backward reads it; ``held`` maps ``id(weight)`` to its kept ``E``
+    (none: ``E`` made on the fly)."""
     storages = {weight.untyped_storage()._cdata: weight for weight in edited.values()}
     owners = [module for module in model.modules()
               if any(id(weight) in map(id, edited.values()) for weight in module.parameters(recurse=False))]
 
     def made(module: nn.Module, args: Any) -> None:
-        module._estimate_weights = [_edited_weight(weight, E_dtype) for weight in module.parameters(recurse=False)
+        module._estimate_weights = [_edited_weight(weight, held.get(id(weight)))
+                                    for weight in module.parameters(recurse=False)
                                     if weight.untyped_storage()._cdata in storages]
 
     def dropped(module: nn.Module, args: Any, output: Any) -> None:
@@ -275,7 +329,7 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], E_dtype: str) 
     def unpack(packed: Any) -> Tensor:
         if isinstance(packed, tuple):
             weight, size, stride, offset = packed
-            return _edited_weight(weight, E_dtype).as_strided(size, stride, offset)
+            return _edited_weight(weight, held.get(id(weight))).as_strided(size, stride, offset)
         return packed
 
     hooks = [hook for module in owners for hook in (module.register_forward_pre_hook(made),
@@ -293,22 +347,43 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], E_dtype: str) 
 def _transient(model: nn.Module, loss: nn.Module, batch: Mapping[str, Tensor], edited: Mapping[str, Tensor],
                E_dtype: str, backward: bool, with_gradient: Iterable[str] = ()) -> int:  # noqa: N803
     """``A`` (``backward``), ``F`` or ``A_all``: the meta run's peak of the tensors made beyond weights, buffers and
-    batch, with ``W(t)`` for the ``edited`` tensors and a gradient for those and the ``with_gradient`` ones."""
+    batch, with ``W(t)`` for the ``edited`` tensors and a gradient for those and the ``with_gradient`` ones; for the
+    ``edited`` ones backward also makes ``⟨∇W, E⟩`` (:func:`inner_product_bytes`, ``E`` made again on the fly) and
+    the gradient of their ``t``, held to the end of the point."""
     hooks = []
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    held = {} if E_dtype == "on_the_fly" else {  # the kept E, there before the point (not counted here)
+        id(weight): torch.empty(weight.shape, dtype=stored_dtype(weight.dtype, E_dtype), device=weight.device)
+        for weight in edited.values()}
+    t_gradients: list[Tensor] = []
+
+    def freed(parameter: Tensor) -> None:
+        parameter.grad = None
+
+    def inner_product(parameter: Tensor) -> None:  # what _AddScaledEdit / _AddRecomputedEdit.backward make
+        E = held.get(id(parameter))  # noqa: N806
+        E = _made_E(parameter) if E is None else E  # noqa: N806
+        scratch = torch.empty(inner_product_bytes(E.numel(), parameter.grad.dtype, E.dtype), dtype=torch.uint8,
+                              device=parameter.device)
+        del scratch, E
+        t_gradients.append(torch.zeros((), dtype=torch.float64, device=parameter.device))
+        parameter.grad = None
+
     with_gradient = set(edited) | set(with_gradient)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(backward and name in with_gradient)
         if backward and name in with_gradient:
-            hooks.append(parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)))
-    existing = [*model.parameters(), *model.buffers(), *loss.parameters(), *loss.buffers(), *batch.values()]
-    recompute = _parametrized(model, edited, E_dtype) if backward else contextlib.nullcontext()
+            hooks.append(parameter.register_post_accumulate_grad_hook(inner_product if name in edited else freed))
+    existing = [*model.parameters(), *model.buffers(), *loss.parameters(), *loss.buffers(), *batch.values(),
+                *held.values()]
+    recompute = _parametrized(model, edited, held) if backward else contextlib.nullcontext()
     try:
         with LiveTensorBytes(existing) as live, torch.set_grad_enabled(backward), recompute:
             output = loss(model, loss.prepare(dict(batch)))
             if backward:
                 output.total.backward()
             del output
+            t_gradients.clear()
     finally:
         for hook in hooks:
             hook.remove()
@@ -377,16 +452,21 @@ def estimate_memory(
         activations = _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=edited)
     else:
         activations = _transient(model, loss, batch, edited, E_dtype, backward=True)
+    activations += 8 * len(edited)  # the float64 t of each edited tensor, a parameter of its parametrization
+    activations += SCALARS  # a few scalars the meta run does not place (4 bytes short on the 44M Llama on the fly)
+    if largest is not None and largest.element_size() == 2:  # a CPU kernel's copy of a half-precision matrix
+        activations += _bytes([max(parameters.values(), key=Tensor.numel)])
     sums = gradient_pass = 0
     if gradient_sums:
         sums = sum(weight.numel() * (8 if weight.dtype == torch.float64 else 4) for weight in parameters.values())
         every_weight = _transient(model, loss, batch, {}, E_dtype, backward=True, with_gradient=parameters)
         gradient_pass = gathered + every_weight
-    evaluate_extra = 0
-    if evaluator:
-        cached = 0 if shards > 1 else edited_bytes + max(map(rebuilt, edited.values()), default=0)
-        evaluate_extra = cached + _transient(model, loss, batch, edited, E_dtype, backward=False)
     one_tensor = 0 if largest is None else 3 * largest.numel() * _size(delta_dtype(largest.dtype, largest.dtype))
+    evaluate_extra = 0
+    if evaluator:  # on the fly, each cached W(t) is made from an E made then (one tensor's T at a time)
+        cached = 0 if shards > 1 else edited_bytes + max(map(rebuilt, edited.values()), default=0)
+        cached += one_tensor if on_the_fly else 0
+        evaluate_extra = cached + _transient(model, loss, batch, edited, E_dtype, backward=False)
     return MemoryEstimate(
         processes=processes,
         shards=shards,
@@ -400,7 +480,7 @@ def estimate_memory(
         gradient_sums=math.ceil(sums / shards),
         gradient_pass=gradient_pass,
         attach_temporaries=one_tensor,
-        E_made=one_tensor if on_the_fly else 0,
+        buffers=_bytes(model.buffers()) + (_bytes(reference.buffers()) if reference is not None else 0),
     )
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from lightning_delta import datamodules  # noqa: F401  (its DataModules: listed in --help, known by class name)
 from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.datamodules import GSM8KEvaluator
-from lightning_delta.edits import EDITS, DeltaEdit
+from lightning_delta.edits import EDITS, DeltaEdit, edit_class
 from lightning_delta.export import save_edited
 from lightning_delta.losses import LOSSES, DeltaLoss
 from lightning_delta.module import DeltaEditModule
@@ -543,8 +543,6 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _check_edit_keys(edit: Any, overrides: Mapping[str, Any]) -> None:
     """Refuse a grid key ``edit.init_args.<argument>`` that the point's edit does not take, naming its arguments."""
-    from lightning_delta.cli import edit_class
-
     name = edit.get("class_path") if isinstance(edit, Mapping) else edit
     cls = edit_class(name) if isinstance(name, str) else None
     for key in overrides:

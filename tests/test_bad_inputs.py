@@ -423,8 +423,9 @@ CASES = [
          "plan: give the budget as `average` (bits per entry (sign bit included)) or as `budget_bytes`, exactly one",
          lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
              None, pretrained=None, datamodule=None, family_name="bitdelta", average=2, budget_bytes=1e6)),
-    Case("on-the-fly-ready-made-E", "`DeltaEditModule(model, pretrained=None, edit={name: E}, E_dtype=\"on_the_fly\")` attached",
-         ValueError, "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held",
+    Case("on-the-fly-ready-made-E",
+         "`DeltaEditModule(model, pretrained=None, edit={name: E}, E_dtype=\"on_the_fly\")` attached", ValueError,
+         "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held",
          lambda tmp: __import__("lightning_delta.attach", fromlist=["x"]).attach_edit(
              torch.nn.Linear(2, 2), pretrained=None, edit={"weight": torch.ones(2, 2)}, E_dtype="on_the_fly")),
     Case("fsdp1-strategy", "a Trainer with `FSDPStrategy` (FSDP1) running a `RiemannCallback`", ValueError,
@@ -512,8 +513,8 @@ def render() -> str:
     lines = [
         "# Bad inputs and what they say",
         "",
-        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised (or,",
-        "for an input that is used as given, the warning) and the start of its message. Written by",
+        "Each row is a test of `tests/test_bad_inputs.py` (its id in the last column): the input, the error raised",
+        "(or, for an input that is used as given, the warning) and the start of its message. Written by",
         "`python -m tests.test_bad_inputs > docs/bad_inputs.md`.",
         "",
         "| input | error | message (start) | test |",

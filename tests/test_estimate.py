@@ -52,20 +52,31 @@ def _allocated_peak(model: torch.nn.Module, batch: dict, E_dtype: str) -> int:  
     ("llama", torch.bfloat16, "model"),
     ("llama-tied", torch.float32, "float32"),
 ])
-def test_estimate_equals_what_a_real_point_allocates(family, dtype, E_dtype):
-    """The meta run counts the same tensors the CPU run allocates. The tolerance, 2 %, is for what the meta shapes
-    cannot show: scratch buffers that CPU kernels allocate inside one op (flash attention's per-thread buffers)."""
+def test_estimate_bounds_what_a_real_point_allocates(family, dtype, E_dtype):
+    """The meta run counts the tensors the CPU run allocates, the inner products' chunk sums, the scalars t and
+    their gradients and the model's buffers included: an upper bound, at most a few scalars above (bf16: plus the
+    copy of the largest weight that CPU matrix kernels make on larger models, not on this one)."""
     model = make_tiny_model(family, dtype=dtype)
     estimated = estimate_memory(meta_model(model.config, dtype), _tokens(4, 64), E_dtype=E_dtype)
     measured = _allocated_peak(model, _tokens(4, 64, "cpu"), E_dtype)
-    assert estimated.point == pytest.approx(measured, rel=0.02)
+    assert measured <= estimated.point <= measured + _slack(model)
     assert estimated.peak == estimated.point  # no evaluator, no GradientBiased: the point is the peak
 
 
-def test_estimate_with_the_default_E_dtype_equals_what_a_real_point_allocates():
+def _slack(model: torch.nn.Module) -> int:
+    """How far above a CPU run the estimate may land: its scalars' allowance, and for half-precision weights the
+    copy of the largest one that CPU matrix kernels make on larger models."""
+    from lightning_delta.estimate import SCALARS
+
+    largest = max(model.parameters(), key=torch.Tensor.numel)
+    return SCALARS + 32 + (largest.nbytes if largest.element_size() == 2 else 0)
+
+
+def test_estimate_with_the_default_E_dtype_bounds_what_a_real_point_allocates():
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     estimated = estimate_memory(meta_model(model.config, torch.bfloat16), _tokens(2, 96))
-    assert estimated.point == pytest.approx(_allocated_peak(model, _tokens(2, 96, "cpu"), "float32"), rel=0.02)
+    measured = _allocated_peak(model, _tokens(2, 96, "cpu"), "float32")
+    assert measured <= estimated.point <= measured + _slack(model)
 
 
 def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: str) -> int:  # noqa: N803
@@ -84,21 +95,24 @@ def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: s
     return held + allocation_peak(profiler)
 
 
-def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path):
-    """No E held: the point allocates E's bytes less than with kept float32 E; the estimate adds one tensor's W_pre,
-    ΔW and F(ΔW) made inside the point, an upper bound within 5 %."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path, dtype):
+    """No E held: the point allocates E's bytes less than with kept float32 E; the estimate makes each tensor's E
+    (W_pre, ΔW, F(ΔW), DARE's draws) where the point makes it: an upper bound, a few scalars above."""
     from safetensors.torch import save_file
 
-    pre = make_tiny_model("llama", seed=3)
+    pre = make_tiny_model("llama", seed=3, dtype=dtype)
     save_file({name: tensor.contiguous() for name, tensor in pre.state_dict().items()}, tmp_path / "pre.safetensors")
-    measured = {E_dtype: _allocated_peak_with_an_edit(make_tiny_model("llama"), str(tmp_path / "pre.safetensors"),
-                                                      _tokens(4, 64, "cpu"), E_dtype)
+    measured = {E_dtype: _allocated_peak_with_an_edit(make_tiny_model("llama", dtype=dtype),
+                                                      str(tmp_path / "pre.safetensors"), _tokens(4, 64, "cpu"), E_dtype)
                 for E_dtype in ("float32", "on_the_fly")}
-    model = meta_model(make_tiny_model("llama").config, torch.float32)
+    model = meta_model(make_tiny_model("llama").config, dtype)
     kept, made = (estimate_memory(model, _tokens(4, 64), E_dtype=E_dtype) for E_dtype in ("float32", "on_the_fly"))
-    assert made.E == 0 and made.E_made == made.attach_temporaries > 0
+    assert made.E == 0 and kept.E > 0
     assert measured["float32"] - measured["on_the_fly"] >= 0.9 * kept.E
-    assert measured["on_the_fly"] <= made.point <= 1.05 * measured["on_the_fly"]
+    slack = _slack(make_tiny_model("llama", dtype=dtype))
+    assert measured["on_the_fly"] <= made.point <= measured["on_the_fly"] + slack
+    assert measured["float32"] <= kept.point <= measured["float32"] + slack
     with pytest.raises(ValueError, match="not available on a sharded model"):
         estimate_memory(model, _tokens(1, 8), E_dtype="on_the_fly", processes=2, sharded=True)
 
@@ -151,7 +165,7 @@ def test_gradient_biased_and_evaluator_phases():
     biased = estimate_memory(model, _tokens(2, 32), gradient_sums=True)
     assert plain.gradient_sums == plain.gradient_pass == plain.gradient == 0
     assert biased.gradient_sums == 4 * total
-    assert biased.gradient == biased.weights + biased.gradient_sums + biased.gradient_pass
+    assert biased.gradient == biased.weights + biased.buffers + biased.gradient_sums + biased.gradient_pass
     assert biased.gradient_pass >= plain.activations - 4 * total  # every weight's gradient instead of W(t)
     evaluated = estimate_memory(model, _tokens(2, 32), evaluator=True)
     assert plain.evaluate == 0 and evaluated.evaluate > evaluated.weights + evaluated.E + 2 * total
@@ -208,7 +222,7 @@ def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     result = run(["estimate", "--config", str(path), "--model.E_dtype", "on_the_fly"])
     direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(4, 1024), processes=8, evaluator=True,
                              E_dtype="on_the_fly")
-    assert result == direct and result.E == 0 and result.E_made == result.attach_temporaries > 0
+    assert result == direct and result.E == 0 and result.attach_temporaries > 0
 
 
 def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
@@ -257,7 +271,7 @@ def test_estimate_command_counts_gradient_biased_sums(tmp_path, offline):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     result = run(["estimate", "--config", str(path)])
     assert result.gradient_sums == 2 * result.weights and result.gradient_pass > 0
-    assert result.gradient == result.weights + result.gradient_sums + result.gradient_pass
+    assert result.gradient == result.weights + result.buffers + result.gradient_sums + result.gradient_pass
 
 
 def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
@@ -316,3 +330,24 @@ def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tm
     for path in (written, printed):
         assert run(["estimate", "--config", str(path)]) == expected
     assert "trainer.devices 'auto': 1 process(es) per node" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("numel", "grad_dtype", "E_dtype"), [
+    (1000, torch.float32, torch.float32), (200_000, torch.float32, torch.float32), (200_000, torch.bfloat16,
+                                                                                  torch.float32),
+    (70_000, torch.bfloat16, torch.bfloat16), (5_000_000, torch.float32, torch.float32),
+    (300, torch.float64, torch.float64),
+])
+def test_inner_product_bytes_bound_what_the_inner_product_allocates(numel, grad_dtype, E_dtype):  # noqa: N803
+    """Against the allocator's record of :func:`~lightning_delta.parametrize.inner_product` on the CPU: a bound
+    (the accelerator's chunking may need more), equal where the CPU's chunking needs the most."""
+    from lightning_delta.estimate import inner_product_bytes
+    from lightning_delta.parametrize import inner_product
+
+    grad, E = torch.randn(numel).to(grad_dtype), torch.randn(numel).to(E_dtype)  # noqa: N806
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        inner_product(grad, E)
+    measured = allocation_peak(profiler)
+    assert measured <= inner_product_bytes(numel, grad_dtype, E_dtype)
+    if grad_dtype == E_dtype == torch.float32 and numel > 4_194_304:  # the float64 chunk sums are the most
+        assert inner_product_bytes(numel, grad_dtype, E_dtype) <= measured + 8

@@ -53,6 +53,7 @@ __all__ = [
     "SignBiased",
     "available",
     "build",
+    "edit_class",
     "tensor_generator",
 ]
 
@@ -70,6 +71,19 @@ def available() -> list[str]:
         ['dare', 'della', 'sign_biased', 'gradient_biased', 'bitdelta', 'lowrank', 'magnitude_prune', 'extrapolate']
     """
     return list(EDITS)
+
+
+def edit_class(value: str) -> type[DeltaEdit] | None:
+    """The edit class that ``value`` names as the command line's ``--edit`` takes it: a class name (``"DARE"``) or
+    this package's class path (``"lightning_delta.edits.DARE"``); ``None`` for anything else.
+
+    Example:
+        >>> edit_class("BitDelta").__name__, edit_class("lightning_delta.edits.DARE").__name__, edit_class("dare")
+        ('BitDelta', 'DARE', None)
+    """
+    if "." in value and not value.startswith("lightning_delta."):
+        return None
+    return {cls.__name__: cls for cls in EDITS.values()}.get(value.rsplit(".", 1)[-1])
 
 
 def build(name: str, **params: Any) -> DeltaEdit:
