@@ -22,6 +22,7 @@ from lightning_delta._loading import TensorSource
 from lightning_delta.delta import DeltaMatch, Patterns, Weights, difference, load_tensors, match_tensors
 from lightning_delta.editing import Edit, check_edit, iter_edited
 from lightning_delta.losses import LossOutput
+from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
 from lightning_delta.sharded import (
     ShardedEditedModel,
@@ -372,7 +373,8 @@ def gradients_at_post(
     and the parameter's own ``.grad`` is freed: a bf16 model's gradient is not accumulated in bf16 across batches.
     The returned tensors have that accumulation dtype. For a parameter sharded by FSDP2 the hook gets this
     process's rows of the gradient, already summed over processes by FSDP's reduce-scatter; its entry is a
-    ``DTensor`` of those rows, gathered whole only when the edit reads it.
+    ``DTensor`` of those rows, gathered whole only when the edit reads it. An ``nn.Embedding``'s padding row gets
+    its gradient like every other row (:mod:`lightning_delta.padding`).
     """
     parameters = dict(model.named_parameters())
     names = names if names is not None else list(parameters)
@@ -403,7 +405,7 @@ def gradients_at_post(
     device = trainer.strategy.root_device
     count = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), true_embedding_gradients(model.modules()):
             for loader in loaders:
                 for batch_idx, batch in enumerate(loader):
                     batch = target.riemann_prepare(trainer.strategy.batch_to_device(batch, device))

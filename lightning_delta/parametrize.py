@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_delta.delta import check_tied_targets, load_tensors
+from lightning_delta.padding import true_embedding_gradients
 
 __all__ = ["EditParametrization", "EditedModel"]
 
@@ -186,6 +187,10 @@ class EditedModel:
             ``"on_the_fly"``: not kept, each value of ``E`` a callable ``W_post -> E`` called wherever ``E`` is
             needed (:func:`~lightning_delta.attach.attach_edit` builds them).
 
+    While attached, an edited ``nn.Embedding`` with ``padding_idx`` runs its forward without it, so that
+    ``⟨∇L, E⟩`` has the padding row's share too (:mod:`lightning_delta.padding`); the module is unchanged after
+    :meth:`remove` or :meth:`materialize`.
+
     Raises:
         ValueError: a name that is not a tensor of ``model``, an ``E`` of the wrong shape, two names of one tied
             tensor, an unknown ``E_dtype``.
@@ -216,8 +221,11 @@ class EditedModel:
         aliases = aliases if aliases is not None else source.tied
         check_tied_targets(self.names, source)
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._padding = contextlib.ExitStack()
         try:
             self._register(model, E, tensors, aliases)
+            owners = [module for modules in self._owners.values() for module, _ in modules]
+            self._padding.enter_context(true_embedding_gradients(owners))  # the padding row's share of ⟨∇L, E⟩
         except BaseException:
             self.remove()  # nothing half-registered stays on the user's model
             raise
@@ -340,6 +348,7 @@ class EditedModel:
         return self.model
 
     def _detach(self) -> None:
+        self._padding.close()
         for parameter in self.model.parameters():
             parameter.requires_grad_(self._requires_grad.get(id(parameter), parameter.requires_grad))
         self.parametrizations.clear()

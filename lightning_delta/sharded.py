@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.parametrize import check_E_dtype, inner_product, stored_dtype
 
 __all__ = ["ShardedEditedModel", "check_strategy", "gather_rows", "is_sharded", "local_rows", "row_range",
@@ -145,6 +146,8 @@ class ShardedEditedModel:
 
     The same interface as :class:`~lightning_delta.parametrize.EditedModel` (``names``, ``set_t``,
     ``pop_inner_products``, ``recompute_weights``, ``materialize``, ``remove``), so the Riemann callback drives both.
+    As there, an edited ``nn.Embedding`` with ``padding_idx`` runs its forward without it while the edit is held
+    (:mod:`lightning_delta.padding`).
 
     Args:
         model: the sharded post-trained model; its shards are W_post.
@@ -188,6 +191,11 @@ class ShardedEditedModel:
         # the inner product and freed then, so no edited tensor's gradient outlives its block's backward.
         self._hooks = [parameter.register_post_accumulate_grad_hook(self._take_inner_product(name))
                        for name, parameter in self._parameters.items()]
+        edited = {id(parameter) for parameter in self._parameters.values()}
+        owners = [module for module in model.modules()
+                  if any(id(parameter) in edited for parameter in module.parameters(recurse=False))]
+        self._padding = contextlib.ExitStack()
+        self._padding.enter_context(true_embedding_gradients(owners))  # the padding row's share of ⟨∇L, E⟩
 
     def _take_inner_product(self, name: str):
         def hook(parameter: DTensor) -> None:
@@ -248,6 +256,7 @@ class ShardedEditedModel:
         return self.model
 
     def _detach(self) -> None:
+        self._padding.close()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

@@ -137,3 +137,84 @@ def test_inner_product_against_float64(shape, grad_dtype):
     assert abs(float(got) - expected) <= bound + 1e-300
     if grad.ndim == 2 and grad.numel():  # a non-contiguous gradient (a transposed view)
         assert abs(float(inner_product(grad.t(), edit.t())) - expected) <= bound
+
+
+class TokenRegressor(nn.Module):
+    """``embedding(ids) @ head.Tᵀ`` with a padding index: the forward reads the padding row like any other."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.head = nn.Linear(embedding.embedding_dim, 3, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A subclass whose forward goes through ``nn.Embedding.forward`` (as transformers' scaled word embeddings)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 1.5
+
+
+def _padded_regressor(embedding_class: type[nn.Embedding]) -> TokenRegressor:
+    torch.manual_seed(0)
+    model = TokenRegressor(embedding_class(10, 4, padding_idx=0)).double()
+    with torch.no_grad():
+        model.embedding.weight[0].normal_()  # a trained padding row (e.g. eos used as pad) is not zero
+    return model
+
+
+def _reference_loss(model: TokenRegressor, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """The regressor's loss written with a plain ``F.embedding`` (no padding index): the true gradient."""
+    scale = 1.5 if isinstance(model.embedding, ScaledEmbedding) else 1.0
+    hidden = torch.nn.functional.embedding(ids, weights["embedding.weight"]) * scale
+    return torch.tanh(torch.nn.functional.linear(hidden, weights["head.weight"])).square().sum()
+
+
+@pytest.mark.parametrize("embedding_class", [nn.Embedding, ScaledEmbedding], ids=["embedding", "subclass"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+def test_padding_row_counts_in_the_inner_product(embedding_class, recompute):
+    """The padding token also occurs as an input: ⟨∇_W L, E⟩ of the embedding includes the padding row's share,
+    equal to the inner product with the gradient of a plain F.embedding lookup (which ``padding_idx`` would zero)."""
+    model = _padded_regressor(embedding_class)
+    post = {name: value.clone() for name, value in model.state_dict().items()}
+    ids = torch.tensor([[0, 3, 0, 7], [2, 0, 9, 0]])
+    generator = torch.Generator().manual_seed(1)
+    edits = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.1
+             for name, p in model.named_parameters()}
+    edited = EditedModel(model, edits)
+    for t in (0.0, 0.3, 1.0):
+        edited.set_t(t)
+        with edited.recompute_weights() if recompute else torch.enable_grad():
+            torch.tanh(model(ids)).square().sum().backward()
+        ours = edited.pop_inner_products()
+        weights = {name: (post[name] + t * edits[name]).requires_grad_(True) for name in edited.names}
+        gradients = torch.autograd.grad(_reference_loss(model, weights, ids), [weights[n] for n in edited.names])
+        expected = torch.stack([(g * edits[name]).sum() for g, name in zip(gradients, edited.names)])
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        padding_share = float((gradients[edited.names.index("embedding.weight")][0] * edits["embedding.weight"][0]).sum())
+        assert abs(padding_share) > 1e-3 * float(expected.abs().max())  # the row that padding_idx would drop counts
+        assert model.embedding.padding_idx == 0  # outside the embedding's own forward it reads as before
+    edited.remove()
+    assert model.embedding.padding_idx == 0 and not model.embedding._forward_hooks
+    assert not model.embedding._forward_pre_hooks
+    assert all(torch.equal(value, post[name]) for name, value in model.state_dict().items())
+    assert model.state_dict().keys() == post.keys()
+
+
+def test_padding_idx_is_kept_by_materialise_and_restored_after_an_error_in_forward():
+    model = _padded_regressor(nn.Embedding)
+    post = {name: value.clone() for name, value in model.state_dict().items()}
+    edit = torch.full((10, 4), 0.25, dtype=torch.float64)
+    edited = EditedModel(model, {"embedding.weight": edit})
+    with pytest.raises(IndexError):
+        model(torch.tensor([0, 10]))  # out of range: the forward raises after padding_idx was cleared
+    assert model.embedding.padding_idx == 0
+    edited.materialize(1.0)
+    assert model.embedding.padding_idx == 0 and not model.embedding._forward_pre_hooks
+    torch.testing.assert_close(model.embedding.weight, post["embedding.weight"] + edit, rtol=0, atol=0)
+    model.embedding.weight.requires_grad_(True)
+    model(torch.tensor([0, 1])).sum().backward()
+    assert torch.equal(model.embedding.weight.grad[0], torch.zeros(4, dtype=torch.float64))  # PyTorch's rule again

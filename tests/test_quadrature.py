@@ -265,3 +265,47 @@ def test_adaptive_refuses_a_shuffling_loader():
     with pytest.raises(RuntimeError, match="rule='adaptive' reads the validation data again.*shuffle=False"):
         run_validate(module, DataLoader(points, batch_size=5, shuffle=True),
                      RiemannCallback(rule="adaptive", filename=None))
+
+
+def _rms_norm_in_float64(self, hidden_states):
+    """LlamaRMSNorm's formula in the input's dtype (transformers computes it in float32 even for float64 models)."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.mark.parametrize(("norm", "rtol"), [("float64", 1e-8), ("transformers", 1e-6)])
+def test_gauss_equals_the_exact_loss_change_when_the_padding_token_is_an_input(monkeypatch, norm, rtol):
+    """The tiny Llama of the shipped tests has ``pad_token_id=0``, so its ``embed_tokens`` has ``padding_idx=0``,
+    and token 0 occurs in the data: 16 Gauss nodes equal the exact ΔL from two plain forwards (measured: 6e-15
+    relative with RMSNorm in float64, 1.3e-7 with transformers' RMSNorm; 6.1e-5 for both while the padding row had
+    no gradient). After the analysis the model is as it was.
+
+    transformers' RMSNorm computes in float32 even for a float64 model; the roundings of the forward values put a
+    floor of about 1e-7 under |Gauss − exact|, so the 1e-8 check gives it float64 arithmetic (the same formula).
+    W_post is post-trained: at initialisation the padding row is 0, so at padding positions the first RMSNorm
+    divides by nearly ``sqrt(t²·mean(E²) + eps)``, whose complex zeros near t = 0 slow any quadrature down."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tests.tiny_models import make_post_trained, make_tiny_model
+
+    if norm == "float64":
+        monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_float64)
+    model = make_post_trained(make_tiny_model("llama", dtype=torch.float64), scale=0.01)
+    assert model.model.embed_tokens.padding_idx == 0 == model.config.pad_token_id
+    rows = token_dataset(16)
+    for row in rows:
+        row["input_ids"][6] = 0  # the padding token ends a turn mid-sequence, as eos does when it is also pad
+    edits = random_edits(model, scale=0.01)
+    loader = DataLoader(rows, batch_size=8)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+    post = {name: value.clone() for name, value in model.state_dict().items()}
+
+    module = DeltaEditModule(model, pretrained=None, edit=edits)
+    callback = RiemannCallback(rule="gauss", num_points=16, filename=None)
+    run_validate(module, loader, callback)
+    assert callback.result.exact == pytest.approx(exact, rel=1e-10)
+    assert callback.result.term == pytest.approx(exact, rel=rtol)
+    module.drop_edit()
+    assert model.model.embed_tokens.padding_idx == 0 and not model.model.embed_tokens._forward_pre_hooks
+    assert model.state_dict().keys() == post.keys()
+    assert all(torch.equal(value, post[name]) for name, value in model.state_dict().items())

@@ -30,6 +30,7 @@ from lightning_delta.edits import DeltaEdit, build
 from lightning_delta.edits.bitdelta import paper_bits
 from lightning_delta.edits.lowrank import resolve_rank
 from lightning_delta.losses import CausalLMLoss
+from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.plots import edit_family, edit_label, edit_parameters, magnitude_blocks
 from lightning_delta.sweep import SweepRow
 
@@ -204,13 +205,15 @@ def revert_cost(settings: Sequence[Setting], dataset: str = TEST, scale: float =
 # ----------------------------------------------------------------------------------------------- Eq. 6 terms
 def loss_gradient(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """∇L(W) of the mean answer loss (:class:`~lightning_delta.losses.CausalLMLoss`, the loss the sweep measures)
-    over ``batch``, for every parameter; the model's flags and ``.grad`` are left as they were."""
+    over ``batch``, for every parameter (an embedding's padding row included: :mod:`lightning_delta.padding`); the
+    model's flags and ``.grad`` are left as they were."""
     parameters = dict(model.named_parameters())
     flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
     try:
         for parameter in parameters.values():
             parameter.requires_grad_(True)
-        output = CausalLMLoss()(model, batch)
+        with true_embedding_gradients(model.modules()):
+            output = CausalLMLoss()(model, batch)
         loss = output.total / output.count
         gradients = torch.autograd.grad(loss, list(parameters.values()))
     finally:

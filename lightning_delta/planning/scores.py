@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_delta.delta import Patterns, Weights, iter_delta
+from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.parametrize import inner_product
 from lightning_delta.planning.family import Family
 
@@ -63,6 +64,7 @@ def gradient_statistics(
     Three float32 sums per tensor (float64 for float64 weights), ``Σ G_b``, ``Σ G_b²`` and ``Σ n_b G_b``, are
     accumulated as autograd produces each batch's gradient, and the parameter's ``.grad`` is freed at once:
     ``F̂ = (Σ G_b² − 2 g ⊙ Σ n_b G_b + g² Σ n_b²) / N + g²``. One process: nothing is reduced across processes.
+    An ``nn.Embedding``'s padding row gets its gradient like every other row (:mod:`lightning_delta.padding`).
 
     Args:
         target: has ``riemann_prepare(batch)`` and ``riemann_loss(batch, batch_idx) -> LossOutput`` (a
@@ -105,7 +107,7 @@ def gradient_statistics(
         hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
     count, count_squares, batches = 0.0, 0.0, 0
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), true_embedding_gradients(model.modules()):
             for loader in loaders:
                 for batch_idx, batch in enumerate(loader):
                     batch = target.riemann_prepare(move_data_to_device(batch, device))
