@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_delta._loading import load_model
 from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
-from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_classnames, get_templates
+from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_templates
+from lightning_delta.datamodules.task_classnames import get_classnames
 from lightning_delta.datamodules.vision_parquet import ParquetImages
 
 __all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "expected_layout"]
