@@ -46,6 +46,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_delta.cache import cache_root
 from lightning_delta.shipped import resolve_config_argument
 
 __all__ = [
@@ -219,12 +220,18 @@ def help_cache_dir() -> Path:
     """Where the help made in this environment is kept: ``$LIGHTNING_DELTA_CACHE/help``, else
     ``$XDG_CACHE_HOME/lightning_delta/help``, else ``~/.cache/lightning_delta/help``; one folder per environment (a
     hash of the interpreter's prefix and the package's location), so that two virtual environments never share it."""
-    if os.environ.get("LIGHTNING_DELTA_CACHE"):
-        base = Path(os.environ["LIGHTNING_DELTA_CACHE"])
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_delta"
     environment = hashlib.sha256(f"{sys.prefix}\0{Path(__file__).resolve().parent}".encode()).hexdigest()[:16]
-    return base / "help" / environment
+    return cache_root() / "help" / environment
+
+
+def imported_package_files() -> list[str]:
+    """The package modules imported so far, as paths relative to the package: what a help just made was made from."""
+    root = Path(__file__).resolve().parent
+    return sorted(
+        Path(module.__file__).resolve().relative_to(root).as_posix()
+        for name, module in list(sys.modules.items())
+        if name.startswith("lightning_delta") and name != "lightning_delta._help" and getattr(module, "__file__", None)
+    )
 
 
 def _cached_help(command: str) -> str | None:
@@ -240,12 +247,7 @@ def _cached_help(command: str) -> str | None:
 def _cache_help(command: str, text: str) -> None:
     """Keep ``text``, the live help of ``command`` just made in this process, with what it was made from (the package
     modules imported so far). A cache that cannot be written is left alone: the help was printed all the same."""
-    root = Path(__file__).parent
-    files = sorted(
-        Path(module.__file__).resolve().relative_to(root.resolve()).as_posix()
-        for name, module in list(sys.modules.items())
-        if name.startswith("lightning_delta") and name != "lightning_delta._help" and getattr(module, "__file__", None)
-    )
+    files = imported_package_files()
     path = help_cache_dir() / f"{command}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,17 +290,10 @@ def generate_help() -> dict[str, Any]:
     last (:data:`COMMANDS`' order)."""
     if shutil.get_terminal_size().columns != HELP_WIDTH:
         raise RuntimeError(f"generate_help formats for {HELP_WIDTH} columns: run it with COLUMNS={HELP_WIDTH}.")
-    root = Path(__file__).parent
     texts, fingerprints = {}, {}
     for command in COMMANDS:
         texts[command] = live_help(command)
-        files = sorted(
-            Path(module.__file__).relative_to(root).as_posix()
-            for name, module in list(sys.modules.items())
-            if name.startswith("lightning_delta") and name != "lightning_delta._help"
-            and getattr(module, "__file__", None)
-        )
-        fingerprints[command] = fingerprint(files)
+        fingerprints[command] = fingerprint(imported_package_files())
     return {"help": texts, "fingerprints": fingerprints}
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_delta.cache import cache_root
 from lightning_delta.demo.digits import (
     BOS_TOKEN,
     SEQUENCE_LENGTH,
@@ -101,11 +102,10 @@ class DemoPair:
 
 
 def default_cache_dir() -> Path:
-    """``$LIGHTNING_DELTA_CACHE/demo``, else ``$XDG_CACHE_HOME/lightning_delta/demo``, else ``~/.cache/...``."""
-    if os.environ.get("LIGHTNING_DELTA_CACHE"):
-        return Path(os.environ["LIGHTNING_DELTA_CACHE"]) / "demo"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lightning_delta" / "demo"
+    """``demo/`` under the library's cache folder (:func:`~lightning_delta.cache.cache_root`):
+    ``$LIGHTNING_DELTA_CACHE/demo``, else ``$XDG_CACHE_HOME/lightning_delta/demo``, else
+    ``~/.cache/lightning_delta/demo``."""
+    return cache_root() / "demo"
 
 
 class CausalLMTraining(pl.LightningModule):
