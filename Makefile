@@ -26,7 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks
 
 # Refresh the lock to the newest releases that pyproject.toml's ranges admit (then run `make test`, and commit the
-# lock with lightning_delta/_help.py written anew: python -c "import lightning_delta.cli as c; c.write_stored_help()").
+# lock with lightning_delta/cli/_help.py written anew: python -c "import lightning_delta.cli as c; c.write_stored_help()").
 lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet "pip-tools==7.7.0"

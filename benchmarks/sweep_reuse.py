@@ -1,7 +1,7 @@
 """A sweep that reuses work between its points against one that does not: ``python -m benchmarks.sweep_reuse``.
 
 Each grid runs with ``sweep.reuse`` true (the default: W_post loaded once, the accuracy at W_post measured once per
-data set, :class:`lightning_delta.runner.SweepReuse`) and false (every point loads the model and runs the evaluator
+data set, :class:`lightning_delta.sweep.reuse.SweepReuse`) and false (every point loads the model and runs the evaluator
 at t = 0 itself, as before), each run in a fresh process, the two alternating in order between rounds:
 
 ``demo``
@@ -17,7 +17,7 @@ at t = 0 itself, as before), each run in a fresh process, the two alternating in
     demo's evaluator, two threads. The pair is written once under ``--cache`` (8.8 GB).
 
 Every run's rows are compared field by field, all but ``started`` and ``seconds``, and must be equal: the script
-fails otherwise. Printed: a Markdown table of the wall time of each sweep (the whole ``runner.sweep`` call, set-up
+fails otherwise. Printed: a Markdown table of the wall time of each sweep (the whole ``sweep`` call, set-up
 included) and the ratios, round by round.
 """
 
@@ -100,7 +100,7 @@ def sweep_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One sweep of ``spec["grid"]`` with ``sweep.reuse`` = ``spec["reuse"]`` into a fresh results file."""
     import torch
 
-    from lightning_delta.runner import sweep
+    from lightning_delta.sweep.run import sweep
 
     torch.set_num_threads(spec["threads"])
     output = Path(spec["output"])  # the same for every run: it is part of the rows' config
@@ -126,7 +126,8 @@ def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
     load, so the ratio of their sums is steadier on a busy machine than that of two whole sweeps."""
     import torch
 
-    from lightning_delta.runner import SweepReuse, run_point, sweep_points
+    from lightning_delta.sweep.reuse import SweepReuse
+    from lightning_delta.sweep.run import run_point, sweep_points
 
     torch.set_num_threads(spec["threads"])
     output = Path(spec["output"])

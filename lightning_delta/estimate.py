@@ -69,9 +69,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lightning_delta.callbacks.quadrature import check_rule, schedule
+from lightning_delta.cli.parser import DeltaCLI
 from lightning_delta.datamodules import ZeroShotClassifier, get_classnames
 from lightning_delta.delta import delta_dtype, delta_names
-from lightning_delta.callbacks.quadrature import check_rule, schedule
 from lightning_delta.edits.base import CHUNK_NUMEL
 from lightning_delta.losses import build_loss
 from lightning_delta.parametrize import (
@@ -80,7 +81,6 @@ from lightning_delta.parametrize import (
     check_E_dtype,
     stored_dtype,
 )
-from lightning_delta.runner import DeltaCLI
 
 __all__ = ["LiveTensorBytes", "MemoryEstimate", "estimate", "estimate_memory", "meta_model"]
 

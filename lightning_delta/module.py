@@ -74,7 +74,7 @@ class DeltaEditModule(pl.LightningModule):
 
     loss_measured_by_sweep = False  # set by RiemannCallback while it measures the loss at every t
     # the accuracy at t = 0 (W_post) on this data, when a sweep measured it at an earlier point: the evaluator then
-    # runs at t = 1 only (lightning_delta.runner.SweepReuse)
+    # runs at t = 1 only (lightning_delta.sweep.reuse.SweepReuse)
     accuracy_post_given: float | None = None
 
     def __init__(

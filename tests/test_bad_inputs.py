@@ -288,7 +288,7 @@ def _swapped_order(tmp: Path):
 
 
 def _sweep_grid(tmp: Path, grid: dict):
-    from lightning_delta.runner import sweep_points
+    from lightning_delta.sweep.run import sweep_points
     from tests.test_sweep import digits_config
 
     sweep_points(digits_config(tmp, grid, tmp / "results.jsonl"))

@@ -13,7 +13,8 @@ import yaml
 
 from lightning_delta.cli import run
 from lightning_delta.edits import DARE
-from lightning_delta.runner import DeltaCLI, sweep_points
+from lightning_delta.cli.parser import DeltaCLI
+from lightning_delta.sweep.run import sweep_points
 from tests.test_plots import sweep_row
 from tests.test_sweep import digits_config, without_timings
 
@@ -270,9 +271,10 @@ def test_validate_and_sweep_help_show_the_analysis_config(command, only_there, c
         assert argument in out
 
 
-@pytest.mark.parametrize("module", ["sweep", "plots", "runner", "demo", "cli"])
+@pytest.mark.parametrize("module", ["sweep", "sweep.run", "plots", "cli.parser", "cli.commands", "demo", "cli"])
 def test_each_module_imports_first(module):
-    """Imports point downward (sweep < plots < runner < demo < cli): any of them can be the first one imported."""
+    """Imports point downward (sweep < plots < cli.parser < sweep.run < demo < cli): any of them can be the first one
+    imported."""
     import subprocess
     import sys
 
@@ -286,7 +288,7 @@ def test_the_model_section_has_the_module_arguments():
 
     from lightning_delta.losses import LOSSES
     from lightning_delta.module import DeltaEditModule
-    from lightning_delta.runner import LossName, delta_edit_module
+    from lightning_delta.cli.parser import LossName, delta_edit_module
 
     section = inspect.signature(delta_edit_module).parameters
     module = dict(inspect.signature(DeltaEditModule).parameters)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import lightning_delta.cli as cli
+import lightning_delta.cli.help as cli_help
 from tests.locked import requires_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def console(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
             timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
     """``lightning-delta *args`` as a user runs it, and its wall-clock seconds."""
     environment = {key: value for key, value in os.environ.items()
-                   if key not in (cli.DEBUG_ENV, cli.HELP_ENV, "COLUMNS") and not key.startswith("JSONARGPARSE_")}
+                   if key not in (cli.DEBUG_ENV, cli_help.HELP_ENV, "COLUMNS") and not key.startswith("JSONARGPARSE_")}
     environment.update(env or {})
     started = time.perf_counter()
     done = subprocess.run([str(CONSOLE), *args], cwd=cwd, env=environment, capture_output=True, text=True,
@@ -44,19 +45,19 @@ def console(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 def stored_help() -> dict[str, str]:
-    import lightning_delta._help as stored
+    import lightning_delta.cli._help as stored
 
     return stored.HELP
 
 
 @requires_lock
 def test_the_stored_help_is_current():
-    import lightning_delta._help as stored
+    import lightning_delta.cli._help as stored
 
     stale = [command for command, made_from in stored.FINGERPRINTS.items()
              if made_from != cli.fingerprint(made_from["files"])]
     assert not stale, (
-        f"What the help of {stale} shows changed since lightning_delta/_help.py was written, so their --help falls "
+        f"What the help of {stale} shows changed since lightning_delta/cli/_help.py was written, so their --help falls "
         f"back to the live parsers (seconds): run {REGENERATE}.")
 
 
@@ -65,7 +66,7 @@ def test_the_stored_help_is_current():
 def test_the_stored_help_is_what_the_live_parsers_print():
     """Each command's stored help equals the live parser's (built in a fresh process, as write_stored_help does), and
     was made from the package's current sources and libraries."""
-    import lightning_delta._help as stored
+    import lightning_delta.cli._help as stored
 
     generated = cli.generated_help()
     stale = [command for command in cli.COMMANDS if generated["help"][command] != stored.HELP.get(command)]
@@ -74,14 +75,14 @@ def test_the_stored_help_is_what_the_live_parsers_print():
 
 
 def test_a_change_that_the_help_can_show_makes_it_live(tmp_path):
-    """Outside cli.py and runner.py, function bodies and methods other than __init__ leave the fingerprint as it is;
-    a docstring, a signature, module-level code, a class attribute or __init__ change it; so does any change to
-    cli.py or runner.py."""
+    """Outside the cli package, function bodies and methods other than __init__ leave the fingerprint as it is;
+    a docstring, a signature, module-level code, a class attribute or __init__ change it; so does any change to a
+    file of the cli package."""
     source = tmp_path / "module.py"
 
     def digest(text: str, name: str = "module.py") -> bytes:
         source.write_text(text)
-        return cli._help_source(source, name)
+        return cli_help._help_source(source, name)
 
     base = ('X = 1\n\ndef f(a: int = 1):\n    """Doc."""\n    return a\n\n\nclass C:\n    """Class doc."""\n\n'
             '    y: int = 0\n\n    def __init__(self, b: int = 1):\n        self.b = b\n\n    def g(self):\n'
@@ -94,7 +95,7 @@ def test_a_change_that_the_help_can_show_makes_it_live(tmp_path):
                     base.replace("y: int = 0", "y: int = 1"), base.replace("self.b = b", "self.b = -b"),
                     base.replace("b: int = 1", "b: int = 2")):
         assert digest(changed) != digest(base), changed
-    assert digest(base, "runner.py") != digest(base.replace("return a", "return a + 1"), "runner.py")
+    assert digest(base, "cli/parser.py") != digest(base.replace("return a", "return a + 1"), "cli/parser.py")
 
 
 def check_help(command: str, done: subprocess.CompletedProcess) -> None:
@@ -139,7 +140,7 @@ def test_help_outside_the_locked_environment_is_made_once_and_kept(tmp_path, mon
     change that the help can show (the fingerprint) makes it live again; another environment has its own folder."""
     monkeypatch.setenv("LIGHTNING_DELTA_CACHE", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "100")
-    monkeypatch.setattr(cli, "_stored_help", lambda command: None)
+    monkeypatch.setattr(cli_help, "_stored_help", lambda command: None)
     live = cli.live_help
     built = []
 
@@ -147,7 +148,7 @@ def test_help_outside_the_locked_environment_is_made_once_and_kept(tmp_path, mon
         built.append(command)
         return live(command)
 
-    monkeypatch.setattr(cli, "live_help", counted)
+    monkeypatch.setattr(cli_help, "live_help", counted)
     first = cli.help_text("plot")
     assert built == ["plot"] and (cli.help_cache_dir() / "plot.json").is_file()
     monkeypatch.setenv("COLUMNS", str(cli.HELP_WIDTH))
@@ -155,10 +156,10 @@ def test_help_outside_the_locked_environment_is_made_once_and_kept(tmp_path, mon
     assert cli.help_text("plot") == first and built == ["plot"]
 
     real_fingerprint = cli.fingerprint
-    monkeypatch.setattr(cli, "fingerprint", lambda files: {**real_fingerprint(files), "python": "2.7"})
+    monkeypatch.setattr(cli_help, "fingerprint", lambda files: {**real_fingerprint(files), "python": "2.7"})
     assert cli.help_text("plot") == first and built == ["plot", "plot"]
 
-    monkeypatch.setattr(cli.sys, "prefix", str(tmp_path / "another-venv"))
+    monkeypatch.setattr(cli_help.sys, "prefix", str(tmp_path / "another-venv"))
     assert cli.help_cache_dir() != tmp_path / "help" and cli.help_cache_dir().parent == tmp_path / "help"
 
 
@@ -222,7 +223,7 @@ def test_help_names_and_describes_the_library_classes():
 
 def test_validate_and_sweep_help_are_their_own():
     """Item 4: sweep's help is sweep's (usage, description); validate's leaves out the sweep section."""
-    from lightning_delta.runner import SWEEP_DESCRIPTION, VALIDATE_DESCRIPTION
+    from lightning_delta.cli.help_format import SWEEP_DESCRIPTION, VALIDATE_DESCRIPTION
 
     sweep_help, _ = console("sweep", "--help")
     assert sweep_help.stdout.startswith("usage: lightning-delta sweep [-c CONFIG]")
@@ -327,7 +328,7 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     shutil.move(pair.post_dir, work / "post")
     (work / "gsm8k.jsonl").write_text("\n".join(readme_examples()[0]) + "\n")
     env = {**os.environ, "PATH": f"{CONSOLE.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env = {key: value for key, value in env.items() if key not in (cli.DEBUG_ENV, cli.HELP_ENV)}
+    env = {key: value for key, value in env.items() if key not in (cli.DEBUG_ENV, cli_help.HELP_ENV)}
     outputs = []
     for command in readme_commands():
         assert shlex.split(command)[0] == "lightning-delta"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lightning_delta.cli import run
-from lightning_delta.runner import DeltaCLI
+from lightning_delta.cli.parser import DeltaCLI
 from lightning_delta.sweep import expand_grid
 from tests.datamodule_fixtures import (
     write_fusionbench_repository,

@@ -267,7 +267,9 @@ def _row(edit: dict, exact: float, first: float = 0.0, term: float | None = None
     inner = [first + (2 * exact - 2 * first) * c / num_points for c in range(num_points + 1)]
     result = RiemannResult(num_points=num_points, count=1.0, losses=[1.0, 1.0 + exact], inner_products=inner,
                            term=exact if term is None else term, trapezoid=None, exact=exact, loss_post=1.0,
-                           loss_edit=1.0 + exact, accuracy_post=0.8, accuracy_edit=accuracy)
+                           loss_edit=1.0 + exact, accuracy_post=0.8, accuracy_edit=accuracy, rule="left",
+                           points=[c / num_points for c in range(num_points + 1)],
+                           weights=[1 / num_points] * num_points + [0.0])
     return SweepRow(key=f"{edit}-{data}-{pretrained}", index=0, overrides={}, edit=edit, dataset=data, result=result,
                     config={"model": {"pretrained": pretrained}}, versions={}, started="", seconds=0.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_delta.demo.analysis import quadrature_findings, quadrature_grid
-from lightning_delta.runner import sweep
+from lightning_delta.sweep.run import sweep
 from lightning_delta.sweep import expand_grid
 from tests.test_sweep import digits_config
 

@@ -28,7 +28,9 @@ def sweep_row(edit: dict, dataset: str, term: float, exact: float, accuracy: flo
     result = RiemannResult(num_points=num_points, count=1.0, losses=losses, inner_products=inner, term=term,
                            trapezoid=exact, exact=exact, loss_post=1.0, loss_edit=1.0 + exact,
                            accuracy_post=None if accuracy is None else 0.8, accuracy_edit=accuracy,
-                           term_per_group=groups)
+                           term_per_group=groups, rule="left",
+                           points=[c / num_points for c in range(num_points + 1)],
+                           weights=[1 / num_points] * num_points + [0.0])
     return SweepRow(key=f"{edit}-{dataset}", index=0, overrides={}, edit=edit, dataset=dataset, result=result,
                     config={}, versions={}, started="2025-01-01T00:00:00+0000", seconds=0.0)
 

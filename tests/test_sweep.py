@@ -23,7 +23,8 @@ from lightning_delta import DeltaEditModule
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.demo.digits import answer_accuracy
 from lightning_delta.edits import DARE
-from lightning_delta.runner import SweepReuse, sweep
+from lightning_delta.sweep.reuse import SweepReuse
+from lightning_delta.sweep.run import sweep
 from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
@@ -150,7 +151,8 @@ def test_results_file_torn_last_line_is_cut_and_corruption_raises(tmp_path):
 def _row(point: SweepPoint, value: float = 0.0) -> SweepRow:
     """The row of a point whose result is ``value`` (as term and exact ΔL), without running anything."""
     result = RiemannResult(num_points=1, count=1.0, losses=[1.0, 1.0 + value], inner_products=[value, value],
-                           term=value, trapezoid=value, exact=value, loss_post=1.0, loss_edit=1.0 + value)
+                           term=value, trapezoid=value, exact=value, loss_post=1.0, loss_edit=1.0 + value,
+                           rule="left", points=[0.0, 1.0], weights=[1.0, 0.0])
     return SweepRow.of(point, {"name": "square"}, result, time.time())
 
 
@@ -166,15 +168,12 @@ def test_rows_read_back_equal_to_what_was_written(tmp_path):
     assert read.result.term == 0.25 and read.edit == {"name": "square"}
 
 
-def test_rows_of_the_previous_format_are_read_with_their_accuracy(tmp_path):
-    """Rows written before SweepRow copied five numbers into "metrics" and held the accuracies only there."""
-    old = _row(SweepPoint({}, {"i": 0}), 0.5).to_dict()
-    del old["result"]["accuracy_post"], old["result"]["accuracy_edit"]
-    old["metrics"] = {"term": 0.5, "trapezoid": 0.5, "exact": 0.5, "loss_post": 1.0, "loss_edit": 1.5,
-                      "accuracy_post": 0.75, "accuracy_edit": 0.5}
-    row = SweepRow.from_dict(old)
-    assert (row.result.accuracy_post, row.result.accuracy_edit) == (0.75, 0.5)
-    assert row.result.term == 0.5
+def test_a_row_with_fields_of_no_release_is_refused_by_name(tmp_path):
+    """Version 0.1.0 reads only its own rows: a "metrics" copy of the result is an unknown field, named."""
+    row = _row(SweepPoint({}, {"i": 0}), 0.5).to_dict()
+    row["metrics"] = {"term": 0.5}
+    with pytest.raises(ValueError, match=r"unknown fields \['metrics'\]"):
+        SweepRow.from_dict(row)
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -477,7 +476,7 @@ SWEEP_ON_TWO_PROCESSES = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from lightning_delta.runner import sweep
+from lightning_delta.sweep.run import sweep
 config = json.loads(sys.argv[1])
 sweep(config, progress=False)
 """

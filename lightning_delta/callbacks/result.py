@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -15,6 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_delta.callbacks.quadrature import Schedule, schedule
+from lightning_delta.edits import EDITS
 
 __all__ = ["RiemannSums", "RiemannResult", "module_groups"]
 
@@ -86,23 +88,18 @@ class RiemannResult:
     exact: float
     loss_post: float
     loss_edit: float
+    rule: str  # the quadrature rule (lightning_delta.callbacks.quadrature)
+    points: list[float]  # t of every point
+    weights: list[float]  # the rule's weight at each point (0 where it only measured the loss)
     accuracy_post: float | None = None  # the task's accuracy at W_post (t = 0), when the target has an evaluator
     accuracy_edit: float | None = None  # and at W_pre + F(ΔW) (t = 1)
     term_per_tensor: dict[str, float] = field(default_factory=dict)
     term_per_group: dict[str, float] = field(default_factory=dict)
     inner_products_per_tensor: dict[str, list[float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    rule: str = "left"
-    points: list[float] = field(default_factory=list)  # t of every point (rows written before rules: c/C)
-    weights: list[float] = field(default_factory=list)
     passes: int | None = None
     completeness_gap: float | None = None
     error_per_tensor: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.points and self.rule == "left":  # a row of a version before the rules: the left rule's points
-            self.points = [c / self.num_points for c in range(self.num_points + 1)]
-            self.weights = [1.0 / self.num_points if c < self.num_points else 0.0 for c in range(self.num_points + 1)]
 
     @classmethod
     def from_sums(
@@ -196,7 +193,7 @@ class RiemannResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RiemannResult:
-        """The result that :meth:`to_dict` gave ``data``; fields with defaults may be missing (rows of older versions).
+        """The result that :meth:`to_dict` gave ``data``; fields with defaults may be missing.
 
         Raises:
             ValueError: naming the missing required fields and the unknown ones.
@@ -211,6 +208,47 @@ class RiemannResult:
                 f"{', '.join(known)}; {', '.join(required)} are required."
             )
         return cls(**data)
+
+    def table(self, dataset: str = "", written: str | os.PathLike | None = None, top: int = 5) -> str:
+        """The result as a few lines: term, trapezoid, exact ΔL, the losses, the accuracy, and the ``top`` modules by
+        |term| (a module's term is the sum of its tensors'); ``dataset`` names the data in the title and ``written``
+        the file the result went to."""
+        edit = self.config.get("edit") or {}
+        name = EDITS[edit["name"]].__name__ if edit.get("name") in EDITS else edit.get("name", "the edit")
+        arguments = ", ".join(f"{key}={value}" for key, value in edit.items() if key != "name")
+        title = f"Riemann analysis of {name}({arguments})" + (f" on {dataset}" if dataset else "")
+        points = f"C = {self.num_points}" if self.rule in ("left", "trapezoid") else f"{self.passes} nodes"
+        title += f", {points}, mean over {self.count:g} items (tokens or examples)"
+        rows = [
+            (f"term ({self.rule} rule)", f"{self.term:+.6g}"),
+            ("trapezoid", "-" if self.trapezoid is None else f"{self.trapezoid:+.6g}"),
+            ("exact ΔL", f"{self.exact:+.6g}"),
+            ("loss W_post -> edited", f"{self.loss_post:.6g} -> {self.loss_edit:.6g}"),
+        ]
+        if self.rule != "left":
+            rows.append(("|term − exact ΔL|", f"{self.completeness_gap:.3g} ({self.passes} backward passes)"))
+        if self.error_per_tensor:
+            rows.append(("error estimate", f"{max(self.error_per_tensor.values()):.3g} (largest per tensor)"))
+        if self.accuracy_post is not None and self.accuracy_edit is not None:
+            rows.append(("accuracy W_post -> edited",
+                         f"{100 * self.accuracy_post:.2f}% -> {100 * self.accuracy_edit:.2f}%"))
+        modules: dict[str, float] = {}
+        for tensor, value in self.term_per_tensor.items():
+            module = tensor.rsplit(".", 1)[0] if "." in tensor else tensor
+            modules[module] = modules.get(module, 0.0) + value
+        largest = sorted(modules.items(), key=lambda item: abs(item[1]), reverse=True)[:top]
+        width = max(len(label) for label, _ in rows)
+        lines = [title] + [f"  {label.ljust(width)}  {value}" for label, value in rows]
+        if largest:
+            lines.append(f"  top {len(largest)} of {len(modules)} modules by |term|:")
+            module_width = max(len(module) for module, _ in largest)
+            lines += [f"    {module.ljust(module_width)}  {value:+.4g}" for module, value in largest]
+        if written is not None:
+            written = Path(written)
+            if written.is_absolute() and written.is_relative_to(Path.cwd()):
+                written = written.relative_to(Path.cwd())
+            lines.append(f"  written to {written}")
+        return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -5,7 +5,7 @@
    prediction, some answers), then briefly post-trained on the answers: ΔW is about 4 % of ‖W_pre‖ (printed per
    module). Every machine analyses the same weights; ``train=True`` trains the pairs here instead
    (:func:`~lightning_delta.demo.pair.build_pair`, cached), reported as "your pair".
-2. For each pair, a sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.runner.sweep`:
+2. For each pair, a sweep through the same code as ``lightning-delta sweep`` (:func:`lightning_delta.sweep.run.sweep`:
    ``trainer.validate`` + ``RiemannCallback``, C = 5) over the grid of ``configs/demo.yaml``, every randomised
    edit under five mask seeds; then the delta-scale experiment, the same edits with W_pre moved to ``W_post − s·ΔW``.
 3. Eq. 6's expectation from one gradient at W_post (:func:`~lightning_delta.demo.analysis.first_order_terms`).
@@ -62,7 +62,7 @@ from lightning_delta.demo.pair import (
 )
 from lightning_delta.edits import DARE
 from lightning_delta.plots import plot_all, plot_delta_scale
-from lightning_delta.runner import sweep
+from lightning_delta.sweep.run import sweep
 from lightning_delta.sweep import SweepRow, expand_grid
 
 __all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "demo", "demo_config", "demo_grid",
