@@ -23,7 +23,6 @@ from lightning_delta.demo import PairSettings, build_pair, demo_grid, sweep_agre
 from lightning_delta.demo.analysis import (
     COMPETITIVE,
     Finding,
-    aggregate,
     edit_sizes,
     findings,
     findings_table,
@@ -33,7 +32,6 @@ from lightning_delta.demo.analysis import (
     lowrank_density,
     over_pairs_table,
     regime_table,
-    stat,
     table1,
 )
 from lightning_delta.demo.digits import (
@@ -54,6 +52,7 @@ from lightning_delta.demo.pair import (
     shipped_pair,
 )
 from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, SignBiased
+from lightning_delta.rows import aggregate, stat
 from lightning_delta.sweep import SweepRow, expand_grid
 from tests.locked import requires_lock
 

@@ -3,7 +3,8 @@
 Everything here is arithmetic on sweep rows (:class:`~lightning_delta.sweep.SweepRow`) and on a few tensors; nothing
 runs a model except :func:`loss_gradient`. The demo (:mod:`lightning_delta.demo`) calls these after its sweep:
 
-* :func:`aggregate`: the rows that differ only in the edit's seed, as one setting with mean ± sample std;
+* :func:`~lightning_delta.rows.aggregate`: the rows that differ only in the edit's seed, as one setting with mean ±
+  sample std (:mod:`lightning_delta.rows`, which the figures read too);
 * :func:`first_order_terms`: Eq. 6's quantity ``⟨∇L(W_post), F(ΔW) − ΔW⟩`` for many masks, from one gradient;
 * :func:`findings`: one :class:`Finding` per claim of the paper, its numbers and whether it holds here;
 * :func:`table1`: the paper's Table 1 in its layout (k; random, sign-biased, gradient-biased), from the rows;
@@ -20,26 +21,23 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_delta.edits import DeltaEdit, build
-from lightning_delta.edits.bitdelta import paper_bits
+from lightning_delta.edits.bitdelta import magnitude_blocks, paper_bits
 from lightning_delta.edits.lowrank import resolve_rank
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.padding import true_embedding_gradients
-from lightning_delta.plots import edit_family, edit_label, edit_parameters, magnitude_blocks
+from lightning_delta.rows import Setting, aggregate, edit_family, edit_label, edit_parameters, stat
 from lightning_delta.sweep import SweepRow
 
 __all__ = [
     "COMPETITIVE",
     "Finding",
-    "Setting",
-    "Stat",
-    "aggregate",
     "findings",
     "holds",
     "over_pairs_table",
@@ -54,7 +52,6 @@ __all__ = [
     "regime_table",
     "revert_cost",
     "settings_table",
-    "stat",
     "table1",
 ]
 
@@ -63,37 +60,6 @@ TEST = "Digits/test"
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (``n − 1`` in the denominator; 0 for one value) of ``values``."""
-
-    mean: float
-    std: float
-    n: int
-    values: tuple[float, ...] = ()
-
-    def __str__(self) -> str:
-        if self.n == 1:
-            return f"{self.mean:+.4f}"
-        return f"{self.mean:+.4f} ± {self.std:.4f}"
-
-
-def stat(values: Iterable[float]) -> Stat:
-    """:class:`Stat` of ``values``, summed in float64 (``math.fsum``).
-
-    Example:
-        >>> str(stat([0.1, 0.3])), stat([2.0]).std
-        ('+0.2000 ± 0.1414', 0.0)
-    """
-    values = tuple(float(value) for value in values)
-    if not values:
-        raise ValueError("stat() needs at least one value.")
-    n = len(values)
-    mean = math.fsum(values) / n
-    variance = math.fsum((value - mean) ** 2 for value in values) / (n - 1) if n > 1 else 0.0
-    return Stat(mean, math.sqrt(variance), n, values)
-
-
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """The least-squares slope of ``log y`` against ``log x``: the exponent ``a`` of ``y ≈ b·x^a``.
 
@@ -109,78 +75,6 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- settings
-def _scale_of(row: SweepRow, scales: Mapping[str, float] | None) -> float:
-    pretrained = (row.config.get("model") or {}).get("pretrained")
-    return 1.0 if scales is None or pretrained is None else scales.get(str(pretrained), 1.0)
-
-
-@dataclass
-class Setting:
-    """The rows of one setting (edit, its arguments but the seed, data set, delta scale) and their statistics."""
-
-    family: str  # edit_family of the rows: dare, drop_only, bitdelta, ...
-    edit: dict[str, Any]  # the edit's arguments without the seed
-    dataset: str
-    scale: float  # s of W_pre = W_post − s·ΔW (1: the pair itself)
-    rows: list[SweepRow] = field(default_factory=list)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [int(row.edit.get("seed", 0)) for row in self.rows]
-
-    @property
-    def randomised(self) -> bool:
-        return len(set(self.seeds)) > 1
-
-    @property
-    def exact(self) -> Stat:
-        return stat(row.result.exact for row in self.rows)
-
-    @property
-    def term(self) -> Stat:
-        return stat(row.result.term for row in self.rows)
-
-    @property
-    def first_order(self) -> Stat:
-        """``⟨∇L(W_post), E⟩``, the c = 0 summand: ΔL to first order at W_post."""
-        return stat(row.result.inner_products[0] for row in self.rows)
-
-    @property
-    def curvature(self) -> Stat:
-        """``ΔL − ⟨∇L(W_post), E⟩``: what the first order at W_post misses (the curvature along the path)."""
-        return stat(row.result.exact - row.result.inner_products[0] for row in self.rows)
-
-    @property
-    def accuracy(self) -> Stat | None:
-        values = [row.result.accuracy_edit for row in self.rows]
-        return None if any(value is None for value in values) else stat(values)
-
-    def by_seed(self) -> dict[int, SweepRow]:
-        return {int(row.edit.get("seed", 0)): row for row in self.rows}
-
-    def inner_products(self) -> list[Stat]:
-        """``⟨∇L(W_post + (c/C)E), E⟩`` for c = 0 … C − 1, over the rows (Eq. 1's summands)."""
-        num_points = self.rows[0].result.num_points
-        return [stat(row.result.inner_products[c] for row in self.rows) for c in range(num_points)]
-
-    def label(self) -> str:
-        return f"{self.family} {edit_parameters(self.rows[0])}".strip()
-
-
-def aggregate(rows: Iterable[SweepRow], scales: Mapping[str, float] | None = None) -> list[Setting]:
-    """The rows grouped into settings: equal edit arguments apart from ``seed``, equal data set and delta scale;
-    in order of first appearance. ``scales`` maps a pre-trained directory to its ``s`` (others count as 1)."""
-    groups: dict[tuple, Setting] = {}
-    for row in rows:
-        edit = {key: value for key, value in row.edit.items() if key != "seed"}
-        scale = _scale_of(row, scales)
-        key = (edit_family(row), tuple(sorted((k, repr(v)) for k, v in edit.items())), row.dataset, scale)
-        if key not in groups:
-            groups[key] = Setting(edit_family(row), edit, row.dataset, scale)
-        groups[key].rows.append(row)
-    return list(groups.values())
-
-
 def _find(settings: Sequence[Setting], family: str, dataset: str = TEST, scale: float = 1.0,
           **params: Any) -> Setting | None:
     for setting in settings:
