@@ -35,7 +35,8 @@ lines' edit arguments, its data set panels) are never drawn as one line: they ar
 the settings that tell it apart (:func:`setting_labels`), e.g. ``k=0, C=5``.
 
 Each figure is a :class:`matplotlib.figure.Figure` of its own, saved with ``savefig``: no pyplot state, no backend
-chosen for the whole process. The edits are named by their classes' ``label`` (``BitDelta.label``).
+chosen for the whole process. The edits are named by their classes' ``label`` (``BitDelta.label``), and rows by
+:mod:`lightning_delta.rows` (``dare p=0.5 k=0``), which also gives the mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -51,12 +52,11 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lightning_delta.edits import BitDelta, Extrapolate
+from lightning_delta.edits.bitdelta import magnitude_blocks
+from lightning_delta.rows import edit_family, edit_label, format_number, randomised, stat
 from lightning_delta.sweep import DATASET_KEYS, VOLATILE_KEYS, SweepRow, drop_key
 
 __all__ = [
-    "edit_family",
-    "edit_label",
-    "magnitude_blocks",
     "plot_all",
     "plot_alpha",
     "plot_bitdelta_extensions",
@@ -75,52 +75,6 @@ GROUP_ORDER = ("attention", "mlp", "norms", "embeddings", "other")
 
 
 # ------------------------------------------------------------------------------------------------ row helpers
-def edit_family(row: SweepRow) -> str:
-    """``dare``, ``drop_only`` (DARE without rescale), ``bitdelta``, ``lowrank``, ``magnitude_prune``,
-    ``extrapolate``, ... (the edit's registry name otherwise)."""
-    name = row.edit.get("name", "?")
-    if name == "dare" and row.edit.get("rescale") is False:
-        return "drop_only"
-    return name
-
-
-_SHOWN = {
-    "dare": ("p", "k"),
-    "drop_only": ("p",),
-    "bitdelta": ("bits", "blocks", "scale", "magnitudes"),
-    "lowrank": ("rank", "fraction"),
-    "magnitude_prune": ("p",),
-    "extrapolate": ("alpha",),
-}
-_DEFAULTS = {"scale": 1.0, "magnitudes": "mean", "blocks": None}
-
-
-def edit_parameters(row: SweepRow) -> str:
-    """The parameters that tell the row's edit apart, e.g. ``p=0.5 k=0``."""
-    edit = row.edit
-    family = edit_family(row)
-    keys = _SHOWN.get(family, tuple(key for key in edit if key not in ("name", "seed")))
-    if family == "bitdelta" and edit.get("blocks") is not None:
-        keys = tuple(key for key in keys if key != "bits")  # blocks given: bits stays 1 and says nothing
-    parts = []
-    for key in keys:
-        value = edit.get(key)
-        if value is None or (key in _DEFAULTS and value == _DEFAULTS[key]):
-            continue
-        parts.append(f"{key}={_format_number(value)}")
-    return " ".join(parts)
-
-
-def edit_label(row: SweepRow) -> str:
-    return f"{edit_family(row)} {edit_parameters(row)}".strip()
-
-
-def _format_number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 # Config keys that are not settings of a row: the edit (its own field), C (from the result), and the data keys that the
 # data set label already names (lightning_delta.sweep.dataset_label).
 _NOT_SETTINGS = (
@@ -145,7 +99,7 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str,
 def _setting_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return json.dumps(value, default=str)
-    return _format_number(value)
+    return format_number(value)
 
 
 def row_settings(row: SweepRow, shown_edit_keys: Iterable[str] | None = None) -> dict[str, str]:
@@ -226,28 +180,16 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value), in float64."""
-    values = [float(value) for value in values]
-    mean = math.fsum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (len(values) - 1))
-
-
 def _points(values: Mapping[float, list[float]]) -> tuple[list[float], list[float], list[float]]:
     """``x``, mean and std of each x's values (the seeds of one setting), x ascending."""
     xs = sorted(values)
-    stats = [_mean_std(values[x]) for x in xs]
-    return xs, [mean for mean, _ in stats], [std for _, std in stats]
+    stats = [stat(values[x]) for x in xs]
+    return xs, [item.mean for item in stats], [item.std for item in stats]
 
 
 def _seed_note(row: SweepRow) -> str:
-    """``, seed 3`` for a row of a randomised edit (DARE, drop only, DELLA, sampled BitDelta), else ``""``."""
-    family = edit_family(row)
-    randomised = family in ("dare", "drop_only", "della") or (family == "bitdelta"
-                                                              and row.edit.get("magnitudes", "mean") != "mean")
-    return f", seed {row.edit['seed']}" if randomised and "seed" in row.edit else ""
+    """``, seed 3`` for a row of a randomised edit (:func:`lightning_delta.rows.randomised`), else ``""``."""
+    return f", seed {row.edit['seed']}" if randomised(row) and "seed" in row.edit else ""
 
 
 def _num_points_label(rows: Sequence[SweepRow]) -> str:
@@ -274,7 +216,7 @@ def plot_dare(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
         for row, setting in zip(rows, settings):
             if row.dataset != name:
                 continue
-            kind = "drop only" if edit_family(row) == "drop_only" else f"k={_format_number(row.edit.get('k', 0.0))}"
+            kind = "drop only" if edit_family(row) == "drop_only" else f"k={format_number(row.edit.get('k', 0.0))}"
             lines[(kind, setting)]["term"][float(row.edit["p"])].append(row.result.term)
             lines[(kind, setting)]["exact"][float(row.edit["p"])].append(row.result.exact)
         if any(len(line["term"]) > 1 for line in lines.values()):  # lines over p; lone points belong to Table 1
@@ -369,18 +311,6 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
     return _save(figure, path)
 
 
-def magnitude_blocks(edit: Mapping[str, Any]) -> int:
-    """``M``, the magnitude blocks of a BitDelta config: ``blocks``, else ``2^(bits − 1)``.
-
-    Example:
-        >>> magnitude_blocks({"bits": 3}), magnitude_blocks({"bits": 1, "blocks": 16})
-        (4, 16)
-    """
-    if edit.get("blocks") is not None:
-        return int(edit["blocks"])
-    return 2 ** (int(edit.get("bits", 1)) - 1)
-
-
 def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 4: the edited model's accuracy against BitDelta's magnitude blocks M (the loss where no accuracy was
     measured); the axis shows M, the paper's bits log2 M and the bits with the sign; the post-trained model dashed."""
@@ -430,8 +360,8 @@ def plot_bitdelta_extensions(rows: Sequence[SweepRow], path: str | os.PathLike) 
         for number, mode in enumerate(("normal", "uniform")):
             values = [row.result.exact for row in rows if row.dataset == name and row.edit.get("magnitudes") == mode]
             if values:
-                mean, std = _mean_std(values)
-                axis.errorbar([1.0 + (number - 0.5) * 0.03], [mean], yerr=[std], marker="sx"[number], capsize=3,
+                spread = stat(values)
+                axis.errorbar([1.0 + (number - 0.5) * 0.03], [spread.mean], yerr=[spread.std], marker="sx"[number], capsize=3,
                               linestyle="none", color=line.get_color(),
                               label=f"{mode} magnitudes around the mean (n={len(values)}), {name}")
     axis.axhline(0.0, color="black", linewidth=0.6)

@@ -23,7 +23,6 @@ from lightning_delta.demo import PairSettings, build_pair, demo_grid, sweep_agre
 from lightning_delta.demo.analysis import (
     COMPETITIVE,
     Finding,
-    aggregate,
     edit_sizes,
     findings,
     findings_table,
@@ -33,7 +32,6 @@ from lightning_delta.demo.analysis import (
     lowrank_density,
     over_pairs_table,
     regime_table,
-    stat,
     table1,
 )
 from lightning_delta.demo.digits import (
@@ -54,6 +52,7 @@ from lightning_delta.demo.pair import (
     shipped_pair,
 )
 from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, SignBiased
+from lightning_delta.rows import aggregate, stat
 from lightning_delta.sweep import SweepRow, expand_grid
 from tests.locked import requires_lock
 
@@ -322,6 +321,34 @@ def test_the_curvature_per_size_explanation_is_computed_from_its_rows():
     (structured,) = [line for line in lines if line.claim.startswith("Why structured")]
     assert f"per size² {1.0:.4f} ({1.0 / coefficient:.0f}× random)" in structured.measured
     assert "explains #" in structured.verdict  # the sign-biased row departs and is cited
+
+
+def test_the_explaining_rows_cite_the_departing_rows_by_number():
+    """The rows that explain departures cite them by the findings' own topic and p; the reference reads the numbers
+    off the table's text instead (section and drop rate in the claim, "departs" in the verdict)."""
+    rows = [_row({"name": "extrapolate", "alpha": -1.0}, 1.0),
+            *_dare(0.9, [0.02, 0.03], firsts=[0.0, 0.01]),  # competitive
+            *_dare(0.99, [0.4, 0.5], firsts=[0.0, 0.1]),  # departs
+            *_dare(0.9, [0.3, 0.35], k=-1.0, firsts=[0.1, 0.0]),  # departs
+            _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.9, first=-0.1),  # departs
+            _row({"name": "extrapolate", "alpha": -1.0}, 0.5, pretrained="pre-0.5"),
+            *_dare(0.99, [0.3, 0.2], pretrained="pre-0.5")]
+    sizes = {row.key: 1.0 + index for index, row in enumerate(rows)}
+    lines = findings(rows, scales={"pre": 1.0, "pre-0.5": 0.5}, sizes=sizes)
+    table = findings_table(lines).splitlines()[2:]
+    claims = [row.split(" | ")[1] for row in table]
+    departs = [row.split(" | ")[-1].startswith("departs") for row in table]
+    random = [n for n, (claim, bad) in enumerate(zip(claims, departs), 1)
+              if bad and (claim.startswith(("§4.1", "§4.2")) or "Table 1 (left)" in claim)]
+    structured = [n for n, (claim, bad) in enumerate(zip(claims, departs), 1) if bad and "Table 1 (middle)" in claim]
+    assert random and structured
+    (why_random,) = [line for line in lines if line.claim.startswith("Why random")]
+    (why_structured,) = [line for line in lines if line.claim.startswith("Why structured")]
+    assert why_random.verdict == "explains " + ", ".join(f"#{n}" for n in random)
+    assert why_structured.verdict == "explains " + ", ".join(f"#{n}" for n in structured)
+    dare_099 = next(n for n, claim in enumerate(claims, 1) if claim.startswith("§4.1") and "p = 0.99 " in claim)
+    (scale,) = [line for line in lines if line.claim.startswith("Delta scale")]
+    assert scale.verdict.startswith(f"explains #{dare_099}")
 
 
 def test_table1_in_the_papers_layout():

@@ -963,3 +963,39 @@ def test_bitdelta_blocks_with_sampled_magnitudes_and_scale():
 def test_bitdelta_bad_blocks(arguments, match):
     with pytest.raises(ValueError, match=match):
         BitDelta(**arguments)
+
+
+# ------------------------------------------------------------------------------------ what the classes declare
+# At least one configuration of every registered edit, and each configuration that changes what its class declares.
+DECLARED = [
+    {"name": "dare", "p": 0.5}, {"name": "dare", "p": 0.5, "k": -1.0}, {"name": "dare", "p": 0.5, "rescale": False},
+    {"name": "della", "p": 0.5, "epsilon": 0.2},
+    {"name": "sign_biased", "p": 0.5, "k": 0.5}, {"name": "gradient_biased", "p": 0.5, "k": 0.5},
+    {"name": "bitdelta"}, {"name": "bitdelta", "bits": 2}, {"name": "bitdelta", "magnitudes": "normal"},
+    {"name": "bitdelta", "magnitudes": "uniform"},
+    {"name": "lowrank", "rank": 2}, {"name": "lowrank", "rank": 2, "method": "randomized"},
+    {"name": "magnitude_prune", "p": 0.5}, {"name": "extrapolate", "alpha": 0.5},
+]
+
+
+def test_every_registered_edit_declares_what_it_shows_and_draws():
+    assert {config["name"] for config in DECLARED} == set(edits.EDITS)
+    for cls in edits.EDITS.values():
+        arguments = cls.parameter_names()
+        assert set(cls.shown or ()) <= set(arguments) and set(cls.hidden_at) <= set(cls.shown or arguments), cls
+        assert not cls.randomised or "seed" in arguments, cls
+        if cls.planning is not None:
+            for value in cls.planning.candidates:
+                assert type(cls.at_setting(value)) is cls
+
+
+@pytest.mark.parametrize("config", DECLARED, ids=lambda config: "-".join(map(str, config.values())))
+def test_an_edit_draws_random_numbers_exactly_when_its_class_says_so(config):
+    """``draws_random`` against what the edit does: another seed gives another F(ΔW) exactly when it says so."""
+    cls = edits.EDITS[config["name"]]
+    delta, gradient = randn(64, 48, seed=40), randn(64, 48, seed=41)
+    if "seed" not in cls.parameter_names():
+        assert not cls.draws_random(config)
+        return
+    first, second = (build(**config, seed=seed).edit_tensor("w", delta, gradient) for seed in (0, 1))
+    assert (not torch.equal(first, second)) == cls.draws_random(config)

@@ -16,6 +16,7 @@ from lightning_delta import plots
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.cli import run
 from lightning_delta.edits import EDITS, Extrapolate
+from lightning_delta.rows import edit_label
 from lightning_delta.sweep import ResultsFile, SweepRow
 
 
@@ -112,9 +113,9 @@ def test_alpha_trough_and_gap_values():
 
 def test_labels():
     dare, drop, bits = synthetic_rows()[4], synthetic_rows()[9], synthetic_rows()[12]
-    assert plots.edit_label(dare) == "dare p=0.5 k=0"
-    assert plots.edit_label(drop) == "drop_only p=0.1"
-    assert plots.edit_label(bits) == "bitdelta bits=1"
+    assert edit_label(dare) == "dare p=0.5 k=0"
+    assert edit_label(drop) == "drop_only p=0.1"
+    assert edit_label(bits) == "bitdelta bits=1"
 
 
 def test_edits_are_named_by_their_classes(tmp_path, figures):
@@ -320,7 +321,7 @@ def test_bits_axis_shows_the_blocks_and_both_bit_counts(tmp_path, figures):
     assert list(line.get_xdata()) == [1, 2, 16]
     assert list(line.get_ydata()) == pytest.approx([71.0, 72.0, 86.0])  # accuracy in %
     assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1\n0 | 1", "2\n1 | 2", "16\n4 | 5"]
-    assert plots.edit_label(rows[2]) == "bitdelta blocks=16"
+    assert edit_label(rows[2]) == "bitdelta blocks=16"
 
 
 def test_delta_scale_figure_reads_s_from_the_pretrained_model(tmp_path, figures):

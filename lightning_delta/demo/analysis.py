@@ -3,7 +3,8 @@
 Everything here is arithmetic on sweep rows (:class:`~lightning_delta.sweep.SweepRow`) and on a few tensors; nothing
 runs a model except :func:`loss_gradient`. The demo (:mod:`lightning_delta.demo`) calls these after its sweep:
 
-* :func:`aggregate`: the rows that differ only in the edit's seed, as one setting with mean ± sample std;
+* :func:`~lightning_delta.rows.aggregate`: the rows that differ only in the edit's seed, as one setting with mean ±
+  sample std (:mod:`lightning_delta.rows`, which the figures read too);
 * :func:`first_order_terms`: Eq. 6's quantity ``⟨∇L(W_post), F(ΔW) − ΔW⟩`` for many masks, from one gradient;
 * :func:`findings`: one :class:`Finding` per claim of the paper, its numbers and whether it holds here;
 * :func:`table1`: the paper's Table 1 in its layout (k; random, sign-biased, gradient-biased), from the rows;
@@ -20,26 +21,23 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_delta.edits import DeltaEdit, build
-from lightning_delta.edits.bitdelta import paper_bits
+from lightning_delta.edits.bitdelta import magnitude_blocks, paper_bits
 from lightning_delta.edits.lowrank import resolve_rank
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.padding import true_embedding_gradients
-from lightning_delta.plots import edit_family, edit_label, edit_parameters, magnitude_blocks
+from lightning_delta.rows import Setting, aggregate, edit_family, edit_label, edit_parameters, stat
 from lightning_delta.sweep import SweepRow
 
 __all__ = [
     "COMPETITIVE",
     "Finding",
-    "Setting",
-    "Stat",
-    "aggregate",
     "findings",
     "holds",
     "over_pairs_table",
@@ -54,7 +52,6 @@ __all__ = [
     "regime_table",
     "revert_cost",
     "settings_table",
-    "stat",
     "table1",
 ]
 
@@ -63,37 +60,6 @@ TEST = "Digits/test"
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (``n − 1`` in the denominator; 0 for one value) of ``values``."""
-
-    mean: float
-    std: float
-    n: int
-    values: tuple[float, ...] = ()
-
-    def __str__(self) -> str:
-        if self.n == 1:
-            return f"{self.mean:+.4f}"
-        return f"{self.mean:+.4f} ± {self.std:.4f}"
-
-
-def stat(values: Iterable[float]) -> Stat:
-    """:class:`Stat` of ``values``, summed in float64 (``math.fsum``).
-
-    Example:
-        >>> str(stat([0.1, 0.3])), stat([2.0]).std
-        ('+0.2000 ± 0.1414', 0.0)
-    """
-    values = tuple(float(value) for value in values)
-    if not values:
-        raise ValueError("stat() needs at least one value.")
-    n = len(values)
-    mean = math.fsum(values) / n
-    variance = math.fsum((value - mean) ** 2 for value in values) / (n - 1) if n > 1 else 0.0
-    return Stat(mean, math.sqrt(variance), n, values)
-
-
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """The least-squares slope of ``log y`` against ``log x``: the exponent ``a`` of ``y ≈ b·x^a``.
 
@@ -109,78 +75,6 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- settings
-def _scale_of(row: SweepRow, scales: Mapping[str, float] | None) -> float:
-    pretrained = (row.config.get("model") or {}).get("pretrained")
-    return 1.0 if scales is None or pretrained is None else scales.get(str(pretrained), 1.0)
-
-
-@dataclass
-class Setting:
-    """The rows of one setting (edit, its arguments but the seed, data set, delta scale) and their statistics."""
-
-    family: str  # edit_family of the rows: dare, drop_only, bitdelta, ...
-    edit: dict[str, Any]  # the edit's arguments without the seed
-    dataset: str
-    scale: float  # s of W_pre = W_post − s·ΔW (1: the pair itself)
-    rows: list[SweepRow] = field(default_factory=list)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [int(row.edit.get("seed", 0)) for row in self.rows]
-
-    @property
-    def randomised(self) -> bool:
-        return len(set(self.seeds)) > 1
-
-    @property
-    def exact(self) -> Stat:
-        return stat(row.result.exact for row in self.rows)
-
-    @property
-    def term(self) -> Stat:
-        return stat(row.result.term for row in self.rows)
-
-    @property
-    def first_order(self) -> Stat:
-        """``⟨∇L(W_post), E⟩``, the c = 0 summand: ΔL to first order at W_post."""
-        return stat(row.result.inner_products[0] for row in self.rows)
-
-    @property
-    def curvature(self) -> Stat:
-        """``ΔL − ⟨∇L(W_post), E⟩``: what the first order at W_post misses (the curvature along the path)."""
-        return stat(row.result.exact - row.result.inner_products[0] for row in self.rows)
-
-    @property
-    def accuracy(self) -> Stat | None:
-        values = [row.result.accuracy_edit for row in self.rows]
-        return None if any(value is None for value in values) else stat(values)
-
-    def by_seed(self) -> dict[int, SweepRow]:
-        return {int(row.edit.get("seed", 0)): row for row in self.rows}
-
-    def inner_products(self) -> list[Stat]:
-        """``⟨∇L(W_post + (c/C)E), E⟩`` for c = 0 … C − 1, over the rows (Eq. 1's summands)."""
-        num_points = self.rows[0].result.num_points
-        return [stat(row.result.inner_products[c] for row in self.rows) for c in range(num_points)]
-
-    def label(self) -> str:
-        return f"{self.family} {edit_parameters(self.rows[0])}".strip()
-
-
-def aggregate(rows: Iterable[SweepRow], scales: Mapping[str, float] | None = None) -> list[Setting]:
-    """The rows grouped into settings: equal edit arguments apart from ``seed``, equal data set and delta scale;
-    in order of first appearance. ``scales`` maps a pre-trained directory to its ``s`` (others count as 1)."""
-    groups: dict[tuple, Setting] = {}
-    for row in rows:
-        edit = {key: value for key, value in row.edit.items() if key != "seed"}
-        scale = _scale_of(row, scales)
-        key = (edit_family(row), tuple(sorted((k, repr(v)) for k, v in edit.items())), row.dataset, scale)
-        if key not in groups:
-            groups[key] = Setting(edit_family(row), edit, row.dataset, scale)
-        groups[key].rows.append(row)
-    return list(groups.values())
-
-
 def _find(settings: Sequence[Setting], family: str, dataset: str = TEST, scale: float = 1.0,
           **params: Any) -> Setting | None:
     for setting in settings:
@@ -244,13 +138,27 @@ def gradient_inner_product(gradients: Mapping[str, Tensor], deltas: Mapping[str,
 # -------------------------------------------------------------------------------------------------- findings
 @dataclass
 class Finding:
-    """One claim of the paper and what the demo measured: ``verdict`` is ``holds`` or ``departs`` (where), or, for a
-    row of the demo's own that explains a departure, ``explains #n``."""
+    """One claim of the paper and what the demo measured, a row of :func:`findings_table`: ``verdict`` is ``holds``
+    or ``departs`` (where), or, for a row of the demo's own that explains a departure, ``explains #n``. ``topic``
+    and ``p`` say what the row is about, so that the rows that explain it can cite it."""
 
     claim: str  # the paper's finding, with its section or figure
     measured: str  # the numbers, mean ± std over the seeds
     seeds: str  # how many seeds the numbers are over ("5", "det." for an edit without randomness)
     verdict: str  # "holds", "departs", "departs at k = 0.5, 1.5", "explains #2"
+    topic: str = ""  # the experiment: "dare" (§4.1), "k_extension" (§4.2), "table1_random", "table1_sign", ...
+    p: float | None = None  # the drop rate the claim is about, where it names one
+
+    @property
+    def departs(self) -> bool:
+        """Whether the verdict is ``departs`` (anywhere)."""
+        return self.verdict.startswith("departs")
+
+
+# The findings that a departure of random masks (DARE, its k extension) or of a structured edit makes: the demo's own
+# rows explain them and cite their numbers.
+RANDOM_TOPICS = ("dare", "k_extension", "table1_random")
+STRUCTURED_TOPICS = ("table1_sign",)
 
 
 def _seeds(settings: Iterable[Setting]) -> str:
@@ -292,7 +200,7 @@ def _dare_findings(settings: Sequence[Setting], revert: float) -> list[Finding]:
                          f"{worse}/{len(paired)} seeds")
             holds = holds and drop.exact.mean > COMPETITIVE * revert and worse == len(paired)
         lines.append(Finding(f"§4.1, Figs. 1, 3: DARE stays competitive at p = {p:g} while drop only (no rescale) "
-                             "does not", measured, _seeds(used), _verdict(holds)))
+                             "does not", measured, _seeds(used), _verdict(holds), topic="dare", p=p))
     return lines
 
 
@@ -314,9 +222,10 @@ def _eq6_findings(settings: Sequence[Setting], gradient_terms: Mapping[str, Any]
                 f"DARE {dare} (|mean| ≤ 3·std/√n = {dare_bound:.4f}); drop only {drop} against {expected:+.4f} "
                 f"(|difference| {abs(drop.mean - expected):.4f} ≤ {drop_bound:.4f}){agree}",
                 f"{dare.n} (one gradient)",
-                _verdict(abs(dare.mean) <= dare_bound and abs(drop.mean - expected) <= drop_bound)))
+                _verdict(abs(dare.mean) <= dare_bound and abs(drop.mean - expected) <= drop_bound),
+                topic="eq6_masks", p=p))
     for dare in sorted(_select(settings, "dare", k=0.0), key=lambda setting: setting.edit["p"]):
-        if dare.edit["p"] < 0.9 or not dare.randomised:
+        if dare.edit["p"] < 0.9 or len(set(dare.seeds)) < 2:  # an average over masks needs several
             continue
         points = dare.inner_products()
         first = points[0]
@@ -328,7 +237,8 @@ def _eq6_findings(settings: Sequence[Setting], gradient_terms: Mapping[str, Any]
             f"{dare.edit['p']:g}, C = {len(points)})", f"{shown}; their mean, the term: {dare.term}",
             _seeds([dare]),
             ("holds at c = 0" if zero_first else "departs at c = 0")
-            + ("; departs at c ≥ 1 (∇L there depends on E)" if positive_later else "; holds at c ≥ 1")))
+            + ("; departs at c ≥ 1 (∇L there depends on E)" if positive_later else "; holds at c ≥ 1"),
+            topic="eq6_points", p=dare.edit["p"]))
     return lines
 
 
@@ -368,7 +278,8 @@ def _why_rows(settings: Sequence[Setting], revert: float, sizes: Mapping[str, fl
             "Why random masks depart at high p or negative k (the demo's experiment): their ΔL is curvature, a "
             "constant times (‖E‖/‖ΔW‖)² = (1 − k)²p/(1 − p)",
             f"{shown} (max/min {spread:.1f}); so 10% of R is reached at (‖E‖/‖ΔW‖)² ≈ {threshold:.0f} (DARE p = "
-            f"{threshold / (1 + threshold):.3f})", _seeds(random), f"explains {cited}" if cited else "(measured)"))
+            f"{threshold / (1 + threshold):.3f})", _seeds(random), f"explains {cited}" if cited else "(measured)",
+            topic="why_random"))
     if random and structured:
         base = stat(_coefficient(s, sizes) for s in random).mean
         shown = "; ".join(f"{s.label()}: ‖E‖/‖ΔW‖ {_size(s, sizes):.2f}, curvature {s.curvature.mean:+.4f}, per size² "
@@ -378,7 +289,7 @@ def _why_rows(settings: Sequence[Setting], revert: float, sizes: Mapping[str, fl
         lines.append(Finding(
             "Why structured edits depart (the demo's experiment): at the same size ‖E‖, an E shaped by ΔW's signs or "
             "magnitudes costs far more curvature than a random mask", f"{shown}; random masks: {base:.4f}",
-            _seeds(structured), f"explains {cited}" if cited else "(measured)"))
+            _seeds(structured), f"explains {cited}" if cited else "(measured)", topic="why_structured"))
     return lines
 
 
@@ -431,7 +342,7 @@ def _k_findings(settings: Sequence[Setting], revert: float) -> list[Finding]:
                  "competitive" if k < 0 else f"§4.2, Figs. 1, 2, 8–11: the k extension with k = {k:g} stays competitive")
         verdict = "holds" if not failing else (f"departs at {', '.join(failing)}" if len(failing) < len(chosen)
                                                else "departs")
-        lines.append(Finding(claim, "; ".join(parts), _seeds(chosen), verdict))
+        lines.append(Finding(claim, "; ".join(parts), _seeds(chosen), verdict, topic="k_extension"))
     return lines
 
 
@@ -465,7 +376,7 @@ def _table1_findings(settings: Sequence[Setting], revert: float) -> list[Finding
             measured += ". Where it departs: " + "; ".join(f"k={k:g}: {_split(s)}" for k, s in failing)
         verdict = "holds" if not failing else (
             f"departs at k = {', '.join(f'{k:g}' for k, _ in failing)}" if len(failing) < len(cells) else "departs")
-        lines.append(Finding(claim, measured, _seeds(s for _, s in cells), verdict))
+        lines.append(Finding(claim, measured, _seeds(s for _, s in cells), verdict, topic=f"table1_{column}", p=0.9))
     return lines
 
 
@@ -478,7 +389,7 @@ def _della_findings(settings: Sequence[Setting], revert: float) -> list[Finding]
         lines.append(Finding(
             f"§4: DELLA (magnitude-aware drop, ε = {della.edit['epsilon']:g}) stays competitive at p = {p:g}, as DARE",
             f"ΔL {della.exact} ({_share(della.exact.mean, revert)}){against}", _seeds([della]),
-            _verdict(della.exact.mean <= COMPETITIVE * revert)))
+            _verdict(della.exact.mean <= COMPETITIVE * revert), topic="della", p=p))
     return lines
 
 
@@ -490,20 +401,20 @@ def _bitdelta_findings(settings: Sequence[Setting], revert: float) -> list[Findi
     if one is not None:
         lines.append(Finding("§5.1, Fig. 3: BitDelta's term is > 0 and its loss rises",
                              f"term {one.term}, ΔL {one.exact} ({_share(one.exact.mean, revert)})", "det.",
-                             _verdict(one.term.mean > 0 and one.exact.mean > 0)))
+                             _verdict(one.term.mean > 0 and one.exact.mean > 0), topic="bitdelta"))
     if len(plain) >= 2:
         values = [s.exact.mean for s in plain]
         shown = ", ".join(f"M={magnitude_blocks(s.edit)} ({paper_bits(magnitude_blocks(s.edit)):g} bits): "
                           f"{s.exact.mean:+.4f}" for s in plain)
         lines.append(Finding("§5.3, Fig. 4: more magnitude blocks M bring BitDelta closer to W_post (the paper's bits "
                              "are log2 M)", f"ΔL {shown}", "det.",
-                             _verdict(all(b <= a for a, b in zip(values, values[1:])))))
+                             _verdict(all(b <= a for a, b in zip(values, values[1:]))), topic="bitdelta_blocks"))
         top = plain[-1]
         blocks = magnitude_blocks(top.edit)
         lines.append(Finding(
             f"§5.3, Fig. 4: at the paper's {paper_bits(blocks):g} bits (M = {blocks}; {paper_bits(blocks) + 1:g} bits "
             "with the sign) BitDelta surpasses W_post", f"ΔL {top.exact.mean:+.4f} (< 0 would surpass); "
-            f"{_split(top)}", "det.", _verdict(top.exact.mean < 0)))
+            f"{_split(top)}", "det.", _verdict(top.exact.mean < 0), topic="bitdelta_surpasses"))
     scaled = sorted((s for s in _select(settings, "bitdelta", magnitudes="mean") if magnitude_blocks(s.edit) == 1),
                     key=lambda s: s.edit.get("scale", 1.0))
     if len(scaled) >= 3 and one is not None:
@@ -511,7 +422,8 @@ def _bitdelta_findings(settings: Sequence[Setting], revert: float) -> list[Findi
         shown = ", ".join(f"s={s.edit.get('scale', 1.0):g}: {s.exact.mean:+.4f}" for s in scaled)
         lines.append(Finding("§5.3, Fig. 5 (degenerate): BitDelta's mean magnitude (s = 1) is the best multiple of itself",
                              f"ΔL {shown}", "det.",
-                             "holds" if best is one else f"departs: s = {best.edit.get('scale', 1.0):g} is lower"))
+                             "holds" if best is one else f"departs: s = {best.edit.get('scale', 1.0):g} is lower",
+                             topic="bitdelta_scaled"))
     sampled = [s for s in _select(settings, "bitdelta") if s.edit.get("magnitudes") != "mean"
                and magnitude_blocks(s.edit) == 1]
     if sampled and one is not None:
@@ -520,7 +432,7 @@ def _bitdelta_findings(settings: Sequence[Setting], revert: float) -> list[Findi
         lines.append(Finding(
             "§5.3, Fig. 5: magnitudes sampled around the mean (normal, uniform) do as well as BitDelta's mean",
             f"{'; '.join(parts)}; mean magnitude: {one.exact.mean:+.4f} (as well: within {100 * COMPETITIVE:.0f}% of R)",
-            _seeds(sampled), _verdict(on_par)))
+            _seeds(sampled), _verdict(on_par), topic="bitdelta_sampled"))
     return lines
 
 
@@ -549,7 +461,7 @@ def _equal_density_findings(settings: Sequence[Setting], shapes: Mapping[str, tu
         lines.append(Finding(
             "§5.2, Fig. 3: at p = 0.9 TIES' magnitude trim (10 % kept) degrades compared with DARE",
             f"TIES ΔL {ties.exact.mean:+.4f} ({_split(ties)}); DARE ΔL {dare.exact}, lower on {better}/{len(dare.rows)} "
-            "seeds", f"det./{len(dare.rows)}", _verdict(better == len(dare.rows))))
+            "seeds", f"det./{len(dare.rows)}", _verdict(better == len(dare.rows)), topic="ties", p=0.9))
     lowrank = _select(settings, "lowrank")
     if lowrank and dare is not None:
         setting = lowrank[0]
@@ -558,7 +470,7 @@ def _equal_density_findings(settings: Sequence[Setting], shapes: Mapping[str, tu
             "§5.2, Fig. 3: Twin-Merging's low rank has a term > 0 and loses more than DARE at p = 0.9 (10 % kept)",
             f"low rank ({edit_parameters(setting.rows[0])}{density}): term {setting.term.mean:+.4f}, ΔL "
             f"{setting.exact.mean:+.4f}; DARE p = 0.9: ΔL {dare.exact}", f"det./{len(dare.rows)}",
-            _verdict(setting.term.mean > 0 and setting.exact.mean > dare.exact.mean)))
+            _verdict(setting.term.mean > 0 and setting.exact.mean > dare.exact.mean), topic="lowrank", p=0.9))
     return lines
 
 
@@ -576,7 +488,8 @@ def _expo_findings(settings: Sequence[Setting]) -> list[Finding]:
         holds = rises and trough.term.mean < 0 and alpha > 0 and trough.exact.mean < 0
         lines.append(Finding(
             f"§6.1, Fig. 6: on {dataset} EXPO's term falls then rises with α, below 0 at its trough (α > 0)",
-            f"term {shown}; trough α = {alpha:g}, ΔL there {trough.exact.mean:+.4f}", "det.", _verdict(holds)))
+            f"term {shown}; trough α = {alpha:g}, ΔL there {trough.exact.mean:+.4f}", "det.", _verdict(holds),
+            topic="expo_trough"))
         best = min((s for s in curve if s.edit["alpha"] != 0.0), key=lambda s: s.exact.mean)
         best_side[dataset] = ("extrapolation" if best.edit["alpha"] > 0 else "interpolation", best)
     if len(best_side) >= 2:
@@ -585,7 +498,8 @@ def _expo_findings(settings: Sequence[Setting]) -> list[Finding]:
                           f"⟨∇L(W_post), ΔW⟩ = {best.first_order.mean / best.edit['alpha']:+.4f})"
                           for dataset, (side, best) in best_side.items())
         lines.append(Finding("§6.2, Fig. 7: whether interpolation or extrapolation is better depends on the data",
-                             shown, "det.", "holds" if len(sides) > 1 else f"departs: {sides.pop()} on both"))
+                             shown, "det.", "holds" if len(sides) > 1 else f"departs: {sides.pop()} on both",
+                             topic="expo_sides"))
     return lines
 
 
@@ -607,7 +521,8 @@ def _sign_findings(settings: Sequence[Setting], revert: float) -> list[Finding]:
             f"{edit_family(row)} {edit_parameters(row)} (term {row.result.term:+.4f}, ΔL {row.result.exact:+.4f})"
             for row in others[:4]) + (" …" if len(others) > 4 else "")
     return [Finding(f"§3.2: the term (C = {rows[0].result.num_points}) sorts edits as ΔL does: worse (> 10% of R), "
-                    "competitive, better (< −10% of R)", measured, "all rows", _verdict(not others))]
+                    "competitive, better (< −10% of R)", measured, "all rows", _verdict(not others),
+                    topic="term_sorts")]
 
 
 def _scale_findings(settings: Sequence[Setting], numbers: Mapping[float, int]) -> list[Finding]:
@@ -630,7 +545,7 @@ def _scale_findings(settings: Sequence[Setting], numbers: Mapping[float, int]) -
                  for s, setting in dare.items()]
         exponents = []
         for name, chosen in (("DARE", dare), ("drop only", drop), ("R", None)):
-            values = {s: (known[s] if chosen is None else chosen[s].exact.mean) for s in (chosen or known)}
+            values = {s: (known[s] if chosen is None else chosen[s].exact.mean) for s in (known if chosen is None else chosen)}
             if len(values) >= 2 and min(values.values()) > 0:
                 exponents.append(f"{name} ∝ s^{loglog_slope(list(values), list(values.values())):.2f}")
         competitive = [s for s, setting in dare.items() if setting.exact.mean <= COMPETITIVE * known[s]]
@@ -640,7 +555,7 @@ def _scale_findings(settings: Sequence[Setting], numbers: Mapping[float, int]) -
         lines.append(Finding(
             f"Delta scale (the demo's experiment): W_pre = W_post − s·ΔW shrinks ΔW; DARE's cost at p = {p:g} as a "
             "share of R(s), the cost of reverting", "; ".join(parts) + "; " + ", ".join(exponents),
-            _seeds(list(dare.values()) + list(drop.values())), verdict))
+            _seeds(list(dare.values()) + list(drop.values())), verdict, topic="delta_scale", p=p))
     return lines
 
 
@@ -674,16 +589,13 @@ def findings(rows: Sequence[SweepRow], gradient_terms: Mapping[str, Any] | None 
     lines += _expo_findings(settings)
     if ok:
         lines += _sign_findings(settings, revert)
-        numbers = {"random": [], "structured": []}
-        for number, line in enumerate(lines, 1):
-            if line.verdict.startswith("departs") and (line.claim.startswith(("§4.1", "§4.2"))
-                                                       or "Table 1 (left)" in line.claim):
-                numbers["random"].append(number)
-            if line.verdict.startswith("departs") and "Table 1 (middle)" in line.claim:
-                numbers["structured"].append(number)
+        numbers = {
+            "random": [number for number, line in enumerate(lines, 1) if line.departs and line.topic in RANDOM_TOPICS],
+            "structured": [number for number, line in enumerate(lines, 1)
+                           if line.departs and line.topic in STRUCTURED_TOPICS],
+        }
         lines += _why_rows(settings, revert, sizes, numbers)
-    dare_rows = {float(line.claim.split("p = ")[1].split(" ")[0]): number for number, line in enumerate(lines, 1)
-                 if line.claim.startswith("§4.1")}
+    dare_rows = {line.p: number for number, line in enumerate(lines, 1) if line.topic == "dare"}
     lines += _scale_findings(settings, dare_rows)
     return lines
 
@@ -760,7 +672,7 @@ def quadrature_findings(rows: Sequence[SweepRow]) -> list[Finding]:
     verdict = "holds" if not worse else "departs at " + ", ".join(worse[:3]) + (" …" if len(worse) > 3 else "")
     return [Finding(f"Beyond the paper: Gauss–Legendre against the paper's left rule at equal passes ({passes}), worst "
                     f"per-tensor error as a share of the largest per-tensor term of a {reference_nodes}-node Gauss "
-                    "reference", measured, "1", verdict)]
+                    "reference", measured, "1", verdict, topic="quadrature")]
 
 
 # ------------------------------------------------------------------------------------------------------ tables

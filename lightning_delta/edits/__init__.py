@@ -23,6 +23,11 @@ name (:func:`build`)      class                      paper
 
 Randomised edits draw from :func:`tensor_generator` (run seed and ``zlib.crc32`` of the tensor name): the same
 seed gives the same result in any tensor order, with any number of threads, in any process.
+
+What the rest of the package knows about an edit is declared on its class (:class:`DeltaEdit`): ``label`` and
+``shown`` (figures and tables, :mod:`lightning_delta.rows`), ``randomised`` (statistics over seeds), ``planning``
+(:mod:`lightning_delta.plan`'s families). A new edit is a subclass in a file of its own and one entry in
+:data:`EDITS` below.
 """
 
 from __future__ import annotations

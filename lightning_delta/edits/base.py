@@ -20,12 +20,13 @@ import numbers
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeltaEdit", "output_dtype", "single_threaded", "tensor_generator"]
+__all__ = ["DeltaEdit", "Planning", "output_dtype", "single_threaded", "tensor_generator"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -204,6 +205,16 @@ def check_choice(owner: str, arg: str, value: Any, choices: tuple[str, ...]) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Planning:
+    """How :mod:`lightning_delta.plan` gives each tensor its own setting ``v`` of an edit
+    (:meth:`DeltaEdit.at_setting` builds the edit at ``v``)."""
+
+    unit: str  # what v counts, which prices a tensor (lightning_delta.planning.family): "bits", "density" or "rank"
+    setting: str  # what v is, for messages and tables
+    candidates: tuple[float, ...]  # the default candidate settings
+
+
 class DeltaEdit:
     """An editing operation ``F`` on delta parameters: ``W_pre + F(ΔW)`` replaces ``W_post`` (paper, section 3.2).
 
@@ -211,6 +222,11 @@ class DeltaEdit:
     which is what :meth:`config` and ``repr`` read back) and implement :meth:`edit_tensor` under
     ``@torch.no_grad()``: an edit is a constant of the Riemann sweep, so its outputs never require grad, even for
     deltas that do.
+
+    What the rest of the package knows about an edit lives on its class: :attr:`label` and :attr:`shown` for figures
+    and tables, :attr:`randomised` for the statistics over seeds, :attr:`planning` for :mod:`lightning_delta.plan`.
+    The class methods read them for one configuration (``edit.config()``, or a results row's ``edit``), where an
+    argument changes the answer (DARE's ``rescale=False`` is drop only).
 
     Shapes:
         - ``deltas``: a mapping from tensor name to ``ΔW`` of any shape and floating dtype.
@@ -229,6 +245,35 @@ class DeltaEdit:
     label: ClassVar[str]  # how figures and tables name the edit: "DARE", "BitDelta", "EXPO"
     reference: ClassVar[str]  # where the paper (or the edit's own paper) defines it
     needs_gradients: ClassVar[bool] = False
+    randomised: ClassVar[bool] = False  # draws random numbers from `seed`: its results vary with the seed
+    shown: ClassVar[tuple[str, ...] | None] = None  # the arguments labels and tables show; None: all but `seed`
+    hidden_at: ClassVar[Mapping[str, Any]] = {}  # shown arguments a label leaves out at these values
+    planning: ClassVar[Planning | None] = None  # how lightning_delta.plan sets it per tensor; None: not planned
+
+    @classmethod
+    def variant(cls, config: Mapping[str, Any]) -> str:
+        """The name tables and figures give the edit that ``config`` describes: :attr:`name`, unless some value of
+        an argument makes an edit of its own (DARE's ``rescale=False``: ``drop_only``)."""
+        return cls.name
+
+    @classmethod
+    def draws_random(cls, config: Mapping[str, Any]) -> bool:
+        """Whether the edit that ``config`` describes draws random numbers (its results vary with ``seed``):
+        :attr:`randomised`, unless only some values of an argument draw (BitDelta's sampled magnitudes)."""
+        return cls.randomised
+
+    @classmethod
+    def shown_arguments(cls, config: Mapping[str, Any]) -> list[str]:
+        """The arguments of ``config`` that a label shows, in order: :attr:`shown` (every argument but ``name`` and
+        ``seed`` where it is None), without those that are None or at their :attr:`hidden_at` value."""
+        keys = cls.shown if cls.shown is not None else [key for key in config if key not in ("name", "seed")]
+        return [key for key in keys if config.get(key) is not None
+                and not (key in cls.hidden_at and config.get(key) == cls.hidden_at[key])]
+
+    @classmethod
+    def at_setting(cls, value: float, seed: int = 0) -> DeltaEdit:
+        """The edit at the per-tensor setting ``value`` of :attr:`planning` (``seed`` for a randomised edit)."""
+        raise NotImplementedError(f"{cls.__name__} has no per-tensor setting (its `planning` is None).")
 
     def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
         """``F(ΔW)`` for one tensor; ``name`` seeds its random draws. Never modifies ``delta``."""

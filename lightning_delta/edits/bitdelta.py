@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from torch import Tensor
 
 from lightning_delta.edits.base import (
     DeltaEdit,
+    Planning,
     check_choice,
     check_int,
     check_real,
@@ -28,6 +31,7 @@ __all__ = [
     "check_bitdelta",
     "check_blocks",
     "check_sign_of_zero",
+    "magnitude_blocks",
     "number_of_blocks",
     "paper_bits",
     "quantize_magnitudes",
@@ -74,6 +78,19 @@ def check_bitdelta(bits: int, scale: float, magnitudes: str) -> tuple[int, float
 def number_of_blocks(bits: int) -> int:
     """``M = 2^(bits − 1)``, capped at ``2^64`` (more blocks than any tensor has entries: lossless anyway)."""
     return 2 ** min(bits - 1, 64)
+
+
+def magnitude_blocks(config: Mapping[str, Any]) -> int:
+    """``M``, the magnitude blocks of a BitDelta config (``edit.config()``, a results row's ``edit``): ``blocks``,
+    else ``2^(bits − 1)``.
+
+    Example:
+        >>> magnitude_blocks({"bits": 3}), magnitude_blocks({"bits": 1, "blocks": 16})
+        (4, 16)
+    """
+    if config.get("blocks") is not None:
+        return int(config["blocks"])
+    return number_of_blocks(int(config.get("bits", 1)))
 
 
 def paper_bits(blocks: int) -> float:
@@ -310,6 +327,25 @@ class BitDelta(DeltaEdit):
     name = "bitdelta"
     label = "BitDelta"  # how figures and tables name the edit
     reference = "paper, sections 5.1 and 5.3"  # where the paper defines it
+    shown = ("bits", "blocks", "scale", "magnitudes")  # what labels and tables show
+    hidden_at = {"scale": 1.0, "magnitudes": "mean"}  # BitDelta itself: left out of labels
+    planning = Planning("bits", "bits per entry (sign bit included)", (1, 2, 3, 4))
+
+    @classmethod
+    def draws_random(cls, config: Mapping[str, Any]) -> bool:
+        """Only sampled magnitudes (``normal``, ``uniform``) draw."""
+        return config.get("magnitudes", "mean") != "mean"
+
+    @classmethod
+    def shown_arguments(cls, config: Mapping[str, Any]) -> list[str]:
+        """Given ``blocks``, ``bits`` stays 1 and says nothing."""
+        shown = super().shown_arguments(config)
+        return [key for key in shown if key != "bits"] if config.get("blocks") is not None else shown
+
+    @classmethod
+    def at_setting(cls, value: float, seed: int = 0) -> BitDelta:
+        """BitDelta with ``value`` bits per entry, the sign bit included."""
+        return cls(bits=int(value))
 
     def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0,
                  blocks: int | None = None, sign_of_zero: int = 0) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_delta.edits.base import (
     DeltaEdit,
+    Planning,
     check_drop_rate,
     check_real,
     check_seed,
@@ -148,6 +150,25 @@ class DARE(DeltaEdit):
     name = "dare"
     label = "DARE"  # how figures and tables name the edit
     reference = "paper, sections 4.1 and 4.2 (equation 2)"  # where the paper defines it
+    randomised = True  # the mask
+    shown = ("p", "k")  # what labels and tables show
+    planning = Planning("density", "kept density 1 − p", (0.05, 0.1, 0.2, 0.4))
+
+    @classmethod
+    def variant(cls, config: Mapping[str, Any]) -> str:
+        """``drop_only`` for ``rescale=False`` (Figure 3's reference), else ``dare``."""
+        return "drop_only" if config.get("rescale") is False else cls.name
+
+    @classmethod
+    def shown_arguments(cls, config: Mapping[str, Any]) -> list[str]:
+        """``p`` and ``k``; ``p`` alone for drop only, whose ``k`` is always 0."""
+        shown = super().shown_arguments(config)
+        return [key for key in shown if key != "k"] if cls.variant(config) == "drop_only" else shown
+
+    @classmethod
+    def at_setting(cls, value: float, seed: int = 0) -> DARE:
+        """DARE keeping the density ``value``: ``p = 1 − value``."""
+        return cls(p=round(1.0 - float(value), 12), seed=seed)
 
     def __init__(self, p: float, k: float = 0.0, rescale: bool = True, seed: int = 0) -> None:
         self.p, self.k, self.rescale = check_dare(p, k, rescale)

@@ -161,6 +161,7 @@ class DELLA(DeltaEdit):
     name = "della"
     label = "DELLA"  # how figures and tables name the edit
     reference = "DELLA-Merging's MagPrune (Deep et al. 2024); paper, section 4"  # where the paper defines it
+    randomised = True  # the mask
 
     def __init__(self, p: float, epsilon: float, seed: int = 0) -> None:
         self.p, self.epsilon = check_della(p, epsilon)

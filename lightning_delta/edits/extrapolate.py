@@ -54,6 +54,7 @@ class Extrapolate(DeltaEdit):
     name = "extrapolate"
     label = "EXPO"  # how figures and tables name the edit
     reference = "paper, section 6, equations 13–15"  # where the paper defines it
+    shown = ("alpha",)  # what labels and tables show
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("Extrapolate", "alpha", alpha)

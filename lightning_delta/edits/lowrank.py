@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_delta.edits.base import (
     DeltaEdit,
+    Planning,
     check_choice,
     check_int,
     check_real,
@@ -206,6 +209,18 @@ class LowRank(DeltaEdit):
     name = "lowrank"
     label = "low rank (Twin-Merging)"  # how figures and tables name the edit
     reference = "paper, equation 10 and section 5.2"  # where the paper defines it
+    shown = ("rank", "fraction")  # what labels and tables show
+    planning = Planning("rank", "rank", (1, 2, 4, 8))
+
+    @classmethod
+    def draws_random(cls, config: Mapping[str, Any]) -> bool:
+        """Only the randomized SVD draws."""
+        return config.get("method") == "randomized"
+
+    @classmethod
+    def at_setting(cls, value: float, seed: int = 0) -> LowRank:
+        """LowRank at rank ``value`` (the exact SVD: ``seed`` is not used)."""
+        return cls(rank=int(value))
 
     def __init__(
         self, rank: int | None = None, fraction: float | None = None, method: str = "exact", seed: int = 0

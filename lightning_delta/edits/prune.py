@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightning_delta.edits.base import (
     DeltaEdit,
+    Planning,
     check_drop_rate,
     flat_chunks,
     order_statistics,
@@ -110,6 +111,13 @@ class MagnitudePrune(DeltaEdit):
     name = "magnitude_prune"
     label = "magnitude pruning (TIES-Merging's trim)"  # how figures and tables name the edit
     reference = "paper, section 5.2"  # where the paper defines it
+    shown = ("p",)  # what labels and tables show
+    planning = Planning("density", "kept density 1 − p (TIES' trim)", (0.05, 0.1, 0.2, 0.4))
+
+    @classmethod
+    def at_setting(cls, value: float, seed: int = 0) -> MagnitudePrune:
+        """The trim keeping the density ``value``: ``p = 1 − value`` (no randomness: ``seed`` is not used)."""
+        return cls(p=round(1.0 - float(value), 12))
 
     def __init__(self, p: float) -> None:
         self.p = check_drop_rate("MagnitudePrune", p)

@@ -1,7 +1,8 @@
 """Edit families with one per-tensor parameter, and what each setting costs to store.
 
-A family maps a setting ``v`` (BitDelta bits, DARE or TIES-trim kept density, LowRank rank) to an edit, and a
-tensor to its weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` (bits × entries; kept entries = density × entries;
+A family is an edit whose class declares a per-tensor setting ``v`` (its ``planning``: BitDelta bits, DARE or
+TIES-trim kept density, LowRank rank; :meth:`~lightning_delta.edits.DeltaEdit.at_setting` builds the edit at ``v``).
+What ``v`` counts (its unit: bits, density or rank) gives each tensor its weight ``w_k``: the cost of tensor ``k`` at ``v`` is ``v · w_k`` (bits × entries; kept entries = density × entries;
 stored numbers = rank × (rows + columns)). A budget "average ``v̄``" is ``v̄ · Σ_k w_k``, what the uniform edit at
 ``v̄`` costs, so a plan within the budget stores no more than the uniform edit. Costs are exact rationals
 (:class:`fractions.Fraction` of the settings' decimal strings): the budget test has no rounding.
@@ -36,36 +37,46 @@ import torch
 from torch import Tensor
 
 from lightning_delta.compress.forms import index_dtype, position_bytes
-from lightning_delta.edits import DARE, BitDelta, DeltaEdit, LowRank, MagnitudePrune
+from lightning_delta.edits import EDITS, DeltaEdit
 
 __all__ = ["FAMILIES", "Family", "family"]
 
 
+# What a setting can count, in the order the families are listed: the cost model of each is below.
+UNITS = ("bits", "density", "rank")
+
+
 @dataclass(frozen=True)
 class Family:
-    """One edit family: its name, what its setting means, and its default candidate settings."""
+    """One edit family: its name, what its setting means, and its default candidate settings (from its class's
+    :class:`~lightning_delta.edits.base.Planning`)."""
 
     name: str
     setting: str  # what v is, for messages and tables
     default_candidates: tuple[float, ...]
+    unit: str  # what v counts: "bits", "density" or "rank" (UNITS)
+    edit_class: type[DeltaEdit]
+
+    @classmethod
+    def of(cls, edit_class: type[DeltaEdit]) -> Family:
+        """The family of ``edit_class``, which declares its ``planning``."""
+        planning = edit_class.planning
+        if planning is None or planning.unit not in UNITS:
+            raise ValueError(f"{edit_class.__name__} declares no per-tensor setting in {list(UNITS)}: "
+                             f"its planning is {planning!r}.")
+        return cls(edit_class.name, planning.setting, planning.candidates, planning.unit, edit_class)
 
     def edit(self, value: float, seed: int = 0) -> DeltaEdit:
-        """The edit at setting ``value`` (``seed`` for DARE's masks)."""
-        if self.name == "bitdelta":
-            return BitDelta(bits=int(value))
-        if self.name == "dare":
-            return DARE(p=round(1.0 - float(value), 12), seed=seed)
-        if self.name == "magnitude_prune":
-            return MagnitudePrune(p=round(1.0 - float(value), 12))
-        return LowRank(rank=int(value))
+        """The edit at setting ``value`` (``seed`` for a randomised edit's draws, DARE's masks)."""
+        return self.edit_class.at_setting(value, seed)
 
     def applies(self, shape: Sequence[int]) -> bool:
-        """Whether a tensor of ``shape`` is planned: low rank plans matrices only (LowRank leaves the rest)."""
-        return self.name != "lowrank" or len(shape) == 2
+        """Whether a tensor of ``shape`` is planned: a rank plans matrices only (LowRank leaves the rest)."""
+        return self.unit != "rank" or len(shape) == 2
 
     def weight(self, shape: Sequence[int]) -> int:
         """``w_k``: the cost of one unit of the setting on a tensor of ``shape``."""
-        if self.name == "lowrank":
+        if self.unit == "rank":
             return int(shape[0]) + int(shape[1])
         return int(torch.Size(shape).numel())
 
@@ -80,13 +91,13 @@ class Family:
         the edited tensor ``F(ΔW)`` whose own counts are then used (DARE's kept entries, BitDelta's exact zeros)."""
         entries = int(torch.Size(shape).numel())
         bitmap = math.ceil(entries / 8)
-        if self.name == "bitdelta":
+        if self.unit == "bits":
             bits = int(value)
             if 2 ** (bits - 1) >= entries:  # one entry per block: lossless, stored dense
                 return Fraction(entries * element_bytes)
             zeros = 0 if edited is None else int((edited == 0).sum())
             return Fraction(bits * bitmap + 2 ** (bits - 1) * element_bytes + position_bytes(entries, zeros))
-        if self.name in DENSITY_FAMILIES:
+        if self.unit == "density":
             kept = exact(value) * entries if edited is None else Fraction(int(torch.count_nonzero(edited)))
             if kept == 0:
                 return Fraction(0)
@@ -103,12 +114,12 @@ class Family:
         for value in candidates:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"plan: candidate {self.setting} must be finite numbers, got {value!r}.")
-            if self.name in ("bitdelta", "lowrank") and (value != int(value) or value < 1):
+            if self.unit != "density" and (value != int(value) or value < 1):
                 raise ValueError(f"plan: {self.name} candidates ({self.setting}) must be integers >= 1, got {value!r}.")
-            if self.name in DENSITY_FAMILIES and not 0.0 < value <= 1.0:
+            if self.unit == "density" and not 0.0 < value <= 1.0:
                 raise ValueError(f"plan: {self.name} candidates (kept density) must be in (0, 1], got {value!r}.")
         values = sorted(set(candidates))
-        return [float(value) if self.name in DENSITY_FAMILIES else int(value) for value in values]
+        return [float(value) if self.unit == "density" else int(value) for value in values]
 
 
 def exact(value: float) -> Fraction:
@@ -116,13 +127,11 @@ def exact(value: float) -> Fraction:
     return Fraction(repr(float(value))) if not isinstance(value, int) else Fraction(value)
 
 
-DENSITY_FAMILIES = ("dare", "magnitude_prune")
-
+# Every registered edit that declares a per-tensor setting, by unit (bits, density, rank), then in the registry's order.
 FAMILIES = {
-    "bitdelta": Family("bitdelta", "bits per entry (sign bit included)", (1, 2, 3, 4)),
-    "dare": Family("dare", "kept density 1 − p", (0.05, 0.1, 0.2, 0.4)),
-    "magnitude_prune": Family("magnitude_prune", "kept density 1 − p (TIES' trim)", (0.05, 0.1, 0.2, 0.4)),
-    "lowrank": Family("lowrank", "rank", (1, 2, 4, 8)),
+    family.name: family
+    for family in sorted((Family.of(edit_class) for edit_class in EDITS.values() if edit_class.planning is not None),
+                         key=lambda family: (UNITS.index(family.unit), list(EDITS).index(family.name)))
 }
 
 
