@@ -31,12 +31,12 @@ import torch
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from lightning_delta.demo.digits import DigitSequences, DigitsDataModule, load_digit_splits
+from lightning_delta.demo.digits import DigitsDataModule, DigitSequences, load_digit_splits
 from lightning_delta.demo.pair import shipped_pair
 from lightning_delta.module import DeltaEditModule
-from lightning_delta.plan import exact_change, plan_edit
 from lightning_delta.planning.family import FAMILIES
 from lightning_delta.planning.measure import exact_candidate_changes
+from lightning_delta.planning.plan import exact_change, run_planning
 from tests.tiny_models import make_tiny_pair
 
 BUDGETS = {"bitdelta": 2, "dare": 0.2, "magnitude_prune": 0.2, "lowrank": 4}
@@ -71,13 +71,11 @@ def misordered_pairs(scores: torch.Tensor, exact: torch.Tensor) -> int:
 
 
 def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refine: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
     started = time.perf_counter()
-    plan = plan_edit(post, pretrained=pre, datamodule=DigitsSubset(plan_images, seed), family_name=family,
-                     average=BUDGETS[family], seed=seed,
-                     num_points=NUM_POINTS, refine=refine, scores_out=out)
+    run = run_planning(post, pretrained=pre, datamodule=DigitsSubset(plan_images, seed), family_name=family,
+                       average=BUDGETS[family], seed=seed, num_points=NUM_POINTS, refine=refine)
     plan_seconds = time.perf_counter() - started
-    scores, used, sweeps, model = out["scores"], out["used"], out["sweeps"], out["model"]
+    plan, scores, used, sweeps, model = run.plan, run.scores, run.used, run.sweeps, run.model
     spec = FAMILIES[family]
     evaluation = DigitsDataModule(split="test", batch_size=150)
     _, planned = exact_change(model, pretrained=pre, edit=plan.edit(), datamodule=evaluation)

@@ -30,8 +30,8 @@ _EXPORTS = {
     "iter_delta": "lightning_delta.delta",
     "apply_edit_": "lightning_delta.export",
     "save_edited": "lightning_delta.export",
-    "Plan": "lightning_delta.plan",
-    "plan_edit": "lightning_delta.plan",
+    "Plan": "lightning_delta.planning.plan",
+    "plan_edit": "lightning_delta.planning.plan",
 }
 _SUBMODULES = ("callbacks", "datamodules", "edits")
 
@@ -58,4 +58,4 @@ if TYPE_CHECKING:
     from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
     from lightning_delta.module import DeltaEditModule
     from lightning_delta.parametrize import EditedModel
-    from lightning_delta.plan import Plan, plan_edit
+    from lightning_delta.planning.plan import Plan, plan_edit

@@ -409,19 +409,19 @@ CASES = [
          lambda tmp: _edits().PerTensor({"^a$": _edits().BitDelta()})({"b": torch.ones(2)})),
     Case("plan-unknown-family", "`plan_edit(..., family_name=\"ties\", ...)`", ValueError,
          "plan: unknown edit family 'ties'",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+         lambda tmp: __import__("lightning_delta.planning.plan", fromlist=["x"]).plan_edit(
              None, pretrained=None, datamodule=None, family_name="ties", average=0.2)),
     Case("plan-average-below-candidates", "`plan_edit(..., \"bitdelta\", average=0.5)`", ValueError,
          "plan: `average` (bits per entry (sign bit included)) must be a number >= the smallest candidate 1",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+         lambda tmp: __import__("lightning_delta.planning.plan", fromlist=["x"]).plan_edit(
              None, pretrained=None, datamodule=None, family_name="bitdelta", average=0.5)),
     Case("plan-dare-density", "`plan_edit(..., \"dare\", 0.5, candidates=[0.5, 1.5])`", ValueError,
          "plan: dare candidates (kept density) must be in (0, 1], got 1.5",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+         lambda tmp: __import__("lightning_delta.planning.plan", fromlist=["x"]).plan_edit(
              None, pretrained=None, datamodule=None, family_name="dare", average=0.5, candidates=[0.5, 1.5])),
     Case("plan-two-budgets", "`plan_edit(..., \"bitdelta\", 2, budget_bytes=1e6)`", ValueError,
          "plan: give the budget as `average` (bits per entry (sign bit included)) or as `budget_bytes`, exactly one",
-         lambda tmp: __import__("lightning_delta.plan", fromlist=["x"]).plan_edit(
+         lambda tmp: __import__("lightning_delta.planning.plan", fromlist=["x"]).plan_edit(
              None, pretrained=None, datamodule=None, family_name="bitdelta", average=2, budget_bytes=1e6)),
     Case("on-the-fly-ready-made-E",
          "`DeltaEditModule(model, pretrained=None, edit={name: E}, E_dtype=\"on_the_fly\")` attached", ValueError,

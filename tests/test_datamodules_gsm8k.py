@@ -12,7 +12,7 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules.gsm8k import AnswerLineEnded
 from lightning_delta.losses import CausalLMLoss
-from lightning_delta.metrics import extract_final_number
+from lightning_delta.datamodules.gsm8k_answers import extract_final_number
 from lightning_delta.module import DeltaEditModule
 from tests.datamodule_fixtures import (
     GSM8K_ROWS,

@@ -1,4 +1,4 @@
-"""lightning_delta.plan: scores against float64 brute force, the knapsack against enumeration, the budget, the
+"""lightning_delta.planning: scores against float64 brute force, the knapsack against enumeration, the budget, the
 measured exact ΔL against an independent loss loop, and the `plan` command."""
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from scipy.stats import kendalltau
 from torch import nn
 
 from benchmarks.plan import misordered_pairs
-
 from lightning_delta import apply_edit_
 from lightning_delta.cli import run
 from lightning_delta.demo.digits import DigitsDataModule
@@ -27,10 +26,10 @@ from lightning_delta.edits import DARE, BitDelta, LowRank, MagnitudePrune, PerTe
 from lightning_delta.export import PER_TENSOR_FILE
 from lightning_delta.losses import LossOutput
 from lightning_delta.module import DeltaEditModule
-from lightning_delta.plan import Plan, plan_edit, relevant_values
 from lightning_delta.planning.allocate import allocate
 from lightning_delta.planning.family import FAMILIES, family
 from lightning_delta.planning.measure import exact_candidate_changes, riemann_sweep, trapezoid_per_tensor
+from lightning_delta.planning.plan import Plan, plan_edit, relevant_values, run_planning
 from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
 from tests.tiny_models import make_tiny_model
 
@@ -496,16 +495,16 @@ def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
     """rule="gauss": each refinement sweep runs its n nodes (no backward at t = 1, forwards at t = 0 and 1), and the
     refined scores are the sweep's Gauss per-tensor terms, which equal a RiemannCallback run of the same rule."""
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    out: dict = {}
-    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name="bitdelta",
-                     average=2, candidates=[1, 3], refine=1, num_points=2, rule="gauss", scores_out=out)
-    (value, sweep), = out["sweeps"].items()
+    planning = run_planning(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule,
+                            family_name="bitdelta", average=2, candidates=[1, 3], refine=1, num_points=2, rule="gauss")
+    plan = planning.plan
+    (value, sweep), = planning.sweeps.items()
     assert sweep.rule == "gauss" and sweep.passes == 2 and plan.refined == [value]
-    column = out["used"][:, [1, 3].index(value)].tolist()
-    assert column == [sweep.term_per_tensor[name] for name in out["scores"].names]
+    column = planning.used[:, [1, 3].index(value)].tolist()
+    assert column == [sweep.term_per_tensor[name] for name in planning.scores.names]
     assert plan.passes["forward_backward"] == 1 + 2 and plan.passes["forward"] % 2 == 0 and plan.passes["forward"] >= 2
     direct = riemann_sweep(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=BitDelta(bits=value),
-                           datamodule=datamodule, include=list(out["scores"].names), num_points=2, rule="gauss")
+                           datamodule=datamodule, include=list(planning.scores.names), num_points=2, rule="gauss")
     assert direct.term_per_tensor == pytest.approx(sweep.term_per_tensor, rel=1e-6, abs=1e-9)
 
 

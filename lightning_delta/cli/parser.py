@@ -11,7 +11,6 @@ The path of one point::
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator

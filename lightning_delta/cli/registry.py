@@ -29,9 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "Write the edited delta F(ΔW) in its family's compact form (safetensors), to load onto the base."),
     "plot": ("lightning_delta.cli.commands", "plot", "Draw the figures of one or more sweep results files."),
     "estimate": ("lightning_delta.estimate", "estimate", "Peak memory per process of a config, from config.json."),
-    "plan": ("lightning_delta.plan", "plan",
+    "plan": ("lightning_delta.planning.command", "plan",
              "Plan an edit per tensor under a budget from the Riemann terms, measure its exact ΔL, write the plan."),
-    "demo": ("lightning_delta.demo", "demo",
+    "demo": ("lightning_delta.demo.command", "demo",
              "Build a real small pre/post pair on the bundled digits, sweep the edits, print a table (offline)."),
 }
 ANALYSES = ("validate", "sweep")

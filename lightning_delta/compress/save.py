@@ -44,7 +44,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 def as_edit(edit_or_plan: Any) -> Edit:
     """The edit to store: an edit of :mod:`lightning_delta.edits`, a mapping name -> ``E``, a
-    :class:`~lightning_delta.plan.Plan`, or the path of a ``plan.json`` that ``lightning-delta plan`` wrote (its
+    :class:`~lightning_delta.planning.plan.Plan`, or the path of a ``plan.json`` that ``lightning-delta plan`` wrote (its
     ``edit``, a :class:`~lightning_delta.edits.PerTensor`)."""
     if callable(getattr(edit_or_plan, "edit", None)) and hasattr(edit_or_plan, "settings"):  # a Plan
         return edit_or_plan.edit()
@@ -203,7 +203,7 @@ def save_compressed(
         pretrained: W_pre (the base the delta is loaded onto), in any form :func:`~lightning_delta.delta.load_tensors`
             reads.
         edit_or_plan: an edit of :mod:`lightning_delta.edits` (or a :class:`~lightning_delta.edits.PerTensor`), a
-            mapping name -> ``E``, a :class:`~lightning_delta.plan.Plan`, or the path of a ``plan.json``.
+            mapping name -> ``E``, a :class:`~lightning_delta.planning.plan.Plan`, or the path of a ``plan.json``.
         output_dir: a new or empty directory (or, with ``overwrite``, one to replace).
         include, exclude: regular expressions on tensor names selecting the edited tensors.
         overwrite: replace a non-empty ``output_dir`` whole.

@@ -50,7 +50,7 @@ from lightning_delta.datamodules._common import (
 )
 from lightning_delta.datamodules import gsm8k_protocols as protocols
 from lightning_delta.losses import IGNORE_INDEX
-from lightning_delta.metrics import extract_final_number, numbers_match
+from lightning_delta.datamodules.gsm8k_answers import extract_final_number, numbers_match
 
 __all__ = ["AnswerLineEnded", "GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT", "STOP_STRINGS"]
 
@@ -327,7 +327,7 @@ class GSM8KEvaluator(LazyTokenizer):
     ends its first ``#### <number>`` line, or a stop string (default :data:`STOP_STRINGS`: the next few-shot turn of
     the plain format); the batch stops when every row has stopped, or after ``max_new_tokens``. The text is cut
     there (:meth:`answer_text`), and the number after ``####`` (or the last number) is compared with the reference
-    answer's (:func:`~lightning_delta.metrics.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``,
+    answer's (:func:`~lightning_delta.datamodules.gsm8k_answers.extract_final_number`). Use as ``DeltaEditModule(evaluator=...)``,
     which sums the counts across processes and logs ``accuracy/post`` (t = 0) and ``accuracy/edit`` (t = 1); or
     count :meth:`generate`'s texts yourself with :meth:`count_matches`.
 

@@ -6,7 +6,7 @@
 - ``"chat"`` (default): the question through the tokenizer's chat template (the plain ``Question: …\\nAnswer:``
   format without one), after ``few_shot`` worked examples, the first ones of the train split; the answer is the
   number after ``####``, else after "the answer is", else the last number
-  (:func:`~lightning_delta.metrics.extract_final_number`).
+  (:func:`~lightning_delta.datamodules.gsm8k_answers.extract_final_number`).
 - ``"lm-eval"``: lm-evaluation-harness's ``gsm8k`` task (``lm_eval/tasks/gsm8k/gsm8k.yaml``, version 3.0): 5 shots
   drawn from the train split by ``random.Random(1234).sample`` (one draw per evaluated question, in the test split's
   order), each ``Question: <question>\\nAnswer: <answer>`` joined by a blank line, then

@@ -19,7 +19,7 @@ name (:func:`build`)      class                      paper
 ========================  =========================  ==================================================
 
 :class:`PerTensor` gives each tensor the edit of the first regular expression its name matches (what
-:mod:`lightning_delta.plan` writes); it is not in :func:`build`'s registry: ``PerTensor(edits={...})``.
+:mod:`lightning_delta.planning` writes); it is not in :func:`build`'s registry: ``PerTensor(edits={...})``.
 
 Randomised edits draw from :func:`tensor_generator` (run seed and ``zlib.crc32`` of the tensor name): the same
 seed gives the same result in any tensor order, with any number of threads, in any process.

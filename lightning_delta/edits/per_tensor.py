@@ -1,6 +1,6 @@
 """PerTensor: a different edit for different tensors, chosen by regular expressions on the tensor names.
 
-What :mod:`lightning_delta.plan` writes: ``PerTensor({"^model.layers.0.mlp.up_proj.weight$": BitDelta(bits=3), ...})``
+What :mod:`lightning_delta.planning` writes: ``PerTensor({"^model.layers.0.mlp.up_proj.weight$": BitDelta(bits=3), ...})``
 gives each tensor the first edit whose pattern it matches (``re.search``, in the mapping's order).
 """
 

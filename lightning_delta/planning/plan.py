@@ -30,22 +30,18 @@ It runs in one process: a process of a distributed job is refused with an error.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 import math
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_delta.callbacks import RiemannCallback
-from lightning_delta.compress import save_compressed as write_compressed
+from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.delta import Patterns, Weights, delta_names
 from lightning_delta.edits import PerTensor
-from lightning_delta.export import save_edited
 from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.planning.allocate import allocate
@@ -59,10 +55,8 @@ from lightning_delta.planning.measure import (
 )
 from lightning_delta.planning.scores import CandidateScores, candidate_scores, gradient_statistics
 
-__all__ = ["Plan", "plan", "plan_edit", "relevant_values"]
-
-FamilyName = Literal[tuple(FAMILIES)]  # "bitdelta", "dare", "lowrank"
-
+__all__ = ["BudgetedScores", "Plan", "PlanningRun", "exact_change", "measure_proposals", "plan_edit", "propose",
+           "refine_scores", "relevant_values", "run_planning", "score_candidates"]
 
 @dataclass
 class Plan:
@@ -147,7 +141,6 @@ def plan_edit(
     measure: bool = True,
     accelerator: str = "cpu",
     dtype: str | torch.dtype | None = None,
-    scores_out: dict[str, Any] | None = None,
     budget_bytes: float | None = None,
     rule: str = "trapezoid",
 ) -> Plan:
@@ -169,7 +162,6 @@ def plan_edit(
         refine: how many candidate settings to sweep (default all that are relevant, see :func:`relevant_values`);
             0 plans from the second-order scores alone.
         measure: measure the planned edit's exact ΔL at the end.
-        scores_out: if given, filled with the score matrices and sweeps (for benchmarks).
         budget_bytes: the budget as the bytes of ``F(ΔW)`` over the planned tensors stored compactly, as
             :func:`~lightning_delta.compress.save_compressed` writes them (values in ``F(ΔW)``'s dtype, at least
             float32; :meth:`~lightning_delta.planning.family.Family.stored_bytes` of the edited tensors, DARE's
@@ -184,14 +176,110 @@ def plan_edit(
             other than trapezoid, gauss, adaptive, and every
             error of :class:`~lightning_delta.DeltaEditModule` and the scores.
     """
+    return run_planning(model, pretrained=pretrained, datamodule=datamodule, family_name=family_name, average=average,
+                        candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
+                        num_points=num_points, refine=refine, measure=measure, accelerator=accelerator, dtype=dtype,
+                        budget_bytes=budget_bytes, rule=rule).plan
+
+
+
+
+@dataclass
+class PlanningRun:
+    """What :func:`run_planning` made on the way to its plan (what benchmarks compare with the brute force)."""
+
+    plan: Plan
+    scores: CandidateScores
+    used: Tensor  # the scores the final allocation used: second order, refined where a sweep ran
+    sweeps: dict[float, RiemannResult]  # the refinement sweeps, by setting
+    budget: Fraction
+    model: nn.Module  # W_post as loaded
+    proposals: dict[str, list[int]]  # a candidate index per tensor, by proposal
+
+
+def run_planning(
+    model: nn.Module | str,
+    *,
+    pretrained: Weights,
+    datamodule: pl.LightningDataModule,
+    family_name: str,
+    average: float | None = None,
+    candidates: list[float] | None = None,
+    loss: str | DeltaLoss = "causal_lm",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
+    num_points: int | None = None,
+    refine: int | None = None,
+    measure: bool = True,
+    accelerator: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    budget_bytes: float | None = None,
+    rule: str = "trapezoid",
+) -> PlanningRun:
+    """:func:`plan_edit`, keeping what its four stages made (:class:`PlanningRun`): its arguments, errors and plan are
+    :func:`plan_edit`'s."""
+    _check_not_distributed()
+    spec: Family = family(family_name)
+    values = spec.check_candidates(candidates if candidates is not None else list(spec.default_candidates))
+    _check_budget(spec, values, average, budget_bytes)
+    if rule not in ("trapezoid", "gauss", "adaptive"):
+        raise ValueError(f"plan: `rule` must be 'trapezoid', 'gauss' or 'adaptive' (the refinement sweeps' quadrature), "
+                         f"got rule={rule!r}.")
+    RiemannCallback(num_points=num_points, rule=rule)  # its errors for a bad num_points, before any work
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
+        raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
+    module = DeltaEditModule(model, pretrained=pretrained, edit=spec.edit(values[0], seed), loss=loss, dtype=dtype)
+    model = module.model
+    datamodule.setup("validate")
+    budgeted = score_candidates(module, datamodule, spec, values, pretrained=pretrained, include=include,
+                                exclude=exclude, seed=seed, average=average, budget_bytes=budget_bytes)
+    first_choices = allocate(budgeted.scores.second.tolist(), budgeted.costs, budgeted.budget)
+    order = relevant_values(first_choices, len(values))
+    swept = order if refine is None else order[:refine]
+    used, sweeps = refine_scores(model, budgeted, spec, [values[j] for j in swept], pretrained=pretrained,
+                                 datamodule=datamodule, loss=loss, seed=seed, num_points=num_points,
+                                 accelerator=accelerator, rule=rule)
+    proposals = propose(budgeted, used, first_choices, refined=bool(swept))
+    passes = {"forward_backward": 1 + sum(sweep_passes(result)[0] for result in sweeps.values()),
+              "forward": sum(sweep_passes(result)[1] for result in sweeps.values())}
+    measured: dict[str, float] = {}
+    loss_post = None
+    if measure:
+        loss_post, measured, forwards = measure_proposals(model, budgeted, spec, proposals, sweeps,
+                                                          pretrained=pretrained, datamodule=datamodule, loss=loss,
+                                                          seed=seed, accelerator=accelerator)
+        passes["forward"] += forwards
+    label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
+    picked = proposals[label]
+    scores, costs, stored = budgeted.scores, budgeted.costs, budgeted.stored
+    rows = range(len(scores.names))
+    plan = Plan(
+        family=spec.name, average=None if average is None else float(average), seed=seed,
+        settings={name: values[j] for name, j in zip(scores.names, picked)},
+        budget=float(budgeted.budget), cost=float(sum((costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
+        stored_bytes=float(sum((stored[k][j] for k, j in zip(rows, picked)), Fraction(0))),
+        predicted_first=float(sum(scores.first[k, j] for k, j in zip(rows, picked))),
+        predicted_second=float(sum(scores.second[k, j] for k, j in zip(rows, picked))),
+        predicted=float(sum(used[k, j] for k, j in zip(rows, picked))),
+        refined=[values[j] for j in swept], chosen=label, measured=measured,
+        exact=measured.get(label), loss_post=loss_post, passes=passes,
+        budget_bytes=None if budget_bytes is None else float(budget_bytes),
+    )
+    return PlanningRun(plan=plan, scores=scores, used=used, sweeps=sweeps, budget=budgeted.budget, model=model,
+                       proposals=proposals)
+
+
+def _check_not_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise ValueError(
             f"plan: the planner runs in one process (its scores are summed there and its trainers use one device), "
             f"but this is one of {torch.distributed.get_world_size()} processes of a distributed job. Run "
             "`lightning-delta plan` as a single process, then use its plan in the distributed job."
         )
-    spec: Family = family(family_name)
-    values = spec.check_candidates(candidates if candidates is not None else list(spec.default_candidates))
+
+
+def _check_budget(spec: Family, values: list[float], average: float | None, budget_bytes: float | None) -> None:
     if (average is None) == (budget_bytes is None):
         raise ValueError(f"plan: give the budget as `average` ({spec.setting}) or as `budget_bytes`, exactly one; "
                          f"got average={average!r} and budget_bytes={budget_bytes!r}.")
@@ -203,168 +291,94 @@ def plan_edit(
                                 or not values[0] <= average):
         raise ValueError(f"plan: `average` ({spec.setting}) must be a number >= the smallest candidate {values[0]}, "
                          f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate.")
-    if rule not in ("trapezoid", "gauss", "adaptive"):
-        raise ValueError(f"plan: `rule` must be 'trapezoid', 'gauss' or 'adaptive' (the refinement sweeps' quadrature), "
-                         f"got rule={rule!r}.")
-    RiemannCallback(num_points=num_points, rule=rule)  # its errors for a bad num_points, before any work
-    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
-        raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
-    module = DeltaEditModule(model, pretrained=pretrained, edit=spec.edit(values[0], seed), loss=loss, dtype=dtype)
+
+
+@dataclass
+class BudgetedScores:
+    """Stage 1's output: every candidate's scores, and what each costs against the budget.
+
+    ``costs[k][j]`` counts against ``budget`` (settings × weights, or stored bytes with ``budget_bytes``);
+    ``stored[k][j]`` are the bytes of tensor ``k`` at candidate ``j``; ``uniform`` is the uniform edit's setting that
+    the plan is compared with (``None``: none is a candidate)."""
+
+    scores: CandidateScores
+    costs: list[list[Fraction]]
+    budget: Fraction
+    stored: list[list[Fraction]]
+    uniform: float | None
+
+
+def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule, spec: Family, values: list[float],
+                     *, pretrained: Weights, include: Patterns, exclude: Patterns, seed: int, average: float | None,
+                     budget_bytes: float | None) -> BudgetedScores:
+    """Stage 1, **scores**: one forward+backward pass per batch at W_post gives ``g`` and ``F̂``, and every candidate of
+    every planned tensor is scored from them; the budget and each candidate's cost against it."""
     model = module.model
-    datamodule.setup("validate")
-    loaders = [datamodule.val_dataloader()]
     parameters = dict(model.named_parameters())
-    names = [name for name in delta_names(model, pre=pretrained, include=include,
-                                          exclude=exclude) if name in parameters]
-    statistics = gradient_statistics(module, model, loaders, names)
+    names = [name for name in delta_names(model, pre=pretrained, include=include, exclude=exclude) if name in parameters]
+    statistics = gradient_statistics(module, model, [datamodule.val_dataloader()], names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
     stored = scores.stored  # of the very edited tensors: DARE's actual kept count, BitDelta's zeros
     if budget_bytes is None:
-        costs = scores.costs
         budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
-        uniform = average if average in values else None
-    else:
-        costs, budget = stored, exact(budget_bytes)
-        fitting = [value for j, value in enumerate(values) if sum(row[j] for row in stored) <= budget]
-        uniform = fitting[-1] if fitting else None
-    second = scores.second
-    choices = allocate(second.tolist(), costs, budget)
-    used = second.clone()
+        return BudgetedScores(scores, scores.costs, budget, stored, average if average in values else None)
+    budget = exact(budget_bytes)
+    fitting = [value for j, value in enumerate(values) if sum(row[j] for row in stored) <= budget]
+    return BudgetedScores(scores, stored, budget, stored, fitting[-1] if fitting else None)
+
+
+def refine_scores(model: nn.Module, budgeted: BudgetedScores, spec: Family, settings: list[float], *,
+                  pretrained: Weights, datamodule: pl.LightningDataModule, loss: str | DeltaLoss, seed: int,
+                  num_points: int | None, accelerator: str, rule: str) -> tuple[Tensor, dict[float, RiemannResult]]:
+    """Stage 3, **refinement**: a Riemann sweep at each of ``settings`` edits every planned tensor at it; each tensor's
+    share replaces its second-order score there. Returns the scores to allocate with and the sweeps by setting."""
+    scores = budgeted.scores
+    used = scores.second.clone()
     patterns = tensor_patterns(scores.names)
-    order = relevant_values(choices, len(values))
-    swept = order if refine is None else order[:refine]
     sweeps = {}
-    for j in swept:
-        result = riemann_sweep(model, pretrained=pretrained, edit=spec.edit(values[j], seed), datamodule=datamodule,
+    for value in settings:
+        result = riemann_sweep(model, pretrained=pretrained, edit=spec.edit(value, seed), datamodule=datamodule,
                                loss=loss, include=patterns, num_points=num_points, accelerator=accelerator, rule=rule)
         shares = sweep_per_tensor(result)
-        used[:, j] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
-        sweeps[values[j]] = result
-    proposals = {"second order": choices, "first order": allocate(scores.first.tolist(), costs, budget)}
-    if swept:
+        used[:, scores.values.index(value)] = torch.tensor([shares[name] for name in scores.names],
+                                                           dtype=torch.float64)
+        sweeps[value] = result
+    return used, sweeps
+
+
+def propose(budgeted: BudgetedScores, used: Tensor, second_order: list[int], refined: bool) -> dict[str, list[int]]:
+    """Stage 2, **allocation**: the knapsack's choice (a candidate index per tensor) under each kind of score, and the
+    uniform edit; ``second_order`` is the allocation of the second-order scores, made before the refinement."""
+    scores, costs, budget = budgeted.scores, budgeted.costs, budgeted.budget
+    proposals = {"second order": second_order, "first order": allocate(scores.first.tolist(), costs, budget)}
+    if refined:
         proposals["refined"] = allocate(used.tolist(), costs, budget)
-    if uniform is not None:  # always a proposal: the plan is never worse than it on this data
-        proposals["uniform"] = [values.index(uniform)] * len(scores.names)
-    passes = {"forward_backward": 1 + sum(sweep_passes(result)[0] for result in sweeps.values()),
-              "forward": sum(sweep_passes(result)[1] for result in sweeps.values())}
+    if budgeted.uniform is not None:  # always a proposal: the plan is never worse than it on this data
+        proposals["uniform"] = [scores.values.index(budgeted.uniform)] * len(scores.names)
+    return proposals
+
+
+def measure_proposals(model: nn.Module, budgeted: BudgetedScores, spec: Family, proposals: dict[str, list[int]],
+                      sweeps: dict[float, RiemannResult], *, pretrained: Weights, datamodule: pl.LightningDataModule,
+                      loss: str | DeltaLoss, seed: int, accelerator: str) -> tuple[float | None, dict[str, float], int]:
+    """Stage 4, **exact ΔL**: each distinct proposal measured by ``trainer.validate`` (the uniform edit's from its sweep
+    when one ran). Returns ``L(W_post)``, the exact ΔL by proposal, and the forward passes it took."""
+    scores = budgeted.scores
+    patterns = tensor_patterns(scores.names)
     measured: dict[str, float] = {}
-    loss_post = None
-    if measure:  # each distinct proposal's exact ΔL; the uniform edit's from its sweep when one ran
-        for label, picked in proposals.items():
-            same = next((other for other in measured if proposals[other] == picked), None)
-            if same is not None:
-                measured[label] = measured[same]
-                continue
-            if label == "uniform" and uniform in sweeps:
-                measured[label] = sweeps[uniform].exact
-                continue
-            settings = {name: values[j] for name, j in zip(scores.names, picked)}
-            loss_post, measured[label] = exact_change(
-                model, pretrained=pretrained, edit=_per_tensor(spec, settings, seed), datamodule=datamodule, loss=loss,
-                accelerator=accelerator, include=patterns)
-            passes["forward"] += 2
-    label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
-    picked = proposals[label]
-    rows = range(len(scores.names))
-    plan = Plan(
-        family=spec.name, average=None if average is None else float(average), seed=seed,
-        settings={name: values[j] for name, j in zip(scores.names, picked)},
-        budget=float(budget), cost=float(sum((costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
-        stored_bytes=float(sum((stored[k][j] for k, j in zip(rows, picked)), Fraction(0))),
-        predicted_first=float(sum(scores.first[k, j] for k, j in zip(rows, picked))),
-        predicted_second=float(sum(second[k, j] for k, j in zip(rows, picked))),
-        predicted=float(sum(used[k, j] for k, j in zip(rows, picked))),
-        refined=[values[j] for j in swept], chosen=label, measured=measured,
-        exact=measured.get(label), loss_post=loss_post, passes=passes,
-        budget_bytes=None if budget_bytes is None else float(budget_bytes),
-    )
-    if scores_out is not None:
-        scores_out.update(scores=scores, used=used, sweeps=sweeps, budget=budget, model=model, proposals=proposals)
-    return plan
-
-
-def plan(
-    model: str,
-    *,
-    pretrained: str,
-    data: pl.LightningDataModule,
-    family: FamilyName,
-    average: float | None = None,
-    candidates: list[float] | None = None,
-    loss: str = "causal_lm",
-    include: str | list[str] | None = None,
-    exclude: str | list[str] | None = None,
-    seed: int = 0,
-    num_points: int | None = None,
-    refine: int | None = None,
-    output: str = "plan.json",
-    output_dir: str | None = None,
-    overwrite: bool = False,
-    accelerator: str = "cpu",
-    dtype: str | None = None,
-    budget_bytes: float | None = None,
-    save_compressed: str | None = None,
-    rule: str = "trapezoid",
-) -> Plan:
-    """Plan an edit per tensor under a budget (the uniform edit's storage), measure its exact ΔL, write the plan.
-
-    Args:
-        model: the post-trained model (W_post): a Hugging Face directory or hub id.
-        pretrained: the pre-trained weights (W_pre): a directory, safetensors file or hub id.
-        data: a LightningDataModule; its validation data is what the loss is measured on.
-        family: the edit family: bitdelta (bits per entry), dare or magnitude_prune (TIES' trim; kept density
-            1 - p) or lowrank (rank).
-        average: the budget, as the average setting: the plan stores no more than the uniform edit at it. Give
-            it or budget_bytes.
-        candidates: the settings a tensor may take; default bitdelta 1-4 bits, dare and magnitude_prune
-            0.05/0.1/0.2/0.4, lowrank 1/2/4/8.
-        loss: causal_lm, classification or dpo.
-        include: regular expressions on tensor names (re.search): only the tensors that match one are planned.
-        exclude: regular expressions on tensor names: the tensors that match one are left as they are.
-        seed: DARE's mask seed.
-        num_points: C of the refinement sweeps, or the Gauss nodes (default: the rule's own, 5 for the
-            trapezoid, 3 for gauss).
-        refine: how many candidate settings to refine with a sweep (default: every relevant one; 0: none).
-        output: the JSON file the plan is written to: a new file (an existing one needs overwrite).
-        output_dir: if given, the edited model W_pre + F(ΔW) is written there too (as by ``lightning-delta edit``).
-        overwrite: replace an existing ``output`` file, a non-empty ``output_dir`` and ``save_compressed``.
-        accelerator: the trainers' accelerator (cpu, gpu, auto).
-        dtype: the dtype the models are loaded in; default as stored.
-        budget_bytes: the budget, as the bytes of the edited delta F(ΔW) of the planned tensors stored compactly,
-            as `lightning-delta compress` writes them (values in F(ΔW)'s dtype, at least float32; bitdelta b bits
-            per entry, dare and magnitude_prune the kept values and their positions, lowrank the two factors).
-            Give it or average.
-        save_compressed: if given, the planned delta F(ΔW) is written there in its compact form (as by
-            ``lightning-delta compress``), the bytes the budget counts.
-        rule: the refinement sweeps' quadrature: trapezoid (C + 1 forward+backward passes per setting), gauss (n,
-            and two forwards) or adaptive (nested nodes until the per-tensor error estimate is below 1e-3).
-    """
-    if Path(output).exists() and not overwrite:
-        raise ValueError(f"output {output} exists; refusing to write a plan over it. Pass --overwrite true to replace "
-                         "it, or choose another --output.")
-    made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
-                     candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
-                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype,
-                     budget_bytes=budget_bytes, rule=rule)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
-    counts: dict[float, int] = {}
-    for value in made.settings.values():
-        counts[value] = counts.get(value, 0) + 1
-    budget = f"average {average:g}" if average is not None else f"{budget_bytes:.6g} bytes"
-    print(f"Plan for {family} at {budget}: cost {made.cost:.6g} of budget {made.budget:.6g}, "
-          f"{made.stored_bytes:.6g} bytes stored; tensors per setting {dict(sorted(counts.items()))}")
-    print(f"  predicted ΔL {made.predicted:+.6g} (first order {made.predicted_first:+.6g}), exact ΔL "
-          f"{made.exact:+.6g}; {made.passes['forward_backward']} forward+backward and {made.passes['forward']} "
-          f"forward passes over the data")
-    print(f"  written to {output}")
-    if output_dir is not None:
-        save_edited(model, pretrained=pretrained, edit=made.edit(), output_dir=output_dir, dtype=dtype,
-                    overwrite=overwrite)
-        print(f"  edited model written to {output_dir}")
-    if save_compressed is not None:
-        written = write_compressed(model, pretrained=pretrained, edit_or_plan=made, output_dir=save_compressed,
-                                   overwrite=overwrite)
-        print(f"  compressed delta written to {written}")
-    return made
+    loss_post, forwards = None, 0
+    for label, picked in proposals.items():
+        same = next((other for other in measured if proposals[other] == picked), None)
+        if same is not None:
+            measured[label] = measured[same]
+            continue
+        if label == "uniform" and budgeted.uniform in sweeps:
+            measured[label] = sweeps[budgeted.uniform].exact
+            continue
+        settings = {name: scores.values[j] for name, j in zip(scores.names, picked)}
+        loss_post, measured[label] = exact_change(
+            model, pretrained=pretrained, edit=_per_tensor(spec, settings, seed), datamodule=datamodule, loss=loss,
+            accelerator=accelerator, include=patterns)
+        forwards += 2
+    return loss_post, measured, forwards
