@@ -241,7 +241,7 @@ class RecomputedE:
     def __call__(self, w_post: Tensor) -> Tensor:
         with torch.no_grad():
             w_pre = self.source.get(self.match.pre_name).to(w_post.device)
-            delta = difference(self.match, w_pre, w_post, self.source, self.source)
+            delta = difference(self.match, w_post, w_pre, self.source, self.source)
             del w_pre
             return (self.edit.edit_tensor(self.match.name, delta, None) - delta).to(self.dtype)
 
@@ -261,7 +261,7 @@ def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, includ
     try:
         post = load_tensors(model)
         recomputed = {}
-        for match in match_tensors(pre=source, post=post, include=include, exclude=exclude):
+        for match in match_tensors(post=post, pre=source, include=include, exclude=exclude):
             dtype = stored_dtype(post.dtype(match.post_name), "float32")
             recomputed[match.name] = RecomputedE(match, source, edit, post.shape(match.post_name), dtype)
         # every check, each E once

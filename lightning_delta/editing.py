@@ -21,8 +21,8 @@ from lightning_delta.delta import (
     PairChecks,
     Patterns,
     Weights,
-    _all_finite,
-    _as_device,
+    all_finite,
+    as_device,
     check_real,
     check_tied_targets,
     delta_dtype,
@@ -42,13 +42,13 @@ Edit = DeltaEdit | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
 class EditedTensor(NamedTuple):
     """One selected tensor after the edit.
 
-    For a parameter sharded by FSDP2, ``rows`` are this process's rows ``(start, stop)``: ``w_pre`` and ``w_post``
+    For a parameter sharded by FSDP2, ``rows`` are this process's rows ``(start, stop)``: ``w_post`` and ``w_pre``
     hold only those (``w_post`` the parameter's own local rows), ``delta`` and ``edited`` are whole.
     """
 
     name: str  # its name in results (a tied tensor under its first name)
-    w_pre: Tensor  # W_pre in its stored dtype, on the tensor's device
     w_post: Tensor  # W_post: for a module, the module's own tensor
+    w_pre: Tensor  # W_pre in its stored dtype, on the tensor's device
     delta: Tensor  # ΔW = W_post − W_pre in delta_dtype (at least float32)
     edited: Tensor  # F(ΔW): the tensor's shape, finite, in the delta's dtype or wider
     rows: tuple[int, int] | None = None  # this process's rows of a sharded parameter
@@ -135,9 +135,9 @@ def iter_edited(
     check_edit(edit)
     if gradients is not None and not isinstance(gradients, Mapping):
         raise ValueError(f"gradients must be a mapping from tensor names to tensors, got {type(gradients).__name__}.")
-    device = _as_device(device)
-    with open_pair(pre=pre, post=post) as (pre_source, post_source):
-        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
+    device = as_device(device)
+    with open_pair(post=post, pre=pre) as (post_source, pre_source):
+        matches = match_tensors(post=post_source, pre=pre_source, include=include, exclude=exclude)
         if isinstance(edit, Mapping):
             _check_edit_mapping(edit, matches, post_source)
             matches = [match for match in matches if match.name in edit]
@@ -155,11 +155,11 @@ def iter_edited(
                 shard = post_source.sharded(match.post_name)
                 rows = None if shard is None or device is not None else row_range(shard)
                 if rows is None:
-                    w_pre, w_post = read_pair(match, pre_source, post_source, device)
-                    delta = difference(match, w_pre, w_post, pre_source, post_source)
+                    w_post, w_pre = read_pair(match, post_source, pre_source, device)
+                    delta = difference(match, w_post, w_pre, post_source, pre_source)
                 else:
-                    w_pre, w_post, delta = _read_rows(match, pre_source, post_source, shard, rows)
-                checks.add(w_pre, w_post, delta if rows is None else delta[rows[0]:rows[1]], whole=delta)
+                    w_post, w_pre, delta = _read_rows(match, post_source, pre_source, shard, rows)
+                checks.add(w_post, w_pre, delta if rows is None else delta[rows[0]:rows[1]], whole=delta)
                 if isinstance(edit, Mapping):
                     edited = delta + edit[match.name].to(delta)
                 else:
@@ -173,27 +173,27 @@ def iter_edited(
                     raise ValueError(
                         f"The edit returned {got} for {match.name}, expected a tensor of shape {tuple(delta.shape)}."
                     )
-                if not _all_finite(edited):
+                if not all_finite(edited):
                     raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {match.name}.")
-                yield EditedTensor(match.name, w_pre, w_post, delta, edited, rows)
+                yield EditedTensor(match.name, w_post, w_pre, delta, edited, rows)
                 del w_pre, w_post, delta, edited
         checks.warn_mixed_precision()
         if not isinstance(edit, Mapping):  # ready-made E is an edit of its own, whatever ΔW is
-            checks.check_not_zero(pre_source, post_source)
+            checks.check_not_zero(post_source, pre_source)
 
 
 def _read_rows(
-    match: DeltaMatch, pre: TensorSource, post: TensorSource, shard: DTensor, rows: tuple[int, int]
+    match: DeltaMatch, post: TensorSource, pre: TensorSource, shard: DTensor, rows: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(W_pre rows, W_post rows, ΔW whole)`` of a parameter sharded by FSDP2: this process reads only its rows of
+    """``(W_post rows, W_pre rows, ΔW whole)`` of a parameter sharded by FSDP2: this process reads only its rows of
     W_pre, and ΔW is gathered from every process's rows. The finiteness check runs on the whole ΔW, so every
     process raises together (one raising alone would leave the others waiting in the next all-gather)."""
     w_post = shard.to_local()
     w_pre = check_real(pre.rows(match.pre_name, *rows), match.name, "pre", pre).to(w_post.device)
-    dtype = delta_dtype(w_pre.dtype, w_post.dtype)
+    dtype = delta_dtype(w_post.dtype, w_pre.dtype)
     delta = gather_rows(w_post.to(dtype) - w_pre.to(dtype), shard)
-    if not _all_finite(delta):
-        difference(match, w_pre, w_post, pre, post)  # names the side when this process's rows hold the NaN / inf
+    if not all_finite(delta):
+        difference(match, w_post, w_pre, post, pre)  # names the side when this process's rows hold the NaN / inf
         raise ValueError(f"W_post − W_pre of {match.name!r} holds NaN or inf in another process's rows: the "
                          f"checkpoint is damaged or diverged, or leave the tensor out with exclude=.")
-    return w_pre, w_post, delta
+    return w_post, w_pre, delta
