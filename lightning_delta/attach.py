@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lightning_delta._loading import TensorSource
-from lightning_delta.delta import DeltaMatch, Patterns, Weights, difference, load_tensors, match_tensors
-from lightning_delta.editing import Edit, check_edit, iter_edited
+from lightning_delta.delta import DeltaMatch, Patterns, Weights, load_tensors, match_tensors
+from lightning_delta.editing import Edit, check_edit, edit_one, iter_edited
 from lightning_delta.losses import LossOutput
 from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
@@ -192,7 +192,7 @@ def edit_differences(
     check_E_dtype(E_dtype)
     differences = {}
     for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
-        E = (item.edited - item.delta).to(stored_dtype(item.w_post.dtype, E_dtype))  # noqa: N806
+        E = item.E(stored_dtype(item.w_post.dtype, E_dtype))  # noqa: N806
         differences[item.name] = local_rows(E, sharded[item.name]) if item.name in sharded else E
     return differences
 
@@ -231,19 +231,17 @@ def attach_edit(
 
 class RecomputedE:
     """``E = F(ΔW) − ΔW`` of one tensor, made when called from W_post (the parametrization's original) and W_pre
-    (read from ``source`` each time), with the very steps :func:`~lightning_delta.editing.iter_edited` takes, so
-    that it equals the kept ``E`` of ``E_dtype="float32"`` bit for bit. Has the tensor's ``shape``."""
+    (read from ``pre`` each time) by :func:`~lightning_delta.editing.edit_one`, the function that makes the kept
+    ``E`` too: the kept ``E`` of ``E_dtype="float32"`` bit for bit, for an edit that gives the same ``F(ΔW)`` at
+    every call. Has the tensor's ``shape``."""
 
-    def __init__(self, match: DeltaMatch, source: TensorSource, edit: Any, shape: torch.Size,
+    def __init__(self, match: DeltaMatch, post: TensorSource, pre: TensorSource, edit: Any, shape: torch.Size,
                  dtype: torch.dtype) -> None:
-        self.match, self.source, self.edit, self.shape, self.dtype = match, source, edit, shape, dtype
+        self.match, self.post, self.pre, self.edit, self.shape, self.dtype = match, post, pre, edit, shape, dtype
 
     def __call__(self, w_post: Tensor) -> Tensor:
-        with torch.no_grad():
-            w_pre = self.source.get(self.match.pre_name).to(w_post.device)
-            delta = difference(self.match, w_post, w_pre, self.source, self.source)
-            del w_pre
-            return (self.edit.edit_tensor(self.match.name, delta, None) - delta).to(self.dtype)
+        item = edit_one(self.match, self.edit, post=self.post, pre=self.pre, w_post=w_post, keep_pre=False)
+        return item.E(self.dtype)
 
 
 def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, include: Patterns,
@@ -263,10 +261,10 @@ def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, includ
         recomputed = {}
         for match in match_tensors(post=post, pre=source, include=include, exclude=exclude):
             dtype = stored_dtype(post.dtype(match.post_name), "float32")
-            recomputed[match.name] = RecomputedE(match, source, edit, post.shape(match.post_name), dtype)
-        # every check, each E once
+            recomputed[match.name] = RecomputedE(match, post, source, edit, post.shape(match.post_name), dtype)
+        # every check, each E once; made again, it must be the same, as it will be each time the sweep makes it
         for item in iter_edited(model, pre=source, edit=edit, include=include, exclude=exclude):
-            E = (item.edited - item.delta).to(recomputed[item.name].dtype)  # noqa: N806
+            E = item.E(recomputed[item.name].dtype)  # noqa: N806
             if not torch.equal(recomputed[item.name](item.w_post), E):
                 raise ValueError(
                     f"E_dtype='on_the_fly' needs an edit that gives the same F(ΔW) every time, but "

@@ -56,6 +56,7 @@ __all__ = [
     "match_tensors",
     "open_pair",
     "read_pair",
+    "read_pre",
     "tied_names",
 ]
 
@@ -331,6 +332,11 @@ def read_pair(
     w_pre = check_real(pre.get(match.pre_name), match.name, "pre", pre)
     target = device if device is not None else w_post.device
     return w_post.to(target), w_pre.to(target)
+
+
+def read_pre(match: DeltaMatch, pre: TensorSource, device: torch.device) -> Tensor:
+    """W_pre of one match in its stored dtype, on ``device``, for a W_post already at hand (see :func:`read_pair`)."""
+    return check_real(pre.get(match.pre_name), match.name, "pre", pre).to(device)
 
 
 def check_real(tensor: Tensor, name: str, side: str, source: TensorSource) -> Tensor:
