@@ -11,11 +11,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_delta._loading import load_model
-from lightning_delta.attach import attach_edit, gradients_at_post
+from lightning_delta.attach import attach_edit
 from lightning_delta.editing import Edit, check_edit
+from lightning_delta.gradients import gradients_at_post
+from lightning_delta.handle import EditHandle
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
-from lightning_delta.parametrize import EditedModel, check_E_dtype
+from lightning_delta.parametrize import check_E_dtype
 from lightning_delta.sharded import check_strategy, shard_model, sharded_parameters
 
 __all__ = ["DeltaEditModule", "load_model"]
@@ -104,7 +106,7 @@ class DeltaEditModule(pl.LightningModule):
         names = tuple(getattr(self.evaluator, "accuracy_names", ()))
         self.named_accuracies = nn.ModuleDict({f"{when}:{name}": RatioOfSums() for name in names
                                                for when in ("post", "edit")})
-        self._edited: EditedModel | None = None
+        self._edited: EditHandle | None = None
 
     @staticmethod
     def _resolve_loss(loss: str | DeltaLoss, pretrained: Any, dtype: Any) -> DeltaLoss:
@@ -119,7 +121,7 @@ class DeltaEditModule(pl.LightningModule):
     def pretrained(self) -> Any:
         return self._pretrained[0]
 
-    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel:
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditHandle:
         """Build ``E`` (once) on the model's device and register ``W_post + t·E``; return the handle."""
         if self._edited is None:
             gradients = None

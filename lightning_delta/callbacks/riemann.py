@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from typing_extensions import override
 
-from lightning_delta.attach import EditTarget, ModuleTarget, edited_submodule
 from lightning_delta.callbacks.quadrature import Schedule, adaptive_levels, check_rule, patterson_chain, schedule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
+from lightning_delta.handle import EditHandle
 from lightning_delta.losses import LossOutput
-from lightning_delta.parametrize import EditedModel, check_E_dtype
-from lightning_delta.sharded import ShardedEditedModel, check_strategy, sharded_parameters
+from lightning_delta.parametrize import check_E_dtype
+from lightning_delta.sharded import check_strategy, sharded_parameters
+from lightning_delta.targets import EditTarget, ModuleTarget, edited_submodule
 
 __all__ = ["RiemannCallback"]
 
@@ -137,7 +138,7 @@ class RiemannCallback(Callback):
         self._recompute = True
         self.result: RiemannResult | None = None
         self._target: EditTarget | None = None
-        self._edited: EditedModel | ShardedEditedModel | None = None
+        self._edited: EditHandle | None = None
         self._sums: RiemannSums | None = None
         self._evaluated = True  # set False in setup and True once validation starts
 
@@ -292,7 +293,7 @@ class RiemannCallback(Callback):
 
     def target(self, pl_module: "pl.LightningModule") -> EditTarget:
         """What the sweep drives: ``pl_module`` itself (a DeltaEditModule), or, given ``pretrained`` and ``edit``,
-        a :class:`~lightning_delta.attach.ModuleTarget` around it."""
+        a :class:`~lightning_delta.targets.ModuleTarget` around it."""
         if self.edit is None:
             return pl_module
         return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
