@@ -74,7 +74,6 @@ class DeltaEditModule(pl.LightningModule):
         Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
     """
 
-    loss_measured_by_sweep = False  # set by RiemannCallback while it measures the loss at every t
     # the accuracy at t = 0 (W_post) on this data, when a sweep measured it at an earlier point: the evaluator then
     # runs at t = 1 only (lightning_delta.runner.SweepReuse)
     accuracy_post_given: float | None = None
@@ -95,6 +94,7 @@ class DeltaEditModule(pl.LightningModule):
         super().__init__()
         check_edit(edit)
         self.E_dtype = check_E_dtype(E_dtype)
+        self._swept = False  # between begin_sweep and end_sweep: the sweep measures the loss
         self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
@@ -166,8 +166,15 @@ class DeltaEditModule(pl.LightningModule):
         given = self.accuracy_post_given
         return float(self.accuracy_post.compute()) if given is None else given, float(self.accuracy_edit.compute())
 
-    def detach_edit(self) -> None:
-        """Nothing: the module keeps its edit attached after validation (for :meth:`materialize`)."""
+    def begin_sweep(self) -> None:
+        """A sweep measures the loss at every t until :meth:`end_sweep`: :meth:`validation_step` then measures the
+        accuracy only."""
+        self._swept = True
+
+    def end_sweep(self) -> None:
+        """The sweep is over: :meth:`validation_step` measures the loss at t = 0 and t = 1 again. The edit stays
+        attached: it is the module's own (see :meth:`materialize`, :meth:`drop_edit`)."""
+        self._swept = False
 
     def drop_edit(self) -> None:
         """Remove the attached edit (its E and parametrizations): the model holds W_post again, as loaded, ready
@@ -177,10 +184,10 @@ class DeltaEditModule(pl.LightningModule):
             self._edited = None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (``loss_measured_by_sweep``)."""
+        """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (:meth:`begin_sweep`)."""
         check_batch(batch, self.loss)
         edited = self.edited_model(self.trainer)
-        measure_loss = not self.loss_measured_by_sweep
+        measure_loss = not self._swept
         prepared = self.riemann_prepare(batch) if measure_loss else batch
         for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
                                                 (1.0, self.loss_edit, self.accuracy_edit)):

@@ -32,26 +32,28 @@ __all__ = ["EditTarget", "ModuleTarget", "edited_submodule", "training_step_loss
 class EditTarget(LossTarget, Protocol):
     """What :class:`~lightning_delta.callbacks.RiemannCallback` sweeps: a model with ``W_post + t·E`` attached.
 
-    ``edited_model`` attaches the edit (once) and returns the handle that sets ``t``; ``riemann_prepare`` turns a
-    batch into what ``riemann_loss`` reads (once per batch, before the C + 1 points); ``riemann_loss`` is the summed
-    loss and item count of a batch at the current ``t``; ``riemann_accuracy`` the task's accuracy at ``t = 0`` and
-    ``t = 1`` once validation has ended (``None`` without an evaluator); ``detach_edit`` is called when validation
-    ends. ``loss_measured_by_sweep`` is set while a sweep measures the loss, so that the target need not.
+    The sweep calls, in this order: ``edited_model`` attaches the edit (once) and returns the handle that sets
+    ``t``; ``begin_sweep`` says that the sweep measures the loss at every ``t`` from now on, so that the target
+    need not; then, per batch, ``riemann_prepare`` turns the batch into what ``riemann_loss`` reads (once, before
+    the C + 1 points) and ``riemann_loss`` is the summed loss and item count of the batch at the current ``t``;
+    ``riemann_accuracy`` is the task's accuracy at ``t = 0`` and ``t = 1`` once validation has ended (``None``
+    without an evaluator); ``end_sweep`` ends the sweep, after an error too: the target lets go of what it held
+    for the sweep alone.
     """
-
-    loss_measured_by_sweep: bool
 
     def edited_model(self, trainer: pl.Trainer | None = None) -> EditHandle: ...
 
+    def begin_sweep(self) -> None: ...
+
     def riemann_accuracy(self) -> tuple[float, float] | None: ...
 
-    def detach_edit(self) -> None: ...
+    def end_sweep(self) -> None: ...
 
 
 class ModuleTarget:
     """Any LightningModule as an :class:`EditTarget`: the edit goes on its submodule ``module_name`` (whose tensor
-    names match ``pretrained``), the loss is its ``training_step`` (or ``loss_fn``), and ``detach_edit`` gives the
-    module back with W_post and its ``requires_grad`` flags as they were.
+    names match ``pretrained``), the loss is its ``training_step`` (or ``loss_fn``), and ``end_sweep`` gives the
+    module back with W_post and its ``requires_grad`` flags as they were: the edit is the sweep's alone.
 
     Args:
         module: the user's LightningModule.
@@ -63,8 +65,6 @@ class ModuleTarget:
         E_dtype: how ``E`` is kept, ``"float32"``, ``"model"`` or ``"on_the_fly"`` (see
             :func:`~lightning_delta.attach.attach_edit`).
     """
-
-    loss_measured_by_sweep = True
 
     def __init__(
         self,
@@ -105,10 +105,14 @@ class ModuleTarget:
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
         return self.loss_fn(self.module, batch, batch_idx)
 
+    def begin_sweep(self) -> None:
+        """Nothing: the module measures no loss of its own while the sweep runs."""
+
     def riemann_accuracy(self) -> tuple[float, float] | None:
         return None
 
-    def detach_edit(self) -> None:
+    def end_sweep(self) -> None:
+        """Remove the edit: the module holds W_post again, trainable as before."""
         if self._edited is not None:
             self._edited.remove()
             self._edited = None

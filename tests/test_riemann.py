@@ -26,6 +26,7 @@ from tests.riemann_support import (
     tiny_llama,
     tiny_vit,
     token_dataset,
+    weights_at,
 )
 
 
@@ -460,3 +461,20 @@ def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes
 def test_bad_recompute_weights_is_refused():
     with pytest.raises(ValueError, match="recompute_weights.*'yes'"):
         RiemannCallback(recompute_weights="yes")
+
+
+def test_the_module_measures_the_loss_itself_outside_a_sweep_and_not_during_one():
+    """begin_sweep / end_sweep: validation_step leaves the loss to a sweep while one runs, and measures it at t = 0
+    and t = 1 again once the sweep has ended, on the same module with its edit still attached."""
+    model = tiny_llama()
+    edits = random_edits(model, "mlp")
+    loader = DataLoader(token_dataset(9), batch_size=4)
+    module = DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=edits)
+    swept = run_validate(module, loader, RiemannCallback(num_points=2, filename=None))
+    assert "loss/post" not in swept.callback_metrics and "loss/edit" not in swept.callback_metrics
+    alone = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    alone.validate(module, loader, verbose=False)
+    for key, t in (("loss/post", 0.0), ("loss/edit", 1.0)):
+        assert float(alone.callback_metrics[key]) == pytest.approx(plain_loss(model, edits, CausalLMLoss(), loader, t),
+                                                                   rel=1e-6)

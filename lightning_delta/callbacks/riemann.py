@@ -250,7 +250,7 @@ class RiemannCallback(Callback):
         if sharded_parameters(pl_module):
             self.check_equal_batch_counts(trainer)
         self._edited = self._target.edited_model(trainer)
-        self._target.loss_measured_by_sweep = True
+        self._target.begin_sweep()
         self._recompute = self.recompute_weights
         if self._recompute is None:
             self._recompute = free_memory_bytes(pl_module.device) < 2 * self._edited.weights_bytes()
@@ -431,8 +431,7 @@ class RiemannCallback(Callback):
 
     def _release(self) -> None:
         if self._target is not None:
-            self._target.loss_measured_by_sweep = False
-            self._target.detach_edit()  # a user's module goes back to W_post, trainable as before
+            self._target.end_sweep()  # a user's module goes back to W_post, trainable as before
             self._target, self._edited = None, None
 
     @override
