@@ -38,7 +38,7 @@ from lightning_delta.delta import (
 from lightning_delta.edits import EDITS, DeltaEdit
 from lightning_delta.sharded import gather_rows, row_range
 
-__all__ = ["EditedTensor", "check_edit", "edit_delta", "edit_one", "iter_edited"]
+__all__ = ["EditedTensor", "check_edit", "check_edited", "edit_delta", "edit_one", "iter_edited"]
 
 Edit = DeltaEdit | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
 
@@ -161,9 +161,11 @@ def iter_edited(
         with torch.no_grad():
             for match in matches:
                 gradient = None if gradients is None or isinstance(edit, Mapping) else gradients.get(match.name)
-                # The tensor yielded is the only reference to its pair: freed once the consumer drops it.
-                yield edit_one(match, edit, post=post_source, pre=pre_source, gradient=gradient, device=device,
-                               checks=checks)
+                item = edit_one(match, edit, post=post_source, pre=pre_source, gradient=gradient, device=device,
+                                checks=checks)
+                check_edited(edit, item)
+                yield item
+                del item  # the consumer's reference is the only one left: freed once it drops the tensor
         checks.warn_mixed_precision()
         if not isinstance(edit, Mapping):  # ready-made E is an edit of its own, whatever ΔW is
             checks.check_not_zero(post_source, pre_source)
@@ -191,10 +193,12 @@ def edit_one(
     3. ``F(ΔW)`` by :func:`edit_delta`; ``E`` is then :meth:`EditedTensor.E`.
 
     ``keep_pre=False`` lets W_pre go before the edit runs (the result's ``w_pre`` is ``None``): ``E`` made on the
-    fly holds one tensor less while the edit works. No gradient is taken.
+    fly holds one tensor less while the edit works. No gradient is taken. ``F(ΔW)`` is checked by
+    :func:`check_edited` in :func:`iter_edited`, once per tensor; ``E`` made on the fly is made by an edit checked
+    there already (:func:`~lightning_delta.attach.attach_edit`).
 
     Raises:
-        ValueError: W_pre on the meta device, NaN or inf in either weight, and every error of :func:`edit_delta`.
+        ValueError: W_pre on the meta device, NaN or inf in either weight.
     """
     shard = post.sharded(match.post_name) if w_post is None else None
     rows = None if shard is None or device is not None else row_range(shard)
@@ -217,23 +221,23 @@ def edit_one(
 def edit_delta(edit: Edit, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
     """``F(ΔW)`` of tensor ``name``: ``edit.edit_tensor(name, ΔW, ∇L)`` for an operation (``gradient``, ∇L at
     W_post, is gathered whole when it is a ``DTensor`` and moved to ΔW's device), ``ΔW + E`` for a mapping of ``E``.
-
-    Raises:
-        ValueError: an ``F(ΔW)`` that is not a tensor of ΔW's shape, or holds NaN or inf.
     """
     if isinstance(edit, Mapping):
-        edited = delta + edit[name].to(delta)
-    else:
-        if isinstance(gradient, DTensor):  # rows held by each process: gathered whole, in step
-            gradient = gradient.full_tensor()
-        gradient = None if gradient is None else gradient.to(delta.device)
-        edited = edit.edit_tensor(name, delta, gradient)
+        return delta + edit[name].to(delta)
+    if isinstance(gradient, DTensor):  # rows held by each process: gathered whole, in step
+        gradient = gradient.full_tensor()
+    gradient = None if gradient is None else gradient.to(delta.device)
+    return edit.edit_tensor(name, delta, gradient)
+
+
+def check_edited(edit: Edit, item: EditedTensor) -> None:
+    """Refuse an ``F(ΔW)`` that is not a tensor of ΔW's shape, or holds NaN or inf, naming the tensor."""
+    edited, delta = item.edited, item.delta
     if not isinstance(edited, Tensor) or edited.shape != delta.shape:
         got = f"shape {tuple(edited.shape)}" if isinstance(edited, Tensor) else type(edited).__name__
-        raise ValueError(f"The edit returned {got} for {name}, expected a tensor of shape {tuple(delta.shape)}.")
+        raise ValueError(f"The edit returned {got} for {item.name}, expected a tensor of shape {tuple(delta.shape)}.")
     if not all_finite(edited):
-        raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {name}.")
-    return edited
+        raise ValueError(f"The edit {type(edit).__name__} returned NaN or inf values for {item.name}.")
 
 
 def _read_rows(
