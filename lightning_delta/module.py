@@ -27,6 +27,18 @@ __all__ = ["DeltaEditModule", "load_model"]
 Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor] | Mapping[str, tuple[Tensor, Tensor]]]
 
 
+def check_accuracy(accuracy: Any) -> float | None:
+    """``accuracy`` checked: ``None`` or a number in [0, 1] (as a float), else ValueError naming it."""
+    if accuracy is None:
+        return None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
+        raise ValueError(
+            f"accuracy_post must be None or the accuracy at t = 0 measured before, a number in [0, 1]; got "
+            f"{accuracy!r}. Leave it out to measure it."
+        )
+    return float(accuracy)
+
+
 def check_batch(batch: Any, loss: DeltaLoss) -> Any:
     """Refuse a batch the library's losses cannot read: they take a mapping of model inputs (``input_ids``,
     ``labels``, ``pixel_values``), classification also an ``(inputs, targets)`` pair. A loss of the user's own reads
@@ -66,6 +78,8 @@ class DeltaEditModule(pl.LightningModule):
             the cost measured in the README's Precision section; or ``"on_the_fly"``: no ``E`` is kept, each is
             made again from W_pre (memory-mapped) and the edit wherever it is needed, the numbers of ``"float32"``
             bit for bit (:func:`~lightning_delta.attach.attach_edit` says what it costs and where it applies).
+        accuracy_post: the accuracy at t = 0 when already measured on this model and data, e.g. by an earlier
+            sweep point: the evaluator then runs at t = 1 only.
 
     Example::
 
@@ -73,10 +87,6 @@ class DeltaEditModule(pl.LightningModule):
                                  edit=DARE(p=0.9))
         Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
     """
-
-    # the accuracy at t = 0 (W_post) on this data, when a sweep measured it at an earlier point: the evaluator then
-    # runs at t = 1 only (lightning_delta.runner.SweepReuse)
-    accuracy_post_given: float | None = None
 
     def __init__(
         self,
@@ -90,10 +100,12 @@ class DeltaEditModule(pl.LightningModule):
         evaluator: Evaluator | None = None,
         dtype: str | torch.dtype | None = None,
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
+        accuracy_post: float | None = None,
     ) -> None:
         super().__init__()
         check_edit(edit)
         self.E_dtype = check_E_dtype(E_dtype)
+        self.accuracy_post_given = check_accuracy(accuracy_post)  # the constructor's accuracy_post, checked
         self._swept = False  # between begin_sweep and end_sweep: the sweep measures the loss
         self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
@@ -160,7 +172,7 @@ class DeltaEditModule(pl.LightningModule):
 
     def riemann_accuracy(self) -> tuple[float, float] | None:
         """Accuracy at t = 0 and t = 1 over the validation set (all processes), or ``None`` without an evaluator;
-        at t = 0 ``accuracy_post_given`` when it is set."""
+        at t = 0 the ``accuracy_post`` given to the constructor, if any."""
         if self.evaluator is None or not self.accuracy_edit.update_called:
             return None
         given = self.accuracy_post_given
