@@ -41,15 +41,22 @@ from lightning_delta.edits.base import CHUNK_NUMEL
 
 __all__ = [
     "DeltaMatch",
-    "check_tied_targets",
+    "PairChecks",
     "TensorSource",
+    "all_finite",
+    "as_device",
+    "check_real",
+    "check_tied_targets",
     "compute_delta",
     "delta_dtype",
     "delta_names",
+    "difference",
     "iter_delta",
     "load_tensors",
     "match_tensors",
     "open_pair",
+    "read_pair",
+    "read_pre",
     "tied_names",
 ]
 
@@ -64,11 +71,11 @@ class DeltaMatch(NamedTuple):
     tensors stored under another name of their group)."""
 
     name: str
-    pre_name: str
     post_name: str
+    pre_name: str
 
 
-def delta_dtype(pre_dtype: torch.dtype, post_dtype: torch.dtype) -> torch.dtype:
+def delta_dtype(post_dtype: torch.dtype, pre_dtype: torch.dtype) -> torch.dtype:
     """The dtype ΔW is computed in: both dtypes promoted together and to at least float32.
 
     Example:
@@ -77,7 +84,7 @@ def delta_dtype(pre_dtype: torch.dtype, post_dtype: torch.dtype) -> torch.dtype:
         >>> delta_dtype(torch.float64, torch.float32)
         torch.float64
     """
-    return torch.promote_types(torch.promote_types(pre_dtype, post_dtype), torch.float32)
+    return torch.promote_types(torch.promote_types(post_dtype, pre_dtype), torch.float32)
 
 
 def _compile_patterns(patterns: Patterns, argument: str) -> list[re.Pattern]:
@@ -143,13 +150,13 @@ def _describe_patterns(include: Patterns, exclude: Patterns) -> str:
 
 
 def match_tensors(
-    *, pre: TensorSource, post: TensorSource, include: Patterns = None, exclude: Patterns = None
+    *, post: TensorSource, pre: TensorSource, include: Patterns = None, exclude: Patterns = None
 ) -> list[DeltaMatch]:
     """The tensors ΔW is computed for, in the post-trained model's order, after every check that needs no values.
 
     Args:
-        pre: the pre-trained weights (see :func:`load_tensors`).
-        post: the post-trained weights.
+        post: the post-trained weights (see :func:`load_tensors`).
+        pre: the pre-trained weights.
         include: regular expressions; only tensors with a name matching one of them (``re.search``) are selected.
         exclude: regular expressions; tensors with a name matching one of them are left out.
 
@@ -200,7 +207,7 @@ def match_tensors(
         if pre_shape != post_shape:
             mismatched.append((name, pre_shape, post_shape))
             continue
-        matches.append(DeltaMatch(name, pre_name, post_name))
+        matches.append(DeltaMatch(name, post_name, pre_name))
 
     if missing_in_pre or missing_in_post:
         parts = []
@@ -272,8 +279,8 @@ def check_tied_targets(names: Iterable[str], post: TensorSource) -> None:
 
 
 @contextmanager
-def open_pair(*, pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
-    """Both sides as :class:`TensorSource` objects; those opened here are closed when the block ends.
+def open_pair(*, post: Weights, pre: Weights) -> Iterator[tuple[TensorSource, TensorSource]]:
+    """``(post, pre)`` as :class:`TensorSource` objects; those opened here are closed when the block ends.
 
     Raises:
         ValueError: naming the side ("pre" or "post") whose weights cannot be loaded (see :func:`load_tensors`).
@@ -289,10 +296,10 @@ def open_pair(*, pre: Weights, post: Weights) -> Iterator[tuple[TensorSource, Te
             except ValueError as error:
                 raise ValueError(f"Cannot load the {side}-trained weights: {error}") from error
             sources.append(stack.enter_context(opened))
-        yield sources[0], sources[1]
+        yield sources[1], sources[0]  # W_pre is loaded first: its errors come first
 
 
-def _all_finite(tensor: Tensor) -> bool:
+def all_finite(tensor: Tensor) -> bool:
     """Whether every entry is finite, checked in chunks so that the boolean mask of a huge embedding stays small."""
     if not tensor.is_floating_point():
         return True
@@ -300,7 +307,7 @@ def _all_finite(tensor: Tensor) -> bool:
     return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(CHUNK_NUMEL))
 
 
-def _as_device(device: torch.device | str | None) -> torch.device | None:
+def as_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return None
     try:
@@ -312,9 +319,9 @@ def _as_device(device: torch.device | str | None) -> torch.device | None:
 
 
 def read_pair(
-    match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None = None
+    match: DeltaMatch, post: TensorSource, pre: TensorSource, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``(W_pre, W_post)`` of one match in their stored dtypes, on ``device`` (default: the post tensor's).
+    """``(W_post, W_pre)`` of one match in their stored dtypes, on ``device`` (default: the post tensor's).
 
     For a module the post tensor is the module's own (detached) weight when no move is needed, not a copy.
 
@@ -324,7 +331,12 @@ def read_pair(
     w_post = check_real(post.get(match.post_name), match.name, "post", post)
     w_pre = check_real(pre.get(match.pre_name), match.name, "pre", pre)
     target = device if device is not None else w_post.device
-    return w_pre.to(target), w_post.to(target)
+    return w_post.to(target), w_pre.to(target)
+
+
+def read_pre(match: DeltaMatch, pre: TensorSource, device: torch.device) -> Tensor:
+    """W_pre of one match in its stored dtype, on ``device``, for a W_post already at hand (see :func:`read_pair`)."""
+    return check_real(pre.get(match.pre_name), match.name, "pre", pre).to(device)
 
 
 def check_real(tensor: Tensor, name: str, side: str, source: TensorSource) -> Tensor:
@@ -338,20 +350,20 @@ def check_real(tensor: Tensor, name: str, side: str, source: TensorSource) -> Te
     return tensor
 
 
-def difference(match: DeltaMatch, w_pre: Tensor, w_post: Tensor, pre: TensorSource, post: TensorSource) -> Tensor:
+def difference(match: DeltaMatch, w_post: Tensor, w_pre: Tensor, post: TensorSource, pre: TensorSource) -> Tensor:
     """``W_post − W_pre`` in :func:`delta_dtype`, a new tensor.
 
     Raises:
         ValueError: if either weight holds NaN or inf, naming the tensor, the side and the counts. Non-finite inputs
             always give a non-finite difference (inf − inf is NaN), so only the difference is scanned on the fast path.
     """
-    dtype = delta_dtype(w_pre.dtype, w_post.dtype)
+    dtype = delta_dtype(w_post.dtype, w_pre.dtype)
     with torch.no_grad():
         delta = w_post.to(dtype) - w_pre.to(dtype)
-    if _all_finite(delta):
+    if all_finite(delta):
         return delta
     for tensor, side, source in ((w_pre, "pre", pre), (w_post, "post", post)):
-        if not _all_finite(tensor):
+        if not all_finite(tensor):
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
             raise ValueError(
                 f"The {side}-trained tensor {match.name!r} ({source.description}) holds {nan} NaN and {inf} inf "
@@ -382,7 +394,7 @@ class PairChecks:
         self.rounding_squared = 0.0
         self.delta_squared = 0.0
 
-    def add(self, w_pre: Tensor, w_post: Tensor, delta: Tensor, whole: Tensor | None = None) -> None:
+    def add(self, w_post: Tensor, w_pre: Tensor, delta: Tensor, whole: Tensor | None = None) -> None:
         """One pair; ``delta`` is ``W_post − W_pre`` of the same entries, ``whole`` the whole ΔW when they are one
         process's rows of a sharded tensor (so that every process finds ΔW zero or not alike)."""
         self.count += 1
@@ -398,7 +410,7 @@ class PairChecks:
             self.rounding_squared += float(torch.linalg.vector_norm(rounding, dtype=torch.float64)) ** 2
             self.delta_squared += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
 
-    def check_not_zero(self, pre: TensorSource, post: TensorSource) -> None:
+    def check_not_zero(self, post: TensorSource, pre: TensorSource) -> None:
         """Raise if ΔW was zero in every pair: W_pre and W_post are the same weights."""
         if self.count and not self.nonzero:
             raise ValueError(
@@ -437,29 +449,29 @@ def delta_names(post: Weights, *, pre: Weights, include: Patterns = None, exclud
         >>> delta_names(post, pre=pre)
         ['w']
     """
-    with open_pair(pre=pre, post=post) as (pre_source, post_source):
-        return [match.name for match in match_tensors(pre=pre_source, post=post_source, include=include,
+    with open_pair(post=post, pre=pre) as (post_source, pre_source):
+        return [match.name for match in match_tensors(post=post_source, pre=pre_source, include=include,
                                                       exclude=exclude)]
 
 
 def _generate(
-    matches: list[DeltaMatch], pre: TensorSource, post: TensorSource, device: torch.device | None, stack: ExitStack
+    matches: list[DeltaMatch], post: TensorSource, pre: TensorSource, device: torch.device | None, stack: ExitStack
 ) -> Iterator[tuple[str, Tensor]]:
     checks = PairChecks()
     with stack:  # closes the files opened by iter_delta once the iteration ends or the generator is closed
         for match in matches:
             # The tuple is the only reference to the delta: once the consumer drops it, it is freed before the
             # next pair is read.
-            yield match.name, _next_delta(match, pre, post, device, checks)
+            yield match.name, _next_delta(match, post, pre, device, checks)
     checks.warn_mixed_precision()
 
 
 def _next_delta(
-    match: DeltaMatch, pre: TensorSource, post: TensorSource, device: torch.device | None, checks: PairChecks
+    match: DeltaMatch, post: TensorSource, pre: TensorSource, device: torch.device | None, checks: PairChecks
 ) -> Tensor:
-    w_pre, w_post = read_pair(match, pre, post, device)
-    delta = difference(match, w_pre, w_post, pre, post)
-    checks.add(w_pre, w_post, delta)
+    w_post, w_pre = read_pair(match, post, pre, device)
+    delta = difference(match, w_post, w_pre, post, pre)
+    checks.add(w_post, w_pre, delta)
     return delta
 
 
@@ -498,15 +510,15 @@ def iter_delta(
         >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre=pre)]
         [('w', [0.5, -1.0], torch.float32)]
     """
-    device = _as_device(device)
+    device = as_device(device)
     stack = ExitStack()
     try:
-        pre_source, post_source = stack.enter_context(open_pair(pre=pre, post=post))
-        matches = match_tensors(pre=pre_source, post=post_source, include=include, exclude=exclude)
+        post_source, pre_source = stack.enter_context(open_pair(post=post, pre=pre))
+        matches = match_tensors(post=post_source, pre=pre_source, include=include, exclude=exclude)
     except BaseException:
         stack.close()
         raise
-    return _generate(matches, pre_source, post_source, device, stack)
+    return _generate(matches, post_source, pre_source, device, stack)
 
 
 def compute_delta(

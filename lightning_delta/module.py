@@ -11,11 +11,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_delta._loading import load_model
-from lightning_delta.attach import attach_edit, gradients_at_post
+from lightning_delta.attach import attach_edit
 from lightning_delta.editing import Edit, check_edit
+from lightning_delta.gradients import gradients_at_post
+from lightning_delta.handle import EditHandle
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
 from lightning_delta.metrics import RatioOfSums
-from lightning_delta.parametrize import EditedModel, check_E_dtype
+from lightning_delta.parametrize import check_E_dtype
 from lightning_delta.sharded import check_strategy, shard_model, sharded_parameters
 
 __all__ = ["DeltaEditModule", "load_model"]
@@ -23,6 +25,18 @@ __all__ = ["DeltaEditModule", "load_model"]
 # (model, batch) -> (correct, total); an evaluator that reads each answer in several ways (GSM8KEvaluator's lm-eval
 # protocols: strict-match and flexible-extract) names them in `accuracy_names` and returns {name: (correct, total)}
 Evaluator = Callable[[nn.Module, Any], tuple[Tensor, Tensor] | Mapping[str, tuple[Tensor, Tensor]]]
+
+
+def check_accuracy(accuracy: Any) -> float | None:
+    """``accuracy`` checked: ``None`` or a number in [0, 1] (as a float), else ValueError naming it."""
+    if accuracy is None:
+        return None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
+        raise ValueError(
+            f"accuracy_post must be None or the accuracy at t = 0 measured before, a number in [0, 1]; got "
+            f"{accuracy!r}. Leave it out to measure it."
+        )
+    return float(accuracy)
 
 
 def check_batch(batch: Any, loss: DeltaLoss) -> Any:
@@ -64,6 +78,8 @@ class DeltaEditModule(pl.LightningModule):
             the cost measured in the README's Precision section; or ``"on_the_fly"``: no ``E`` is kept, each is
             made again from W_pre (memory-mapped) and the edit wherever it is needed, the numbers of ``"float32"``
             bit for bit (:func:`~lightning_delta.attach.attach_edit` says what it costs and where it applies).
+        accuracy_post: the accuracy at t = 0 when already measured on this model and data, e.g. by an earlier
+            sweep point: the evaluator then runs at t = 1 only.
 
     Example::
 
@@ -71,11 +87,6 @@ class DeltaEditModule(pl.LightningModule):
                                  edit=DARE(p=0.9))
         Trainer(inference_mode=False, callbacks=[RiemannCallback()]).validate(module, datamodule=GSM8KDataModule(...))
     """
-
-    loss_measured_by_sweep = False  # set by RiemannCallback while it measures the loss at every t
-    # the accuracy at t = 0 (W_post) on this data, when a sweep measured it at an earlier point: the evaluator then
-    # runs at t = 1 only (lightning_delta.sweep.reuse.SweepReuse)
-    accuracy_post_given: float | None = None
 
     def __init__(
         self,
@@ -89,10 +100,13 @@ class DeltaEditModule(pl.LightningModule):
         evaluator: Evaluator | None = None,
         dtype: str | torch.dtype | None = None,
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
+        accuracy_post: float | None = None,
     ) -> None:
         super().__init__()
         check_edit(edit)
         self.E_dtype = check_E_dtype(E_dtype)
+        self.accuracy_post_given = check_accuracy(accuracy_post)  # the constructor's accuracy_post, checked
+        self._swept = False  # between begin_sweep and end_sweep: the sweep measures the loss
         self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
         self.edit = edit
@@ -104,7 +118,7 @@ class DeltaEditModule(pl.LightningModule):
         names = tuple(getattr(self.evaluator, "accuracy_names", ()))
         self.named_accuracies = nn.ModuleDict({f"{when}:{name}": RatioOfSums() for name in names
                                                for when in ("post", "edit")})
-        self._edited: EditedModel | None = None
+        self._edited: EditHandle | None = None
 
     @staticmethod
     def _resolve_loss(loss: str | DeltaLoss, pretrained: Any, dtype: Any) -> DeltaLoss:
@@ -119,7 +133,7 @@ class DeltaEditModule(pl.LightningModule):
     def pretrained(self) -> Any:
         return self._pretrained[0]
 
-    def edited_model(self, trainer: pl.Trainer | None = None) -> EditedModel:
+    def edited_model(self, trainer: pl.Trainer | None = None) -> EditHandle:
         """Build ``E`` (once) on the model's device and register ``W_post + t·E``; return the handle."""
         if self._edited is None:
             gradients = None
@@ -158,14 +172,21 @@ class DeltaEditModule(pl.LightningModule):
 
     def riemann_accuracy(self) -> tuple[float, float] | None:
         """Accuracy at t = 0 and t = 1 over the validation set (all processes), or ``None`` without an evaluator;
-        at t = 0 ``accuracy_post_given`` when it is set."""
+        at t = 0 the ``accuracy_post`` given to the constructor, if any."""
         if self.evaluator is None or not self.accuracy_edit.update_called:
             return None
         given = self.accuracy_post_given
         return float(self.accuracy_post.compute()) if given is None else given, float(self.accuracy_edit.compute())
 
-    def detach_edit(self) -> None:
-        """Nothing: the module keeps its edit attached after validation (for :meth:`materialize`)."""
+    def begin_sweep(self) -> None:
+        """A sweep measures the loss at every t until :meth:`end_sweep`: :meth:`validation_step` then measures the
+        accuracy only."""
+        self._swept = True
+
+    def end_sweep(self) -> None:
+        """The sweep is over: :meth:`validation_step` measures the loss at t = 0 and t = 1 again. The edit stays
+        attached: it is the module's own (see :meth:`materialize`, :meth:`drop_edit`)."""
+        self._swept = False
 
     def drop_edit(self) -> None:
         """Remove the attached edit (its E and parametrizations): the model holds W_post again, as loaded, ready
@@ -175,10 +196,10 @@ class DeltaEditModule(pl.LightningModule):
             self._edited = None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (``loss_measured_by_sweep``)."""
+        """Accuracy at t = 0 and t = 1, and the loss there unless a sweep measures it (:meth:`begin_sweep`)."""
         check_batch(batch, self.loss)
         edited = self.edited_model(self.trainer)
-        measure_loss = not self.loss_measured_by_sweep
+        measure_loss = not self._swept
         prepared = self.riemann_prepare(batch) if measure_loss else batch
         for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
                                                 (1.0, self.loss_edit, self.accuracy_edit)):

@@ -174,7 +174,8 @@ def stored_dtype(weight_dtype: torch.dtype, E_dtype: str) -> torch.dtype:  # noq
 
 
 class EditedModel:
-    """Registers ``W_post + t·E`` on the named tensors of ``model`` and drives the shared ``t``.
+    """Registers ``W_post + t·E`` on the named tensors of ``model`` and drives the shared ``t``: an
+    :class:`~lightning_delta.handle.EditHandle`.
 
     Args:
         model: the post-trained model; its tensors are W_post.

@@ -144,8 +144,8 @@ def gradient_divide_factors(model: nn.Module) -> dict[int, float]:
 class ShardedEditedModel:
     """Drives ``W_post + t·E`` on the ``DTensor`` parameters of an FSDP2-sharded model, one shard per process.
 
-    The same interface as :class:`~lightning_delta.parametrize.EditedModel` (``names``, ``set_t``,
-    ``pop_inner_products``, ``recompute_weights``, ``materialize``, ``remove``), so the Riemann callback drives both.
+    An :class:`~lightning_delta.handle.EditHandle`, as :class:`~lightning_delta.parametrize.EditedModel` is, so the
+    Riemann callback drives both.
     As there, an edited ``nn.Embedding`` with ``padding_idx`` runs its forward without it while the edit is held
     (:mod:`lightning_delta.padding`).
 

@@ -384,7 +384,8 @@ def test_device_argument():
 def _public_pair_functions():
     """Every public function that takes W_post and W_pre, with its arguments in the order W_post, W_pre, rest."""
     from lightning_delta import DeltaEditModule, apply_edit_, edits, plan_edit, save_edited
-    from lightning_delta.attach import ModuleTarget, attach_edit
+    from lightning_delta.attach import attach_edit
+    from lightning_delta.targets import ModuleTarget
     from lightning_delta.editing import iter_edited
 
     dare = edits.DARE(p=0.5)

@@ -196,7 +196,7 @@ def test_an_error_mid_sweep_gives_the_users_module_back():
         calls.append(batch_idx)
         if batch_idx == 2:
             raise RuntimeError("loss failed on batch 2")
-        from lightning_delta.attach import training_step_loss
+        from lightning_delta.targets import training_step_loss
 
         return training_step_loss(pl_module, batch, batch_idx)
 
@@ -264,7 +264,7 @@ def test_a_training_step_summing_its_batch_is_warned_and_a_mean_is_not(loss_name
 
 
 def test_the_batch_sum_check_splits_the_batch_by_examples():
-    from lightning_delta.attach import _split_batch
+    from lightning_delta.targets import _split_batch
 
     batch = {"ids": torch.arange(12).reshape(4, 3), "answers": ["a", "b", "c", "d"], "scale": torch.tensor(2.0),
              "pair": (torch.zeros(4), torch.ones(4, 2))}

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.attach import gradients_at_post
 from lightning_delta.demo.analysis import loss_gradient
+from lightning_delta.gradients import gradients_at_post
 from lightning_delta.losses import CausalLMLoss, LossOutput
 from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.planning.scores import gradient_statistics

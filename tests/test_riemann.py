@@ -26,6 +26,7 @@ from tests.riemann_support import (
     tiny_llama,
     tiny_vit,
     token_dataset,
+    weights_at,
 )
 
 
@@ -460,3 +461,68 @@ def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes
 def test_bad_recompute_weights_is_refused():
     with pytest.raises(ValueError, match="recompute_weights.*'yes'"):
         RiemannCallback(recompute_weights="yes")
+
+
+class NextTokenAccuracy:
+    """An evaluator: the share of labelled positions whose next token is the argmax; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        labelled = labels != -100
+        return (predicted == labels)[labelled].sum(), labelled.sum()
+
+
+def plain_accuracy(model: nn.Module, edits: dict, loader: DataLoader, t: float) -> float:
+    """The accuracy of ``W_post + t·E`` from plain forward passes, summed over the batches."""
+    point, evaluate = weights_at(model, edits, t), NextTokenAccuracy()
+    correct, total = zip(*(evaluate(point, batch) for batch in loader))
+    return int(sum(correct)) / int(sum(total))
+
+
+def test_a_given_accuracy_post_runs_the_evaluator_at_t_1_only():
+    model = tiny_llama()
+    edits = random_edits(model, "mlp", scale=0.5)
+    loader = DataLoader(token_dataset(9), batch_size=4)
+    measured, given = NextTokenAccuracy(), NextTokenAccuracy()
+    swept = RiemannCallback(num_points=2, filename=None)
+    run_validate(DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=edits, evaluator=measured), loader, swept)
+    reused = RiemannCallback(num_points=2, filename=None)
+    module = DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=edits, evaluator=given, accuracy_post=0.125)
+    trainer = run_validate(module, loader, reused)
+
+    reference = {t: plain_accuracy(model, edits, loader, t) for t in (0.0, 1.0)}
+    assert reference[0.0] != reference[1.0] and reference[0.0] != 0.125  # each number tells where it came from
+    assert (swept.result.accuracy_post, swept.result.accuracy_edit) == pytest.approx((reference[0.0], reference[1.0]))
+    assert (reused.result.accuracy_post, reused.result.accuracy_edit) == pytest.approx((0.125, reference[1.0]))
+    assert (measured.calls, given.calls) == (2 * len(loader), len(loader))
+    assert float(trainer.callback_metrics["accuracy/post"]) == 0.125
+    assert reused.result.term == swept.result.term  # the sweep itself is the same
+
+
+@pytest.mark.parametrize("accuracy", [1.5, -0.25, float("nan"), "0.5", True])
+def test_a_bad_accuracy_post_is_refused(accuracy):
+    with pytest.raises(ValueError, match=r"accuracy_post must be None or the accuracy at t = 0 measured before"):
+        DeltaEditModule(tiny_llama(), pretrained=None, edit={}, accuracy_post=accuracy)
+
+
+def test_the_module_measures_the_loss_itself_outside_a_sweep_and_not_during_one():
+    """begin_sweep / end_sweep: validation_step leaves the loss to a sweep while one runs, and measures it at t = 0
+    and t = 1 again once the sweep has ended, on the same module with its edit still attached."""
+    model = tiny_llama()
+    edits = random_edits(model, "mlp")
+    loader = DataLoader(token_dataset(9), batch_size=4)
+    module = DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=edits)
+    swept = run_validate(module, loader, RiemannCallback(num_points=2, filename=None))
+    assert "loss/post" not in swept.callback_metrics and "loss/edit" not in swept.callback_metrics
+    alone = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    alone.validate(module, loader, verbose=False)
+    for key, t in (("loss/post", 0.0), ("loss/edit", 1.0)):
+        assert float(alone.callback_metrics[key]) == pytest.approx(plain_loss(model, edits, CausalLMLoss(), loader, t),
+                                                                   rel=1e-6)

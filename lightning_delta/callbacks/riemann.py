@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from typing_extensions import override
 
-from lightning_delta.attach import EditTarget, ModuleTarget, edited_submodule
 from lightning_delta.callbacks.quadrature import Schedule, adaptive_levels, check_rule, patterson_chain, schedule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
+from lightning_delta.handle import EditHandle
 from lightning_delta.losses import LossOutput
-from lightning_delta.parametrize import EditedModel, check_E_dtype
-from lightning_delta.sharded import ShardedEditedModel, check_strategy, sharded_parameters
+from lightning_delta.parametrize import check_E_dtype
+from lightning_delta.sharded import check_strategy, sharded_parameters
+from lightning_delta.targets import EditTarget, ModuleTarget, edited_submodule
 
 __all__ = ["RiemannCallback"]
 
@@ -137,7 +138,7 @@ class RiemannCallback(Callback):
         self._recompute = True
         self.result: RiemannResult | None = None
         self._target: EditTarget | None = None
-        self._edited: EditedModel | ShardedEditedModel | None = None
+        self._edited: EditHandle | None = None
         self._sums: RiemannSums | None = None
         self._evaluated = True  # set False in setup and True once validation starts
 
@@ -249,7 +250,7 @@ class RiemannCallback(Callback):
         if sharded_parameters(pl_module):
             self.check_equal_batch_counts(trainer)
         self._edited = self._target.edited_model(trainer)
-        self._target.loss_measured_by_sweep = True
+        self._target.begin_sweep()
         self._recompute = self.recompute_weights
         if self._recompute is None:
             self._recompute = free_memory_bytes(pl_module.device) < 2 * self._edited.weights_bytes()
@@ -292,7 +293,7 @@ class RiemannCallback(Callback):
 
     def target(self, pl_module: "pl.LightningModule") -> EditTarget:
         """What the sweep drives: ``pl_module`` itself (a DeltaEditModule), or, given ``pretrained`` and ``edit``,
-        a :class:`~lightning_delta.attach.ModuleTarget` around it."""
+        a :class:`~lightning_delta.targets.ModuleTarget` around it."""
         if self.edit is None:
             return pl_module
         return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
@@ -430,8 +431,7 @@ class RiemannCallback(Callback):
 
     def _release(self) -> None:
         if self._target is not None:
-            self._target.loss_measured_by_sweep = False
-            self._target.detach_edit()  # a user's module goes back to W_post, trainable as before
+            self._target.end_sweep()  # a user's module goes back to W_post, trainable as before
             self._target, self._edited = None, None
 
     @override

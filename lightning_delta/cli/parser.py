@@ -85,6 +85,7 @@ def delta_edit_module(
     evaluator: GSM8KEvaluator | Callable[[nn.Module, Any], Any] | None = None,
     dtype: str | None = None,
     E_dtype: EDtype = "float32",  # noqa: N803 (the paper's name)
+    accuracy_post: float | None = None,
 ) -> DeltaEditModule:
     """The post-trained model with the edit: W_post, W_pre, the loss, the edited tensors, the accuracy.
 
@@ -106,9 +107,11 @@ def delta_edit_module(
         dtype: the dtype the models are loaded in (bfloat16, float16, float32); default: as stored.
         E_dtype: how E is kept: float32 (float64 for float64 models), or model: each tensor's own dtype, half the
             memory for bf16 models (see the README's Precision section).
+        accuracy_post: the accuracy at t = 0 when already measured on this model and data: the evaluator then runs
+            at t = 1 only (a sweep gives it to the points after the first on each data set).
     """
     return DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude,
-                           evaluator=evaluator, dtype=dtype, E_dtype=E_dtype)
+                           evaluator=evaluator, dtype=dtype, E_dtype=E_dtype, accuracy_post=accuracy_post)
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,9 @@ class DeltaCLI(LightningCLI):
             self.config["model"]["model"] = inputs.model
         if inputs.loss is not None:
             self.config["model"]["loss"] = inputs.loss
+        if inputs.accuracy_post is not None:
+            self.config["model"]["accuracy_post"] = inputs.accuracy_post
         super().instantiate_classes()
-        self.model.accuracy_post_given = inputs.accuracy_post
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer; without a logger it gets a run directory of its own as ``default_root_dir``.

@@ -154,11 +154,11 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def _left_out(pre: Any, post: Any, selected: set[str]) -> list[tuple[str, Tensor]]:
+def _left_out(post: Any, pre: Any, selected: set[str]) -> list[tuple[str, Tensor]]:
     """``(name, W_post)`` of every floating-point tensor the edit leaves out that differs between the models (the
     edited model keeps ``W_post`` there), read one pair at a time."""
     try:
-        matches = match_tensors(pre=pre, post=post)
+        matches = match_tensors(post=post, pre=pre)
     except ValueError as error:
         raise ValueError(
             "save_compressed stores each tensor left out of the edit (include= / exclude=) that differs between the "
@@ -168,7 +168,7 @@ def _left_out(pre: Any, post: Any, selected: set[str]) -> list[tuple[str, Tensor
     for match in matches:
         if match.name in selected:
             continue
-        w_pre, w_post = read_pair(match, pre, post)
+        w_post, w_pre = read_pair(match, post, pre)
         if not same_bits(w_pre, w_post):
             changed.append((match.name, w_post))
     return changed
@@ -234,7 +234,7 @@ def save_compressed(
         writer = _ShardWriter(staging, max_shard_bytes)
         records: dict[str, dict[str, Any]] = {}
         low_rank: dict[str, tuple[Tensor, Tensor]] = {}
-        with open_pair(pre=pretrained, post=post) as (pre_source, post_source):
+        with open_pair(post=post, pre=pretrained) as (post_source, pre_source):
             for item in iter_edited(post_source, pre=pre_source, edit=recording if recording is not None else edit,
                                     include=include, exclude=exclude):
                 used = recording.used if recording is not None else None
@@ -245,7 +245,7 @@ def save_compressed(
                 records[item.name] = _finish(record, parts, writer)
             if include is not None or exclude is not None:
                 selected = set(records)
-                for name, w_post in _left_out(pre_source, post_source, selected):
+                for name, w_post in _left_out(post_source, pre_source, selected):
                     record, parts = forms.encode_post(w_post)
                     record = {"name": name, **record, "shape": list(w_post.shape), "dtype": dtype_name(w_post.dtype)}
                     records[name] = _finish(record, parts, writer)

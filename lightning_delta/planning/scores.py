@@ -12,7 +12,7 @@ Both come from the same forward+backward pass, one per batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -22,7 +22,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_delta.delta import Patterns, Weights, iter_delta
-from lightning_delta.padding import true_embedding_gradients
+from lightning_delta.gradients import LossTarget, accumulation_zeros, gradient_pass
+from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import inner_product
 from lightning_delta.planning.family import Family
 
@@ -41,7 +42,7 @@ class GradientStatistics:
 
 
 def gradient_statistics(
-    target: Any, model: nn.Module, loaders: Iterable[Iterable[Any]], names: Sequence[str],
+    target: LossTarget, model: nn.Module, loaders: Iterable[Iterable[Any]], names: Sequence[str],
     device: torch.device | str | None = None,
 ) -> GradientStatistics:
     r"""∇L(W_post) and the diagonal of the per-item empirical Fisher of the tensors ``names``, in one pass.
@@ -62,9 +63,10 @@ def gradient_statistics(
     ``(1/N) Σ_b n_b (n_b − 1) g²``, which dominates at batch sizes of hundreds of tokens.
 
     Three float32 sums per tensor (float64 for float64 weights), ``Σ G_b``, ``Σ G_b²`` and ``Σ n_b G_b``, are
-    accumulated as autograd produces each batch's gradient, and the parameter's ``.grad`` is freed at once:
-    ``F̂ = (Σ G_b² − 2 g ⊙ Σ n_b G_b + g² Σ n_b²) / N + g²``. One process: nothing is reduced across processes.
-    An ``nn.Embedding``'s padding row gets its gradient like every other row (:mod:`lightning_delta.padding`).
+    accumulated as autograd produces each batch's gradient (:func:`~lightning_delta.gradients.gradient_pass`, which
+    frees the parameter's ``.grad`` at once): ``F̂ = (Σ G_b² − 2 g ⊙ Σ n_b G_b + g² Σ n_b²) / N + g²``. One
+    process: nothing is reduced across processes. An ``nn.Embedding``'s padding row gets its gradient like every
+    other row (:mod:`lightning_delta.padding`).
 
     Args:
         target: has ``riemann_prepare(batch)`` and ``riemann_loss(batch, batch_idx) -> LossOutput`` (a
@@ -78,51 +80,27 @@ def gradient_statistics(
     if missing:
         raise ValueError(f"plan: tensors {missing} are not parameters of {type(model).__name__}.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
-    sums: dict[str, Tensor] = {}
-    squares: dict[str, Tensor] = {}
-    weighted: dict[str, Tensor] = {}
-    batch_items = [0.0]  # n_b of the batch being differentiated
-    hooks = []
+    sums = {name: accumulation_zeros(parameters[name]) for name in names}
+    squares = {name: accumulation_zeros(parameters[name]) for name in names}
+    weighted = {name: accumulation_zeros(parameters[name]) for name in names}
+    count, count_squares, batches, batch_items = 0.0, 0.0, 0, 0.0  # batch_items: n_b of the batch in backward
 
-    def accumulate(name: str) -> Callable[[Tensor], None]:
-        def hook(parameter: Tensor) -> None:
-            grad = parameter.grad.to(sums[name].dtype)
-            sums[name].add_(grad)
-            squares[name].addcmul_(grad, grad)
-            weighted[name].add_(grad, alpha=batch_items[0])
-            parameter.grad = None
+    def add(name: str, grad: Tensor) -> None:
+        grad = grad.to(sums[name].dtype)
+        sums[name].add_(grad)
+        squares[name].addcmul_(grad, grad)
+        weighted[name].add_(grad, alpha=batch_items)
 
-        return hook
+    def count_items(output: LossOutput) -> None:
+        nonlocal count, count_squares, batches, batch_items
+        batch_items = float(output.count)
+        count += batch_items
+        count_squares += batch_items**2
+        batches += 1
 
-    for name, parameter in parameters.items():
-        parameter.requires_grad_(name in names)
-        parameter.grad = None
-    for name in names:
-        parameter = parameters[name]
-        dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
-        sums[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
-        squares[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
-        weighted[name] = torch.zeros(parameter.shape, dtype=dtype, device=parameter.device)
-        hooks.append(parameter.register_post_accumulate_grad_hook(accumulate(name)))
-    count, count_squares, batches = 0.0, 0.0, 0
-    try:
-        with torch.enable_grad(), true_embedding_gradients(model.modules()):
-            for loader in loaders:
-                for batch_idx, batch in enumerate(loader):
-                    batch = target.riemann_prepare(move_data_to_device(batch, device))
-                    output = target.riemann_loss(batch, batch_idx)
-                    batch_items[0] = float(output.count)
-                    output.total.backward()
-                    count += batch_items[0]
-                    count_squares += batch_items[0] ** 2
-                    batches += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, parameter in parameters.items():
-            parameter.grad = None
-            parameter.requires_grad_(flags[name])
+    moved = ((batch_idx, move_data_to_device(batch, device)) for loader in loaders
+             for batch_idx, batch in enumerate(loader))
+    gradient_pass(target, model, names, moved, add, count_items)
     if count <= 0:
         raise ValueError("plan: the data had no items (tokens or examples) to average the loss over.")
     fisher = {}
