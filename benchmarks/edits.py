@@ -257,7 +257,7 @@ def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from lightning_delta.demo.pair import shipped_pair
 
     pair = shipped_pair()
-    deltas = compute_delta(str(pair.post_dir), pre=str(pair.pre_dir))
+    deltas = compute_delta(str(pair.post_dir), pretrained=str(pair.pre_dir))
     result: dict[str, Any] = {"pair": str(pair.post_dir.parent.name), "threads": torch.get_num_threads(), "ranks": {}}
     for rank in spec.get("ranks", DEMO_RANKS):
         errors, excesses, shapes = [], [], set()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import TensorSource
+from lightning_delta.sources import TensorSource
 from lightning_delta.delta import DeltaMatch, Patterns, Weights, load_tensors, match_tensors
 from lightning_delta.editing import Edit, edit_one, iter_edited
 from lightning_delta.handle import EditHandle

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import TensorSource, format_names, load_tensors, tied_names
+from lightning_delta.sources import TensorSource, format_names, load_tensors, tied_names
 from lightning_delta.edits.base import CHUNK_NUMEL
 
 __all__ = [
@@ -438,7 +438,7 @@ class PairChecks:
         )
 
 
-def delta_names(post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+def delta_names(model: Weights, *, pretrained: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
     """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
 
     Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
@@ -446,10 +446,10 @@ def delta_names(post: Weights, *, pre: Weights, include: Patterns = None, exclud
     Example:
         >>> pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
         >>> post = {"w": torch.ones(2), "step": torch.tensor(4)}
-        >>> delta_names(post, pre=pre)
+        >>> delta_names(post, pretrained=pre)
         ['w']
     """
-    with open_pair(post=post, pre=pre) as (post_source, pre_source):
+    with open_pair(post=model, pre=pretrained) as (post_source, pre_source):
         return [match.name for match in match_tensors(post=post_source, pre=pre_source, include=include,
                                                       exclude=exclude)]
 
@@ -476,9 +476,9 @@ def _next_delta(
 
 
 def iter_delta(
-    post: Weights,
+    model: Weights,
     *,
-    pre: Weights,
+    pretrained: Weights,
     include: Patterns = None,
     exclude: Patterns = None,
     device: torch.device | str | None = None,
@@ -489,9 +489,9 @@ def iter_delta(
     advances, and it holds no delta but the one it is yielding: memory is one tensor pair at a time.
 
     Args:
-        post: post-trained weights: an ``nn.Module``, a state dict, a model directory, a ``.safetensors`` / ``.bin``
-            file, a hub id or a :class:`TensorSource`.
-        pre: pre-trained weights, in any of the same forms.
+        model: the post-trained weights (W_post): an ``nn.Module``, a state dict, a model directory, a
+            ``.safetensors`` / ``.bin`` file, a hub id or a :class:`TensorSource`.
+        pretrained: the pre-trained weights (W_pre), in any of the same forms.
         include: regular expressions (``re.search`` on tensor names); only matching tensors are selected.
         exclude: regular expressions; matching tensors are left out.
         device: where the delta is computed; default the post-trained tensor's device (CPU for files).
@@ -507,13 +507,13 @@ def iter_delta(
     Example:
         >>> pre = {"w": torch.tensor([1.0, 2.0])}
         >>> post = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
-        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pre=pre)]
+        >>> [(name, delta.tolist(), delta.dtype) for name, delta in iter_delta(post, pretrained=pre)]
         [('w', [0.5, -1.0], torch.float32)]
     """
     device = as_device(device)
     stack = ExitStack()
     try:
-        post_source, pre_source = stack.enter_context(open_pair(post=post, pre=pre))
+        post_source, pre_source = stack.enter_context(open_pair(post=model, pre=pretrained))
         matches = match_tensors(post=post_source, pre=pre_source, include=include, exclude=exclude)
     except BaseException:
         stack.close()
@@ -522,15 +522,15 @@ def iter_delta(
 
 
 def compute_delta(
-    post: Weights, *, pre: Weights, include: Patterns = None, exclude: Patterns = None
+    model: Weights, *, pretrained: Weights, include: Patterns = None, exclude: Patterns = None
 ) -> dict[str, Tensor]:
-    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(post, pre=pre, ...))``.
+    """Every selected ΔW = W_post − W_pre at once: ``dict(iter_delta(model, pretrained=pretrained, ...))``.
 
     Holds all deltas in memory; prefer :func:`iter_delta` for large models. See :func:`iter_delta` for the arguments.
 
     Example:
-        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)}, pre={"a": torch.zeros(2), "b": torch.zeros(1)},
-        ...               exclude="b")
+        >>> compute_delta({"a": torch.ones(2), "b": torch.ones(1)},
+        ...               pretrained={"a": torch.zeros(2), "b": torch.zeros(1)}, exclude="b")
         {'a': tensor([1., 1.])}
     """
-    return dict(iter_delta(post, pre=pre, include=include, exclude=exclude))
+    return dict(iter_delta(model, pretrained=pretrained, include=include, exclude=exclude))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lightning_delta._loading import TensorSource, format_names
+from lightning_delta.sources import TensorSource, format_names
 from lightning_delta.delta import (
     DeltaMatch,
     PairChecks,

@@ -428,7 +428,7 @@ def estimate_memory(
     loss = build_loss(loss) if isinstance(loss, str) else loss
     shards = processes if sharded else 1
     parameters = dict(model.named_parameters())
-    edited = {name: parameters[name] for name in delta_names(model, pre=model, include=include,
+    edited = {name: parameters[name] for name in delta_names(model, pretrained=model, include=include,
                                                              exclude=exclude) if name in parameters}
 
     def rebuilt(weight: Tensor) -> int:

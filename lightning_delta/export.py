@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import check_dtype, format_names, load_model, model_directory
+from lightning_delta.sources import check_dtype, format_names, load_model, model_directory
 from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, iter_edited
 from lightning_delta.edits import PerTensor
@@ -122,7 +122,7 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def save_edited(
-    post: nn.Module | str | os.PathLike,
+    model: nn.Module | str | os.PathLike,
     *,
     pretrained: Weights,
     edit: Edit,
@@ -140,7 +140,7 @@ def save_edited(
     ``output_dir`` (a crash may leave the hidden sibling, which holds nothing else).
 
     Args:
-        post: the post-trained model: a directory or hub id (loaded with the transformers class named in its
+        model: the post-trained model (W_post): a directory or hub id (loaded with the transformers class named in its
             config), or a ``PreTrainedModel`` (edited in place, as by :func:`apply_edit_`).
         pretrained: the pre-trained weights (module, state dict, directory, file, hub id or TensorSource).
         edit: ``edit_tensor(name, delta, gradient=None)`` object or mapping name -> E = F(ΔW) − ΔW (see :func:`apply_edit_`).
@@ -159,7 +159,7 @@ def save_edited(
         for a :class:`~lightning_delta.edits.PerTensor` edit (a plan), its config goes to ``per_tensor_edit.json``.
 
     Raises:
-        ValueError: for a ``post`` that is neither a model with ``save_pretrained`` nor a model directory / hub id,
+        ValueError: for a ``model`` that is neither a model with ``save_pretrained`` nor a model directory / hub id,
             ``safe_serialization=False``, an ``output_dir`` that is one of the inputs, or with ``overwrite`` holds
             one, is an existing file, or is a non-empty directory without ``overwrite``, and every error of
             :func:`apply_edit_`.
@@ -168,23 +168,23 @@ def save_edited(
         raise ValueError("save_edited writes safetensors only; drop safe_serialization=False.")
     output_dir = Path(output_dir)
     dtype = check_dtype(dtype)
-    if isinstance(post, nn.Module):
-        if not callable(getattr(post, "save_pretrained", None)):
+    if isinstance(model, nn.Module):
+        if not callable(getattr(model, "save_pretrained", None)):
             raise ValueError(
-                f"post is a {type(post).__name__} without save_pretrained; use apply_edit_ and save it yourself, "
+                f"model is a {type(model).__name__} without save_pretrained; use apply_edit_ and save it yourself, "
                 "or pass a transformers model or a model directory."
             )
-        model = post
+        loaded: nn.Module | None = model
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
         name_or_path = getattr(model, "name_or_path", "") or ""
         source_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
-    elif isinstance(post, (str, os.PathLike)):
-        source_dir = model_directory(post, extra_patterns=_HUB_EXTRA_PATTERNS)
-        model = None
+    elif isinstance(model, (str, os.PathLike)):
+        source_dir = model_directory(model, extra_patterns=_HUB_EXTRA_PATTERNS)
+        loaded = None
     else:
         raise ValueError(
-            f"post must be a transformers model, a model directory or a hub id, got {type(post).__name__}."
+            f"model must be a transformers model, a model directory or a hub id, got {type(model).__name__}."
         )
 
     inputs = [source_dir] if source_dir is not None else []
@@ -207,13 +207,13 @@ def save_edited(
                          "directory, or choose another output_dir.")
     _check_output_dir(target, overwrite)
 
-    if model is None:
-        model = load_model(source_dir, dtype)
-    apply_edit_(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude)
+    if loaded is None:
+        loaded = load_model(source_dir, dtype)
+    apply_edit_(loaded, pretrained=pretrained, edit=edit, include=include, exclude=exclude)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_sibling(target, "tmp")
     try:
-        model.save_pretrained(staging, **save_kwargs)
+        loaded.save_pretrained(staging, **save_kwargs)
         if isinstance(edit, PerTensor):
             (staging / PER_TENSOR_FILE).write_text(json.dumps(edit.config(), indent=2) + "\n")
         if source_dir is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_delta._loading import load_model
+from lightning_delta.sources import load_model
 from lightning_delta.attach import attach_edit
 from lightning_delta.editing import Edit, check_edit
 from lightning_delta.gradients import gradients_at_post
@@ -20,7 +20,7 @@ from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import check_E_dtype
 from lightning_delta.sharded import check_strategy, shard_model, sharded_parameters
 
-__all__ = ["DeltaEditModule", "load_model"]
+__all__ = ["DeltaEditModule"]
 
 # (model, batch) -> (correct, total); an evaluator that reads each answer in several ways (GSM8KEvaluator's lm-eval
 # protocols: strict-match and flexible-extract) names them in `accuracy_names` and returns {name: (correct, total)}

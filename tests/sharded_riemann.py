@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_delta._loading import SafetensorsSource  # noqa: E402
+from lightning_delta.sources import SafetensorsSource  # noqa: E402
 from lightning_delta.callbacks import RiemannCallback  # noqa: E402
 from lightning_delta.edits import DARE, BitDelta, GradientBiased  # noqa: E402
 from lightning_delta.losses import CausalLMLoss  # noqa: E402

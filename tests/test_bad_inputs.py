@@ -199,7 +199,7 @@ def _edited_model(edits: dict):
 def _compute_delta(post, pre, **kwargs):
     from lightning_delta import compute_delta
 
-    return compute_delta(post, pre=pre, **kwargs)
+    return compute_delta(post, pretrained=pre, **kwargs)
 
 
 def _apply_to_parametrized(tmp: Path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_delta import _loading
+from lightning_delta import sources
 from lightning_delta.attach import edit_differences
 from lightning_delta.delta import compute_delta, delta_names, iter_delta, load_tensors, tied_names
 from tests.tiny_models import (
@@ -56,7 +56,7 @@ def test_compute_delta_from_saved_directories(tiny_pair, family, shard):
         assert len(set(read_index(pair.post_dir)["weight_map"].values())) > 1  # really sharded
     if shard is None:
         assert (pair.post_dir / "model.safetensors").is_file()
-    delta = compute_delta(pair.post_dir, pre=pair.pre_dir)
+    delta = compute_delta(pair.post_dir, pretrained=pair.pre_dir)
     assert_matches_reference(delta, reference_delta(pair.pre, pair.post))
     assert max(float(value.abs().max()) for value in delta.values()) > 0.01  # the perturbation is there
 
@@ -71,7 +71,7 @@ def test_compute_delta_from_modules_state_dicts_and_directories(tiny_pair, famil
         "state_dict": (pair.pre.state_dict(), pair.post.state_dict()),
         "directory": (str(pair.pre_dir), pair.post_dir),
     }
-    delta = compute_delta(kinds[post_kind][1], pre=kinds[pre_kind][0])
+    delta = compute_delta(kinds[post_kind][1], pretrained=kinds[pre_kind][0])
     assert_matches_reference(delta, reference_delta(pair.pre, pair.post))
 
 
@@ -79,7 +79,7 @@ def test_delta_of_a_module_is_a_new_tensor_and_the_weights_are_untouched():
     pre = make_tiny_model("llama", seed=0)
     post = make_post_trained(pre, seed=1)
     before = {name: tensor.clone() for name, tensor in post.state_dict().items()}
-    delta = compute_delta(post, pre=pre)
+    delta = compute_delta(post, pretrained=pre)
     delta["model.norm.weight"].zero_()
     for name, tensor in post.state_dict().items():
         assert torch.equal(tensor, before[name]), name
@@ -90,15 +90,15 @@ def test_compute_delta_from_offline_hub_cache(tiny_pair, offline_hub):
     pair = tiny_pair("qwen2", shard="post")
     make_fake_hub_repo(offline_hub, "tiny-org/qwen2-base", pair.pre_dir)
     make_fake_hub_repo(offline_hub, "tiny-org/qwen2-instruct", pair.post_dir)
-    delta = compute_delta("tiny-org/qwen2-instruct", pre="tiny-org/qwen2-base")
+    delta = compute_delta("tiny-org/qwen2-instruct", pretrained="tiny-org/qwen2-base")
     assert_matches_reference(delta, reference_delta(pair.pre, pair.post))
     # a hub id and a module mixed
-    assert_matches_reference(compute_delta(pair.post, pre="tiny-org/qwen2-base"), reference_delta(pair.pre, pair.post))
+    assert_matches_reference(compute_delta(pair.post, pretrained="tiny-org/qwen2-base"), reference_delta(pair.pre, pair.post))
 
 
 def test_hub_id_missing_from_offline_cache(offline_hub):
     with pytest.raises(ValueError, match=r"pre-trained weights.*'tiny-org/absent'.*HF_HUB_OFFLINE"):
-        compute_delta({"w": torch.zeros(1)}, pre="tiny-org/absent")
+        compute_delta({"w": torch.zeros(1)}, pretrained="tiny-org/absent")
 
 
 def test_compute_delta_from_single_files(tmp_path):
@@ -106,13 +106,13 @@ def test_compute_delta_from_single_files(tmp_path):
     post = make_post_trained(pre, seed=4)
     save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, tmp_path / "pre.safetensors")
     torch.save(post.state_dict(), tmp_path / "pytorch_model.bin")
-    delta = compute_delta(tmp_path / "pytorch_model.bin", pre=tmp_path / "pre.safetensors")
+    delta = compute_delta(tmp_path / "pytorch_model.bin", pretrained=tmp_path / "pre.safetensors")
     assert_matches_reference(delta, reference_delta(pre, post))
     # a directory holding only pytorch_model.bin is read with torch.load(weights_only=True)
     bin_dir = tmp_path / "bin-dir"
     bin_dir.mkdir()
     torch.save(post.state_dict(), bin_dir / "pytorch_model.bin")
-    assert_matches_reference(compute_delta(bin_dir, pre=pre), reference_delta(pre, post))
+    assert_matches_reference(compute_delta(bin_dir, pretrained=pre), reference_delta(pre, post))
 
 
 class NotATensor:
@@ -122,7 +122,7 @@ class NotATensor:
 def test_bin_file_with_objects_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2), "trap": NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"post-trained weights.*not loaded.*weights_only=True"):
-        compute_delta(tmp_path, pre={"w": torch.zeros(2)})
+        compute_delta(tmp_path, pretrained={"w": torch.zeros(2)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,13 +132,13 @@ def test_bin_file_with_objects_is_refused(tmp_path):
 def test_include_and_exclude_are_regular_expressions_on_names():
     pre = make_tiny_model("mistral", seed=0)
     post = make_post_trained(pre, seed=1)
-    mlp = compute_delta(post, pre=pre, include=r"\.mlp\.")
+    mlp = compute_delta(post, pretrained=pre, include=r"\.mlp\.")
     assert mlp and all(".mlp." in name for name in mlp)
     assert len(mlp) == 2 * 3  # two layers × gate, up, down
-    no_norms = compute_delta(post, pre=pre, exclude=[r"norm", r"^lm_head\."])
+    no_norms = compute_delta(post, pretrained=pre, exclude=[r"norm", r"^lm_head\."])
     expected = [name for name in reference_delta(pre, post) if "norm" not in name and name != "lm_head.weight"]
     assert list(no_norms) == expected
-    both = delta_names(post, pre=pre, include=r"layers\.1\.", exclude=r"proj")
+    both = delta_names(post, pretrained=pre, include=r"layers\.1\.", exclude=r"proj")
     assert both == ["model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"]
 
 
@@ -149,17 +149,17 @@ def test_tied_embedding_is_handled_once(tiny_pair):
     expected = reference_delta(pair.pre, pair.post)
     assert "lm_head.weight" not in expected
     for pre, post in [(pair.pre, pair.post), (pair.pre_dir, pair.post), (pair.pre, pair.post_dir)]:
-        names = delta_names(post, pre=pre)
+        names = delta_names(post, pretrained=pre)
         assert names.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in names
     # either name of the tied tensor selects it, under its first name
-    assert list(compute_delta(pair.post, pre=pair.pre, include=r"^lm_head\.")) == ["model.embed_tokens.weight"]
-    assert "model.embed_tokens.weight" not in delta_names(pair.post, pre=pair.pre, exclude=r"^lm_head\.")
+    assert list(compute_delta(pair.post, pretrained=pair.pre, include=r"^lm_head\.")) == ["model.embed_tokens.weight"]
+    assert "model.embed_tokens.weight" not in delta_names(pair.post, pretrained=pair.pre, exclude=r"^lm_head\.")
 
 
 def test_untied_post_of_tied_pre_gives_both_deltas():
     pre = make_tiny_model("llama-tied", seed=0)
     post = make_tiny_model("llama", seed=0)  # same initial weights, lm_head untied and re-initialised
-    delta = compute_delta(post, pre=pre, include=r"embed_tokens|lm_head")
+    delta = compute_delta(post, pretrained=pre, include=r"embed_tokens|lm_head")
     embed = pre.model.embed_tokens.weight.double()
     torch.testing.assert_close(delta["lm_head.weight"].double(), post.lm_head.weight.double() - embed, rtol=0,
                                atol=1e-6)
@@ -182,7 +182,7 @@ def test_mixed_dtypes_are_computed_in_at_least_float32(tmp_path, pre_dtype, post
     post = make_post_trained(make_tiny_model("llama", seed=0), seed=1).to(post_dtype)
     save_model(post, tmp_path / "post", tokenizer=False)
     for post_source in (post, tmp_path / "post"):
-        delta = compute_delta(post_source, pre=pre)
+        delta = compute_delta(post_source, pretrained=pre)
         assert {value.dtype for value in delta.values()} == {delta_dtype}
         # the stored values, subtracted in float64: exact up to the float32 rounding of the difference
         assert_matches_reference(delta, reference_delta(pre, post), atol=1e-6)
@@ -196,7 +196,7 @@ def test_iter_delta_reads_lazily_and_holds_one_delta(tiny_pair, monkeypatch):
     pair = tiny_pair("llama", shard="both")
     reads = []
     dropped = []  # weak references to the deltas the consumer has dropped
-    original_get = _loading.SafetensorsSource._get
+    original_get = sources.SafetensorsSource._get
 
     def counting_get(self, name):
         # when the next tensor is read, every delta the consumer dropped has been freed (tensors hold no reference
@@ -205,7 +205,7 @@ def test_iter_delta_reads_lazily_and_holds_one_delta(tiny_pair, monkeypatch):
         reads.append(name)
         return original_get(self, name)
 
-    monkeypatch.setattr(_loading.SafetensorsSource, "_get", counting_get)
+    monkeypatch.setattr(sources.SafetensorsSource, "_get", counting_get)
 
     def refuse_whole_file_loading(*args, **kwargs):
         raise AssertionError("a whole checkpoint was loaded at once")
@@ -213,7 +213,7 @@ def test_iter_delta_reads_lazily_and_holds_one_delta(tiny_pair, monkeypatch):
     monkeypatch.setattr("safetensors.torch.load_file", refuse_whole_file_loading)
     monkeypatch.setattr("safetensors.torch.load", refuse_whole_file_loading)
 
-    iterator = iter_delta(pair.post_dir, pre=pair.pre_dir)
+    iterator = iter_delta(pair.post_dir, pretrained=pair.pre_dir)
     assert reads == []  # the checks at call time read only names, shapes and dtypes
     count = 0
     for name, delta in iterator:
@@ -227,7 +227,7 @@ def test_iter_delta_reads_lazily_and_holds_one_delta(tiny_pair, monkeypatch):
 def test_safetensors_files_are_memory_mapped_not_read_whole(tiny_pair):
     pair = tiny_pair("llama", shard="post")
     with load_tensors(pair.post_dir) as source:
-        assert isinstance(source, _loading.SafetensorsSource)
+        assert isinstance(source, sources.SafetensorsSource)
         weight_map = read_index(pair.post_dir)["weight_map"]
         assert len(source) == len(weight_map)
         assert source._handles == {}  # the names come from the index: no shard opened yet
@@ -242,18 +242,18 @@ def test_safetensors_files_are_memory_mapped_not_read_whole(tiny_pair):
 def test_iter_delta_closes_files_when_done(tiny_pair):
     pair = tiny_pair("llama", shard="both")
     opened = []
-    original_handle = _loading.SafetensorsSource._handle
+    original_handle = sources.SafetensorsSource._handle
 
     def recording_handle(self, path):
         opened.append(self)
         return original_handle(self, path)
 
-    _loading.SafetensorsSource._handle = recording_handle
+    sources.SafetensorsSource._handle = recording_handle
     try:
-        for _ in iter_delta(pair.post_dir, pre=pair.pre_dir):
+        for _ in iter_delta(pair.post_dir, pretrained=pair.pre_dir):
             pass
     finally:
-        _loading.SafetensorsSource._handle = original_handle
+        sources.SafetensorsSource._handle = original_handle
     assert opened and all(source._handles == {} for source in opened)
 
 
@@ -279,13 +279,13 @@ def test_missing_tensors_are_named():
     pre_state = dict(pre.state_dict())
     del pre_state["model.layers.1.mlp.down_proj.weight"]
     with pytest.raises(ValueError, match=r"missing from pre.*model\.layers\.1\.mlp\.down_proj\.weight.*exclude="):
-        compute_delta(post, pre=pre_state)
+        compute_delta(post, pretrained=pre_state)
     post_state = dict(post.state_dict())
     post_state.pop("lm_head.weight")
     with pytest.raises(ValueError, match=r"1 tensor of pre .* missing from post.*: lm_head\.weight"):
-        compute_delta(post_state, pre=pre)
+        compute_delta(post_state, pretrained=pre)
     # leaving the tensor out, as the message says, works
-    assert "lm_head.weight" not in compute_delta(post_state, pre=pre, exclude=r"^lm_head\.weight$")
+    assert "lm_head.weight" not in compute_delta(post_state, pretrained=pre, exclude=r"^lm_head\.weight$")
 
 
 def test_resized_vocabulary_is_a_shape_mismatch(tiny_pair, tmp_path):
@@ -295,10 +295,10 @@ def test_resized_vocabulary_is_a_shape_mismatch(tiny_pair, tmp_path):
     for post_source in (post, tmp_path / "resized"):
         embedding = re.escape("model.embed_tokens.weight (pre (128, 32), post (130, 32))")
         with pytest.raises(ValueError, match=embedding) as error:
-            compute_delta(post_source, pre=pre)
+            compute_delta(post_source, pretrained=pre)
         assert "lm_head.weight (pre (128, 32), post (130, 32))" in str(error.value)
         assert "resized vocabulary" in str(error.value)
-    assert "lm_head.weight" not in compute_delta(post, pre=pre, exclude=r"embed_tokens|lm_head")
+    assert "lm_head.weight" not in compute_delta(post, pretrained=pre, exclude=r"embed_tokens|lm_head")
 
 
 @pytest.mark.parametrize("side", ["pre", "post"])
@@ -315,8 +315,8 @@ def test_nan_and_inf_are_named(tmp_path, side, bad_value, as_directory):
     kind = "NaN" if bad_value != bad_value else "inf"
     pattern = rf"{side}-trained tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'.*holds .*1 {kind}"
     with pytest.raises(ValueError, match=pattern):
-        compute_delta(post_source, pre=pre_source)
-    assert "model.layers.0.self_attn.q_proj.weight" not in compute_delta(post_source, pre=pre_source, exclude="q_proj")
+        compute_delta(post_source, pretrained=pre_source)
+    assert "model.layers.0.self_attn.q_proj.weight" not in compute_delta(post_source, pretrained=pre_source, exclude="q_proj")
 
 
 @pytest.mark.parametrize(
@@ -327,14 +327,14 @@ def test_nothing_selected(include, exclude):
     pre = make_tiny_model("llama", seed=0)
     post = make_post_trained(pre, seed=1)
     with pytest.raises(ValueError, match=r"select no floating-point tensor.*Available names \(21\): model\.embed"):
-        compute_delta(post, pre=pre, include=include, exclude=exclude)
+        compute_delta(post, pretrained=pre, include=include, exclude=exclude)
 
 
 def test_nothing_in_common():
     with pytest.raises(ValueError, match=r"do not hold the same tensors.*: a\b.*: b\b"):
-        compute_delta({"a": torch.zeros(1)}, pre={"b": torch.zeros(1)})
+        compute_delta({"a": torch.zeros(1)}, pretrained={"b": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"select no floating-point tensor"):
-        compute_delta({"step": torch.tensor(2)}, pre={"step": torch.tensor(1)})
+        compute_delta({"step": torch.tensor(2)}, pretrained={"step": torch.tensor(1)})
 
 
 @pytest.mark.parametrize(
@@ -347,13 +347,13 @@ def test_nothing_in_common():
 )
 def test_unusable_sources(source, message):
     with pytest.raises(ValueError, match=message):
-        compute_delta({"w": torch.zeros(2)}, pre=source)
+        compute_delta({"w": torch.zeros(2)}, pretrained=source)
 
 
 def test_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"post-trained weights: No weights found in .*config\.json"):
-        compute_delta(tmp_path, pre={"w": torch.zeros(2)})
+        compute_delta(tmp_path, pretrained={"w": torch.zeros(2)})
 
 
 def test_incomplete_sharded_checkpoint(tiny_pair):
@@ -361,24 +361,24 @@ def test_incomplete_sharded_checkpoint(tiny_pair):
     shard = sorted(pair.post_dir.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(ValueError, match=rf"{shard.name}.*do not exist"):
-        compute_delta(pair.post_dir, pre=pair.pre_dir)
+        compute_delta(pair.post_dir, pretrained=pair.pre_dir)
 
 
 def test_invalid_patterns():
     state = {"w": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"include pattern '\(' is not a valid regular expression"):
-        compute_delta(state, pre=state, include="(")
+        compute_delta(state, pretrained=state, include="(")
     with pytest.raises(ValueError, match=r"exclude must be a regular expression.*got int"):
-        compute_delta(state, pre=state, exclude=3)
+        compute_delta(state, pretrained=state, exclude=3)
 
 
 def test_device_argument():
     pre = {"w": torch.zeros(3)}
     post = {"w": torch.ones(3, dtype=torch.bfloat16)}
-    [(name, delta)] = list(iter_delta(post, pre=pre, device="cpu"))
+    [(name, delta)] = list(iter_delta(post, pretrained=pre, device="cpu"))
     assert name == "w" and delta.device.type == "cpu" and delta.dtype == torch.float32
     with pytest.raises(ValueError, match=r"device must be a torch\.device.*'gpu0'"):
-        iter_delta(post, pre=pre, device="gpu0")
+        iter_delta(post, pretrained=pre, device="gpu0")
 
 
 def _public_pair_functions():
@@ -415,7 +415,7 @@ def test_w_pre_is_keyword_only_so_a_swapped_pair_is_an_error(name):
     with pytest.raises(TypeError, match=r"positional argument"):
         result = function(pre, post, *rest)
         list(result) if name in ("iter_delta", "iter_edited") else None
-    assert torch.equal(compute_delta(post, pre=pre)["weight"], post.weight.detach() - pre["weight"])
+    assert torch.equal(compute_delta(post, pretrained=pre)["weight"], post.weight.detach() - pre["weight"])
 
 
 def test_a_bf16_pre_directory_with_a_float32_post_is_warned_with_its_rounding(tmp_path):
@@ -425,7 +425,7 @@ def test_a_bf16_pre_directory_with_a_float32_post_is_warned_with_its_rounding(tm
     post = make_post_trained(make_tiny_model("llama"), scale=0.01)
     pre.save_pretrained(tmp_path / "pre")
     with pytest.warns(UserWarning, match=r"W_pre is stored in torch\.bfloat16 and W_post in torch\.float32") as record:
-        delta = compute_delta(post, pre=tmp_path / "pre")
+        delta = compute_delta(post, pretrained=tmp_path / "pre")
     rounding = deltas = 0.0
     for name, tensor in post.state_dict().items():
         if name in delta:
@@ -439,13 +439,13 @@ def test_a_bf16_pre_directory_with_a_float32_post_is_warned_with_its_rounding(tm
 
 
 def test_the_same_dtype_on_both_sides_gives_no_warning(llama_pair, recwarn):
-    compute_delta(llama_pair.post_dir, pre=llama_pair.pre_dir)
+    compute_delta(llama_pair.post_dir, pretrained=llama_pair.pre_dir)
     assert not [warning for warning in recwarn if "rounding" in str(warning.message)]
 
 
 def test_integer_buffers_on_both_sides_stay_skipped():
     post = {"w": torch.ones(2), "step": torch.tensor(4)}
     pre = {"w": torch.zeros(2), "step": torch.tensor(3)}
-    assert list(compute_delta(post, pre=pre)) == ["w"]
+    assert list(compute_delta(post, pretrained=pre)) == ["w"]
     with pytest.raises(ValueError, match=r"integer on the other for 1 tensor: w \(pre torch\.int32, post"):
-        compute_delta(post, pre={**pre, "w": torch.zeros(2, dtype=torch.int32)})
+        compute_delta(post, pretrained={**pre, "w": torch.zeros(2, dtype=torch.int32)})

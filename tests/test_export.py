@@ -159,7 +159,7 @@ def test_save_edited_from_offline_hub_cache(tiny_pair, tmp_path, offline_hub):
 def test_mapping_edit_matches_the_edit_object(tiny_pair):
     pair = tiny_pair("llama", shard="post")
     edit = _dare_or_sign_scale()
-    deltas = compute_delta(pair.post_dir, pre=pair.pre_dir, include=r"\.mlp\.")
+    deltas = compute_delta(pair.post_dir, pretrained=pair.pre_dir, include=r"\.mlp\.")
     differences = {name: edit.edit_tensor(name, delta) - delta for name, delta in deltas.items()}  # E = F(ΔW) − ΔW
     from_mapping = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre_dir, edit=differences)
     from_object = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre_dir, edit=edit, include=r"\.mlp\.")
@@ -421,7 +421,7 @@ def test_a_symlinked_output_dir_is_written_through_and_stays_a_link(tiny_pair, t
     from lightning_delta.edits import DARE
 
     expected = {name: pair.pre.state_dict()[name].double() + delta.double()
-                for name, delta in DARE(p=0.5)(compute_delta(pair.post_dir, pre=pair.pre_dir)).items()}
+                for name, delta in DARE(p=0.5)(compute_delta(pair.post_dir, pretrained=pair.pre_dir)).items()}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(link).state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(loaded[name].double(), value, rtol=0, atol=1e-6, msg=name)

@@ -11,7 +11,7 @@ import torch
 import transformers
 from torch import nn
 
-from lightning_delta._loading import check_dtype, load_model
+from lightning_delta.sources import check_dtype, load_model
 from lightning_delta.datamodules import ZeroShotClassifier
 from lightning_delta.losses import DPOLoss
 from lightning_delta.module import DeltaEditModule

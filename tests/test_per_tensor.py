@@ -33,7 +33,7 @@ def explicit(patterns, name, delta):
 
 
 def test_per_tensor_equals_each_edit_applied_to_its_tensors_by_an_explicit_loop(llama_pair):
-    deltas = dict(iter_delta(llama_pair.post, pre=llama_pair.pre))
+    deltas = dict(iter_delta(llama_pair.post, pretrained=llama_pair.pre))
     edited = PerTensor(PATTERNS)(deltas)
     assert list(edited) == list(deltas)
     used = set()
@@ -48,7 +48,7 @@ def test_per_tensor_in_apply_edit_equals_the_explicit_loop(llama_pair):
     model.load_state_dict(llama_pair.post.state_dict())
     apply_edit_(model, pretrained=llama_pair.pre, edit=PerTensor(PATTERNS))
     pre = llama_pair.pre.state_dict()
-    for name, delta in iter_delta(llama_pair.post, pre=llama_pair.pre):
+    for name, delta in iter_delta(llama_pair.post, pretrained=llama_pair.pre):
         expected = pre[name].to(torch.float32) + explicit(PATTERNS, name, delta)
         assert torch.equal(model.state_dict()[name], expected.to(model.state_dict()[name].dtype)), name
 
@@ -112,7 +112,7 @@ def test_per_tensor_under_riemann_callback_equals_its_ready_made_E(llama_pair):
     """DeltaEditModule + RiemannCallback with PerTensor give the same term and exact ΔL as the same E given as a
     mapping computed by the explicit loop."""
     E = {name: explicit(PATTERNS, name, delta) - delta for name, delta in iter_delta(llama_pair.post,
-                                                                                     pre=llama_pair.pre)}
+                                                                                     pretrained=llama_pair.pre)}
     results = []
     for edit in (PerTensor(PATTERNS), E):
         callback = RiemannCallback(num_points=2, filename=None)
@@ -133,7 +133,7 @@ def test_save_edited_writes_the_per_tensor_settings_beside_the_weights(llama_pai
     assert json.loads((path / PER_TENSOR_FILE).read_text()) == edit.config()
     weights = load_file(path / "model.safetensors")
     pre = llama_pair.pre.state_dict()
-    for name, delta in iter_delta(llama_pair.post, pre=llama_pair.pre):
+    for name, delta in iter_delta(llama_pair.post, pretrained=llama_pair.pre):
         assert torch.equal(weights[name], pre[name] + explicit(PATTERNS, name, delta)), name
 
 
@@ -152,5 +152,5 @@ def test_edit_command_takes_a_per_tensor_edit_of_config_dicts(llama_pair, tmp_pa
     assert json.loads((tmp_path / "out" / PER_TENSOR_FILE).read_text()) == expected.config()
     weights = load_file(tmp_path / "out" / "model.safetensors")
     pre = llama_pair.pre.state_dict()
-    for name, delta in iter_delta(llama_pair.post, pre=llama_pair.pre):
+    for name, delta in iter_delta(llama_pair.post, pretrained=llama_pair.pre):
         assert torch.equal(weights[name], pre[name] + explicit(expected.edits, name, delta)), name

@@ -59,7 +59,7 @@ def edited_copy(pair, edit) -> torch.nn.Module:
     """W_pre + F(ΔW) written into a plain copy of the post-trained model, F applied to float64 deltas by hand."""
     model = AutoModelForCausalLM.from_pretrained(pair.post_dir)
     pre = AutoModelForCausalLM.from_pretrained(pair.pre_dir).state_dict()
-    deltas = compute_delta(model, pre=pre)
+    deltas = compute_delta(model, pretrained=pre)
     with torch.no_grad():
         for name, delta in deltas.items():
             edited = edit.edit_tensor(name, delta.double())

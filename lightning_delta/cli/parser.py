@@ -108,7 +108,7 @@ def delta_edit_module(
         E_dtype: how E is kept: float32 (float64 for float64 models), or model: each tensor's own dtype, half the
             memory for bf16 models (see the README's Precision section).
         accuracy_post: the accuracy at t = 0 when already measured on this model and data: the evaluator then runs
-            at t = 1 only (a sweep gives it to the points after the first on each data set).
+            at t = 1 only (a sweep gives it to the grid points after the first on each data set).
     """
     return DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude,
                            evaluator=evaluator, dtype=dtype, E_dtype=E_dtype, accuracy_post=accuracy_post)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import _model_class
+from lightning_delta.sources import resolve_model_class
 
 __all__ = ["write_adapter"]
 
@@ -40,7 +40,7 @@ def _module_types(post: Any, names: list[str]) -> dict[str, str] | None:
 
         config = transformers.AutoConfig.from_pretrained(post)
         with torch.device("meta"):
-            model = _model_class(None, Path(post))._from_config(config)
+            model = resolve_model_class(None, Path(post))._from_config(config)
     else:
         return None
     kinds = {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta._loading import format_names, load_model
+from lightning_delta.sources import format_names, load_model
 from lightning_delta.compress import forms
 from lightning_delta.compress.save import FORMAT, HEADER_FILE, VERSION
 from lightning_delta.delta import TensorSource, Weights, load_tensors
@@ -243,7 +243,7 @@ def load_compressed(base: nn.Module | str | os.PathLike, path: str | os.PathLike
     :func:`~lightning_delta.export.save_edited` writes; from a plan's file, the planned model.
 
     Raises:
-        ValueError: every error of :func:`~lightning_delta._loading.load_model` and :func:`apply_compressed_`.
+        ValueError: every error of :func:`~lightning_delta.sources.load_model` and :func:`apply_compressed_`.
     """
     delta = CompressedDelta(path)  # checked before the base is loaded
     try:

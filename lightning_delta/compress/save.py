@@ -175,7 +175,7 @@ def _left_out(post: Any, pre: Any, selected: set[str]) -> list[tuple[str, Tensor
 
 
 def save_compressed(
-    post: nn.Module | str | os.PathLike,
+    model: nn.Module | str | os.PathLike,
     *,
     pretrained: Weights,
     edit_or_plan: Any,
@@ -199,7 +199,7 @@ def save_compressed(
     is renamed to ``output_dir`` once complete, as :func:`~lightning_delta.export.save_edited` does: a crash leaves no half-written ``output_dir``.
 
     Args:
-        post: W_post: a model, a directory, a safetensors file or a hub id.
+        model: W_post: a model, a directory, a safetensors file or a hub id.
         pretrained: W_pre (the base the delta is loaded onto), in any form :func:`~lightning_delta.delta.load_tensors`
             reads.
         edit_or_plan: an edit of :mod:`lightning_delta.edits` (or a :class:`~lightning_delta.edits.PerTensor`), a
@@ -220,7 +220,7 @@ def save_compressed(
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}.")
     output_dir = Path(output_dir)
-    for source in (post, pretrained):
+    for source in (model, pretrained):
         if isinstance(source, (str, os.PathLike)) and Path(source).exists():
             directory = Path(source) if Path(source).is_dir() else Path(source).parent
             if _same_path(directory, output_dir) or (overwrite and _inside(directory, output_dir)):
@@ -234,7 +234,7 @@ def save_compressed(
         writer = _ShardWriter(staging, max_shard_bytes)
         records: dict[str, dict[str, Any]] = {}
         low_rank: dict[str, tuple[Tensor, Tensor]] = {}
-        with open_pair(post=post, pre=pretrained) as (post_source, pre_source):
+        with open_pair(post=model, pre=pretrained) as (post_source, pre_source):
             for item in iter_edited(post_source, pre=pre_source, edit=recording if recording is not None else edit,
                                     include=include, exclude=exclude):
                 used = recording.used if recording is not None else None
@@ -250,7 +250,7 @@ def save_compressed(
                     record = {"name": name, **record, "shape": list(w_post.shape), "dtype": dtype_name(w_post.dtype)}
                     records[name] = _finish(record, parts, writer)
             writer.flush()
-            adapter = write_adapter(staging / ADAPTER_DIR, post, low_rank) if low_rank else None
+            adapter = write_adapter(staging / ADAPTER_DIR, model, low_rank) if low_rank else None
         header = {
             "format": FORMAT,
             "version": VERSION,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_delta._loading import load_model
+from lightning_delta.sources import load_model
 from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
 from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_templates
 from lightning_delta.datamodules.task_classnames import get_classnames

@@ -26,7 +26,7 @@ def gradient_and_deltas(pair: DemoPair, eval_limit: int | None) -> tuple[dict[st
     if eval_limit is not None:
         images, digits = images[:eval_limit], digits[:eval_limit]
     gradients = loss_gradient(model, digit_sequences(images, digits))
-    deltas = compute_delta(str(pair.post_dir), pre=str(pair.pre_dir))
+    deltas = compute_delta(str(pair.post_dir), pretrained=str(pair.pre_dir))
     return {name: gradients[name] for name in deltas}, deltas
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_delta._loading import load_model
+from lightning_delta.sources import load_model
 from lightning_delta.losses.base import IGNORE_INDEX, DeltaLoss, LossOutput, at_least_float32, model_logits
 
 __all__ = ["DPOLoss", "sequence_log_probs"]
@@ -49,7 +49,7 @@ class DPOLoss(DeltaLoss):
 
     Args:
         reference: the reference policy π_ref (the SFT model for Zephyr): a module, or a local directory or hub id
-            loaded as ``AutoModelForCausalLM`` (:func:`~lightning_delta._loading.load_model`). It is frozen and kept
+            loaded as ``AutoModelForCausalLM`` (:func:`~lightning_delta.sources.load_model`). It is frozen and kept
             in eval mode.
         beta: the DPO temperature β > 0.
         dtype: dtype for a reference loaded from a path.

@@ -315,7 +315,7 @@ def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule
     every planned tensor is scored from them; the budget and each candidate's cost against it."""
     model = module.model
     parameters = dict(model.named_parameters())
-    names = [name for name in delta_names(model, pre=pretrained, include=include, exclude=exclude) if name in parameters]
+    names = [name for name in delta_names(model, pretrained=pretrained, include=include, exclude=exclude) if name in parameters]
     statistics = gradient_statistics(module, model, [datamodule.val_dataloader()], names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics

@@ -144,7 +144,7 @@ def candidate_scores(
     """
     names, rows_first, rows_curvature, costs, stored, shapes = [], [], [], [], [], {}
     edits = [family.edit(value, seed) for value in values]
-    for name, delta in iter_delta(post, pre=pre, include=include, exclude=exclude):
+    for name, delta in iter_delta(post, pretrained=pre, include=include, exclude=exclude):
         if not family.applies(delta.shape) or name not in statistics.gradient:
             continue
         gradient, fisher = statistics.gradient[name].to(delta.device), statistics.fisher[name].to(delta.device)

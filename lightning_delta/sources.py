@@ -30,7 +30,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "tied_names"]
+__all__ = ["TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "model_directory", "resolve_hub_id",
+           "resolve_model_class", "resolve_model_path", "tied_names"]
 
 # Weight files of a Hugging Face model directory, in the order they are looked for. huggingface_hub names all but the
 # .bin index, which is the .bin file's name + ".index.json" (as transformers' WEIGHTS_INDEX_NAME; transformers itself
@@ -500,7 +501,7 @@ def model_directory(source: str | os.PathLike, extra_patterns: Iterable[str] = (
     return directory
 
 
-def _model_class(model_class: type | str | None, directory: Path) -> type:
+def resolve_model_class(model_class: type | str | None, directory: Path) -> type:
     """The class to call ``from_pretrained`` on: ``model_class`` (a class, or the name of one of transformers'), or
     the transformers class named in the directory's ``config.architectures`` (``AutoModel`` when transformers has no
     class by that name). Only transformers' own classes are named: remote code is never trusted."""
@@ -558,5 +559,5 @@ def load_model(
         )
     dtype = check_dtype(dtype)
     directory = model_directory(source)
-    model = _model_class(model_class, directory).from_pretrained(directory, dtype="auto" if dtype is None else dtype)
+    model = resolve_model_class(model_class, directory).from_pretrained(directory, dtype="auto" if dtype is None else dtype)
     return model.eval()
