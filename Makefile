@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements.lock
 
-.PHONY: setup test demo bench lock wheel-check clean
+.PHONY: setup test check demo bench lock wheel-check clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --doctest-modules lightning_delta tests
+
+# Lint, format and types: ruff over the repository, mypy over the package (their settings are in pyproject.toml).
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-delta demo
