@@ -395,7 +395,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         v = size["variants"]
         case = f"{size['size']} ({_fmt(size.get('parameters', 0) / 1e6)}M, {size['dtype']}, {size.get('tokens_per_point')} tok)"
 
-        def cell(variant: str, key: str, unit: str) -> str:
+        def cell(variant: str, key: str, unit: str, v: dict = v) -> str:
             entry = v.get(variant, {})
             return entry["error"][:40] if "error" in entry else f"{_fmt(entry.get(key))} {unit}"
 

@@ -74,7 +74,7 @@ class PeakMemory:
         self.device = device
         self.baseline = self.peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.startswith("cuda"):
             import torch

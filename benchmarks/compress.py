@@ -93,8 +93,13 @@ def sizes_and_times(root: Path, pre: Path, post: Path, rounds: int) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lightning_delta.compress import CompressedDelta, apply_compressed_, load_compressed, remove_compressed_
-    from lightning_delta.compress import save_compressed
+    from lightning_delta.compress import (
+        CompressedDelta,
+        apply_compressed_,
+        load_compressed,
+        remove_compressed_,
+        save_compressed,
+    )
     from lightning_delta.export import save_edited
 
     base_state = load_file(str(pre / "model.safetensors"))

@@ -261,7 +261,7 @@ def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"pair": str(pair.post_dir.parent.name), "threads": torch.get_num_threads(), "ranks": {}}
     for rank in spec.get("ranks", DEMO_RANKS):
         errors, excesses, shapes = [], [], set()
-        for name, delta in deltas.items():
+        for delta in deltas.values():
             if delta.dim() != 2 or rank >= min(delta.shape):
                 continue
             exact = _ours("lowrank", rank)(delta)

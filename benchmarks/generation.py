@@ -126,7 +126,7 @@ def measure(size: str, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
     cases = []
     for case, stops in (("no stop", []), ("answers end", [stop_string(tokenizer, reference)])):
         evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=new_tokens, stop_strings=stops)
-        evaluator.token_texts  # built once per evaluator, outside the timing
+        _ = evaluator.token_texts  # built once per evaluator, outside the timing
 
         def library(model_, batch_, tokenizer_, new_tokens_, evaluator=evaluator) -> list[list[int]]:
             return evaluator.generate_ids(model_, batch_).tolist()

@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 
-from benchmarks.common import MiB, ROOT, RESULT_MARKER, emit, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.common import RESULT_MARKER, ROOT, MiB, emit, peak_rss_bytes, reset_peak_rss, rss_bytes
 from benchmarks.riemann import MODEL_SIZES, build_batches, build_model
 from lightning_delta.estimate import estimate_memory, meta_model
 from lightning_delta.losses import CausalLMLoss

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -89,7 +90,7 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
           "Gauss / baseline | adaptive / baseline |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, make_edit in TABLE_EDITS.items():
-        def make_module() -> DeltaEditModule:
+        def make_module(make_edit: Callable[[], Any] = make_edit) -> DeltaEditModule:
             return DeltaEditModule(copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification")
 
         reference, _ = analyse(make_module, loader, rule="gauss", num_points=16)

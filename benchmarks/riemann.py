@@ -57,7 +57,7 @@ def build_model(size: str, dtype: torch.dtype, seed: int = 0, device: str = "cpu
     model = model.to_empty(device=device)  # no float32 copy on the way, no init work on the host
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.fill_(1.0)
             else:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MiB, ROOT, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.common import ROOT, MiB, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def process_main(out: str, devices: int, mode: str, size: str, pretrained: str, points: int) -> None:

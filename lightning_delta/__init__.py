@@ -50,12 +50,24 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
 
-if TYPE_CHECKING:
-    from lightning_delta import callbacks, datamodules, edits
-    from lightning_delta.callbacks import RiemannCallback, RiemannResult
-    from lightning_delta.delta import compute_delta, delta_names, iter_delta
-    from lightning_delta.export import apply_edit_, save_edited
-    from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, DPOLoss, LossOutput, build_loss
-    from lightning_delta.module import DeltaEditModule
-    from lightning_delta.parametrize import EditedModel
-    from lightning_delta.planning.plan import Plan, plan_edit
+if TYPE_CHECKING:  # the names for type checkers; `as` marks each as re-exported
+    from lightning_delta import callbacks as callbacks
+    from lightning_delta import datamodules as datamodules
+    from lightning_delta import edits as edits
+    from lightning_delta.callbacks import RiemannCallback as RiemannCallback
+    from lightning_delta.callbacks import RiemannResult as RiemannResult
+    from lightning_delta.delta import compute_delta as compute_delta
+    from lightning_delta.delta import delta_names as delta_names
+    from lightning_delta.delta import iter_delta as iter_delta
+    from lightning_delta.export import apply_edit_ as apply_edit_
+    from lightning_delta.export import save_edited as save_edited
+    from lightning_delta.losses import CausalLMLoss as CausalLMLoss
+    from lightning_delta.losses import ClassificationLoss as ClassificationLoss
+    from lightning_delta.losses import DeltaLoss as DeltaLoss
+    from lightning_delta.losses import DPOLoss as DPOLoss
+    from lightning_delta.losses import LossOutput as LossOutput
+    from lightning_delta.losses import build_loss as build_loss
+    from lightning_delta.module import DeltaEditModule as DeltaEditModule
+    from lightning_delta.parametrize import EditedModel as EditedModel
+    from lightning_delta.planning.plan import Plan as Plan
+    from lightning_delta.planning.plan import plan_edit as plan_edit

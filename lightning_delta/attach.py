@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta.sources import TensorSource
 from lightning_delta.delta import DeltaMatch, Patterns, Weights, load_tensors, match_tensors
 from lightning_delta.editing import Edit, edit_one, iter_edited
 from lightning_delta.handle import EditHandle
 from lightning_delta.parametrize import EditedModel, check_E_dtype, stored_dtype
 from lightning_delta.sharded import ShardedEditedModel, local_rows, sharded_parameters
+from lightning_delta.sources import TensorSource
 
 __all__ = ["RecomputedE", "attach_edit", "edit_differences"]
 

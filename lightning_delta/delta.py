@@ -31,13 +31,13 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_delta.sources import TensorSource, format_names, load_tensors, tied_names
 from lightning_delta.edits.base import CHUNK_NUMEL
+from lightning_delta.sources import TensorSource, format_names, load_tensors, tied_names
 
 __all__ = [
     "DeltaMatch",
@@ -190,6 +190,7 @@ def match_tensors(
             continue
         if pre_name is None or post_name is None:
             present, present_name = (post, post_name) if pre_name is None else (pre, pre_name)
+            assert present_name is not None, "every name in `order` is held by post or pre"
             if not present.dtype(present_name).is_floating_point or present.canonical(present_name) != name:
                 continue  # integer buffers and aliases of tied tensors need no counterpart
             (missing_in_pre if pre_name is None else missing_in_post).append(name)

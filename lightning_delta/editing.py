@@ -12,13 +12,12 @@ tensors), *edited* is ``F(ΔW)``, and ``E = F(ΔW) − ΔW`` is what the model m
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lightning_delta.sources import TensorSource, format_names
 from lightning_delta.delta import (
     DeltaMatch,
     PairChecks,
@@ -35,12 +34,23 @@ from lightning_delta.delta import (
     read_pair,
     read_pre,
 )
-from lightning_delta.edits import EDITS, DeltaEdit
+from lightning_delta.edits import EDITS
 from lightning_delta.sharded import gather_rows, row_range
+from lightning_delta.sources import TensorSource, format_names
 
-__all__ = ["EditedTensor", "check_edit", "check_edited", "edit_delta", "edit_one", "iter_edited"]
+__all__ = ["EditOperation", "EditedTensor", "check_edit", "check_edited", "edit_delta", "edit_one", "iter_edited"]
 
-Edit = DeltaEdit | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
+
+class EditOperation(Protocol):
+    """An editing operation F: what :func:`check_edit` accepts as one (every :class:`~lightning_delta.edits.DeltaEdit`
+    is one)."""
+
+    def edit_tensor(self, name: str, delta: Tensor, gradient: Tensor | None = None) -> Tensor:
+        """``F(ΔW)`` for one tensor."""
+        ...
+
+
+Edit = EditOperation | Mapping[str, Tensor]  # F, or name -> E = F(ΔW) − ΔW
 
 
 class EditedTensor(NamedTuple):
@@ -202,8 +212,9 @@ def edit_one(
     """
     shard = post.sharded(match.post_name) if w_post is None else None
     rows = None if shard is None or device is not None else row_range(shard)
+    w_pre: Tensor | None  # None once let go (keep_pre=False)
     with torch.no_grad():
-        if rows is not None:
+        if shard is not None and rows is not None:
             w_post, w_pre, delta = _read_rows(match, post, pre, shard, rows)
         else:
             if w_post is None:

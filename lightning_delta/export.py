@@ -14,15 +14,15 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from lightning_delta.sources import check_dtype, format_names, load_model, model_directory
 from lightning_delta.delta import Patterns, Weights
 from lightning_delta.editing import Edit, iter_edited
 from lightning_delta.edits import PerTensor
+from lightning_delta.sources import SavesPretrained, check_dtype, format_names, load_model, model_directory
 
 __all__ = ["apply_edit_", "save_edited"]
 
@@ -110,6 +110,7 @@ def apply_edit_(
         # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype. On a model
         # sharded by FSDP2, w_pre and w_post are this process's rows, written in place.
         edited = item.edited if item.rows is None else item.edited[item.rows[0]:item.rows[1]]
+        assert item.w_pre is not None, "iter_edited keeps W_pre"
         item.w_post.copy_(item.w_pre.to(item.delta.dtype) + edited.to(item.delta))
     return model
 
@@ -213,7 +214,7 @@ def save_edited(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_sibling(target, "tmp")
     try:
-        loaded.save_pretrained(staging, **save_kwargs)
+        cast(SavesPretrained, loaded).save_pretrained(staging, **save_kwargs)  # checked above, or from_pretrained's
         if isinstance(edit, PerTensor):
             (staging / PER_TENSOR_FILE).write_text(json.dumps(edit.config(), indent=2) + "\n")
         if source_dir is not None:

@@ -42,7 +42,7 @@ def gradient_pass(
     model: nn.Module,
     names: Sequence[str],
     batches: Iterable[tuple[int, Any]],
-    add: Callable[[str, Tensor], None],
+    add: Callable[[str, Tensor], object],
     before_backward: Callable[[LossOutput], None],
 ) -> None:
     """Forward and backward of ``target``'s summed loss on each ``(batch_idx, batch)``, with gradients for the
@@ -60,6 +60,7 @@ def gradient_pass(
     def hand_on(name: str) -> Callable[[Tensor], None]:
         def hook(parameter: Tensor) -> None:  # FSDP2 calls it too, with this process's rows after reduce-scatter
             grad = parameter.grad
+            assert grad is not None, "autograd has just accumulated it"
             add(name, grad.to_local() if is_sharded(grad) else grad)
             parameter.grad = None
 
@@ -98,7 +99,6 @@ def gradients_at_post(
     """
     parameters = dict(model.named_parameters())
     names = names if names is not None else list(parameters)
-    sharded = [name for name in names if is_sharded(parameters[name])]
     sums = {name: accumulation_zeros(parameters[name]) for name in names}
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -114,10 +114,10 @@ def gradients_at_post(
     gradient_pass(target, model, names, batches, lambda name, grad: sums[name].add_(grad), add_count)
     count = trainer.strategy.reduce(count, reduce_op="sum")
     factors = gradient_divide_factors(model)
-    gradients = {}
+    gradients: dict[str, Tensor] = {}
     for name, total in sums.items():
-        if name in sharded:  # FSDP has summed it over processes and divided by its factor
-            parameter = parameters[name]
+        parameter = parameters[name]
+        if is_sharded(parameter):  # FSDP has summed it over processes and divided by its factor
             rows = total * (factors.get(id(parameter), 1.0) / count.to(total.dtype))
             gradients[name] = DTensor.from_local(rows, parameter.device_mesh, parameter.placements,
                                                  shape=parameter.shape, stride=parameter.stride())

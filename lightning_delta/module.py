@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_delta.sources import load_model
 from lightning_delta.attach import attach_edit
 from lightning_delta.editing import Edit, check_edit
 from lightning_delta.gradients import gradients_at_post
@@ -19,6 +18,7 @@ from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, 
 from lightning_delta.metrics import RatioOfSums
 from lightning_delta.parametrize import check_E_dtype
 from lightning_delta.sharded import check_strategy, shard_model, sharded_parameters
+from lightning_delta.sources import SavesPretrained, load_model
 
 __all__ = ["DeltaEditModule"]
 
@@ -220,20 +220,25 @@ class DeltaEditModule(pl.LightningModule):
             given = self.accuracy_post_given
             self.log("accuracy/post", self.accuracy_post if given is None else given, batch_size=1)
             self.log("accuracy/edit", self.accuracy_edit, batch_size=1)
-            for key, metric in self.named_accuracies.items():
+            for key in self.named_accuracies:
                 when, name = key.split(":", 1)
                 if when == "edit" or given is None:
-                    self.log(f"accuracy/{when}/{name}", metric, batch_size=1)
+                    self.log(f"accuracy/{when}/{name}", self._named_accuracy(key), batch_size=1)
 
     def count_correct(self, batch: Any, when: str) -> tuple[Tensor, Tensor]:
         """The evaluator's ``(correct, total)`` on ``batch``; for an evaluator with ``accuracy_names``, each name's
         counts go to its own metric (logged as ``accuracy/<post|edit>/<name>``) and the first name's are returned."""
+        assert self.evaluator is not None, "the accuracy is counted only with an evaluator"
         counts = self.evaluator(self.model, batch)
         if not isinstance(counts, Mapping):
             return counts
         for name, pair in counts.items():
-            self.named_accuracies[f"{when}:{name}"].update(*pair)
+            self._named_accuracy(f"{when}:{name}").update(*pair)
         return next(iter(counts.values()))
+
+    def _named_accuracy(self, key: str) -> RatioOfSums:
+        """The metric of ``named_accuracies[key]`` (``"<post|edit>:<name>"``)."""
+        return cast(RatioOfSums, self.named_accuracies[key])  # the ModuleDict holds RatioOfSums only
 
     def materialize(self, t: float = 1.0) -> nn.Module:
         """The model with ``W_post + t·E`` written into plain weights (ready for ``save_pretrained``)."""
@@ -243,4 +248,4 @@ class DeltaEditModule(pl.LightningModule):
 
     def save_pretrained(self, directory: str, t: float = 1.0, **kwargs: Any) -> None:
         """Materialise at ``t`` and save with Hugging Face's ``save_pretrained`` (safetensors)."""
-        self.materialize(t).save_pretrained(directory, **kwargs)
+        cast(SavesPretrained, self.materialize(t)).save_pretrained(directory, **kwargs)  # as from_pretrained gave it

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal, Protocol, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ from torch.nn.utils import parametrize
 from lightning_delta.delta import check_tied_targets, load_tensors
 from lightning_delta.padding import true_embedding_gradients
 
-__all__ = ["EditParametrization", "EditedModel"]
+__all__ = ["EditParametrization", "EditedModel", "OnTheFlyE"]
 
 
 # Entries per float32 dot: a chunk's sum is accumulated by BLAS in float32, the chunk sums in float64. Small enough
@@ -121,6 +122,8 @@ class EditParametrization(nn.Module):
         device: where ``t`` lives when ``E`` is not kept.
     """
 
+    E: Tensor | None  # a buffer: None exactly when ``recompute`` is given
+
     def __init__(self, E: Tensor | None, recompute: Callable[[Tensor], Tensor] | None = None,
                  device: torch.device | None = None) -> None:
         super().__init__()
@@ -140,14 +143,27 @@ class EditParametrization(nn.Module):
 
     def difference(self, original: Tensor) -> Tensor:
         """``E``: the kept tensor, or made now from ``original`` (W_post)."""
-        return self.E if self.recompute is None else self.recompute(original)
+        if self.recompute is not None:
+            return self.recompute(original)
+        assert self.E is not None, "E is kept when it is not made again"
+        return self.E
 
     def rebuild(self, original: Tensor, t: float) -> Tensor:
         with torch.no_grad():
             return torch.add(original, self.difference(original), alpha=t).to(original.dtype)
 
 
-E_DTYPES = ("float32", "model", "on_the_fly")
+EDtype = Literal["float32", "model", "on_the_fly"]
+E_DTYPES: tuple[str, ...] = get_args(EDtype)
+
+
+class OnTheFlyE(Protocol):
+    """``E`` of one tensor, not kept but made from W_post at each call (:class:`~lightning_delta.attach.RecomputedE`);
+    ``shape`` is the tensor's."""
+
+    shape: torch.Size
+
+    def __call__(self, w_post: Tensor, /) -> Tensor: ...
 
 
 def check_E_dtype(E_dtype: str) -> str:  # noqa: N802, N803
@@ -179,7 +195,8 @@ class EditedModel:
 
     Args:
         model: the post-trained model; its tensors are W_post.
-        E: tensor name (as in ``model.state_dict()``) to its ``E = F(ΔW) − ΔW``.
+        E: tensor name (as in ``model.state_dict()``) to its ``E = F(ΔW) − ΔW``, or to what makes it from W_post
+            (:class:`OnTheFlyE`, under ``E_dtype="on_the_fly"``).
         aliases: a tensor name to the other names under which the same tensor is tied (an embedding and an
             LM head); by default found from the model. A tied tensor is edited once: all its modules share one
             parametrization.
@@ -206,7 +223,7 @@ class EditedModel:
     def __init__(
         self,
         model: nn.Module,
-        E: Mapping[str, Tensor],
+        E: Mapping[str, Tensor | OnTheFlyE],
         aliases: Mapping[str, Sequence[str]] | None = None,
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
     ) -> None:
@@ -216,7 +233,7 @@ class EditedModel:
         self.names: list[str] = sorted(E)
         self.parametrizations: dict[str, EditParametrization] = {}
         self._owners: dict[str, list[tuple[nn.Module, str]]] = {}
-        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
         source = load_tensors(model)  # its names, grouped by tied tensor
         aliases = aliases if aliases is not None else source.tied
@@ -238,7 +255,7 @@ class EditedModel:
     def _register(
         self,
         model: nn.Module,
-        E: Mapping[str, Tensor],
+        E: Mapping[str, Tensor | OnTheFlyE],
         tensors: Mapping[str, Tensor],
         aliases: Mapping[str, Sequence[str]],
     ) -> None:
@@ -271,7 +288,8 @@ class EditedModel:
     def original(self, name: str) -> Tensor:
         """W_post of tensor ``name``."""
         module, attr = self._owners[name][0]
-        return module.parametrizations[attr].original
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)  # what register_parametrization added
+        return cast(parametrize.ParametrizationList, parametrizations[attr]).original
 
     def E(self, name: str) -> Tensor:  # noqa: N802 (the paper's name)
         """``E = F(ΔW) − ΔW`` of tensor ``name`` (made now when it is not kept)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +55,7 @@ def check_strategy(strategy: object) -> None:
         )
 
 
-def is_sharded(tensor: Tensor) -> bool:
+def is_sharded(tensor: Tensor) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2 or tensor parallelism)."""
     return isinstance(tensor, DTensor)
 
@@ -185,8 +186,8 @@ class ShardedEditedModel:
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for parameter in self._parameters.values():
-            parameter.requires_grad_(True)
+        for shard in self._parameters.values():
+            shard.requires_grad_(True)
         # FSDP2 calls these right after it has reduce-scattered a block's gradients: the rows of ∇W are turned into
         # the inner product and freed then, so no edited tensor's gradient outlives its block's backward.
         self._hooks = [parameter.register_post_accumulate_grad_hook(self._take_inner_product(name))
@@ -199,7 +200,9 @@ class ShardedEditedModel:
 
     def _take_inner_product(self, name: str):
         def hook(parameter: DTensor) -> None:
-            self._inner[name] += inner_product(parameter.grad.to_local(), self._E[name]) * self._factors[name]
+            grad = parameter.grad
+            assert isinstance(grad, DTensor), "FSDP2 calls the hook with the reduce-scattered rows of ∇W"
+            self._inner[name] += inner_product(grad.to_local(), self._E[name]) * self._factors[name]
             parameter.grad = None
 
         return hook

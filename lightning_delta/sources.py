@@ -22,7 +22,7 @@ import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from huggingface_hub.constants import CONFIG_NAME, PYTORCH_WEIGHTS_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
@@ -30,7 +30,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "model_directory", "resolve_hub_id",
+__all__ = ["ModelClass", "SavesPretrained", "TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "model_directory", "resolve_hub_id",
            "resolve_model_class", "resolve_model_path", "tied_names"]
 
 # Weight files of a Hugging Face model directory, in the order they are looked for. huggingface_hub names all but the
@@ -187,6 +187,7 @@ def tied_names(module: nn.Module | Mapping[str, Tensor]) -> dict[str, list[str]]
         >>> tied_names(model)
         {'a.weight': ['b.weight'], 'a.bias': ['b.bias']}
     """
+    state: Mapping[str, Tensor]
     if isinstance(module, nn.Module):
         state = module.state_dict()
     elif isinstance(module, Mapping):
@@ -501,14 +502,27 @@ def model_directory(source: str | os.PathLike, extra_patterns: Iterable[str] = (
     return directory
 
 
-def resolve_model_class(model_class: type | str | None, directory: Path) -> type:
+class ModelClass(Protocol):
+    """A class that loads models with ``from_pretrained``, as transformers' model classes and auto classes do (what
+    :func:`resolve_model_class` gives)."""
+
+    def from_pretrained(self, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class SavesPretrained(Protocol):
+    """A model that writes itself in Hugging Face format with ``save_pretrained`` (a transformers model)."""
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...
+
+
+def resolve_model_class(model_class: type | str | None, directory: Path) -> ModelClass:
     """The class to call ``from_pretrained`` on: ``model_class`` (a class, or the name of one of transformers'), or
     the transformers class named in the directory's ``config.architectures`` (``AutoModel`` when transformers has no
     class by that name). Only transformers' own classes are named: remote code is never trusted."""
     import transformers  # here, not at the top: reading and differencing weights never needs it
 
     if isinstance(model_class, type):
-        return model_class
+        return cast(ModelClass, model_class)  # the caller's class: its from_pretrained is called as given
     if isinstance(model_class, str):
         found = getattr(transformers, model_class, None)
         if not isinstance(found, type) or not callable(getattr(found, "from_pretrained", None)):
@@ -516,7 +530,7 @@ def resolve_model_class(model_class: type | str | None, directory: Path) -> type
                 f"model_class must be a model class or the name of one of transformers' (e.g. 'AutoModelForCausalLM',"
                 f" 'CLIPModel'), got {model_class!r}."
             )
-        return found
+        return cast(ModelClass, found)  # checked above: it has from_pretrained
     if model_class is not None:
         raise ValueError(f"model_class must be a class, a class name or None, got {type(model_class).__name__}.")
     try:

@@ -154,30 +154,31 @@ def training_step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -
     return LossOutput(loss.to(torch.float64) * size, torch.tensor(size, dtype=torch.float64))
 
 
-class _Unsplittable(Exception):
+class _UnsplittableError(Exception):
     pass
 
 
 def _split_batch(batch: Any, size: int, start: int, stop: int) -> Any:
     """Examples ``start:stop`` of a batch of ``size``: tensors and per-example lists are sliced along their first
-    dimension, scalars kept; anything else raises :class:`_Unsplittable`."""
+    dimension, scalars kept; anything else raises :class:`_UnsplittableError`."""
     if isinstance(batch, Tensor):
         if batch.ndim == 0:
             return batch
         if batch.shape[0] != size:
-            raise _Unsplittable
+            raise _UnsplittableError
         return batch[start:stop]
     if isinstance(batch, Mapping):
-        return type(batch)({key: _split_batch(value, size, start, stop) for key, value in batch.items()})
+        split = {key: _split_batch(value, size, start, stop) for key, value in batch.items()}
+        return type(batch)(split)  # type: ignore[call-arg]  # the batch's mapping class (dict, BatchEncoding)
     if isinstance(batch, (list, tuple)):
         if batch and all(isinstance(item, (str, int, float, bool)) for item in batch):
             if len(batch) != size:
-                raise _Unsplittable
+                raise _UnsplittableError
             return type(batch)(batch[start:stop])  # one entry per example (e.g. the answers' texts)
         return type(batch)(_split_batch(item, size, start, stop) for item in batch)
     if batch is None or isinstance(batch, (str, int, float, bool)):
         return batch
-    raise _Unsplittable
+    raise _UnsplittableError
 
 
 def warn_if_batch_sum(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> bool:
@@ -193,7 +194,7 @@ def warn_if_batch_sum(module: pl.LightningModule, batch: Any, batch_idx: int = 0
     try:
         size = int(extract_batch_size(batch))
         halves = [_split_batch(batch, size, 0, size // 2), _split_batch(batch, size, size // 2, size)]
-    except (_Unsplittable, RecursionError, ValueError, TypeError):
+    except (_UnsplittableError, RecursionError, ValueError, TypeError):
         return False
     if size < 2:
         return False
@@ -216,4 +217,7 @@ def warn_if_batch_sum(module: pl.LightningModule, batch: Any, batch_idx: int = 0
 
 def _step_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> Tensor:
     output = module.training_step(batch, batch_idx)
-    return output["loss"] if isinstance(output, Mapping) else output
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if loss is None:
+        raise TypeError(f"{type(module).__name__}.training_step returned no loss.")
+    return loss

@@ -5,6 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lightning_delta.edits import DeltaEdit
 
 __all__ = ["check_edit_argument"]
 
@@ -43,7 +47,7 @@ def check_edit_argument(argv: Sequence[str]) -> None:
         return
     from lightning_delta.edits import edit_class
 
-    current: type | None = None
+    current: type[DeltaEdit] | None = None
     chosen = False  # whether an --edit NAME came before
     for index, (option, value) in enumerate(options):
         if option in ("--edit", "--edit.class_path") or (option == "--edit.help" and value is not None):

@@ -74,13 +74,13 @@ def fingerprint(files: Sequence[str]) -> dict[str, Any]:
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode() + b"\0" + _help_source(root / name, name) + b"\0")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in HELP_PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"python": "%d.%d" % sys.version_info[:2], "packages": versions, "files": list(files),
+    return {"python": "{}.{}".format(*sys.version_info[:2]), "packages": versions, "files": list(files),
             "sources": digest.hexdigest()}
 
 
@@ -115,11 +115,12 @@ def help_cache_dir() -> Path:
 def imported_package_files() -> list[str]:
     """The package modules imported so far, as paths relative to the package: what a help just made was made from."""
     root = PACKAGE_ROOT
-    return sorted(
-        Path(module.__file__).resolve().relative_to(root).as_posix()
+    files = (
+        getattr(module, "__file__", None)
         for name, module in list(sys.modules.items())
-        if name.startswith("lightning_delta") and name != "lightning_delta.cli._help" and getattr(module, "__file__", None)
+        if name.startswith("lightning_delta") and name != "lightning_delta.cli._help"
     )
+    return sorted(Path(file).resolve().relative_to(root).as_posix() for file in files if file)
 
 
 def _cached_help(command: str) -> str | None:

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from lightning_delta.edits import EDITS
 
 __all__ = ["EVALUATOR_HELP", "LOSS_HELP", "SWEEP_DESCRIPTION", "VALIDATE_DESCRIPTION", "HelpFormatter", "data_help",
-           "edit_help", "listing", "summary"]
+           "edit_help", "hide_from_help", "listing", "summary"]
 
 VALIDATE_DESCRIPTION = (
     "One Riemann analysis: the post-trained model (--model.model), the pre-trained weights (--model.pretrained), the "
@@ -50,7 +50,7 @@ def summary(obj: Any) -> str:
 def _library_subclasses(base: type) -> list[type]:
     """The imported subclasses of ``base`` that this library's public modules define, in definition order."""
     found: list[type] = []
-    todo = list(base.__subclasses__())
+    todo: list[type] = list(base.__subclasses__())
     while todo:
         cls = todo.pop(0)
         public = not any(part.startswith("_") for part in cls.__module__.split("."))
@@ -84,8 +84,8 @@ def edit_help() -> str:
 class HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help, with three changes: a help text's ``\n- `` lines stay lines; such a list of the
     library's classes replaces jsonargparse's list of known subclasses, as does nothing for a ``torch.nn.Module``
-    or ``torch.Tensor`` (every imported module class of torch and transformers); arguments marked
-    ``hidden_from_help`` are left out."""
+    or ``torch.Tensor`` (every imported module class of torch and transformers); arguments marked by
+    :func:`hide_from_help` are left out."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = super()._get_help_string(action)
@@ -112,7 +112,15 @@ class HelpFormatter(DefaultHelpFormatter):
         return lines
 
 
+_HIDDEN_FROM_HELP = "hidden_from_help"  # the attribute of an argparse.Action that hide_from_help sets
+
+
+def hide_from_help(action: argparse.Action) -> None:
+    """Leave ``action`` out of the help, still parsed and dumped: argparse's ``help=SUPPRESS`` would also leave it out
+    of jsonargparse's dumps."""
+    setattr(action, _HIDDEN_FROM_HELP, True)
+
+
 def _hidden(action: argparse.Action) -> bool:
-    """Whether ``action`` is parsed and dumped but left out of the help (``action.hidden_from_help``): argparse's
-    ``help=SUPPRESS`` would also leave it out of jsonargparse's dumps."""
-    return getattr(action, "hidden_from_help", False)
+    """Whether ``action`` is parsed and dumped but left out of the help (:func:`hide_from_help`)."""
+    return bool(getattr(action, _HIDDEN_FROM_HELP, False))

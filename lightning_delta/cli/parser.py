@@ -35,6 +35,7 @@ from lightning_delta.cli.help_format import (
     HelpFormatter,
     data_help,
     edit_help,
+    hide_from_help,
     listing,
     summary,
 )
@@ -42,7 +43,7 @@ from lightning_delta.datamodules import GSM8KEvaluator
 from lightning_delta.edits import DeltaEdit
 from lightning_delta.losses import LOSSES, DeltaLoss
 from lightning_delta.module import DeltaEditModule
-from lightning_delta.parametrize import E_DTYPES
+from lightning_delta.parametrize import EDtype
 from lightning_delta.sweep.rows import dataset_label
 
 __all__ = ["TRAINER_DEFAULTS", "DeltaCLI", "PointInputs", "delta_edit_module", "run_directory"]
@@ -70,8 +71,7 @@ def _quiet_args_warning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         yield
 
-LossName = Literal[tuple(LOSSES)]  # "causal_lm", "classification", "dpo"
-EDtype = Literal[E_DTYPES]  # "float32", "model"
+LossName = Literal["causal_lm", "classification", "dpo"]  # the names of LOSSES (a test keeps them the same)
 
 
 def delta_edit_module(
@@ -203,14 +203,14 @@ class DeltaCLI(LightningCLI):
                              if key != "callbacks"})
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_subclass_arguments(LightningDataModule, "data", fail_untyped=False, required=True, help=data_help())
-        parser.groups["data"].title = "The data: a LightningDataModule"
-        parser.groups["model"].title = "The model: W_post, W_pre, the loss, the edited tensors, the accuracy"
+        _set_title(parser, "data", "The data: a LightningDataModule")
+        _set_title(parser, "model", "The model: W_post, W_pre, the loss, the edited tensors, the accuracy")
         _set_help(parser, "model.loss", _loss_help())
         _set_help(parser, "model.evaluator", EVALUATOR_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(DeltaEdit, "edit", required=True, help=edit_help())
-        parser.groups["edit"].title = "The edit F: W_pre + F(ΔW) replaces W_post"
+        _set_title(parser, "edit", "The edit F: W_pre + F(ΔW) replaces W_post")
         parser.link_arguments("edit", "model.edit", apply_on="instantiate")
         parser.callback_keys.append("riemann")  # what add_lightning_class_args does, with the arguments above skipped
         parser.add_class_arguments(RiemannCallback, "riemann", fail_untyped=False, sub_configs=True, skip=_RIEMANN_SKIP)
@@ -236,12 +236,12 @@ class DeltaCLI(LightningCLI):
         ]
         if self._validate_parser:
             for action in sweep_arguments:
-                action.hidden_from_help = True
+                hide_from_help(action)
         else:  # sweep reads what validate --print_config printed: trainer.validate's own keys are accepted, ignored
             added = parser.add_method_arguments(self.trainer_class, "validate", skip=self.subcommands()["validate"])
             for action in parser._actions:
                 if action.dest in added:
-                    action.hidden_from_help = True
+                    hide_from_help(action)
 
     def instantiate_classes(self) -> None:
         if self._instantiate:
@@ -277,7 +277,8 @@ class DeltaCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def riemann_callback(self) -> RiemannCallback:
-        return next(callback for callback in self.trainer.callbacks if isinstance(callback, RiemannCallback))
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # Trainer.__init__ sets it, undeclared
+        return next(callback for callback in callbacks if isinstance(callback, RiemannCallback))
 
     def after_validate(self) -> None:
         """Print the result as a short table (global rank 0), with where it was written."""
@@ -292,6 +293,12 @@ class DeltaCLI(LightningCLI):
             written = max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
         data = self.config.get("validate", self.config).get("data") or {}
         print(callback.result.table(dataset=_data_label(data), written=written), flush=True)
+
+
+def _set_title(parser: LightningArgumentParser, group: str, title: str) -> None:
+    """Set the title of the argument group ``group`` (one that adding a class's arguments made)."""
+    assert parser.groups is not None, "the parser has argument groups once a class's arguments are added"
+    parser.groups[group].title = title
 
 
 def _set_help(parser: LightningArgumentParser, dest: str, text: str) -> None:

@@ -29,20 +29,23 @@ from lightning_delta.sources import resolve_model_class
 __all__ = ["write_adapter"]
 
 
-def _module_types(post: Any, names: list[str]) -> dict[str, str] | None:
+def _module_types(post: Any, names: list[str]) -> dict[str, str] | str:
     """``"linear"``, ``"embedding"`` or ``"other"`` for the module of each tensor name, from the model itself or,
-    for a model directory, from its config (the model is built on the meta device: no weight is allocated); None
-    when ``post`` names no model architecture (a state dict or a bare safetensors file)."""
+    for a model directory, from its config (the model is built on the meta device: no weight is allocated); else why
+    the architecture is unknown (a state dict, a bare safetensors file, a config that names no model class)."""
     if isinstance(post, nn.Module):
         model = post
     elif isinstance(post, (str, os.PathLike)) and (Path(post) / "config.json").is_file():
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(post)
+        model_class = resolve_model_class(None, Path(post))
+        if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+            return "the post-trained model's config.json names no transformers model class in `architectures`"
         with torch.device("meta"):
-            model = resolve_model_class(None, Path(post))._from_config(config)
+            model = model_class._from_config(config)
     else:
-        return None
+        return "the post-trained model was given without its architecture (no config.json)"
     kinds = {}
     for name in names:
         module_name, _, parameter = name.rpartition(".")
@@ -65,9 +68,8 @@ def write_adapter(directory: Path, post: Any, factors: dict[str, tuple[Tensor, T
     from safetensors.torch import save_file
 
     kinds = _module_types(post, list(factors))
-    if kinds is None:
-        return {"directory": None, "left_out": sorted(factors),
-                "why": "the post-trained model was given without its architecture (no config.json)"}
+    if isinstance(kinds, str):
+        return {"directory": None, "left_out": sorted(factors), "why": kinds}
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for name, (left, right) in factors.items():

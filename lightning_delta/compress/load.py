@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_delta.sources import format_names, load_model
 from lightning_delta.compress import forms
 from lightning_delta.compress.save import FORMAT, HEADER_FILE, VERSION
 from lightning_delta.delta import TensorSource, Weights, load_tensors
+from lightning_delta.sources import format_names, load_model
 
 __all__ = ["CompressedDelta", "apply_compressed_", "load_compressed", "read_header", "remove_compressed_"]
 

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_delta.compress import forms
+from lightning_delta.compress.adapter import write_adapter
 from lightning_delta.delta import Patterns, Weights, match_tensors, open_pair, read_pair
 from lightning_delta.editing import Edit, iter_edited
 from lightning_delta.edits import DARE, DELLA, BitDelta, DeltaEdit, LowRank, MagnitudePrune, PerTensor
 from lightning_delta.edits.lowrank import factor_product
-from lightning_delta.compress import forms
-from lightning_delta.compress.adapter import write_adapter
 from lightning_delta.export import _check_output_dir, _inside, _move_into_place, _new_sibling, _same_path
 
 __all__ = ["FORMAT", "HEADER_FILE", "VERSION", "as_edit", "save_compressed"]
@@ -98,6 +98,7 @@ def _encode(name: str, edited: Tensor, form: str, factors: tuple[Tensor, Tensor]
     if factors is not None:
         record, parts = forms.encode_factors(*factors)
     elif form == "signs":
+        assert isinstance(edit, BitDelta), "the signs form is BitDelta's (_form_of)"
         encoded = forms.encode_signs(edited, edit.num_blocks)
         record, parts = encoded if encoded is not None else forms.encode_dense(edited)
     elif form == "sparse":
@@ -240,7 +241,7 @@ def save_compressed(
                 used = recording.used if recording is not None else None
                 factors = recording.factors if recording is not None else None
                 record, parts = _encode(item.name, item.edited, _form_of(used, item.edited.numel()), factors, used)
-                if record["form"] == "factors":
+                if factors is not None and record["form"] == "factors":
                     low_rank[item.name] = factors
                 records[item.name] = _finish(record, parts, writer)
             if include is not None or exclude is not None:

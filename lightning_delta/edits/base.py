@@ -244,7 +244,7 @@ class DeltaEdit:
     name: ClassVar[str]
     label: ClassVar[str]  # how figures and tables name the edit: "DARE", "BitDelta", "EXPO"
     reference: ClassVar[str]  # where the paper (or the edit's own paper) defines it
-    needs_gradients: ClassVar[bool] = False
+    needs_gradients: bool = False  # a class attribute; PerTensor sets it per instance, from its edits
     randomised: ClassVar[bool] = False  # draws random numbers from `seed`: its results vary with the seed
     shown: ClassVar[tuple[str, ...] | None] = None  # the arguments labels and tables show; None: all but `seed`
     hidden_at: ClassVar[Mapping[str, Any]] = {}  # shown arguments a label leaves out at these values

@@ -259,18 +259,16 @@ def quantize_magnitudes(
     for part in flat_chunks(n):
         work = flat[part].to(dtype)
         index = _block_index(work.abs(), thresholds)
-        if index is None:  # one block: 0-d statistics broadcast
-            block_mean, block_std = means[0], stds[0]
-        else:
+        if index is not None:
             index = index.to(torch.int32)
-            block_mean = means.index_select(0, index)
-            block_std = stds.index_select(0, index) if magnitudes == "normal" else None
+        block_mean = means[0] if index is None else means.index_select(0, index)  # one block: 0-d, broadcast
         if magnitudes == "mean":
             magnitude = block_mean
         elif magnitudes == "uniform":
             draws = torch.rand(work.shape, generator=generator, device=work.device, dtype=dtype)
             magnitude = draws.mul_(2.0 * block_mean)
         else:
+            block_std = stds[0] if index is None else stds.index_select(0, index)
             draws = torch.randn(work.shape, generator=generator, device=work.device, dtype=dtype)
             magnitude = draws.mul_(block_std).add_(block_mean).clamp_min_(0.0)
         signs = torch.sign(work)

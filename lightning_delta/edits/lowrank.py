@@ -43,7 +43,7 @@ MIN_OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 
 
-def resolve_rank(shape: tuple[int, int], rank: int | None, fraction: float | None) -> int:
+def resolve_rank(shape: tuple[int, ...], rank: int | None, fraction: float | None) -> int:
     """The number of singular values kept for a ``(d, k)`` matrix: ``rank``, or ``ceil(fraction·min(d, k))``
     (at least 1; the product is first rounded to 9 decimals so that ``0.7·10`` gives 7, not 8).
 
@@ -53,6 +53,8 @@ def resolve_rank(shape: tuple[int, int], rank: int | None, fraction: float | Non
     """
     if rank is not None:
         return rank
+    if fraction is None:
+        raise ValueError("resolve_rank: give `rank` or `fraction`, got neither.")
     return max(1, math.ceil(round(fraction * min(shape), 9)))
 
 
@@ -149,13 +151,12 @@ def low_rank_factors(
     """
     matrix = delta.detach().to(output_dtype(delta))
     use_randomized = method == "randomized" and _sketch_width(rank, min(matrix.shape)) < min(matrix.shape)
-    if use_randomized and generator is None:
-        generator = torch.Generator(device=delta.device)
     # On CPU, LAPACK and large matrix products differ in the last bits between thread counts: one thread keeps the
     # result bit-identical whatever torch.get_num_threads() is (see single_threaded).
     with single_threaded() if matrix.device.type == "cpu" else nullcontext():
         if use_randomized:
-            u, s, vh = randomized_svd(matrix, rank, generator)
+            own = generator if generator is not None else torch.Generator(device=delta.device)
+            u, s, vh = randomized_svd(matrix, rank, own)
         else:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
             u, s, vh = u[:, :rank], s[:rank], vh[:rank]

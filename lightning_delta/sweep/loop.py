@@ -44,7 +44,8 @@ def make_points(
 ) -> list[SweepPoint]:
     """The sweep's points: ``base`` with each grid point's overrides, passed through ``normalize`` (the parser, which
     fills in defaults so that spelling a default out does not change the key). Points with equal keys are merged."""
-    points, seen = [], set()
+    points: list[SweepPoint] = []
+    seen: set[str] = set()
     for overrides in expand_grid(grid):
         config = apply_overrides(base, overrides)
         if normalize is not None:

@@ -148,11 +148,11 @@ def iter_rows(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterato
     Raises:
         FileNotFoundError: naming every path that is not an existing file, before any row is read.
     """
-    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(path) for path in paths]
-    missing = [str(path) for path in paths if not path.is_file()]
+    files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(path) for path in paths]
+    missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(
             f"No results file at {', '.join(missing)}: check the path, or write it with `lightning-delta sweep` "
             "(its --sweep.results) first."
         )
-    return (row for path in paths for row in ResultsFile(path).rows())
+    return (row for path in files for row in ResultsFile(path).rows())

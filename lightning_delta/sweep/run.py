@@ -108,7 +108,7 @@ def _parse_problem(error: Exception) -> str:
 def check_point(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """Build a parsed point's edit and RiemannCallback (cheap: no model, no data), so that a value they refuse is
     found before any point runs; ``overrides`` name the point in the error."""
-    sections = {"edit": config.get("edit"), "riemann": {"class_path": f"{RiemannCallback.__module__}.RiemannCallback",
+    sections: dict[str, Any] = {"edit": config.get("edit"), "riemann": {"class_path": f"{RiemannCallback.__module__}.RiemannCallback",
                                                          "init_args": config.get("riemann") or {}}}
     for name, section in sections.items():
         if not isinstance(section, Mapping) or "class_path" not in section:
@@ -145,16 +145,18 @@ def run_point(cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = Non
     earlier points that share them (:class:`SweepReuse`).
     """
     started = time.time()
-    live = report is not None and report.live
-    config = apply_overrides(point.config, {"trainer.enable_progress_bar": False}) if live else point.config
-    cli.model = cli.datamodule = cli.trainer = cli.config_init = None  # the previous point's, freed before loading
+    bar = report if report is not None and report.live else None  # the sweep's progress bar on the terminal
+    config = apply_overrides(point.config, {"trainer.enable_progress_bar": False}) if bar is not None else point.config
+    # The previous point's, freed before loading: the trainer is None only until instantiate_point sets it again.
+    cli.model = cli.datamodule = cli.trainer = cli.config_init = None  # type: ignore[assignment]
     cli.instantiate_point(config, reuse.begin(point.config) if reuse is not None else None)
     if reuse is not None:
         reuse.keep(cli.model, (point.config.get("model") or {}).get("loss"))
-    if live:
-        cli.trainer.callbacks.append(_PointProgress(report))
+    if bar is not None:
+        cli.trainer.callbacks.append(_PointProgress(bar))  # type: ignore[attr-defined]  # set, undeclared, by Trainer
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     result = cli.riemann_callback().result
+    assert result is not None, "RiemannCallback gives its result at the end of trainer.validate"
     row = SweepRow.of(point, cli.model.edit.config(), result, started)
     if reuse is not None:
         reuse.end(result)
@@ -169,7 +171,7 @@ def _is_global_zero() -> bool:
     ``GROUP_RANK``) reads 0 there; it is not rank 0 either. Global rank 0 is always on node 0.
     """
     node_rank = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
-    return rank_zero_only.rank == 0 and int(node_rank) == 0
+    return rank_zero_only.rank == 0 and int(node_rank) == 0  # type: ignore[attr-defined]  # Lightning sets it
 
 
 def sweep(args: Sequence[str] | dict[str, Any] | None = None, progress: bool = True) -> list[SweepRow]:
