@@ -163,19 +163,27 @@ def memory_worker(kind: str, pre: str, paths: list[str]) -> dict:
         for delta in held:  # the parts in memory of their own, not pages of the files
             delta._parts = {key: part.clone() for key, part in delta._parts.items()}
         settled = rss_bytes()
-        reset_peak_rss()
+        applying = restoring = 0  # the extra peak of each step, over the deltas
         for delta in held:
+            reset_peak_rss()
+            before = rss_bytes()
             apply_compressed_(model, delta)
+            applying = max(applying, peak_rss_bytes() - before)
+            reset_peak_rss()
+            before = rss_bytes()
             remove_compressed_(model, delta, pre)
+            restoring = max(restoring, peak_rss_bytes() - before)
         compressed = sum(delta.nbytes for delta in held)
     else:
         models = [resident(AutoModelForCausalLM.from_pretrained(path)) for path in paths]
         settled = rss_bytes()
         reset_peak_rss()
-        compressed = 0
+        compressed = applying = restoring = 0
     base = sum(p.numel() * p.element_size() for p in (model if kind == "deltas" else models[0]).parameters())
     largest = max(p.numel() for p in (model if kind == "deltas" else models[0]).parameters())
-    return {"held_bytes": settled - start, "peak_while_swapping_bytes": max(0, peak_rss_bytes() - settled),
+    swapping = max(applying, restoring) if kind == "deltas" else max(0, peak_rss_bytes() - settled)
+    return {"held_bytes": settled - start, "peak_while_swapping_bytes": swapping,
+            "peak_applying_bytes": applying, "peak_restoring_bytes": restoring,
             "base_bytes": base, "compressed_bytes": compressed, "largest_tensor_float32_bytes": 4 * largest}
 
 
@@ -229,7 +237,9 @@ def main() -> None:
     deltas, full = used["deltas"], used["full"]
     print(f"memory, N = {args.deltas}: one base + N deltas held {deltas['held_bytes'] / MiB:.1f} MiB (base "
           f"{deltas['base_bytes'] / MiB:.1f} MiB + compressed {deltas['compressed_bytes'] / MiB:.1f} MiB), extra peak "
-          f"while swapping through all {deltas['peak_while_swapping_bytes'] / MiB:.1f} MiB (largest tensor in float32 "
+          f"while swapping through all {deltas['peak_while_swapping_bytes'] / MiB:.1f} MiB (applying a delta "
+          f"{deltas['peak_applying_bytes'] / MiB:.1f} MiB, restoring W_pre from the base's files "
+          f"{deltas['peak_restoring_bytes'] / MiB:.1f} MiB; largest tensor in float32 "
           f"{deltas['largest_tensor_float32_bytes'] / MiB:.1f} MiB); N full models {full['held_bytes'] / MiB:.1f} MiB "
           f"({full['held_bytes'] / max(deltas['held_bytes'], 1):.2f}×)")
     print(json.dumps({"sizes": measured, "memory": used}))

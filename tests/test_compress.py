@@ -4,6 +4,7 @@ equal to what ``save_edited`` writes, its bytes on disk equal to ``Family.stored
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -25,6 +26,7 @@ from lightning_delta.compress import (
     remove_compressed_,
     save_compressed,
 )
+from lightning_delta.compress import forms
 from lightning_delta.compress.forms import pack_bits, unpack_bits
 from lightning_delta.demo.digits import DigitsDataModule
 from lightning_delta.edits import (
@@ -283,6 +285,45 @@ def test_apply_and_remove_swap_fine_tunes_on_one_base_in_place(pairs, tmp_path):
     assert {name: tensor.data_ptr() for name, tensor in model.state_dict().items()} == pointers  # in place
     apply_compressed_(model, paths["sparse"])  # streamed from disk, one tensor at a time
     assert_same_bits(model.state_dict(), written["sparse"])
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize("label", ["bitdelta", "bitdelta-3-blocks-scaled", "dare", "drop-only", "ties-trim", "della",
+                                   "lowrank", "expo", "per-tensor"])
+def test_pieces_are_the_decoded_tensor_bit_for_bit_at_any_size(pairs, tmp_path, label, in_memory):
+    """Decoding piece by piece (reading only each piece's parts: bits from the middle of a byte, values after a
+    running count, indices by search) gives the whole decoded tensor bit for bit, for piece sizes that split rows,
+    bytes and the positions every way."""
+    pair = pairs["bfloat16"]
+    path = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=EDITS[label],
+                           output_dir=tmp_path / "delta")
+    with CompressedDelta(path, in_memory=in_memory) as delta:
+        for name in delta.names:
+            whole = delta.tensor(name).reshape(-1)
+            for entries in (1, 7, 13, 64, 1000, whole.numel()):
+                pieces = list(delta.pieces(name, entries))
+                assert [start for start, _ in pieces] == list(itertools.accumulate(
+                    [0] + [piece.numel() for _, piece in pieces[:-1]]))
+                joined = torch.cat([piece for _, piece in pieces])
+                assert joined.dtype == whole.dtype and torch.equal(bits(joined), bits(whole)), (name, entries)
+
+
+def test_a_swap_in_small_pieces_is_what_save_edited_writes_bit_for_bit(pairs, tmp_path, monkeypatch):
+    """apply_compressed_ edits each tensor piece by piece; with pieces of 7 entries (every form split mid-row and
+    mid-byte) the model is still save_edited's, and remove_compressed_ gives the base back."""
+    monkeypatch.setattr(forms, "PIECE_ENTRIES", 7)
+    pair = pairs["bfloat16"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(pair.pre_dir)
+    base_state = saved_state(pair.pre_dir)
+    for label in ("bitdelta-3-bits", "dare", "ties-trim", "lowrank", "per-tensor"):
+        path = save_compressed(pair.post_dir, pretrained=pair.pre_dir, edit_or_plan=EDITS[label],
+                               output_dir=tmp_path / label)
+        written = saved_state(save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=EDITS[label],
+                                          output_dir=tmp_path / f"edited-{label}"))
+        apply_compressed_(model, path)
+        assert_same_bits(model.state_dict(), written)
+        remove_compressed_(model, path, pair.pre_dir)
+        assert_same_bits(model.state_dict(), base_state)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -32,8 +32,8 @@ is exactly 0 keeps ``F = 0`` under ``sign(0) = 0``, the default) are stored as s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,10 @@ from lightning_delta.edits.lowrank import factor_product
 
 __all__ = [
     "FORMS",
+    "PIECE_ENTRIES",
+    "PartReader",
     "decode",
+    "decode_pieces",
     "index_dtype",
     "pack_bits",
     "position_bytes",
@@ -208,6 +211,113 @@ def decode(record: dict[str, Any], part: Callable[[str], Tensor]) -> Tensor:
             magnitude[_decode_positions(record["zeros"], part("zeros"), numel)] = 0
         return torch.where(negative, -magnitude, magnitude).view(shape)
     raise ValueError(f"Unknown form {form!r} for tensor {record.get('name')!r}; the forms are {list(FORMS)}.")
+
+
+# Entries of F(ΔW) decoded at a time by decode_pieces: 1 MiB of float32 values, a few MiB of workspace in all.
+PIECE_ENTRIES = 2**18
+
+
+class PartReader(Protocol):
+    """Reads the stored parts of one tensor: whole, their shape alone, or a slice (what safetensors' ``get_slice``
+    reads without the rest)."""
+
+    def full(self, part: str) -> Tensor: ...
+
+    def shape(self, part: str) -> tuple[int, ...]: ...
+
+    def slice(self, part: str, index: tuple[slice, ...]) -> Tensor: ...
+
+
+def _bits(reader: PartReader, part: str, start: int, stop: int, plane: int | None = None) -> Tensor:
+    """Entries ``[start, stop)`` of a packed bit array (a row ``plane`` of a 2-D one), reading only their bytes."""
+    low, high = start // 8, -(-stop // 8)
+    index = (slice(low, high),) if plane is None else (slice(plane, plane + 1), slice(low, high))
+    packed = reader.slice(part, index).reshape(-1)
+    return unpack_bits(packed, (high - low) * 8)[start - 8 * low: stop - 8 * low]
+
+
+class _Positions:
+    """The positions of a ``bitmap`` or ``indices`` part, piece by piece: a bool mask of entries ``[start, stop)``."""
+
+    def __init__(self, kind: str | None, reader: PartReader, part: str) -> None:
+        self.kind, self.reader, self.part = kind, reader, part
+        self.indices = reader.full(part).to(torch.int64) if kind == "indices" else None  # sorted flat indices
+
+    def mask(self, start: int, stop: int) -> Tensor:
+        if self.kind is None:
+            return torch.zeros(stop - start, dtype=torch.bool)
+        if self.kind == "bitmap":
+            return _bits(self.reader, self.part, start, stop)
+        assert self.indices is not None
+        low, high = torch.searchsorted(self.indices, torch.tensor([start, stop])).tolist()
+        mask = torch.zeros(stop - start, dtype=torch.bool)
+        mask[self.indices[low:high] - start] = True
+        return mask
+
+
+def decode_pieces(record: dict[str, Any], reader: PartReader,
+                  entries: int = PIECE_ENTRIES) -> Iterator[tuple[int, Tensor]]:
+    """:func:`decode`'s ``F(ΔW)`` flattened, in consecutive pieces ``(first flat index, values)`` of whole rows and
+    about ``entries`` entries, each equal bit for bit to that slice of :func:`decode`'s; only the stored parts of
+    that piece are read (the factors of the low-rank form, whose product is formed whole as
+    :func:`~lightning_delta.edits.lowrank.factor_product` forms it, are the one exception).
+
+    Raises:
+        ValueError: as :func:`decode`.
+    """
+    shape = torch.Size(record["shape"])
+    numel, form = shape.numel(), record["form"]
+    if form not in FORMS:
+        raise ValueError(f"Unknown form {form!r} for tensor {record.get('name')!r}; the forms are {list(FORMS)}.")
+    if form == "factors" or len(shape) == 0 or numel == 0:
+        yield 0, decode(record, reader.full).reshape(-1)
+        return
+    row = numel // shape[0]
+    step = max(1, entries // row) * row
+    if form in ("dense", "post"):
+        stored = reader.shape("values")
+        _expect(tuple(stored) == tuple(shape), record, f"values of shape {tuple(stored)}")
+        rows = step // row
+        for first in range(0, shape[0], rows):
+            yield first * row, reader.slice("values", (slice(first, first + rows),)).reshape(-1)
+        return
+    if form == "sparse":
+        count = record["count"]
+        stored = reader.shape("values")
+        _expect(math.prod(stored) == count, record, f"{math.prod(stored)} values")
+        positions = _Positions(record["positions"] if count else None, reader, "positions")
+        dtype = reader.slice("values", (slice(0, 0),)).dtype
+        offset = 0
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            mask = positions.mask(start, stop)
+            kept = int(mask.sum())
+            piece = torch.zeros(stop - start, dtype=dtype)
+            if kept:
+                piece[mask] = reader.slice("values", (slice(offset, offset + kept),))
+            offset += kept
+            yield start, piece
+        _expect(offset == count, record, "positions that do not match the values")
+        return
+    blocks = record["blocks"]
+    magnitudes = reader.full("magnitudes")
+    _expect(magnitudes.numel() == blocks, record, f"{magnitudes.numel()} magnitudes")
+    planes = (blocks - 1).bit_length()
+    if planes:
+        stored_planes = reader.shape("index")[0]
+        _expect(stored_planes == planes, record, f"{stored_planes} index bit planes")
+    zeros = _Positions(record["zeros"], reader, "zeros") if record["zeros"] is not None else None
+    for start in range(0, numel, step):
+        stop = min(start + step, numel)
+        negative = _bits(reader, "signs", start, stop)
+        index = torch.zeros(stop - start, dtype=torch.int32)
+        for plane in range(planes):
+            index |= _bits(reader, "index", start, stop, plane).to(torch.int32) << plane
+        _expect(int(index.max()) < blocks, record, "a block index past the magnitudes")
+        magnitude = magnitudes.index_select(0, index)
+        if zeros is not None:
+            magnitude[zeros.mask(start, stop)] = 0
+        yield start, torch.where(negative, -magnitude, magnitude)
 
 
 def _expect(condition: bool, record: dict[str, Any], got: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,13 @@ class CompressedDelta:
         record = {**self.records[name], "name": name}
         return forms.decode(record, lambda part: self._part(name, part))
 
+    def pieces(self, name: str, entries: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """:meth:`tensor` flattened, in pieces ``(first flat index, values)`` of about ``entries`` entries (default
+        :data:`~lightning_delta.compress.forms.PIECE_ENTRIES`), reading only each piece's stored parts
+        (:func:`~lightning_delta.compress.forms.decode_pieces`)."""
+        return forms.decode_pieces({**self.records[name], "name": name}, _TensorParts(self, name),
+                                   forms.PIECE_ENTRIES if entries is None else entries)
+
     def check_model(self, tensors: dict[str, Tensor], what: str) -> None:
         """Every stored tensor is in ``tensors`` with its shape; ValueError listing those that are not."""
         missing = [name for name in self.records if name not in tensors]
@@ -152,6 +160,30 @@ class CompressedDelta:
         self.close()
 
 
+class _TensorParts:
+    """The stored parts of one tensor of a :class:`CompressedDelta`, read whole or sliced
+    (:class:`~lightning_delta.compress.forms.PartReader`)."""
+
+    def __init__(self, delta: CompressedDelta, name: str) -> None:
+        self.delta, self.name = delta, name
+
+    def _key(self, part: str) -> str:
+        return f"{self.name}/{part}"
+
+    def full(self, part: str) -> Tensor:
+        return self.delta._part(self.name, part)
+
+    def shape(self, part: str) -> tuple[int, ...]:
+        if self.delta._parts is not None:
+            return tuple(self.delta._parts[self._key(part)].shape)
+        return tuple(self.delta._handles[self.delta.records[self.name]["file"]].get_slice(self._key(part)).get_shape())
+
+    def slice(self, part: str, index: tuple[slice, ...]) -> Tensor:
+        if self.delta._parts is not None:
+            return self.delta._parts[self._key(part)][index]
+        return self.delta._handles[self.delta.records[self.name]["file"]].get_slice(self._key(part))[index]
+
+
 def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module (the base model, edited in place), got {type(model).__name__}.")
@@ -170,7 +202,8 @@ def apply_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathLi
     """Edit ``model`` (holding ``W_pre``) in place into ``W_pre + F(ΔW)``, one stored tensor at a time.
 
     Each tensor: ``W ← W.to(F.dtype) + F`` cast to ``W``'s dtype (as :func:`~lightning_delta.export.apply_edit_`);
-    a tensor in the ``post`` form is assigned. Names and shapes are checked before any tensor is changed; a tied
+    a tensor in the ``post`` form is assigned. Both go piece by piece (:meth:`CompressedDelta.pieces`): the
+    workspace is a few MiB, whatever the tensor's size (a low-rank tensor's product is formed whole). Names and shapes are checked before any tensor is changed; a tied
     tensor is edited once (the delta holds it under one name).
 
     Raises:
@@ -184,12 +217,16 @@ def apply_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathLi
         with torch.no_grad():
             for name in delta.names:
                 weight = tensors[name]
-                stored = delta.tensor(name).to(weight.device)
-                if delta.records[name]["form"] == "post":
-                    weight.copy_(stored)
-                else:
-                    weight.copy_(weight.to(stored.dtype) + stored)
-                del stored
+                post = delta.records[name]["form"] == "post"
+                if not weight.is_contiguous():  # no flat view of its storage: the whole tensor at once
+                    stored = delta.tensor(name).to(weight.device)
+                    weight.copy_(stored if post else weight.to(stored.dtype) + stored)
+                    continue
+                flat = weight.view(-1)  # the model's own storage, edited piece by piece
+                for start, piece in delta.pieces(name):
+                    weights = flat[start:start + piece.numel()]
+                    piece = piece.to(weights.device)
+                    weights.copy_(piece if post else weights.to(piece.dtype) + piece)
     finally:
         if opened:
             delta.close()
