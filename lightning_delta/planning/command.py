@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning.pytorch as pl
 
@@ -15,7 +15,10 @@ from lightning_delta.planning.plan import Plan, plan_edit
 
 __all__ = ["plan"]
 
-FamilyName = Literal[tuple(FAMILIES)]  # "bitdelta", "dare", "lowrank"
+if TYPE_CHECKING:
+    FamilyName = str  # a type checker reads a family's name as text: the choices are known at run time only
+else:
+    FamilyName = Literal[tuple(FAMILIES)]  # the registry's families ("bitdelta", "dare", ...), the CLI's choices
 
 
 def plan(
