@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, TypeAlias
 
 import lightning.pytorch as pl
 
@@ -15,10 +15,7 @@ from lightning_delta.planning.plan import Plan, plan_edit
 
 __all__ = ["plan"]
 
-if TYPE_CHECKING:
-    FamilyName = str  # a type checker reads a family's name as text: the choices are known at run time only
-else:
-    FamilyName = Literal[tuple(FAMILIES)]  # the registry's families ("bitdelta", "dare", ...), the CLI's choices
+FamilyName: TypeAlias = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]  # the registry's families, the CLI's choices: known at run time
 
 
 def plan(
