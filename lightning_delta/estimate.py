@@ -74,7 +74,7 @@ from lightning_delta.cli.parser import DeltaCLI
 from lightning_delta.datamodules import ZeroShotClassifier, get_classnames
 from lightning_delta.delta import delta_dtype, delta_names
 from lightning_delta.edits.base import CHUNK_NUMEL
-from lightning_delta.losses import build_loss
+from lightning_delta.losses import DeltaLoss, build_loss
 from lightning_delta.parametrize import (
     _INNER_PRODUCT_CHUNK_ACCELERATOR,
     _INNER_PRODUCT_CHUNK_CPU,
@@ -259,7 +259,10 @@ def meta_model(config: Any, dtype: torch.dtype, auto_class: str = "AutoModelForC
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks (the largest ``ModuleList``'s entries) that FSDP2 shards one by one."""
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList) and len(module) > 0]
-    return list(max(lists, key=lambda blocks: _bytes(blocks.parameters()))) if lists else []
+    if not lists:
+        return []
+    largest = max(lists, key=lambda blocks: _bytes(blocks.parameters()))
+    return list(largest)
 
 
 def _made_E(weight: Tensor) -> Tensor:  # noqa: N802
@@ -313,14 +316,15 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[
     storages = {weight.untyped_storage()._cdata: weight for weight in edited.values()}
     owners = [module for module in model.modules()
               if any(id(weight) in map(id, edited.values()) for weight in module.parameters(recurse=False))]
+    running: dict[nn.Module, list[Tensor]] = {}  # the W(t) of each module while its forward runs
 
     def made(module: nn.Module, args: Any) -> None:
-        module._estimate_weights = [_edited_weight(weight, held.get(id(weight)))
-                                    for weight in module.parameters(recurse=False)
-                                    if weight.untyped_storage()._cdata in storages]
+        running[module] = [_edited_weight(weight, held.get(id(weight)))
+                           for weight in module.parameters(recurse=False)
+                           if weight.untyped_storage()._cdata in storages]
 
     def dropped(module: nn.Module, args: Any, output: Any) -> None:
-        module._estimate_weights = None
+        running.pop(module, None)
 
     def pack(tensor: Tensor) -> Any:
         weight = storages.get(tensor.untyped_storage()._cdata)
@@ -340,11 +344,10 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[
     finally:
         for hook in hooks:
             hook.remove()
-        for module in owners:
-            module.__dict__.pop("_estimate_weights", None)
+        running.clear()
 
 
-def _transient(model: nn.Module, loss: nn.Module, batch: Mapping[str, Tensor], edited: Mapping[str, Tensor],
+def _transient(model: nn.Module, loss: DeltaLoss, batch: Mapping[str, Tensor], edited: Mapping[str, Tensor],
                E_dtype: str, backward: bool, with_gradient: Iterable[str] = ()) -> int:  # noqa: N803
     """``A`` (``backward``), ``F`` or ``A_all``: the meta run's peak of the tensors made beyond weights, buffers and
     batch, with ``W(t)`` for the ``edited`` tensors and a gradient for those and the ``with_gradient`` ones; for the
@@ -363,6 +366,7 @@ def _transient(model: nn.Module, loss: nn.Module, batch: Mapping[str, Tensor], e
     def inner_product(parameter: Tensor) -> None:  # what _AddScaledEdit / _AddRecomputedEdit.backward make
         E = held.get(id(parameter))  # noqa: N806
         E = _made_E(parameter) if E is None else E  # noqa: N806
+        assert parameter.grad is not None  # a hook after the gradient's accumulation
         scratch = torch.empty(inner_product_bytes(E.numel(), parameter.grad.dtype, E.dtype), dtype=torch.uint8,
                               device=parameter.device)
         del scratch, E
@@ -395,7 +399,7 @@ def _transient(model: nn.Module, loss: nn.Module, batch: Mapping[str, Tensor], e
 def estimate_memory(
     model: nn.Module,
     batch: Mapping[str, Tensor],
-    loss: str | nn.Module = "causal_lm",
+    loss: str | DeltaLoss = "causal_lm",
     include: Any = None,
     exclude: Any = None,
     E_dtype: str = "float32",  # noqa: N803 (the paper's name)
@@ -544,7 +548,9 @@ def _edit_needs_gradients(edit: Any) -> bool:
 def _meta_zero_shot(init_args: Namespace, dtype: torch.dtype) -> tuple[nn.Module, int]:
     """A :class:`~lightning_delta.datamodules.ZeroShotClassifier` on meta (CLIP's vision tower and projection from
     ``clip``'s config, a head of its classes; no tokenizer, no text forward) and its image size."""
-    clip = meta_model(init_args.clip, dtype, "CLIPModel")
+    # a CLIPModel, read as Any: transformers types its config's vision_config (also dict or None) and image_size
+    # (also a pair) wider than a CLIP config fills them
+    clip: Any = meta_model(init_args.clip, dtype, "CLIPModel")
     classnames = init_args.get("classnames") or get_classnames(init_args.task, init_args.get("root"))
     classifier = ZeroShotClassifier.__new__(ZeroShotClassifier)
     nn.Module.__init__(classifier)

@@ -291,7 +291,7 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
         return None
     figure = Figure(figsize=(7, 4.4))
     axis = figure.subplots()
-    by_dataset: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
+    by_dataset: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=("name", "alpha"))):
         point = (float(row.edit["alpha"]), row.result.term, row.result.exact)
         by_dataset[_joined(row.dataset, setting)].append(point)
@@ -325,8 +325,11 @@ def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     shown = ("name", "bits", "blocks", "scale", "magnitudes", "seed")
     for row, setting in zip(rows, setting_labels(rows, shown_edit_keys=shown)):
         result = row.result
-        edited, post = (100 * result.accuracy_edit, 100 * result.accuracy_post) if use_accuracy else (
-            result.loss_edit, result.loss_post)
+        if use_accuracy:
+            assert result.accuracy_edit is not None and result.accuracy_post is not None  # measured at t = 0 and 1
+            edited, post = 100 * result.accuracy_edit, 100 * result.accuracy_post
+        else:
+            edited, post = result.loss_edit, result.loss_post
         by_dataset[_joined(row.dataset, setting)].append((magnitude_blocks(row.edit), edited, post))
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])

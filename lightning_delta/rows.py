@@ -41,7 +41,8 @@ __all__ = [
 def _edit_class(row: SweepRow) -> type[DeltaEdit]:
     """The registered class of the row's edit; :class:`DeltaEdit` itself (every argument shown, deterministic) for
     an edit not registered here."""
-    return EDITS.get(row.edit.get("name"), DeltaEdit)
+    name = row.edit.get("name")
+    return EDITS.get(name, DeltaEdit) if isinstance(name, str) else DeltaEdit
 
 
 def edit_family(row: SweepRow) -> str:
@@ -153,7 +154,8 @@ class Setting:
     @property
     def accuracy(self) -> Stat | None:
         values = [row.result.accuracy_edit for row in self.rows]
-        return None if any(value is None for value in values) else stat(values)
+        measured = [value for value in values if value is not None]
+        return stat(measured) if len(measured) == len(values) else None
 
     def by_seed(self) -> dict[int, SweepRow]:
         return {int(row.edit.get("seed", 0)): row for row in self.rows}

@@ -32,6 +32,9 @@ class RiemannSums(Metric):
     """
 
     full_state_update = False
+    inner: Tensor
+    loss: Tensor
+    count: Tensor
 
     def __init__(self, num_points: int, num_tensors: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -40,7 +43,7 @@ class RiemannSums(Metric):
         self.add_state("loss", torch.zeros(num_points + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, inner: Tensor, loss: Tensor, count: Tensor) -> None:
+    def update(self, inner: Tensor, loss: Tensor, count: Tensor | float) -> None:
         self.inner += inner.to(self.inner)
         self.loss += loss.to(self.loss)
         self.count += torch.as_tensor(count).to(self.count)
@@ -175,11 +178,13 @@ class RiemannResult:
         if self.completeness_gap is not None:
             values["riemann/completeness_gap"] = self.completeness_gap
         if self.error_per_tensor:
+            assert self.passes is not None  # set by from_sums, the only maker of error estimates
             values["riemann/error_estimate"] = max(self.error_per_tensor.values())
             values["riemann/passes"] = float(self.passes)
         if self.trapezoid is not None:
             values["riemann/trapezoid"] = self.trapezoid
         if self.accuracy_post is not None:
+            assert self.accuracy_edit is not None  # measured together (from_sums' accuracy pair)
             values["riemann/accuracy_post"] = self.accuracy_post
             values["riemann/accuracy_edit"] = self.accuracy_edit
         for c, value in enumerate(self.losses):

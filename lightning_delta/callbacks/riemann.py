@@ -17,10 +17,10 @@ The rules, their points and weights: :mod:`lightning_delta.callbacks.quadrature`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
 from types import MethodType
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +35,7 @@ from typing_extensions import override
 from lightning_delta.callbacks.quadrature import Schedule, adaptive_levels, check_rule, patterson_chain, schedule
 from lightning_delta.callbacks.result import RiemannResult, RiemannSums
 from lightning_delta.editing import Edit
+from lightning_delta.edits import DeltaEdit
 from lightning_delta.handle import EditHandle
 from lightning_delta.losses import LossOutput
 from lightning_delta.parametrize import check_E_dtype
@@ -144,7 +145,7 @@ class RiemannCallback(Callback):
 
     # ----------------------------------------------------------------------------------------------- checks
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
         loop = trainer.validate_loop if stage == "validate" else trainer.fit_loop.epoch_loop.val_loop
         if stage in ("validate", "fit") and loop.inference_mode:
@@ -152,16 +153,14 @@ class RiemannCallback(Callback):
                 "RiemannCallback needs gradients during validation, but the Trainer runs it under "
                 "torch.inference_mode. Create the Trainer with `Trainer(inference_mode=False, ...)`."
             )
-        if self.edit is None and not isinstance(pl_module, EditTarget):
-            raise ValueError(
-                f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
-            )
-        if self.edit is not None:
+        if self.edit is None:
+            own_target(pl_module)
+        else:
             edited_submodule(pl_module, self.module_name)  # a module_name it does not have is named now
         self._evaluated = False
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse a validation that evaluated no batch (an empty DataLoader, ``limit_val_batches=0``): Lightning
         then skips every validation hook, and there would be no result at all."""
         if stage == "validate" and not self._evaluated:
@@ -172,7 +171,7 @@ class RiemannCallback(Callback):
             )
 
     @staticmethod
-    def check_no_repeated_samples(trainer: "pl.Trainer") -> None:
+    def check_no_repeated_samples(trainer: pl.Trainer) -> None:
         """Raise if a validation sampler pads by repeating samples across processes (Lightning's
         default DistributedSampler pads: 37 samples on 2 processes moved the term by 7 %)."""
         if trainer.world_size <= 1:
@@ -188,10 +187,11 @@ class RiemannCallback(Callback):
             sampler = loader.sampler
             if isinstance(sampler, UnrepeatedDistributedSampler):
                 continue
-            repeats = not isinstance(sampler, DistributedSampler) or sampler.total_size != len(loader.dataset)
+            size = len(cast(Sized, loader.dataset))  # a map-style data set: its samplers take its length too
+            repeats = not isinstance(sampler, DistributedSampler) or sampler.total_size != size
             if repeats:
                 raise RuntimeError(
-                    f"The validation sampler ({type(sampler).__name__}) would give some of the {len(loader.dataset)} "
+                    f"The validation sampler ({type(sampler).__name__}) would give some of the {size} "
                     f"samples to more than one of the {trainer.world_size} processes, which biases the loss. Create "
                     "the Trainer with `use_distributed_sampler=False` and give the DataLoader "
                     "`sampler=lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler(dataset, "
@@ -199,7 +199,7 @@ class RiemannCallback(Callback):
                 )
 
     @staticmethod
-    def check_equal_batch_counts(trainer: "pl.Trainer") -> None:
+    def check_equal_batch_counts(trainer: pl.Trainer) -> None:
         """Under a sharded strategy, raise unless every process has the same number of validation batches.
 
         FSDP gathers each block's weights on all processes together, so a process with one batch more would wait
@@ -226,13 +226,13 @@ class RiemannCallback(Callback):
                 "or a data set whose rows divide evenly."
             )
 
-    def validate(self, trainer: "pl.Trainer", model: "pl.LightningModule", *args: Any, **kwargs: Any) -> Any:
+    def validate(self, trainer: pl.Trainer, model: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
         """``trainer.validate(model, ...)`` for any module, also one with only a ``training_step``.
 
         Lightning refuses ``validate`` on a module without ``validation_step`` before any callback runs; this gives
         such a module (this instance only) a ``validation_step`` that does nothing, so the sweep is all there is.
         """
-        if self not in trainer.callbacks:
+        if self not in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it without declaring it
             raise ValueError("Add this RiemannCallback to the Trainer's `callbacks` before calling its `validate`.")
         added = ensure_validation_step(model)
         try:
@@ -243,24 +243,32 @@ class RiemannCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ the sweep
     @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluated = True
         self.check_no_repeated_samples(trainer)
-        self._target = self.target(pl_module)
+        self._target = target = self.target(pl_module)
         if sharded_parameters(pl_module):
             self.check_equal_batch_counts(trainer)
-        self._edited = self._target.edited_model(trainer)
-        self._target.begin_sweep()
-        self._recompute = self.recompute_weights
-        if self._recompute is None:
-            self._recompute = free_memory_bytes(pl_module.device) < 2 * self._edited.weights_bytes()
+        self._edited = edited = target.edited_model(trainer)
+        target.begin_sweep()
+        recompute = self.recompute_weights
+        if recompute is None:
+            recompute = free_memory_bytes(pl_module.device) < 2 * edited.weights_bytes()
+        self._recompute = recompute
         if self.rule == "adaptive":
             self.check_repeatable(trainer)
         self._rows = self._all_points()
         self._work = self._first_work()
-        self._sums = RiemannSums(len(self._rows) - 1, len(self._edited), sync_on_compute=True).to(pl_module.device)
+        self._sums = RiemannSums(len(self._rows) - 1, len(edited), sync_on_compute=True).to(pl_module.device)
         self._sums.reset()  # states may be shared with the parent under ddp_spawn
         self.result = None
+
+    def _sweep(self) -> tuple[EditTarget, EditHandle, RiemannSums]:
+        """The target, edited model and sums of the sweep under way (from ``on_validation_start`` on)."""
+        target, edited, sums = self._target, self._edited, self._sums
+        if target is None or edited is None or sums is None:
+            raise RuntimeError("RiemannCallback has no sweep under way: its validation has not started.")
+        return target, edited, sums
 
     def _all_points(self) -> dict[float, int]:
         """Row of the sums for each t the sweep may run: the rule's points; for the adaptive rule, those of its
@@ -277,7 +285,7 @@ class RiemannCallback(Callback):
         return [(self._rows[t], t, gradient) for t, gradient in zip(first.points, first.gradient)]
 
     @staticmethod
-    def check_repeatable(trainer: "pl.Trainer") -> None:
+    def check_repeatable(trainer: pl.Trainer) -> None:
         """Raise if a validation loader shuffles: the adaptive rule reads the data again for each level it adds and
         must see the same batches."""
         loaders = trainer.val_dataloaders
@@ -291,19 +299,20 @@ class RiemannCallback(Callback):
                     "rule='gauss'."
                 )
 
-    def target(self, pl_module: "pl.LightningModule") -> EditTarget:
+    def target(self, pl_module: pl.LightningModule) -> EditTarget:
         """What the sweep drives: ``pl_module`` itself (a DeltaEditModule), or, given ``pretrained`` and ``edit``,
         a :class:`~lightning_delta.targets.ModuleTarget` around it."""
         if self.edit is None:
-            return pl_module
+            return own_target(pl_module)
+        assert self.pretrained is not None  # given together with edit (__init__)
         return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
                             include=self.include, exclude=self.exclude, loss_fn=self.loss_fn, E_dtype=self.E_dtype)
 
     @override
     def on_validation_batch_end(
         self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -312,15 +321,15 @@ class RiemannCallback(Callback):
         self._accumulate(pl_module, batch, batch_idx, self._work, count_items=True)
         self._show_progress(pl_module)
 
-    def _accumulate(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int,
+    def _accumulate(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                     work: list[tuple[int, float, bool]], count_items: bool) -> None:
         """Run ``work``'s points on one batch and add the losses and inner products to the sums (and the items to
         the count with ``count_items``: the first pass over the data)."""
-        edited, target = self._edited, self._target
+        target, edited, sums = self._sweep()
         batch = target.riemann_prepare(batch)
         inner = torch.zeros(len(self._rows), len(edited), dtype=torch.float64, device=pl_module.device)
         losses = torch.zeros(len(self._rows), dtype=torch.float64, device=pl_module.device)
-        count = None
+        count: Tensor | float = 0.0
         for row, t, with_gradient in work:
             edited.set_t(t)
             recompute = edited.recompute_weights() if self._recompute else contextlib.nullcontext()
@@ -332,9 +341,9 @@ class RiemannCallback(Callback):
             losses[row] = output.total.detach()
             count = output.count
         edited.set_t(0.0)
-        self._sums.update(inner, losses, count if count_items else 0.0)
+        sums.update(inner, losses, count if count_items else 0.0)
 
-    def _sweep_again(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def _sweep_again(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      work: list[tuple[int, float, bool]]) -> None:
         """Read the validation batches once more (the same ones, as the loop did) and run ``work``'s points."""
         loaders = trainer.val_dataloaders
@@ -347,9 +356,9 @@ class RiemannCallback(Callback):
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
                 self._accumulate(pl_module, batch, batch_idx, work, count_items=False)
 
-    def _show_progress(self, pl_module: "pl.LightningModule") -> None:
+    def _show_progress(self, pl_module: pl.LightningModule) -> None:
         """This process's running term and ΔL so far, beside Lightning's validation progress bar (not logged)."""
-        sums = self._sums
+        _, _, sums = self._sweep()
         count = sums.count.clamp_min(1.0)
         first = self.schedule if self.rule != "adaptive" else schedule("adaptive", self.num_points, level=1)
         weights = torch.zeros(len(self._rows), dtype=torch.float64, device=sums.inner.device)
@@ -364,44 +373,48 @@ class RiemannCallback(Callback):
                           on_epoch=False, batch_size=1)
 
     @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = {"num_points": self.num_points, "trapezoid": self.trapezoid, "rule": self.rule}
         if self.rule == "adaptive":
             config["tolerance"] = self.tolerance
         edit = self.edit if self.edit is not None else getattr(pl_module, "edit", None)
-        if hasattr(edit, "config"):
+        if isinstance(edit, DeltaEdit):  # a mapping of ready-made E has no configuration
             config["edit"] = edit.config()
-        accuracy = self._target.riemann_accuracy()
+        target, edited, sums = self._sweep()
+        accuracy = target.riemann_accuracy()
         if self.rule == "adaptive":
-            self.result = self._adaptive_result(trainer, pl_module, config, accuracy)
+            result = self._adaptive_result(trainer, pl_module, config, accuracy)
         else:
-            sums = self._sums.compute()
-            self.result = RiemannResult.from_sums(
-                self._edited.names, sums["inner"], sums["loss"], sums["count"], self.trapezoid, config, accuracy,
+            totals = sums.compute()
+            result = RiemannResult.from_sums(
+                edited.names, totals["inner"], totals["loss"], totals["count"], self.trapezoid, config, accuracy,
                 self.schedule,
             )
-        for name, value in self.result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
+        self.result = result
+        for name, value in result.metrics().items():  # equal on every rank: the mean over ranks is a no-op
             pl_module.log(name, value, sync_dist=True)
         if self.filename:
             directory = trainer.log_dir or trainer.default_root_dir  # a collective: read on every rank (§2.13)
             if trainer.is_global_zero:
-                self.result.save(unused_path(Path(directory) / self.filename))
+                result.save(unused_path(Path(directory) / self.filename))
 
     def _level_result(self, sums: dict[str, Tensor], level: int, config: dict[str, Any],
                       accuracy: tuple[float, float] | None, error: Tensor | None = None) -> RiemannResult:
         points = schedule("adaptive", self.num_points, level=level)
         rows = [self._rows[t] for t in points.points]
-        return RiemannResult.from_sums(self._edited.names, sums["inner"][rows], sums["loss"][rows], sums["count"],
+        _, edited, _ = self._sweep()
+        return RiemannResult.from_sums(edited.names, sums["inner"][rows], sums["loss"][rows], sums["count"],
                                        False, config, accuracy, points, error)
 
-    def _adaptive_result(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", config: dict[str, Any],
+    def _adaptive_result(self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: dict[str, Any],
                          accuracy: tuple[float, float] | None) -> RiemannResult:
         """Add the next level's nodes (one more pass over the data each) until every per-tensor error estimate
         ``|Q_level − Q_level−1|`` is below ``tolerance`` × the largest |per-tensor term|, or the levels run out."""
-        names, last = self._edited.names, adaptive_levels(self.num_points)
+        _, edited, running = self._sweep()
+        names, last = edited.names, adaptive_levels(self.num_points)
         level = 1
         while True:
-            sums = {key: value.clone() for key, value in self._sums.compute().items()}
+            sums = {key: value.clone() for key, value in running.compute().items()}
             terms = [self._level_result(sums, lower, config, accuracy).term_per_tensor for lower in (level - 1, level)]
             error = torch.tensor([abs(terms[1][name] - terms[0][name]) for name in names], dtype=torch.float64)
             largest = max((abs(value) for value in terms[1].values()), default=0.0)
@@ -421,11 +434,11 @@ class RiemannCallback(Callback):
         return result
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._evaluated = True  # the exception is the error to report, not an empty validation
         self._release()  # an error or an interrupt mid-sweep still gives a user's module back as it was
 
@@ -442,6 +455,16 @@ class RiemannCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         result = state_dict.get("result")
         self.result = RiemannResult(**result) if result is not None else None
+
+
+def own_target(pl_module: pl.LightningModule) -> EditTarget:
+    """``pl_module`` as the sweep's target: a DeltaEditModule, or any module with the
+    :class:`~lightning_delta.targets.EditTarget` methods."""
+    if not isinstance(pl_module, EditTarget):
+        raise ValueError(
+            f"{type(pl_module).__name__} is not a DeltaEditModule: give the callback `pretrained=` and `edit=`."
+        )
+    return pl_module
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -470,14 +493,14 @@ def unused_path(path: Path) -> Path:
     return candidate
 
 
-def ensure_validation_step(module: "pl.LightningModule") -> bool:
+def ensure_validation_step(module: pl.LightningModule) -> bool:
     """Give ``module`` a no-op ``validation_step`` if its class has none (Lightning requires one to validate);
     return whether one was added (``del module.validation_step`` takes it away again)."""
     if is_overridden("validation_step", module, pl.LightningModule) or "validation_step" in vars(module):
         return False
-    module.validation_step = MethodType(_no_validation_step, module)
+    module.validation_step = MethodType(_no_validation_step, module)  # type: ignore[method-assign]  # this instance only
     return True
 
 
-def _no_validation_step(self: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+def _no_validation_step(self: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
     return None

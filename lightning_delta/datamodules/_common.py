@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -237,7 +237,7 @@ def resolve_files(data: str, split: str, config: str | None, what: str, revision
 
 
 def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str,
-              fields: dict[str, type] | None = None) -> tuple[list[dict], list[str]]:
+              fields: Mapping[str, type] | None = None) -> tuple[list[dict], list[str]]:
     """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id
     (its snapshot in the hub download cache when there is one: offline under ``HF_HUB_OFFLINE=1``), and where each
     comes from (``"row 3 (counting from 0) of /data/test.jsonl"``), for error messages.
@@ -316,7 +316,7 @@ def _unreadable(file: Path, error: Exception) -> str:
     return f"Cannot read {file} ({error.__cause__ or error})."
 
 
-def check_fields(row: Any, origin: str, fields: dict[str, type], what: str) -> None:
+def check_fields(row: Any, origin: str, fields: Mapping[str, type], what: str) -> None:
     """Raise a ValueError naming ``origin``, the expected and the found fields when ``row`` lacks one of ``fields``
     (absent or null) or holds a value of another type.
 
@@ -379,12 +379,14 @@ def pad_left(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
     return out
 
 
-def validation_loader(module: Any, dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Any) -> DataLoader:
+def validation_loader(module: Any, examples: Dataset | Sequence[Any], batch_size: int, num_workers: int,
+                      collate_fn: Any) -> DataLoader:
     """A DataLoader that gives each sample to exactly one process, so that the loss sums count each once.
 
     Under several processes the sampler is Lightning's ``UnrepeatedDistributedSampler`` (a ``DistributedSampler``,
     so Lightning leaves it in place): no sample is repeated to even out the ranks, which would bias the loss sums.
     """
+    dataset = cast(Dataset, examples)  # a list is a map-style data set too (indexing and len), as PyTorch reads it
     trainer = getattr(module, "trainer", None)
     sampler = None
     if trainer is not None and trainer.world_size > 1:

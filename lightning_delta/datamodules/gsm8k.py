@@ -34,11 +34,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
+from lightning_delta.datamodules import gsm8k_protocols as protocols
 from lightning_delta.datamodules._common import (
     LazyTokenizer,
     TokenizedDataModule,
-    check_positive,
     chat_messages,
+    check_positive,
     encode,
     load_rows,
     local_files,
@@ -48,9 +49,8 @@ from lightning_delta.datamodules._common import (
     split_completion,
     validation_loader,
 )
-from lightning_delta.datamodules import gsm8k_protocols as protocols
-from lightning_delta.losses import IGNORE_INDEX
 from lightning_delta.datamodules.gsm8k_answers import extract_final_number, numbers_match
+from lightning_delta.losses import IGNORE_INDEX
 
 __all__ = ["AnswerLineEnded", "GSM8KDataModule", "GSM8KEvaluator", "PLAIN_FORMAT", "STOP_STRINGS"]
 
@@ -308,6 +308,7 @@ class GSM8KDataModule(TokenizedDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
+        assert self.examples is not None  # setup made them
         return validation_loader(self, self.examples, self.batch_size, self.num_workers, self.collate)
 
     def test_dataloader(self) -> DataLoader:
@@ -401,7 +402,7 @@ class GSM8KEvaluator(LazyTokenizer):
             eos.append(tokenizer.eos_token_id)
         by_transformers = bool(self.stop_strings) and self.stop_strings_by_transformers
         searched = () if by_transformers else self.stop_strings
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]  # transformers' GenerationMixin (or peft's), not nn.Module
             input_ids=prompt,
             attention_mask=batch["prompt_attention_mask"],
             max_new_tokens=self.max_new_tokens,

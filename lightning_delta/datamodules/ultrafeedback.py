@@ -203,6 +203,7 @@ class UltraFeedbackDataModule(TokenizedDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
+        assert self.examples is not None  # setup made them
         return validation_loader(self, self.examples, self.batch_size, self.num_workers, self.collate)
 
     def test_dataloader(self) -> DataLoader:

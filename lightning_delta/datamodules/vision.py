@@ -26,8 +26,9 @@ default ``openai/clip-vit-base-patch32``'s; give a local CLIP directory to stay 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -35,11 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_delta.sources import load_model
 from lightning_delta.datamodules._common import check_fields, check_positive, validation_loader
 from lightning_delta.datamodules.classnames import CLASSNAMES, check_task, get_templates
 from lightning_delta.datamodules.task_classnames import get_classnames
 from lightning_delta.datamodules.vision_parquet import ParquetImages
+from lightning_delta.sources import load_model
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 __all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "expected_layout"]
 
@@ -80,13 +84,19 @@ def expected_layout(task: str, root: str | Path, split: str = "test") -> tuple[l
             "present")
 
 
+def _length(dataset: Dataset) -> int:
+    """``len(dataset)``: torchvision's data sets, RESISC45's folder and :class:`ParquetImages` all have one (a
+    ``Dataset`` need not)."""
+    return len(cast(Sized, dataset))
+
+
 class _Every(Subset):
     """A fixed train/test split for datasets without one: index % TEST_EVERY == 0 is test."""
 
     def __init__(self, dataset: Dataset, split: str) -> None:
         if split not in ("train", "test", "all"):
             raise ValueError(f"This task has no official split; `split` must be 'train', 'test' or 'all', got {split!r}.")
-        indices = range(len(dataset))
+        indices: Sequence[int] = range(_length(dataset))
         if split != "all":
             indices = [i for i in indices if (i % TEST_EVERY == 0) == (split == "test")]
         super().__init__(dataset, list(indices))
@@ -218,7 +228,7 @@ class _Processed(Dataset):
         self.dataset, self.processor = dataset, processor
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return _length(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         image, label = self.dataset[index]
@@ -297,31 +307,35 @@ class VisionDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
+            assert self.root is not None  # download comes with root, not data (__init__)
             build_vision_dataset(self.task, self.root, self.split, download=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
+        dataset: Dataset
         if self.data is not None:
             dataset = ParquetImages(self.data, self.split, self.config, len(self.classnames), self.task)
         else:
+            assert self.root is not None  # root or data (__init__)
             dataset = build_vision_dataset(self.task, self.root, self.split, download=False)
         if self.limit is not None:
-            dataset = Subset(dataset, range(min(self.limit, len(dataset))))
-        if len(dataset) == 0:
+            dataset = Subset(dataset, range(min(self.limit, _length(dataset))))
+        if _length(dataset) == 0:
             where = f"under {self.root}" if self.data is None else f"of {self.data}"
             raise ValueError(f"The {self.task} split {self.split!r} {where} has no images.")
         self.dataset = _Processed(dataset, load_image_processor(self.processor))
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
+        assert self.dataset is not None  # setup made it
         return validation_loader(self, self.dataset, self.batch_size, self.num_workers, None)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
 
-def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
     """(vision transformer, visual projection or None) of a CLIPModel, CLIPVisionModel(WithProjection)."""
     vision = getattr(model, "vision_model", None)
     if vision is None and getattr(getattr(model, "config", None), "model_type", None) == "clip_vision_model":
@@ -331,12 +345,15 @@ def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return vision, getattr(model, "visual_projection", None)
 
 
-def _load_clip(source: Any, dtype: Any, vision_only: bool = False) -> nn.Module:
-    """``CLIPModel`` for ``clip``; a vision tower (``vision_only``) as the class its config names: ``CLIPModel``,
-    ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``. Modules are kept as they are."""
-    if vision_only:
-        return load_model(source, dtype, argument="vision_model")
-    return load_model(source, dtype, "CLIPModel", argument="clip")
+def _load_clip(source: Any, dtype: Any) -> CLIPModel:
+    """``CLIPModel`` for ``clip`` (a module is kept as it is)."""
+    return cast("CLIPModel", load_model(source, dtype, "CLIPModel", argument="clip"))
+
+
+def _load_vision(source: Any, dtype: Any) -> nn.Module:
+    """A vision tower as the class its config names: ``CLIPModel``, ``CLIPVisionModel`` or
+    ``CLIPVisionModelWithProjection`` (a module is kept as it is)."""
+    return load_model(source, dtype, argument="vision_model")
 
 
 class ZeroShotClassifier(nn.Module):
@@ -363,6 +380,11 @@ class ZeroShotClassifier(nn.Module):
         dtype: dtype for models loaded from paths.
     """
 
+    vision_model: nn.Module
+    visual_projection: nn.Linear
+    head: Tensor  # (K, D), a buffer
+    logit_scale: Tensor  # (), a buffer
+
     def __init__(
         self,
         clip: Any = DEFAULT_CLIP,
@@ -377,10 +399,11 @@ class ZeroShotClassifier(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if task is None and (classnames is None or templates is None):
+        if task is not None:
+            classnames = classnames if classnames is not None else get_classnames(task, root, data, config)
+            templates = templates if templates is not None else get_templates(task)
+        elif classnames is None or templates is None:
             raise ValueError("Give `task`, or both `classnames` and `templates`.")
-        classnames = classnames if classnames is not None else get_classnames(task, root, data, config)
-        templates = templates if templates is not None else get_templates(task)
         if not classnames or not templates or any(t.count("{}") != 1 for t in templates):
             raise ValueError("`classnames` must be non-empty and each template must hold exactly one '{}'.")
         model = _load_clip(clip, dtype)
@@ -393,7 +416,7 @@ class ZeroShotClassifier(nn.Module):
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         head = self.zero_shot_head(model, tokenizer, classnames, templates)
-        vision, projection = _vision_parts(_load_clip(vision_model, dtype, True) if vision_model is not None
+        vision, projection = _vision_parts(_load_vision(vision_model, dtype) if vision_model is not None
                                            else model)
         self.vision_model = vision
         self.visual_projection = projection if projection is not None else model.visual_projection
@@ -404,7 +427,7 @@ class ZeroShotClassifier(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def zero_shot_head(model: nn.Module, tokenizer: Any, classnames: list[str], templates: list[str]) -> Tensor:
+    def zero_shot_head(model: CLIPModel, tokenizer: Any, classnames: list[str], templates: list[str]) -> Tensor:
         """(K, D): per class, the normalised mean of the normalised text features of its templates."""
         device = model.text_projection.weight.device
         rows = []

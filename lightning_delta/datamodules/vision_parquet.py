@@ -60,7 +60,7 @@ def _not_cached(data: str, config: str | None, error: Exception) -> FileNotFound
     return FileNotFoundError(not_cached_message(data, "image", None, detail))
 
 
-def load_parquet_images(data: str, split: str, config: str | None = None) -> tuple[Any, list[str]]:
+def load_parquet_images(data: str, split: str, config: str | None = None) -> tuple[Any, list[tuple[int, str]]]:
     """``split`` of the parquet data set ``data`` as a ``datasets.Dataset`` with an ``Image`` column ``image`` and an
     integer column ``label``, and the origin of each file's first row (for messages): ``[(first row, file), ...]``.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,21 +224,21 @@ def _eq6_findings(settings: Sequence[Setting], gradient_terms: Mapping[str, Any]
                 f"{dare.n} (one gradient)",
                 _verdict(abs(dare.mean) <= dare_bound and abs(drop.mean - expected) <= drop_bound),
                 topic="eq6_masks", p=p))
-    for dare in sorted(_select(settings, "dare", k=0.0), key=lambda setting: setting.edit["p"]):
-        if dare.edit["p"] < 0.9 or len(set(dare.seeds)) < 2:  # an average over masks needs several
+    for setting in sorted(_select(settings, "dare", k=0.0), key=lambda setting: setting.edit["p"]):
+        if setting.edit["p"] < 0.9 or len(set(setting.seeds)) < 2:  # an average over masks needs several
             continue
-        points = dare.inner_products()
+        points = setting.inner_products()
         first = points[0]
         zero_first = abs(first.mean) <= 3 * first.std / math.sqrt(first.n)
         positive_later = all(point.mean > 3 * point.std / math.sqrt(point.n) for point in points[1:])
         shown = ", ".join(f"c={c}: {point}" for c, point in enumerate(points))
         lines.append(Finding(
             f"Eqs. 4–6 at every Riemann point: ⟨∇L(W_post + (c/C)E), E⟩ averages to 0 for DARE (p = "
-            f"{dare.edit['p']:g}, C = {len(points)})", f"{shown}; their mean, the term: {dare.term}",
-            _seeds([dare]),
+            f"{setting.edit['p']:g}, C = {len(points)})", f"{shown}; their mean, the term: {setting.term}",
+            _seeds([setting]),
             ("holds at c = 0" if zero_first else "departs at c = 0")
             + ("; departs at c ≥ 1 (∇L there depends on E)" if positive_later else "; holds at c ≥ 1"),
-            topic="eq6_points", p=dare.edit["p"]))
+            topic="eq6_points", p=setting.edit["p"]))
     return lines
 
 
@@ -263,14 +263,22 @@ def _why_rows(settings: Sequence[Setting], revert: float, sizes: Mapping[str, fl
     if not sizes:
         return []
     lines = []
-    random = [s for s in settings if s.family in RANDOM and s.scale == 1.0 and s.dataset == TEST
-              and s.exact.mean > 0.02 * revert and _coefficient(s, sizes) is not None]
-    structured = [s for s in settings if s.family in STRUCTURED and s.scale == 1.0 and s.dataset == TEST
-                  and s.exact.mean > 0.02 * revert and _coefficient(s, sizes) is not None]
+
+    def measured(families: tuple[str, ...]) -> list[tuple[Setting, float]]:
+        """The settings of ``families`` at full scale on the test data with a ΔL to explain, and their coefficient."""
+        found = []
+        for s in settings:
+            if s.family in families and s.scale == 1.0 and s.dataset == TEST and s.exact.mean > 0.02 * revert:
+                coefficient = _coefficient(s, sizes)
+                if coefficient is not None:
+                    found.append((s, coefficient))
+        return found
+
+    random, structured = measured(RANDOM), measured(STRUCTURED)
     if random:
-        coefficients = [_coefficient(s, sizes) for s in random]
+        coefficients = [c for _, c in random]
         shown = "; ".join(f"{s.label()}: ‖E‖/‖ΔW‖ {_size(s, sizes):.2f}, curvature {s.curvature.mean:+.4f}, per size² "
-                          f"{c:.4f}" for s, c in zip(random, coefficients))
+                          f"{c:.4f}" for s, c in random)
         spread = max(coefficients) / min(coefficients) if min(coefficients) > 0 else math.inf
         threshold = COMPETITIVE * revert / stat(coefficients).mean
         cited = ", ".join(f"#{n}" for n in numbers.get("random", []))
@@ -278,18 +286,18 @@ def _why_rows(settings: Sequence[Setting], revert: float, sizes: Mapping[str, fl
             "Why random masks depart at high p or negative k (the demo's experiment): their ΔL is curvature, a "
             "constant times (‖E‖/‖ΔW‖)² = (1 − k)²p/(1 − p)",
             f"{shown} (max/min {spread:.1f}); so 10% of R is reached at (‖E‖/‖ΔW‖)² ≈ {threshold:.0f} (DARE p = "
-            f"{threshold / (1 + threshold):.3f})", _seeds(random), f"explains {cited}" if cited else "(measured)",
+            f"{threshold / (1 + threshold):.3f})", _seeds(s for s, _ in random),
+            f"explains {cited}" if cited else "(measured)",
             topic="why_random"))
     if random and structured:
-        base = stat(_coefficient(s, sizes) for s in random).mean
+        base = stat(c for _, c in random).mean
         shown = "; ".join(f"{s.label()}: ‖E‖/‖ΔW‖ {_size(s, sizes):.2f}, curvature {s.curvature.mean:+.4f}, per size² "
-                          f"{_coefficient(s, sizes):.4f} ({_coefficient(s, sizes) / base:.0f}× random)"
-                          for s in structured)
+                          f"{c:.4f} ({c / base:.0f}× random)" for s, c in structured)
         cited = ", ".join(f"#{n}" for n in numbers.get("structured", []))
         lines.append(Finding(
             "Why structured edits depart (the demo's experiment): at the same size ‖E‖, an E shaped by ΔW's signs or "
             "magnitudes costs far more curvature than a random mask", f"{shown}; random masks: {base:.4f}",
-            _seeds(structured), f"explains {cited}" if cited else "(measured)", topic="why_structured"))
+            _seeds(s for s, _ in structured), f"explains {cited}" if cited else "(measured)", topic="why_structured"))
     return lines
 
 
@@ -364,7 +372,7 @@ def _table1_findings(settings: Sequence[Setting], revert: float) -> list[Finding
         "gradient": "§4.3, Table 1 (right): choosing by the sign of ΔW·∇L ruins it (ΔL > R: worse than W_pre)",
     }
     for column, claim in claims.items():
-        cells = [(k, row[column]) for k, row in table.items() if row[column] is not None]
+        cells = [(k, setting) for k, row in table.items() if (setting := row[column]) is not None]
         if not cells:
             continue
         if column == "gradient":
@@ -534,12 +542,10 @@ def _scale_findings(settings: Sequence[Setting], numbers: Mapping[float, int]) -
         return []
     lines = []
     for p in sorted({st.edit["p"] for st in settings if st.family == "dare" and st.scale != 1.0}):
-        dare = {s: _find(settings, "dare", scale=s, p=p, k=0.0) for s in known}
-        dare = {s: setting for s, setting in dare.items() if setting is not None}
+        dare = {s: setting for s in known if (setting := _find(settings, "dare", scale=s, p=p, k=0.0)) is not None}
         if len(dare) < 2:
             continue
-        drop = {s: _find(settings, "drop_only", scale=s, p=p) for s in known}
-        drop = {s: setting for s, setting in drop.items() if setting is not None}
+        drop = {s: setting for s in known if (setting := _find(settings, "drop_only", scale=s, p=p)) is not None}
         parts = [f"s={s:g}: R(s) = {known[s]:.4f}, DARE ΔL {setting.exact} ({100 * setting.exact.mean / known[s]:.0f}% "
                  "of R(s))" + (f", drop only {100 * drop[s].exact.mean / known[s]:.0f}%" if s in drop else "")
                  for s, setting in dare.items()]
@@ -574,20 +580,20 @@ def findings(rows: Sequence[SweepRow], gradient_terms: Mapping[str, Any] | None 
         sizes: row key -> ``‖E‖/‖ΔW‖`` (:func:`edit_sizes`), for the curvature per size of each edit.
     """
     settings = aggregate(rows, scales)
-    revert = revert_cost(settings)
+    cost = revert_cost(settings)
+    revert = cost if cost is not None and cost > 0 else None  # the findings measured against R need one
     lines: list[Finding] = []
-    ok = revert is not None and revert > 0
-    if ok:
+    if revert is not None:
         lines += _dare_findings(settings, revert)
     lines += _eq6_findings(settings, gradient_terms)
-    if ok:
+    if revert is not None:
         lines += _k_findings(settings, revert)
         lines += _table1_findings(settings, revert)
         lines += _della_findings(settings, revert)
         lines += _bitdelta_findings(settings, revert)
         lines += _equal_density_findings(settings, shapes)
     lines += _expo_findings(settings)
-    if ok:
+    if revert is not None:
         lines += _sign_findings(settings, revert)
         numbers = {
             "random": [number for number, line in enumerate(lines, 1) if line.departs and line.topic in RANDOM_TOPICS],
@@ -595,7 +601,7 @@ def findings(rows: Sequence[SweepRow], gradient_terms: Mapping[str, Any] | None 
                            if line.departs and line.topic in STRUCTURED_TOPICS],
         }
         lines += _why_rows(settings, revert, sizes, numbers)
-    dare_rows = {line.p: number for number, line in enumerate(lines, 1) if line.topic == "dare"}
+    dare_rows = {line.p: number for number, line in enumerate(lines, 1) if line.topic == "dare" and line.p is not None}
     lines += _scale_findings(settings, dare_rows)
     return lines
 
@@ -649,10 +655,10 @@ def quadrature_findings(rows: Sequence[SweepRow]) -> list[Finding]:
         left = [row for row in members if row.result.rule == "left" and row.result.trapezoid is None]
         if not left:
             continue
-        passes = left[0].result.passes
-        gauss = [row for row in members if row.result.rule == "gauss" and row.result.passes == passes]
-        references = sorted((row for row in members if row.result.rule == "gauss" and row.result.passes > passes),
-                            key=lambda row: row.result.passes)
+        passes = _passes(left[0])
+        gauss = [row for row in members if row.result.rule == "gauss" and _passes(row) == passes]
+        references = sorted((row for row in members if row.result.rule == "gauss" and _passes(row) > passes),
+                            key=_passes)
         if not gauss or not references:
             continue
         reference = references[-1].result
@@ -673,6 +679,12 @@ def quadrature_findings(rows: Sequence[SweepRow]) -> list[Finding]:
     return [Finding(f"Beyond the paper: Gauss–Legendre against the paper's left rule at equal passes ({passes}), worst "
                     f"per-tensor error as a share of the largest per-tensor term of a {reference_nodes}-node Gauss "
                     "reference", measured, "1", verdict, topic="quadrature")]
+
+
+def _passes(row: SweepRow) -> int:
+    """The row's backward passes per batch (the result of every sweep counts them)."""
+    assert row.result.passes is not None
+    return row.result.passes
 
 
 # ------------------------------------------------------------------------------------------------------ tables
@@ -711,7 +723,8 @@ def over_pairs_table(labels: Sequence[str], findings_per_pair: Sequence[Sequence
     for number, line in enumerate(findings_per_pair[0], 1):
         verdicts = [claims.get(line.claim) for claims in by_claim]
         counted = [holds(verdict) for verdict in verdicts if verdict is not None]
-        tally = "—" if any(value is None for value in counted) else f"{sum(counted)} of {len(labels)}"
+        known = [value for value in counted if value is not None]
+        tally = "—" if len(known) < len(counted) else f"{sum(known)} of {len(labels)}"
         cells = " | ".join(_cell(verdict) if verdict is not None else "—" for verdict in verdicts)
         out.append(f"| {number} | {_cell(line.claim)} | {cells} | {tally} |")
     return "\n".join(out)

@@ -78,7 +78,7 @@ def demo(
     fast: bool = False,
     pair_seeds: list[int] | None = None,
     train: bool = False,
-    pair: PairSettings = PairSettings(),
+    pair: PairSettings = PairSettings(),  # noqa: B008 (frozen, so the shared default cannot change; --help shows its fields' defaults)
     resume: bool = False,
     retrain: bool = False,
     threads: int | None = 1,

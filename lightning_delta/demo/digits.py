@@ -119,10 +119,10 @@ def digit_sequences(images: np.ndarray, digits: np.ndarray, answer_only: bool = 
         ``input_ids``, ``attention_mask`` and ``labels``, each ``(N, 19)``.
     """
     patches = patch_tokens(images)  # (N, 16)
-    digits = torch.tensor(np.asarray(digits), dtype=torch.long)
+    answers = torch.tensor(np.asarray(digits), dtype=torch.long)
     n = patches.shape[0]
     input_ids = torch.cat(
-        [torch.full((n, 1), BOS_TOKEN), patches, torch.full((n, 1), ANSWER_TOKEN), (DIGIT_TOKEN + digits)[:, None]],
+        [torch.full((n, 1), BOS_TOKEN), patches, torch.full((n, 1), ANSWER_TOKEN), (DIGIT_TOKEN + answers)[:, None]],
         dim=1,
     )  # (N, 19)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -177,6 +177,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.dataset = DigitSequences(images, digits)
 
     def val_dataloader(self) -> DataLoader:
+        assert self.dataset is not None  # setup made it
         sampler = None
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:

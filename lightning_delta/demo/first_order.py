@@ -52,7 +52,7 @@ def sweep_agreement(terms: dict[str, Any], rows: list[SweepRow], scales: dict[st
         family = "drop_only" if row.edit.get("rescale") is False else "dare"
         if (row.edit.get("name") != "dare" or row.edit.get("k", 0.0) != 0.0 or row.dataset != "Digits/test"
                 or scales.get(str(row.config.get("model", {}).get("pretrained")), 1.0) != 1.0
-                or p not in terms.get(family, {}) or seed is None or seed >= len(terms[family][p])):
+                or p is None or p not in terms.get(family, {}) or seed is None or seed >= len(terms[family][p])):
             continue
         difference = abs(terms[family][p][seed] - row.result.inner_products[0])
         agreement[p] = max(agreement.get(p, 0.0), difference)

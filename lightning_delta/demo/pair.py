@@ -123,8 +123,8 @@ class CausalLMTraining(pl.LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-def _llama(settings: PairSettings) -> nn.Module:
-    config = LlamaConfig(
+def _llama(settings: PairSettings) -> LlamaForCausalLM:
+    config = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation: a keyword every config takes, untyped
         vocab_size=VOCAB_SIZE,
         hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size,
@@ -150,7 +150,7 @@ def initialize(model: nn.Module, seed: int) -> None:
     ``named_parameters``, from a generator of its own: the pair does not depend on how a transformers release
     initialises (or orders the initialisation of) a Llama, which changed the trained pair between releases."""
     generator = torch.Generator().manual_seed(seed)
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.ndim >= 2:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * INITIALIZER_RANGE)
         else:

@@ -24,7 +24,7 @@ Face's ``labels``."""
 
 class LossOutput(NamedTuple):
     total: Tensor  # () float64, the sum of per-item losses; carries the graph
-    count: Tensor  # () float64, the number of items in ``total``
+    count: Tensor  # type: ignore[assignment]  # () float64, the number of items in ``total`` (hides tuple.count)
 
 
 class DeltaLoss(nn.Module):

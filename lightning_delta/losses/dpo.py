@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_delta.sources import load_model
 from lightning_delta.losses.base import IGNORE_INDEX, DeltaLoss, LossOutput, at_least_float32, model_logits
+from lightning_delta.sources import load_model
 
 __all__ = ["DPOLoss", "sequence_log_probs"]
 

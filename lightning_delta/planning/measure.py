@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_delta.attach import edit_differences
 from lightning_delta.callbacks import RiemannCallback, RiemannResult
-from lightning_delta.delta import Patterns, Weights
+from lightning_delta.delta import Weights
 from lightning_delta.edits import DeltaEdit
 from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
@@ -25,8 +25,11 @@ from lightning_delta.parametrize import EditedModel
 __all__ = ["exact_candidate_changes", "riemann_sweep", "sweep_passes", "sweep_per_tensor", "tensor_patterns",
            "trapezoid_per_tensor"]
 
+# W_pre as a DeltaEditModule takes it (a module, a state dict, a directory or hub id): the plan's sweeps build one.
+ModuleWeights = nn.Module | Mapping[str, Tensor] | str
+
 # What a plan's trainers share: nothing is trained, logged or checkpointed; one process.
-TRAINER_ARGUMENTS = dict(inference_mode=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+TRAINER_ARGUMENTS: dict[str, Any] = dict(inference_mode=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=False, use_distributed_sampler=False, devices=1)
 
 
@@ -36,8 +39,8 @@ def tensor_patterns(names: Sequence[str]) -> list[str]:
 
 
 def riemann_sweep(
-    model: nn.Module, *, pretrained: Weights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", include: Patterns = None, exclude: Patterns = None,
+    model: nn.Module, *, pretrained: ModuleWeights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss = "causal_lm", include: str | list[str] | None = None, exclude: str | list[str] | None = None,
     num_points: int | None = None, accelerator: str = "cpu", rule: str = "trapezoid",
 ) -> RiemannResult:
     """One sweep of ``edit`` on the tensors selected by ``include`` / ``exclude``, run as ``lightning-delta validate``
@@ -55,6 +58,7 @@ def riemann_sweep(
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         module.edited_model().remove()
+    assert callback.result is not None  # set at the end of validation, which the callback refuses to skip
     return callback.result
 
 
@@ -78,6 +82,7 @@ def sweep_passes(result: RiemannResult) -> tuple[int, int]:
     """(forward+backward, forward-only) passes over the data of one sweep: forward-only at t = 0 and t = 1 where the
     rule runs no backward there."""
     backward_at_ends = sum(not math.isnan(result.inner_products[j]) for j in (0, -1))
+    assert result.passes is not None  # every sweep's result has it (RiemannResult.from_sums)
     return result.passes, 2 - backward_at_ends
 
 

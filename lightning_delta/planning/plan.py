@@ -48,6 +48,7 @@ from lightning_delta.planning.allocate import allocate
 from lightning_delta.planning.family import FAMILIES, Family, exact, family
 from lightning_delta.planning.measure import (
     TRAINER_ARGUMENTS,
+    ModuleWeights,
     riemann_sweep,
     sweep_passes,
     sweep_per_tensor,
@@ -109,8 +110,8 @@ def relevant_values(choices: list[int], num_values: int) -> list[int]:
 
 
 def exact_change(
-    model: nn.Module, *, pretrained: Weights, edit: Any, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: Patterns = None,
+    model: nn.Module, *, pretrained: ModuleWeights, edit: Any, datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: str | list[str] | None = None,
 ) -> tuple[float, float]:
     """``(L(W_post), L(W_post + E) − L(W_post))`` by ``trainer.validate`` on a DeltaEditModule (two forwards per
     batch, float64 sums) editing the tensors ``include`` selects; ``model`` is given back at W_post."""
@@ -127,7 +128,7 @@ def exact_change(
 def plan_edit(
     model: nn.Module | str,
     *,
-    pretrained: Weights,
+    pretrained: ModuleWeights,
     datamodule: pl.LightningDataModule,
     family_name: str,
     average: float | None = None,
@@ -200,7 +201,7 @@ class PlanningRun:
 def run_planning(
     model: nn.Module | str,
     *,
-    pretrained: Weights,
+    pretrained: ModuleWeights,
     datamodule: pl.LightningDataModule,
     family_name: str,
     average: float | None = None,
@@ -250,7 +251,7 @@ def run_planning(
                                                           pretrained=pretrained, datamodule=datamodule, loss=loss,
                                                           seed=seed, accelerator=accelerator)
         passes["forward"] += forwards
-    label = min(measured, key=measured.get) if measured else ("refined" if swept else "second order")
+    label = min(measured, key=measured.__getitem__) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
     scores, costs, stored = budgeted.scores, budgeted.costs, budgeted.stored
     rows = range(len(scores.names))
@@ -321,6 +322,7 @@ def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule
     del statistics
     stored = scores.stored  # of the very edited tensors: DARE's actual kept count, BitDelta's zeros
     if budget_bytes is None:
+        assert average is not None  # one of the two (_check_budget)
         budget = sum((spec.cost(average, scores.shapes[name]) for name in scores.names), Fraction(0))
         return BudgetedScores(scores, scores.costs, budget, stored, average if average in values else None)
     budget = exact(budget_bytes)
@@ -329,7 +331,7 @@ def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule
 
 
 def refine_scores(model: nn.Module, budgeted: BudgetedScores, spec: Family, settings: list[float], *,
-                  pretrained: Weights, datamodule: pl.LightningDataModule, loss: str | DeltaLoss, seed: int,
+                  pretrained: ModuleWeights, datamodule: pl.LightningDataModule, loss: str | DeltaLoss, seed: int,
                   num_points: int | None, accelerator: str, rule: str) -> tuple[Tensor, dict[float, RiemannResult]]:
     """Stage 3, **refinement**: a Riemann sweep at each of ``settings`` edits every planned tensor at it; each tensor's
     share replaces its second-order score there. Returns the scores to allocate with and the sweeps by setting."""
@@ -360,7 +362,7 @@ def propose(budgeted: BudgetedScores, used: Tensor, second_order: list[int], ref
 
 
 def measure_proposals(model: nn.Module, budgeted: BudgetedScores, spec: Family, proposals: dict[str, list[int]],
-                      sweeps: dict[float, RiemannResult], *, pretrained: Weights, datamodule: pl.LightningDataModule,
+                      sweeps: dict[float, RiemannResult], *, pretrained: ModuleWeights, datamodule: pl.LightningDataModule,
                       loss: str | DeltaLoss, seed: int, accelerator: str) -> tuple[float | None, dict[str, float], int]:
     """Stage 4, **exact ΔL**: each distinct proposal measured by ``trainer.validate`` (the uniform edit's from its sweep
     when one ran). Returns ``L(W_post)``, the exact ΔL by proposal, and the forward passes it took."""
