@@ -190,12 +190,12 @@ def test_rules_default_point_counts():
     assert RiemannCallback(rule="trapezoid").schedule.passes == 6
 
 
-def test_rows_written_before_the_rules_still_load():
-    old = {"num_points": 2, "count": 3.0, "losses": [1.0, 1.1, 1.3], "inner_products": [0.1, 0.2, float("nan")],
-           "term": 0.15, "trapezoid": None, "exact": 0.3, "loss_post": 1.0, "loss_edit": 1.3}
-    result = RiemannResult.from_dict(old)
-    assert result.rule == "left" and result.points == [0.0, 0.5, 1.0] and result.weights == [0.5, 0.5, 0.0]
-    assert result.passes is None and result.completeness_gap is None
+def test_a_result_without_its_rule_is_refused_by_name():
+    """Version 0.1.0 reads only its own results: the rule, its points and weights are required fields, named."""
+    partial = {"num_points": 2, "count": 3.0, "losses": [1.0, 1.1, 1.3], "inner_products": [0.1, 0.2, float("nan")],
+               "term": 0.15, "trapezoid": None, "exact": 0.3, "loss_post": 1.0, "loss_edit": 1.3}
+    with pytest.raises(ValueError, match=r"missing fields \['rule', 'points', 'weights'\]"):
+        RiemannResult.from_dict(partial)
 
 
 @pytest.fixture(scope="module")
