@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import lightning_delta.cli as cli
-from tests.locked import requires_lock
+from tests.support.locked import requires_lock
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -318,7 +318,7 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp_path / "models", "llama", shard=None, scale=0.05)
     work = tmp_path / "work"
@@ -384,7 +384,7 @@ def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_to
         ultrafeedback,
         vision,
     )
-    from tests.tiny_models import make_tiny_image_processor
+    from tests.support.tiny_models import make_tiny_image_processor
 
     (tmp_path / "gsm8k.jsonl").write_text("\n".join(docstring_example(gsm8k)) + "\n")
     data = GSM8KDataModule(tiny_tokenizer, data=str(tmp_path / "gsm8k.jsonl"), batch_size=3)

@@ -41,8 +41,8 @@ from lightning_delta.edits import (
 from lightning_delta.export import save_edited
 from lightning_delta.plan import plan_edit
 from lightning_delta.planning.family import FAMILIES
-from tests.readme_support import README, block
-from tests.tiny_models import make_tiny_model, make_tiny_pair, reference_state_dict, save_model
+from tests.support.readme_support import README, block
+from tests.support.tiny_models import make_tiny_model, make_tiny_pair, reference_state_dict, save_model
 
 EDITS = {
     "bitdelta": BitDelta(),

@@ -12,13 +12,13 @@ import yaml
 from lightning_delta.cli import run
 from lightning_delta.runner import DeltaCLI
 from lightning_delta.sweep import expand_grid
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     write_fusionbench_repository,
     write_gsm8k,
     write_hub_cache_entry,
     write_ultrafeedback,
 )
-from tests.tiny_models import make_fake_hub_repo, make_tiny_pair
+from tests.support.tiny_models import make_fake_hub_repo, make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
@@ -154,7 +154,7 @@ def _tiny_clip_reading_long_prompts(tmp_path: Path) -> tuple[Path, Path]:
     import torch
     from transformers import CLIPModel
 
-    from tests.tiny_models import make_post_trained, save_model, tiny_config
+    from tests.support.tiny_models import make_post_trained, save_model, tiny_config
 
     config = tiny_config("clip")
     config.text_config.max_position_embeddings = 128

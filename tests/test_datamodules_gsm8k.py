@@ -14,15 +14,15 @@ from lightning_delta.datamodules.gsm8k import AnswerLineEnded
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.metrics import extract_final_number
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     GSM8K_ROWS,
     GSM8K_TRAIN_ROWS,
     write_gsm8k,
     write_jsonl,
     write_parquet,
 )
-from tests.riemann_support import brute_force, random_edits, weights_at
-from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+from tests.support.riemann_support import brute_force, random_edits, weights_at
+from tests.support.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

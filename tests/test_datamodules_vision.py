@@ -14,9 +14,9 @@ from lightning_delta.datamodules import CLASSNAMES, TASKS, VisionDataModule, Zer
 from lightning_delta.datamodules.classnames import get_templates
 from lightning_delta.losses import ClassificationLoss
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import _write_idx, write_gtsrb_test, write_mnist, write_resisc45
-from tests.riemann_support import brute_force, random_edits
-from tests.tiny_models import make_post_trained, make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
+from tests.support.datamodule_fixtures import _write_idx, write_gtsrb_test, write_mnist, write_resisc45
+from tests.support.riemann_support import brute_force, random_edits
+from tests.support.tiny_models import make_post_trained, make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
 
 # The tiny CLIP text tower pools at the largest token id (CLIP's legacy rule for eos id 2) under a causal mask: the
 # class name comes first so that every position sees it.

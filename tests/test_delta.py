@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lightning_delta import _loading
 from lightning_delta.attach import edit_differences
 from lightning_delta.delta import compute_delta, delta_names, iter_delta, load_tensors, tied_names
-from tests.tiny_models import (
+from tests.support.tiny_models import (
     make_fake_hub_repo,
     make_post_trained,
     make_tiny_model,

@@ -55,7 +55,7 @@ from lightning_delta.demo.pair import (
 )
 from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, SignBiased
 from lightning_delta.sweep import SweepRow, expand_grid
-from tests.locked import requires_lock
+from tests.support.locked import requires_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest on a busy box
 

@@ -18,7 +18,7 @@ from lightning_delta.estimate import LiveTensorBytes, MemoryEstimate, estimate_m
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.parametrize import EditedModel, stored_dtype
 from tests.test_configs import CONFIGS, PAPER_CONFIGS, _swap, _tiny_replacements
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.support.tiny_models import make_tiny_model, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -308,8 +308,8 @@ def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tm
     """``lightning_logs/version_0/config.yaml`` of a real validate run (with ``ckpt_path``, ``verbose``,
     ``weights_only`` and ``devices: auto``) and ``--print_config`` of it are estimates' configs too: one CPU process
     (what ``devices: auto`` gives there), the run's batch of 2 × 64 tokens."""
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_jsonl
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)

@@ -15,7 +15,7 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import Extrapolate, GradientBiased
 from lightning_delta.losses import ClassificationLoss
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import brute_force, image_dataset, tiny_vit
+from tests.support.riemann_support import brute_force, image_dataset, tiny_vit
 
 
 class UserClassifier(pl.LightningModule):
@@ -229,8 +229,8 @@ def _library_loss_case(name: str, tmp_path):
     """A tiny model, its W_pre, one of the library's losses and real batches of its data (four examples each)."""
     from lightning_delta.datamodules import GSM8KDataModule, UltraFeedbackDataModule
     from lightning_delta.losses import CausalLMLoss, DPOLoss
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl, write_ultrafeedback
-    from tests.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_jsonl, write_ultrafeedback
+    from tests.support.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
 
     if name == "classification":
         module = UserClassifier()

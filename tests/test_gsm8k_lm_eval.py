@@ -11,8 +11,8 @@ import yaml
 
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules import gsm8k_protocols as protocols
-from tests.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_POOL, write_gsm8k_repository, write_parquet
-from tests.tiny_models import make_tiny_tokenizer
+from tests.support.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_POOL, write_gsm8k_repository, write_parquet
+from tests.support.tiny_models import make_tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm_eval (lm-evaluation-harness) is a test dependency")
 

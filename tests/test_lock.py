@@ -11,7 +11,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.locked import LOCK, locked_versions, requires_lock
+from tests.support.locked import LOCK, locked_versions, requires_lock
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 REFRESH = "run `make lock` (README: Refreshing the lock)"

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import DARE, BitDelta, DeltaEdit, GradientBiased, MagnitudePrune
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import random_edits, tiny_llama, token_dataset
+from tests.support.riemann_support import random_edits, tiny_llama, token_dataset
 from tests.test_riemann import run_validate
-from tests.tiny_models import make_tiny_pair
+from tests.support.tiny_models import make_tiny_pair
 
 FIELDS = ("term", "trapezoid", "exact", "loss_post", "loss_edit", "inner_products", "inner_products_per_tensor")
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_delta.parametrize import EditedModel, EditParametrization
-from tests.riemann_support import VOCAB, random_edits, tiny_llama
+from tests.support.riemann_support import VOCAB, random_edits, tiny_llama
 
 
 def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():

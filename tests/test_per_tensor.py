@@ -16,7 +16,7 @@ from lightning_delta.delta import iter_delta
 from lightning_delta.demo.digits import DigitsDataModule
 from lightning_delta.edits import DARE, BitDelta, GradientBiased, LowRank, PerTensor
 from lightning_delta.export import PER_TENSOR_FILE
-from tests.tiny_models import make_tiny_model
+from tests.support.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

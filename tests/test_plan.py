@@ -32,7 +32,7 @@ from lightning_delta.planning.allocate import allocate
 from lightning_delta.planning.family import FAMILIES, family
 from lightning_delta.planning.measure import exact_candidate_changes, riemann_sweep, trapezoid_per_tensor
 from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
-from tests.tiny_models import make_tiny_model
+from tests.support.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,7 @@ from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.callbacks.quadrature import gauss_legendre, patterson_chain
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import plain_loss, quadrature, random_edits, tiny_llama, token_dataset
+from tests.support.riemann_support import plain_loss, quadrature, random_edits, tiny_llama, token_dataset
 from tests.test_riemann import run_validate
 
 
@@ -200,7 +200,7 @@ def test_rows_written_before_the_rules_still_load():
 
 @pytest.fixture(scope="module")
 def digits_pair():
-    from tests.quadrature_support import digits_mlp_pair
+    from tests.support.quadrature_support import digits_mlp_pair
 
     return digits_mlp_pair()
 
@@ -218,7 +218,7 @@ def test_adaptive_estimate_bounds_the_actual_error_and_gauss3_meets_2e_3_on_the_
     """The issue's table cases (tanh MLP 64-512-512-10 on digits, float64). Against a 16-node Gauss rule from the
     explicit loop (which equals the exact ΔL): the adaptive rule's per-tensor error stays under its own estimate,
     which is under 1e-3 of the largest term, and Gauss with 3 nodes is within 2e-3 of the largest term."""
-    from tests.quadrature_support import TABLE_EDITS
+    from tests.support.quadrature_support import TABLE_EDITS
 
     assert 0.05 < digits_pair.ratio() < 0.12  # ‖ΔW‖/‖W_pre‖ in the paper's regime
     adaptive, E = _run_rule(digits_pair, TABLE_EDITS[case](), rule="adaptive", tolerance=1e-3)
@@ -286,7 +286,7 @@ def test_gauss_equals_the_exact_loss_change_when_the_padding_token_is_an_input(m
     divides by nearly ``sqrt(t²·mean(E²) + eps)``, whose complex zeros near t = 0 slow any quadrature down."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from tests.tiny_models import make_post_trained, make_tiny_model
+    from tests.support.tiny_models import make_post_trained, make_tiny_model
 
     if norm == "float64":
         monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_float64)

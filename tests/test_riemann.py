@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import (
+from tests.support.riemann_support import (
     brute_force,
     image_dataset,
     plain_loss,

@@ -1,7 +1,7 @@
 """FSDP2 (Lightning's ModelParallelStrategy, gloo, 2 CPU processes) gives the numbers of one unsharded process.
 
-Every run is a set of real processes on ``tests/sharded_riemann.py`` (float64, 37 token rows in batches of 4, one
-thread per process). The sharded runs must match one process to 1e-6 relative (they agree to about 1e-13): term,
+Every run is a set of real processes on ``tests/support/sharded_riemann.py`` (float64, 37 token rows in batches of 4,
+one thread per process). The sharded runs must match one process to 1e-6 relative (they agree to about 1e-13): term,
 trapezoid, exact ΔL, losses and every per-tensor term, and the model must hold W_post again afterwards.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.riemann_support import tiny_llama
+from tests.support.riemann_support import tiny_llama
 from tests.test_distributed import ROOT, assert_same, environment
 
-SCRIPT = Path(__file__).with_name("sharded_riemann.py")
+SCRIPT = Path(__file__).parent / "support" / "sharded_riemann.py"
 # A DeltaEditModule (which shards itself) with ready-made E, DARE on a tied model, BitDelta (a whole-tensor mean),
 # GradientBiased (∇L at W_post from the reduce-scattered gradients), and a user's module with a token-sum loss.
 CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient",

@@ -37,7 +37,7 @@ from lightning_delta.sweep import (
     make_points,
     run_sweep,
 )
-from tests.tiny_models import make_tiny_pair
+from tests.support.tiny_models import make_tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
