@@ -59,9 +59,11 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread for the test: tiny models run fastest so, and two threads crawl on a busy two-core machine."""
+    """One torch thread for every test: tiny models run fastest so, and two threads crawl on a busy two-core machine.
+
+    Processes a test starts set their own (``OMP_NUM_THREADS=1``); a test about thread counts sets them itself."""
     import torch
 
     threads = torch.get_num_threads()

@@ -16,8 +16,6 @@ from benchmarks import __main__ as bench
 from benchmarks.common import PeakMemory, run_worker
 from benchmarks.edits import DROP_RATE, RANDOMIZED, edit_worker, unavailable_reason
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
-
 
 def test_worker_in_a_fresh_process_reports_memory():
     spec = {"kind": "edit", "operation": "dare", "implementation": "lightning_delta", "shape": [512, 512]}

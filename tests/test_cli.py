@@ -17,8 +17,6 @@ from lightning_delta.runner import DeltaCLI, sweep_points
 from tests.test_plots import sweep_row
 from tests.test_sweep import digits_config, without_timings
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
-
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:

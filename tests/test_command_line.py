@@ -369,7 +369,6 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     assert not torch.equal(edited["model.layers.0.mlp.up_proj.weight"], post["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_tokenizer):
     """Item 3: the three-line examples of the docstrings (and the README) are files the DataModules read."""
     import numpy as np

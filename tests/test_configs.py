@@ -20,8 +20,6 @@ from tests.support.datamodule_fixtures import (
 )
 from tests.support.tiny_models import make_fake_hub_repo, make_tiny_pair
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = {
     "llama3-8b-instruct-gsm8k.yaml": ("llama", 45 + 5 + 5 + 1 + 5),

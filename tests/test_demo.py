@@ -57,8 +57,6 @@ from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, Si
 from lightning_delta.sweep import SweepRow, expand_grid
 from tests.support.locked import requires_lock
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest on a busy box
-
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--pair.hidden_size", "16", "--pair.intermediate_size", "32", "--pair.pretrain_steps", "30",
          "--pair.posttrain_steps", "10", "--pair.batch_size", "32"]

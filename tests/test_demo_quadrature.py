@@ -9,8 +9,6 @@ from lightning_delta.runner import sweep
 from lightning_delta.sweep import expand_grid
 from tests.test_sweep import digits_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_quadrature_grid_runs_every_setting_once_under_three_rules():
     grid = [{"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.5, 0.9], "edit.init_args.seed": [3, 1, 2]},

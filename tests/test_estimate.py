@@ -20,8 +20,6 @@ from lightning_delta.parametrize import EditedModel, stored_dtype
 from tests.test_configs import CONFIGS, PAPER_CONFIGS, _swap, _tiny_replacements
 from tests.support.tiny_models import make_tiny_model, tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _tokens(batch: int, length: int, device: str = "meta", vocab: int = 128) -> dict[str, torch.Tensor]:
     ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)

@@ -34,8 +34,6 @@ from lightning_delta.planning.measure import exact_candidate_changes, riemann_sw
 from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
 from tests.support.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # ------------------------------------------------------------------------------------- gradient statistics
 class SumOfSquares:

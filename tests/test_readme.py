@@ -28,7 +28,6 @@ from tests.support.riemann_support import token_dataset
 from tests.support.tiny_models import make_tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_python_block_of_the_readme_is_run_here():

@@ -42,9 +42,6 @@ from tests.support.tiny_models import make_tiny_pair
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
-
-
 def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_points: int = 2) -> dict:
     """A sweep config on a tiny random Llama pair (vocabulary 128 covers the digits' 96 tokens) and the digits."""
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
