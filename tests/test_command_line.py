@@ -49,6 +49,7 @@ def stored_help() -> dict[str, str]:
     return stored.HELP
 
 
+@pytest.mark.slow
 @requires_lock
 def test_the_stored_help_is_current():
     import lightning_delta._help as stored
@@ -60,6 +61,7 @@ def test_the_stored_help_is_current():
         f"back to the live parsers (seconds): run {REGENERATE}.")
 
 
+@pytest.mark.subprocess
 @requires_lock
 @pytest.mark.timeout(300)
 def test_the_stored_help_is_what_the_live_parsers_print():
@@ -113,6 +115,7 @@ def check_help(command: str, done: subprocess.CompletedProcess) -> None:
         assert "--debug" in done.stdout and cli.DEBUG_ENV in done.stdout
 
 
+@pytest.mark.subprocess
 @requires_lock
 @pytest.mark.parametrize("command", ["", *cli.COMMANDS])
 def test_help_in_the_locked_environment_is_the_stored_help(command, tmp_path):
@@ -124,6 +127,7 @@ def test_help_in_the_locked_environment_is_the_stored_help(command, tmp_path):
     assert not (tmp_path / "help").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["", *cli.COMMANDS])
 def test_help_as_printed(command, tmp_path):
     """Twin of the test above in any environment: the help prints its usage, twice the same."""
@@ -133,6 +137,7 @@ def test_help_as_printed(command, tmp_path):
     assert second.stdout == first.stdout
 
 
+@pytest.mark.slow
 def test_help_outside_the_locked_environment_is_made_once_and_kept(tmp_path, monkeypatch):
     """Where the stored help does not apply (another release of a library), the first call prints the live parser's
     help and keeps it under the cache directory; the next call prints the kept one without building a parser; a
@@ -170,6 +175,7 @@ def test_a_narrow_terminal_gets_the_live_help_and_keeps_nothing(tmp_path, monkey
     assert not (tmp_path / "help").exists()
 
 
+@pytest.mark.subprocess
 def test_help_imports_neither_torch_nor_lightning(tmp_path):
     """Once the help is stored or kept (the first process may build it where the stored help does not apply), a
     process that prints every command's help imports neither torch, Lightning nor transformers."""
@@ -193,6 +199,7 @@ def argument_help(help_text: str, option: str) -> str:
     return " ".join(match.group(1).split())
 
 
+@pytest.mark.subprocess
 def test_help_names_and_describes_the_library_classes():
     """Item 2: DataModules, losses, evaluators and edits listed by short name with a description; every model
     argument described; no list of torch's classes; one class's help by its short name."""
@@ -220,6 +227,7 @@ def test_help_names_and_describes_the_library_classes():
     assert re.search(r"--model\.evaluator\.tokenizer TOKENIZER\s+the tokenizer that decodes", done.stdout)
 
 
+@pytest.mark.subprocess
 def test_validate_and_sweep_help_are_their_own():
     """Item 4: sweep's help is sweep's (usage, description); validate's leaves out the sweep section."""
     from lightning_delta.runner import SWEEP_DESCRIPTION, VALIDATE_DESCRIPTION
@@ -235,6 +243,7 @@ def test_validate_and_sweep_help_are_their_own():
     assert "--sweep." not in validate_help.stdout and "--ckpt_path" in validate_help.stdout
 
 
+@pytest.mark.subprocess
 def test_errors_are_their_message_and_a_nonzero_status():
     """Item 7: a library error is one line and status 1; --debug or LIGHTNING_DELTA_DEBUG=1 shows the traceback."""
     args = ("validate", "--edit", "dare", "--edit.p", "0.9")
@@ -311,6 +320,7 @@ def test_the_readme_data_examples_are_the_datamodules_own():
     assert readme_examples() == [docstring_example(gsm8k), docstring_example(ultrafeedback), docstring_example(vision)]
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(900)
 def test_the_readme_walk_through_runs_as_written(tmp_path):
     """Items 5, 6 and 8 as a new user meets them: every command of the README's walk-through, copied as written, in a

@@ -125,6 +125,7 @@ ROUND_TRIPS = [(label, "bfloat16") for label in EDITS] + [
     (label, "float32") for label in ("bitdelta-3-bits", "dare", "ties-trim", "lowrank", "per-tensor")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("label", "dtype"), ROUND_TRIPS)
 def test_the_loaded_model_is_what_save_edited_writes_bit_for_bit(pairs, tmp_path, label, dtype):
     pair, edit = pairs[dtype], EDITS[label]
@@ -238,6 +239,7 @@ def test_a_dare_plan_stores_exactly_its_stored_bytes_within_the_budget(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------- peft
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_peft_adapter_loaded_by_peft_and_merged_is_the_compressed_model(pairs, tmp_path, dtype):
     peft = pytest.importorskip("peft", reason="peft is an optional dependency (the `bench` extra)")
@@ -382,6 +384,7 @@ def readme_compress_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in commands[:commands.index("```")].splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_readme_walk_through_plan_compress_load_runs_as_written(tmp_path, monkeypatch):
     pair = make_tiny_pair(tmp_path / "made", scale=0.01)
     shutil.copytree(pair.pre_dir, tmp_path / "pre")

@@ -116,6 +116,7 @@ def test_dpo_loss_against_float64_by_hand(tokenizer, models, tmp_path):
     assert loss.reference.calls == [4, 4, 2]  # once per batch, chosen and rejected together
 
 
+@pytest.mark.slow
 def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, models, tmp_path):
     reference, post = models
     write_ultrafeedback(tmp_path)

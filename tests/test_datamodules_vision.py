@@ -208,6 +208,7 @@ def test_a_clip_vision_model_as_the_vision_tower(clip, tokenizer):
         torch.testing.assert_close(model.image_features(pixels), features, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer, tmp_path):
     write_mnist(tmp_path, num_test=7)
     dm = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor(), batch_size=3)

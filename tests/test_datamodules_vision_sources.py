@@ -88,6 +88,7 @@ def test_svhn_reads_one_config_never_both(tmp_path, processor):
     assert everything(dm)["labels"].tolist() == [4, 2]
 
 
+@pytest.mark.slow
 def test_sun397_and_cars_class_names_come_from_the_data_sets_class_label(tmp_path, offline_hub):
     for task in ("sun397", "stanford_cars"):
         repo_id, _ = FUSIONBENCH_DATA[task]

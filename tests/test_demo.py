@@ -341,6 +341,7 @@ def test_sweep_agreement_compares_the_same_masks():
 
 
 # ---------------------------------------------------------------------------------------------- the command
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     cache, output = tmp_path / "cache", tmp_path / "out"
@@ -439,6 +440,7 @@ def pair_row(label: str, info: dict) -> str:
             f"{100 * info['regime']['all']['ratio']:.2f} % |")
 
 
+@pytest.mark.slow
 @requires_lock
 def test_the_shipped_pairs_measure_what_the_readme_prints(tmp_path):
     """Each shipped reference pair, loaded and measured here (test accuracy and loss of W_pre and W_post on the 450

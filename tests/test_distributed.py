@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = Path(__file__).parent / "support" / "distributed_riemann.py"
 ROOT = SCRIPT.parents[2]
 

@@ -93,6 +93,7 @@ def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: s
     return held + allocation_peak(profiler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path, dtype):
     """No E held: the point allocates E's bytes less than with kept float32 E; the estimate makes each tensor's E
@@ -185,6 +186,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_estimate_command_on_every_shipped_config(name, tmp_path, offline, capsys):
     """Each shipped config as written, hub ids swapped for tiny local models: 8 DDP processes holding the whole
@@ -213,6 +215,7 @@ def test_estimate_command_equals_the_function_on_the_configs_shapes(tmp_path, of
     assert result == direct
 
 
+@pytest.mark.slow
 def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     """``model.E_dtype: on_the_fly`` in the config reaches the estimate: no E held, one tensor's E made per point."""
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
@@ -223,6 +226,7 @@ def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     assert result == direct and result.E == 0 and result.attach_temporaries > 0
 
 
+@pytest.mark.slow
 def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path, strategy="fsdp", devices=4)
     sharded = run(["estimate", "--config", str(path)])
@@ -287,6 +291,7 @@ def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
     assert result.weights < result.sharded_copies < 2 * result.weights
 
 
+@pytest.mark.slow
 def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, offline, capsys):
     """``riemann.rule`` sets the passes per batch, not the memory: gauss runs 3 backward passes and forwards alone at
     t = 0 and t = 1; the shipped config's left rule with its trapezoid runs C + 1 = 6 backward passes."""
@@ -302,6 +307,7 @@ def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, o
         run(["estimate", "--config", str(path), "--riemann.rule", "gauss"])  # the config's trapezoid: true
 
 
+@pytest.mark.slow
 def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tmp_path, monkeypatch, offline, capsys):
     """``lightning_logs/version_0/config.yaml`` of a real validate run (with ``ckpt_path``, ``verbose``,
     ``weights_only`` and ``devices: auto``) and ``--print_config`` of it are estimates' configs too: one CPU process

@@ -87,6 +87,7 @@ def test_plain_validate_without_validation_step_says_what_to_do():
         trainer_with(callback).validate(UserClassifier(), DataLoader(image_dataset(4)), verbose=False)
 
 
+@pytest.mark.slow
 def test_gradient_biased_end_to_end():
     """One pass computes ∇L at W_post, the edit is built from its signs, and the term matches brute force."""
     user = UserClassifier()
@@ -146,6 +147,7 @@ def test_validate_leaves_a_users_own_validation_step():
     assert "validation_step" not in vars(module)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
     """GradientBiased's ∇L(W_post): float64 for float64 models; for bf16 models each batch's gradient is summed in

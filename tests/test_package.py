@@ -10,6 +10,7 @@ import pytest
 import lightning_delta
 
 
+@pytest.mark.slow
 def test_every_exported_name_resolves():
     for name in lightning_delta.__all__:
         assert getattr(lightning_delta, name) is not None, name
@@ -18,6 +19,7 @@ def test_every_exported_name_resolves():
         lightning_delta.no_such_name  # noqa: B018
 
 
+@pytest.mark.subprocess
 def test_edits_import_without_lightning_and_dpo_is_always_registered():
     code = (
         "import sys, lightning_delta.edits\n"

@@ -36,6 +36,7 @@ def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():
         assert all(p.t.grad is None for p in edited.parametrizations.values())  # popped
 
 
+@pytest.mark.slow
 def test_recompute_keeps_no_materialised_weight_alive():
     """Under recompute_weights, no W(t) survives the forward: backward rebuilds it."""
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -61,6 +62,7 @@ def test_recompute_keeps_no_materialised_weight_alive():
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_materialise_and_save_pretrained_round_trip(tmp_path, tie):
     from transformers import AutoModelForCausalLM

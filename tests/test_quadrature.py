@@ -82,6 +82,7 @@ def test_each_rule_equals_an_explicit_float64_quadrature(rule, num_points):
         assert result.trapezoid == pytest.approx(result.term, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_gauss_converges_to_the_exact_loss_change_and_beats_the_left_rule():
     """A 16-node Gauss rule from the explicit loop equals the exact ΔL; against it, Gauss with 3 passes has a far
     smaller per-tensor error than the paper's left rule with 5."""
@@ -144,6 +145,7 @@ def test_two_gauss_nodes_integrate_a_cubic_integrand_exactly_in_two_passes():
     assert abs(left.result.term - exact) > 1e-3 * abs(exact)  # the left rule is not exact here
 
 
+@pytest.mark.slow
 def test_left_rule_is_the_default_and_bit_identical_to_the_paper_formula():
     """The default, rule="left" and rule="left", trapezoid=True give equal results, whose per-tensor terms are the
     paper's ``(1/C) Σ_{c<C} g_c`` computed as before the rules existed (``mean`` over the first C rows)."""
@@ -213,6 +215,7 @@ def _run_rule(pair, edit, **options) -> tuple[RiemannResult, dict[str, torch.Ten
     return callback.result, {name: edited.E(name).detach() for name in edited.names}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["DARE p = 0.9", "DARE p = 0.99", "BitDelta", "EXPO α = −1"])
 def test_adaptive_estimate_bounds_the_actual_error_and_gauss3_meets_2e_3_on_the_table(digits_pair, case):
     """The issue's table cases (tanh MLP 64-512-512-10 on digits, float64). Against a 16-node Gauss rule from the

@@ -186,6 +186,7 @@ def multinode_setup(tmp_path_factory):
     return root, pair, data, single
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 @pytest.mark.parametrize("logger", [True, False], ids=["default-logger", "logger-false"])
 def test_multi_node_block_on_two_processes_equals_one(strategy, logger, multinode_setup, tmp_path):
