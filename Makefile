@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements.lock
 
-.PHONY: setup test check demo bench lock wheel-check clean
+.PHONY: setup test test-fast check demo bench lock wheel-check clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --doctest-modules lightning_delta tests
+
+# The edit loop (under a minute): every test but those that start processes or take seconds (CONTRIBUTING.md).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q --doctest-modules -m "not subprocess and not distributed and not slow" lightning_delta tests
 
 # Lint, format and types: ruff over the repository, mypy over the package (their settings are in pyproject.toml).
 check: $(VENV)/.installed

@@ -31,7 +31,7 @@ import torch
 
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules.gsm8k import PLAIN_FORMAT
-from tests.tiny_models import VOCAB_SIZE, make_tiny_tokenizer
+from tests.support.tiny_models import VOCAB_SIZE, make_tiny_tokenizer
 
 MAX_NEW_TOKENS = 256
 BATCH = 8

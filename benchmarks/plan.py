@@ -37,7 +37,7 @@ from lightning_delta.module import DeltaEditModule
 from lightning_delta.planning.family import FAMILIES
 from lightning_delta.planning.measure import exact_candidate_changes
 from lightning_delta.planning.plan import exact_change, run_planning
-from tests.tiny_models import make_tiny_pair
+from tests.support.tiny_models import make_tiny_pair
 
 BUDGETS = {"bitdelta": 2, "dare": 0.2, "magnitude_prune": 0.2, "lowrank": 4}
 NUM_POINTS = 3

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import lightning_delta.parametrize as parametrize
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.parametrize import EditedModel
-from tests.riemann_support import brute_force, random_edits, tiny_llama, token_dataset
+from tests.support.riemann_support import brute_force, random_edits, tiny_llama, token_dataset
 
 
 def per_tensor_inner(model, E, loader, t: float, exact_dot: bool) -> torch.Tensor:
@@ -66,7 +66,7 @@ def bf16_rows(seeds: int = 3) -> list[str]:
 
     from lightning_delta import DeltaEditModule, edits
     from lightning_delta.callbacks import RiemannCallback
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tempfile.mkdtemp(), "llama", scale=0.01, shard=None)
     rows = token_dataset(64)

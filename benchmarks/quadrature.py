@@ -1,8 +1,8 @@
 """The path integral's error against the gradient passes, per quadrature rule: ``python -m benchmarks.quadrature``.
 
-Cases (float64, deterministic): the tanh MLP 64-512-512-10 on scikit-learn's digits (``tests.quadrature_support``,
-‖ΔW‖/‖W_pre‖ about 8 %) under DARE p = 0.9 and 0.99, BitDelta and EXPO α = −1; the tiny Llama pair of
-``tests.tiny_models`` (post = pre + 0.01·noise, DARE p = 0.9) on random tokens. The reference is a 16-node
+Cases (float64, deterministic): the tanh MLP 64-512-512-10 on scikit-learn's digits
+(``tests.support.quadrature_support``, ‖ΔW‖/‖W_pre‖ about 8 %) under DARE p = 0.9 and 0.99, BitDelta and EXPO α = −1; the tiny Llama pair of
+``tests.support.tiny_models`` (post = pre + 0.01·noise, DARE p = 0.9) on random tokens. The reference is a 16-node
 Gauss–Legendre rule through the same callback (its gap to the exact ΔL is printed).
 
 1. **Error against passes**: per rule, the total's relative error and the worst per-tensor error as a share of the
@@ -30,9 +30,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.edits import DARE
 from lightning_delta.module import DeltaEditModule
-from tests.quadrature_support import TABLE_EDITS, DigitsPair, digits_mlp_pair
-from tests.riemann_support import token_dataset
-from tests.tiny_models import make_tiny_pair, reference_state_dict
+from tests.support.quadrature_support import TABLE_EDITS, DigitsPair, digits_mlp_pair
+from tests.support.riemann_support import token_dataset
+from tests.support.tiny_models import make_tiny_pair, reference_state_dict
 
 RULES = [("left", 5), ("left", 10), ("left", 20), ("trapezoid", 5), ("trapezoid", 10), ("gauss", 2), ("gauss", 3),
          ("gauss", 5), ("adaptive", None)]

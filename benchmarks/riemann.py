@@ -6,7 +6,7 @@ computes the per-tensor inner products ``⟨∇L(W_post + tE), E⟩`` (or, for `
 ``naive``
     What a researcher writes without the library: ``requires_grad`` on every weight, a copy of W_post kept aside,
     ``W ← W_post + t·E`` written into the weights at each point, backward, then ``Σ grad·E`` per tensor in float64
-    (``(grad.double() * E.double()).sum()``, the reference form of ``tests/riemann_support.brute_force``).
+    (``(grad.double() * E.double()).sum()``, the reference form of ``tests/support/riemann_support.brute_force``).
 ``library``
     :class:`lightning_delta.parametrize.EditedModel`: ``W_post + t·E`` as a parametrization with one scalar ``t``
     per tensor, under :meth:`~lightning_delta.parametrize.EditedModel.recompute_weights`.

@@ -6,7 +6,6 @@ The table is written from :data:`CASES` (``python -m tests.test_bad_inputs > doc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -95,15 +94,15 @@ def _results_locked(tmp: Path):
 
 
 def _gsm8k_file(tmp: Path) -> str:
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_jsonl
 
     return str(write_jsonl(tmp / "test.jsonl", GSM8K_ROWS))
 
 
 def _gsm8k_without_answer(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
-    from tests.datamodule_fixtures import write_jsonl
-    from tests.tiny_models import make_tiny_tokenizer
+    from tests.support.datamodule_fixtures import write_jsonl
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     path = write_jsonl(tmp / "test.jsonl", [{"question": "What is 1 + 1?"}])
     GSM8KDataModule(make_tiny_tokenizer(), data=str(path)).setup("validate")
@@ -111,8 +110,8 @@ def _gsm8k_without_answer(tmp: Path):
 
 def _ultrafeedback_without_rejected(tmp: Path):
     from lightning_delta.datamodules import UltraFeedbackDataModule
-    from tests.datamodule_fixtures import ULTRAFEEDBACK_ROWS, write_jsonl
-    from tests.tiny_models import make_tiny_tokenizer
+    from tests.support.datamodule_fixtures import ULTRAFEEDBACK_ROWS, write_jsonl
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     row = {key: value for key, value in ULTRAFEEDBACK_ROWS[0].items() if key != "rejected"}
     path = write_jsonl(tmp / "test_prefs.jsonl", [row])
@@ -121,7 +120,7 @@ def _ultrafeedback_without_rejected(tmp: Path):
 
 def _gsm8k_broken_line(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
-    from tests.tiny_models import make_tiny_tokenizer
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     path = tmp / "test.jsonl"
     path.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?", "answer": "#### 2"\n')
@@ -130,7 +129,7 @@ def _gsm8k_broken_line(tmp: Path):
 
 def _tokenizer_directory_without_tokenizer(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
-    from tests.tiny_models import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     make_tiny_model("llama").save_pretrained(tmp / "model")
     GSM8KDataModule(str(tmp / "model"), data=_gsm8k_file(tmp)).setup("validate")
@@ -138,14 +137,14 @@ def _tokenizer_directory_without_tokenizer(tmp: Path):
 
 def _gsm8k_few_shot_one_file(tmp: Path):
     from lightning_delta.datamodules import GSM8KDataModule
-    from tests.tiny_models import make_tiny_tokenizer
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     GSM8KDataModule(make_tiny_tokenizer(), data=_gsm8k_file(tmp), few_shot=2).setup("validate")
 
 
 def _save_edited(tmp: Path, output: Path, **kwargs):
     from lightning_delta.export import save_edited
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp, "llama", shard=None)
     save_edited(str(pair.post_dir), pretrained=str(pair.pre_dir), edit=_edits().DARE(p=0.5), output_dir=str(output),

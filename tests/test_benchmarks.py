@@ -16,9 +16,10 @@ from benchmarks import __main__ as bench
 from benchmarks.common import PeakMemory, run_worker
 from benchmarks.edits import DROP_RATE, RANDOMIZED, edit_worker, unavailable_reason
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
+pytestmark = pytest.mark.slow  # the benchmarks' own machinery: real peers and timed items, seconds each
 
 
+@pytest.mark.subprocess
 def test_worker_in_a_fresh_process_reports_memory():
     spec = {"kind": "edit", "operation": "dare", "implementation": "lightning_delta", "shape": [512, 512]}
     result = run_worker(spec, timeout=120, threads=1)
@@ -26,6 +27,7 @@ def test_worker_in_a_fresh_process_reports_memory():
     assert result["extra_peak_mib"] > 0.5  # at least the 1 MiB output, seen from a fresh process
 
 
+@pytest.mark.subprocess
 def test_worker_failure_is_reported_not_raised():
     result = run_worker({"kind": "nonsense"}, timeout=120, threads=1)
     assert "Unknown worker kind" in result["error"]

@@ -12,13 +12,11 @@ import torch
 import yaml
 
 from lightning_delta.cli import run
-from lightning_delta.edits import DARE
 from lightning_delta.cli.parser import DeltaCLI
+from lightning_delta.edits import DARE
 from lightning_delta.sweep.run import sweep_points
 from tests.test_plots import sweep_row
 from tests.test_sweep import digits_config, without_timings
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 
 @pytest.fixture
@@ -43,6 +41,7 @@ def test_print_config_shows_the_whole_analysis(config_file, capsys):
     assert printed["sweep"]["results"].endswith("results.jsonl")
 
 
+@pytest.mark.slow
 def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
     cli = run(["validate", "--config", str(config_file), "--edit", "BitDelta", "--edit.bits", "2",
                 "--riemann.filename", "result.json", f"--trainer.default_root_dir={tmp_path / 'run'}"])
@@ -56,6 +55,7 @@ def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
     assert saved["term"] == pytest.approx(float(metrics["riemann/term"]))
 
 
+@pytest.mark.slow
 def test_validate_with_E_on_the_fly_gives_the_numbers_of_kept_E(config_file, tmp_path):
     """``--model.E_dtype on_the_fly`` through the command line, against the default (float32 E), bit for bit."""
     results = {}
@@ -68,6 +68,7 @@ def test_validate_with_E_on_the_fly_gives_the_numbers_of_kept_E(config_file, tmp
         assert results["on_the_fly"][key] == results["float32"][key], key
 
 
+@pytest.mark.slow
 def test_validate_runs_write_into_versioned_directories(tmp_path, monkeypatch):
     """As the shipped configs: logger false, no default_root_dir. Each run gets the next lightning_logs/version_N of
     the working directory for its config.yaml and riemann.json; nothing lands in the working directory itself."""
@@ -99,6 +100,7 @@ def test_validate_runs_write_into_versioned_directories(tmp_path, monkeypatch):
         assert saved_config["trainer"]["default_root_dir"] is None  # rerunning it makes a new version
 
 
+@pytest.mark.slow
 def test_validate_with_a_logger_writes_into_its_log_dir(config_file, tmp_path):
     logs = tmp_path / "logs"
     args = ["validate", "--config", str(config_file), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
@@ -111,6 +113,7 @@ def test_validate_with_a_logger_writes_into_its_log_dir(config_file, tmp_path):
     assert not (tmp_path / "lightning_logs").exists()
 
 
+@pytest.mark.slow
 def test_validate_refuses_inference_mode(config_file):
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         run(["validate", "--config", str(config_file), "--trainer.inference_mode", "true"])
@@ -127,6 +130,7 @@ def test_bad_edit_class_path_is_left_to_the_parser(config_file, capsys):
     assert "NoSuchEdit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_points_are_normalised_by_the_parser(tmp_path):
     grid = [{"edit": "DARE", "edit.init_args.p": [0.1, 0.9]},
             {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.9, "edit.init_args.seed": 0}]
@@ -139,6 +143,7 @@ def test_sweep_points_are_normalised_by_the_parser(tmp_path):
     assert settings["results"] == str(tmp_path / "r.jsonl")
 
 
+@pytest.mark.slow
 def test_sweep_command_writes_rows_and_figures(tmp_path):
     grid = [{"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.2, 0.8]},
             {"edit": "lightning_delta.edits.Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]}]
@@ -156,6 +161,7 @@ def test_sweep_command_writes_rows_and_figures(tmp_path):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_sweep_command_reuse_false_writes_the_rows_of_the_default(tmp_path):
     """--sweep.reuse false (every point loads W_post and runs the evaluator at t = 0 itself) through the command line:
     the rows of the default sweep, every field but the timings."""
@@ -186,6 +192,7 @@ def test_sweep_command_refuses_a_results_file_another_sweep_holds(tmp_path):
     assert not results.exists()
 
 
+@pytest.mark.slow
 def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -245,6 +252,7 @@ def test_edit_output_dir_that_is_a_file(llama_pair, tmp_path):
     assert output.read_text() == "a file"
 
 
+@pytest.mark.slow
 def test_console_entry_returns_nothing(tmp_path):
     from lightning_delta.cli import main
 
@@ -271,6 +279,7 @@ def test_validate_and_sweep_help_show_the_analysis_config(command, only_there, c
         assert argument in out
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("module", ["sweep", "sweep.run", "plots", "cli.parser", "cli.commands", "demo", "cli"])
 def test_each_module_imports_first(module):
     """Imports point downward (sweep < plots < cli.parser < sweep.run < demo < cli): any of them can be the first one
@@ -286,9 +295,9 @@ def test_the_model_section_has_the_module_arguments():
     """The command line's model section (delta_edit_module) takes DeltaEditModule's arguments, same defaults."""
     import inspect
 
+    from lightning_delta.cli.parser import LossName, delta_edit_module
     from lightning_delta.losses import LOSSES
     from lightning_delta.module import DeltaEditModule
-    from lightning_delta.cli.parser import LossName, delta_edit_module
 
     section = inspect.signature(delta_edit_module).parameters
     module = dict(inspect.signature(DeltaEditModule).parameters)
@@ -297,6 +306,7 @@ def test_the_model_section_has_the_module_arguments():
     assert LossName.__args__ == tuple(LOSSES)
 
 
+@pytest.mark.slow
 def test_sweep_reads_the_config_validate_printed(config_file, capsys):
     """`validate --print_config > tiny.yaml` then `sweep --config tiny.yaml`: validate's own keys are ignored."""
     with pytest.raises(SystemExit):
@@ -310,6 +320,7 @@ def test_sweep_reads_the_config_validate_printed(config_file, capsys):
     assert "verbose" not in points[0].config
 
 
+@pytest.mark.slow
 def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
     cli = run(["validate", "--config", str(config_file), "--edit.p", "0.3",
                f"--trainer.default_root_dir={tmp_path / 'run'}"])
@@ -332,6 +343,7 @@ def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
     assert "Validate metric" not in out  # Lightning's own table only with --verbose true
 
 
+@pytest.mark.slow
 def test_validate_takes_a_quadrature_rule(config_file, tmp_path):
     """``--riemann.rule gauss``: the row's term is the Gauss–Legendre sum of its own inner products (weights from
     numpy, mapped to [0, 1] here), at 3 nodes without a backward at t = 0 or 1; the default stays the left rule."""
@@ -352,6 +364,7 @@ def test_validate_takes_a_quadrature_rule(config_file, tmp_path):
     assert default.riemann_callback().result.exact == pytest.approx(saved["exact"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_sweep_grid_varies_the_rule(tmp_path):
     """``riemann.rule`` (with its point count) as a grid key: one row per rule, each its own key, the same exact ΔL;
     the adaptive row carries its per-tensor error estimate."""
@@ -410,6 +423,7 @@ def test_edit_arguments_in_their_place_pass_the_check(config_file, capsys):
     ({"riemann.num_points": [2, 0]}, r"The sweep grid point \{'riemann.num_points': 0\} has an invalid riemann: "
                                      r"`num_points` must be an integer >= 1"),
 ])
+@pytest.mark.slow
 def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tmp_path):
     """A value an edit refuses, or a key the config does not have, among valid points: no point runs (the valid
     points before it would otherwise run, and those after it never)."""
@@ -424,6 +438,7 @@ def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tm
     (["--trainer.limit_val_batches", "0"], "RiemannCallback evaluated no validation batch"),
     (["--model.pretrained", "POST"], "ΔW = W_post − W_pre is zero in every one of the"),
 ])
+@pytest.mark.slow
 def test_validate_that_would_measure_nothing_exits_with_its_reason(change, message, config_file, tmp_path, capsys):
     """No batch evaluated, or W_pre naming the post-trained model: once exit status 0 with nothing written or every
     number +0; now status 1, the reason in one line, and no riemann.json."""

@@ -24,7 +24,7 @@ import pytest
 
 import lightning_delta.cli as cli
 import lightning_delta.cli.help as cli_help
-from tests.locked import requires_lock
+from tests.support.locked import requires_lock
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -50,6 +50,7 @@ def stored_help() -> dict[str, str]:
     return stored.HELP
 
 
+@pytest.mark.slow
 @requires_lock
 def test_the_stored_help_is_current():
     import lightning_delta.cli._help as stored
@@ -61,6 +62,7 @@ def test_the_stored_help_is_current():
         f"back to the live parsers (seconds): run {REGENERATE}.")
 
 
+@pytest.mark.subprocess
 @requires_lock
 @pytest.mark.timeout(300)
 def test_the_stored_help_is_what_the_live_parsers_print():
@@ -114,6 +116,7 @@ def check_help(command: str, done: subprocess.CompletedProcess) -> None:
         assert "--debug" in done.stdout and cli.DEBUG_ENV in done.stdout
 
 
+@pytest.mark.subprocess
 @requires_lock
 @pytest.mark.parametrize("command", ["", *cli.COMMANDS])
 def test_help_in_the_locked_environment_is_the_stored_help(command, tmp_path):
@@ -125,6 +128,7 @@ def test_help_in_the_locked_environment_is_the_stored_help(command, tmp_path):
     assert not (tmp_path / "help").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["", *cli.COMMANDS])
 def test_help_as_printed(command, tmp_path):
     """Twin of the test above in any environment: the help prints its usage, twice the same."""
@@ -134,6 +138,7 @@ def test_help_as_printed(command, tmp_path):
     assert second.stdout == first.stdout
 
 
+@pytest.mark.slow
 def test_help_outside_the_locked_environment_is_made_once_and_kept(tmp_path, monkeypatch):
     """Where the stored help does not apply (another release of a library), the first call prints the live parser's
     help and keeps it under the cache directory; the next call prints the kept one without building a parser; a
@@ -171,6 +176,7 @@ def test_a_narrow_terminal_gets_the_live_help_and_keeps_nothing(tmp_path, monkey
     assert not (tmp_path / "help").exists()
 
 
+@pytest.mark.subprocess
 def test_help_imports_neither_torch_nor_lightning(tmp_path):
     """Once the help is stored or kept (the first process may build it where the stored help does not apply), a
     process that prints every command's help imports neither torch, Lightning nor transformers."""
@@ -194,6 +200,7 @@ def argument_help(help_text: str, option: str) -> str:
     return " ".join(match.group(1).split())
 
 
+@pytest.mark.subprocess
 def test_help_names_and_describes_the_library_classes():
     """Item 2: DataModules, losses, evaluators and edits listed by short name with a description; every model
     argument described; no list of torch's classes; one class's help by its short name."""
@@ -221,6 +228,7 @@ def test_help_names_and_describes_the_library_classes():
     assert re.search(r"--model\.evaluator\.tokenizer TOKENIZER\s+the tokenizer that decodes", done.stdout)
 
 
+@pytest.mark.subprocess
 def test_validate_and_sweep_help_are_their_own():
     """Item 4: sweep's help is sweep's (usage, description); validate's leaves out the sweep section."""
     from lightning_delta.cli.help_format import SWEEP_DESCRIPTION, VALIDATE_DESCRIPTION
@@ -236,6 +244,7 @@ def test_validate_and_sweep_help_are_their_own():
     assert "--sweep." not in validate_help.stdout and "--ckpt_path" in validate_help.stdout
 
 
+@pytest.mark.subprocess
 def test_errors_are_their_message_and_a_nonzero_status():
     """Item 7: a library error is one line and status 1; --debug or LIGHTNING_DELTA_DEBUG=1 shows the traceback."""
     args = ("validate", "--edit", "dare", "--edit.p", "0.9")
@@ -312,6 +321,7 @@ def test_the_readme_data_examples_are_the_datamodules_own():
     assert readme_examples() == [docstring_example(gsm8k), docstring_example(ultrafeedback), docstring_example(vision)]
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(900)
 def test_the_readme_walk_through_runs_as_written(tmp_path):
     """Items 5, 6 and 8 as a new user meets them: every command of the README's walk-through, copied as written, in a
@@ -319,7 +329,7 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp_path / "models", "llama", shard=None, scale=0.05)
     work = tmp_path / "work"
@@ -370,7 +380,6 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     assert not torch.equal(edited["model.layers.0.mlp.up_proj.weight"], post["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_tokenizer):
     """Item 3: the three-line examples of the docstrings (and the README) are files the DataModules read."""
     import numpy as np
@@ -385,7 +394,7 @@ def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_to
         ultrafeedback,
         vision,
     )
-    from tests.tiny_models import make_tiny_image_processor
+    from tests.support.tiny_models import make_tiny_image_processor
 
     (tmp_path / "gsm8k.jsonl").write_text("\n".join(docstring_example(gsm8k)) + "\n")
     data = GSM8KDataModule(tiny_tokenizer, data=str(tmp_path / "gsm8k.jsonl"), batch_size=3)

@@ -22,11 +22,11 @@ from lightning_delta.cli import run
 from lightning_delta.compress import (
     CompressedDelta,
     apply_compressed_,
+    forms,
     load_compressed,
     remove_compressed_,
     save_compressed,
 )
-from lightning_delta.compress import forms
 from lightning_delta.compress.forms import pack_bits, unpack_bits
 from lightning_delta.demo.digits import DigitsDataModule
 from lightning_delta.edits import (
@@ -41,10 +41,10 @@ from lightning_delta.edits import (
     tensor_generator,
 )
 from lightning_delta.export import save_edited
-from lightning_delta.planning.plan import plan_edit
 from lightning_delta.planning.family import FAMILIES
-from tests.readme_support import README, block
-from tests.tiny_models import make_tiny_model, make_tiny_pair, reference_state_dict, save_model
+from lightning_delta.planning.plan import plan_edit
+from tests.support.readme_support import README, block
+from tests.support.tiny_models import make_tiny_model, make_tiny_pair, reference_state_dict, save_model
 
 EDITS = {
     "bitdelta": BitDelta(),
@@ -127,6 +127,7 @@ ROUND_TRIPS = [(label, "bfloat16") for label in EDITS] + [
     (label, "float32") for label in ("bitdelta-3-bits", "dare", "ties-trim", "lowrank", "per-tensor")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("label", "dtype"), ROUND_TRIPS)
 def test_the_loaded_model_is_what_save_edited_writes_bit_for_bit(pairs, tmp_path, label, dtype):
     pair, edit = pairs[dtype], EDITS[label]
@@ -240,6 +241,7 @@ def test_a_dare_plan_stores_exactly_its_stored_bytes_within_the_budget(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------- peft
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_peft_adapter_loaded_by_peft_and_merged_is_the_compressed_model(pairs, tmp_path, dtype):
     peft = pytest.importorskip("peft", reason="peft is an optional dependency (the `bench` extra)")
@@ -423,6 +425,7 @@ def readme_compress_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in commands[:commands.index("```")].splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_readme_walk_through_plan_compress_load_runs_as_written(tmp_path, monkeypatch):
     pair = make_tiny_pair(tmp_path / "made", scale=0.01)
     shutil.copytree(pair.pre_dir, tmp_path / "pre")

@@ -12,15 +12,13 @@ import yaml
 from lightning_delta.cli import run
 from lightning_delta.cli.parser import DeltaCLI
 from lightning_delta.sweep import expand_grid
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     write_fusionbench_repository,
     write_gsm8k,
     write_hub_cache_entry,
     write_ultrafeedback,
 )
-from tests.tiny_models import make_fake_hub_repo, make_tiny_pair
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
+from tests.support.tiny_models import make_fake_hub_repo, make_tiny_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = {
@@ -45,6 +43,7 @@ def test_every_config_is_tested():
         [*PAPER_CONFIGS, *SHARDED_CONFIGS, *PLAN_CONFIGS, "demo.yaml"])
 
 
+@pytest.mark.slow
 def test_plan_config_as_written_plans_within_its_budget(tmp_path, monkeypatch):
     """The example plan config as shipped, but for its hub ids and data (tiny local ones, the same formats): it plans
     the matrices it names within the uniform 2-bit budget and writes plan.json where it says."""
@@ -105,6 +104,7 @@ def _tiny_language_config(config: dict, tmp_path: Path, family: str) -> dict:
 
 @pytest.mark.parametrize("name", ["llama3-8b-instruct-gsm8k.yaml", "mistral-7b-instruct-v0.3-gsm8k.yaml",
                                   "qwen2-7b-instruct-gsm8k.yaml"])
+@pytest.mark.slow
 def test_gsm8k_config_runs_on_a_tiny_model(name, tmp_path):
     config = yaml.safe_load((CONFIGS / name).read_text())
     config = _tiny_language_config(config, tmp_path, PAPER_CONFIGS[name][0])
@@ -117,6 +117,7 @@ def test_gsm8k_config_runs_on_a_tiny_model(name, tmp_path):
         assert abs(row.result.trapezoid - row.result.exact) < 0.1 * abs(row.result.exact) + 1e-2
 
 
+@pytest.mark.slow
 def test_zephyr_expo_config_runs_on_a_tiny_model(tmp_path):
     name = "zephyr-7b-dpo-full-ultrafeedback-expo.yaml"
     config = yaml.safe_load((CONFIGS / name).read_text())
@@ -129,6 +130,7 @@ def test_zephyr_expo_config_runs_on_a_tiny_model(tmp_path):
     assert (tmp_path / "figures" / "expo_alpha.png").is_file()
 
 
+@pytest.mark.slow
 def test_clip_config_runs_on_a_tiny_model(tmp_path):
     name = "clip-vit-b32-eight-tasks.yaml"
     config = yaml.safe_load((CONFIGS / name).read_text())
@@ -154,7 +156,7 @@ def _tiny_clip_reading_long_prompts(tmp_path: Path) -> tuple[Path, Path]:
     import torch
     from transformers import CLIPModel
 
-    from tests.tiny_models import make_post_trained, save_model, tiny_config
+    from tests.support.tiny_models import make_post_trained, save_model, tiny_config
 
     config = tiny_config("clip")
     config.text_config.max_position_embeddings = 128
@@ -165,6 +167,7 @@ def _tiny_clip_reading_long_prompts(tmp_path: Path) -> tuple[Path, Path]:
     return save_model(pre, tmp_path / "clip" / "pre"), save_model(post, tmp_path / "clip" / "post")
 
 
+@pytest.mark.slow
 def test_clip_config_runs_all_eight_tasks_by_hub_id_offline_from_the_hub_cache(tmp_path, offline_hub):
     """The shipped CLIP config as written (hub ids of the models and of FusionBench's data sets), with a hub
     download cache holding a tiny CLIP, its fine-tuned towers and tiny copies of the eight data sets in their hub
@@ -176,7 +179,7 @@ def test_clip_config_runs_all_eight_tasks_by_hub_id_offline_from_the_hub_cache(t
     pre, post = _tiny_clip_reading_long_prompts(tmp_path)
     make_fake_hub_repo(offline_hub, config["model"]["pretrained"], pre)
     labels = {}
-    for task, repo_id, data_config, _, _, _, tower in block[tasks]:
+    for task, repo_id, _, _, _, _, tower in block[tasks]:
         make_fake_hub_repo(offline_hub, tower, post)
         size = {"sun397": 397, "stanford_cars": 196, "gtsrb": 43, "dtd": 47, "resisc45": 45}.get(task, 10)
         labels[task] = [[size - 1, 0, 1], [size // 2, 2]]
@@ -188,7 +191,7 @@ def test_clip_config_runs_all_eight_tasks_by_hub_id_offline_from_the_hub_cache(t
     config["sweep"].update(results=str(tmp_path / "results.jsonl"), figures=str(tmp_path / "figures"))
     rows = run(["sweep", "--config", _write(config, tmp_path)])
     assert [row.dataset for row in rows] == [f"Vision/{row[0]}/test" for row in block[tasks]]
-    for row, (task, repo_id, data_config, *_) in zip(rows, block[tasks]):
+    for row, (_, repo_id, data_config, *_) in zip(rows, block[tasks]):
         assert row.config["data"]["init_args"]["data"] == repo_id and row.config["data"]["init_args"]["config"] == \
             data_config
         assert row.result.count == 5  # both files of the test split
@@ -264,6 +267,7 @@ def _validate_in_subprocess(config: Path) -> dict:
     return json.loads(written.read_text())
 
 
+@pytest.mark.distributed
 def test_llama_config_as_written_on_two_processes_equals_one(tmp_path):
     """The shipped LLaMA config (DDP, bf16, logger off, the callback's defaults) through the console script on 2 CPU
     processes: it ends (no hang at the end of validation) and gives the numbers of one process."""
@@ -277,6 +281,7 @@ def test_llama_config_as_written_on_two_processes_equals_one(tmp_path):
         assert double[key] == pytest.approx(single[key], rel=1e-2), key
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", sorted(set(PAPER_CONFIGS) - {"llama3-8b-instruct-gsm8k.yaml"}))
 def test_config_as_written_validates_through_the_console_script(name, tmp_path):
     """Each other shipped config, as written but for its hub ids, data locations and CPU, through `lightning-delta
@@ -298,6 +303,7 @@ def test_sharded_config_parses_with_model_parallel_strategy_and_bf16():
     assert len(expand_grid(config.sweep.grid)) == SHARDED_CONFIGS[name][1]
 
 
+@pytest.mark.distributed
 def test_sharded_70b_config_as_written_on_two_processes_equals_one(tmp_path):
     """The shipped 70B config (ModelParallelStrategy, FSDP2, bf16, E in bf16, the GSM8K evaluator) with a tiny Llama
     through the console script: 2 CPU processes sharding the model give the numbers of 1 process."""

@@ -11,18 +11,18 @@ import torch
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules.gsm8k import AnswerLineEnded
-from lightning_delta.losses import CausalLMLoss
 from lightning_delta.datamodules.gsm8k_answers import extract_final_number
+from lightning_delta.losses import CausalLMLoss
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     GSM8K_ROWS,
     GSM8K_TRAIN_ROWS,
     write_gsm8k,
     write_jsonl,
     write_parquet,
 )
-from tests.riemann_support import brute_force, random_edits, weights_at
-from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+from tests.support.riemann_support import brute_force, random_edits, weights_at
+from tests.support.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +332,7 @@ def generation_batch(tokenizer, tmp_path, dtype):
     return model, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batched_generation_equals_unpadded_greedy_token_for_token(tokenizer, tmp_path, dtype):
     """Left-padded, KV-cached batch generation against a full forward per step on each unpadded prompt."""
@@ -343,6 +344,7 @@ def test_batched_generation_equals_unpadded_greedy_token_for_token(tokenizer, tm
         assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_each_row_stops_at_its_first_stop_string_and_the_text_is_cut_there(tokenizer, tmp_path, dtype):
     model, batch = generation_batch(tokenizer, tmp_path, dtype)
@@ -363,6 +365,7 @@ def test_each_row_stops_at_its_first_stop_string_and_the_text_is_cut_there(token
     assert sum(stop in tokenizer.decode(reference) for reference in references) >= 2
 
 
+@pytest.mark.slow
 def test_each_row_stops_at_the_end_of_its_answer_line(tokenizer, tmp_path, monkeypatch):
     """The answer-line rule through ``model.generate``, with the rule's pattern set to a text the model writes."""
     model, batch = generation_batch(tokenizer, tmp_path, torch.float64)
@@ -421,6 +424,7 @@ def test_stop_strings_must_be_a_list_of_texts(bad):
         GSM8KEvaluator("unused", stop_strings=bad)
 
 
+@pytest.mark.slow
 def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_path):
     model = make_tiny_model("llama", dtype=torch.float64)
     edits = random_edits(model, scale=0.05)
@@ -477,6 +481,7 @@ def test_constructor_from_yaml(tmp_path):
     assert len(dm.val_dataloader().dataset) == 3
 
 
+@pytest.mark.slow
 def test_a_model_sharded_by_fsdp2_generates_in_step_with_the_other_processes(tokenizer, tmp_path, monkeypatch):
     """Under FSDP2 every decoding step gathers weights on all processes, so generate runs with synced_gpus (each
     process steps until all have stopped); the tokens are those of the unsharded model (one gloo process here)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_delta.datamodules import GSM8KDataModule, UltraFeedbackDataModule
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     GSM8K_ROWS,
     GSM8K_SOCRATIC_ROWS,
     ULTRAFEEDBACK_ROWS,
@@ -14,7 +14,7 @@ from tests.datamodule_fixtures import (
     write_hub_cache_entry,
     write_ultrafeedback,
 )
-from tests.tiny_models import make_tiny_tokenizer
+from tests.support.tiny_models import make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,8 @@ def test_ultrafeedback_hub_id_offline_from_the_download_cache(tokenizer, tmp_pat
 
 
 def test_mistral_v03_template_with_a_system_prompt_puts_it_in_the_first_user_turn(tmp_path):
-    from tests.chat_templates import MISTRAL_V03, tokenizer_with_template
-    from tests.datamodule_fixtures import write_gsm8k
+    from tests.support.chat_templates import MISTRAL_V03, tokenizer_with_template
+    from tests.support.datamodule_fixtures import write_gsm8k
 
     mistral = tokenizer_with_template(tmp_path / "mistral", MISTRAL_V03)
     assert mistral.chat_template == MISTRAL_V03
@@ -119,8 +119,8 @@ def test_real_chat_templates_give_the_prompt_and_loss_mask_of_apply_chat_templat
     shot turns. Mistral-v0.3 writes a system message into the last user turn: there it heads the first user turn."""
     import warnings
 
-    from tests.chat_templates import SPECIAL_TOKENS, TEMPLATES, tokenizer_with_template
-    from tests.datamodule_fixtures import GSM8K_TRAIN_ROWS, write_gsm8k
+    from tests.support.chat_templates import SPECIAL_TOKENS, TEMPLATES, tokenizer_with_template
+    from tests.support.datamodule_fixtures import GSM8K_TRAIN_ROWS, write_gsm8k
 
     tokenizer = tokenizer_with_template(tmp_path / model, TEMPLATES[model], SPECIAL_TOKENS[model])
     assert tokenizer.chat_template == TEMPLATES[model]

@@ -13,14 +13,14 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.datamodules import UltraFeedbackDataModule
 from lightning_delta.losses import DPOLoss, build_loss
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import (
+from tests.support.datamodule_fixtures import (
     ULTRAFEEDBACK_ROWS,
     ultrafeedback_row,
     write_jsonl,
     write_ultrafeedback,
 )
-from tests.riemann_support import brute_force, random_edits, weights_at
-from tests.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
+from tests.support.riemann_support import brute_force, random_edits, weights_at
+from tests.support.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,7 @@ def test_dpo_loss_against_float64_by_hand(tokenizer, models, tmp_path):
     assert loss.reference.calls == [4, 4, 2]  # once per batch, chosen and rejected together
 
 
+@pytest.mark.slow
 def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, models, tmp_path):
     reference, post = models
     write_ultrafeedback(tmp_path)

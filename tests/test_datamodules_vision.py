@@ -14,9 +14,9 @@ from lightning_delta.datamodules import CLASSNAMES, TASKS, VisionDataModule, Zer
 from lightning_delta.datamodules.classnames import get_templates
 from lightning_delta.losses import ClassificationLoss
 from lightning_delta.module import DeltaEditModule
-from tests.datamodule_fixtures import _write_idx, write_gtsrb_test, write_mnist, write_resisc45
-from tests.riemann_support import brute_force, random_edits
-from tests.tiny_models import make_post_trained, make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
+from tests.support.datamodule_fixtures import _write_idx, write_gtsrb_test, write_mnist, write_resisc45
+from tests.support.riemann_support import brute_force, random_edits
+from tests.support.tiny_models import make_post_trained, make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
 
 # The tiny CLIP text tower pools at the largest token id (CLIP's legacy rule for eos id 2) under a causal mask: the
 # class name comes first so that every position sees it.
@@ -208,6 +208,7 @@ def test_a_clip_vision_model_as_the_vision_tower(clip, tokenizer):
         torch.testing.assert_close(model.image_features(pixels), features, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer, tmp_path):
     write_mnist(tmp_path, num_test=7)
     dm = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor(), batch_size=3)

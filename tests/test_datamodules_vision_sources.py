@@ -13,8 +13,8 @@ from PIL import Image
 
 from lightning_delta.datamodules import CLASSNAMES, VisionDataModule, ZeroShotClassifier, get_classnames
 from lightning_delta.datamodules.vision_parquet import FUSIONBENCH_DATA, readable
-from tests.datamodule_fixtures import image_classnames, write_fusionbench_repository, write_hub_cache_entry
-from tests.tiny_models import make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
+from tests.support.datamodule_fixtures import image_classnames, write_fusionbench_repository, write_hub_cache_entry
+from tests.support.tiny_models import make_tiny_image_processor, make_tiny_model, make_tiny_tokenizer
 
 RESISC45_TEST = [[3, 0, 44, 7], [12, 3, 9]]  # two files of the test split
 RESISC45_TRAIN = [[1, 2, 5, 8, 13]]
@@ -88,6 +88,7 @@ def test_svhn_reads_one_config_never_both(tmp_path, processor):
     assert everything(dm)["labels"].tolist() == [4, 2]
 
 
+@pytest.mark.slow
 def test_sun397_and_cars_class_names_come_from_the_data_sets_class_label(tmp_path, offline_hub):
     for task in ("sun397", "stanford_cars"):
         repo_id, _ = FUSIONBENCH_DATA[task]
@@ -112,7 +113,7 @@ def test_a_data_set_of_another_task_or_without_its_columns_is_refused(tmp_path, 
     with pytest.raises(ValueError, match=r"The `label` of .* has 10 classes \(0, 1, 2, \.\.\.\) but resisc45 has 45: "
                                          r"is it resisc45's data set\?"):
         VisionDataModule("resisc45", data=str(tmp_path / "mnist"), processor=processor).setup()
-    from tests.datamodule_fixtures import write_parquet
+    from tests.support.datamodule_fixtures import write_parquet
 
     write_parquet(tmp_path / "plain" / "test-00000-of-00001.parquet", [{"img": {"bytes": b"", "path": "a.png"},
                                                                         "label": 1}])
@@ -123,7 +124,7 @@ def test_a_data_set_of_another_task_or_without_its_columns_is_refused(tmp_path, 
 def test_a_label_outside_the_classes_names_the_file_and_row(tmp_path, processor):
     import datasets
 
-    from tests.datamodule_fixtures import write_image_parquet
+    from tests.support.datamodule_fixtures import write_image_parquet
 
     # ClassLabel names of the right number, but a label (written without the feature's check) of another data set
     folder = tmp_path / "eurosat" / "data"

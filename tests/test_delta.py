@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lightning_delta import sources
 from lightning_delta.attach import edit_differences
 from lightning_delta.delta import compute_delta, delta_names, iter_delta, load_tensors, tied_names
-from tests.tiny_models import (
+from tests.support.tiny_models import (
     make_fake_hub_repo,
     make_post_trained,
     make_tiny_model,
@@ -385,8 +385,8 @@ def _public_pair_functions():
     """Every public function that takes W_post and W_pre, with its arguments in the order W_post, W_pre, rest."""
     from lightning_delta import DeltaEditModule, apply_edit_, edits, plan_edit, save_edited
     from lightning_delta.attach import attach_edit
-    from lightning_delta.targets import ModuleTarget
     from lightning_delta.editing import iter_edited
+    from lightning_delta.targets import ModuleTarget
 
     dare = edits.DARE(p=0.5)
     return {

@@ -51,25 +51,23 @@ from lightning_delta.demo.pair import (
     scaled_pretrained,
     shipped_pair,
 )
-from lightning_delta.edits import DARE, Extrapolate, LowRank, MagnitudePrune, SignBiased
+from lightning_delta.edits import DARE, LowRank, SignBiased
 from lightning_delta.rows import aggregate, stat
 from lightning_delta.sweep import SweepRow, expand_grid
-from tests.locked import requires_lock
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest on a busy box
+from tests.support.locked import requires_lock
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--pair.hidden_size", "16", "--pair.intermediate_size", "32", "--pair.pretrain_steps", "30",
          "--pair.posttrain_steps", "10", "--pair.batch_size", "32"]
 EDITS = "lightning_delta.edits."
-GRID = ("[{edit: %(e)sDARE, edit.init_args.p: [0.5, 0.9], edit.init_args.seed: [0, 1]},"
-        " {edit: %(e)sDARE, edit.init_args.p: 0.9, edit.init_args.rescale: false, edit.init_args.seed: [0, 1]},"
-        " {edit: %(e)sSignBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]},"
-        " {edit: %(e)sGradientBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]},"
-        " {edit: %(e)sBitDelta, edit.init_args.blocks: [1, 4]},"
-        " {edit: %(e)sExtrapolate, edit.init_args.alpha: [-1.0, 0.5]}]") % {"e": EDITS}
-SCALE_GRID = ("[{edit: %(e)sDARE, edit.init_args.p: 0.9, edit.init_args.seed: [0, 1]},"
-              " {edit: %(e)sExtrapolate, edit.init_args.alpha: -1.0}]") % {"e": EDITS}
+GRID = (f"[{{edit: {EDITS}DARE, edit.init_args.p: [0.5, 0.9], edit.init_args.seed: [0, 1]}},"
+        f" {{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.rescale: false, edit.init_args.seed: [0, 1]}},"
+        f" {{edit: {EDITS}SignBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
+        f" {{edit: {EDITS}GradientBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
+        f" {{edit: {EDITS}BitDelta, edit.init_args.blocks: [1, 4]}},"
+        f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: [-1.0, 0.5]}}]")
+SCALE_GRID = (f"[{{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.seed: [0, 1]}},"
+              f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: -1.0}}]")
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -372,6 +370,7 @@ def test_sweep_agreement_compares_the_same_masks():
 
 
 # ---------------------------------------------------------------------------------------------- the command
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     cache, output = tmp_path / "cache", tmp_path / "out"
@@ -470,6 +469,7 @@ def pair_row(label: str, info: dict) -> str:
             f"{100 * info['regime']['all']['ratio']:.2f} % |")
 
 
+@pytest.mark.slow
 @requires_lock
 def test_the_shipped_pairs_measure_what_the_readme_prints(tmp_path):
     """Each shipped reference pair, loaded and measured here (test accuracy and loss of W_pre and W_post on the 450

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lightning_delta.demo.analysis import quadrature_findings, quadrature_grid
-from lightning_delta.sweep.run import sweep
 from lightning_delta.sweep import expand_grid
+from lightning_delta.sweep.run import sweep
 from tests.test_sweep import digits_config
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quadrature_grid_runs_every_setting_once_under_three_rules():
@@ -24,6 +22,7 @@ def test_quadrature_grid_runs_every_setting_once_under_three_rules():
     assert grid[0]["edit.init_args.seed"] == [3, 1, 2]  # the demo's grid is left as it was
 
 
+@pytest.mark.slow
 def test_quadrature_finding_against_errors_computed_here(tmp_path):
     grid = [{"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.5, "edit.init_args.seed": [0, 1]},
             {"edit": "lightning_delta.edits.Extrapolate", "edit.init_args.alpha": [-1.0]}]

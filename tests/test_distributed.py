@@ -1,6 +1,6 @@
 """Two CPU processes (ddp, ddp_spawn) and two nodes of one process give the numbers of one process.
 
-Each run is a real set of processes started on `tests/distributed_riemann.py`; the data set (37 rows, batches
+Each run is a real set of processes started on `tests/support/distributed_riemann.py`; the data set (37 rows, batches
 of 4) divides neither the number of processes nor the batch size. Every process runs one thread, so that the
 float32 parts of the model (HF's softmax and RMSNorm) reduce in the same order everywhere.
 """
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("distributed_riemann.py")
-ROOT = SCRIPT.parents[1]
+pytestmark = pytest.mark.distributed
+
+SCRIPT = Path(__file__).parent / "support" / "distributed_riemann.py"
+ROOT = SCRIPT.parents[2]
 
 
 def environment(**extra: str) -> dict[str, str]:

@@ -315,6 +315,7 @@ def test_deterministic_with_one_or_two_threads(edit):
         assert torch.equal(one[name], two[name]), name
 
 
+@pytest.mark.subprocess
 def test_deterministic_in_another_process(tmp_path):
     """A fresh interpreter with another hash seed and one thread gives bit-identical results."""
     deltas = _medium_deltas()
@@ -429,6 +430,7 @@ def _unbiasedness_z(outputs: torch.Tensor, delta: torch.Tensor, p: float, k: flo
     return statistic / math.sqrt(variance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p, k", [(0.5, 0.0), (0.9, 0.0), (0.3, -0.5), (0.6, 0.5)])
 def test_dare_is_unbiased_and_a_wrong_rescale_fails_the_same_bound(p, k):
     """E[F(ΔW)] = ΔW (sections 4.1, 4.2): the mean edit ⟨ΔW, F(ΔW) − ΔW⟩ over 64 seeds stays within 5σ, while
@@ -834,6 +836,7 @@ def test_low_rank_randomized_is_far_off_on_a_flat_spectrum():
 DECAYING_CASES = [((1024, 1024), 64), ((1024, 1024), 16), ((512, 768), 50), ((512, 768), 5), ((768, 512), 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, rank", DECAYING_CASES, ids=[f"{s[0]}x{s[1]}-r{r}" for s, r in DECAYING_CASES])
 def test_low_rank_randomized_error_on_a_slowly_decaying_spectrum(shape, rank):
     delta, singular_values = decaying_spectrum(*shape, power=0.5, seed=60)

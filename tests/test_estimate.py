@@ -17,10 +17,8 @@ from lightning_delta.cli import run
 from lightning_delta.estimate import LiveTensorBytes, MemoryEstimate, estimate_memory, meta_model
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.parametrize import EditedModel, stored_dtype
+from tests.support.tiny_models import make_tiny_model, tiny_config
 from tests.test_configs import CONFIGS, PAPER_CONFIGS, _swap, _tiny_replacements
-from tests.tiny_models import make_tiny_model, tiny_config
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(batch: int, length: int, device: str = "meta", vocab: int = 128) -> dict[str, torch.Tensor]:
@@ -95,6 +93,7 @@ def _allocated_peak_with_an_edit(model, pretrained: str, batch: dict, E_dtype: s
     return held + allocation_peak(profiler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path, dtype):
     """No E held: the point allocates E's bytes less than with kept float32 E; the estimate makes each tensor's E
@@ -187,6 +186,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_estimate_command_on_every_shipped_config(name, tmp_path, offline, capsys):
     """Each shipped config as written, hub ids swapped for tiny local models: 8 DDP processes holding the whole
@@ -215,6 +215,7 @@ def test_estimate_command_equals_the_function_on_the_configs_shapes(tmp_path, of
     assert result == direct
 
 
+@pytest.mark.slow
 def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     """``model.E_dtype: on_the_fly`` in the config reaches the estimate: no E held, one tensor's E made per point."""
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
@@ -225,6 +226,7 @@ def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     assert result == direct and result.E == 0 and result.attach_temporaries > 0
 
 
+@pytest.mark.slow
 def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path, strategy="fsdp", devices=4)
     sharded = run(["estimate", "--config", str(path)])
@@ -289,6 +291,7 @@ def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
     assert result.weights < result.sharded_copies < 2 * result.weights
 
 
+@pytest.mark.slow
 def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, offline, capsys):
     """``riemann.rule`` sets the passes per batch, not the memory: gauss runs 3 backward passes and forwards alone at
     t = 0 and t = 1; the shipped config's left rule with its trapezoid runs C + 1 = 6 backward passes."""
@@ -304,12 +307,13 @@ def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, o
         run(["estimate", "--config", str(path), "--riemann.rule", "gauss"])  # the config's trapezoid: true
 
 
+@pytest.mark.slow
 def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tmp_path, monkeypatch, offline, capsys):
     """``lightning_logs/version_0/config.yaml`` of a real validate run (with ``ckpt_path``, ``verbose``,
     ``weights_only`` and ``devices: auto``) and ``--print_config`` of it are estimates' configs too: one CPU process
     (what ``devices: auto`` gives there), the run's batch of 2 × 64 tokens."""
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl
-    from tests.tiny_models import make_tiny_pair
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_jsonl
+    from tests.support.tiny_models import make_tiny_pair
 
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)

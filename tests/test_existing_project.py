@@ -15,7 +15,7 @@ from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import Extrapolate, GradientBiased
 from lightning_delta.losses import ClassificationLoss
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import brute_force, image_dataset, tiny_vit
+from tests.support.riemann_support import brute_force, image_dataset, tiny_vit
 
 
 class UserClassifier(pl.LightningModule):
@@ -87,6 +87,7 @@ def test_plain_validate_without_validation_step_says_what_to_do():
         trainer_with(callback).validate(UserClassifier(), DataLoader(image_dataset(4)), verbose=False)
 
 
+@pytest.mark.slow
 def test_gradient_biased_end_to_end():
     """One pass computes ∇L at W_post, the edit is built from its signs, and the term matches brute force."""
     user = UserClassifier()
@@ -98,7 +99,7 @@ def test_gradient_biased_end_to_end():
 
     # independent reference: the full gradient of the mean loss at W_post, then the Table 1 (right) rule
     point = copy.deepcopy(model)
-    total, count = 0.0, 0
+    count = 0
     for images, labels in loader:
         loss = F.cross_entropy(point(images).logits, labels, reduction="sum")
         loss.backward()
@@ -146,6 +147,7 @@ def test_validate_leaves_a_users_own_validation_step():
     assert "validation_step" not in vars(module)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_gradients_at_post_accumulate_in_float32_or_wider(dtype, monkeypatch):
     """GradientBiased's ∇L(W_post): float64 for float64 models; for bf16 models each batch's gradient is summed in
@@ -229,8 +231,8 @@ def _library_loss_case(name: str, tmp_path):
     """A tiny model, its W_pre, one of the library's losses and real batches of its data (four examples each)."""
     from lightning_delta.datamodules import GSM8KDataModule, UltraFeedbackDataModule
     from lightning_delta.losses import CausalLMLoss, DPOLoss
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_jsonl, write_ultrafeedback
-    from tests.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_jsonl, write_ultrafeedback
+    from tests.support.tiny_models import make_post_trained, make_tiny_model, make_tiny_tokenizer
 
     if name == "classification":
         module = UserClassifier()

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from lightning_delta.delta import compute_delta
 from lightning_delta.export import apply_edit_, save_edited
-from tests.tiny_models import (
+from tests.support.tiny_models import (
     IMAGE_SIZE,
     VOCAB_SIZE,
     make_fake_hub_repo,

@@ -11,8 +11,8 @@ import yaml
 
 from lightning_delta.datamodules import GSM8KDataModule, GSM8KEvaluator
 from lightning_delta.datamodules import gsm8k_protocols as protocols
-from tests.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_POOL, write_gsm8k_repository, write_parquet
-from tests.tiny_models import make_tiny_tokenizer
+from tests.support.datamodule_fixtures import GSM8K_ROWS, GSM8K_TRAIN_POOL, write_gsm8k_repository, write_parquet
+from tests.support.tiny_models import make_tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm_eval (lm-evaluation-harness) is a test dependency")
 
@@ -42,9 +42,8 @@ CANNED = [
 
 def lm_eval_task(protocol: str, repository: Path, num_fewshot: int | None = None):
     """lm-eval's task built from its installed YAML, reading the local parquet files of ``repository/main``."""
-    from lm_eval.api.task import ConfigurableTask
-
     import lm_eval.tasks
+    from lm_eval.api.task import ConfigurableTask
 
     config = yaml.safe_load((Path(lm_eval.tasks.__file__).parent / "gsm8k" / TASK_FILES[protocol]).read_text())
     files = {split: str(repository / "main" / f"{split}-00000-of-00001.parquet") for split in ("train", "test")}

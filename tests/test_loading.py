@@ -11,11 +11,11 @@ import torch
 import transformers
 from torch import nn
 
-from lightning_delta.sources import check_dtype, load_model
 from lightning_delta.datamodules import ZeroShotClassifier
 from lightning_delta.losses import DPOLoss
 from lightning_delta.module import DeltaEditModule
-from tests.tiny_models import make_fake_hub_repo, make_tiny_model, save_model
+from lightning_delta.sources import check_dtype, load_model
+from tests.support.tiny_models import make_fake_hub_repo, make_tiny_model, save_model
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:

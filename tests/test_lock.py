@@ -3,15 +3,15 @@ at a version its range admits, and the lock holds exactly the packages those req
 
 from __future__ import annotations
 
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.locked import LOCK, locked_versions, requires_lock
+from tests.support.locked import LOCK, locked_versions, requires_lock
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 REFRESH = "run `make lock` (README: Refreshing the lock)"

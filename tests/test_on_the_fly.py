@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from lightning_delta.callbacks import RiemannCallback
 from lightning_delta.edits import DARE, BitDelta, DeltaEdit, GradientBiased, MagnitudePrune
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import random_edits, tiny_llama, token_dataset
+from tests.support.riemann_support import random_edits, tiny_llama, token_dataset
+from tests.support.tiny_models import make_tiny_pair
 from tests.test_riemann import run_validate
-from tests.tiny_models import make_tiny_pair
 
 FIELDS = ("term", "trapezoid", "exact", "loss_post", "loss_edit", "inner_products", "inner_products_per_tensor")
 
@@ -34,6 +34,7 @@ def pairs(tmp_path_factory):
 
 @pytest.mark.parametrize("edit", [DARE(p=0.7, seed=4), BitDelta(bits=2), MagnitudePrune(p=0.8)],
                          ids=["dare", "bitdelta", "magnitude_prune"])
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "llama-tied"])
 def test_on_the_fly_equals_kept_float32_E_bit_for_bit(pairs, family, edit):
     kept_module, kept = sweep(pairs[family], edit, "float32", num_points=3, trapezoid=True)
@@ -45,6 +46,7 @@ def test_on_the_fly_equals_kept_float32_E_bit_for_bit(pairs, family, edit):
                for name in kept_module.edited_model().names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recompute_weights", [True, False])
 def test_on_the_fly_with_the_callbacks_defaults_and_with_W_kept(pairs, recompute_weights):
     arguments = {} if recompute_weights else {"recompute_weights": False}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import lightning_delta
 
 
+@pytest.mark.slow
 def test_every_exported_name_resolves():
     for name in lightning_delta.__all__:
         assert getattr(lightning_delta, name) is not None, name
@@ -18,6 +20,7 @@ def test_every_exported_name_resolves():
         lightning_delta.no_such_name  # noqa: B018
 
 
+@pytest.mark.subprocess
 def test_edits_import_without_lightning_and_dpo_is_always_registered():
     code = (
         "import sys, lightning_delta.edits\n"
@@ -28,9 +31,7 @@ def test_edits_import_without_lightning_and_dpo_is_always_registered():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
 
 
-def _package_modules() -> dict[str, "Path"]:
-    from pathlib import Path
-
+def _package_modules() -> dict[str, Path]:
     root = Path(lightning_delta.__file__).parent
     modules = {}
     for path in sorted(root.rglob("*.py")):

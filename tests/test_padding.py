@@ -92,7 +92,7 @@ def test_gradients_at_post_give_the_padding_row_its_gradient():
 
 
 def test_demo_loss_gradient_gives_the_padding_row_its_gradient():
-    from tests.tiny_models import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     model = make_tiny_model("llama", dtype=torch.float64)
     with torch.no_grad():

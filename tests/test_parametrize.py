@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import gc
+import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_delta.parametrize import EditedModel, EditParametrization
-from tests.riemann_support import VOCAB, random_edits, tiny_llama
+from tests.support.riemann_support import VOCAB, random_edits, tiny_llama
 
 
 def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():
@@ -36,6 +35,7 @@ def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():
         assert all(p.t.grad is None for p in edited.parametrizations.values())  # popped
 
 
+@pytest.mark.slow
 def test_recompute_keeps_no_materialised_weight_alive():
     """Under recompute_weights, no W(t) survives the forward: backward rebuilds it."""
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -44,7 +44,7 @@ def test_recompute_keeps_no_materialised_weight_alive():
     results = {}
     for recompute in (False, True):
         produced = []
-        hook = lambda module, args, output: produced.append(__import__("weakref").ref(output))  # noqa: E731
+        hook = lambda module, args, output, produced=produced: produced.append(__import__("weakref").ref(output))  # noqa: E731
         handles = [p.register_forward_hook(hook) for p in edited.parametrizations.values()]
         edited.set_t(0.5)
         context = edited.recompute_weights() if recompute else torch.enable_grad()
@@ -61,6 +61,7 @@ def test_recompute_keeps_no_materialised_weight_alive():
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_materialise_and_save_pretrained_round_trip(tmp_path, tie):
     from transformers import AutoModelForCausalLM

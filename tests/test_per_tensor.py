@@ -16,9 +16,7 @@ from lightning_delta.delta import iter_delta
 from lightning_delta.demo.digits import DigitsDataModule
 from lightning_delta.edits import DARE, BitDelta, GradientBiased, LowRank, PerTensor
 from lightning_delta.export import PER_TENSOR_FILE
-from tests.tiny_models import make_tiny_model
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tests.support.tiny_models import make_tiny_model
 
 PATTERNS = {r"q_proj": BitDelta(bits=2), r"mlp\.(up|down)": DARE(p=0.7, seed=3), r"self_attn": LowRank(rank=2),
             r".": BitDelta(bits=1)}

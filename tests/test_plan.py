@@ -31,9 +31,7 @@ from lightning_delta.planning.family import FAMILIES, family
 from lightning_delta.planning.measure import exact_candidate_changes, riemann_sweep, trapezoid_per_tensor
 from lightning_delta.planning.plan import Plan, plan_edit, relevant_values, run_planning
 from lightning_delta.planning.scores import GradientStatistics, candidate_scores, gradient_statistics
-from tests.tiny_models import make_tiny_model
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tests.support.tiny_models import make_tiny_model
 
 
 # ------------------------------------------------------------------------------------- gradient statistics
@@ -111,6 +109,7 @@ def test_gradient_statistics_of_a_subset_leave_the_other_parameters_alone():
 # ----------------------------------------------------------------------------------------- candidate scores
 @pytest.mark.parametrize(("name", "values"), [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3]),
                                              ("magnitude_prune", [0.25, 0.75])])
+@pytest.mark.slow
 def test_candidate_scores_equal_explicit_float64_sums(name, values):
     pre = make_tiny_model("llama", seed=0, dtype=torch.float64).state_dict()
     generator = torch.Generator().manual_seed(1)
@@ -148,6 +147,7 @@ def brute_force(scores, costs, budget):
     return best
 
 
+@pytest.mark.slow
 def test_allocation_is_optimal_against_brute_force_enumeration():
     rng = random.Random(0)
     checked = 0
@@ -239,6 +239,7 @@ def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
                                        rel=1e-5, abs=FLOAT32_LOSS)
 
 
+@pytest.mark.slow
 def test_plan_edit_with_its_defaults(llama_pair):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
     plan = plan_edit(str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), datamodule=datamodule,
@@ -248,6 +249,7 @@ def test_plan_edit_with_its_defaults(llama_pair):
     assert plan.refined and set(plan.refined) <= {1, 2, 3, 4}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "values", "average"), [("dare", [0.1, 0.3, 0.5], 0.3), ("lowrank", [1, 2], 1.5)])
 def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pair, name, values, average):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
@@ -284,6 +286,7 @@ def test_plan_command_writes_the_plan_and_the_edited_model(llama_pair, tmp_path)
     assert json.loads((tmp_path / "model" / PER_TENSOR_FILE).read_text()) == plan.edit().config()
 
 
+@pytest.mark.slow
 def test_plan_command_with_its_defaults(llama_pair, tmp_path, monkeypatch):
     config = {
         "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
@@ -381,6 +384,7 @@ def test_dare_stored_bytes_count_the_mask_actually_drawn():
     assert len(sizes) > 1  # the counts differ between seeds, and so do the bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bitdelta", "lowrank"])
 def test_plan_under_a_byte_budget_stores_no_more_than_it(llama_pair, name):
     values = [1, 2, 4]
@@ -428,6 +432,7 @@ def readme_plan_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypatch):
     commands = readme_plan_commands()
     assert len(commands) == 3 and all(command[:2] == ["lightning-delta", "plan"] for command in commands)
@@ -478,6 +483,7 @@ def plan_in_a_process_group(rank: int, world_size: int, init_file: str, out_dir:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_a_process_of_a_distributed_job_is_refused(tmp_path):
     torch.multiprocessing.spawn(plan_in_a_process_group, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in range(2):
@@ -491,6 +497,7 @@ def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
                   average=0.5, candidates=[0.5, 1.5])
 
 
+@pytest.mark.slow
 def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
     """rule="gauss": each refinement sweep runs its n nodes (no backward at t = 1, forwards at t = 0 and 1), and the
     refined scores are the sweep's Gauss per-tensor terms, which equal a RiemannCallback run of the same rule."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -88,6 +87,7 @@ def _check_image(path: Path) -> None:
     assert colored.any()  # the lines and bars are in color, not only the black axes
 
 
+@pytest.mark.slow
 def test_every_figure_from_a_results_file(results_file, tmp_path):
     written = run(["plot", "--results", f"[{results_file}]", "--output_dir", str(tmp_path / "figures")])
     assert sorted(Path(path).stem for path in written) == sorted(plots.FIGURES)
@@ -95,11 +95,12 @@ def test_every_figure_from_a_results_file(results_file, tmp_path):
         _check_image(Path(path))
 
 
+@pytest.mark.slow
 def test_figures_without_their_rows_are_skipped(tmp_path):
     only_dare = [row for row in synthetic_rows() if row.edit["name"] == "dare"]
     written = plots.plot_all(only_dare, tmp_path)
     assert set(written) == {"dare_p_k", "per_module", "loss_curve"}
-    for name, function in plots.FIGURES.items():
+    for function in plots.FIGURES.values():
         assert function([], tmp_path / "none.png") is None
 
 
@@ -118,6 +119,7 @@ def test_labels():
     assert edit_label(bits) == "bitdelta bits=1"
 
 
+@pytest.mark.slow
 def test_edits_are_named_by_their_classes(tmp_path, figures):
     for cls in EDITS.values():
         assert cls.label and cls.reference.startswith(("paper", cls.label)), cls
@@ -197,6 +199,7 @@ def _error_bars(axis) -> dict[str, list[float]]:
 P = (0.9, 0.1, 0.5)  # written out of order: each line must still run left to right
 
 
+@pytest.mark.slow
 def test_rows_with_different_C_are_separate_lines(tmp_path, figures):
     terms = {2: {0.1: 0.01, 0.5: 0.08, 0.9: 0.5}, 5: {0.1: 0.02, 0.5: 0.1, 0.9: 0.6}}
     # the two sweeps ran on different numbers of devices: that does not change the numbers, so it is no setting
@@ -215,6 +218,7 @@ def test_rows_with_different_C_are_separate_lines(tmp_path, figures):
     assert sorted(text.get_text() for text in term_axis.get_legend().get_texts()) == ["k=0, C=2", "k=0, C=5"]
 
 
+@pytest.mark.slow
 def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path, figures):
     rows = [_configured_row(p, 0.1 * p, 5, model, 1) for model in ("runs/a/post", "runs/b/post") for p in P]
     for row in rows:
@@ -281,6 +285,7 @@ def test_dare_lines_are_seed_means_with_std_bars(tmp_path, figures):
     assert exact_axis.get_ylabel().startswith("exact ΔL")
 
 
+@pytest.mark.slow
 def test_every_figure_labels_its_axes_and_has_a_legend(tmp_path, figures):
     plots.plot_all(synthetic_rows(), tmp_path)
     assert set(figures) == set(plots.FIGURES)

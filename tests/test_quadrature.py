@@ -15,7 +15,7 @@ from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.callbacks.quadrature import gauss_legendre, patterson_chain
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import plain_loss, quadrature, random_edits, tiny_llama, token_dataset
+from tests.support.riemann_support import plain_loss, quadrature, random_edits, tiny_llama, token_dataset
 from tests.test_riemann import run_validate
 
 
@@ -82,6 +82,7 @@ def test_each_rule_equals_an_explicit_float64_quadrature(rule, num_points):
         assert result.trapezoid == pytest.approx(result.term, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_gauss_converges_to_the_exact_loss_change_and_beats_the_left_rule():
     """A 16-node Gauss rule from the explicit loop equals the exact ΔL; against it, Gauss with 3 passes has a far
     smaller per-tensor error than the paper's left rule with 5."""
@@ -144,6 +145,7 @@ def test_two_gauss_nodes_integrate_a_cubic_integrand_exactly_in_two_passes():
     assert abs(left.result.term - exact) > 1e-3 * abs(exact)  # the left rule is not exact here
 
 
+@pytest.mark.slow
 def test_left_rule_is_the_default_and_bit_identical_to_the_paper_formula():
     """The default, rule="left" and rule="left", trapezoid=True give equal results, whose per-tensor terms are the
     paper's ``(1/C) Σ_{c<C} g_c`` computed as before the rules existed (``mean`` over the first C rows)."""
@@ -200,7 +202,7 @@ def test_a_result_without_its_rule_is_refused_by_name():
 
 @pytest.fixture(scope="module")
 def digits_pair():
-    from tests.quadrature_support import digits_mlp_pair
+    from tests.support.quadrature_support import digits_mlp_pair
 
     return digits_mlp_pair()
 
@@ -213,12 +215,13 @@ def _run_rule(pair, edit, **options) -> tuple[RiemannResult, dict[str, torch.Ten
     return callback.result, {name: edited.E(name).detach() for name in edited.names}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["DARE p = 0.9", "DARE p = 0.99", "BitDelta", "EXPO α = −1"])
 def test_adaptive_estimate_bounds_the_actual_error_and_gauss3_meets_2e_3_on_the_table(digits_pair, case):
     """The issue's table cases (tanh MLP 64-512-512-10 on digits, float64). Against a 16-node Gauss rule from the
     explicit loop (which equals the exact ΔL): the adaptive rule's per-tensor error stays under its own estimate,
     which is under 1e-3 of the largest term, and Gauss with 3 nodes is within 2e-3 of the largest term."""
-    from tests.quadrature_support import TABLE_EDITS
+    from tests.support.quadrature_support import TABLE_EDITS
 
     assert 0.05 < digits_pair.ratio() < 0.12  # ‖ΔW‖/‖W_pre‖ in the paper's regime
     adaptive, E = _run_rule(digits_pair, TABLE_EDITS[case](), rule="adaptive", tolerance=1e-3)
@@ -286,7 +289,7 @@ def test_gauss_equals_the_exact_loss_change_when_the_padding_token_is_an_input(m
     divides by nearly ``sqrt(t²·mean(E²) + eps)``, whose complex zeros near t = 0 slow any quadrature down."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from tests.tiny_models import make_post_trained, make_tiny_model
+    from tests.support.tiny_models import make_post_trained, make_tiny_model
 
     if norm == "float64":
         monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_float64)

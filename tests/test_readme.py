@@ -21,14 +21,12 @@ from transformers import AutoModelForCausalLM
 from lightning_delta.datamodules import GSM8KDataModule
 from lightning_delta.delta import compute_delta
 from lightning_delta.edits import DARE, BitDelta
-from lightning_delta.losses import CausalLMLoss
-from tests.datamodule_fixtures import GSM8K_ROWS, write_gsm8k
-from tests.readme_support import BLOCKS, block, python_blocks, substitute, with_tiny_paths
-from tests.riemann_support import token_dataset
-from tests.tiny_models import make_tiny_pair
+from tests.support.datamodule_fixtures import GSM8K_ROWS, write_gsm8k
+from tests.support.readme_support import BLOCKS, block, python_blocks, substitute, with_tiny_paths
+from tests.support.riemann_support import token_dataset
+from tests.support.tiny_models import make_tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_python_block_of_the_readme_is_run_here():
@@ -158,7 +156,7 @@ def test_existing_project_block(user_class, pair, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- multi-node, 2 processes
-SCRIPT = ROOT / "tests" / "readme_multinode.py"
+SCRIPT = ROOT / "tests" / "support" / "readme_multinode.py"
 
 
 def run_multinode(tmp_path: Path, pair, data: Path, devices: int, strategy: str, logger: bool) -> dict:
@@ -187,6 +185,7 @@ def multinode_setup(tmp_path_factory):
     return root, pair, data, single
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 @pytest.mark.parametrize("logger", [True, False], ids=["default-logger", "logger-false"])
 def test_multi_node_block_on_two_processes_equals_one(strategy, logger, multinode_setup, tmp_path):

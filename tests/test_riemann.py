@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_delta.callbacks import RiemannCallback, RiemannResult
 from lightning_delta.losses import CausalLMLoss, ClassificationLoss, DeltaLoss, LossOutput
 from lightning_delta.module import DeltaEditModule
-from tests.riemann_support import (
+from tests.support.riemann_support import (
     brute_force,
     image_dataset,
     plain_loss,
@@ -51,6 +51,7 @@ def assert_matches_reference(result: RiemannResult, reference: dict, rtol: float
     assert result.trapezoid == pytest.approx(float((total[0] / 2 + total[1:C].sum() + total[C] / 2) / C), rel=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
 def test_llama_terms_equal_brute_force(tie):
     model = tiny_llama(tie=tie)
@@ -90,6 +91,7 @@ def test_vit_classifier_terms_equal_brute_force():
     assert kinds == pytest.approx(callback.result.term, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_loss_is_the_same_for_any_batch_size():
     model = tiny_llama()
     edits = random_edits(model, "proj")
@@ -99,7 +101,6 @@ def test_loss_is_the_same_for_any_batch_size():
         run_validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(),
                                                                                      batch_size=batch_size), callback)
         results.append(callback.result)
-        DeltaEditModule  # the module keeps its parametrization; each run gets a fresh one below
         model = tiny_llama()
     for other in results[1:]:
         assert other.term == pytest.approx(results[0].term, rel=1e-10)
@@ -149,6 +150,7 @@ def test_quadratic_left_and_trapezoid_equal_closed_forms(num_points):
     assert callback.result.exact == pytest.approx(exact, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_large_num_points_converges_to_exact():
     model = tiny_vit()
     edits = random_edits(model, scale=0.3)
@@ -264,6 +266,7 @@ def test_repeating_distributed_sampler_is_refused():
     RiemannCallback.check_no_repeated_samples(SimpleNamespace(world_size=2, val_dataloaders=even_loader))
 
 
+@pytest.mark.slow
 def test_bf16_against_float32(capsys):
     """The same tiny pair in bf16 and float32: E and the sums stay float32/float64; the gap is bf16 rounding."""
     edits = random_edits(tiny_llama(dtype=torch.float32), scale=0.05)
@@ -348,6 +351,7 @@ def test_tied_tensor_mapping_naming_both_is_refused():
     assert not any(nn.utils.parametrize.is_parametrized(module) for module in model.modules())
 
 
+@pytest.mark.slow
 def test_tied_tensor_with_one_pretrained_name_equals_brute_force():
     """The error's advice works: W_pre without the lm_head copy edits the tied tensor once, as a brute force says."""
     from lightning_delta.edits import Extrapolate
@@ -400,6 +404,7 @@ def test_classification_batches_may_be_pairs():
     assert callback.result.exact == pytest.approx(exact, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_E_in_the_models_dtype_equals_E_rounded_to_it_beforehand():
     """E_dtype="model" on a bf16 model computes exactly what float32 E already rounded to bf16 computes (an
     independent route to the same numbers), and differs from float32 E only by that rounding."""
@@ -435,6 +440,7 @@ def test_unknown_E_dtype_is_refused():
 @pytest.mark.parametrize(("recompute_weights", "free_bytes", "recomputes"), [
     ("default", 1 << 50, True), (False, 0, False), (None, 1 << 50, False), (None, 0, True),
 ], ids=["default-rebuilds", "keep", "auto-with-memory", "auto-without-memory"])
+@pytest.mark.slow
 def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes, recomputes, monkeypatch):
     """W(t) kept from the forward or rebuilt in backward gives the same numbers; the default rebuilds it, None keeps
     it only when free memory exceeds twice the edited weights."""

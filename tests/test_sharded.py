@@ -1,7 +1,7 @@
 """FSDP2 (Lightning's ModelParallelStrategy, gloo, 2 CPU processes) gives the numbers of one unsharded process.
 
-Every run is a set of real processes on ``tests/sharded_riemann.py`` (float64, 37 token rows in batches of 4, one
-thread per process). The sharded runs must match one process to 1e-6 relative (they agree to about 1e-13): term,
+Every run is a set of real processes on ``tests/support/sharded_riemann.py`` (float64, 37 token rows in batches of 4,
+one thread per process). The sharded runs must match one process to 1e-6 relative (they agree to about 1e-13): term,
 trapezoid, exact ΔL, losses and every per-tensor term, and the model must hold W_post again afterwards.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.riemann_support import tiny_llama
+from tests.support.riemann_support import tiny_llama
 from tests.test_distributed import ROOT, assert_same, environment
 
-SCRIPT = Path(__file__).with_name("sharded_riemann.py")
+SCRIPT = Path(__file__).parent / "support" / "sharded_riemann.py"
 # A DeltaEditModule (which shards itself) with ready-made E, DARE on a tied model, BitDelta (a whole-tensor mean),
 # GradientBiased (∇L at W_post from the reduce-scattered gradients), and a user's module with a token-sum loss.
 CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient",
@@ -51,6 +51,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES + FILE_CASES)
 def test_sharded_two_processes_equal_one_unsharded_process(runs, case):
     single = result(runs["single"], case, 0)
@@ -59,6 +60,7 @@ def test_sharded_two_processes_equal_one_unsharded_process(runs, case):
         assert_same(result(runs["fsdp"], case, rank), single, rel=1e-6)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", FILE_CASES)
 def test_each_process_reads_only_its_rows_of_w_pre(runs, case):
     model = tiny_llama(dtype=torch.float64, tie="-tied-" in case)
@@ -77,6 +79,7 @@ def test_each_process_reads_only_its_rows_of_w_pre(runs, case):
     assert all(sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == rows[name] for name, ranges in covered.items())
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES + FILE_CASES + (OWN_DEFAULT,))
 def test_the_sharded_model_holds_w_post_again(runs, case):
     reference = dict(tiny_llama(dtype=torch.float64, tie="-tied-" in case).named_parameters())
@@ -91,12 +94,14 @@ def test_the_sharded_model_holds_w_post_again(runs, case):
             assert bool(requires_grad.all())
 
 
+@pytest.mark.distributed
 def test_users_module_with_its_default_loss_sharded_equals_ddp(runs):
     ddp = result(runs["ddp"], OWN_DEFAULT, 0)
     for rank in (0, 1):
         assert_same(result(runs["fsdp"], OWN_DEFAULT, rank), ddp, rel=1e-6)
 
 
+@pytest.mark.distributed
 def test_processes_with_different_batch_counts_are_refused_with_the_batch_sizes_that_fit(tmp_path):
     """37 rows in batches of 3 on 2 processes: 19 and 18 rows, 7 and 6 batches; FSDP would wait forever."""
     command = [sys.executable, str(SCRIPT), str(tmp_path / "out"), "2", "delta-untied-random-3"]
@@ -131,6 +136,7 @@ def apply_edit_sharded(rank: int, init_file: str, pre_path: str, out: str) -> No
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_apply_edit_on_a_sharded_model_writes_each_process_rows_as_one_process_does(tmp_path):
     from safetensors.torch import save_file
 

@@ -48,6 +48,7 @@ def test_a_file_of_the_user_wins_over_a_shipped_name_and_an_unknown_name_lists_t
         run(["validate", "--config", "llama3-8b"])
 
 
+@pytest.mark.subprocess
 def test_the_wheel_carries_the_configs_and_the_reference_pairs(tmp_path):
     """The wheel built from the repository holds every shipped config and each reference pair's weights, config and
     record (the installed wheel's demo and ``--config NAME`` are run by ``.ci/wheel_check``)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from filelock import FileLock
 from torch.nn.utils import parametrize
 
@@ -23,8 +22,6 @@ from lightning_delta import DeltaEditModule
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.demo.digits import answer_accuracy
 from lightning_delta.edits import DARE
-from lightning_delta.sweep.reuse import SweepReuse
-from lightning_delta.sweep.run import sweep
 from lightning_delta.sweep import (
     ResultsFile,
     ResultsLockedError,
@@ -38,12 +35,11 @@ from lightning_delta.sweep import (
     make_points,
     run_sweep,
 )
-from tests.tiny_models import make_tiny_pair
+from lightning_delta.sweep.reuse import SweepReuse
+from lightning_delta.sweep.run import sweep
+from tests.support.tiny_models import make_tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy box
 
 
 def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_points: int = 2) -> dict:
@@ -340,6 +336,7 @@ def test_the_report_draws_a_rich_progress_bar_on_a_terminal(tmp_path):
     assert SweepReport(io.StringIO()).bar is False  # not a terminal: lines only
 
 
+@pytest.mark.slow
 def test_sweep_prints_its_report_unless_told_not_to(tmp_path, capsys):
     config = digits_config(tmp_path, {"edit.init_args.p": [0.2, 0.8]}, tmp_path / "r.jsonl", limit=12)
     sweep(config, progress=False)  # what the demo can ask for: its own output only
@@ -382,6 +379,7 @@ def without_timings(rows: list[SweepRow]) -> list[str]:
                        sort_keys=True) for row in rows]
 
 
+@pytest.mark.slow
 def test_a_reusing_sweep_writes_the_rows_of_one_that_does_not(tmp_path, monkeypatch):
     """The default sweep loads W_post once per model and runs the evaluator at t = 0 once per data set; its rows equal,
     bit for bit, those of a sweep where every point loads and measures everything itself (--sweep.reuse false)."""
@@ -482,6 +480,7 @@ sweep(config, progress=False)
 """
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_a_reusing_sweep_on_two_processes_writes_the_rows_of_one_that_does_not(tmp_path):
     """DDP on 2 CPU processes (each holds its own W_post and accuracies; the accuracy at t = 0 is the one reduced
@@ -510,6 +509,7 @@ def test_a_reusing_sweep_on_two_processes_writes_the_rows_of_one_that_does_not(t
 
 
 # ------------------------------------------------------------------------------------- a real killed sweep
+@pytest.mark.subprocess
 @pytest.mark.timeout(240)
 def test_killed_sweep_resumes_without_losing_or_repeating_rows(tmp_path):
     results = tmp_path / "results.jsonl"

@@ -111,9 +111,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
         return command_function(command)(rest)
     parser = command_parser(command)
     config = parser.parse_args(rest)
-    # `instantiate_classes` is the name before jsonargparse 4.49
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    arguments = instantiate(config)
+    arguments = parser.instantiate(config)
     arguments.pop("config", None)
     return command_function(command)(**arguments)
 

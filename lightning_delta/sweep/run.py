@@ -29,7 +29,7 @@ __all__ = ["check_point", "run_point", "sweep", "sweep_points"]
 
 def _config_dict(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
     """A parsed config as plain JSON types (class paths resolved, defaults filled in)."""
-    config = json.loads(parser.dump(config, format="json", skip_none=False))
+    config = json.loads(parser.dump(config, format="json", skip_unset=False))
     config.pop("config", None)
     return config
 

@@ -1,5 +1,6 @@
 """The README's Python blocks, run as written: only hub ids and example paths become tiny local models, and GPUs
-become CPU processes. Shared by ``tests/test_readme.py`` and the multi-process script ``tests/readme_multinode.py``.
+become CPU processes. Shared by ``tests/test_readme.py`` and the multi-process script
+``tests/support/readme_multinode.py``.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # What tells the README's Python blocks apart, in the order they appear.
 BLOCKS = {

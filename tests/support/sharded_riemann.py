@@ -1,7 +1,8 @@
 """One Riemann sweep of a tiny Llama, unsharded or sharded by FSDP2 under ModelParallelStrategy; started as real
 processes by ``tests/test_sharded.py``.
 
-Usage: python tests/sharded_riemann.py OUT DEVICES CASE [CASE ...], each CASE ``<delta|own|ownsum>-<untied|tied>-<edit>``
+Usage: python tests/support/sharded_riemann.py OUT DEVICES CASE [CASE ...],
+each CASE ``<delta|own|ownsum>-<untied|tied>-<edit>``
 with edit ``random`` (ready-made E), ``dare``, ``bitdelta`` or ``gradient`` (GradientBiased); float64 throughout.
 An edit ending in ``file`` (``darefile``, ``bitdeltafile``) reads W_pre from a safetensors file, and each rank writes
 the reads of that file, ``[name, start, stop]`` for rows and ``[name]`` for whole tensors, to ``OUT.CASE.reads<rank>``.
@@ -29,15 +30,15 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_delta.sources import SafetensorsSource  # noqa: E402
 from lightning_delta.callbacks import RiemannCallback  # noqa: E402
 from lightning_delta.edits import DARE, BitDelta, GradientBiased  # noqa: E402
 from lightning_delta.losses import CausalLMLoss  # noqa: E402
 from lightning_delta.module import DeltaEditModule  # noqa: E402
-from tests.distributed_riemann import TokenData  # noqa: E402
-from tests.riemann_support import random_edits, tiny_llama  # noqa: E402
+from lightning_delta.sources import SafetensorsSource  # noqa: E402
+from tests.support.distributed_riemann import TokenData  # noqa: E402
+from tests.support.riemann_support import random_edits, tiny_llama  # noqa: E402
 
 
 class OwnModule(pl.LightningModule):

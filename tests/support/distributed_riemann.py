@@ -1,6 +1,6 @@
 """Run one Riemann sweep on a tiny Llama and write the result as JSON; started as real processes by the tests.
 
-Usage: python tests/distributed_riemann.py OUT STRATEGY DEVICES NUM_NODES [BATCH_SIZE] [DTYPE] [DATA]
+Usage: python tests/support/distributed_riemann.py OUT STRATEGY DEVICES NUM_NODES [BATCH_SIZE] [DTYPE] [DATA]
 Each rank writes its ``callback.result`` to ``OUT.rank<global rank>``. DATA is ``tokens`` (random token rows) or
 ``gsm8k`` (GSM8KDataModule on a 7-row jsonl fixture written next to OUT, with its own sampler and Lightning's
 default ``use_distributed_sampler=True``).
@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_delta.callbacks import RiemannCallback  # noqa: E402
 from lightning_delta.module import DeltaEditModule  # noqa: E402
-from tests.riemann_support import random_edits, tiny_llama, token_dataset  # noqa: E402
+from tests.support.riemann_support import random_edits, tiny_llama, token_dataset  # noqa: E402
 
 
 class TokenData(pl.LightningDataModule):
@@ -50,8 +50,8 @@ class SaveResult(pl.Callback):
 
 def gsm8k(out: str, batch_size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, pl.LightningDataModule]:
     from lightning_delta.datamodules import GSM8KDataModule
-    from tests.datamodule_fixtures import GSM8K_ROWS, write_gsm8k
-    from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+    from tests.support.datamodule_fixtures import GSM8K_ROWS, write_gsm8k
+    from tests.support.tiny_models import make_tiny_model, make_tiny_tokenizer
 
     rows = [GSM8K_ROWS[i % len(GSM8K_ROWS)] for i in range(7)]  # 7 rows: divisible by neither 2 nor the batch
     data = write_gsm8k(Path(f"{out}.data"), test_rows=rows)

@@ -1,6 +1,6 @@
 """The README's multi-node trainer on CPU processes, as a user's script would use it; started by the tests.
 
-Usage: python tests/readme_multinode.py WORKDIR PRE POST DATA DEVICES STRATEGY LOGGER(true|false)
+Usage: python tests/support/readme_multinode.py WORKDIR PRE POST DATA DEVICES STRATEGY LOGGER(true|false)
 
 The README's quick-start module (DeltaEditModule, DARE p = 0.9) is validated with the README's multi-node Trainer
 (GPUs swapped for CPU processes) in WORKDIR; the callback writes riemann.json where the user would find it.
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from lightning_delta import DeltaEditModule, edits  # noqa: E402
 from lightning_delta.callbacks import RiemannCallback  # noqa: E402
 from lightning_delta.datamodules import GSM8KDataModule  # noqa: E402
-from tests.readme_support import multi_node_on_cpu  # noqa: E402
+from tests.support.readme_support import multi_node_on_cpu  # noqa: E402
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def tokenizer_with_template(directory: Path, template: str, special_tokens: dict
     ``AutoTokenizer``."""
     from transformers import AutoTokenizer
 
-    from tests.tiny_models import make_tiny_tokenizer
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
     if special_tokens:
