@@ -149,7 +149,7 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None, threads: int 
         return {"error": f"timed out after {timeout:.0f} s", "timed_out": True, "timeout_s": timeout}
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     tail = (completed.stderr or completed.stdout).strip().splitlines()[-5:]
     reason = f"exit code {completed.returncode}" + (" (killed: out of memory?)" if completed.returncode < 0 else "")
     return {"error": reason + (": " + " | ".join(tail) if tail else "")}

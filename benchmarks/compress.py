@@ -55,9 +55,15 @@ def make_pair(root: Path, size: str) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, intermediate, layers, vocabulary = SIZES[size]
-    config = LlamaConfig(vocab_size=vocabulary, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                         num_key_value_heads=max(1, hidden // 128), tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocabulary,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     pre = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     pre.save_pretrained(root / "pre")
@@ -77,7 +83,7 @@ def file_bytes(directory: Path) -> dict[str, int]:
     for file in sorted(directory.glob("delta-*.safetensors")):
         raw = file.read_bytes()
         (length,) = struct.unpack("<Q", raw[:8])
-        for key, entry in json.loads(raw[8:8 + length]).items():
+        for key, entry in json.loads(raw[8 : 8 + length]).items():
             if key != "__metadata__":
                 name = key.rpartition("/")[0]
                 sizes[name] = sizes.get(name, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
@@ -85,8 +91,10 @@ def file_bytes(directory: Path) -> dict[str, int]:
 
 
 def same_bits(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[name].contiguous().view(torch.uint8), tensor.contiguous().view(torch.uint8))
-               for name, tensor in b.items())
+    return all(
+        torch.equal(a[name].contiguous().view(torch.uint8), tensor.contiguous().view(torch.uint8))
+        for name, tensor in b.items()
+    )
 
 
 def sizes_and_times(root: Path, pre: Path, post: Path, rounds: int) -> dict:
@@ -130,10 +138,20 @@ def sizes_and_times(root: Path, pre: Path, post: Path, rounds: int) -> dict:
         restored = same_bits(model.state_dict(), base_state)
         linear_bytes = sum(size for name, size in sizes.items() if name in linear)
         linear_dense16 = sum(2 * base_state[name].numel() for name in linear)
-        rows.append({"edit": label, "bytes": total, "of_dense_float32": total / dense32,
-                     "of_dense_bf16": total / (dense32 / 2), "linear_of_dense_bf16": linear_bytes / linear_dense16,
-                     "bit_exact": exact, "restored_exact": restored, "load_s": median(load_times),
-                     "from_pretrained_s": median(full_times), "swap_s": median(swap_times)})
+        rows.append(
+            {
+                "edit": label,
+                "bytes": total,
+                "of_dense_float32": total / dense32,
+                "of_dense_bf16": total / (dense32 / 2),
+                "linear_of_dense_bf16": linear_bytes / linear_dense16,
+                "bit_exact": exact,
+                "restored_exact": restored,
+                "load_s": median(load_times),
+                "from_pretrained_s": median(full_times),
+                "swap_s": median(swap_times),
+            }
+        )
     return {"dense_float32_bytes": dense32, "rows": rows}
 
 
@@ -182,9 +200,15 @@ def memory_worker(kind: str, pre: str, paths: list[str]) -> dict:
     base = sum(p.numel() * p.element_size() for p in (model if kind == "deltas" else models[0]).parameters())
     largest = max(p.numel() for p in (model if kind == "deltas" else models[0]).parameters())
     swapping = max(applying, restoring) if kind == "deltas" else max(0, peak_rss_bytes() - settled)
-    return {"held_bytes": settled - start, "peak_while_swapping_bytes": swapping,
-            "peak_applying_bytes": applying, "peak_restoring_bytes": restoring,
-            "base_bytes": base, "compressed_bytes": compressed, "largest_tensor_float32_bytes": 4 * largest}
+    return {
+        "held_bytes": settled - start,
+        "peak_while_swapping_bytes": swapping,
+        "peak_applying_bytes": applying,
+        "peak_restoring_bytes": restoring,
+        "base_bytes": base,
+        "compressed_bytes": compressed,
+        "largest_tensor_float32_bytes": 4 * largest,
+    }
 
 
 def memory(root: Path, pre: Path, post: Path, count: int) -> dict:
@@ -195,12 +219,23 @@ def memory(root: Path, pre: Path, post: Path, count: int) -> dict:
     deltas, fulls = [], []
     for index in range(count):
         edit = BitDelta(bits=1 + index % 2, sign_of_zero=1) if index % 2 else DARE(p=0.9, seed=index)
-        deltas.append(str(save_compressed(post, pretrained=pre, edit_or_plan=edit, output_dir=root / f"n-delta-{index}")))
+        deltas.append(
+            str(save_compressed(post, pretrained=pre, edit_or_plan=edit, output_dir=root / f"n-delta-{index}"))
+        )
         fulls.append(str(save_edited(post, pretrained=pre, edit=edit, output_dir=root / f"n-full-{index}")))
     results = {}
     for kind, paths in (("deltas", deltas), ("full", fulls)):
-        command = [sys.executable, "-m", "benchmarks.compress", "--worker", kind, "--pre", str(pre),
-                   "--paths", json.dumps(paths)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.compress",
+            "--worker",
+            kind,
+            "--pre",
+            str(pre),
+            "--paths",
+            json.dumps(paths),
+        ]
         output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         results[kind] = json.loads(output.strip().splitlines()[-1])
     return results
@@ -225,23 +260,31 @@ def main() -> None:
         measured = sizes_and_times(root, pre, post, args.rounds)
         used = memory(root, pre, post, args.deltas)
     hidden, intermediate, layers, vocabulary = SIZES[args.size]
-    print(f"bf16 Llama hidden {hidden}, intermediate {intermediate}, {layers} layers, vocabulary {vocabulary}; dense "
-          f"float32 delta {measured['dense_float32_bytes'] / MiB:.2f} MiB; one thread, median of {args.rounds}")
-    print("| edit | tensor bytes | × dense float32 | × dense bf16 | linear layers × dense bf16 | bit-exact | "
-          "load (s) | from_pretrained (s) | swap (s) |")
+    print(
+        f"bf16 Llama hidden {hidden}, intermediate {intermediate}, {layers} layers, vocabulary {vocabulary}; dense "
+        f"float32 delta {measured['dense_float32_bytes'] / MiB:.2f} MiB; one thread, median of {args.rounds}"
+    )
+    print(
+        "| edit | tensor bytes | × dense float32 | × dense bf16 | linear layers × dense bf16 | bit-exact | "
+        "load (s) | from_pretrained (s) | swap (s) |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for row in measured["rows"]:
-        print(f"| {row['edit']} | {row['bytes']:,} | {row['of_dense_float32']:.4f} | {row['of_dense_bf16']:.4f} | "
-              f"{row['linear_of_dense_bf16']:.4f} | {row['bit_exact'] and row['restored_exact']} | "
-              f"{row['load_s']:.3f} | {row['from_pretrained_s']:.3f} | {row['swap_s']:.3f} |")
+        print(
+            f"| {row['edit']} | {row['bytes']:,} | {row['of_dense_float32']:.4f} | {row['of_dense_bf16']:.4f} | "
+            f"{row['linear_of_dense_bf16']:.4f} | {row['bit_exact'] and row['restored_exact']} | "
+            f"{row['load_s']:.3f} | {row['from_pretrained_s']:.3f} | {row['swap_s']:.3f} |"
+        )
     deltas, full = used["deltas"], used["full"]
-    print(f"memory, N = {args.deltas}: one base + N deltas held {deltas['held_bytes'] / MiB:.1f} MiB (base "
-          f"{deltas['base_bytes'] / MiB:.1f} MiB + compressed {deltas['compressed_bytes'] / MiB:.1f} MiB), extra peak "
-          f"while swapping through all {deltas['peak_while_swapping_bytes'] / MiB:.1f} MiB (applying a delta "
-          f"{deltas['peak_applying_bytes'] / MiB:.1f} MiB, restoring W_pre from the base's files "
-          f"{deltas['peak_restoring_bytes'] / MiB:.1f} MiB; largest tensor in float32 "
-          f"{deltas['largest_tensor_float32_bytes'] / MiB:.1f} MiB); N full models {full['held_bytes'] / MiB:.1f} MiB "
-          f"({full['held_bytes'] / max(deltas['held_bytes'], 1):.2f}×)")
+    print(
+        f"memory, N = {args.deltas}: one base + N deltas held {deltas['held_bytes'] / MiB:.1f} MiB (base "
+        f"{deltas['base_bytes'] / MiB:.1f} MiB + compressed {deltas['compressed_bytes'] / MiB:.1f} MiB), extra peak "
+        f"while swapping through all {deltas['peak_while_swapping_bytes'] / MiB:.1f} MiB (applying a delta "
+        f"{deltas['peak_applying_bytes'] / MiB:.1f} MiB, restoring W_pre from the base's files "
+        f"{deltas['peak_restoring_bytes'] / MiB:.1f} MiB; largest tensor in float32 "
+        f"{deltas['largest_tensor_float32_bytes'] / MiB:.1f} MiB); N full models {full['held_bytes'] / MiB:.1f} MiB "
+        f"({full['held_bytes'] / max(deltas['held_bytes'], 1):.2f}×)"
+    )
     print(json.dumps({"sizes": measured, "memory": used}))
 
 

@@ -66,10 +66,15 @@ def main() -> None:
         labels[setting] = edit_label(row)
         rule = ("adaptive", None) if row.result.rule == "adaptive" else (row.result.rule, row.result.passes)
         settings[setting][rule] = row.result
-    print(f"Reference pair seed {args.seed}, {len(settings)} settings; worst per-tensor error / largest per-tensor "
-          f"term of the {REFERENCE_NODES}-node Gauss reference, [backward passes per batch]")
-    print("| setting | " + " | ".join(f"{rule} {'C' if rule == 'left' else 'n'} = {n} [{n}]" for rule, n in RULES)
-          + " | adaptive, tolerance 1e-3 [passes] | reference: |term − exact ΔL| / |exact ΔL| |")
+    print(
+        f"Reference pair seed {args.seed}, {len(settings)} settings; worst per-tensor error / largest per-tensor "
+        f"term of the {REFERENCE_NODES}-node Gauss reference, [backward passes per batch]"
+    )
+    print(
+        "| setting | "
+        + " | ".join(f"{rule} {'C' if rule == 'left' else 'n'} = {n} [{n}]" for rule, n in RULES)
+        + " | adaptive, tolerance 1e-3 [passes] | reference: |term − exact ΔL| / |exact ΔL| |"
+    )
     print("|---|" + "---:|" * (len(RULES) + 2))
     worst = {rule: 0.0 for rule in [*RULES, ("adaptive", None)]}
     missed, adaptive_passes = [], []
@@ -83,13 +88,21 @@ def main() -> None:
         if errors[("gauss", 3)] > GOAL:
             missed.append((labels[setting], errors[("adaptive", None)], adaptive.passes))
         gap = abs(reference.term - reference.exact) / max(abs(reference.exact), 1e-300)
-        print(f"| {labels[setting]} | " + " | ".join(f"{errors[rule]:.2g}" for rule in RULES)
-              + f" | {errors[('adaptive', None)]:.2g} [{adaptive.passes}] | {gap:.2g} |")
-    print("| **worst** | " + " | ".join(f"**{worst[rule]:.2g}**" for rule in RULES)
-          + f" | **{worst[('adaptive', None)]:.2g}** [{min(adaptive_passes)}–{max(adaptive_passes)}] | |")
-    print(f"\nGauss n = 3 within {GOAL:g}: {len(settings) - len(missed)} of {len(settings)} settings. Where it is "
-          f"not, the adaptive rule: " + "; ".join(f"{label} {error:.2g} in {passes} passes"
-                                                  for label, error, passes in missed))
+        print(
+            f"| {labels[setting]} | "
+            + " | ".join(f"{errors[rule]:.2g}" for rule in RULES)
+            + f" | {errors[('adaptive', None)]:.2g} [{adaptive.passes}] | {gap:.2g} |"
+        )
+    print(
+        "| **worst** | "
+        + " | ".join(f"**{worst[rule]:.2g}**" for rule in RULES)
+        + f" | **{worst[('adaptive', None)]:.2g}** [{min(adaptive_passes)}–{max(adaptive_passes)}] | |"
+    )
+    print(
+        f"\nGauss n = 3 within {GOAL:g}: {len(settings) - len(missed)} of {len(settings)} settings. Where it is "
+        f"not, the adaptive rule: "
+        + "; ".join(f"{label} {error:.2g} in {passes} passes" for label, error, passes in missed)
+    )
     print("\n" + findings_table(quadrature_findings(rows)))
 
 

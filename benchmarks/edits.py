@@ -60,8 +60,11 @@ def _ours(operation: str, rank: int = RANK, method: str = "exact") -> Callable[[
         from lightning_delta.edits.dare import DARE
         from lightning_delta.edits.lowrank import LowRank
         from lightning_delta.edits.prune import MagnitudePrune
-    edit = {"dare": lambda: DARE(p=DROP_RATE, seed=0), "magnitude": lambda: MagnitudePrune(p=DROP_RATE),
-            "lowrank": lambda: LowRank(rank=rank, method=method)}[operation]()
+    edit = {
+        "dare": lambda: DARE(p=DROP_RATE, seed=0),
+        "magnitude": lambda: MagnitudePrune(p=DROP_RATE),
+        "lowrank": lambda: LowRank(rank=rank, method=method),
+    }[operation]()
     return lambda delta: edit.edit_tensor("model.layers.0.mlp.up_proj.weight", delta)
 
 
@@ -131,8 +134,9 @@ def _dare_and_sort(operation: str, rank: int = RANK) -> Callable[[Tensor], Tenso
 def _mergekit_della(operation: str, rank: int = RANK) -> Callable[[Tensor], Tensor]:
     from mergekit import sparsify
 
-    return lambda delta: sparsify.della_magprune(delta, 1.0 - DROP_RATE, DELLA_EPSILON / 2,
-                                                 rescale_norm=sparsify.RescaleNorm.l1)
+    return lambda delta: sparsify.della_magprune(
+        delta, 1.0 - DROP_RATE, DELLA_EPSILON / 2, rescale_norm=sparsify.RescaleNorm.l1
+    )
 
 
 IMPLEMENTATIONS: dict[str, dict[str, Callable[[str, int], Callable[[Tensor], Tensor]]]] = {
@@ -141,8 +145,9 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[str, int], Callable[[Tensor], Ten
     "lowrank": {"lightning_delta": _ours, "torch.linalg.svd": _svd, RANDOMIZED: _ours_randomized},
 }
 # run by ``python -m benchmarks.edits``, not by the suite's edits item
-DELLA_IMPLEMENTATIONS = {"della": {"lightning_delta": _della, DARE_AND_SORT: _dare_and_sort, "DARE": _ours,
-                                   "mergekit": _mergekit_della}}
+DELLA_IMPLEMENTATIONS = {
+    "della": {"lightning_delta": _della, DARE_AND_SORT: _dare_and_sort, "DARE": _ours, "mergekit": _mergekit_della}
+}
 
 
 def unavailable_reason(implementation: str) -> str | None:
@@ -228,7 +233,8 @@ def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # seed would correlate with the mask (same uniform draws under the Box-Muller normals)
     torch.manual_seed(spec.get("seed", 0) + 1_000_003)
     fn = {**IMPLEMENTATIONS, **DELLA_IMPLEMENTATIONS}[operation][implementation](
-        "dare" if implementation == "DARE" else operation, spec.get("rank", RANK))
+        "dare" if implementation == "DARE" else operation, spec.get("rank", RANK)
+    )
     delta = torch.randn(*spec["shape"], generator=torch.Generator().manual_seed(spec.get("seed", 0)))
     if spec.get("low_rank_input"):  # a slowly decaying spectrum, like a real delta
         delta = decaying_delta(tuple(spec["shape"]), delta)
@@ -241,8 +247,12 @@ def edit_worker(spec: dict[str, Any]) -> dict[str, Any]:
         memory = memory or probe  # the first run's peak: the cold one, as a user sees it
         if run + 1 < spec.get("runs", 1):
             del out
-    result = {"times_s": times, "extra_peak_mib": memory.extra / MiB, "input_mib": delta.numel() * 4 / MiB,
-              "threads": torch.get_num_threads()}
+    result = {
+        "times_s": times,
+        "extra_peak_mib": memory.extra / MiB,
+        "input_mib": delta.numel() * 4 / MiB,
+        "threads": torch.get_num_threads(),
+    }
     result.update(agreement(operation, delta, out))
     if operation == "lowrank" and implementation == "lightning_delta" and spec.get("compare_randomized", True):
         result.update(randomized_error(delta, out, spec.get("rank", RANK)))  # after the timing: not timed
@@ -270,8 +280,10 @@ def demo_worker(spec: dict[str, Any]) -> dict[str, Any]:
             excesses.append(measured["randomized_residual_excess"])
             shapes.add(tuple(delta.shape))
         result["ranks"][str(rank)] = {
-            "matrices": len(errors), "shapes": sorted(list(shape) for shape in shapes),
-            "f_error_median": statistics.median(errors) if errors else None, "f_error_max": max(errors, default=None),
+            "matrices": len(errors),
+            "shapes": sorted(list(shape) for shape in shapes),
+            "f_error_median": statistics.median(errors) if errors else None,
+            "f_error_max": max(errors, default=None),
             "residual_excess_max": max(excesses, default=None),
         }
     return result
@@ -287,13 +299,18 @@ def della_rounds(shapes: list[tuple[int, int]], rounds: int, runs: int) -> list[
         memory: dict[str, list[float]] = {name: [] for name in names}
         notes: dict[str, Any] = {}
         for round_index in range(rounds):
-            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
                 reason = unavailable_reason(name)
                 if reason:
                     notes[name] = reason
                     continue
-                spec = {"kind": "edit", "operation": "della", "implementation": name, "shape": list(shape),
-                        "runs": runs}
+                spec = {
+                    "kind": "edit",
+                    "operation": "della",
+                    "implementation": name,
+                    "shape": list(shape),
+                    "runs": runs,
+                }
                 result = run_worker(spec, timeout=1200)
                 if "times_s" not in result:
                     notes[name] = result.get("error", result.get("skipped", "no result"))[:200]
@@ -301,17 +318,21 @@ def della_rounds(shapes: list[tuple[int, int]], rounds: int, runs: int) -> list[
                 times[name].append(median(result["times_s"]))
                 memory[name].append(result["extra_peak_mib"])
                 notes.setdefault(name, {"kept_fraction": result["kept_fraction"], "kept_scale": result["kept_scale"]})
-            print(f"{shape[0]}x{shape[1]} round {round_index + 1}: "
-                  + ", ".join(f"{name} {times[name][-1]:.3g} s" for name in names if len(times[name]) > round_index),
-                  flush=True)
+            print(
+                f"{shape[0]}x{shape[1]} round {round_index + 1}: "
+                + ", ".join(f"{name} {times[name][-1]:.3g} s" for name in names if len(times[name]) > round_index),
+                flush=True,
+            )
         cases.append({"shape": list(shape), "times_s": times, "extra_peak_mib": memory, "notes": notes})
     return cases
 
 
 def della_markdown(cases: list[dict[str, Any]]) -> str:
     """Rows: shape, DELLA's time and peak, then each other implementation's, and DELLA ÷ it per round."""
-    lines = ["| shape | implementation | time (s), median | extra peak (MiB) | DELLA ÷ this, per round | kept |",
-             "|---|---|---:|---:|---|---|"]
+    lines = [
+        "| shape | implementation | time (s), median | extra peak (MiB) | DELLA ÷ this, per round | kept |",
+        "|---|---|---:|---:|---|---|",
+    ]
     for case in cases:
         ours = case["times_s"]["lightning_delta"]
         for name, times in case["times_s"].items():
@@ -321,22 +342,27 @@ def della_markdown(cases: list[dict[str, Any]]) -> str:
                 continue
             ratios = "" if name == "lightning_delta" else ", ".join(f"{a / b:.2f}" for a, b in zip(ours, times))
             kept = f"{note['kept_fraction']:.4f} ×{note['kept_scale']:.3g}" if isinstance(note, dict) else ""
-            lines.append(f"| {case['shape'][0]}x{case['shape'][1]} | {name} | {median(times):.3g} | "
-                         f"{median(case['extra_peak_mib'][name]):.0f} | {ratios} | {kept} |")
+            lines.append(
+                f"| {case['shape'][0]}x{case['shape'][1]} | {name} | {median(times):.3g} | "
+                f"{median(case['extra_peak_mib'][name]):.0f} | {ratios} | {kept} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.edits",
-                                     description="DELLA against DARE + one sort and mergekit's della_magprune")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.edits", description="DELLA against DARE + one sort and mergekit's della_magprune"
+    )
     parser.add_argument("--shapes", default="4096x14336", help="comma-separated ROWSxCOLS (default 4096x14336)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the order of implementations rotates")
     parser.add_argument("--runs", type=int, default=2, help="runs per process (their median is the round's time)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     info = machine()
-    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, mergekit {info['mergekit']}; p = "
-          f"{DROP_RATE}, DELLA epsilon = {DELLA_EPSILON}, float32")
+    print(
+        f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, mergekit {info['mergekit']}; p = "
+        f"{DROP_RATE}, DELLA epsilon = {DELLA_EPSILON}, float32"
+    )
     cases = della_rounds(shapes, args.rounds, args.runs)
     print(della_markdown(cases))
     return cases

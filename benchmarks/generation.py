@@ -37,10 +37,12 @@ MAX_NEW_TOKENS = 256
 BATCH = 8
 # random Llamas over the tests' 128-token vocabulary: the tests' tiny one and a larger one
 MODELS = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=4),
+    "tiny": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "small": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+    ),
 }
 PLAN = {"tiny": (("tiny",), 1, 16), "full": (("tiny", "small"), 3, MAX_NEW_TOKENS)}  # models, rounds, new tokens
 VARIANTS = ("naive", "previous", "library")
@@ -54,15 +56,24 @@ QUESTIONS = [
     "Half of 48 is what?",
     "Ann has 3 apples and buys 4 more. How many apples does she have?",
 ]
-SHOTS = [{"question": "What is 10 - 8?", "answer": "10 - 8 = 2\n#### 2"},
-         {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}]
+SHOTS = [
+    {"question": "What is 10 - 8?", "answer": "10 - 8 = 2\n#### 2"},
+    {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+]
 
 
 def build_model(size: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False, **MODELS[size])
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **MODELS[size],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
@@ -75,8 +86,15 @@ def prompt_batch(tokenizer: Any, directory: Path) -> dict[str, Any]:
     test, train = directory / "test.jsonl", directory / "train.jsonl"
     test.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
     train.write_text("".join(json.dumps(shot) + "\n" for shot in SHOTS))
-    dm = GSM8KDataModule(tokenizer, data=str(test), few_shot=len(SHOTS), few_shot_data=str(train),
-                         chat_template=False, batch_size=BATCH, max_length=1024)
+    dm = GSM8KDataModule(
+        tokenizer,
+        data=str(test),
+        few_shot=len(SHOTS),
+        few_shot_data=str(train),
+        chat_template=False,
+        batch_size=BATCH,
+        max_length=1024,
+    )
     batch = next(iter(dm.val_dataloader()))
     assert PLAIN_FORMAT.split("{")[0] in tokenizer.decode(batch["prompt_input_ids"][0])
     return batch
@@ -86,17 +104,27 @@ def naive(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, new_tok
     rows = []
     for prompt, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"]):
         ids = prompt[mask.bool()][None]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        rows.append(out[0, ids.shape[1]:].tolist())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        rows.append(out[0, ids.shape[1] :].tolist())
     return rows
 
 
 def previous(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, new_tokens: int) -> list[list[int]]:
     prompt = batch["prompt_input_ids"]
-    out = model.generate(input_ids=prompt, attention_mask=batch["prompt_attention_mask"],
-                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[:, prompt.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=batch["prompt_attention_mask"],
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, prompt.shape[1] :].tolist()
 
 
 def stop_string(tokenizer: Any, rows: list[list[int]]) -> str:
@@ -107,9 +135,9 @@ def stop_string(tokenizer: Any, rows: list[list[int]]) -> str:
     best, best_score = None, -1
     for row in rows:
         for i in range(4, len(row) - 1, 3):
-            if special & set(row[i:i + 2]):
+            if special & set(row[i : i + 2]):
                 continue
-            candidate = tokenizer.decode(row[i:i + 2])
+            candidate = tokenizer.decode(row[i : i + 2])
             places = {text.find(candidate) for text in texts if candidate in text}
             if len(places) > best_score:
                 best, best_score = candidate, len(places)
@@ -135,27 +163,42 @@ def measure(size: str, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         outputs: dict[str, list[list[int]]] = {}
         for round_index in range(rounds):
-            order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
+            order = VARIANTS[round_index % 3 :] + VARIANTS[: round_index % 3]
             for name in order:
                 start = time.perf_counter()
                 outputs[name] = functions[name](model, batch, tokenizer, new_tokens)
                 times[name].append(time.perf_counter() - start)
-            print(f"[{time.strftime('%H:%M:%S')}] {size} {case} round {round_index + 1}: "
-                  + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in VARIANTS), file=sys.stderr, flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {size} {case} round {round_index + 1}: "
+                + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in VARIANTS),
+                file=sys.stderr,
+                flush=True,
+            )
         stopped = outputs["library"]
         pad = tokenizer.pad_token_id
         lengths = [len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), len(row)) for row in stopped]
-        identical = all(outputs[name][row][:lengths[row]] == stopped[row][:lengths[row]]
-                        for name in VARIANTS for row in range(len(stopped)))
+        identical = all(
+            outputs[name][row][: lengths[row]] == stopped[row][: lengths[row]]
+            for name in VARIANTS
+            for row in range(len(stopped))
+        )
         answer_tokens = sum(lengths)
-        cases.append({
-            "model": size, "parameters": sum(p.numel() for p in model.parameters()), "case": case,
-            "stop_strings": stops, "rows": len(stopped), "answer_tokens": answer_tokens, "row_lengths": lengths,
-            "times_s": times, "identical": identical,
-            "tokens_per_s": {name: answer_tokens / statistics.median(times[name]) for name in VARIANTS},
-            "speedup_vs_naive": [n / lib for n, lib in zip(times["naive"], times["library"])],
-            "speedup_vs_previous": [p / lib for p, lib in zip(times["previous"], times["library"])],
-        })
+        cases.append(
+            {
+                "model": size,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "case": case,
+                "stop_strings": stops,
+                "rows": len(stopped),
+                "answer_tokens": answer_tokens,
+                "row_lengths": lengths,
+                "times_s": times,
+                "identical": identical,
+                "tokens_per_s": {name: answer_tokens / statistics.median(times[name]) for name in VARIANTS},
+                "speedup_vs_naive": [n / lib for n, lib in zip(times["naive"], times["library"])],
+                "speedup_vs_previous": [p / lib for p, lib in zip(times["previous"], times["library"])],
+            }
+        )
     return cases
 
 
@@ -163,37 +206,59 @@ def run(mode: str = "full", sizes: list[str] | None = None, rounds: int | None =
     """The models of ``mode``'s plan (``tiny``: the tiny model, one round, 16 tokens: for tests), or ``sizes``."""
     planned, planned_rounds, new_tokens = PLAN["tiny" if mode == "tiny" else "full"]
     sizes, rounds = sizes or list(planned), rounds or planned_rounds
-    return {"max_new_tokens": new_tokens, "batch": BATCH, "rounds": rounds,
-            "cases": [case for size in sizes for case in measure(size, rounds, new_tokens)]}
+    return {
+        "max_new_tokens": new_tokens,
+        "batch": BATCH,
+        "rounds": rounds,
+        "cases": [case for size in sizes for case in measure(size, rounds, new_tokens)],
+    }
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """Rows for the suite's table: item, case, library, baseline, ratio, check."""
     rows = []
     for case in result.get("cases", []):
-        label = (f"{case['model']} ({case['parameters'] / 1e6:.2g}M), {case['case']}, {case['rows']} rows, "
-                 f"{case['answer_tokens']} answer tok")
+        label = (
+            f"{case['model']} ({case['parameters'] / 1e6:.2g}M), {case['case']}, {case['rows']} rows, "
+            f"{case['answer_tokens']} answer tok"
+        )
         tps = case["tokens_per_s"]
-        rows.append(["generation tok/s", label, f"{tps['library']:.0f} tok/s",
-                     f"naive {tps['naive']:.0f}, previous {tps['previous']:.0f} tok/s",
-                     "× naive " + ", ".join(f"{r:.2f}" for r in case["speedup_vs_naive"]) + "; × previous "
-                     + ", ".join(f"{r:.2f}" for r in case["speedup_vs_previous"]),
-                     "tokens identical" if case["identical"] else "TOKENS DIFFER"])
+        rows.append(
+            [
+                "generation tok/s",
+                label,
+                f"{tps['library']:.0f} tok/s",
+                f"naive {tps['naive']:.0f}, previous {tps['previous']:.0f} tok/s",
+                "× naive "
+                + ", ".join(f"{r:.2f}" for r in case["speedup_vs_naive"])
+                + "; × previous "
+                + ", ".join(f"{r:.2f}" for r in case["speedup_vs_previous"]),
+                "tokens identical" if case["identical"] else "TOKENS DIFFER",
+            ]
+        )
     return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| model | case | answer tokens (rows' lengths) | naive tok/s | previous tok/s | library tok/s | "
-             "library speed-up × naive, per round | × previous, per round | tokens |",
-             "|---|---|---|---:|---:|---:|---|---|---|"]
+    lines = [
+        "| model | case | answer tokens (rows' lengths) | naive tok/s | previous tok/s | library tok/s | "
+        "library speed-up × naive, per round | × previous, per round | tokens |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
+    ]
     for case in result["cases"]:
         tps = case["tokens_per_s"]
         lengths = ", ".join(map(str, case["row_lengths"]))
-        lines.append(f"| {case['model']} ({case['parameters'] / 1e6:.2g}M) | {case['case']} | "
-                     f"{case['answer_tokens']} ({lengths}) | {tps['naive']:.0f} | {tps['previous']:.0f} | "
-                     f"{tps['library']:.0f} | " + ", ".join(f"{r:.2f}" for r in case["speedup_vs_naive"]) + " | "
-                     + ", ".join(f"{r:.2f}" for r in case["speedup_vs_previous"]) + " | "
-                     + ("identical" if case["identical"] else "DIFFER") + " |")
+        lines.append(
+            f"| {case['model']} ({case['parameters'] / 1e6:.2g}M) | {case['case']} | "
+            f"{case['answer_tokens']} ({lengths}) | {tps['naive']:.0f} | {tps['previous']:.0f} | "
+            f"{tps['library']:.0f} | "
+            + ", ".join(f"{r:.2f}" for r in case["speedup_vs_naive"])
+            + " | "
+            + ", ".join(f"{r:.2f}" for r in case["speedup_vs_previous"])
+            + " | "
+            + ("identical" if case["identical"] else "DIFFER")
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -206,8 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = args.models.split(",") if args.models else None
     result = run("tiny" if args.tiny else "full", sizes, args.rounds)
     for case in result["cases"]:
-        print(f"{case['model']} {case['case']}: stop strings {case['stop_strings']!r}; seconds per round "
-              + "; ".join(f"{name} " + ", ".join(f"{t:.2f}" for t in case["times_s"][name]) for name in VARIANTS))
+        print(
+            f"{case['model']} {case['case']}: stop strings {case['stop_strings']!r}; seconds per round "
+            + "; ".join(f"{name} " + ", ".join(f"{t:.2f}" for t in case["times_s"][name]) for name in VARIANTS)
+        )
     print(markdown(result))
     return result
 

@@ -24,13 +24,15 @@ COMMANDS = ("", *LIBRARY_COMMANDS)
 
 def timed_help(console: Path, command: str, cache: Path) -> tuple[float, bool]:
     """Seconds of one ``--help`` call, and whether it left a kept help behind (the live parser made it)."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("COLUMNS", "LIGHTNING_DELTA_HELP") and not key.startswith("JSONARGPARSE_")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("COLUMNS", "LIGHTNING_DELTA_HELP") and not key.startswith("JSONARGPARSE_")
+    }
     env["LIGHTNING_DELTA_CACHE"] = str(cache)
     before = set(cache.rglob("*.json"))
     started = time.perf_counter()
-    subprocess.run([str(console), *([command] if command else []), "--help"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([str(console), *([command] if command else []), "--help"], env=env, check=True, capture_output=True)
     seconds = time.perf_counter() - started
     return seconds, bool(set(cache.rglob("*.json")) - before)
 

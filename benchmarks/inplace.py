@@ -31,13 +31,23 @@ def build(hidden: int, layers: int, tokens: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
-    edits = {name: 1e-3 * torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()
-             if p.ndim == 2 and "embed" not in name}
+    edits = {
+        name: 1e-3 * torch.randn(p.shape, generator=generator)
+        for name, p in model.named_parameters()
+        if p.ndim == 2 and "embed" not in name
+    }
     ids = torch.randint(0, 4096, (4, tokens // 4), generator=generator)
     return model, edits, ids
 
@@ -98,8 +108,13 @@ def run_variant(variant: str, hidden: int, layers: int, tokens: int, repeats: in
             point()
             times.append(time.perf_counter() - start)
     edit_bytes = sum(e.numel() * e.element_size() for e in edits.values())
-    return {"variant": variant, "time_s": sorted(times)[len(times) // 2], "extra_peak_mib": memory.extra / MiB,
-            "edited_mib": edit_bytes / MiB, "inner": inner}
+    return {
+        "variant": variant,
+        "time_s": sorted(times)[len(times) // 2],
+        "extra_peak_mib": memory.extra / MiB,
+        "edited_mib": edit_bytes / MiB,
+        "inner": inner,
+    }
 
 
 def main() -> None:
@@ -115,19 +130,36 @@ def main() -> None:
         return
     results = {}
     for variant in VARIANTS:
-        command = [sys.executable, "-m", "benchmarks.inplace", "--variant", variant, "--hidden", str(args.hidden),
-                   "--layers", str(args.layers), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.inplace",
+            "--variant",
+            variant,
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--tokens",
+            str(args.tokens),
+            "--repeats",
+            str(args.repeats),
+        ]
         output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(output.splitlines()[-1])
     reference = results["parametrization"]["inner"]
-    print(f"hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, edited weights "
-          f"{results['parametrization']['edited_mib']:.0f} MiB (float32), 2 threads, median of {args.repeats} points")
+    print(
+        f"hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, edited weights "
+        f"{results['parametrization']['edited_mib']:.0f} MiB (float32), 2 threads, median of {args.repeats} points"
+    )
     print("| variant | time per point (s) | × parametrization | extra peak (MiB) | max rel. diff of ⟨∇L, E⟩ |")
     print("|---|---:|---:|---:|---:|")
     for variant, result in results.items():
         diff = max(abs(result["inner"][k] - v) / max(abs(v), 1e-30) for k, v in reference.items())
-        print(f"| {variant} | {result['time_s']:.2f} | {result['time_s'] / results['parametrization']['time_s']:.2f} | "
-              f"{result['extra_peak_mib']:.0f} | {diff:.1e} |")
+        print(
+            f"| {variant} | {result['time_s']:.2f} | {result['time_s'] / results['parametrization']['time_s']:.2f} | "
+            f"{result['extra_peak_mib']:.0f} | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

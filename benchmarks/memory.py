@@ -51,8 +51,10 @@ POINTS = 2
 
 def allocation_peak(profiler: profile) -> int:
     """The largest sum of bytes allocated and not yet freed over a profile's ``[memory]`` records, in time order."""
-    events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
-                    key=lambda event: event.start_ns())
+    events = sorted(
+        (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+        key=lambda event: event.start_ns(),
+    )
     allocated = peak = 0
     for event in events:
         allocated += event.nbytes()
@@ -63,8 +65,10 @@ def allocation_peak(profiler: profile) -> int:
 def random_E(model: torch.nn.Module, E_dtype: str, seed: int = 1) -> dict[str, torch.Tensor]:  # noqa: N802, N803
     """A random ``E`` per tensor (std 0.002), made in its stored dtype (no float32 copy on the way)."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.empty(p.shape, dtype=stored_dtype(p.dtype, E_dtype)).normal_(0.0, 0.002, generator=generator)
-            for name, p in model.named_parameters()}
+    return {
+        name: torch.empty(p.shape, dtype=stored_dtype(p.dtype, E_dtype)).normal_(0.0, 0.002, generator=generator)
+        for name, p in model.named_parameters()
+    }
 
 
 def measure(size: str, dtype: str, E_dtype: str, batch: int, seq_len: int) -> dict[str, Any]:  # noqa: N803
@@ -111,8 +115,9 @@ def estimate(size: str, dtype: str, E_dtype: str, batch: int, seq_len: int) -> d
     config = LlamaConfig(**MODEL_SIZES[size], tie_word_embeddings=False)
     model = meta_model(config, getattr(torch, dtype))
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
-    result = estimate_memory(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
-                             E_dtype=E_dtype)
+    result = estimate_memory(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, E_dtype=E_dtype
+    )
     return {"point": result.point, "estimated_held": result.weights + result.E}
 
 
@@ -126,7 +131,7 @@ def run_case(case: tuple, timeout: float = 600) -> dict[str, Any]:
     lines = [line for line in finished.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
         return {"case": case, "error": (finished.stderr or finished.stdout).strip().splitlines()[-3:]}
-    measured = json.loads(lines[-1][len(RESULT_MARKER):])
+    measured = json.loads(lines[-1][len(RESULT_MARKER) :])
     return {"case": case, **measured, **estimate(*case)}
 
 
@@ -136,41 +141,113 @@ def row(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{label} error: {' '.join(result['error'])} | | | | |"
     resident, allocated, point = result["resident"], result["allocated"], result["point"]
-    return (f"{label} {point / MiB:.0f} | {allocated / MiB:.0f} | {point / allocated:.3f} | {resident / MiB:.0f} | "
-            f"{point / resident:.3f} |")
+    return (
+        f"{label} {point / MiB:.0f} | {allocated / MiB:.0f} | {point / allocated:.3f} | {resident / MiB:.0f} | "
+        f"{point / resident:.3f} |"
+    )
 
 
-HEADER = ("| model | dtype | E | batch × tokens | estimate (MiB) | measured allocated peak (MiB) | ratio "
-          "| measured resident peak (MiB) | ratio |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| model | dtype | E | batch × tokens | estimate (MiB) | measured allocated peak (MiB) | ratio "
+    "| measured resident peak (MiB) | ratio |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 # Published config.json shapes (no download): (transformers config class, keyword arguments).
 PUBLISHED = {
-    "Llama-3.2-1B": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                          tie_word_embeddings=True)),
-    "Mistral-7B-v0.3": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)),
-    "Qwen2-7B": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                     tie_word_embeddings=False)),
-    "Llama-3-8B": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
-    "Llama-2-13B": ("LlamaConfig", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)),
-    "Llama-3-70B": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)),
-    "Qwen2-72B": ("Qwen2Config", dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
-                                      tie_word_embeddings=False)),
+    "Llama-3.2-1B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "Mistral-7B-v0.3": (
+        "MistralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32768,
+        ),
+    ),
+    "Qwen2-7B": (
+        "Qwen2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Llama-3-8B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+    ),
+    "Llama-2-13B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32000,
+        ),
+    ),
+    "Llama-3-70B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+    ),
+    "Qwen2-72B": (
+        "Qwen2Config",
+        dict(
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 GPUS_GB = (24, 40, 48, 80, 141)
 USABLE = 0.9  # of a GPU's memory, the rest left to the CUDA context and the caching allocator (not measured here)
 # (label, processes, sharded, E_dtype, batch): the shipped GSM8K configs' batch is 4 × 1024 tokens
-LAYOUTS = [("1 GPU, E fp32, 4×1024", 1, False, "float32", 4), ("1 GPU, E bf16, 4×1024", 1, False, "model", 4),
-           ("1 GPU, E bf16, 1×1024", 1, False, "model", 1), ("1 GPU, E on the fly, 1×1024", 1, False, "on_the_fly", 1),
-           ("FSDP 8, E fp32, 1×1024", 8, True, "float32", 1),
-           ("FSDP 8, E bf16, 1×1024", 8, True, "model", 1), ("FSDP 16, E bf16, 1×1024", 16, True, "model", 1)]
+LAYOUTS = [
+    ("1 GPU, E fp32, 4×1024", 1, False, "float32", 4),
+    ("1 GPU, E bf16, 4×1024", 1, False, "model", 4),
+    ("1 GPU, E bf16, 1×1024", 1, False, "model", 1),
+    ("1 GPU, E on the fly, 1×1024", 1, False, "on_the_fly", 1),
+    ("FSDP 8, E fp32, 1×1024", 8, True, "float32", 1),
+    ("FSDP 8, E bf16, 1×1024", 8, True, "model", 1),
+    ("FSDP 16, E bf16, 1×1024", 16, True, "model", 1),
+]
 
 
 def fits_table(tokens: int = 1024) -> str:
@@ -178,16 +255,24 @@ def fits_table(tokens: int = 1024) -> str:
     smallest GPU of :data:`GPUS_GB` whose :data:`USABLE` share holds it."""
     import transformers
 
-    lines = ["| model | parameters | " + " | ".join(label for label, *_ in LAYOUTS) + " |",
-             "|---|---|" + "---|" * len(LAYOUTS)]
+    lines = [
+        "| model | parameters | " + " | ".join(label for label, *_ in LAYOUTS) + " |",
+        "|---|---|" + "---|" * len(LAYOUTS),
+    ]
     for name, (config_class, arguments) in PUBLISHED.items():
         model = meta_model(getattr(transformers, config_class)(**arguments), torch.bfloat16)
         parameters = sum(p.numel() for p in model.parameters())
         cells = []
         for _, processes, sharded, E_dtype, batch in LAYOUTS:  # noqa: N806
             ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
-            peak = estimate_memory(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
-                                   E_dtype=E_dtype, processes=processes, sharded=sharded, evaluator=True).peak
+            peak = estimate_memory(
+                model,
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+                E_dtype=E_dtype,
+                processes=processes,
+                sharded=sharded,
+                evaluator=True,
+            ).peak
             fitting = [gb for gb in GPUS_GB if peak <= USABLE * gb * 1e9]
             cells.append(f"{peak / 1e9:.0f} ({fitting[0] if fitting else 'none'})")
         lines.append(f"| {name} | {parameters / 1e9:.1f} B | " + " | ".join(cells) + " |")

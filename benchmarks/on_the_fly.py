@@ -37,8 +37,10 @@ def write_pretrained(size: str, dtype: str, path: Path) -> None:
 
     model = build_model(size, getattr(torch, dtype))
     generator = torch.Generator().manual_seed(1)
-    pre = {name: (p.detach().float() - 0.002 * torch.randn(p.shape, generator=generator)).to(p.dtype).contiguous()
-           for name, p in model.named_parameters()}
+    pre = {
+        name: (p.detach().float() - 0.002 * torch.randn(p.shape, generator=generator)).to(p.dtype).contiguous()
+        for name, p in model.named_parameters()
+    }
     save_file(pre, str(path))
 
 
@@ -67,8 +69,13 @@ def run_variant(E_dtype: str, size: str, dtype: str, pretrained: str, points: in
                 loss(model, batch).total.backward()
             inner = edited.pop_inner_products().tolist()
             times.append(time.perf_counter() - start)
-    return {"variant": E_dtype, "held_mib": held / MiB, "extra_peak_mib": pointing.peak / MiB,
-            "time_s": statistics.median(times), "inner": inner}
+    return {
+        "variant": E_dtype,
+        "held_mib": held / MiB,
+        "extra_peak_mib": pointing.peak / MiB,
+        "time_s": statistics.median(times),
+        "inner": inner,
+    }
 
 
 def main() -> None:
@@ -87,19 +94,36 @@ def main() -> None:
         pretrained = Path(scratch) / "pre.safetensors"
         write_pretrained(args.size, args.dtype, pretrained)
         for variant in VARIANTS:
-            command = [sys.executable, "-m", "benchmarks.on_the_fly", "--variant", variant, "--size", args.size,
-                       "--dtype", args.dtype, "--points", str(args.points), "--pretrained", str(pretrained)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.on_the_fly",
+                "--variant",
+                variant,
+                "--size",
+                args.size,
+                "--dtype",
+                args.dtype,
+                "--points",
+                str(args.points),
+                "--pretrained",
+                str(pretrained),
+            ]
             output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             results[variant] = json.loads(output.splitlines()[-1])
     reference = results["float32"]
     print(f"{args.size} Llama, {args.dtype}, DARE p = 0.9, 4 × 256 tokens, 2 threads, median of {args.points} points")
-    print("| E_dtype | held by the edit (MiB) | allocation peak of a point (MiB, beyond model and edit) | time per point (s) | "
-          "× float32 | max rel. diff of ⟨∇L, E⟩ from float32 |")
+    print(
+        "| E_dtype | held by the edit (MiB) | allocation peak of a point (MiB, beyond model and edit) | time per point (s) | "
+        "× float32 | max rel. diff of ⟨∇L, E⟩ from float32 |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for variant, result in results.items():
         diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(result["inner"], reference["inner"]))
-        print(f"| {variant} | {result['held_mib']:.0f} | {result['extra_peak_mib']:.0f} | {result['time_s']:.2f} | "
-              f"{result['time_s'] / reference['time_s']:.2f} | {diff:.1e} |")
+        print(
+            f"| {variant} | {result['held_mib']:.0f} | {result['extra_peak_mib']:.0f} | {result['time_s']:.2f} | "
+            f"{result['time_s'] / reference['time_s']:.2f} | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,16 @@ from benchmarks.riemann import build_edits, build_model
 from lightning_delta.losses import CausalLMLoss
 from lightning_delta.parametrize import EditedModel
 
-SPEC = {"kind": "overhead", "size": "small", "dtype": "float32", "batch": 4, "seq_len": 256, "num_batches": 2,
-        "points": 5, "repeats": 3}
+SPEC = {
+    "kind": "overhead",
+    "size": "small",
+    "dtype": "float32",
+    "batch": 4,
+    "seq_len": 256,
+    "num_batches": 2,
+    "points": 5,
+    "repeats": 3,
+}
 
 
 def per_point(repeats: int = 5) -> dict[str, float]:
@@ -52,8 +60,12 @@ def per_point(repeats: int = 5) -> dict[str, float]:
         with torch.no_grad():
             loss(model, batch)
 
-    variants = {"library point": lambda: library(True), "library point, W(t) saved": lambda: library(False),
-                "plain forward+backward": plain_pass, "forward at t = 1": forward_at_one}
+    variants = {
+        "library point": lambda: library(True),
+        "library point, W(t) saved": lambda: library(False),
+        "plain forward+backward": plain_pass,
+        "forward at t = 1": forward_at_one,
+    }
     for fn in variants.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -70,14 +82,18 @@ def main() -> None:
     analysis, plain = statistics.median(result["analysis_s"]), statistics.median(result["plain_s"])
     points = per_point()
     base = points["plain forward+backward"]
-    print(f"analysis under trainer.validate {analysis:.2f} s, {SPEC['points']} plain passes {plain:.2f} s: "
-          f"{analysis / plain:.3f}×")
+    print(
+        f"analysis under trainer.validate {analysis:.2f} s, {SPEC['points']} plain passes {plain:.2f} s: "
+        f"{analysis / plain:.3f}×"
+    )
     print("| per batch of 4×256 tokens | seconds | × plain forward+backward |\n|---|---:|---:|")
     for name, seconds in points.items():
         print(f"| {name} | {seconds:.3f} | {seconds / base:.3f} |")
     C = SPEC["points"]
-    print(f"expected per batch: (C·point + forward at 1) / (C·plain) = "
-          f"{(C * points['library point'] + points['forward at t = 1']) / (C * base):.3f}×")
+    print(
+        f"expected per batch: (C·point + forward at 1) / (C·plain) = "
+        f"{(C * points['library point'] + points['forward at t = 1']) / (C * base):.3f}×"
+    )
 
 
 if __name__ == "__main__":

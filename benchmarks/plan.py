@@ -72,8 +72,16 @@ def misordered_pairs(scores: torch.Tensor, exact: torch.Tensor) -> int:
 
 def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refine: int | None) -> dict[str, Any]:
     started = time.perf_counter()
-    run = run_planning(post, pretrained=pre, datamodule=DigitsSubset(plan_images, seed), family_name=family,
-                       average=BUDGETS[family], seed=seed, num_points=NUM_POINTS, refine=refine)
+    run = run_planning(
+        post,
+        pretrained=pre,
+        datamodule=DigitsSubset(plan_images, seed),
+        family_name=family,
+        average=BUDGETS[family],
+        seed=seed,
+        num_points=NUM_POINTS,
+        refine=refine,
+    )
     plan_seconds = time.perf_counter() - started
     plan, scores, used, sweeps, model = run.plan, run.scores, run.used, run.sweeps, run.model
     spec = FAMILIES[family]
@@ -84,9 +92,14 @@ def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refin
     planning.setup()
     target = DeltaEditModule(model, pretrained=pre, edit=spec.edit(scores.values[0], seed))
     started = time.perf_counter()
-    exact, brute_passes = exact_candidate_changes(target, model, pretrained=pre, names=scores.names,
-                                                  edits=[spec.edit(value, seed) for value in scores.values],
-                                                  loaders=[planning.val_dataloader()])
+    exact, brute_passes = exact_candidate_changes(
+        target,
+        model,
+        pretrained=pre,
+        names=scores.names,
+        edits=[spec.edit(value, seed) for value in scores.values],
+        loaders=[planning.val_dataloader()],
+    )
     brute_seconds = time.perf_counter() - started
     flat = exact.flatten().numpy()
     refined = scores.second.clone()
@@ -96,16 +109,27 @@ def one_run(post: str, pre: str, family: str, seed: int, plan_images: int, refin
         refined[:, j] = used[:, j]
         misordered.append(misordered_pairs(refined, exact))
     return {
-        "family": family, "seed": seed, "planned": planned, "uniform": uniform, "chosen": plan.chosen,
-        "measured_on_planning_data": plan.measured, "cost": plan.cost, "budget": plan.budget,
-        "settings": plan.settings, "rho_first": float(spearmanr(scores.first.flatten().numpy(), flat)[0]),
+        "family": family,
+        "seed": seed,
+        "planned": planned,
+        "uniform": uniform,
+        "chosen": plan.chosen,
+        "measured_on_planning_data": plan.measured,
+        "cost": plan.cost,
+        "budget": plan.budget,
+        "settings": plan.settings,
+        "rho_first": float(spearmanr(scores.first.flatten().numpy(), flat)[0]),
         "rho_second": float(spearmanr(scores.second.flatten().numpy(), flat)[0]),
         "rho_refined": float(spearmanr(used.flatten().numpy(), flat)[0]) if sweeps else None,
-        "misordered": misordered, "mean_abs_first": float(scores.first.abs().mean()),
+        "misordered": misordered,
+        "mean_abs_first": float(scores.first.abs().mean()),
         "mean_curvature": float(scores.curvature.abs().mean()),
         "pairs": len(scores.names) * len(scores.values) * (len(scores.values) - 1) // 2,
-        "plan_passes": plan.passes, "brute_forward_passes": brute_passes, "plan_seconds": plan_seconds,
-        "brute_seconds": brute_seconds, "tensors": len(scores.names),
+        "plan_passes": plan.passes,
+        "brute_forward_passes": brute_passes,
+        "plan_seconds": plan_seconds,
+        "brute_seconds": brute_seconds,
+        "tensors": len(scores.names),
     }
 
 
@@ -116,18 +140,22 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| pair | family (budget) | uniform ΔL | planned ΔL | planned < uniform | ρ first | ρ second | "
-             "ρ refined | misordered pairs: first, second, after sweeps 1… | plan passes (f+b / f) | "
-             "brute force passes (f) | time plan / brute | mean ½ΣF̂E² / mean |⟨g, E⟩| |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pair | family (budget) | uniform ΔL | planned ΔL | planned < uniform | ρ first | ρ second | "
+        "ρ refined | misordered pairs: first, second, after sweeps 1… | plan passes (f+b / f) | "
+        "brute force passes (f) | time plan / brute | mean ½ΣF̂E² / mean |⟨g, E⟩| |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for pair in dict.fromkeys(row["pair"] for row in rows):
         for family in BUDGETS:
             group = [row for row in rows if row["pair"] == pair and row["family"] == family]
             if not group:
                 continue
             wins = sum(row["planned"] < row["uniform"] for row in group)
-            misordered = [statistics.mean(row["misordered"][i] for row in group)
-                          for i in range(min(len(row["misordered"]) for row in group))]
+            misordered = [
+                statistics.mean(row["misordered"][i] for row in group)
+                for i in range(min(len(row["misordered"]) for row in group))
+            ]
             backward = sorted({row["plan_passes"]["forward_backward"] for row in group})
             forward = sorted({row["plan_passes"]["forward"] for row in group})
             lines.append(
@@ -137,10 +165,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{statistics.mean(r['rho_second'] for r in group):.2f} | "
                 f"{statistics.mean(r['rho_refined'] for r in group if r['rho_refined'] is not None):.2f} | "
                 f"{', '.join(f'{m:.1f}' for m in misordered)} of {group[0]['pairs']} | "
-                f"{'–'.join(map(str, backward[::max(1, len(backward) - 1)]))} / "
-                f"{'–'.join(map(str, forward[::max(1, len(forward) - 1)]))} | {group[0]['brute_forward_passes']} | "
+                f"{'–'.join(map(str, backward[:: max(1, len(backward) - 1)]))} / "
+                f"{'–'.join(map(str, forward[:: max(1, len(forward) - 1)]))} | {group[0]['brute_forward_passes']} | "
                 f"{statistics.median(r['plan_seconds'] / r['brute_seconds'] for r in group):.2f} | "
-                f"{statistics.mean(r['mean_curvature'] / r['mean_abs_first'] for r in group):.1e} |")
+                f"{statistics.mean(r['mean_curvature'] / r['mean_abs_first'] for r in group):.1e} |"
+            )
     return "\n".join(lines)
 
 
@@ -173,9 +202,25 @@ def main() -> None:
                 for family in args.families.split(","):
                     row = {"pair": pair_name, **one_run(post, pre, family, seed, args.plan_images, args.refine)}
                     rows.append(row)
-                    print(json.dumps({key: row[key] for key in ("pair", "family", "seed", "uniform", "planned",
-                                                                "chosen", "rho_first", "rho_second", "misordered")}),
-                          flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                key: row[key]
+                                for key in (
+                                    "pair",
+                                    "family",
+                                    "seed",
+                                    "uniform",
+                                    "planned",
+                                    "chosen",
+                                    "rho_first",
+                                    "rho_second",
+                                    "misordered",
+                                )
+                            }
+                        ),
+                        flush=True,
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

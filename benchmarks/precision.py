@@ -55,10 +55,12 @@ def inner_product_rows() -> list[str]:
     def worst(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(((a - b).abs() / b.abs()).max())
 
-    return [f"| the chunked inner product on float32 gradients (tiny Llama) | an exact float64 sum of the same products "
-            f"| {worst(chunked, exact):.1e} relative, worst tensor |",
-            f"| a float32 model (tiny Llama) | the same model in float64 | {worst(exact, reference):.0e} relative, "
-            f"worst tensor |"]
+    return [
+        f"| the chunked inner product on float32 gradients (tiny Llama) | an exact float64 sum of the same products "
+        f"| {worst(chunked, exact):.1e} relative, worst tensor |",
+        f"| a float32 model (tiny Llama) | the same model in float64 | {worst(exact, reference):.0e} relative, "
+        f"worst tensor |",
+    ]
 
 
 def bf16_rows(seeds: int = 3) -> list[str]:
@@ -77,21 +79,33 @@ def bf16_rows(seeds: int = 3) -> list[str]:
     for dtype, E_dtype in (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "model")):
         for seed in range(seeds):
             callback = RiemannCallback(num_points=5, filename=None)
-            module = DeltaEditModule(str(pair.post_dir), pretrained=str(pair.pre_dir),
-                                     edit=edits.DARE(p=0.9, seed=seed), dtype=dtype,
-                                     E_dtype=E_dtype)
-            pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
-                       enable_progress_bar=False, enable_model_summary=False).validate(module, loader, verbose=False)
+            module = DeltaEditModule(
+                str(pair.post_dir),
+                pretrained=str(pair.pre_dir),
+                edit=edits.DARE(p=0.9, seed=seed),
+                dtype=dtype,
+                E_dtype=E_dtype,
+            )
+            pl.Trainer(
+                accelerator="cpu",
+                inference_mode=False,
+                callbacks=[callback],
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            ).validate(module, loader, verbose=False)
             terms.setdefault((dtype, E_dtype), []).append(callback.result.term)
     reference = terms[("float32", "float32")]
 
     def offsets(values: list[float]) -> str:
         return ", ".join(f"{(value - ref) / abs(ref):+.2%}" for value, ref in zip(values, reference))
 
-    return [f"| bf16 model, float32 `E` (tiny pair, DARE p = 0.9, C = 5, seeds 0–{seeds - 1}) | the float32 model | "
-            f"term {offsets(terms[('bfloat16', 'float32')])} |",
-            f"| bf16 model, `E_dtype=\"model\"` (same runs) | the float32 model | "
-            f"term {offsets(terms[('bfloat16', 'model')])} |"]
+    return [
+        f"| bf16 model, float32 `E` (tiny pair, DARE p = 0.9, C = 5, seeds 0–{seeds - 1}) | the float32 model | "
+        f"term {offsets(terms[('bfloat16', 'float32')])} |",
+        f'| bf16 model, `E_dtype="model"` (same runs) | the float32 model | '
+        f"term {offsets(terms[('bfloat16', 'model')])} |",
+    ]
 
 
 def main() -> None:

@@ -35,14 +35,17 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     model = build_model(size, torch.float32)
     edits = build_edits(model)
-    rows = [row for b in build_batches(MODEL_SIZES[size]["vocab_size"], sequences, seq_len, 1) for row in _split_rows(b)]
+    rows = [
+        row for b in build_batches(MODEL_SIZES[size]["vocab_size"], sequences, seq_len, 1) for row in _split_rows(b)
+    ]
 
     class Data(pl.LightningDataModule):
         def val_dataloader(self) -> DataLoader:
             sampler = None
             if self.trainer.world_size > 1:
-                sampler = UnrepeatedDistributedSampler(rows, num_replicas=self.trainer.world_size,
-                                                       rank=self.trainer.global_rank, shuffle=False)
+                sampler = UnrepeatedDistributedSampler(
+                    rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+                )
             return DataLoader(rows, batch_size=batch, sampler=sampler)
 
     class SweepClock(pl.Callback):
@@ -58,26 +61,51 @@ def main() -> None:
 
     callback, clock = RiemannCallback(num_points=points, filename=None), SweepClock()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", inference_mode=False,
-        use_distributed_sampler=False, callbacks=[clock, callback], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        inference_mode=False,
+        use_distributed_sampler=False,
+        callbacks=[clock, callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     start = time.perf_counter()
     trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), datamodule=Data(), verbose=False)
     elapsed = time.perf_counter() - start
     if trainer.is_global_zero:
         result = callback.result
-        record = {"validate_s": elapsed, "sweep_s": clock.elapsed, "devices": devices, "threads": torch.get_num_threads(),
-                  "term": result.term, "exact": result.exact, "per_tensor": result.term_per_tensor}
+        record = {
+            "validate_s": elapsed,
+            "sweep_s": clock.elapsed,
+            "devices": devices,
+            "threads": torch.get_num_threads(),
+            "term": result.term,
+            "exact": result.exact,
+            "per_tensor": result.term_per_tensor,
+        }
         with open(out, "w") as handle:
             json.dump(record, handle)
 
 
-def run(out: str, devices: int, size: str, sequences: int, seq_len: int, batch: int, points: int,
-        timeout: float) -> dict[str, Any]:
+def run(
+    out: str, devices: int, size: str, sequences: int, seq_len: int, batch: int, points: int, timeout: float
+) -> dict[str, Any]:
     """Start :func:`main` in a fresh process and return rank 0's record plus the whole wall time."""
-    command = [sys.executable, "-m", "benchmarks.processes", out, str(devices), size, str(sequences), str(seq_len),
-               str(batch), str(points)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.processes",
+        out,
+        str(devices),
+        size,
+        str(sequences),
+        str(seq_len),
+        str(batch),
+        str(points),
+    ]
     start = time.perf_counter()
     try:
         completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)

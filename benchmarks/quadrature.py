@@ -34,10 +34,26 @@ from tests.support.quadrature_support import TABLE_EDITS, DigitsPair, digits_mlp
 from tests.support.riemann_support import token_dataset
 from tests.support.tiny_models import make_tiny_pair, reference_state_dict
 
-RULES = [("left", 5), ("left", 10), ("left", 20), ("trapezoid", 5), ("trapezoid", 10), ("gauss", 2), ("gauss", 3),
-         ("gauss", 5), ("adaptive", None)]
-TRAINER = dict(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, enable_checkpointing=False)
+RULES = [
+    ("left", 5),
+    ("left", 10),
+    ("left", 20),
+    ("trapezoid", 5),
+    ("trapezoid", 10),
+    ("gauss", 2),
+    ("gauss", 3),
+    ("gauss", 5),
+    ("adaptive", None),
+]
+TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    inference_mode=False,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+)
 
 
 def analyse(make_module: Callable[[], DeltaEditModule], loader: DataLoader, **options) -> tuple[RiemannResult, float]:
@@ -63,13 +79,16 @@ def options(rule: str, num_points: int | None) -> dict:
 
 
 def label(rule: str, num_points: int | None) -> str:
-    return {"left": f"left C = {num_points}", "trapezoid": f"trapezoid C = {num_points}",
-            "gauss": f"Gauss n = {num_points}", "adaptive": "adaptive 1e-3"}[rule]
+    return {
+        "left": f"left C = {num_points}",
+        "trapezoid": f"trapezoid C = {num_points}",
+        "gauss": f"Gauss n = {num_points}",
+        "adaptive": "adaptive 1e-3",
+    }[rule]
 
 
 def table(cases: dict[str, tuple[Callable[[], DeltaEditModule], DataLoader]]) -> None:
-    print("| case | reference: term, |term − exact ΔL| | "
-          + " | ".join(label(*rule) for rule in RULES) + " |")
+    print("| case | reference: term, |term − exact ΔL| | " + " | ".join(label(*rule) for rule in RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
     for name, (make_module, loader) in cases.items():
         reference, _ = analyse(make_module, loader, rule="gauss", num_points=16)
@@ -78,20 +97,29 @@ def table(cases: dict[str, tuple[Callable[[], DeltaEditModule], DataLoader]]) ->
             result, _ = analyse(make_module, loader, **options(*rule))
             total, per_tensor = errors(result, reference)
             cells.append(f"{total:.1e} / {per_tensor:.1e} [{result.passes}]")
-        print(f"| {name} | {reference.term:+.4g}, {reference.completeness_gap:.1e} | " + " | ".join(cells) + " |",
-              flush=True)
+        print(
+            f"| {name} | {reference.term:+.4g}, {reference.completeness_gap:.1e} | " + " | ".join(cells) + " |",
+            flush=True,
+        )
 
 
 def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
     loader = DataLoader(ConcatDataset([pair.loader.dataset] * copies), batch_size=pair.loader.batch_size)
-    print(f"\nTime to a per-tensor error <= 1e-3 ({len(loader.dataset)} images, medians of {repeats}, "
-          "trainer.validate, interleaved):")
-    print("| case | left C = 5 + trapezoid [6] | Gauss n = 3 | adaptive 1e-3 | left rule at the C reaching 1e-3 | "
-          "Gauss / baseline | adaptive / baseline |")
+    print(
+        f"\nTime to a per-tensor error <= 1e-3 ({len(loader.dataset)} images, medians of {repeats}, "
+        "trainer.validate, interleaved):"
+    )
+    print(
+        "| case | left C = 5 + trapezoid [6] | Gauss n = 3 | adaptive 1e-3 | left rule at the C reaching 1e-3 | "
+        "Gauss / baseline | adaptive / baseline |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, make_edit in TABLE_EDITS.items():
+
         def make_module(make_edit: Callable[[], Any] = make_edit) -> DeltaEditModule:
-            return DeltaEditModule(copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification")
+            return DeltaEditModule(
+                copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification"
+            )
 
         reference, _ = analyse(make_module, loader, rule="gauss", num_points=16)
         reaching = None
@@ -100,8 +128,11 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
             if errors(result, reference)[1] <= 1e-3:
                 reaching = C
                 break
-        variants = {"baseline": {"rule": "left", "num_points": 5, "trapezoid": True},
-                    "gauss": {"rule": "gauss", "num_points": 3}, "adaptive": {"rule": "adaptive"}}
+        variants = {
+            "baseline": {"rule": "left", "num_points": 5, "trapezoid": True},
+            "gauss": {"rule": "gauss", "num_points": 3},
+            "adaptive": {"rule": "adaptive"},
+        }
         if reaching is not None:
             variants["left"] = options("left", reaching)
         times: dict[str, list[float]] = {key: [] for key in variants}
@@ -113,10 +144,13 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
         median = {key: statistics.median(values) for key, values in times.items()}
         gauss_error, adaptive_error = errors(checks["gauss"], reference)[1], errors(checks["adaptive"], reference)[1]
         left_cell = f"{median['left']:.2f} s (C = {reaching})" if reaching else "not reached by C = 80"
-        print(f"| {name} | {median['baseline']:.2f} s | {median['gauss']:.2f} s (error {gauss_error:.1e}) | "
-              f"{median['adaptive']:.2f} s ({checks['adaptive'].passes} passes, error {adaptive_error:.1e}) | "
-              f"{left_cell} | {median['gauss'] / median['baseline']:.3f} | "
-              f"{median['adaptive'] / median['baseline']:.3f} |", flush=True)
+        print(
+            f"| {name} | {median['baseline']:.2f} s | {median['gauss']:.2f} s (error {gauss_error:.1e}) | "
+            f"{median['adaptive']:.2f} s ({checks['adaptive'].passes} passes, error {adaptive_error:.1e}) | "
+            f"{left_cell} | {median['gauss'] / median['baseline']:.3f} | "
+            f"{median['adaptive'] / median['baseline']:.3f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -127,18 +161,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     pair = digits_mlp_pair()
-    print(f"digits MLP: ‖ΔW‖/‖W_pre‖ = {100 * pair.ratio():.1f} %; cells: total's relative error / worst per-tensor "
-          "error as a share of the largest per-tensor term [backward passes per batch]\n")
+    print(
+        f"digits MLP: ‖ΔW‖/‖W_pre‖ = {100 * pair.ratio():.1f} %; cells: total's relative error / worst per-tensor "
+        "error as a share of the largest per-tensor term [backward passes per batch]\n"
+    )
     cases = {}
     for name, make_edit in TABLE_EDITS.items():
-        cases[f"MLP, {name}"] = (lambda make_edit=make_edit: DeltaEditModule(
-            copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification"), pair.loader)
+        cases[f"MLP, {name}"] = (
+            lambda make_edit=make_edit: DeltaEditModule(
+                copy.deepcopy(pair.post), pretrained=pair.pre, edit=make_edit(), loss="classification"
+            ),
+            pair.loader,
+        )
     with tempfile.TemporaryDirectory() as directory:
         llama = make_tiny_pair(directory, "llama", shard=None, dtype=torch.float64)
         pre = reference_state_dict(llama.pre)
         tokens = DataLoader(token_dataset(64), batch_size=16)
-        cases["tiny Llama, DARE p = 0.9"] = (lambda: DeltaEditModule(copy.deepcopy(llama.post), pretrained=pre,
-                                                                     edit=DARE(p=0.9, seed=0)), tokens)
+        cases["tiny Llama, DARE p = 0.9"] = (
+            lambda: DeltaEditModule(copy.deepcopy(llama.post), pretrained=pre, edit=DARE(p=0.9, seed=0)),
+            tokens,
+        )
         table(cases)
     if not args.skip_timing:
         timing(pair, args.copies, args.repeats)

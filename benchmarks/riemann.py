@@ -34,16 +34,47 @@ VARIANTS = ("naive", "library", "library_no_recompute", "plain")
 
 # Llama shapes (LlamaConfig keyword arguments). "1b" is TinyLlama-1.1B's shape.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=64),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=32000),
-    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                   num_key_value_heads=4, vocab_size=32000),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),
+    "medium": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -83,8 +114,9 @@ def build_batches(vocab: int, batch_size: int, seq_len: int, count: int, seed: i
     batches = []
     for _ in range(count):
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-        batches.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                        "labels": ids.to(device)})
+        batches.append(
+            {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+        )
     return batches
 
 
@@ -121,8 +153,9 @@ def naive_points(model: nn.Module, edits: dict[str, Tensor], batches: list, poin
     return names, inner, times
 
 
-def library_points(model: nn.Module, edits: dict[str, Tensor], batches: list, points: list[float], device: str,
-                   recompute: bool = True):
+def library_points(
+    model: nn.Module, edits: dict[str, Tensor], batches: list, points: list[float], device: str, recompute: bool = True
+):
     """Per point: ``set_t``, forward and backward under ``recompute_weights``, ``pop_inner_products``."""
     from lightning_delta.losses import CausalLMLoss
     from lightning_delta.parametrize import EditedModel
@@ -170,8 +203,13 @@ def riemann_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec["size"], dtype, device=device)
     variant = spec["variant"]
     edits = build_edits(model) if variant != "plain" else None
-    batches = build_batches(MODEL_SIZES[spec["size"]]["vocab_size"], spec["batch"], spec["seq_len"],
-                            spec.get("num_batches", 1), device=device)
+    batches = build_batches(
+        MODEL_SIZES[spec["size"]]["vocab_size"],
+        spec["batch"],
+        spec["seq_len"],
+        spec.get("num_batches", 1),
+        device=device,
+    )
     setup_s = time.perf_counter() - start
     num_points = spec["points"]
     points = [c / num_points for c in range(num_points)]
@@ -187,11 +225,20 @@ def riemann_worker(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(VARIANTS)}.")
     return {
-        "variant": variant, "size": spec["size"], "dtype": spec["dtype"], "device": device,
+        "variant": variant,
+        "size": spec["size"],
+        "dtype": spec["dtype"],
+        "device": device,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "model_mib": model_bytes / MiB, "edit_mib": edit_bytes / MiB,
-        "baseline_mib": memory.baseline / MiB, "peak_mib": memory.peak / MiB, "extra_peak_mib": memory.extra / MiB,
-        "point_times_s": times, "setup_s": setup_s, "names": names, "inner": inner,
+        "model_mib": model_bytes / MiB,
+        "edit_mib": edit_bytes / MiB,
+        "baseline_mib": memory.baseline / MiB,
+        "peak_mib": memory.peak / MiB,
+        "extra_peak_mib": memory.extra / MiB,
+        "point_times_s": times,
+        "setup_s": setup_s,
+        "names": names,
+        "inner": inner,
         "tokens_per_point": spec["batch"] * spec["seq_len"] * spec.get("num_batches", 1),
     }
 
@@ -218,16 +265,29 @@ def overhead_worker(spec: dict[str, Any]) -> dict[str, Any]:
     for parameter in plain_model.parameters():
         parameter.requires_grad_(True)
     edits = build_edits(model)
-    rows = [row for batch in build_batches(MODEL_SIZES[spec["size"]]["vocab_size"], spec["batch"], spec["seq_len"],
-                                           spec["num_batches"]) for row in _split_rows(batch)]
+    rows = [
+        row
+        for batch in build_batches(
+            MODEL_SIZES[spec["size"]]["vocab_size"], spec["batch"], spec["seq_len"], spec["num_batches"]
+        )
+        for row in _split_rows(batch)
+    ]
     loader = DataLoader(rows, batch_size=spec["batch"], shuffle=False)
     module = DeltaEditModule(model, pretrained=None, edit=edits)
     num_points, loss_fn = spec["points"], CausalLMLoss()
 
     def analysis() -> float:
         callback = RiemannCallback(num_points=num_points, trapezoid=False, filename=None)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            inference_mode=False,
+            callbacks=[callback],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
         start = time.perf_counter()
         trainer.validate(module, dataloaders=loader, verbose=False)
         return time.perf_counter() - start
@@ -247,8 +307,13 @@ def overhead_worker(spec: dict[str, Any]) -> dict[str, Any]:
         order = (analysis, plain) if repeat % 2 == 0 else (plain, analysis)
         for fn in order:
             (analysis_times if fn is analysis else plain_times).append(fn())
-    result = {"size": spec["size"], "points": num_points, "analysis_s": analysis_times, "plain_s": plain_times,
-              "tokens": spec["batch"] * spec["seq_len"] * spec["num_batches"]}
+    result = {
+        "size": spec["size"],
+        "points": num_points,
+        "analysis_s": analysis_times,
+        "plain_s": plain_times,
+        "tokens": spec["batch"] * spec["seq_len"] * spec["num_batches"],
+    }
     if spec.get("profile"):
         result["profile"] = _profile_point(module, plain_model, loader, loss_fn)
     return result
@@ -293,8 +358,9 @@ def gpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = "cuda"
     model = build_model(spec.get("size", "8b"), torch.bfloat16, device=device)
     edits = {name: edit.to(torch.bfloat16) for name, edit in build_edits(model).items()}
-    batches = build_batches(MODEL_SIZES[spec.get("size", "8b")]["vocab_size"], spec["batch"], spec["seq_len"], 1,
-                            device=device)
+    batches = build_batches(
+        MODEL_SIZES[spec.get("size", "8b")]["vocab_size"], spec["batch"], spec["seq_len"], 1, device=device
+    )
     num_points = spec["points"]
     points = [c / num_points for c in range(num_points)]
     with PeakMemory(device) as memory:
@@ -306,10 +372,15 @@ def gpu_worker(spec: dict[str, Any]) -> dict[str, Any]:
     name = torch.cuda.get_device_name(0)
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
     return {
-        "device": name, "parameters": parameters, "tokens_per_point": tokens, "point_times_s": times,
-        "tokens_per_s": tokens_per_s, "model_flops_per_token": 6 * parameters,
+        "device": name,
+        "parameters": parameters,
+        "tokens_per_point": tokens,
+        "point_times_s": times,
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": 6 * parameters,
         "mfu": 6 * parameters * tokens_per_s / peak if peak else None,
-        "peak_bf16_flops": peak, "max_memory_allocated_gib": memory.peak / (1 << 30),
+        "peak_bf16_flops": peak,
+        "max_memory_allocated_gib": memory.peak / (1 << 30),
         "baseline_gib": memory.baseline / (1 << 30),
     }
 
@@ -362,10 +433,15 @@ def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
     for index in range(spec["pairs"] + 1):  # the first pair warms both up and is dropped
         t = (index % spec["points"]) / spec["points"]
         order = ((naive_point, naive_times), (library_point, library_times))
-        for point, times in (order if index % 2 == 0 else order[::-1]):
+        for point, times in order if index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             point(t)
             if index > 0:
                 times.append(time.perf_counter() - start)
-    return {"size": spec["size"], "dtype": spec["dtype"], "tokens_per_point": spec["batch"] * spec["seq_len"],
-            "naive_s": naive_times, "library_s": library_times}
+    return {
+        "size": spec["size"],
+        "dtype": spec["dtype"],
+        "tokens_per_point": spec["batch"] * spec["seq_len"],
+        "naive_s": naive_times,
+        "library_s": library_times,
+    }

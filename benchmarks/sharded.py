@@ -47,8 +47,9 @@ def process_main(out: str, devices: int, mode: str, size: str, pretrained: str, 
         def val_dataloader(self) -> DataLoader:
             sampler = None
             if self.trainer.world_size > 1:
-                sampler = UnrepeatedDistributedSampler(rows, num_replicas=self.trainer.world_size,
-                                                       rank=self.trainer.global_rank, shuffle=False)
+                sampler = UnrepeatedDistributedSampler(
+                    rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+                )
             return DataLoader(rows, batch_size=2, sampler=sampler)
 
     class Memory(pl.Callback):
@@ -75,15 +76,32 @@ def process_main(out: str, devices: int, mode: str, size: str, pretrained: str, 
         return {"weights": weights, "post_copy": post, "E": E}
 
     riemann, memory = RiemannCallback(num_points=points, filename=None), Memory()
-    strategy = "auto" if mode == "unsharded" else ModelParallelStrategy(data_parallel_size=devices,
-                                                                        tensor_parallel_size=1)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, inference_mode=False,
-                         use_distributed_sampler=False, callbacks=[memory, riemann], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.validate(DeltaEditModule(model, pretrained=pretrained, edit=DARE(p=0.5, seed=1)), datamodule=Data(),
-                     verbose=False)
-    record = {"rank": trainer.global_rank, "state": memory.state, "rss_start": memory.rss_start,
-              "peak_sweep": memory.peak, "term": riemann.result.term, "exact": riemann.result.exact}
+    strategy = (
+        "auto" if mode == "unsharded" else ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        inference_mode=False,
+        use_distributed_sampler=False,
+        callbacks=[memory, riemann],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.validate(
+        DeltaEditModule(model, pretrained=pretrained, edit=DARE(p=0.5, seed=1)), datamodule=Data(), verbose=False
+    )
+    record = {
+        "rank": trainer.global_rank,
+        "state": memory.state,
+        "rss_start": memory.rss_start,
+        "peak_sweep": memory.peak,
+        "term": riemann.result.term,
+        "exact": riemann.result.exact,
+    }
     Path(f"{out}.rank{trainer.global_rank}").write_text(json.dumps(record))
 
 
@@ -101,8 +119,18 @@ def write_pretrained(size: str, path: Path) -> None:
 
 def run(mode: str, devices: int, size: str, pretrained: Path, points: int, directory: Path) -> list[dict[str, Any]]:
     out = directory / f"{mode}-{devices}"
-    command = [sys.executable, "-m", "benchmarks.sharded", "--process", str(out), str(devices), mode, size,
-               str(pretrained), str(points)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.sharded",
+        "--process",
+        str(out),
+        str(devices),
+        mode,
+        size,
+        str(pretrained),
+        str(points),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if finished.returncode != 0:
@@ -119,21 +147,27 @@ def main() -> None:
         pretrained = Path(directory) / "pre.safetensors"
         write_pretrained(args.size, pretrained)
         runs = [("unsharded", 1), ("fsdp", 1), ("fsdp", 2)]
-        records = {(mode, devices): run(mode, devices, args.size, pretrained, args.points, Path(directory))
-                   for mode, devices in runs}
+        records = {
+            (mode, devices): run(mode, devices, args.size, pretrained, args.points, Path(directory))
+            for mode, devices in runs
+        }
     reference = records[("unsharded", 1)][0]["term"]
     print(f"Llama {args.size}, float32, C = {args.points}, DARE p = 0.5; MiB per process")
-    print("| run | rank | edited weights (rows) | W_post copy | E (rows) | sharded state | peak RSS in sweep | "
-          "term rel. diff |")
+    print(
+        "| run | rank | edited weights (rows) | W_post copy | E (rows) | sharded state | peak RSS in sweep | "
+        "term rel. diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for (mode, devices), ranks in records.items():
         for record in ranks:
             state = record["state"]
             total = sum(state.values())
             difference = abs(record["term"] - reference) / abs(reference)
-            print(f"| {mode} × {devices} | {record['rank']} | {state['weights'] / MiB:.0f} | "
-                  f"{state['post_copy'] / MiB:.0f} | {state['E'] / MiB:.0f} | {total / MiB:.0f} | "
-                  f"{record['peak_sweep'] / MiB:.0f} | {difference:.1e} |")
+            print(
+                f"| {mode} × {devices} | {record['rank']} | {state['weights'] / MiB:.0f} | "
+                f"{state['post_copy'] / MiB:.0f} | {state['E'] / MiB:.0f} | {total / MiB:.0f} | "
+                f"{record['peak_sweep'] / MiB:.0f} | {difference:.1e} |"
+            )
 
 
 if __name__ == "__main__":

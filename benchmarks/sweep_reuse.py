@@ -80,12 +80,19 @@ def one_b_sweep_config(output: Path, cache: Path, dtype: str = "float32") -> dic
     post_dir, pre_dir = one_b_pair(cache)
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(output)},
-        "model": {"model": str(post_dir), "pretrained": str(pre_dir), "loss": "causal_lm", "dtype": dtype,
-                  "E_dtype": "model", "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": "test", "limit": 2, "batch_size": 2}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "default_root_dir": str(output)},
+        "model": {
+            "model": str(post_dir),
+            "pretrained": str(pre_dir),
+            "loss": "causal_lm",
+            "dtype": dtype,
+            "E_dtype": "model",
+            "evaluator": "lightning_delta.demo.digits.answer_accuracy",
+        },
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": "test", "limit": 2, "batch_size": 2},
+        },
         "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": 0.9}},
         "riemann": {"num_points": 5, "trapezoid": False},
         "sweep": {"results": str(output / "results.jsonl"), "grid": ONE_B_GRID, "figures": None},
@@ -115,8 +122,9 @@ def sweep_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "point_seconds": [row.seconds for row in rows],
-        "rows": [{key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")}
-                 for row in rows],
+        "rows": [
+            {key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")} for row in rows
+        ],
     }
 
 
@@ -139,13 +147,15 @@ def paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
     seconds: dict[str, list[float]] = {"reuse": [], "alone": []}
     for number, point in enumerate(points):
         rows = {}
-        for way in (("reuse", "alone") if number % 2 == 0 else ("alone", "reuse")):
+        for way in ("reuse", "alone") if number % 2 == 0 else ("alone", "reuse"):
             started = time.perf_counter()
             rows[way] = run_point(cli, point, reuse=reuse if way == "reuse" else None)
             seconds[way].append(time.perf_counter() - started)
         reused, alone = (  # JSON: floats by their exact repr, NaN (the t = 1 product without trapezoid) included
-            json.dumps({key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")},
-                       sort_keys=True)
+            json.dumps(
+                {key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")},
+                sort_keys=True,
+            )
             for row in (rows["reuse"], rows["alone"])
         )
         if reused != alone:
@@ -160,13 +170,16 @@ def run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    raise RuntimeError(f"The {spec['grid']} sweep (reuse {spec.get('reuse', 'paired')}) failed with exit code "
-                       f"{completed.returncode}:\n{completed.stderr[-3000:]}")
+            return json.loads(line[len(RESULT_MARKER) :])
+    raise RuntimeError(
+        f"The {spec['grid']} sweep (reuse {spec.get('reuse', 'paired')}) failed with exit code "
+        f"{completed.returncode}:\n{completed.stderr[-3000:]}"
+    )
 
 
-def bench(grid: str, rounds: int, cache: Path, timeout: float, max_points: int | None = None,
-          dtype: str = "float32") -> dict[str, Any]:
+def bench(
+    grid: str, rounds: int, cache: Path, timeout: float, max_points: int | None = None, dtype: str = "float32"
+) -> dict[str, Any]:
     """``rounds`` rounds of the grid with and without reuse, alternating which runs first; rows checked equal."""
     threads = GRIDS[grid][1]
     output = cache / f"{grid}-sweep"
@@ -176,38 +189,60 @@ def bench(grid: str, rounds: int, cache: Path, timeout: float, max_points: int |
     point_seconds: dict[bool, list[float]] = {True: [], False: []}
     reference = None
     for number in range(rounds):
-        for reuse in ((False, True) if number % 2 == 0 else (True, False)):
+        for reuse in (False, True) if number % 2 == 0 else (True, False):
             print(f"{grid}: round {number + 1}/{rounds}, reuse {reuse} ...", file=sys.stderr, flush=True)
-            spec = {"grid": grid, "reuse": reuse, "threads": threads, "cache": str(cache), "output": str(output),
-                    "max_points": max_points, "dtype": dtype}
+            spec = {
+                "grid": grid,
+                "reuse": reuse,
+                "threads": threads,
+                "cache": str(cache),
+                "output": str(output),
+                "max_points": max_points,
+                "dtype": dtype,
+            }
             result = run(spec, timeout)
             points = ", ".join(f"{seconds:.1f}" for seconds in result["point_seconds"])
-            print(f"{grid}: round {number + 1}, reuse {reuse}: {result['seconds']:.1f} s; points {points}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{grid}: round {number + 1}, reuse {reuse}: {result['seconds']:.1f} s; points {points}",
+                file=sys.stderr,
+                flush=True,
+            )
             point_seconds[reuse].extend(result["point_seconds"][1:])  # the first point of a run loads everything
             if reference is None:
                 reference = result["rows"]
             elif result["rows"] != reference:
-                raise AssertionError(f"The {grid} rows with reuse {reuse} (round {number + 1}) differ from the first "
-                                     "run's: a reusing sweep must write the rows of one that does not.")
+                raise AssertionError(
+                    f"The {grid} rows with reuse {reuse} (round {number + 1}) differ from the first "
+                    "run's: a reusing sweep must write the rows of one that does not."
+                )
             times[reuse].append(result["seconds"])
-    return {"grid": grid, "points": len(reference), "threads": threads, "seconds": times,
-            "ratios": [on / off for on, off in zip(times[True], times[False])],
-            "later_point_s": {reuse: statistics.median(values) for reuse, values in point_seconds.items() if values}}
+    return {
+        "grid": grid,
+        "points": len(reference),
+        "threads": threads,
+        "seconds": times,
+        "ratios": [on / off for on, off in zip(times[True], times[False])],
+        "later_point_s": {reuse: statistics.median(values) for reuse, values in point_seconds.items() if values},
+    }
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| grid | points | round | reuse false (s) | reuse true (s) | true ÷ false |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| grid | points | round | reuse false (s) | reuse true (s) | true ÷ false |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for result in results:
         for number, (off, on) in enumerate(zip(result["seconds"][False], result["seconds"][True]), start=1):
-            lines.append(f"| {result['grid']} | {result['points']} | {number} | {off:.1f} | {on:.1f} | "
-                         f"{on / off:.3f} |")
+            lines.append(
+                f"| {result['grid']} | {result['points']} | {number} | {off:.1f} | {on:.1f} | {on / off:.3f} |"
+            )
         later = result["later_point_s"]
         lines.append(f"| {result['grid']} | | median | | | **{statistics.median(result['ratios']):.3f}** |")
         if later.get(True) and later.get(False):
-            lines.append(f"| {result['grid']}, a point after the first (median) | | | {later[False]:.2f} | "
-                         f"{later[True]:.2f} | {later[True] / later[False]:.3f} |")
+            lines.append(
+                f"| {result['grid']}, a point after the first (median) | | | {later[False]:.2f} | "
+                f"{later[True]:.2f} | {later[True] / later[False]:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -215,15 +250,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_reuse", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grids", default="demo,1b", help="comma-separated subset of demo, 1b")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per grid (each runs both ways)")
-    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lightning-delta-1b-pair"),
-                        help="where the 1B pair is written once")
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "lightning-delta-1b-pair"),
+        help="where the 1B pair is written once",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per sweep")
-    parser.add_argument("--max-points", type=int, default=None, help="run only the first N points of each grid "
-                        "(sweep.max_points; a machine too busy for the whole grid)")
-    parser.add_argument("--paired", action="store_true", help="one process per grid, each point run reusing and "
-                        "alone in turn (steadier on a busy machine)")
-    parser.add_argument("--one-b-dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="the dtype of the 1b grid's model and E")
+    parser.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help="run only the first N points of each grid (sweep.max_points; a machine too busy for the whole grid)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="one process per grid, each point run reusing and alone in turn (steadier on a busy machine)",
+    )
+    parser.add_argument(
+        "--one-b-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the dtype of the 1b grid's model and E",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -231,21 +280,36 @@ def main(argv: list[str] | None = None) -> None:
         emit(paired_worker(spec) if spec.get("paired") else sweep_worker(spec))
         return
     if args.paired:
-        lines = ["| grid | points | point reusing (s, sum) | point alone (s, sum) | reusing ÷ alone | after the first "
-                 "point |", "|---|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| grid | points | point reusing (s, sum) | point alone (s, sum) | reusing ÷ alone | after the first "
+            "point |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for grid in [name.strip() for name in args.grids.split(",") if name.strip()]:
             cache = Path(args.cache)
             if grid == "1b":
                 one_b_pair(cache)
-            spec = {"grid": grid, "paired": True, "threads": GRIDS[grid][1], "cache": str(cache),
-                    "output": str(cache / f"{grid}-paired"), "max_points": args.max_points,
-                    "dtype": args.one_b_dtype}
+            spec = {
+                "grid": grid,
+                "paired": True,
+                "threads": GRIDS[grid][1],
+                "cache": str(cache),
+                "output": str(cache / f"{grid}-paired"),
+                "max_points": args.max_points,
+                "dtype": args.one_b_dtype,
+            }
             result = run(spec, args.timeout)
             reusing, alone = result["point_seconds"]["reuse"], result["point_seconds"]["alone"]
-            print(f"{grid}: reusing {', '.join(f'{s:.1f}' for s in reusing)}; alone "
-                  f"{', '.join(f'{s:.1f}' for s in alone)}", file=sys.stderr, flush=True)
-            lines.append(f"| {grid} | {result['points']} | {sum(reusing):.1f} | {sum(alone):.1f} | "
-                         f"{sum(reusing) / sum(alone):.3f} | {sum(reusing[1:]) / max(sum(alone[1:]), 1e-9):.3f} |")
+            print(
+                f"{grid}: reusing {', '.join(f'{s:.1f}' for s in reusing)}; alone "
+                f"{', '.join(f'{s:.1f}' for s in alone)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            lines.append(
+                f"| {grid} | {result['points']} | {sum(reusing):.1f} | {sum(alone):.1f} | "
+                f"{sum(reusing) / sum(alone):.3f} | {sum(reusing[1:]) / max(sum(alone[1:]), 1e-9):.3f} |"
+            )
         print("\n".join(lines))
         print("Rows: equal point by point, in every field but started and seconds.")
         return

@@ -26,8 +26,9 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
         elif spec["kind"] == "lowrank_demo":
             from benchmarks.edits import demo_worker as worker
         else:
-            raise ValueError(f"Unknown worker kind {spec['kind']!r}; known: riemann, paired, overhead, gpu, edit, "
-                             "lowrank_demo.")
+            raise ValueError(
+                f"Unknown worker kind {spec['kind']!r}; known: riemann, paired, overhead, gpu, edit, lowrank_demo."
+            )
         return worker(spec)
     except Exception as error:  # reported in the table, never a crash of the whole benchmark
         traceback.print_exc()

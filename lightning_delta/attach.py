@@ -54,8 +54,10 @@ def edit_differences(
     """
     sharded = sharded_parameters(model)
     if isinstance(edit, Mapping):  # ready-made E: no W_pre to read; EditedModel checks the names
-        return {name: local_rows(E, sharded[name]) if name in sharded and E.shape == sharded[name].shape else E
-                for name, E in edit.items()}
+        return {
+            name: local_rows(E, sharded[name]) if name in sharded and E.shape == sharded[name].shape else E
+            for name, E in edit.items()
+        }
     check_E_dtype(E_dtype)
     differences = {}
     for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
@@ -89,8 +91,9 @@ def attach_edit(
     """
     if E_dtype == "on_the_fly":
         return _attach_on_the_fly(model, pretrained, edit, include, exclude)
-    differences = edit_differences(model, pretrained=pretrained, edit=edit, include=include, exclude=exclude,
-                                   gradients=gradients, E_dtype=E_dtype)
+    differences = edit_differences(
+        model, pretrained=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients, E_dtype=E_dtype
+    )
     if sharded_parameters(model):
         return ShardedEditedModel(model, differences, E_dtype=E_dtype)
     return EditedModel(model, differences, E_dtype=E_dtype)
@@ -102,8 +105,9 @@ class RecomputedE:
     ``E`` too: the kept ``E`` of ``E_dtype="float32"`` bit for bit, for an edit that gives the same ``F(ΔW)`` at
     every call. Has the tensor's ``shape``."""
 
-    def __init__(self, match: DeltaMatch, post: TensorSource, pre: TensorSource, edit: Any, shape: torch.Size,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, match: DeltaMatch, post: TensorSource, pre: TensorSource, edit: Any, shape: torch.Size, dtype: torch.dtype
+    ) -> None:
         self.match, self.post, self.pre, self.edit, self.shape, self.dtype = match, post, pre, edit, shape, dtype
 
     def __call__(self, w_post: Tensor) -> Tensor:
@@ -111,17 +115,24 @@ class RecomputedE:
         return item.E(self.dtype)
 
 
-def _attach_on_the_fly(model: nn.Module, pretrained: Weights, edit: Edit, include: Patterns,
-                       exclude: Patterns) -> EditedModel:
+def _attach_on_the_fly(
+    model: nn.Module, pretrained: Weights, edit: Edit, include: Patterns, exclude: Patterns
+) -> EditedModel:
     if isinstance(edit, Mapping):
-        raise ValueError("E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held "
-                         "in memory already. Use E_dtype='float32' or 'model'.")
+        raise ValueError(
+            "E_dtype='on_the_fly' makes E again from W_pre and the edit; ready-made E tensors are held "
+            "in memory already. Use E_dtype='float32' or 'model'."
+        )
     if getattr(edit, "needs_gradients", False):
-        raise ValueError(f"E_dtype='on_the_fly' does not serve {type(edit).__name__}: it needs ∇L(W_post) of every "
-                         "edited tensor, a model-sized buffer kept instead of E. Use E_dtype='model'.")
+        raise ValueError(
+            f"E_dtype='on_the_fly' does not serve {type(edit).__name__}: it needs ∇L(W_post) of every "
+            "edited tensor, a model-sized buffer kept instead of E. Use E_dtype='model'."
+        )
     if sharded_parameters(model):
-        raise ValueError("E_dtype='on_the_fly' is not available on a model sharded by FSDP2 (each process keeps only "
-                         "its rows of E there). Use E_dtype='model'.")
+        raise ValueError(
+            "E_dtype='on_the_fly' is not available on a model sharded by FSDP2 (each process keeps only "
+            "its rows of E there). Use E_dtype='model'."
+        )
     source = load_tensors(pretrained) if not isinstance(pretrained, TensorSource) else pretrained
     try:
         post = load_tensors(model)

@@ -65,7 +65,6 @@ Patterns = str | Iterable[str] | None
 Weights = nn.Module | Mapping[str, Tensor] | str | os.PathLike | TensorSource
 
 
-
 class DeltaMatch(NamedTuple):
     """One selected tensor: its name in the results and the names to read on each side (they differ only for tied
     tensors stored under another name of their group)."""
@@ -439,7 +438,9 @@ class PairChecks:
         )
 
 
-def delta_names(model: Weights, *, pretrained: Weights, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+def delta_names(
+    model: Weights, *, pretrained: Weights, include: Patterns = None, exclude: Patterns = None
+) -> list[str]:
     """The names of the tensors :func:`iter_delta` would yield, checked but without computing any delta.
 
     Only metadata is read (names, shapes and dtypes); NaN / inf values are found when the tensors are read.
@@ -451,8 +452,9 @@ def delta_names(model: Weights, *, pretrained: Weights, include: Patterns = None
         ['w']
     """
     with open_pair(post=model, pre=pretrained) as (post_source, pre_source):
-        return [match.name for match in match_tensors(post=post_source, pre=pre_source, include=include,
-                                                      exclude=exclude)]
+        return [
+            match.name for match in match_tensors(post=post_source, pre=pre_source, include=include, exclude=exclude)
+        ]
 
 
 def _generate(

@@ -171,8 +171,9 @@ def iter_edited(
         with torch.no_grad():
             for match in matches:
                 gradient = None if gradients is None or isinstance(edit, Mapping) else gradients.get(match.name)
-                item = edit_one(match, edit, post=post_source, pre=pre_source, gradient=gradient, device=device,
-                                checks=checks)
+                item = edit_one(
+                    match, edit, post=post_source, pre=pre_source, gradient=gradient, device=device, checks=checks
+                )
                 check_edited(edit, item)
                 yield item
                 del item  # the consumer's reference is the only one left: freed once it drops the tensor
@@ -223,7 +224,7 @@ def edit_one(
                 w_pre = read_pre(match, pre, device if device is not None else w_post.device)
             delta = difference(match, w_post, w_pre, post, pre)
         if checks is not None:
-            checks.add(w_post, w_pre, delta if rows is None else delta[rows[0]:rows[1]], whole=delta)
+            checks.add(w_post, w_pre, delta if rows is None else delta[rows[0] : rows[1]], whole=delta)
         if not keep_pre:
             w_pre = None
         return EditedTensor(match.name, w_post, w_pre, delta, edit_delta(edit, match.name, delta, gradient), rows)
@@ -263,6 +264,8 @@ def _read_rows(
     delta = gather_rows(w_post.to(dtype) - w_pre.to(dtype), shard)
     if not all_finite(delta):
         difference(match, w_post, w_pre, post, pre)  # names the side when this process's rows hold the NaN / inf
-        raise ValueError(f"W_post − W_pre of {match.name!r} holds NaN or inf in another process's rows: the "
-                         f"checkpoint is damaged or diverged, or leave the tensor out with exclude=.")
+        raise ValueError(
+            f"W_post − W_pre of {match.name!r} holds NaN or inf in another process's rows: the "
+            f"checkpoint is damaged or diverged, or leave the tensor out with exclude=."
+        )
     return w_post, w_pre, delta

@@ -149,8 +149,9 @@ class _FusedAttention(torch.autograd.Function):
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
-def fused_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-                    **kwargs: Any) -> tuple[Tensor, None]:
+def fused_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any
+) -> tuple[Tensor, None]:
     """transformers' ``sdpa`` attention as the fused kernels hold it (shapes only): the attention implementation
     ``"lightning_delta_meta"`` of the meta models."""
     return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
@@ -183,13 +184,27 @@ class MemoryEstimate:
 
     @property
     def point(self) -> int:
-        return (self.weights + self.buffers + self.E + self.reference + self.sharded_copies + self.gathered
-                + self.activations)
+        return (
+            self.weights
+            + self.buffers
+            + self.E
+            + self.reference
+            + self.sharded_copies
+            + self.gathered
+            + self.activations
+        )
 
     @property
     def evaluate(self) -> int:
-        held = (self.weights + self.buffers + self.E + self.reference + self.sharded_copies + self.gathered
-                + self.evaluate_extra)
+        held = (
+            self.weights
+            + self.buffers
+            + self.E
+            + self.reference
+            + self.sharded_copies
+            + self.gathered
+            + self.evaluate_extra
+        )
         return held if self.evaluate_extra else 0
 
     @property
@@ -207,23 +222,36 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The parts, the phases and the peak, one line each, in GiB (MiB below 1 GiB)."""
-        labels = {"weights": "W_post", "buffers": "buffers (rotary tables, ...)", "E": "E",
-                  "reference": "DPO reference",
-                  "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)", "gathered": "gathered blocks (FSDP)",
-                  "activations": "activations, W(t), gradient",
-                  "evaluate_extra": "evaluator: cached W(t), forward", "gradient_sums": "GradientBiased gradient sums",
-                  "gradient_pass": "GradientBiased gradient pass", "attach_temporaries": "building E (one tensor)"}
+        labels = {
+            "weights": "W_post",
+            "buffers": "buffers (rotary tables, ...)",
+            "E": "E",
+            "reference": "DPO reference",
+            "sharded_copies": "W_post rows, one group's ∇W rows (FSDP)",
+            "gathered": "gathered blocks (FSDP)",
+            "activations": "activations, W(t), gradient",
+            "evaluate_extra": "evaluator: cached W(t), forward",
+            "gradient_sums": "GradientBiased gradient sums",
+            "gradient_pass": "GradientBiased gradient pass",
+            "attach_temporaries": "building E (one tensor)",
+        }
         layout = f"sharded 1/{self.shards}" if self.shards > 1 else "each holds the whole model"
         lines = [f"Estimated peak memory per process ({self.processes} process(es), {layout}):"]
-        lines += [f"  {labels[item.name]:<34} {_format(getattr(self, item.name))}"
-                  for item in fields(self) if item.name in labels]
-        lines += [f"  = {phase:<32} {_format(getattr(self, phase))}"
-                  for phase in ("point", "evaluate", "gradient", "attach")]
+        lines += [
+            f"  {labels[item.name]:<34} {_format(getattr(self, item.name))}"
+            for item in fields(self)
+            if item.name in labels
+        ]
+        lines += [
+            f"  = {phase:<32} {_format(getattr(self, phase))}" for phase in ("point", "evaluate", "gradient", "attach")
+        ]
         lines.append(f"  peak per process                   {_format(self.peak)}")
         if self.backward_passes:
             more = " (then more nodes while its error estimate is too large)" if self.rule == "adaptive" else ""
-            lines.append(f"Per batch, rule {self.rule!r}: {self.backward_passes} forward+backward passes and "
-                         f"{self.forward_passes} forwards alone{more}; the peak is that of one point for every rule.")
+            lines.append(
+                f"Per batch, rule {self.rule!r}: {self.backward_passes} forward+backward passes and "
+                f"{self.forward_passes} forwards alone{more}; the peak is that of one point for every rule."
+            )
         return "\n".join(lines)
 
 
@@ -314,14 +342,19 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[
     runs forward, and made again (not saved) when backward reads it; ``held`` maps ``id(weight)`` to its kept ``E``
     (none: ``E`` made on the fly)."""
     storages = {weight.untyped_storage()._cdata: weight for weight in edited.values()}
-    owners = [module for module in model.modules()
-              if any(id(weight) in map(id, edited.values()) for weight in module.parameters(recurse=False))]
+    owners = [
+        module
+        for module in model.modules()
+        if any(id(weight) in map(id, edited.values()) for weight in module.parameters(recurse=False))
+    ]
     running: dict[nn.Module, list[Tensor]] = {}  # the W(t) of each module while its forward runs
 
     def made(module: nn.Module, args: Any) -> None:
-        running[module] = [_edited_weight(weight, held.get(id(weight)))
-                           for weight in module.parameters(recurse=False)
-                           if weight.untyped_storage()._cdata in storages]
+        running[module] = [
+            _edited_weight(weight, held.get(id(weight)))
+            for weight in module.parameters(recurse=False)
+            if weight.untyped_storage()._cdata in storages
+        ]
 
     def dropped(module: nn.Module, args: Any, output: Any) -> None:
         running.pop(module, None)
@@ -336,8 +369,11 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[
             return _edited_weight(weight, held.get(id(weight))).as_strided(size, stride, offset)
         return packed
 
-    hooks = [hook for module in owners for hook in (module.register_forward_pre_hook(made),
-                                                    module.register_forward_hook(dropped))]
+    hooks = [
+        hook
+        for module in owners
+        for hook in (module.register_forward_pre_hook(made), module.register_forward_hook(dropped))
+    ]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
@@ -347,17 +383,29 @@ def _parametrized(model: nn.Module, edited: Mapping[str, Tensor], held: Mapping[
         running.clear()
 
 
-def _transient(model: nn.Module, loss: DeltaLoss, batch: Mapping[str, Tensor], edited: Mapping[str, Tensor],
-               E_dtype: str, backward: bool, with_gradient: Iterable[str] = ()) -> int:  # noqa: N803
+def _transient(
+    model: nn.Module,
+    loss: DeltaLoss,
+    batch: Mapping[str, Tensor],
+    edited: Mapping[str, Tensor],
+    E_dtype: str,
+    backward: bool,
+    with_gradient: Iterable[str] = (),
+) -> int:  # noqa: N803
     """``A`` (``backward``), ``F`` or ``A_all``: the meta run's peak of the tensors made beyond weights, buffers and
     batch, with ``W(t)`` for the ``edited`` tensors and a gradient for those and the ``with_gradient`` ones; for the
     ``edited`` ones backward also makes ``⟨∇W, E⟩`` (:func:`inner_product_bytes`, ``E`` made again on the fly) and
     the gradient of their ``t``, held to the end of the point."""
     hooks = []
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    held = {} if E_dtype == "on_the_fly" else {  # the kept E, there before the point (not counted here)
-        id(weight): torch.empty(weight.shape, dtype=stored_dtype(weight.dtype, E_dtype), device=weight.device)
-        for weight in edited.values()}
+    held = (
+        {}
+        if E_dtype == "on_the_fly"
+        else {  # the kept E, there before the point (not counted here)
+            id(weight): torch.empty(weight.shape, dtype=stored_dtype(weight.dtype, E_dtype), device=weight.device)
+            for weight in edited.values()
+        }
+    )
     t_gradients: list[Tensor] = []
 
     def freed(parameter: Tensor) -> None:
@@ -367,8 +415,9 @@ def _transient(model: nn.Module, loss: DeltaLoss, batch: Mapping[str, Tensor], e
         E = held.get(id(parameter))  # noqa: N806
         E = _made_E(parameter) if E is None else E  # noqa: N806
         assert parameter.grad is not None  # a hook after the gradient's accumulation
-        scratch = torch.empty(inner_product_bytes(E.numel(), parameter.grad.dtype, E.dtype), dtype=torch.uint8,
-                              device=parameter.device)
+        scratch = torch.empty(
+            inner_product_bytes(E.numel(), parameter.grad.dtype, E.dtype), dtype=torch.uint8, device=parameter.device
+        )
         del scratch, E
         t_gradients.append(torch.zeros((), dtype=torch.float64, device=parameter.device))
         parameter.grad = None
@@ -378,8 +427,14 @@ def _transient(model: nn.Module, loss: DeltaLoss, batch: Mapping[str, Tensor], e
         parameter.requires_grad_(backward and name in with_gradient)
         if backward and name in with_gradient:
             hooks.append(parameter.register_post_accumulate_grad_hook(inner_product if name in edited else freed))
-    existing = [*model.parameters(), *model.buffers(), *loss.parameters(), *loss.buffers(), *batch.values(),
-                *held.values()]
+    existing = [
+        *model.parameters(),
+        *model.buffers(),
+        *loss.parameters(),
+        *loss.buffers(),
+        *batch.values(),
+        *held.values(),
+    ]
     recompute = _parametrized(model, edited, held) if backward else contextlib.nullcontext()
     try:
         with LiveTensorBytes(existing) as live, torch.set_grad_enabled(backward), recompute:
@@ -432,8 +487,11 @@ def estimate_memory(
     loss = build_loss(loss) if isinstance(loss, str) else loss
     shards = processes if sharded else 1
     parameters = dict(model.named_parameters())
-    edited = {name: parameters[name] for name in delta_names(model, pretrained=model, include=include,
-                                                             exclude=exclude) if name in parameters}
+    edited = {
+        name: parameters[name]
+        for name in delta_names(model, pretrained=model, include=include, exclude=exclude)
+        if name in parameters
+    }
 
     def rebuilt(weight: Tensor) -> int:
         summed = torch.promote_types(weight.dtype, stored_dtype(weight.dtype, E_dtype))
@@ -442,7 +500,11 @@ def estimate_memory(
     on_the_fly = E_dtype == "on_the_fly"
     if on_the_fly and shards > 1:
         raise ValueError("E_dtype='on_the_fly' is not available on a sharded model; estimate E_dtype='model'.")
-    E = 0 if on_the_fly else sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
+    E = (
+        0
+        if on_the_fly
+        else sum(weight.numel() * _size(stored_dtype(weight.dtype, E_dtype)) for weight in edited.values())
+    )
     largest = max(edited.values(), key=Tensor.numel, default=None)
     gathered = gradient_rows = 0
     if shards > 1:
@@ -512,11 +574,15 @@ def _processes(trainer: Namespace) -> int:
         devices = int(devices)
     if devices in ("auto", -1):
         devices = _auto_devices(trainer.get("accelerator", "auto"))
-        print(f"trainer.devices {trainer.get('devices')!r}: {devices} process(es) per node, as Lightning would start "
-              "on this machine (--processes N for another count).")
+        print(
+            f"trainer.devices {trainer.get('devices')!r}: {devices} process(es) per node, as Lightning would start "
+            "on this machine (--processes N for another count)."
+        )
     if not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"trainer.devices is {devices!r}: the estimate needs the number of processes; set "
-                         "trainer.devices to a number (e.g. --processes 8 for 8 GPUs).")
+        raise ValueError(
+            f"trainer.devices is {devices!r}: the estimate needs the number of processes; set "
+            "trainer.devices to a number (e.g. --processes 8 for 8 GPUs)."
+        )
     return devices * int(nodes)
 
 
@@ -556,8 +622,9 @@ def _meta_zero_shot(init_args: Namespace, dtype: torch.dtype) -> tuple[nn.Module
     nn.Module.__init__(classifier)
     classifier.vision_model, classifier.visual_projection = clip.vision_model, clip.visual_projection
     projection = clip.visual_projection.weight
-    classifier.register_buffer("head", torch.empty(len(classnames), projection.shape[0], dtype=dtype, device="meta"),
-                               persistent=False)
+    classifier.register_buffer(
+        "head", torch.empty(len(classnames), projection.shape[0], dtype=dtype, device="meta"), persistent=False
+    )
     classifier.register_buffer("logit_scale", torch.empty((), dtype=dtype, device="meta"), persistent=False)
     return classifier, clip.config.vision_config.image_size
 
@@ -568,15 +635,19 @@ def _batch(data: Namespace, loss: str, image_size: int | None) -> dict[str, torc
     size = arguments.get("batch_size")
     if name in TOKEN_DATA:
         shape = (size, arguments.get("max_length"))
-        tokens = {"input_ids": torch.zeros(shape, dtype=torch.long, device="meta"),
-                  "attention_mask": torch.ones(shape, dtype=torch.long, device="meta"),
-                  "labels": torch.zeros(shape, dtype=torch.long, device="meta")}
+        tokens = {
+            "input_ids": torch.zeros(shape, dtype=torch.long, device="meta"),
+            "attention_mask": torch.ones(shape, dtype=torch.long, device="meta"),
+            "labels": torch.zeros(shape, dtype=torch.long, device="meta"),
+        }
         if loss == "dpo":
             return {f"{side}_{key}": value for side in ("chosen", "rejected") for key, value in tokens.items()}
         return tokens
     if name in IMAGE_DATA and image_size is not None:
-        return {"pixel_values": torch.zeros(size, 3, image_size, image_size, device="meta"),
-                "labels": torch.zeros(size, dtype=torch.long, device="meta")}
+        return {
+            "pixel_values": torch.zeros(size, 3, image_size, image_size, device="meta"),
+            "labels": torch.zeros(size, dtype=torch.long, device="meta"),
+        }
     raise ValueError(
         f"The estimate knows the batch shapes of {', '.join(TOKEN_DATA + IMAGE_DATA)} (with a ZeroShotClassifier for "
         f"images), not of data {data.get('class_path', data)!r} with model {loss!r}; for another DataModule call "
@@ -620,10 +691,18 @@ def estimate(
         verbose: as ckpt_path.
         weights_only: as ckpt_path.
     """
-    sections = {"model": model, "data": data, "trainer": trainer, "edit": edit, "riemann": riemann, "sweep": sweep,
-                "seed_everything": seed_everything}
-    config = DeltaCLI(args={key: value for key, value in sections.items() if value is not None}, run=False,
-                      instantiate=False).config
+    sections = {
+        "model": model,
+        "data": data,
+        "trainer": trainer,
+        "edit": edit,
+        "riemann": riemann,
+        "sweep": sweep,
+        "seed_everything": seed_everything,
+    }
+    config = DeltaCLI(
+        args={key: value for key, value in sections.items() if value is not None}, run=False, instantiate=False
+    ).config
     section = config.model
     loss_name = section.loss if isinstance(section.loss, str) else _class_name(section.loss)
     if isinstance(section.model, str):
@@ -633,8 +712,10 @@ def estimate(
         dtype = _dtype(section.dtype, config.trainer.precision, None)
         network, image_size = _meta_zero_shot(section.model.init_args, dtype)
     else:
-        raise ValueError(f"The estimate builds a causal LM from a directory or hub id, or a ZeroShotClassifier; got "
-                         f"model {section.model!r}.")
+        raise ValueError(
+            f"The estimate builds a causal LM from a directory or hub id, or a ZeroShotClassifier; got "
+            f"model {section.model!r}."
+        )
     if loss_name == "dpo":
         loss = build_loss("dpo", reference=meta_model(section.pretrained, dtype))
     elif loss_name in ("causal_lm", "classification"):
@@ -642,16 +723,24 @@ def estimate(
     else:
         raise ValueError(f"The estimate runs the losses causal_lm, classification and dpo; got {section.loss!r}.")
     result = estimate_memory(
-        network, _batch(config.data, loss_name, image_size), loss, section.include, section.exclude,
-        section.E_dtype, processes if processes is not None else _processes(config.trainer),
-        _sharded(config.trainer.strategy), _edit_needs_gradients(config.edit),
+        network,
+        _batch(config.data, loss_name, image_size),
+        loss,
+        section.include,
+        section.exclude,
+        section.E_dtype,
+        processes if processes is not None else _processes(config.trainer),
+        _sharded(config.trainer.strategy),
+        _edit_needs_gradients(config.edit),
         section.get("evaluator") is not None or getattr(loss, "evaluator", None) is not None,
     )
     rule = config.riemann.rule
-    num_points, trapezoid = check_rule(rule, config.riemann.num_points, config.riemann.trapezoid,
-                                       config.riemann.tolerance)
+    num_points, trapezoid = check_rule(
+        rule, config.riemann.num_points, config.riemann.trapezoid, config.riemann.tolerance
+    )
     points = schedule(rule, num_points, trapezoid)
-    result = replace(result, rule=rule, backward_passes=points.passes,
-                     forward_passes=len(points.points) - points.passes)
+    result = replace(
+        result, rule=rule, backward_passes=points.passes, forward_passes=len(points.points) - points.passes
+    )
     print(result.table())
     return result

@@ -109,7 +109,7 @@ def apply_edit_(
     for item in iter_edited(model, pre=pretrained, edit=edit, include=include, exclude=exclude, gradients=gradients):
         # W_pre + F(ΔW) in the delta's dtype (at least float32); copy_ casts to the weight's own dtype. On a model
         # sharded by FSDP2, w_pre and w_post are this process's rows, written in place.
-        edited = item.edited if item.rows is None else item.edited[item.rows[0]:item.rows[1]]
+        edited = item.edited if item.rows is None else item.edited[item.rows[0] : item.rows[1]]
         assert item.w_pre is not None, "iter_edited keeps W_pre"
         item.w_post.copy_(item.w_pre.to(item.delta.dtype) + edited.to(item.delta))
     return model
@@ -204,8 +204,10 @@ def save_edited(
     # A link is written through: the directory it points to is the one written (or replaced), never the link.
     target = Path(os.path.realpath(output_dir)) if output_dir.is_symlink() else output_dir
     if target is not output_dir and not target.exists():
-        raise ValueError(f"output_dir {output_dir} is a symbolic link to {target}, which does not exist; create that "
-                         "directory, or choose another output_dir.")
+        raise ValueError(
+            f"output_dir {output_dir} is a symbolic link to {target}, which does not exist; create that "
+            "directory, or choose another output_dir."
+        )
     _check_output_dir(target, overwrite)
 
     if loaded is None:

@@ -109,8 +109,11 @@ def gradients_at_post(
         nonlocal count
         count += output.count
 
-    batches = ((batch_idx, trainer.strategy.batch_to_device(batch, device))
-               for loader in loaders for batch_idx, batch in enumerate(loader))
+    batches = (
+        (batch_idx, trainer.strategy.batch_to_device(batch, device))
+        for loader in loaders
+        for batch_idx, batch in enumerate(loader)
+    )
     gradient_pass(target, model, names, batches, lambda name, grad: sums[name].add_(grad), add_count)
     count = trainer.strategy.reduce(count, reduce_op="sum")
     factors = gradient_divide_factors(model)
@@ -119,8 +122,9 @@ def gradients_at_post(
         parameter = parameters[name]
         if is_sharded(parameter):  # FSDP has summed it over processes and divided by its factor
             rows = total * (factors.get(id(parameter), 1.0) / count.to(total.dtype))
-            gradients[name] = DTensor.from_local(rows, parameter.device_mesh, parameter.placements,
-                                                 shape=parameter.shape, stride=parameter.stride())
+            gradients[name] = DTensor.from_local(
+                rows, parameter.device_mesh, parameter.placements, shape=parameter.shape, stride=parameter.stride()
+            )
         else:
             gradients[name] = trainer.strategy.reduce(total, reduce_op="sum") / count.to(total.dtype)
     return gradients

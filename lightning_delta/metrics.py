@@ -16,6 +16,7 @@ from torchmetrics import Metric
 
 __all__ = ["RatioOfSums"]
 
+
 class RatioOfSums(Metric):
     """``Σ numerator / Σ denominator`` over every update, as float64 sums added across processes.
 

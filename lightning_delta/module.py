@@ -116,8 +116,9 @@ class DeltaEditModule(pl.LightningModule):
         self.loss_post, self.loss_edit = RatioOfSums(), RatioOfSums()
         self.accuracy_post, self.accuracy_edit = RatioOfSums(), RatioOfSums()
         names = tuple(getattr(self.evaluator, "accuracy_names", ()))
-        self.named_accuracies = nn.ModuleDict({f"{when}:{name}": RatioOfSums() for name in names
-                                               for when in ("post", "edit")})
+        self.named_accuracies = nn.ModuleDict(
+            {f"{when}:{name}": RatioOfSums() for name in names for when in ("post", "edit")}
+        )
         self._edited: EditHandle | None = None
 
     @staticmethod
@@ -141,8 +142,15 @@ class DeltaEditModule(pl.LightningModule):
                 if trainer is None:
                     raise ValueError(f"{type(self.edit).__name__} needs gradients at W_post: attach under a Trainer.")
                 gradients = gradients_at_post(trainer, self, self.model)
-            self._edited = attach_edit(self.model, pretrained=self.pretrained, edit=self.edit, include=self.include,
-                                       exclude=self.exclude, gradients=gradients, E_dtype=self.E_dtype)
+            self._edited = attach_edit(
+                self.model,
+                pretrained=self.pretrained,
+                edit=self.edit,
+                include=self.include,
+                exclude=self.exclude,
+                gradients=gradients,
+                E_dtype=self.E_dtype,
+            )
         return self._edited
 
     def set_t(self, t: float) -> None:
@@ -201,8 +209,10 @@ class DeltaEditModule(pl.LightningModule):
         edited = self.edited_model(self.trainer)
         measure_loss = not self._swept
         prepared = self.riemann_prepare(batch) if measure_loss else batch
-        for t, loss_metric, accuracy_metric in ((0.0, self.loss_post, self.accuracy_post),
-                                                (1.0, self.loss_edit, self.accuracy_edit)):
+        for t, loss_metric, accuracy_metric in (
+            (0.0, self.loss_post, self.accuracy_post),
+            (1.0, self.loss_edit, self.accuracy_edit),
+        ):
             evaluate = self.evaluator is not None and (t == 1.0 or self.accuracy_post_given is None)
             if not (measure_loss or evaluate):
                 continue

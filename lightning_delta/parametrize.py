@@ -124,8 +124,9 @@ class EditParametrization(nn.Module):
 
     E: Tensor | None  # a buffer: None exactly when ``recompute`` is given
 
-    def __init__(self, E: Tensor | None, recompute: Callable[[Tensor], Tensor] | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, E: Tensor | None, recompute: Callable[[Tensor], Tensor] | None = None, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("E", E, persistent=False)
         self.recompute = recompute
@@ -268,7 +269,9 @@ class EditedModel:
             target = tensors[name]
             difference = E[name]
             if difference.shape != target.shape:
-                raise ValueError(f"E for {name!r} has shape {tuple(difference.shape)}, the tensor {tuple(target.shape)}.")
+                raise ValueError(
+                    f"E for {name!r} has shape {tuple(difference.shape)}, the tensor {tuple(target.shape)}."
+                )
             if isinstance(difference, Tensor):
                 parametrization = EditParametrization(
                     difference.detach().to(device=target.device, dtype=stored_dtype(target.dtype, self.E_dtype))

@@ -83,8 +83,12 @@ _NOT_SETTINGS = (
     "data.class_path",
     *(f"data.init_args.{key}" for key in DATASET_KEYS),
 )
-_SETTING_NAMES = {"model.model": "model", "model.pretrained": "pretrained", "model.loss": "loss",
-                  "seed_everything": "seed"}
+_SETTING_NAMES = {
+    "model.model": "model",
+    "model.pretrained": "pretrained",
+    "model.loss": "loss",
+    "seed_everything": "seed",
+}
 _SETTING_ORDER = ("data", "C", "model", "pretrained", "loss")
 
 
@@ -152,11 +156,13 @@ def setting_labels(rows: Sequence[SweepRow], shown_edit_keys: Iterable[str] | No
         by_dataset[row.dataset].append(setting)
     names = {name for setting in settings for name in setting}
     differing = [
-        name for name in names
+        name
+        for name in names
         if any(len({setting.get(name) for setting in group}) > 1 for group in by_dataset.values())
     ]
-    differing.sort(key=lambda name: (_SETTING_ORDER.index(name) if name in _SETTING_ORDER else len(_SETTING_ORDER),
-                                     name))
+    differing.sort(
+        key=lambda name: (_SETTING_ORDER.index(name) if name in _SETTING_ORDER else len(_SETTING_ORDER), name)
+    )
     short = {name: _short_values(setting[name] for setting in settings if name in setting) for name in differing}
     return [
         ", ".join(f"{name}={short[name][setting[name]] if name in setting else 'none'}" for name in differing)
@@ -212,7 +218,8 @@ def plot_dare(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     axes = figure.subplots(len(datasets), 2, squeeze=False)
     for panels, name in zip(axes, datasets):
         lines: dict[tuple[str, str], dict[str, dict[float, list[float]]]] = defaultdict(
-            lambda: {"term": defaultdict(list), "exact": defaultdict(list)})
+            lambda: {"term": defaultdict(list), "exact": defaultdict(list)}
+        )
         for row, setting in zip(rows, settings):
             if row.dataset != name:
                 continue
@@ -235,8 +242,9 @@ def plot_dare(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
             axis.axhline(0.0, color="black", linewidth=0.6)
             axis.set_xlabel("drop rate p")
             axis.set_ylabel(label)
-            axis.set_title(f"{label.split(' = ')[0].split(' (')[0]} against p, {name} (mean ± std over seeds)",
-                           fontsize=9)
+            axis.set_title(
+                f"{label.split(' = ')[0].split(' (')[0]} against p, {name} (mean ± std over seeds)", fontsize=9
+            )
             axis.legend(fontsize=7)
     return _save(figure, path)
 
@@ -272,8 +280,12 @@ def plot_modules(
     for number, (row, setting) in enumerate(zip(selected, setting_labels(selected))):
         values = [row.result.term_per_group.get(group, 0.0) for group in groups]
         positions = [index + (number - (len(selected) - 1) / 2) * width for index in range(len(groups))]
-        axis.bar(positions, values, width=width,
-                 label=f"{edit_label(row)}{_seed_note(row)} ({_joined(row.dataset, setting)})")
+        axis.bar(
+            positions,
+            values,
+            width=width,
+            label=f"{edit_label(row)}{_seed_note(row)} ({_joined(row.dataset, setting)})",
+        )
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.set_xticks(range(len(groups)), groups)
     axis.set_xlabel("part of the model")
@@ -299,8 +311,12 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
         points = sorted(by_dataset[name])
         alphas = [point[0] for point in points]
         trough = min(points, key=lambda point: point[1])
-        (line,) = axis.plot(alphas, [point[1] for point in points], marker="o",
-                            label=f"term, {name} (trough at α={trough[0]:g}: {trough[1]:+.3f})")
+        (line,) = axis.plot(
+            alphas,
+            [point[1] for point in points],
+            marker="o",
+            label=f"term, {name} (trough at α={trough[0]:g}: {trough[1]:+.3f})",
+        )
         axis.plot(alphas, [point[2] for point in points], linestyle=":", color=line.get_color(), label=f"ΔL, {name}")
         axis.scatter([trough[0]], [trough[1]], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=2)
     axis.axhline(0.0, color="black", linewidth=0.6)
@@ -314,8 +330,11 @@ def plot_alpha(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None
 def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
     """Fig. 4: the edited model's accuracy against BitDelta's magnitude blocks M (the loss where no accuracy was
     measured); the axis shows M, the paper's bits log2 M and the bits with the sign; the post-trained model dashed."""
-    rows = [row for row in _rows(rows, "bitdelta") if row.edit.get("magnitudes", "mean") == "mean"
-            and row.edit.get("scale", 1.0) == 1.0]
+    rows = [
+        row
+        for row in _rows(rows, "bitdelta")
+        if row.edit.get("magnitudes", "mean") == "mean" and row.edit.get("scale", 1.0) == 1.0
+    ]
     if not rows:
         return None
     use_accuracy = all(row.result.accuracy_edit is not None for row in rows)
@@ -333,8 +352,9 @@ def plot_bits(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | None:
         by_dataset[_joined(row.dataset, setting)].append((magnitude_blocks(row.edit), edited, post))
     for name in sorted(by_dataset):
         points = sorted(by_dataset[name])
-        (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                            label=f"{BitDelta.label}, {name}")
+        (line,) = axis.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="o", label=f"{BitDelta.label}, {name}"
+        )
         axis.axhline(points[0][2], linestyle="--", color=line.get_color(), label=f"post-trained (W_post), {name}")
     blocks = sorted({p[0] for points in by_dataset.values() for p in points})
     axis.set_xscale("log", base=2)
@@ -358,15 +378,26 @@ def plot_bitdelta_extensions(rows: Sequence[SweepRow], path: str | os.PathLike) 
     datasets = sorted({row.dataset for row in rows})
     for name in datasets:
         line_rows = sorted((row for row in scaled if row.dataset == name), key=lambda row: row.edit.get("scale", 1.0))
-        (line,) = axis.plot([row.edit.get("scale", 1.0) for row in line_rows], [row.result.exact for row in line_rows],
-                            marker="o", label=f"statistic × s (degenerate), {name}")
+        (line,) = axis.plot(
+            [row.edit.get("scale", 1.0) for row in line_rows],
+            [row.result.exact for row in line_rows],
+            marker="o",
+            label=f"statistic × s (degenerate), {name}",
+        )
         for number, mode in enumerate(("normal", "uniform")):
             values = [row.result.exact for row in rows if row.dataset == name and row.edit.get("magnitudes") == mode]
             if values:
                 spread = stat(values)
-                axis.errorbar([1.0 + (number - 0.5) * 0.03], [spread.mean], yerr=[spread.std], marker="sx"[number], capsize=3,
-                              linestyle="none", color=line.get_color(),
-                              label=f"{mode} magnitudes around the mean (n={len(values)}), {name}")
+                axis.errorbar(
+                    [1.0 + (number - 0.5) * 0.03],
+                    [spread.mean],
+                    yerr=[spread.std],
+                    marker="sx"[number],
+                    capsize=3,
+                    linestyle="none",
+                    color=line.get_color(),
+                    label=f"{mode} magnitudes around the mean (n={len(values)}), {name}",
+                )
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.axvline(1.0, color="0.6", linewidth=0.6, linestyle=":")
     axis.set_xlabel("s, the multiplier of BitDelta's mean magnitude (1 is BitDelta)")
@@ -387,8 +418,11 @@ def plot_table1(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | Non
     ks = sorted({row.edit["k"] for row in biased})
     figure = Figure(figsize=(6.5, 4.4))
     axis = figure.subplots()
-    columns = (("random (DARE k extension)", "dare"), ("sign-biased (ΔW)", "sign_biased"),
-               ("gradient-biased (ΔW·∇L)", "gradient_biased"))
+    columns = (
+        ("random (DARE k extension)", "dare"),
+        ("sign-biased (ΔW)", "sign_biased"),
+        ("gradient-biased (ΔW·∇L)", "gradient_biased"),
+    )
     for label, family in columns:
         values: dict[float, list[float]] = defaultdict(list)
         for row in _rows(rows, family):
@@ -397,8 +431,11 @@ def plot_table1(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | Non
         if values:
             xs, means, stds = _points(values)
             axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-    revert = [row.result.exact for row in _rows(rows, "extrapolate")
-              if row.dataset == dataset and row.edit.get("alpha") == -1.0]
+    revert = [
+        row.result.exact
+        for row in _rows(rows, "extrapolate")
+        if row.dataset == dataset and row.edit.get("alpha") == -1.0
+    ]
     if revert:
         axis.axhline(revert[0], color="0.3", linestyle="--", label="revert to W_pre (α = −1)")
     axis.axhline(0.0, color="black", linewidth=0.6)
@@ -446,8 +483,7 @@ def plot_expo_gap(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path | N
     axis.axhline(0.0, color="black", linewidth=0.6)
     axis.set_xticks(range(len(names)), names)
     axis.set_xlabel("data set")
-    axis.set_ylabel("best accuracy gap, edited − W_post (points)" if uses_accuracy
-                    else "best loss decrease −ΔL")
+    axis.set_ylabel("best accuracy gap, edited − W_post (points)" if uses_accuracy else "best loss decrease −ΔL")
     axis.set_title("Interpolation against extrapolation: the best α of each side")
     axis.legend(fontsize=7)
     return _save(figure, path)
@@ -487,8 +523,15 @@ def plot_loss_curve(
         left.set_title(f"{edit_label(row)}{_seed_note(row)} ({_joined(row.dataset, setting)})", fontsize=9)
         left.legend(fontsize=7)
         if paper:
-            right.bar(ts[:-1], inner[:num_points], width=1 / num_points, align="edge", alpha=0.35, edgecolor="black",
-                      label=f"left rectangles (C = {num_points}): term = {result.term:.4g}")
+            right.bar(
+                ts[:-1],
+                inner[:num_points],
+                width=1 / num_points,
+                align="edge",
+                alpha=0.35,
+                edgecolor="black",
+                label=f"left rectangles (C = {num_points}): term = {result.term:.4g}",
+            )
         else:
             right.plot([], [], " ", label=f"{result.rule} rule, {result.passes} nodes: term = {result.term:.4g}")
         finite = [(t, g) for t, g in zip(ts, inner) if g is not None and not math.isnan(g)]
@@ -515,8 +558,11 @@ def plot_delta_scale(rows: Sequence[SweepRow], scales: Mapping[str, float], path
         if pretrained not in scales or row.result.exact <= 0:
             continue
         family = edit_family(row)
-        label = "revert to W_pre (α = −1)" if family == "extrapolate" and row.edit.get("alpha") == -1.0 else \
-            f"{edit_label(row)}"
+        label = (
+            "revert to W_pre (α = −1)"
+            if family == "extrapolate" and row.edit.get("alpha") == -1.0
+            else f"{edit_label(row)}"
+        )
         values[label][scales[pretrained]].append(row.result.exact)
     lines = {label: line for label, line in values.items() if len(line) >= 2}
     if not lines:
@@ -532,8 +578,9 @@ def plot_delta_scale(rows: Sequence[SweepRow], scales: Mapping[str, float], path
     if anchor is not None:
         s_max, y, s_min = anchor
         for power, style in ((1, ":"), (2, "--")):
-            axis.plot([s_min, s_max], [y * (s_min / s_max) ** power, y], color="0.5", linestyle=style,
-                      label=f"∝ s^{power}")
+            axis.plot(
+                [s_min, s_max], [y * (s_min / s_max) ** power, y], color="0.5", linestyle=style, label=f"∝ s^{power}"
+            )
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("delta scale s  (W_pre = W_post − s·ΔW; s = 1 is the pair)")

@@ -36,8 +36,16 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from lightning_delta.padding import true_embedding_gradients
 from lightning_delta.parametrize import check_E_dtype, inner_product, stored_dtype
 
-__all__ = ["ShardedEditedModel", "check_strategy", "gather_rows", "is_sharded", "local_rows", "row_range",
-           "shard_model", "sharded_parameters"]
+__all__ = [
+    "ShardedEditedModel",
+    "check_strategy",
+    "gather_rows",
+    "is_sharded",
+    "local_rows",
+    "row_range",
+    "shard_model",
+    "sharded_parameters",
+]
 
 
 def check_strategy(strategy: object) -> None:
@@ -87,8 +95,9 @@ def row_range(tensor: DTensor) -> tuple[int, int] | None:
 def gather_rows(rows: Tensor, like: DTensor) -> Tensor:
     """The whole tensor from each process's ``rows``, laid out as ``like`` (an all-gather); equal on every
     process."""
-    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride()).full_tensor()
+    return DTensor.from_local(
+        rows, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
@@ -174,11 +183,15 @@ class ShardedEditedModel:
             local = parameters[name].to_local()
             got = tuple(E[name].shape) if isinstance(E[name], Tensor) else type(E[name]).__name__
             if got != tuple(local.shape):
-                raise ValueError(f"E for {name!r} has shape {got}; the tensor has shape "
-                                 f"{tuple(parameters[name].shape)} (this process holds rows {tuple(local.shape)}).")
+                raise ValueError(
+                    f"E for {name!r} has shape {got}; the tensor has shape "
+                    f"{tuple(parameters[name].shape)} (this process holds rows {tuple(local.shape)})."
+                )
         self._parameters = {name: parameters[name] for name in self.names}
-        self._E = {name: E[name].detach().to(parameters[name].device, stored_dtype(parameters[name].dtype, E_dtype))
-                   for name in self.names}
+        self._E = {
+            name: E[name].detach().to(parameters[name].device, stored_dtype(parameters[name].dtype, E_dtype))
+            for name in self.names
+        }
         self._post = {name: parameters[name].to_local().detach().clone() for name in self.names}
         factors = gradient_divide_factors(model)
         self._factors = {name: factors.get(id(parameters[name]), 1.0) for name in self.names}
@@ -190,11 +203,16 @@ class ShardedEditedModel:
             shard.requires_grad_(True)
         # FSDP2 calls these right after it has reduce-scattered a block's gradients: the rows of ∇W are turned into
         # the inner product and freed then, so no edited tensor's gradient outlives its block's backward.
-        self._hooks = [parameter.register_post_accumulate_grad_hook(self._take_inner_product(name))
-                       for name, parameter in self._parameters.items()]
+        self._hooks = [
+            parameter.register_post_accumulate_grad_hook(self._take_inner_product(name))
+            for name, parameter in self._parameters.items()
+        ]
         edited = {id(parameter) for parameter in self._parameters.values()}
-        owners = [module for module in model.modules()
-                  if any(id(parameter) in edited for parameter in module.parameters(recurse=False))]
+        owners = [
+            module
+            for module in model.modules()
+            if any(id(parameter) in edited for parameter in module.parameters(recurse=False))
+        ]
         self._padding = contextlib.ExitStack()
         self._padding.enter_context(true_embedding_gradients(owners))  # the padding row's share of ⟨∇L, E⟩
 

@@ -31,7 +31,8 @@ def shipped_config(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"{name!r} is neither a config file here nor a shipped config; the shipped configs are "
-            f"{', '.join(shipped_config_names())} (give a path to use a file of your own).")
+            f"{', '.join(shipped_config_names())} (give a path to use a file of your own)."
+        )
     return path
 
 

@@ -30,8 +30,20 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["ModelClass", "SavesPretrained", "TensorSource", "check_dtype", "format_names", "load_model", "load_tensors", "model_directory", "resolve_hub_id",
-           "resolve_model_class", "resolve_model_path", "tied_names"]
+__all__ = [
+    "ModelClass",
+    "SavesPretrained",
+    "TensorSource",
+    "check_dtype",
+    "format_names",
+    "load_model",
+    "load_tensors",
+    "model_directory",
+    "resolve_hub_id",
+    "resolve_model_class",
+    "resolve_model_path",
+    "tied_names",
+]
 
 # Weight files of a Hugging Face model directory, in the order they are looked for. huggingface_hub names all but the
 # .bin index, which is the .bin file's name + ".index.json" (as transformers' WEIGHTS_INDEX_NAME; transformers itself
@@ -485,8 +497,7 @@ def check_dtype(dtype: Any) -> torch.dtype | str | None:
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
     raise ValueError(
-        f"dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got "
-        f"{dtype!r}."
+        f"dtype must be None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', 'float16'), got {dtype!r}."
     )
 
 
@@ -573,5 +584,7 @@ def load_model(
         )
     dtype = check_dtype(dtype)
     directory = model_directory(source)
-    model = resolve_model_class(model_class, directory).from_pretrained(directory, dtype="auto" if dtype is None else dtype)
+    model = resolve_model_class(model_class, directory).from_pretrained(
+        directory, dtype="auto" if dtype is None else dtype
+    )
     return model.eval()

@@ -92,8 +92,15 @@ class ModuleTarget:
             gradients = None
             if getattr(self.edit, "needs_gradients", False):
                 gradients = gradients_at_post(_require_trainer(trainer, self.edit), self, self.model)
-            self._edited = attach_edit(self.model, pretrained=self.pretrained, edit=self.edit, include=self.include,
-                                       exclude=self.exclude, gradients=gradients, E_dtype=self.E_dtype)
+            self._edited = attach_edit(
+                self.model,
+                pretrained=self.pretrained,
+                edit=self.edit,
+                include=self.include,
+                exclude=self.exclude,
+                gradients=gradients,
+                E_dtype=self.E_dtype,
+            )
         return self._edited
 
     def riemann_prepare(self, batch: Any) -> Any:
@@ -130,14 +137,16 @@ def edited_submodule(module: nn.Module, module_name: str) -> nn.Module:
         raise ValueError(
             f"module_name={module_name!r}: {type(module).__name__} has no submodule {module_name!r}. Its children "
             f"are {', '.join(children) or 'none'}; give module_name the one whose tensor names match the pre-trained "
-            "weights (\"\" for the module itself)."
+            'weights ("" for the module itself).'
         ) from None
 
 
 def _require_trainer(trainer: pl.Trainer | None, edit: Any) -> pl.Trainer:
     if trainer is None:
-        raise ValueError(f"{type(edit).__name__} needs the gradients at W_post over the validation data: attach it "
-                         "under trainer.validate.")
+        raise ValueError(
+            f"{type(edit).__name__} needs the gradients at W_post over the validation data: attach it "
+            "under trainer.validate."
+        )
     return trainer
 
 

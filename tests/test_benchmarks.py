@@ -94,8 +94,14 @@ def test_merge_edits_replaces_only_the_measured_operations():
     def case(operation, shape, time_s):
         return {"operation": operation, "shape": shape, "implementations": {"lightning_delta": {"time_s": time_s}}}
 
-    previous = {"cases": [case("dare", [8, 8], 1.0), case("lowrank", [8, 8], 1.0), case("dare", [16, 8], 1.0),
-                          case("lowrank", [16, 8], 1.0)]}
+    previous = {
+        "cases": [
+            case("dare", [8, 8], 1.0),
+            case("lowrank", [8, 8], 1.0),
+            case("dare", [16, 8], 1.0),
+            case("lowrank", [16, 8], 1.0),
+        ]
+    }
     current = {"cases": [case("lowrank", [8, 8], 2.0)], "operations": ["lowrank"], "lowrank_demo": {"ranks": {}}}
     merged = bench.merge_edits(previous, current)
     kept = [(c["operation"], c["shape"], c["implementations"]["lightning_delta"]["time_s"]) for c in merged["cases"]]
@@ -112,7 +118,18 @@ def test_peak_memory_sees_an_allocation():
 
 def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
     out, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
-    bench.main(["--tiny", "--in-process", "--only", "riemann,paired,edits,gpu", "--json", str(out), "--markdown", str(markdown)])
+    bench.main(
+        [
+            "--tiny",
+            "--in-process",
+            "--only",
+            "riemann,paired,edits,gpu",
+            "--json",
+            str(out),
+            "--markdown",
+            str(markdown),
+        ]
+    )
     results = json.loads(out.read_text())
     assert set(results) >= {"date", "command", "mode", "machine", "goals", "items", "elapsed_s"}
     assert results["mode"] == "tiny" and results["machine"]["cores"] >= 1
@@ -151,8 +168,21 @@ def test_quick_tiny_run_writes_table_json_and_markdown(tmp_path, capsys):
 
     # --operations lowrank re-measures LowRank only; the other operations' cases stay
     before = [case for case in merged["items"]["edits"]["cases"] if case["operation"] != "lowrank"]
-    bench.main(["--tiny", "--in-process", "--only", "edits", "--operations", "lowrank", "--merge", "--json", str(out),
-                "--markdown", str(markdown)])
+    bench.main(
+        [
+            "--tiny",
+            "--in-process",
+            "--only",
+            "edits",
+            "--operations",
+            "lowrank",
+            "--merge",
+            "--json",
+            str(out),
+            "--markdown",
+            str(markdown),
+        ]
+    )
     edits = json.loads(out.read_text())["items"]["edits"]
     assert [case for case in edits["cases"] if case["operation"] != "lowrank"] == before
     assert [case["operation"] for case in edits["cases"]].count("lowrank") == 1

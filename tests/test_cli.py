@@ -32,8 +32,10 @@ def test_print_config_shows_the_whole_analysis(config_file, capsys):
         run(["validate", "--config", str(config_file), "--edit.p", "0.9", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["edit"] == {"class_path": "lightning_delta.edits.DARE",
-                               "init_args": {"p": 0.9, "k": 0.0, "rescale": True, "seed": 0}}
+    assert printed["edit"] == {
+        "class_path": "lightning_delta.edits.DARE",
+        "init_args": {"p": 0.9, "k": 0.0, "rescale": True, "seed": 0},
+    }
     assert printed["trainer"]["inference_mode"] is False
     assert printed["trainer"]["use_distributed_sampler"] is False
     assert printed["riemann"]["num_points"] == 2
@@ -43,8 +45,20 @@ def test_print_config_shows_the_whole_analysis(config_file, capsys):
 
 @pytest.mark.slow
 def test_validate_runs_one_riemann_analysis(config_file, tmp_path):
-    cli = run(["validate", "--config", str(config_file), "--edit", "BitDelta", "--edit.bits", "2",
-                "--riemann.filename", "result.json", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    cli = run(
+        [
+            "validate",
+            "--config",
+            str(config_file),
+            "--edit",
+            "BitDelta",
+            "--edit.bits",
+            "2",
+            "--riemann.filename",
+            "result.json",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ]
+    )
     assert isinstance(cli, DeltaCLI)
     metrics = cli.trainer.callback_metrics
     for key in ("riemann/term", "riemann/trapezoid", "riemann/exact", "accuracy/post", "accuracy/edit"):
@@ -60,8 +74,18 @@ def test_validate_with_E_on_the_fly_gives_the_numbers_of_kept_E(config_file, tmp
     """``--model.E_dtype on_the_fly`` through the command line, against the default (float32 E), bit for bit."""
     results = {}
     for E_dtype in ("float32", "on_the_fly"):  # noqa: N806
-        cli = run(["validate", "--config", str(config_file), "--model.E_dtype", E_dtype, "--riemann.filename",
-                   "result.json", f"--trainer.default_root_dir={tmp_path / E_dtype}"])
+        cli = run(
+            [
+                "validate",
+                "--config",
+                str(config_file),
+                "--model.E_dtype",
+                E_dtype,
+                "--riemann.filename",
+                "result.json",
+                f"--trainer.default_root_dir={tmp_path / E_dtype}",
+            ]
+        )
         assert cli.model.E_dtype == E_dtype
         results[E_dtype] = json.loads((tmp_path / E_dtype / "lightning_logs" / "version_0" / "result.json").read_text())
     for key in ("term", "exact", "loss_post", "loss_edit", "inner_products", "inner_products_per_tensor"):
@@ -103,8 +127,17 @@ def test_validate_runs_write_into_versioned_directories(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_validate_with_a_logger_writes_into_its_log_dir(config_file, tmp_path):
     logs = tmp_path / "logs"
-    args = ["validate", "--config", str(config_file), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", str(logs), "--trainer.logger.name", "delta"]
+    args = [
+        "validate",
+        "--config",
+        str(config_file),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(logs),
+        "--trainer.logger.name",
+        "delta",
+    ]
     for version in (0, 1):
         cli = run(args)
         directory = logs / "delta" / f"version_{version}"
@@ -120,7 +153,9 @@ def test_validate_refuses_inference_mode(config_file):
 
 
 def test_bad_edit_argument_is_reported_with_the_edits(config_file):
-    with pytest.raises(ValueError, match=r"Unknown edit 'NoSuchEdit' for --edit\. The edits are DARE, DELLA, .*Extrapolate"):
+    with pytest.raises(
+        ValueError, match=r"Unknown edit 'NoSuchEdit' for --edit\. The edits are DARE, DELLA, .*Extrapolate"
+    ):
         run(["validate", "--config", str(config_file), "--edit", "NoSuchEdit"])
 
 
@@ -132,12 +167,16 @@ def test_bad_edit_class_path_is_left_to_the_parser(config_file, capsys):
 
 @pytest.mark.slow
 def test_sweep_points_are_normalised_by_the_parser(tmp_path):
-    grid = [{"edit": "DARE", "edit.init_args.p": [0.1, 0.9]},
-            {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.9, "edit.init_args.seed": 0}]
+    grid = [
+        {"edit": "DARE", "edit.init_args.p": [0.1, 0.9]},
+        {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.9, "edit.init_args.seed": 0},
+    ]
     points, settings, _ = sweep_points(digits_config(tmp_path, grid, tmp_path / "r.jsonl"))
     assert len(points) == 2  # DARE(p=0.9) spelled with its default seed is the same point
-    assert points[0].config["edit"] == {"class_path": "lightning_delta.edits.DARE",
-                                        "init_args": {"p": 0.1, "k": 0.0, "rescale": True, "seed": 0}}
+    assert points[0].config["edit"] == {
+        "class_path": "lightning_delta.edits.DARE",
+        "init_args": {"p": 0.1, "k": 0.0, "rescale": True, "seed": 0},
+    }
     assert points[0].config["riemann"]["filename"] is None
     assert "sweep" not in points[0].config
     assert settings["results"] == str(tmp_path / "r.jsonl")
@@ -145,8 +184,10 @@ def test_sweep_points_are_normalised_by_the_parser(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_command_writes_rows_and_figures(tmp_path):
-    grid = [{"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.2, 0.8]},
-            {"edit": "lightning_delta.edits.Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]}]
+    grid = [
+        {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": [0.2, 0.8]},
+        {"edit": "lightning_delta.edits.Extrapolate", "edit.init_args.alpha": [-0.5, 0.5]},
+    ]
     config = digits_config(tmp_path, grid, tmp_path / "r.jsonl", limit=12)
     config["sweep"]["figures"] = str(tmp_path / "figures")
     path = tmp_path / "sweep.yaml"
@@ -197,8 +238,23 @@ def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "edited"
-    run(["edit", "--model", str(llama_pair.post_dir), "--pretrained", str(llama_pair.pre_dir),
-          "--edit", "DARE", "--edit.p", "0.5", "--edit.seed", "3", "--output_dir", str(output)])
+    run(
+        [
+            "edit",
+            "--model",
+            str(llama_pair.post_dir),
+            "--pretrained",
+            str(llama_pair.pre_dir),
+            "--edit",
+            "DARE",
+            "--edit.p",
+            "0.5",
+            "--edit.seed",
+            "3",
+            "--output_dir",
+            str(output),
+        ]
+    )
     assert any(output.glob("*.safetensors"))
     edited = AutoModelForCausalLM.from_pretrained(output)
     pre, post = llama_pair.pre.state_dict(), llama_pair.post.state_dict()
@@ -209,12 +265,27 @@ def test_edit_writes_a_model_that_from_pretrained_reads(llama_pair, tmp_path):
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 def _edit_args(pair, output: Path) -> list[str]:
-    return ["edit", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "DARE",
-            "--edit.p", "0.5", "--edit.seed", "3", "--output_dir", str(output)]
+    return [
+        "edit",
+        "--model",
+        str(pair.post_dir),
+        "--pretrained",
+        str(pair.pre_dir),
+        "--edit",
+        "DARE",
+        "--edit.p",
+        "0.5",
+        "--edit.seed",
+        "3",
+        "--output_dir",
+        str(output),
+    ]
 
 
 def test_edit_refuses_a_non_empty_output_dir(llama_pair, tmp_path):
@@ -287,8 +358,9 @@ def test_each_module_imports_first(module):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-c", f"import lightning_delta.{module}"], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", f"import lightning_delta.{module}"], check=True, capture_output=True, timeout=300
+    )
 
 
 def test_the_model_section_has_the_module_arguments():
@@ -314,19 +386,21 @@ def test_sweep_reads_the_config_validate_printed(config_file, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert {"ckpt_path", "verbose", "weights_only"} <= set(printed)
     points, _, _ = sweep_points(printed)
-    alone, _, _ = sweep_points({key: value for key, value in printed.items()
-                                if key not in ("ckpt_path", "verbose", "weights_only")})
+    alone, _, _ = sweep_points(
+        {key: value for key, value in printed.items() if key not in ("ckpt_path", "verbose", "weights_only")}
+    )
     assert [point.key for point in points] == [point.key for point in alone]
     assert "verbose" not in points[0].config
 
 
 @pytest.mark.slow
 def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
-    cli = run(["validate", "--config", str(config_file), "--edit.p", "0.3",
-               f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    cli = run(
+        ["validate", "--config", str(config_file), "--edit.p", "0.3", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    )
     result = cli.riemann_callback().result
     out = capsys.readouterr().out
-    lines = out[out.index("Riemann analysis of DARE(p=0.3"):].splitlines()
+    lines = out[out.index("Riemann analysis of DARE(p=0.3") :].splitlines()
     assert lines[0].startswith("Riemann analysis of DARE(p=0.3, k=0.0, rescale=True, seed=0) on Digits/test, C = 2,")
     assert lines[1].split() == ["term", "(left", "rule)", f"{result.term:+.6g}"]
     assert lines[2].split() == ["trapezoid", f"{result.trapezoid:+.6g}"]
@@ -347,19 +421,41 @@ def test_validate_prints_its_result_as_a_table(config_file, tmp_path, capsys):
 def test_validate_takes_a_quadrature_rule(config_file, tmp_path):
     """``--riemann.rule gauss``: the row's term is the Gauss–Legendre sum of its own inner products (weights from
     numpy, mapped to [0, 1] here), at 3 nodes without a backward at t = 0 or 1; the default stays the left rule."""
-    cli = run(["validate", "--config", str(config_file), "--riemann.rule", "gauss", "--riemann.num_points", "3",
-               "--riemann.filename", "result.json", f"--trainer.default_root_dir={tmp_path / 'gauss'}"])
+    cli = run(
+        [
+            "validate",
+            "--config",
+            str(config_file),
+            "--riemann.rule",
+            "gauss",
+            "--riemann.num_points",
+            "3",
+            "--riemann.filename",
+            "result.json",
+            f"--trainer.default_root_dir={tmp_path / 'gauss'}",
+        ]
+    )
     saved = json.loads((tmp_path / "gauss" / "lightning_logs" / "version_0" / "result.json").read_text())
     nodes, weights = np.polynomial.legendre.leggauss(3)
     assert saved["rule"] == "gauss" and saved["passes"] == 3 and saved["trapezoid"] is None
     assert saved["points"][1:-1] == pytest.approx(list((nodes + 1) / 2), abs=1e-15)
     for name, values in saved["inner_products_per_tensor"].items():
-        assert saved["term_per_tensor"][name] == pytest.approx(float(weights @ np.array(values)) / 2, rel=1e-12,
-                                                               abs=1e-15)
+        assert saved["term_per_tensor"][name] == pytest.approx(
+            float(weights @ np.array(values)) / 2, rel=1e-12, abs=1e-15
+        )
     assert float(cli.trainer.callback_metrics["riemann/completeness_gap"]) == pytest.approx(
-        abs(saved["term"] - saved["exact"]), rel=1e-5)
-    default = run(["validate", "--config", str(config_file), "--riemann.filename", "result.json",
-                   f"--trainer.default_root_dir={tmp_path / 'left'}"])
+        abs(saved["term"] - saved["exact"]), rel=1e-5
+    )
+    default = run(
+        [
+            "validate",
+            "--config",
+            str(config_file),
+            "--riemann.filename",
+            "result.json",
+            f"--trainer.default_root_dir={tmp_path / 'left'}",
+        ]
+    )
     assert default.riemann_callback().result.rule == "left"
     assert default.riemann_callback().result.exact == pytest.approx(saved["exact"], rel=1e-12)
 
@@ -368,8 +464,11 @@ def test_validate_takes_a_quadrature_rule(config_file, tmp_path):
 def test_sweep_grid_varies_the_rule(tmp_path):
     """``riemann.rule`` (with its point count) as a grid key: one row per rule, each its own key, the same exact ΔL;
     the adaptive row carries its per-tensor error estimate."""
-    grid = {"edit": "lightning_delta.edits.DARE", "edit.init_args.p": 0.5,
-            "riemann.rule,riemann.num_points": [["left", 2], ["gauss", 2], ["adaptive", 7]]}
+    grid = {
+        "edit": "lightning_delta.edits.DARE",
+        "edit.init_args.p": 0.5,
+        "riemann.rule,riemann.num_points": [["left", 2], ["gauss", 2], ["adaptive", 7]],
+    }
     config = digits_config(tmp_path, grid, tmp_path / "r.jsonl", limit=12)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -383,16 +482,23 @@ def test_sweep_grid_varies_the_rule(tmp_path):
     assert set(rows[2].result.error_per_tensor) == set(rows[2].result.term_per_tensor)
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["--edit.help", "DAREE"], "Unknown edit 'DAREE' for --edit.help. Did you mean DARE? The edits are DARE, "),
-    (["--edit", "DAREE", "--edit.p", "0.9"], "Unknown edit 'DAREE' for --edit. Did you mean DARE? "),
-    (["--edit", "BitDelta", "--edit.p", "0.9"],
-     "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks, sign_of_zero "
-     "(--edit.<argument>"),
-    (["--edit.p", "0.9", "--edit", "DARE"],
-     "--edit.p comes before --edit DARE: put --edit CLASS before its arguments, e.g. --edit DARE --edit.p 0.9."),
-    (["--edit=DARE", "--edit.init_args.q=0.9"], "DARE takes no `q` (--edit.init_args.q); its arguments are p, k, "),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--edit.help", "DAREE"], "Unknown edit 'DAREE' for --edit.help. Did you mean DARE? The edits are DARE, "),
+        (["--edit", "DAREE", "--edit.p", "0.9"], "Unknown edit 'DAREE' for --edit. Did you mean DARE? "),
+        (
+            ["--edit", "BitDelta", "--edit.p", "0.9"],
+            "BitDelta takes no `p` (--edit.p); its arguments are bits, scale, magnitudes, seed, blocks, sign_of_zero "
+            "(--edit.<argument>",
+        ),
+        (
+            ["--edit.p", "0.9", "--edit", "DARE"],
+            "--edit.p comes before --edit DARE: put --edit CLASS before its arguments, e.g. --edit DARE --edit.p 0.9.",
+        ),
+        (["--edit=DARE", "--edit.init_args.q=0.9"], "DARE takes no `q` (--edit.init_args.q); its arguments are p, k, "),
+    ],
+)
 def test_a_misplaced_edit_argument_is_one_sentence_without_usage(arguments, message, config_file, capsys):
     """What ``lightning-delta validate`` prints for it: the problem and the fix in one line, no usage text and no
     "Does not validate against any of the Union subtypes"."""
@@ -413,16 +519,28 @@ def test_edit_arguments_in_their_place_pass_the_check(config_file, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["edit"]["init_args"]["bits"] == 2
 
 
-@pytest.mark.parametrize(("grid", "message"), [
-    ({"edit.init_args.p": [0.5, 1.0, 0.9]},
-     r"The sweep grid point \{'edit.init_args.p': 1.0\} has an invalid edit: DARE: `p` must be in \[0, 1\)"),
-    ({"edit.init_args.q": [0.5, 0.9]},
-     r"The sweep grid key 'edit.init_args.q': DARE takes no `q`; its arguments are p, k, rescale, seed\."),
-    ({"riemann.num_point": [2, 3]},
-     r"The sweep grid point \{'riemann.num_point': 2\} is not a valid config: .*num_point"),
-    ({"riemann.num_points": [2, 0]}, r"The sweep grid point \{'riemann.num_points': 0\} has an invalid riemann: "
-                                     r"`num_points` must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (
+            {"edit.init_args.p": [0.5, 1.0, 0.9]},
+            r"The sweep grid point \{'edit.init_args.p': 1.0\} has an invalid edit: DARE: `p` must be in \[0, 1\)",
+        ),
+        (
+            {"edit.init_args.q": [0.5, 0.9]},
+            r"The sweep grid key 'edit.init_args.q': DARE takes no `q`; its arguments are p, k, rescale, seed\.",
+        ),
+        (
+            {"riemann.num_point": [2, 3]},
+            r"The sweep grid point \{'riemann.num_point': 2\} is not a valid config: .*num_point",
+        ),
+        (
+            {"riemann.num_points": [2, 0]},
+            r"The sweep grid point \{'riemann.num_points': 0\} has an invalid riemann: "
+            r"`num_points` must be an integer >= 1",
+        ),
+    ],
+)
 @pytest.mark.slow
 def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tmp_path):
     """A value an edit refuses, or a key the config does not have, among valid points: no point runs (the valid
@@ -434,10 +552,13 @@ def test_every_grid_point_is_checked_before_the_first_one_runs(grid, message, tm
     assert not (tmp_path / "results.jsonl").exists() or not (tmp_path / "results.jsonl").read_text().strip()
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (["--trainer.limit_val_batches", "0"], "RiemannCallback evaluated no validation batch"),
-    (["--model.pretrained", "POST"], "ΔW = W_post − W_pre is zero in every one of the"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--trainer.limit_val_batches", "0"], "RiemannCallback evaluated no validation batch"),
+        (["--model.pretrained", "POST"], "ΔW = W_post − W_pre is zero in every one of the"),
+    ],
+)
 @pytest.mark.slow
 def test_validate_that_would_measure_nothing_exits_with_its_reason(change, message, config_file, tmp_path, capsys):
     """No batch evaluated, or W_pre naming the post-trained model: once exit status 0 with nothing written or every

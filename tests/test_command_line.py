@@ -32,15 +32,20 @@ CONSOLE = Path(sys.executable).with_name("lightning-delta")
 REGENERATE = 'python -c "import lightning_delta.cli as c; c.write_stored_help()"'
 
 
-def console(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+def console(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess, float]:
     """``lightning-delta *args`` as a user runs it, and its wall-clock seconds."""
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in (cli.DEBUG_ENV, cli_help.HELP_ENV, "COLUMNS") and not key.startswith("JSONARGPARSE_")}
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in (cli.DEBUG_ENV, cli_help.HELP_ENV, "COLUMNS") and not key.startswith("JSONARGPARSE_")
+    }
     environment.update(env or {})
     started = time.perf_counter()
-    done = subprocess.run([str(CONSOLE), *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(CONSOLE), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
     return done, time.perf_counter() - started
 
 
@@ -55,11 +60,15 @@ def stored_help() -> dict[str, str]:
 def test_the_stored_help_is_current():
     import lightning_delta.cli._help as stored
 
-    stale = [command for command, made_from in stored.FINGERPRINTS.items()
-             if made_from != cli.fingerprint(made_from["files"])]
+    stale = [
+        command
+        for command, made_from in stored.FINGERPRINTS.items()
+        if made_from != cli.fingerprint(made_from["files"])
+    ]
     assert not stale, (
         f"What the help of {stale} shows changed since lightning_delta/cli/_help.py was written, so their --help falls "
-        f"back to the live parsers (seconds): run {REGENERATE}.")
+        f"back to the live parsers (seconds): run {REGENERATE}."
+    )
 
 
 @pytest.mark.subprocess
@@ -86,16 +95,26 @@ def test_a_change_that_the_help_can_show_makes_it_live(tmp_path):
         source.write_text(text)
         return cli_help._help_source(source, name)
 
-    base = ('X = 1\n\ndef f(a: int = 1):\n    """Doc."""\n    return a\n\n\nclass C:\n    """Class doc."""\n\n'
-            '    y: int = 0\n\n    def __init__(self, b: int = 1):\n        self.b = b\n\n    def g(self):\n'
-            '        return 1\n')
-    for same in (base.replace("return a", "return a + 1"), base.replace("return 1", "return 2"),
-                 base + "\n    def h(self):\n        return 3\n"):
+    base = (
+        'X = 1\n\ndef f(a: int = 1):\n    """Doc."""\n    return a\n\n\nclass C:\n    """Class doc."""\n\n'
+        "    y: int = 0\n\n    def __init__(self, b: int = 1):\n        self.b = b\n\n    def g(self):\n"
+        "        return 1\n"
+    )
+    for same in (
+        base.replace("return a", "return a + 1"),
+        base.replace("return 1", "return 2"),
+        base + "\n    def h(self):\n        return 3\n",
+    ):
         assert digest(same) == digest(base)
-    for changed in (base.replace("Doc.", "Other."), base.replace("a: int = 1", "a: int = 2"),
-                    base.replace("X = 1", "X = 2"), base.replace("Class doc.", "Other."),
-                    base.replace("y: int = 0", "y: int = 1"), base.replace("self.b = b", "self.b = -b"),
-                    base.replace("b: int = 1", "b: int = 2")):
+    for changed in (
+        base.replace("Doc.", "Other."),
+        base.replace("a: int = 1", "a: int = 2"),
+        base.replace("X = 1", "X = 2"),
+        base.replace("Class doc.", "Other."),
+        base.replace("y: int = 0", "y: int = 1"),
+        base.replace("self.b = b", "self.b = -b"),
+        base.replace("b: int = 1", "b: int = 2"),
+    ):
         assert digest(changed) != digest(base), changed
     assert digest(base, "cli/parser.py") != digest(base.replace("return a", "return a + 1"), "cli/parser.py")
 
@@ -180,22 +199,28 @@ def test_a_narrow_terminal_gets_the_live_help_and_keeps_nothing(tmp_path, monkey
 def test_help_imports_neither_torch_nor_lightning(tmp_path):
     """Once the help is stored or kept (the first process may build it where the stored help does not apply), a
     process that prints every command's help imports neither torch, Lightning nor transformers."""
-    code = ("import sys, contextlib, io, lightning_delta.cli as c\n"
-            "for command in c.COMMANDS:\n"
-            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "        c.run([command, '--help'])\n"
-            "heavy = sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, contextlib, io, lightning_delta.cli as c\n"
+        "for command in c.COMMANDS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        c.run([command, '--help'])\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     env = {**os.environ, "COLUMNS": "80", "LIGHTNING_DELTA_CACHE": str(tmp_path)}
-    subprocess.run([sys.executable, "-c", code.replace("assert not heavy", "pass  #")], check=True, timeout=300,
-                   env=env)
+    subprocess.run(
+        [sys.executable, "-c", code.replace("assert not heavy", "pass  #")], check=True, timeout=300, env=env
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
 
 
 def argument_help(help_text: str, option: str) -> str:
     """The description of ``option`` in a help text, on one line (what follows its name up to the next option)."""
-    match = re.search(rf"^  {re.escape(option)} [A-Z_]+(?:, {re.escape(option)}\+ [A-Z_]+)?(.*?)(?=^  -|^\S|\Z)",
-                      help_text, re.M | re.S)
+    match = re.search(
+        rf"^  {re.escape(option)} [A-Z_]+(?:, {re.escape(option)}\+ [A-Z_]+)?(.*?)(?=^  -|^\S|\Z)",
+        help_text,
+        re.M | re.S,
+    )
     assert match, f"{option} is not in the help"
     return " ".join(match.group(1).split())
 
@@ -209,8 +234,14 @@ def test_help_names_and_describes_the_library_classes():
 
     done, _ = console("validate", "--help")
     out = done.stdout
-    for name in ["GSM8KDataModule", "UltraFeedbackDataModule", "VisionDataModule", *LOSSES, "GSM8KEvaluator",
-                 *(cls.__name__ for cls in EDITS.values())]:
+    for name in [
+        "GSM8KDataModule",
+        "UltraFeedbackDataModule",
+        "VisionDataModule",
+        *LOSSES,
+        "GSM8KEvaluator",
+        *(cls.__name__ for cls in EDITS.values()),
+    ]:
         assert re.search(rf"^\s+- {name}: \w", out, re.M), f"{name} is not listed with a description"
     for argument in ("model", "pretrained", "loss", "include", "exclude", "evaluator", "dtype"):
         described = argument_help(out, f"--model.{argument}").split("(type:")[0].split("(required")[0]
@@ -281,7 +312,8 @@ def test_every_list_argument_takes_a_single_value():
                     element = (typing.get_args(hint) or (typing.Any,))[0]
                     lists.append(action.dest)
                     assert accepted(element) <= hints or typing.Any in hints, (
-                        f"`{command} --{action.dest}` takes {hint} but not one {element}")
+                        f"`{command} --{action.dest}` takes {hint} but not one {element}"
+                    )
     assert {"results", "include", "exclude", "model.include", "model.exclude"} <= set(lists)
     assert cli.command_parser("plot").parse_args(["--results", "results/tiny.jsonl"]).results == "results/tiny.jsonl"
 
@@ -289,14 +321,17 @@ def test_every_list_argument_takes_a_single_value():
 # ------------------------------------------------------------------------------------------------ the README
 def readme_section() -> str:
     text = README.read_text()
-    return text[text.index("## Quick start: command line"):text.index("## Quick start: multi-node DDP")]
+    return text[text.index("## Quick start: command line") : text.index("## Quick start: multi-node DDP")]
 
 
 def readme_commands() -> list[str]:
     """The commands of the README's command-line walk-through (the bash block that reads gsm8k.jsonl), each with its
     continuation lines joined, comments left out."""
-    blocks = [block for block in re.findall(r"```bash\n(.*?)```", readme_section(), re.S)
-              if "--data.data gsm8k.jsonl" in block]
+    blocks = [
+        block
+        for block in re.findall(r"```bash\n(.*?)```", readme_section(), re.S)
+        if "--data.data gsm8k.jsonl" in block
+    ]
     assert len(blocks) == 1, "the README's command-line section should have one walk-through block"
     joined = blocks[0].replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -304,8 +339,10 @@ def readme_commands() -> list[str]:
 
 def readme_examples() -> list[list[str]]:
     """The README's ```text blocks of the command-line section: the data examples, in order."""
-    return [[line.strip() for line in block.strip().splitlines()]
-            for block in re.findall(r"```text\n(.*?)```", readme_section(), re.S)]
+    return [
+        [line.strip() for line in block.strip().splitlines()]
+        for block in re.findall(r"```text\n(.*?)```", readme_section(), re.S)
+    ]
 
 
 def docstring_example(module) -> list[str]:
@@ -349,10 +386,14 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
 
     # validate: the table, equal to what it wrote
     written = json.loads((work / "lightning_logs" / "version_0" / "riemann.json").read_text())
-    assert re.search(r"^Riemann analysis of DARE\(p=0\.9, k=0\.0, rescale=True, seed=0\) on GSM8K/test, C = 5,",
-                     validate, re.M)
-    for label, value in (("term (left rule)", written["term"]), ("trapezoid", written["trapezoid"]),
-                         ("exact ΔL", written["exact"])):
+    assert re.search(
+        r"^Riemann analysis of DARE\(p=0\.9, k=0\.0, rescale=True, seed=0\) on GSM8K/test, C = 5,", validate, re.M
+    )
+    for label, value in (
+        ("term (left rule)", written["term"]),
+        ("trapezoid", written["trapezoid"]),
+        ("exact ΔL", written["exact"]),
+    ):
         assert re.search(rf"^  {re.escape(label)}\s+{re.escape(f'{value:+.6g}')}$", validate, re.M), label
     assert f"{written['loss_post']:.6g} -> {written['loss_edit']:.6g}" in validate
     assert re.search(r"^  top 5 of \d+ modules by \|term\|:$", validate, re.M)
@@ -410,8 +451,9 @@ def test_each_datamodule_reads_the_example_its_docstring_gives(tmp_path, tiny_to
     for path in paths:  # data/resisc45/<class>/<image>.jpg, under tmp_path
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8)).save(tmp_path / path)
-    data = VisionDataModule("resisc45", str(tmp_path / paths[0].parts[0]), processor=make_tiny_image_processor(),
-                            split="all", batch_size=3)
+    data = VisionDataModule(
+        "resisc45", str(tmp_path / paths[0].parts[0]), processor=make_tiny_image_processor(), split="all", batch_size=3
+    )
     batch = next(iter(data.val_dataloader()))
     assert batch["labels"].tolist() == [CLASSNAMES["resisc45"].index(path.parent.name) for path in paths]
 
@@ -421,4 +463,6 @@ def test_the_readme_names_every_command_and_counts_them():
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
     match = re.search(r"`lightning-delta` has (\w+) commands: (.*?)\. ", " ".join(readme.split()))
     assert match and match.group(1) == words[len(cli.COMMANDS) - 1], match and match.group(1)
-    assert sorted(name for name in re.findall(r"`(\w+)`", match.group(2)) if name in cli.COMMANDS) == sorted(cli.COMMANDS)
+    assert sorted(name for name in re.findall(r"`(\w+)`", match.group(2)) if name in cli.COMMANDS) == sorted(
+        cli.COMMANDS
+    )

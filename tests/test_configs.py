@@ -40,7 +40,8 @@ PLAN_CONFIGS = {"plan-llama3-8b-instruct-gsm8k.yaml": "llama"}
 
 def test_every_config_is_tested():
     assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(
-        [*PAPER_CONFIGS, *SHARDED_CONFIGS, *PLAN_CONFIGS, "demo.yaml"])
+        [*PAPER_CONFIGS, *SHARDED_CONFIGS, *PLAN_CONFIGS, "demo.yaml"]
+    )
 
 
 @pytest.mark.slow
@@ -52,8 +53,11 @@ def test_plan_config_as_written_plans_within_its_budget(tmp_path, monkeypatch):
     name = "plan-llama3-8b-instruct-gsm8k.yaml"
     pair = make_tiny_pair(tmp_path, PLAN_CONFIGS[name], shard=None, scale=0.05)
     config = yaml.safe_load((CONFIGS / name).read_text())
-    replacements = {config["model"]: str(pair.post_dir), config["pretrained"]: str(pair.pre_dir),
-                    "openai/gsm8k": str(write_gsm8k(tmp_path / "gsm8k"))}
+    replacements = {
+        config["model"]: str(pair.post_dir),
+        config["pretrained"]: str(pair.pre_dir),
+        "openai/gsm8k": str(write_gsm8k(tmp_path / "gsm8k")),
+    }
     config = _swap(config, replacements)
     (tmp_path / name).write_text(yaml.safe_dump(config, sort_keys=False))
     monkeypatch.chdir(tmp_path)
@@ -86,8 +90,14 @@ def test_print_config_of_a_paper_config(capsys):
 
 
 def _on_cpu(config: dict, tmp_path: Path, name: str) -> dict:
-    config["trainer"].update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
-                             default_root_dir=str(tmp_path), enable_progress_bar=False)
+    config["trainer"].update(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
     config["sweep"].update(results=str(tmp_path / f"{name}.jsonl"), figures=str(tmp_path / "figures"), max_points=2)
     return config
 
@@ -102,8 +112,9 @@ def _tiny_language_config(config: dict, tmp_path: Path, family: str) -> dict:
     return config
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-instruct-gsm8k.yaml", "mistral-7b-instruct-v0.3-gsm8k.yaml",
-                                  "qwen2-7b-instruct-gsm8k.yaml"])
+@pytest.mark.parametrize(
+    "name", ["llama3-8b-instruct-gsm8k.yaml", "mistral-7b-instruct-v0.3-gsm8k.yaml", "qwen2-7b-instruct-gsm8k.yaml"]
+)
 @pytest.mark.slow
 def test_gsm8k_config_runs_on_a_tiny_model(name, tmp_path):
     config = yaml.safe_load((CONFIGS / name).read_text())
@@ -146,8 +157,7 @@ def test_clip_config_runs_on_a_tiny_model(tmp_path):
     block[tasks] = [["mnist", mnist, None, "mnist", mnist, None, str(pair.post_dir)]]
     rows = run(["sweep", "--config", _write(_on_cpu(config, tmp_path, name), tmp_path)])
     assert [row.dataset for row in rows] == ["Vision/mnist/test"] * 2
-    assert all(name.startswith(("vision_model.", "visual_projection."))
-               for name in rows[0].result.term_per_tensor)
+    assert all(name.startswith(("vision_model.", "visual_projection.")) for name in rows[0].result.term_per_tensor)
 
 
 def _tiny_clip_reading_long_prompts(tmp_path: Path) -> tuple[Path, Path]:
@@ -186,14 +196,22 @@ def test_clip_config_runs_all_eight_tasks_by_hub_id_offline_from_the_hub_cache(t
         write_fusionbench_repository(tmp_path / "data" / task, repo_id, task, {"test": labels[task]})
         write_hub_cache_entry(offline_hub, repo_id, tmp_path / "data" / task)
     block.update({"edit.init_args.p": [0.5], "edit.init_args.k": [0.0]})
-    config["trainer"].update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
-                             default_root_dir=str(tmp_path), enable_progress_bar=False)
+    config["trainer"].update(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
     config["sweep"].update(results=str(tmp_path / "results.jsonl"), figures=str(tmp_path / "figures"))
     rows = run(["sweep", "--config", _write(config, tmp_path)])
     assert [row.dataset for row in rows] == [f"Vision/{row[0]}/test" for row in block[tasks]]
     for row, (_, repo_id, data_config, *_) in zip(rows, block[tasks]):
-        assert row.config["data"]["init_args"]["data"] == repo_id and row.config["data"]["init_args"]["config"] == \
-            data_config
+        assert (
+            row.config["data"]["init_args"]["data"] == repo_id
+            and row.config["data"]["init_args"]["config"] == data_config
+        )
         assert row.result.count == 5  # both files of the test split
         assert row.result.accuracy_post is not None
         assert all(name.startswith(("vision_model.", "visual_projection.")) for name in row.result.term_per_tensor)
@@ -222,8 +240,11 @@ def _tiny_replacements(name: str, tmp_path: Path) -> dict[str, str]:
     pair = make_tiny_pair(tmp_path, family, shard=None, scale=0.05)
     if family == "clip":
         write_fusionbench_repository(tmp_path / "mnist", "ylecun/mnist", "mnist", {"test": [[3, 1, 4, 1, 5, 9, 2]]})
-        return {"openai/clip-vit-base-patch32": str(pair.pre_dir), "tanganke/clip-vit-base-patch32_mnist": str(pair.post_dir),
-                "ylecun/mnist": str(tmp_path / "mnist")}
+        return {
+            "openai/clip-vit-base-patch32": str(pair.pre_dir),
+            "tanganke/clip-vit-base-patch32_mnist": str(pair.post_dir),
+            "ylecun/mnist": str(tmp_path / "mnist"),
+        }
     config = yaml.safe_load((CONFIGS / name).read_text())
     replacements = {config["model"]["model"]: str(pair.post_dir), config["model"]["pretrained"]: str(pair.pre_dir)}
     if "ultrafeedback" in name:
@@ -257,8 +278,12 @@ def _validate_in_subprocess(config: Path) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1")
-    command = [shutil.which("lightning-delta") or str(Path(sys.executable).with_name("lightning-delta")),
-               "validate", "--config", str(config)]
+    command = [
+        shutil.which("lightning-delta") or str(Path(sys.executable).with_name("lightning-delta")),
+        "validate",
+        "--config",
+        str(config),
+    ]
     finished = subprocess.run(command, cwd=config.parent, env=env, timeout=400, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-4000:]
     (written,) = config.parent.glob("lightning_logs/version_*/riemann.json")

@@ -43,11 +43,11 @@ def check_example(batch: dict, row: int, prompt_ids: list[int], answer_ids: list
     length = len(prompt_ids) + len(answer_ids)
     assert batch["input_ids"][row, :length].tolist() == prompt_ids + answer_ids
     assert batch["labels"][row, : len(prompt_ids)].tolist() == [-100] * len(prompt_ids)
-    assert batch["labels"][row, len(prompt_ids): length].tolist() == answer_ids
+    assert batch["labels"][row, len(prompt_ids) : length].tolist() == answer_ids
     assert (batch["labels"][row, length:] == -100).all() and (batch["input_ids"][row, length:] == 0).all()
     assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (batch["input_ids"].shape[1] - length)
     prompt = batch["prompt_input_ids"][row]  # left-padded for generation
-    assert prompt[prompt.shape[0] - len(prompt_ids):].tolist() == prompt_ids
+    assert prompt[prompt.shape[0] - len(prompt_ids) :].tolist() == prompt_ids
     assert batch["prompt_attention_mask"][row].sum() == len(prompt_ids)
 
 
@@ -79,12 +79,12 @@ def shot_and_question_tokens(tokenizer, batch: dict, row: int) -> tuple[list[int
     """The prompt tokens of ``row`` split into (the few-shot turns, the evaluated question's turn)."""
     prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()].tolist()
     turn = ids(tokenizer, "<|user|>\n")
-    starts = [i for i in range(len(prompt)) if prompt[i: i + len(turn)] == turn]
-    return prompt[: starts[-1]], prompt[starts[-1]:]
+    starts = [i for i in range(len(prompt)) if prompt[i : i + len(turn)] == turn]
+    return prompt[: starts[-1]], prompt[starts[-1] :]
 
 
 def contains(tokens: list[int], part: list[int]) -> bool:
-    return any(tokens[i: i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+    return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
 
 
 def test_few_shot_from_a_directory_takes_train_questions_never_the_evaluated_one(tokenizer, tmp_path):
@@ -117,7 +117,8 @@ def test_few_shot_data_a_train_file_gives_its_first_rows_as_shots(tokenizer, tmp
     first = GSM8K_TRAIN_ROWS[0]
     for row in range(2):
         prompt = f"<|user|>\n{first['question']}</s>\n<|assistant|>\n{first['answer']}</s>\n" + chat(
-            GSM8K_ROWS[row]["question"])
+            GSM8K_ROWS[row]["question"]
+        )
         check_example(batch, row, ids(tokenizer, prompt), ids(tokenizer, GSM8K_ROWS[row]["answer"] + "</s>\n"))
 
 
@@ -128,8 +129,13 @@ def test_few_shot_from_the_evaluated_source_is_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=same):  # the same file, whatever few_shot_split says
         GSM8KDataModule(tokenizer, data=test_file, few_shot=1, few_shot_data=test_file).setup()
     with pytest.raises(ValueError, match=same):  # the same file, spelt differently
-        GSM8KDataModule(tokenizer, data=test_file, few_shot=1, few_shot_data=str(main / ".." / "main" / "test.jsonl"),
-                        few_shot_split="test").setup()
+        GSM8KDataModule(
+            tokenizer,
+            data=test_file,
+            few_shot=1,
+            few_shot_data=str(main / ".." / "main" / "test.jsonl"),
+            few_shot_split="test",
+        ).setup()
     with pytest.raises(ValueError, match=same):  # the evaluated split of a directory
         GSM8KDataModule(tokenizer, data=str(main), few_shot=1, few_shot_split="test").setup()
     with pytest.raises(ValueError, match=same):  # the directory's test file, as few_shot_data
@@ -140,10 +146,15 @@ def test_few_shot_from_the_evaluated_source_is_refused(tokenizer, tmp_path):
 
 def test_few_shot_question_among_the_evaluated_ones_is_refused(tokenizer, tmp_path):
     main = write_gsm8k(tmp_path)
-    leaky = write_jsonl(tmp_path / "leaky" / "train.jsonl", [GSM8K_TRAIN_ROWS[0], {**GSM8K_ROWS[3], "answer": "#### 2.5"}])
+    leaky = write_jsonl(
+        tmp_path / "leaky" / "train.jsonl", [GSM8K_TRAIN_ROWS[0], {**GSM8K_ROWS[3], "answer": "#### 2.5"}]
+    )
     dm = GSM8KDataModule(tokenizer, data=str(main / "test.jsonl"), few_shot=2, few_shot_data=str(leaky))
-    with pytest.raises(ValueError, match=r"evaluated GSM8K row 3 .*test.jsonl has the same question as the few-shot "
-                                         r"row 1 .*leaky.train.jsonl \('Half of 5 is what\?'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"evaluated GSM8K row 3 .*test.jsonl has the same question as the few-shot "
+        r"row 1 .*leaky.train.jsonl \('Half of 5 is what\?'\)",
+    ):
         dm.setup()
     # one shot, the first row, does not reach the leaking second one
     dm = GSM8KDataModule(tokenizer, data=str(main / "test.jsonl"), few_shot=1, few_shot_data=str(leaky))
@@ -152,8 +163,11 @@ def test_few_shot_question_among_the_evaluated_ones_is_refused(tokenizer, tmp_pa
 
 def test_few_shot_from_a_directory_without_train_split(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "only_test" / "test.jsonl", GSM8K_ROWS).parent
-    with pytest.raises(FileNotFoundError, match=r"No GSM8K few-shot file for split 'train' in .*only_test.* "
-                                                r"The 2 few-shot examples come from split 'train' .*`few_shot_data=`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"No GSM8K few-shot file for split 'train' in .*only_test.* "
+        r"The 2 few-shot examples come from split 'train' .*`few_shot_data=`",
+    ):
         GSM8KDataModule(tokenizer, data=str(data), few_shot=2).setup()
     with pytest.raises(ValueError, match="`few_shot=3` but split 'train' of .* has 2 examples"):
         GSM8KDataModule(tokenizer, data=str(write_gsm8k(tmp_path)), few_shot=3).setup()
@@ -162,17 +176,25 @@ def test_few_shot_from_a_directory_without_train_split(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"question": "Q?", "solution": "#### 1"}, r"lacks the field 'answer': each row needs the fields 'question' "
-                                                   r"and 'answer'; this row has 'question', 'solution'"),
+        (
+            {"question": "Q?", "solution": "#### 1"},
+            r"lacks the field 'answer': each row needs the fields 'question' "
+            r"and 'answer'; this row has 'question', 'solution'",
+        ),
         ({"answer": "#### 1"}, r"lacks the field 'question': .* this row has 'answer'\."),
-        ({"problem": "Q?", "solution": "#### 1"}, r"lacks the fields 'question' and 'answer': .* 'problem', 'solution'"),
+        (
+            {"problem": "Q?", "solution": "#### 1"},
+            r"lacks the fields 'question' and 'answer': .* 'problem', 'solution'",
+        ),
         ({"question": "Q?", "answer": None}, r"lacks the field 'answer': .* this row has 'question'\."),
         ({"question": "Q?", "answer": 7}, r": the field 'answer' is a int \('7'\), expected a str"),
     ],
 )
 def test_rows_without_question_or_answer_name_file_row_and_fields(tokenizer, tmp_path, bad, message):
     path = write_jsonl(tmp_path / "test.jsonl", [GSM8K_ROWS[0], GSM8K_ROWS[1], bad])
-    with pytest.raises(ValueError, match=rf"GSM8K row 2 \(counting from 0\) of .*{tmp_path.name}.test\.jsonl.*{message}"):
+    with pytest.raises(
+        ValueError, match=rf"GSM8K row 2 \(counting from 0\) of .*{tmp_path.name}.test\.jsonl.*{message}"
+    ):
         GSM8KDataModule(tokenizer, data=str(path)).setup()
     # limit stops before the bad row: the first two rows are fine
     assert len(GSM8KDataModule(tokenizer, data=str(path), limit=2).val_dataloader().dataset) == 2
@@ -183,13 +205,19 @@ def test_bad_rows_in_sharded_parquet_and_in_the_shots_name_their_own_file(tokeni
     write_parquet(main / "test-00000-of-00002.parquet", GSM8K_ROWS[:2])
     write_parquet(main / "test-00001-of-00002.parquet", [GSM8K_ROWS[2], {"question": "Q?", "answer": None}])
     write_jsonl(main / "train.jsonl", GSM8K_TRAIN_ROWS)
-    with pytest.raises(ValueError, match=r"GSM8K row 1 \(counting from 0\) of .*test-00001-of-00002.parquet lacks "
-                                         r"the field 'answer'"):
+    with pytest.raises(
+        ValueError,
+        match=r"GSM8K row 1 \(counting from 0\) of .*test-00001-of-00002.parquet lacks "
+        r"the field 'answer'",
+    ):
         GSM8KDataModule(tokenizer, data=str(main)).setup()
     assert len(GSM8KDataModule(tokenizer, data=str(main), limit=3).val_dataloader().dataset) == 3  # across shards
     write_jsonl(main / "train.jsonl", [{"q": "What is 3 + 4?", "a": "#### 7"}])
-    with pytest.raises(ValueError, match=r"GSM8K few-shot row 0 \(counting from 0\) of .*train.jsonl lacks the fields "
-                                         r"'question' and 'answer': .* this row has 'q', 'a'"):
+    with pytest.raises(
+        ValueError,
+        match=r"GSM8K few-shot row 0 \(counting from 0\) of .*train.jsonl lacks the fields "
+        r"'question' and 'answer': .* this row has 'q', 'a'",
+    ):
         GSM8KDataModule(tokenizer, data=str(main), few_shot=1, limit=2).setup()
 
 
@@ -210,12 +238,14 @@ def test_tokenizer_without_chat_template_or_pad_token(tmp_path):
     check_example_plain = ids(tokenizer, f"Question: {question}\nAnswer:"), ids(tokenizer, f" {answer}</s>")
     length = sum(map(len, check_example_plain))
     assert batch["input_ids"][0, :length].tolist() == check_example_plain[0] + check_example_plain[1]
-    assert batch["labels"][0, len(check_example_plain[0]): length].tolist() == check_example_plain[1]
+    assert batch["labels"][0, len(check_example_plain[0]) : length].tolist() == check_example_plain[1]
 
 
 def test_long_examples_lose_prompt_tokens_from_the_left_with_one_counted_warning(tokenizer, tmp_path):
     main = write_gsm8k(tmp_path)
-    lengths = [(len(ids(tokenizer, chat(r["question"]))), len(ids(tokenizer, r["answer"] + "</s>\n"))) for r in GSM8K_ROWS]
+    lengths = [
+        (len(ids(tokenizer, chat(r["question"]))), len(ids(tokenizer, r["answer"] + "</s>\n"))) for r in GSM8K_ROWS
+    ]
     max_length = sorted(p + a for p, a in lengths)[2]  # the two longest examples do not fit
     assert max_length > max(a for _, a in lengths)
     dm = GSM8KDataModule(tokenizer, data=str(main), max_length=max_length, batch_size=5)
@@ -224,7 +254,7 @@ def test_long_examples_lose_prompt_tokens_from_the_left_with_one_counted_warning
     batch = next(iter(dm.val_dataloader()))
     for row, (p, a) in enumerate(lengths):
         prompt = ids(tokenizer, chat(GSM8K_ROWS[row]["question"]))
-        kept = prompt[max(0, p + a - max_length):]
+        kept = prompt[max(0, p + a - max_length) :]
         check_example(batch, row, kept, ids(tokenizer, GSM8K_ROWS[row]["answer"] + "</s>\n"))
     assert batch["input_ids"].shape[1] == max_length
     with pytest.raises(ValueError, match="answer alone has .* tokens"):
@@ -270,8 +300,9 @@ def test_final_number_extraction(text, expected):
 
 
 def test_exact_match_counts():
-    correct, total = GSM8KEvaluator.count_matches(["#### 7", "so 1,300 in total", "-5.0", "nothing"],
-                                                  [r["answer"] for r in GSM8K_ROWS[:4]])
+    correct, total = GSM8KEvaluator.count_matches(
+        ["#### 7", "so 1,300 in total", "-5.0", "nothing"], [r["answer"] for r in GSM8K_ROWS[:4]]
+    )
     assert float(correct) == 3 and float(total) == 4
     assert correct.dtype == total.dtype == torch.float64
     with pytest.raises(ValueError, match="Got 1 generated texts for 2 reference answers"):
@@ -287,7 +318,7 @@ def greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
         sequence.append(token)
         if token == 2:
             break
-    return sequence[len(prompt_ids):]
+    return sequence[len(prompt_ids) :]
 
 
 def test_generation_evaluator_against_plain_greedy_decoding(tokenizer, tmp_path):
@@ -321,7 +352,7 @@ def first_prefix(tokenizer, tokens: list[int], ended) -> list[int]:
 def ordinary_pair(tokenizer, tokens: list[int], start: int) -> list[int]:
     """The first two consecutive tokens from ``start`` on that are not special tokens."""
     special = set(tokenizer.all_special_ids)
-    return next(tokens[i:i + 2] for i in range(start, len(tokens) - 1) if not special & set(tokens[i:i + 2]))
+    return next(tokens[i : i + 2] for i in range(start, len(tokens) - 1) if not special & set(tokens[i : i + 2]))
 
 
 def generation_batch(tokenizer, tmp_path, dtype):
@@ -340,8 +371,8 @@ def test_batched_generation_equals_unpadded_greedy_token_for_token(tokenizer, tm
     generated = GSM8KEvaluator(tokenizer, max_new_tokens=40).generate_ids(model, batch)
     for row, prompt in enumerate(unpadded_prompts(batch)):
         expected = greedy(model, prompt, 40)
-        assert generated[row, :len(expected)].tolist() == expected
-        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        assert generated[row, : len(expected)].tolist() == expected
+        assert (generated[row, len(expected) :] == tokenizer.pad_token_id).all()
 
 
 @pytest.mark.slow
@@ -357,11 +388,13 @@ def test_each_row_stops_at_its_first_stop_string_and_the_text_is_cut_there(token
     for row, reference in enumerate(references):
         expected = first_prefix(tokenizer, reference, lambda text: stop in text)
         lengths.append(len(expected))
-        assert generated[row, :len(expected)].tolist() == expected
-        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        assert generated[row, : len(expected)].tolist() == expected
+        assert (generated[row, len(expected) :] == tokenizer.pad_token_id).all()
         full = tokenizer.decode(reference, skip_special_tokens=True)
-        assert texts[row] == (full[:full.index(stop)] if stop in full else full)
-    assert min(lengths) < max(lengths) and generated.shape[1] == max(lengths)  # rows stop apart, the batch with the last
+        assert texts[row] == (full[: full.index(stop)] if stop in full else full)
+    assert min(lengths) < max(lengths) and generated.shape[1] == max(
+        lengths
+    )  # rows stop apart, the batch with the last
     assert sum(stop in tokenizer.decode(reference) for reference in references) >= 2
 
 
@@ -377,14 +410,17 @@ def test_each_row_stops_at_the_end_of_its_answer_line(tokenizer, tmp_path, monke
     texts = evaluator.generate(model, batch)
     for row, reference in enumerate(references):
         expected = first_prefix(tokenizer, reference, lambda text: marker in text)
-        assert generated[row, :len(expected)].tolist() == expected
+        assert generated[row, : len(expected)].tolist() == expected
         full = tokenizer.decode(reference, skip_special_tokens=True)
-        assert texts[row] == (full[:full.index(marker) + len(marker) - 1] if marker in full else full)
+        assert texts[row] == (full[: full.index(marker) + len(marker) - 1] if marker in full else full)
 
 
 def test_answer_line_criterion_fires_at_the_line_break_after_the_final_number(tokenizer):
-    answers = ["She sold 48/2 = 24 clips.\n#### 72\n\nQuestion: What", "so 7 + 1 = 8 and\n####\n 8 then\nmore",
-               "no final line\nat all"]
+    answers = [
+        "She sold 48/2 = 24 clips.\n#### 72\n\nQuestion: What",
+        "so 7 + 1 = 8 and\n####\n 8 then\nmore",
+        "no final line\nat all",
+    ]
     rows = [ids(tokenizer, text) for text in answers]
     width = max(map(len, rows))
     rows = [row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows]
@@ -404,7 +440,7 @@ def test_answer_line_criterion_fires_at_the_line_break_after_the_final_number(to
             if done and fired[row] is None:
                 fired[row] = step
     expected = [len(first_prefix(tokenizer, row, ended)) for row in rows]
-    assert fired[0] == expected[0] and tokenizer.decode(rows[0][:fired[0]]).endswith("#### 72\n")
+    assert fired[0] == expected[0] and tokenizer.decode(rows[0][: fired[0]]).endswith("#### 72\n")
     assert fired[1] is None and fired[2] is None  # a "####" line without a number, and no "####" line
     assert expected[1] == expected[2] == width
 
@@ -433,8 +469,15 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(tokenizer, tmp_p
 
     module = DeltaEditModule(model, pretrained=None, edit=edits, evaluator=GSM8KEvaluator(tokenizer, max_new_tokens=3))
     callback = RiemannCallback(num_points=4, filename=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, datamodule=dm, verbose=False)
     result = callback.result
     for name in reference["names"]:
@@ -499,8 +542,11 @@ def test_a_model_sharded_by_fsdp2_generates_in_step_with_the_other_processes(tok
     try:
         sharded = shard_model(copy.deepcopy(model), init_device_mesh("cpu", (1,)))
         synced, generate = [], type(sharded).generate
-        monkeypatch.setattr(type(sharded), "generate",
-                            lambda self, **kwargs: synced.append(kwargs["synced_gpus"]) or generate(self, **kwargs))
+        monkeypatch.setattr(
+            type(sharded),
+            "generate",
+            lambda self, **kwargs: synced.append(kwargs["synced_gpus"]) or generate(self, **kwargs),
+        )
         generated = evaluator.generate_ids(sharded, batch)
     finally:
         dist.destroy_process_group()
@@ -527,8 +573,9 @@ def word_level_tokenizer():
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def test_stop_strings_with_a_word_level_tokenizer_stop_each_row_at_its_first_one():
@@ -541,17 +588,19 @@ def test_stop_strings_with_a_word_level_tokenizer_stop_each_row_at_its_first_one
     stop_token = next(token for token in references[0][2:] if token > 3)  # a word the model writes in row 0
     stop = tokenizer.convert_ids_to_tokens(stop_token)
     width = max(map(len, prompts))
-    batch = {"prompt_input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
-             "prompt_attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
-             "answers": ["#### 1"] * 3}
+    batch = {
+        "prompt_input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+        "prompt_attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        "answers": ["#### 1"] * 3,
+    }
     evaluator = GSM8KEvaluator(tokenizer, max_new_tokens=12, stop_strings=[stop])
     assert not evaluator.stop_strings_by_transformers
     generated = evaluator.generate_ids(model, batch)
     texts = evaluator.generate(model, batch)
     for row, reference in enumerate(references):
-        expected = reference[:reference.index(stop_token) + 1] if stop_token in reference else reference
-        assert generated[row, :len(expected)].tolist() == expected
-        assert (generated[row, len(expected):] == tokenizer.pad_token_id).all()
+        expected = reference[: reference.index(stop_token) + 1] if stop_token in reference else reference
+        assert generated[row, : len(expected)].tolist() == expected
+        assert (generated[row, len(expected) :] == tokenizer.pad_token_id).all()
         full = tokenizer.decode(reference, skip_special_tokens=True)
-        assert texts[row] == (full[:full.index(stop)] if stop in full else full)
+        assert texts[row] == (full[: full.index(stop)] if stop in full else full)
     assert evaluator(model, batch)[1].item() == 3.0

@@ -40,8 +40,11 @@ def ids(tokenizer, text: str) -> list[int]:
 
 def expected_pair(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
     prompt = f"<|user|>\n{row['chosen'][0]['content']}</s>\n<|assistant|>\n"  # the tiny template, by hand
-    return (ids(tokenizer, prompt), ids(tokenizer, row["chosen"][1]["content"] + "</s>\n"),
-            ids(tokenizer, row["rejected"][1]["content"] + "</s>\n"))
+    return (
+        ids(tokenizer, prompt),
+        ids(tokenizer, row["chosen"][1]["content"] + "</s>\n"),
+        ids(tokenizer, row["rejected"][1]["content"] + "</s>\n"),
+    )
 
 
 def test_tokens_and_masks_token_by_token(tokenizer, tmp_path):
@@ -128,16 +131,26 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
     expected_accuracy = {}  # reward accuracy at t = 0 and t = 1, on plain copies of the weights
     for t in (0.0, 1.0):
         point = weights_at(model, edits, t)
-        wins = [float(chosen > rejected) for batch in dm.val_dataloader()
-                for chosen, rejected in zip(*plain.rewards(point, batch))]
+        wins = [
+            float(chosen > rejected)
+            for batch in dm.val_dataloader()
+            for chosen, rejected in zip(*plain.rewards(point, batch))
+        ]
         expected_accuracy[t] = sum(wins) / len(wins)
 
     loss = DPOLoss(CountingReference(reference), beta=0.5)
     module = DeltaEditModule(model, pretrained=None, edit=edits, loss=loss)
     assert module.evaluator == loss.evaluator  # the loss's reward accuracy, at t = 0 and t = 1, by default
     callback = RiemannCallback(num_points=2, filename=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, datamodule=dm, verbose=False)
     result = callback.result
     for name in expected["names"]:
@@ -161,15 +174,20 @@ def test_dpo_is_registered_with_build_loss(models):
 
 
 def test_over_long_pairs_are_truncated_dropped_or_refused(tokenizer, tmp_path):
-    rows = [ultrafeedback_row("Say hi, please, say hi to me now.", "Hi!", "No."),
-            ultrafeedback_row("Q?", "The quick brown fox jumps over the lazy dog. " * 3, "Ok.")]
+    rows = [
+        ultrafeedback_row("Say hi, please, say hi to me now.", "Hi!", "No."),
+        ultrafeedback_row("Q?", "The quick brown fox jumps over the lazy dog. " * 3, "Ok."),
+    ]
     write_ultrafeedback(tmp_path, rows)
     prompt, chosen, rejected = expected_pair(tokenizer, rows[0])
     max_length = len(prompt) + len(chosen) - 3  # the first pair loses three prompt tokens
     long_answer = len(expected_pair(tokenizer, rows[1])[1])
     assert long_answer >= max_length
-    with pytest.raises(ValueError, match=r"row 1 \(counting from 0\) of .*test_prefs-00000-of-00001.parquet: an answer "
-                                         "alone has"):
+    with pytest.raises(
+        ValueError,
+        match=r"row 1 \(counting from 0\) of .*test_prefs-00000-of-00001.parquet: an answer "
+        "alone has",
+    ):
         UltraFeedbackDataModule(tokenizer, data=str(tmp_path), max_length=max_length).setup()
     dm = UltraFeedbackDataModule(tokenizer, data=str(tmp_path), max_length=max_length, too_long="drop")
     with pytest.warns(UserWarning, match=r"Of 2 UltraFeedback pairs, 1 are longer .* and 1 were dropped"):
@@ -216,33 +234,52 @@ USER = {"role": "user", "content": "Q?"}
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (without(ULTRAFEEDBACK_ROWS[0], "rejected"),
-         r"lacks the field 'rejected': each row needs the fields 'prompt', 'chosen' and 'rejected'; this row has "
-         r"'prompt', 'prompt_id', 'chosen', 'messages', 'score_chosen', 'score_rejected'\."),
+        (
+            without(ULTRAFEEDBACK_ROWS[0], "rejected"),
+            r"lacks the field 'rejected': each row needs the fields 'prompt', 'chosen' and 'rejected'; this row has "
+            r"'prompt', 'prompt_id', 'chosen', 'messages', 'score_chosen', 'score_rejected'\.",
+        ),
         (without(ULTRAFEEDBACK_ROWS[0], "prompt"), r"lacks the field 'prompt': .* this row has 'prompt_id', 'chosen'"),
-        ({"prompt": "Q?", "response_a": "A", "response_b": "B"},
-         r"lacks the fields 'chosen' and 'rejected': .* this row has 'prompt', 'response_a', 'response_b'\."),
+        (
+            {"prompt": "Q?", "response_a": "A", "response_b": "B"},
+            r"lacks the fields 'chosen' and 'rejected': .* this row has 'prompt', 'response_a', 'response_b'\.",
+        ),
         ({**ULTRAFEEDBACK_ROWS[0], "chosen": None}, r"lacks the field 'chosen'"),
-        ({**ULTRAFEEDBACK_ROWS[0], "chosen": "The answer is 7."},
-         r": the field 'chosen' is a str \('The answer is 7.'\), expected a list"),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "chosen": "The answer is 7."},
+            r": the field 'chosen' is a str \('The answer is 7.'\), expected a list",
+        ),
         ({**ULTRAFEEDBACK_ROWS[0], "rejected": []}, r": `rejected` must be a non-empty list of .* it is '\[\]'"),
-        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, "The answer is 7."]},
-         r": `chosen` must be a non-empty list of \{'role', 'content'\} messages ending with the assistant's answer; "
-         r"its message 1 is a str \('The answer is 7.'\)"),
-        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant"}]},
-         r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role'\)"),
-        ({**ULTRAFEEDBACK_ROWS[0], "rejected": [{"content": "Q?"}, assistant("No.")]},
-         r"`rejected` must be .*; its message 0 has no string 'role' \(it has 'content'\)"),
-        ({**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant", "content": 7}]},
-         r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role', 'content'\)"),
-        ({**ULTRAFEEDBACK_ROWS[0], "rejected": [assistant("Hi."), USER]},
-         r"`rejected` must be .*; its last message has role 'user'\."),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, "The answer is 7."]},
+            r": `chosen` must be a non-empty list of \{'role', 'content'\} messages ending with the assistant's answer; "
+            r"its message 1 is a str \('The answer is 7.'\)",
+        ),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant"}]},
+            r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role'\)",
+        ),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "rejected": [{"content": "Q?"}, assistant("No.")]},
+            r"`rejected` must be .*; its message 0 has no string 'role' \(it has 'content'\)",
+        ),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "chosen": [USER, {"role": "assistant", "content": 7}]},
+            r"`chosen` must be .*; its message 1 has no string 'content' \(it has 'role', 'content'\)",
+        ),
+        (
+            {**ULTRAFEEDBACK_ROWS[0], "rejected": [assistant("Hi."), USER]},
+            r"`rejected` must be .*; its last message has role 'user'\.",
+        ),
     ],
 )
 def test_rows_without_fields_or_with_malformed_messages_name_file_row_and_fields(tokenizer, tmp_path, bad, message):
     path = write_jsonl(tmp_path / "test_prefs.jsonl", [*ULTRAFEEDBACK_ROWS[:2], bad])
-    with pytest.raises(ValueError, match=rf"UltraFeedback row 2 \(counting from 0\) of .*{tmp_path.name}.test_prefs"
-                                         rf"\.jsonl.*{message}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"UltraFeedback row 2 \(counting from 0\) of .*{tmp_path.name}.test_prefs"
+        rf"\.jsonl.*{message}",
+    ):
         UltraFeedbackDataModule(tokenizer, data=str(path)).setup()
     # limit stops before the bad row: the first two rows are fine
     assert len(UltraFeedbackDataModule(tokenizer, data=str(path), limit=2).val_dataloader().dataset) == 2
@@ -250,9 +287,12 @@ def test_rows_without_fields_or_with_malformed_messages_name_file_row_and_fields
 
 def test_bad_row_in_the_hub_layout_names_its_parquet_file(tokenizer, tmp_path):
     write_ultrafeedback(tmp_path, [ULTRAFEEDBACK_ROWS[0], without(ULTRAFEEDBACK_ROWS[1], "prompt")])
-    with pytest.raises(ValueError, match=r"UltraFeedback row 1 \(counting from 0\) of .*data.test_prefs-00000-of-00001"
-                                         r"\.parquet lacks the field 'prompt': each row needs the fields 'prompt', "
-                                         r"'chosen' and 'rejected'"):
+    with pytest.raises(
+        ValueError,
+        match=r"UltraFeedback row 1 \(counting from 0\) of .*data.test_prefs-00000-of-00001"
+        r"\.parquet lacks the field 'prompt': each row needs the fields 'prompt', "
+        r"'chosen' and 'rejected'",
+    ):
         UltraFeedbackDataModule(tokenizer, data=str(tmp_path)).setup()
 
 
@@ -262,7 +302,8 @@ def test_constructor_from_yaml():
     parser = ArgumentParser()
     parser.add_class_arguments(UltraFeedbackDataModule, "data")
     parser.add_class_arguments(DPOLoss, "loss", skip={"reference"})
-    config = parser.parse_string("data:\n  tokenizer: some/tokenizer\n  split: train_prefs\n  too_long: drop\n"
-                                 "loss:\n  beta: 0.05\n")
+    config = parser.parse_string(
+        "data:\n  tokenizer: some/tokenizer\n  split: train_prefs\n  too_long: drop\nloss:\n  beta: 0.05\n"
+    )
     dm = UltraFeedbackDataModule(**config.data.as_dict())
     assert (dm.split, dm.too_long, config.loss.beta) == ("train_prefs", "drop", 0.05)

@@ -78,7 +78,8 @@ def test_resisc45_image_folder_labels_are_the_class_indices(tmp_path):
     assert len(test.val_dataloader().dataset) == 3 and len(train.val_dataloader().dataset) == 12  # every fifth
     (tmp_path / "resisc45" / "not_a_class").mkdir()
     (tmp_path / "resisc45" / "not_a_class" / "x.png").write_bytes(
-        (tmp_path / "resisc45" / "airplane" / "airplane_001.png").read_bytes())
+        (tmp_path / "resisc45" / "airplane" / "airplane_001.png").read_bytes()
+    )
     with pytest.raises(ValueError, match="are not RESISC45 classes"):
         VisionDataModule("resisc45", str(tmp_path), processor=processor).setup()
 
@@ -95,12 +96,18 @@ def test_mnist_images_without_labels_name_both_files(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:5])  # two images lose their labels
     dm = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor())
-    with pytest.raises(ValueError, match=r"MNIST .*t10k-images-idx3-ubyte holds 7 images but .*t10k-labels-idx1-ubyte "
-                                         r"holds 5 labels; each image needs one label"):
+    with pytest.raises(
+        ValueError,
+        match=r"MNIST .*t10k-images-idx3-ubyte holds 7 images but .*t10k-labels-idx1-ubyte "
+        r"holds 5 labels; each image needs one label",
+    ):
         dm.setup()
     _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 3, 4, 10, 5, 6]))
-    with pytest.raises(ValueError, match=r"MNIST label 4 \(counting from 0\) of .*t10k-labels-idx1-ubyte is 10, not a "
-                                         r"digit 0-9"):
+    with pytest.raises(
+        ValueError,
+        match=r"MNIST label 4 \(counting from 0\) of .*t10k-labels-idx1-ubyte is 10, not a "
+        r"digit 0-9",
+    ):
         VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor()).setup()
     # the train split's files are intact
     train = VisionDataModule("mnist", str(tmp_path), processor=make_tiny_image_processor(), split="train")
@@ -121,15 +128,21 @@ def test_gtsrb_test_split_reads_its_csv_labels(tmp_path):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24"],
-         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'ClassId': each row needs "
-         r"the fields 'Filename' and 'ClassId'; this row has 'Filename', 'Width', 'Height', 'Roi.X1', 'Roi.Y1', "
-         r"'Roi.X2', 'Roi.Y2'\."),
-        (["00000.ppm;31;30;5;5;25;24;16", ";31;30;5;5;25;24;1"],
-         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'Filename'"),
-        (["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24;43"],
-         r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv: `ClassId` is '43', expected a class "
-         r"index 0-42"),
+        (
+            ["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24"],
+            r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'ClassId': each row needs "
+            r"the fields 'Filename' and 'ClassId'; this row has 'Filename', 'Width', 'Height', 'Roi.X1', 'Roi.Y1', "
+            r"'Roi.X2', 'Roi.Y2'\.",
+        ),
+        (
+            ["00000.ppm;31;30;5;5;25;24;16", ";31;30;5;5;25;24;1"],
+            r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv lacks the field 'Filename'",
+        ),
+        (
+            ["00000.ppm;31;30;5;5;25;24;16", "00001.ppm;31;30;5;5;25;24;43"],
+            r"row 1 \(counting from 0, after the header\) of .*GT-final_test.csv: `ClassId` is '43', expected a class "
+            r"index 0-42",
+        ),
     ],
 )
 def test_gtsrb_csv_rows_without_fields_name_file_row_and_fields(tmp_path, lines, message):
@@ -142,8 +155,11 @@ def test_gtsrb_csv_without_a_classid_column(tmp_path):
     write_gtsrb_test(tmp_path, labels=(16,), csv_lines=["00000.ppm;31;30;5;5;25;24;16"])
     csv = tmp_path / "gtsrb" / "GT-final_test.csv"
     csv.write_text(csv.read_text().replace(";ClassId", ";Class"))
-    with pytest.raises(ValueError, match=r"GTSRB row 0 .*GT-final_test.csv lacks the field 'ClassId': .* this row has "
-                                         r"'Filename', .*'Roi.Y2', 'Class'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"GTSRB row 0 .*GT-final_test.csv lacks the field 'ClassId': .* this row has "
+        r"'Filename', .*'Roi.Y2', 'Class'\.",
+    ):
         VisionDataModule("gtsrb", str(tmp_path), processor=make_tiny_image_processor()).setup()
 
 
@@ -183,7 +199,9 @@ def test_zero_shot_head_against_a_direct_computation(clip, tokenizer):
     assert model.head.shape == (10, 16) and not torch.allclose(model.head[0], model.head[1])
     # only the vision tower carries parameters, named as in CLIPModel; the head is no parameter and not saved
     assert all(name.startswith(("vision_model.", "visual_projection.")) for name in model.state_dict())
-    assert set(model.state_dict()) == {n for n in clip.state_dict() if n.startswith(("vision_model.", "visual_projection."))}
+    assert set(model.state_dict()) == {
+        n for n in clip.state_dict() if n.startswith(("vision_model.", "visual_projection."))
+    }
 
 
 def test_head_is_shared_by_pre_and_post_vision_towers(clip, tokenizer):
@@ -201,7 +219,9 @@ def test_head_is_shared_by_pre_and_post_vision_towers(clip, tokenizer):
 def test_a_clip_vision_model_as_the_vision_tower(clip, tokenizer):
     tower = make_post_trained(make_tiny_model("clip-vision", dtype=torch.float64), scale=0.05)  # no projection
     model = ZeroShotClassifier(clip, classnames=NAMES, templates=TEMPLATES, tokenizer=tokenizer, vision_model=tower)
-    assert set(model.state_dict()) == {n for n in clip.state_dict() if n.startswith(("vision_model.", "visual_projection."))}
+    assert set(model.state_dict()) == {
+        n for n in clip.state_dict() if n.startswith(("vision_model.", "visual_projection."))
+    }
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=clip.dtype)
     with torch.no_grad():
         features = F.normalize(clip.visual_projection(tower(pixel_values=pixels).pooler_output), dim=-1)
@@ -225,8 +245,15 @@ def test_riemann_term_through_the_datamodule_equals_brute_force(clip, tokenizer,
     module = DeltaEditModule(model, pretrained=None, edit=edits, loss="classification")  # top-1 accuracy by default
     assert module.evaluator is ClassificationLoss.evaluator
     callback = RiemannCallback(num_points=3, filename=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, datamodule=dm, verbose=False)
     result = callback.result
     for name in expected["names"]:
@@ -243,9 +270,11 @@ def test_constructor_from_yaml():
     parser = ArgumentParser()
     parser.add_class_arguments(VisionDataModule, "data")
     parser.add_class_arguments(ZeroShotClassifier, "model")
-    config = parser.parse_string("data:\n  task: resisc45\n  root: /data\n  batch_size: 64\n"
-                                 "model:\n  clip: openai/clip-vit-base-patch32\n  task: resisc45\n"
-                                 "  vision_model: /checkpoints/resisc45\n")
+    config = parser.parse_string(
+        "data:\n  task: resisc45\n  root: /data\n  batch_size: 64\n"
+        "model:\n  clip: openai/clip-vit-base-patch32\n  task: resisc45\n"
+        "  vision_model: /checkpoints/resisc45\n"
+    )
     dm = VisionDataModule(**config.data.as_dict())
     assert (dm.task, dm.root, dm.batch_size, dm.processor) == ("resisc45", "/data", 64, "openai/clip-vit-base-patch32")
     assert config.model.vision_model == "/checkpoints/resisc45"
@@ -258,6 +287,6 @@ def test_pixel_batches_match_numpy_images(tmp_path):
     # CLIP's processor resizes 28 -> 32, normalises per channel; the three channels are the same grey image here
     mean = np.array(processor.image_mean)[:, None, None]
     std = np.array(processor.image_std)[:, None, None]
-    grey = (batch["pixel_values"][0].numpy() * std + mean)
+    grey = batch["pixel_values"][0].numpy() * std + mean
     assert np.allclose(grey[0], grey[1], atol=1e-2) and np.allclose(grey[1], grey[2], atol=1e-2)
     assert F.cosine_similarity(batch["pixel_values"][0].flatten(), batch["pixel_values"][1].flatten(), dim=0) < 0.99

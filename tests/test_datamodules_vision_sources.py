@@ -26,8 +26,9 @@ def processor():
 
 
 def resisc45_copy(root: Path) -> dict[str, list[bytes]]:
-    return write_fusionbench_repository(root, "tanganke/resisc45", "resisc45",
-                                        {"train": RESISC45_TRAIN, "test": RESISC45_TEST})
+    return write_fusionbench_repository(
+        root, "tanganke/resisc45", "resisc45", {"train": RESISC45_TRAIN, "test": RESISC45_TEST}
+    )
 
 
 def everything(dm) -> dict[str, torch.Tensor]:
@@ -37,8 +38,12 @@ def everything(dm) -> dict[str, torch.Tensor]:
 
 def expected_pixels(processor, files: list[bytes]) -> torch.Tensor:
     """Each image file decoded by PIL directly and passed through the processor on its own."""
-    return torch.stack([processor(images=Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")
-                        ["pixel_values"][0] for data in files])
+    return torch.stack(
+        [
+            processor(images=Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+            for data in files
+        ]
+    )
 
 
 def test_a_local_copy_of_a_fusionbench_set_reads_its_own_splits_in_file_order(tmp_path, processor):
@@ -46,8 +51,9 @@ def test_a_local_copy_of_a_fusionbench_set_reads_its_own_splits_in_file_order(tm
     test = everything(VisionDataModule("resisc45", data=str(tmp_path / "resisc45"), processor=processor, batch_size=3))
     assert test["labels"].tolist() == RESISC45_TEST[0] + RESISC45_TEST[1]  # both files, in order: no split of ours
     torch.testing.assert_close(test["pixel_values"], expected_pixels(processor, images["test"]), rtol=0, atol=0)
-    train = everything(VisionDataModule("resisc45", data=str(tmp_path / "resisc45"), split="train",
-                                        processor=processor, batch_size=8))
+    train = everything(
+        VisionDataModule("resisc45", data=str(tmp_path / "resisc45"), split="train", processor=processor, batch_size=8)
+    )
     assert train["labels"].tolist() == RESISC45_TRAIN[0]
     torch.testing.assert_close(train["pixel_values"], expected_pixels(processor, images["train"]), rtol=0, atol=0)
     # one parquet file is the split itself
@@ -74,15 +80,21 @@ def test_each_task_by_hub_id_offline_from_the_download_cache_equals_the_folder(t
 
 def test_hub_id_offline_without_a_cached_copy_says_how_to_fetch_it(offline_hub, processor):
     dm = VisionDataModule("dtd", data="tanganke/dtd", processor=processor)
-    with pytest.raises(FileNotFoundError, match=r"image data set 'tanganke/dtd' \(revision 'main'\) is not in the hub "
-                                                r"download cache .*`hf download tanganke/dtd --repo-type dataset`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"image data set 'tanganke/dtd' \(revision 'main'\) is not in the hub "
+        r"download cache .*`hf download tanganke/dtd --repo-type dataset`",
+    ):
         dm.setup()
 
 
 def test_svhn_reads_one_config_never_both(tmp_path, processor):
     write_fusionbench_repository(tmp_path / "svhn", "ufldl-stanford/svhn", "svhn", {"test": [[4, 2]]})
-    with pytest.raises(ValueError, match=r"split 'test' in 2 folders \('cropped_digits' and 'full_numbers'\).*never "
-                                         r"mixed"):
+    with pytest.raises(
+        ValueError,
+        match=r"split 'test' in 2 folders \('cropped_digits' and 'full_numbers'\).*never "
+        r"mixed",
+    ):
         VisionDataModule("svhn", data=str(tmp_path / "svhn"), processor=processor).setup()
     dm = VisionDataModule("svhn", data=str(tmp_path / "svhn"), config="cropped_digits", processor=processor)
     assert everything(dm)["labels"].tolist() == [4, 2]
@@ -110,13 +122,17 @@ def test_sun397_and_cars_class_names_come_from_the_data_sets_class_label(tmp_pat
 
 def test_a_data_set_of_another_task_or_without_its_columns_is_refused(tmp_path, processor):
     write_fusionbench_repository(tmp_path / "mnist", "ylecun/mnist", "mnist", {"test": [[1, 2]]})
-    with pytest.raises(ValueError, match=r"The `label` of .* has 10 classes \(0, 1, 2, \.\.\.\) but resisc45 has 45: "
-                                         r"is it resisc45's data set\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"The `label` of .* has 10 classes \(0, 1, 2, \.\.\.\) but resisc45 has 45: "
+        r"is it resisc45's data set\?",
+    ):
         VisionDataModule("resisc45", data=str(tmp_path / "mnist"), processor=processor).setup()
     from tests.support.datamodule_fixtures import write_parquet
 
-    write_parquet(tmp_path / "plain" / "test-00000-of-00001.parquet", [{"img": {"bytes": b"", "path": "a.png"},
-                                                                        "label": 1}])
+    write_parquet(
+        tmp_path / "plain" / "test-00000-of-00001.parquet", [{"img": {"bytes": b"", "path": "a.png"}, "label": 1}]
+    )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) 'image'; it has 'img', 'label'"):
         VisionDataModule("mnist", data=str(tmp_path / "plain"), processor=processor).setup()
 
@@ -134,8 +150,11 @@ def test_a_label_outside_the_classes_names_the_file_and_row(tmp_path, processor)
     rows["image"] = rows["image"] + rows["image"][:1]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "test-00001-of-00002.parquet"))
-    with pytest.raises(ValueError, match=r"eurosat row 1 \(counting from 0\) of .*test-00001-of-00002.parquet: `label` "
-                                         r"is 10, expected a class index 0-9"):
+    with pytest.raises(
+        ValueError,
+        match=r"eurosat row 1 \(counting from 0\) of .*test-00001-of-00002.parquet: `label` "
+        r"is 10, expected a class index 0-9",
+    ):
         VisionDataModule("eurosat", data=str(tmp_path / "eurosat"), processor=processor).setup()
 
 

@@ -93,7 +93,9 @@ def test_compute_delta_from_offline_hub_cache(tiny_pair, offline_hub):
     delta = compute_delta("tiny-org/qwen2-instruct", pretrained="tiny-org/qwen2-base")
     assert_matches_reference(delta, reference_delta(pair.pre, pair.post))
     # a hub id and a module mixed
-    assert_matches_reference(compute_delta(pair.post, pretrained="tiny-org/qwen2-base"), reference_delta(pair.pre, pair.post))
+    assert_matches_reference(
+        compute_delta(pair.post, pretrained="tiny-org/qwen2-base"), reference_delta(pair.pre, pair.post)
+    )
 
 
 def test_hub_id_missing_from_offline_cache(offline_hub):
@@ -161,10 +163,12 @@ def test_untied_post_of_tied_pre_gives_both_deltas():
     post = make_tiny_model("llama", seed=0)  # same initial weights, lm_head untied and re-initialised
     delta = compute_delta(post, pretrained=pre, include=r"embed_tokens|lm_head")
     embed = pre.model.embed_tokens.weight.double()
-    torch.testing.assert_close(delta["lm_head.weight"].double(), post.lm_head.weight.double() - embed, rtol=0,
-                               atol=1e-6)
-    torch.testing.assert_close(delta["model.embed_tokens.weight"].double(),
-                               post.model.embed_tokens.weight.double() - embed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        delta["lm_head.weight"].double(), post.lm_head.weight.double() - embed, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        delta["model.embed_tokens.weight"].double(), post.model.embed_tokens.weight.double() - embed, rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -264,8 +268,9 @@ def test_attach_iterates_deltas_of_a_module_against_a_directory(tiny_pair):
 
     pair = tiny_pair("llama-tied", shard="pre")
     differences = edit_differences(pair.post, pretrained=pair.pre_dir, edit=Half(), exclude=r"norm")
-    expected = {name: -0.5 * value for name, value in reference_delta(pair.pre, pair.post).items()
-                if "norm" not in name}
+    expected = {
+        name: -0.5 * value for name, value in reference_delta(pair.pre, pair.post).items() if "norm" not in name
+    }
     assert_matches_reference(differences, expected)
 
 
@@ -316,7 +321,9 @@ def test_nan_and_inf_are_named(tmp_path, side, bad_value, as_directory):
     pattern = rf"{side}-trained tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'.*holds .*1 {kind}"
     with pytest.raises(ValueError, match=pattern):
         compute_delta(post_source, pretrained=pre_source)
-    assert "model.layers.0.self_attn.q_proj.weight" not in compute_delta(post_source, pretrained=pre_source, exclude="q_proj")
+    assert "model.layers.0.self_attn.q_proj.weight" not in compute_delta(
+        post_source, pretrained=pre_source, exclude="q_proj"
+    )
 
 
 @pytest.mark.parametrize(
@@ -404,9 +411,22 @@ def _public_pair_functions():
     }
 
 
-@pytest.mark.parametrize("name", ["compute_delta", "iter_delta", "delta_names", "iter_edited", "edit_differences",
-                                  "attach_edit", "apply_edit_", "save_edited", "DeltaEditModule", "ModuleTarget",
-                                  "plan_edit"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "compute_delta",
+        "iter_delta",
+        "delta_names",
+        "iter_edited",
+        "edit_differences",
+        "attach_edit",
+        "apply_edit_",
+        "save_edited",
+        "DeltaEditModule",
+        "ModuleTarget",
+        "plan_edit",
+    ],
+)
 def test_w_pre_is_keyword_only_so_a_swapped_pair_is_an_error(name):
     """``f(pre, post)`` in the order before W_post came first gave −ΔW silently; W_pre is keyword-only now."""
     function, rest = _public_pair_functions()[name]

@@ -57,17 +57,31 @@ from lightning_delta.sweep import SweepRow, expand_grid
 from tests.support.locked import requires_lock
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--pair.hidden_size", "16", "--pair.intermediate_size", "32", "--pair.pretrain_steps", "30",
-         "--pair.posttrain_steps", "10", "--pair.batch_size", "32"]
+SMALL = [
+    "--pair.hidden_size",
+    "16",
+    "--pair.intermediate_size",
+    "32",
+    "--pair.pretrain_steps",
+    "30",
+    "--pair.posttrain_steps",
+    "10",
+    "--pair.batch_size",
+    "32",
+]
 EDITS = "lightning_delta.edits."
-GRID = (f"[{{edit: {EDITS}DARE, edit.init_args.p: [0.5, 0.9], edit.init_args.seed: [0, 1]}},"
-        f" {{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.rescale: false, edit.init_args.seed: [0, 1]}},"
-        f" {{edit: {EDITS}SignBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
-        f" {{edit: {EDITS}GradientBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
-        f" {{edit: {EDITS}BitDelta, edit.init_args.blocks: [1, 4]}},"
-        f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: [-1.0, 0.5]}}]")
-SCALE_GRID = (f"[{{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.seed: [0, 1]}},"
-              f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: -1.0}}]")
+GRID = (
+    f"[{{edit: {EDITS}DARE, edit.init_args.p: [0.5, 0.9], edit.init_args.seed: [0, 1]}},"
+    f" {{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.rescale: false, edit.init_args.seed: [0, 1]}},"
+    f" {{edit: {EDITS}SignBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
+    f" {{edit: {EDITS}GradientBiased, edit.init_args.p: 0.9, edit.init_args.k: [0.5, 1.5]}},"
+    f" {{edit: {EDITS}BitDelta, edit.init_args.blocks: [1, 4]}},"
+    f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: [-1.0, 0.5]}}]"
+)
+SCALE_GRID = (
+    f"[{{edit: {EDITS}DARE, edit.init_args.p: 0.9, edit.init_args.seed: [0, 1]}},"
+    f" {{edit: {EDITS}Extrapolate, edit.init_args.alpha: -1.0}}]"
+)
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -80,7 +94,12 @@ def test_patch_tokens_match_a_loop_over_pixels():
         for top in range(0, 8, 2):
             for left in range(0, 8, 2):
                 code = 0
-                for pixel in (square[top, left], square[top, left + 1], square[top + 1, left], square[top + 1, left + 1]):
+                for pixel in (
+                    square[top, left],
+                    square[top, left + 1],
+                    square[top + 1, left],
+                    square[top + 1, left + 1],
+                ):
                     level = 0 if pixel <= 5 else (1 if pixel <= 11 else 2)  # 0–5, 6–11, 12–16
                     code = 3 * code + level
                 expected.append(code)
@@ -116,20 +135,35 @@ def test_shifted_copies_match_a_loop():
 # ------------------------------------------------------------------------------------------------------ the pair
 def test_delta_regime_matches_a_loop():
     generator = torch.Generator().manual_seed(0)
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
-             "model.layers.0.input_layernorm.weight", "model.norm.weight", "lm_head.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
     pre = {name: torch.randn(4, 6, generator=generator) for name in names}
     post = {name: weight + 0.03 * torch.randn(4, 6, generator=generator) for name, weight in pre.items()}
-    kinds = {"model.embed_tokens.weight": "embed_tokens", "model.layers.0.self_attn.q_proj.weight": "self_attn.q_proj",
-             "model.layers.1.self_attn.q_proj.weight": "self_attn.q_proj", "model.layers.0.mlp.up_proj.weight":
-             "mlp.up_proj", "model.layers.0.input_layernorm.weight": "norms", "model.norm.weight": "norms",
-             "lm_head.weight": "lm_head"}
+    kinds = {
+        "model.embed_tokens.weight": "embed_tokens",
+        "model.layers.0.self_attn.q_proj.weight": "self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj.weight": "self_attn.q_proj",
+        "model.layers.0.mlp.up_proj.weight": "mlp.up_proj",
+        "model.layers.0.input_layernorm.weight": "norms",
+        "model.norm.weight": "norms",
+        "lm_head.weight": "lm_head",
+    }
     regime = delta_regime(post, pre)
     for kind in [*set(kinds.values()), "all"]:
         members = [name for name in names if kind == "all" or kinds[name] == kind]
-        delta_sq = math.fsum(float(post[n][i, j]) ** 2 - 2 * float(post[n][i, j]) * float(pre[n][i, j])
-                             + float(pre[n][i, j]) ** 2 for n in members for i in range(4) for j in range(6))
+        delta_sq = math.fsum(
+            float(post[n][i, j]) ** 2 - 2 * float(post[n][i, j]) * float(pre[n][i, j]) + float(pre[n][i, j]) ** 2
+            for n in members
+            for i in range(4)
+            for j in range(6)
+        )
         pre_sq = math.fsum(float(pre[n][i, j]) ** 2 for n in members for i in range(4) for j in range(6))
         assert regime[kind]["ratio"] == pytest.approx(math.sqrt(delta_sq / pre_sq), rel=1e-6)
         assert regime[kind]["parameters"] == 24 * len(members)
@@ -139,9 +173,16 @@ def test_delta_regime_matches_a_loop():
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQUENCE_LENGTH,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQUENCE_LENGTH,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -201,8 +242,10 @@ def test_first_order_terms_are_the_directional_derivative(monkeypatch):
     images, digits = load_digit_splits()["test"]
     batch = digit_sequences(images[:12], digits[:12])
     generator = torch.Generator().manual_seed(4)
-    deltas = {name: 0.05 * torch.randn(weight.shape, generator=generator, dtype=torch.float64)
-              for name, weight in post.named_parameters()}
+    deltas = {
+        name: 0.05 * torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+        for name, weight in post.named_parameters()
+    }
     gradients = loss_gradient(post, batch)
     edits = [DARE(p=0.7, seed=5), DARE(p=0.7, rescale=False, seed=5), SignBiased(p=0.9, k=0.5)]
     values = first_order_terms(gradients, deltas, edits)
@@ -226,12 +269,15 @@ def test_edit_sizes_match_closed_forms():
     deltas = {"a": torch.randn(7, 9, generator=generator), "b": torch.randn(20, generator=generator)}
     flat = np.concatenate([delta.double().numpy().ravel() for delta in deltas.values()])
     norm = np.linalg.norm(flat)
-    rows = [_row({"name": "extrapolate", "alpha": -0.3}, 0.1), _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.1),
-            _row({"name": "magnitude_prune", "p": 0.75}, 0.1)]
+    rows = [
+        _row({"name": "extrapolate", "alpha": -0.3}, 0.1),
+        _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.1),
+        _row({"name": "magnitude_prune", "p": 0.75}, 0.1),
+    ]
     sizes = edit_sizes(deltas, rows)
     assert sizes[rows[0].key] == pytest.approx(0.3, rel=1e-6)  # F in float32
     negative, positive = flat[flat < 0], flat[flat > 0]
-    sign = math.sqrt(0.25 * (negative ** 2).sum() + (0.9 * 0.5 / 0.1) ** 2 * (positive ** 2).sum()) / norm
+    sign = math.sqrt(0.25 * (negative**2).sum() + (0.9 * 0.5 / 0.1) ** 2 * (positive**2).sum()) / norm
     assert sizes[rows[1].key] == pytest.approx(sign, rel=1e-6)
     dropped = 0.0
     for delta in deltas.values():  # the 75 % smallest magnitudes of each tensor are zeroed
@@ -242,8 +288,11 @@ def test_edit_sizes_match_closed_forms():
 
 def test_lowrank_density_counts_the_factors():
     generator = torch.Generator().manual_seed(7)
-    deltas = {"q": torch.randn(32, 32, generator=generator), "up": torch.randn(64, 32, generator=generator),
-              "norm": torch.randn(32, generator=generator)}
+    deltas = {
+        "q": torch.randn(32, 32, generator=generator),
+        "up": torch.randn(64, 32, generator=generator),
+        "norm": torch.randn(32, generator=generator),
+    }
     edit = LowRank(fraction=0.1)
     stored = 0
     for delta in deltas.values():
@@ -258,35 +307,74 @@ def test_lowrank_density_counts_the_factors():
     assert lowrank_density(edit.config(), shapes) == pytest.approx(stored / total, rel=1e-12)
 
 
-def _row(edit: dict, exact: float, first: float = 0.0, term: float | None = None, accuracy: float = 0.7,
-         data: str = "Digits/test", pretrained: str = "pre", num_points: int = 2) -> SweepRow:
+def _row(
+    edit: dict,
+    exact: float,
+    first: float = 0.0,
+    term: float | None = None,
+    accuracy: float = 0.7,
+    data: str = "Digits/test",
+    pretrained: str = "pre",
+    num_points: int = 2,
+) -> SweepRow:
     """A row with the c = 0 inner product ``first`` and an integrand rising linearly to ``2·exact − first``."""
     inner = [first + (2 * exact - 2 * first) * c / num_points for c in range(num_points + 1)]
-    result = RiemannResult(num_points=num_points, count=1.0, losses=[1.0, 1.0 + exact], inner_products=inner,
-                           term=exact if term is None else term, trapezoid=None, exact=exact, loss_post=1.0,
-                           loss_edit=1.0 + exact, accuracy_post=0.8, accuracy_edit=accuracy, rule="left",
-                           points=[c / num_points for c in range(num_points + 1)],
-                           weights=[1 / num_points] * num_points + [0.0])
-    return SweepRow(key=f"{edit}-{data}-{pretrained}", index=0, overrides={}, edit=edit, dataset=data, result=result,
-                    config={"model": {"pretrained": pretrained}}, versions={}, started="", seconds=0.0)
+    result = RiemannResult(
+        num_points=num_points,
+        count=1.0,
+        losses=[1.0, 1.0 + exact],
+        inner_products=inner,
+        term=exact if term is None else term,
+        trapezoid=None,
+        exact=exact,
+        loss_post=1.0,
+        loss_edit=1.0 + exact,
+        accuracy_post=0.8,
+        accuracy_edit=accuracy,
+        rule="left",
+        points=[c / num_points for c in range(num_points + 1)],
+        weights=[1 / num_points] * num_points + [0.0],
+    )
+    return SweepRow(
+        key=f"{edit}-{data}-{pretrained}",
+        index=0,
+        overrides={},
+        edit=edit,
+        dataset=data,
+        result=result,
+        config={"model": {"pretrained": pretrained}},
+        versions={},
+        started="",
+        seconds=0.0,
+    )
 
 
-def _dare(p: float, values: list[float], rescale: bool = True, k: float = 0.0, pretrained: str = "pre",
-          firsts: list[float] | None = None) -> list[SweepRow]:
+def _dare(
+    p: float,
+    values: list[float],
+    rescale: bool = True,
+    k: float = 0.0,
+    pretrained: str = "pre",
+    firsts: list[float] | None = None,
+) -> list[SweepRow]:
     firsts = firsts or [0.0] * len(values)
-    return [_row({"name": "dare", "p": p, "k": k, "rescale": rescale, "seed": seed}, value, first,
-                 pretrained=pretrained) for seed, (value, first) in enumerate(zip(values, firsts))]
+    return [
+        _row({"name": "dare", "p": p, "k": k, "rescale": rescale, "seed": seed}, value, first, pretrained=pretrained)
+        for seed, (value, first) in enumerate(zip(values, firsts))
+    ]
 
 
 def test_findings_compute_their_numbers_and_verdicts():
     revert = 0.5
-    rows = [_row({"name": "extrapolate", "alpha": -1.0}, revert),
-            *_dare(0.9, [0.01, 0.03, 0.02], firsts=[0.001, -0.002, 0.001]),
-            *_dare(0.9, [0.40, 0.41, 0.39], rescale=False),
-            *_dare(0.99, [0.20, 0.30, 0.25], firsts=[0.05, 0.0, 0.1]),
-            *_dare(0.99, [0.45, 0.20, 0.47], rescale=False),
-            _row({"name": "extrapolate", "alpha": -1.0}, 0.1, pretrained="pre-0.5"),
-            *_dare(0.99, [0.05, 0.06, 0.07], pretrained="pre-0.5")]
+    rows = [
+        _row({"name": "extrapolate", "alpha": -1.0}, revert),
+        *_dare(0.9, [0.01, 0.03, 0.02], firsts=[0.001, -0.002, 0.001]),
+        *_dare(0.9, [0.40, 0.41, 0.39], rescale=False),
+        *_dare(0.99, [0.20, 0.30, 0.25], firsts=[0.05, 0.0, 0.1]),
+        *_dare(0.99, [0.45, 0.20, 0.47], rescale=False),
+        _row({"name": "extrapolate", "alpha": -1.0}, 0.1, pretrained="pre-0.5"),
+        *_dare(0.99, [0.05, 0.06, 0.07], pretrained="pre-0.5"),
+    ]
     lines = findings(rows, scales={"pre": 1.0, "pre-0.5": 0.5})
     table = {line.claim.split(" while")[0]: line for line in lines}
     holds = table["§4.1, Figs. 1, 3: DARE stays competitive at p = 0.9"]
@@ -301,15 +389,19 @@ def test_findings_compute_their_numbers_and_verdicts():
     assert "worse than DARE on 2/3 seeds" in departs.measured
     (scale,) = [line for line in lines if line.claim.startswith("Delta scale")]
     slope = math.log(0.25 / 0.06) / math.log(1 / 0.5)
-    assert f"DARE ∝ s^{slope:.2f}" in scale.measured and f"R ∝ s^{math.log(0.5 / 0.1) / math.log(2):.2f}" in scale.measured
+    assert (
+        f"DARE ∝ s^{slope:.2f}" in scale.measured and f"R ∝ s^{math.log(0.5 / 0.1) / math.log(2):.2f}" in scale.measured
+    )
     assert scale.verdict == "explains #2: a smaller ΔW alone does not help"  # 0.06/0.1 = 60 % of R(0.5)
     assert COMPETITIVE == 0.1 and "| 1 | §4.1" in findings_table(lines)
 
 
 def test_the_curvature_per_size_explanation_is_computed_from_its_rows():
-    rows = [_row({"name": "extrapolate", "alpha": -1.0}, 1.0),
-            *_dare(0.9, [0.2, 0.3], firsts=[0.1, 0.0]),  # curvature 0.1 and 0.3
-            _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.9, first=-0.1)]  # curvature 1.0
+    rows = [
+        _row({"name": "extrapolate", "alpha": -1.0}, 1.0),
+        *_dare(0.9, [0.2, 0.3], firsts=[0.1, 0.0]),  # curvature 0.1 and 0.3
+        _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.9, first=-0.1),
+    ]  # curvature 1.0
     sizes = {rows[1].key: 2.0, rows[2].key: 3.0, rows[3].key: 1.0}
     lines = findings(rows, sizes=sizes)
     (random,) = [line for line in lines if line.claim.startswith("Why random")]
@@ -324,20 +416,25 @@ def test_the_curvature_per_size_explanation_is_computed_from_its_rows():
 def test_the_explaining_rows_cite_the_departing_rows_by_number():
     """The rows that explain departures cite them by the findings' own topic and p; the reference reads the numbers
     off the table's text instead (section and drop rate in the claim, "departs" in the verdict)."""
-    rows = [_row({"name": "extrapolate", "alpha": -1.0}, 1.0),
-            *_dare(0.9, [0.02, 0.03], firsts=[0.0, 0.01]),  # competitive
-            *_dare(0.99, [0.4, 0.5], firsts=[0.0, 0.1]),  # departs
-            *_dare(0.9, [0.3, 0.35], k=-1.0, firsts=[0.1, 0.0]),  # departs
-            _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.9, first=-0.1),  # departs
-            _row({"name": "extrapolate", "alpha": -1.0}, 0.5, pretrained="pre-0.5"),
-            *_dare(0.99, [0.3, 0.2], pretrained="pre-0.5")]
+    rows = [
+        _row({"name": "extrapolate", "alpha": -1.0}, 1.0),
+        *_dare(0.9, [0.02, 0.03], firsts=[0.0, 0.01]),  # competitive
+        *_dare(0.99, [0.4, 0.5], firsts=[0.0, 0.1]),  # departs
+        *_dare(0.9, [0.3, 0.35], k=-1.0, firsts=[0.1, 0.0]),  # departs
+        _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.9, first=-0.1),  # departs
+        _row({"name": "extrapolate", "alpha": -1.0}, 0.5, pretrained="pre-0.5"),
+        *_dare(0.99, [0.3, 0.2], pretrained="pre-0.5"),
+    ]
     sizes = {row.key: 1.0 + index for index, row in enumerate(rows)}
     lines = findings(rows, scales={"pre": 1.0, "pre-0.5": 0.5}, sizes=sizes)
     table = findings_table(lines).splitlines()[2:]
     claims = [row.split(" | ")[1] for row in table]
     departs = [row.split(" | ")[-1].startswith("departs") for row in table]
-    random = [n for n, (claim, bad) in enumerate(zip(claims, departs), 1)
-              if bad and (claim.startswith(("§4.1", "§4.2")) or "Table 1 (left)" in claim)]
+    random = [
+        n
+        for n, (claim, bad) in enumerate(zip(claims, departs), 1)
+        if bad and (claim.startswith(("§4.1", "§4.2")) or "Table 1 (left)" in claim)
+    ]
     structured = [n for n, (claim, bad) in enumerate(zip(claims, departs), 1) if bad and "Table 1 (middle)" in claim]
     assert random and structured
     (why_random,) = [line for line in lines if line.claim.startswith("Why random")]
@@ -350,15 +447,21 @@ def test_the_explaining_rows_cite_the_departing_rows_by_number():
 
 
 def test_table1_in_the_papers_layout():
-    rows = [_row({"name": "dare", "p": 0.9, "k": 0.5, "rescale": True, "seed": seed}, value, accuracy=accuracy)
-            for seed, (value, accuracy) in enumerate([(0.01, 0.70), (0.03, 0.74)])]
-    rows += [_row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.2, accuracy=0.6),
-             _row({"name": "gradient_biased", "p": 0.9, "k": 0.5}, 3.0, accuracy=0.1)]
+    rows = [
+        _row({"name": "dare", "p": 0.9, "k": 0.5, "rescale": True, "seed": seed}, value, accuracy=accuracy)
+        for seed, (value, accuracy) in enumerate([(0.01, 0.70), (0.03, 0.74)])
+    ]
+    rows += [
+        _row({"name": "sign_biased", "p": 0.9, "k": 0.5}, 0.2, accuracy=0.6),
+        _row({"name": "gradient_biased", "p": 0.9, "k": 0.5}, 3.0, accuracy=0.1),
+    ]
     text = table1(rows).splitlines()
     assert text[0] == "| k | Random (DARE extension, p = 0.9) | Biased ΔW | Biased ΔW·∇L |"
     accuracy = 100 * np.array([0.70, 0.74])
-    assert text[2] == (f"| 0.5 | {accuracy.mean():.1f} ± {accuracy.std(ddof=1):.1f} (ΔL +0.0200 ± "
-                       f"{np.std([0.01, 0.03], ddof=1):.4f}) | 60.0 (ΔL +0.2000) | 10.0 (ΔL +3.0000) |")
+    assert text[2] == (
+        f"| 0.5 | {accuracy.mean():.1f} ± {accuracy.std(ddof=1):.1f} (ΔL +0.0200 ± "
+        f"{np.std([0.01, 0.03], ddof=1):.4f}) | 60.0 (ΔL +0.2000) | 10.0 (ΔL +3.0000) |"
+    )
     assert len(aggregate(rows)) == 3  # the two seeds are one setting
 
 
@@ -374,9 +477,28 @@ def test_sweep_agreement_compares_the_same_masks():
 @pytest.mark.timeout(300)
 def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     cache, output = tmp_path / "cache", tmp_path / "out"
-    args = ["demo", "--cache_dir", str(cache), "--output_dir", str(output), "--num_points", "2", "--eval_limit", "20",
-            "--gradient_seeds", "4", "--grid", GRID, "--delta_scales", "[0.5]", "--scale_grid", SCALE_GRID,
-            "--train", "true", *SMALL]
+    args = [
+        "demo",
+        "--cache_dir",
+        str(cache),
+        "--output_dir",
+        str(output),
+        "--num_points",
+        "2",
+        "--eval_limit",
+        "20",
+        "--gradient_seeds",
+        "4",
+        "--grid",
+        GRID,
+        "--delta_scales",
+        "[0.5]",
+        "--scale_grid",
+        SCALE_GRID,
+        "--train",
+        "true",
+        *SMALL,
+    ]
     rows = run(args)
     first = capsys.readouterr().out
     assert "Trained your pair (seed 0)" in first and "| module | parameters | ‖ΔW‖ | ‖W_pre‖ | ‖ΔW‖/‖W_pre‖ |" in first
@@ -389,8 +511,16 @@ def test_reduced_demo_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
     findings_text = (output / "findings.md").read_text()
     agreement = float(findings_text.split("same masks agree to ")[1].split(" ")[0].rstrip(";)"))
     assert agreement < 1e-5  # one gradient and the callback's first Riemann point: two ways to one number
-    for name in ("dare_p_k", "per_module", "expo_alpha", "bitdelta_bits", "table1", "interpolation_extrapolation",
-                 "loss_curve", "delta_scale"):
+    for name in (
+        "dare_p_k",
+        "per_module",
+        "expo_alpha",
+        "bitdelta_bits",
+        "table1",
+        "interpolation_extrapolation",
+        "loss_curve",
+        "delta_scale",
+    ):
         assert (output / "figures" / f"{name}.png").is_file(), name
     (entry,) = [path for path in cache.iterdir() if path.name.startswith("digits-llama-")]
     assert (entry / "pre-scaled-0.5" / "config.json").is_file()
@@ -416,8 +546,10 @@ def test_demo_yaml_is_the_demo_default(capsys):
         run(["demo", "--print_config"])
     defaults = yaml.safe_load(capsys.readouterr().out)
     assert printed["grid"] == demo_grid() and printed["num_points"] == 5 and printed["eval_limit"] == 100
-    assert len(expand_grid(printed["grid"])) + len(printed["delta_scales"]) * len(expand_grid(printed["scale_grid"])) \
-        == 131  # the README's sweep
+    assert (
+        len(expand_grid(printed["grid"])) + len(printed["delta_scales"]) * len(expand_grid(printed["scale_grid"]))
+        == 131
+    )  # the README's sweep
     # the defaults (None) are the file's grid, scales and scale grid; every other key is demo()'s default
     assert {**printed, "grid": None, "delta_scales": None, "scale_grid": None} == defaults
 
@@ -428,8 +560,11 @@ def test_retrain_without_train_is_refused(tmp_path):
 
 
 def test_the_verdicts_over_pairs_are_matched_by_claim_and_counted():
-    first = [Finding("§4.1 DARE p = 0.9", "", "5", "holds"), Finding("Table 1 (middle)", "", "det.", "departs at k = 1.5"),
-             Finding("Why random masks depart", "", "5", "explains #2")]
+    first = [
+        Finding("§4.1 DARE p = 0.9", "", "5", "holds"),
+        Finding("Table 1 (middle)", "", "det.", "departs at k = 1.5"),
+        Finding("Why random masks depart", "", "5", "explains #2"),
+    ]
     second = [Finding("Table 1 (middle)", "", "det.", "holds"), Finding("§4.1 DARE p = 0.9", "", "5", "departs")]
     table = over_pairs_table(["pair 0", "pair 1"], [first, second]).splitlines()
     assert table[0] == "| # | the paper's finding | pair 0 | pair 1 | holds on |"
@@ -440,14 +575,14 @@ def test_the_verdicts_over_pairs_are_matched_by_claim_and_counted():
 
 def test_the_readme_quotes_the_findings_table_in_the_demos_format():
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## The demo"):]
+    section = readme[readme.index("## The demo") :]
     section = section[: section.index("\n## ", 5)]
     header = findings_table([]).splitlines()
     lines = section.splitlines()
     start = lines.index(header[0])
     assert lines[start + 1] == header[1]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         rows.append(line)
@@ -464,9 +599,11 @@ PAIRS_HEADER = "| pair | W_pre accuracy | W_pre loss | W_post accuracy | W_post 
 
 def pair_row(label: str, info: dict) -> str:
     """A row of the README's table of the shipped pairs, from what the pair measures (the digits the README prints)."""
-    return (f"| {label} | {100 * info['pre']['accuracy']:.1f} % | {info['pre']['loss']:.4f} | "
-            f"{100 * info['post']['accuracy']:.1f} % | {info['post']['loss']:.4f} | "
-            f"{100 * info['regime']['all']['ratio']:.2f} % |")
+    return (
+        f"| {label} | {100 * info['pre']['accuracy']:.1f} % | {info['pre']['loss']:.4f} | "
+        f"{100 * info['post']['accuracy']:.1f} % | {info['post']['loss']:.4f} | "
+        f"{100 * info['regime']['all']['ratio']:.2f} % |"
+    )
 
 
 @pytest.mark.slow
@@ -477,7 +614,7 @@ def test_the_shipped_pairs_measure_what_the_readme_prints(tmp_path):
     the pair was trained. The README's figures were made in the locked environment, where this test runs."""
     readme = (REPO / "README.md").read_text().splitlines()
     start = readme.index(PAIRS_HEADER)
-    rows = [line for line in readme[start + 2:start + 2 + len(SHIPPED_SEEDS)]]
+    rows = [line for line in readme[start + 2 : start + 2 + len(SHIPPED_SEEDS)]]
     for seed, row in zip(SHIPPED_SEEDS, rows):
         built = shipped_pair(seed, tmp_path)
         label = "reference (seed 0)" if seed == SHIPPED_SEEDS[0] else f"seed {seed}"

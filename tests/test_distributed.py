@@ -71,8 +71,13 @@ def test_two_nodes_equal_one_process(single, tmp_path):
     out, port = tmp_path / "result", free_port()
     command = [sys.executable, str(SCRIPT), str(out), "ddp", "1", "2"]
     nodes = [
-        subprocess.Popen(command, env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)),
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            command,
+            env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for rank in (1, 0)
     ]
     for node in nodes:

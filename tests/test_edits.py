@@ -809,8 +809,15 @@ def decaying_spectrum(rows: int, cols: int, power: float, seed: int) -> tuple[to
 
 
 # Gaussian matrices: a flat spectrum, where the randomized SVD that main chose by default was 5–39 % off in F
-FLAT_CASES = [((512, 512), 50, 50), ((64, 64), 1, 51), ((64, 64), 5, 51), ((100, 80), 1, 52), ((100, 80), 5, 52),
-              ((40, 64), 1, 53), ((40, 64), 5, 53)]
+FLAT_CASES = [
+    ((512, 512), 50, 50),
+    ((64, 64), 1, 51),
+    ((64, 64), 5, 51),
+    ((100, 80), 1, 52),
+    ((100, 80), 5, 52),
+    ((40, 64), 1, 53),
+    ((40, 64), 5, 53),
+]
 
 
 @pytest.mark.parametrize("shape, rank, seed", FLAT_CASES, ids=[f"{s[0]}x{s[1]}-r{r}" for s, r, _ in FLAT_CASES])
@@ -841,8 +848,10 @@ DECAYING_CASES = [((1024, 1024), 64), ((1024, 1024), 16), ((512, 768), 50), ((51
 def test_low_rank_randomized_error_on_a_slowly_decaying_spectrum(shape, rank):
     delta, singular_values = decaying_spectrum(*shape, power=0.5, seed=60)
     expected = truncated64(delta, rank)
-    errors = [relative_to(LowRank(rank=rank, method="randomized", seed=seed).edit_tensor("w", delta), expected)
-              for seed in range(3)]
+    errors = [
+        relative_to(LowRank(rank=rank, method="randomized", seed=seed).edit_tensor("w", delta), expected)
+        for seed in range(3)
+    ]
     assert max(errors) < RANDOMIZED_DECAYING_BOUND, errors
     assert relative_to(LowRank(rank=rank).edit_tensor("w", delta), expected) < EXACT_RTOL
 
@@ -942,8 +951,8 @@ def test_bitdelta_blocks_is_the_papers_m_for_any_count(blocks):
 @pytest.mark.parametrize("paper_bits", [0, 1, 2, 3, 4])
 def test_bitdelta_papers_bits_are_ours_minus_the_sign_bit(paper_bits):
     delta = randn(31, 29, seed=33)
-    edit = BitDelta(blocks=2 ** paper_bits)
-    assert edit.paper_bits == paper_bits and edit.num_blocks == 2 ** paper_bits
+    edit = BitDelta(blocks=2**paper_bits)
+    assert edit.paper_bits == paper_bits and edit.num_blocks == 2**paper_bits
     assert BitDelta(bits=paper_bits + 1).num_blocks == edit.num_blocks
     assert torch.equal(edit.edit_tensor("w", delta), BitDelta(bits=paper_bits + 1).edit_tensor("w", delta))
     assert math.isclose(edit.paper_bits, math.log2(edit.edit_tensor("w", delta).abs().unique().numel()))
@@ -957,12 +966,15 @@ def test_bitdelta_blocks_with_sampled_magnitudes_and_scale():
     assert build(**BitDelta(blocks=16).config()) == BitDelta(blocks=16)
 
 
-@pytest.mark.parametrize("arguments, match", [
-    ({"blocks": 0}, r"blocks=0"),
-    ({"blocks": 2.0}, r"blocks=2\.0"),
-    ({"blocks": True}, r"blocks=True"),
-    ({"bits": 3, "blocks": 4}, r"not both.*bits=3 and blocks=4"),
-])
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"blocks": 0}, r"blocks=0"),
+        ({"blocks": 2.0}, r"blocks=2\.0"),
+        ({"blocks": True}, r"blocks=True"),
+        ({"bits": 3, "blocks": 4}, r"not both.*bits=3 and blocks=4"),
+    ],
+)
 def test_bitdelta_bad_blocks(arguments, match):
     with pytest.raises(ValueError, match=match):
         BitDelta(**arguments)
@@ -971,13 +983,20 @@ def test_bitdelta_bad_blocks(arguments, match):
 # ------------------------------------------------------------------------------------ what the classes declare
 # At least one configuration of every registered edit, and each configuration that changes what its class declares.
 DECLARED = [
-    {"name": "dare", "p": 0.5}, {"name": "dare", "p": 0.5, "k": -1.0}, {"name": "dare", "p": 0.5, "rescale": False},
+    {"name": "dare", "p": 0.5},
+    {"name": "dare", "p": 0.5, "k": -1.0},
+    {"name": "dare", "p": 0.5, "rescale": False},
     {"name": "della", "p": 0.5, "epsilon": 0.2},
-    {"name": "sign_biased", "p": 0.5, "k": 0.5}, {"name": "gradient_biased", "p": 0.5, "k": 0.5},
-    {"name": "bitdelta"}, {"name": "bitdelta", "bits": 2}, {"name": "bitdelta", "magnitudes": "normal"},
+    {"name": "sign_biased", "p": 0.5, "k": 0.5},
+    {"name": "gradient_biased", "p": 0.5, "k": 0.5},
+    {"name": "bitdelta"},
+    {"name": "bitdelta", "bits": 2},
+    {"name": "bitdelta", "magnitudes": "normal"},
     {"name": "bitdelta", "magnitudes": "uniform"},
-    {"name": "lowrank", "rank": 2}, {"name": "lowrank", "rank": 2, "method": "randomized"},
-    {"name": "magnitude_prune", "p": 0.5}, {"name": "extrapolate", "alpha": 0.5},
+    {"name": "lowrank", "rank": 2},
+    {"name": "lowrank", "rank": 2, "method": "randomized"},
+    {"name": "magnitude_prune", "p": 0.5},
+    {"name": "extrapolate", "alpha": 0.5},
 ]
 
 

@@ -30,8 +30,10 @@ def _allocated_peak(model: torch.nn.Module, batch: dict, E_dtype: str) -> int:  
     """Bytes held (weights, E) plus the peak that torch's profiler records from the CPU allocator over one Riemann
     point as RiemannCallback runs it (EditedModel, recompute_weights, forward and backward)."""
     generator = torch.Generator().manual_seed(1)
-    E = {name: torch.empty(p.shape, dtype=stored_dtype(p.dtype, E_dtype)).normal_(0, 0.01, generator=generator)
-         for name, p in model.named_parameters()}
+    E = {
+        name: torch.empty(p.shape, dtype=stored_dtype(p.dtype, E_dtype)).normal_(0, 0.01, generator=generator)
+        for name, p in model.named_parameters()
+    }
     edited = EditedModel(model, E, E_dtype=E_dtype)
     held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])  # W_post and E (a buffer of each edit)
     loss = CausalLMLoss()
@@ -44,12 +46,15 @@ def _allocated_peak(model: torch.nn.Module, batch: dict, E_dtype: str) -> int:  
     return held + allocation_peak(profiler)
 
 
-@pytest.mark.parametrize(("family", "dtype", "E_dtype"), [
-    ("llama", torch.float32, "float32"),
-    ("llama", torch.bfloat16, "float32"),
-    ("llama", torch.bfloat16, "model"),
-    ("llama-tied", torch.float32, "float32"),
-])
+@pytest.mark.parametrize(
+    ("family", "dtype", "E_dtype"),
+    [
+        ("llama", torch.float32, "float32"),
+        ("llama", torch.bfloat16, "float32"),
+        ("llama", torch.bfloat16, "model"),
+        ("llama-tied", torch.float32, "float32"),
+    ],
+)
 def test_estimate_bounds_what_a_real_point_allocates(family, dtype, E_dtype):
     """The meta run counts the tensors the CPU run allocates, the inner products' chunk sums, the scalars t and
     their gradients and the model's buffers included: an upper bound, at most a few scalars above (bf16: plus the
@@ -102,9 +107,12 @@ def test_estimate_of_E_on_the_fly_bounds_what_a_real_point_allocates(tmp_path, d
 
     pre = make_tiny_model("llama", seed=3, dtype=dtype)
     save_file({name: tensor.contiguous() for name, tensor in pre.state_dict().items()}, tmp_path / "pre.safetensors")
-    measured = {E_dtype: _allocated_peak_with_an_edit(make_tiny_model("llama", dtype=dtype),
-                                                      str(tmp_path / "pre.safetensors"), _tokens(4, 64, "cpu"), E_dtype)
-                for E_dtype in ("float32", "on_the_fly")}
+    measured = {
+        E_dtype: _allocated_peak_with_an_edit(
+            make_tiny_model("llama", dtype=dtype), str(tmp_path / "pre.safetensors"), _tokens(4, 64, "cpu"), E_dtype
+        )
+        for E_dtype in ("float32", "on_the_fly")
+    }
     model = meta_model(make_tiny_model("llama").config, dtype)
     kept, made = (estimate_memory(model, _tokens(4, 64), E_dtype=E_dtype) for E_dtype in ("float32", "on_the_fly"))
     assert made.E == 0 and kept.E > 0
@@ -221,8 +229,9 @@ def test_estimate_command_with_E_on_the_fly(tmp_path, offline):
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
     model_dir = yaml.safe_load(path.read_text())["model"]["model"]
     result = run(["estimate", "--config", str(path), "--model.E_dtype", "on_the_fly"])
-    direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(4, 1024), processes=8, evaluator=True,
-                             E_dtype="on_the_fly")
+    direct = estimate_memory(
+        meta_model(model_dir, torch.bfloat16), _tokens(4, 1024), processes=8, evaluator=True, E_dtype="on_the_fly"
+    )
     assert result == direct and result.E == 0 and result.attach_temporaries > 0
 
 
@@ -235,11 +244,14 @@ def test_estimate_command_under_fsdp_shards_the_weights(tmp_path, offline):
     assert sharded.weights == math.ceil(whole.weights / 4) and sharded.gathered > 0
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"trainer": {"devices": "many"}}, "trainer.devices is 'many'"),
-    ({"data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"}}, "BoringDataModule"),
-    ({"model": {"E_dtype": "float16"}}, "E_dtype"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trainer": {"devices": "many"}}, "trainer.devices is 'many'"),
+        ({"data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"}}, "BoringDataModule"),
+        ({"model": {"E_dtype": "float16"}}, "E_dtype"),
+    ],
+)
 def test_estimate_command_bad_input_is_named(change, message, tmp_path, offline, capsys):
     """A value the estimate cannot use is named in the error (the config parser's own errors exit, as for validate)."""
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
@@ -283,8 +295,14 @@ def test_estimate_command_on_the_shipped_sharded_config(tmp_path, offline):
     path = _config(name, tmp_path)
     result = run(["estimate", "--config", str(path)])
     model_dir = yaml.safe_load(path.read_text())["model"]["model"]
-    direct = estimate_memory(meta_model(model_dir, torch.bfloat16), _tokens(3, 512), E_dtype="model", processes=8,
-                             sharded=True, evaluator=True)
+    direct = estimate_memory(
+        meta_model(model_dir, torch.bfloat16),
+        _tokens(3, 512),
+        E_dtype="model",
+        processes=8,
+        sharded=True,
+        evaluator=True,
+    )
     assert result == direct
     assert result.shards == 8 and result.E == result.weights and result.gathered > 0
     # every tensor edited: W_post's rows, and ∇W's rows of one FSDP group at a time
@@ -298,8 +316,19 @@ def test_estimate_command_counts_the_rules_passes_and_keeps_the_peak(tmp_path, o
     path = _config("llama3-8b-instruct-gsm8k.yaml", tmp_path)
     shipped = run(["estimate", "--config", str(path)])
     assert (shipped.rule, shipped.backward_passes, shipped.forward_passes) == ("left", 6, 0)
-    gauss = run(["estimate", "--config", str(path), "--riemann.rule", "gauss", "--riemann.trapezoid", "null",
-                 "--riemann.num_points", "3"])
+    gauss = run(
+        [
+            "estimate",
+            "--config",
+            str(path),
+            "--riemann.rule",
+            "gauss",
+            "--riemann.trapezoid",
+            "null",
+            "--riemann.num_points",
+            "3",
+        ]
+    )
     assert (gauss.rule, gauss.backward_passes, gauss.forward_passes) == ("gauss", 3, 2)
     assert gauss == shipped and gauss.peak == shipped.peak
     assert "rule 'gauss': 3 forward+backward passes and 2 forwards alone" in capsys.readouterr().out
@@ -318,10 +347,35 @@ def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tm
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
     monkeypatch.chdir(tmp_path)
-    run(["validate", "--model.model", str(pair.post_dir), "--model.pretrained", str(pair.pre_dir), "--edit", "DARE",
-         "--edit.p", "0.9", "--data", "GSM8KDataModule", "--data.tokenizer", str(pair.post_dir), "--data.data",
-         str(data), "--data.batch_size", "2", "--data.max_length", "64", "--trainer.accelerator", "cpu",
-         "--riemann.num_points", "1", "--trainer.enable_progress_bar", "false"])
+    run(
+        [
+            "validate",
+            "--model.model",
+            str(pair.post_dir),
+            "--model.pretrained",
+            str(pair.pre_dir),
+            "--edit",
+            "DARE",
+            "--edit.p",
+            "0.9",
+            "--data",
+            "GSM8KDataModule",
+            "--data.tokenizer",
+            str(pair.post_dir),
+            "--data.data",
+            str(data),
+            "--data.batch_size",
+            "2",
+            "--data.max_length",
+            "64",
+            "--trainer.accelerator",
+            "cpu",
+            "--riemann.num_points",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     written = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
     assert {"ckpt_path", "verbose", "weights_only"} <= set(yaml.safe_load(written.read_text()))
     assert yaml.safe_load(written.read_text())["trainer"]["devices"] == "auto"
@@ -336,12 +390,17 @@ def test_estimate_reads_the_config_a_validate_run_writes_and_its_print_config(tm
     assert "trainer.devices 'auto': 1 process(es) per node" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("numel", "grad_dtype", "E_dtype"), [
-    (1000, torch.float32, torch.float32), (200_000, torch.float32, torch.float32), (200_000, torch.bfloat16,
-                                                                                  torch.float32),
-    (70_000, torch.bfloat16, torch.bfloat16), (5_000_000, torch.float32, torch.float32),
-    (300, torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    ("numel", "grad_dtype", "E_dtype"),
+    [
+        (1000, torch.float32, torch.float32),
+        (200_000, torch.float32, torch.float32),
+        (200_000, torch.bfloat16, torch.float32),
+        (70_000, torch.bfloat16, torch.bfloat16),
+        (5_000_000, torch.float32, torch.float32),
+        (300, torch.float64, torch.float64),
+    ],
+)
 def test_inner_product_bytes_bound_what_the_inner_product_allocates(numel, grad_dtype, E_dtype):  # noqa: N803
     """Against the allocator's record of :func:`~lightning_delta.parametrize.inner_product` on the CPU: a bound
     (the accelerator's chunking may need more), equal where the CPU's chunking needs the most."""

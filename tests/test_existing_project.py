@@ -42,13 +42,21 @@ class UserClassifierWithValidation(UserClassifier):
 def pretrained_state(module: UserClassifier) -> dict[str, torch.Tensor]:
     """A 'pre-trained' model: the user's weights minus a seeded perturbation (so ΔW is known exactly)."""
     generator = torch.Generator().manual_seed(11)
-    return {name: p.detach() - 0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            for name, p in module.model.state_dict().items()}
+    return {
+        name: p.detach() - 0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        for name, p in module.model.state_dict().items()
+    }
 
 
 def trainer_with(callback) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 @pytest.mark.parametrize("user_class", [UserClassifier, UserClassifierWithValidation])
@@ -61,8 +69,9 @@ def test_callback_on_a_users_module(user_class):
     edits = {name: alpha * (post[name] - pre[name]) for name, _ in module.model.named_parameters()}  # EXPO: E = αΔW
     reference = brute_force(copy.deepcopy(module.model), edits, ClassificationLoss(), loader, num_points=4)
 
-    callback = RiemannCallback(num_points=4, pretrained=pre, edit=Extrapolate(alpha), module_name="model",
-                               filename=None)
+    callback = RiemannCallback(
+        num_points=4, pretrained=pre, edit=Extrapolate(alpha), module_name="model", filename=None
+    )
     trainer = trainer_with(callback)
     if user_class is UserClassifier:
         callback.validate(trainer, module, loader, verbose=False)  # plain trainer.validate refuses this module
@@ -127,21 +136,24 @@ def test_gradient_biased_end_to_end():
 def test_validate_takes_its_validation_step_away_again():
     """`riemann.validate` gives a training_step-only module a no-op validation_step for the run, then removes it."""
     module = UserClassifier()
-    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1),
-                               module_name="model", filename=None)
+    callback = RiemannCallback(
+        num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1), module_name="model", filename=None
+    )
     callback.validate(trainer_with(callback), module, DataLoader(image_dataset(4)), verbose=False)
     assert callback.result is not None
     assert "validation_step" not in vars(module)
     assert not pl.utilities.model_helpers.is_overridden("validation_step", module, pl.LightningModule)
     with pytest.raises(Exception, match="validation_step"):  # plain validate refuses it again, as before
         trainer_with(RiemannCallback(pretrained={}, edit=Extrapolate(0.1), filename=None)).validate(
-            module, DataLoader(image_dataset(4)), verbose=False)
+            module, DataLoader(image_dataset(4)), verbose=False
+        )
 
 
 def test_validate_leaves_a_users_own_validation_step():
     module = UserClassifierWithValidation()
-    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1),
-                               module_name="model", filename=None)
+    callback = RiemannCallback(
+        num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.1), module_name="model", filename=None
+    )
     callback.validate(trainer_with(callback), module, DataLoader(image_dataset(4)), verbose=False)
     assert type(module).validation_step is UserClassifierWithValidation.validation_step
     assert "validation_step" not in vars(module)
@@ -202,8 +214,14 @@ def test_an_error_mid_sweep_gives_the_users_module_back():
 
         return training_step_loss(pl_module, batch, batch_idx)
 
-    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(0.3),
-                               module_name="model", filename=None, loss_fn=failing_loss)
+    callback = RiemannCallback(
+        num_points=2,
+        pretrained=pretrained_state(module),
+        edit=Extrapolate(0.3),
+        module_name="model",
+        filename=None,
+        loss_fn=failing_loss,
+    )
     with pytest.raises(RuntimeError, match="loss failed on batch 2"):
         callback.validate(trainer_with(callback), module, DataLoader(image_dataset(12), batch_size=4), verbose=False)
     assert 2 in calls
@@ -241,8 +259,9 @@ def _library_loss_case(name: str, tmp_path):
     post = make_post_trained(pre, scale=0.05)
     pre_state = {key: value.detach().clone() for key, value in pre.state_dict().items()}
     if name == "causal_lm":
-        data = GSM8KDataModule(make_tiny_tokenizer(), data=str(write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS)),
-                               batch_size=4)
+        data = GSM8KDataModule(
+            make_tiny_tokenizer(), data=str(write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS)), batch_size=4
+        )
         return post, CausalLMLoss(), pre_state, data.val_dataloader()
     data = UltraFeedbackDataModule(make_tiny_tokenizer(), data=str(write_ultrafeedback(tmp_path)), batch_size=4)
     return post, DPOLoss(reference=pre), pre_state, data.val_dataloader()
@@ -255,8 +274,9 @@ def test_a_training_step_summing_its_batch_is_warned_and_a_mean_is_not(loss_name
     the library's three losses (token-weighted for causal_lm), a warning for their sums."""
     model, loss, pre, loader = _library_loss_case(loss_name, tmp_path)
     module = LibraryLossModule(model, loss, reduction)
-    callback = RiemannCallback(num_points=1, trapezoid=False, pretrained=pre, edit=Extrapolate(-0.5),
-                               module_name="model", filename=None)
+    callback = RiemannCallback(
+        num_points=1, trapezoid=False, pretrained=pre, edit=Extrapolate(-0.5), module_name="model", filename=None
+    )
     callback.validate(trainer_with(callback), module, loader, verbose=False)
     warned = [str(w.message) for w in recwarn if "looks like a sum over the batch" in str(w.message)]
     assert len(warned) == (1 if reduction == "sum" else 0), warned
@@ -268,8 +288,12 @@ def test_a_training_step_summing_its_batch_is_warned_and_a_mean_is_not(loss_name
 def test_the_batch_sum_check_splits_the_batch_by_examples():
     from lightning_delta.targets import _split_batch
 
-    batch = {"ids": torch.arange(12).reshape(4, 3), "answers": ["a", "b", "c", "d"], "scale": torch.tensor(2.0),
-             "pair": (torch.zeros(4), torch.ones(4, 2))}
+    batch = {
+        "ids": torch.arange(12).reshape(4, 3),
+        "answers": ["a", "b", "c", "d"],
+        "scale": torch.tensor(2.0),
+        "pair": (torch.zeros(4), torch.ones(4, 2)),
+    }
     half = _split_batch(batch, 4, 2, 4)
     assert half["ids"].tolist() == [[6, 7, 8], [9, 10, 11]] and half["answers"] == ["c", "d"]
     assert half["scale"].item() == 2.0 and half["pair"][1].shape == (2, 2)
@@ -281,11 +305,18 @@ def test_a_validation_without_batches_is_an_error(empty):
     """Lightning skips every validation hook then; the callback refuses it at teardown instead of leaving
     ``result`` None with no word."""
     module = UserClassifier()
-    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5),
-                               module_name="model", filename=None)
-    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0 if empty.startswith("limit") else None)
+    callback = RiemannCallback(
+        num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5), module_name="model", filename=None
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0 if empty.startswith("limit") else None,
+    )
     data = image_dataset() if empty.startswith("limit") else []
     with pytest.raises(ValueError, match=r"RiemannCallback evaluated no validation batch.*limit_val_batches is 0"):
         callback.validate(trainer, module, DataLoader(data, batch_size=6), verbose=False)
@@ -294,8 +325,12 @@ def test_a_validation_without_batches_is_an_error(empty):
 
 def test_a_module_name_the_module_lacks_lists_its_children():
     module = UserClassifier()
-    callback = RiemannCallback(num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5),
-                               module_name="net", filename=None)
-    with pytest.raises(ValueError, match=r"module_name='net': UserClassifier has no submodule 'net'\. Its children "
-                                         r"are model;"):
+    callback = RiemannCallback(
+        num_points=2, pretrained=pretrained_state(module), edit=Extrapolate(-0.5), module_name="net", filename=None
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"module_name='net': UserClassifier has no submodule 'net'\. Its children "
+        r"are model;",
+    ):
         callback.validate(trainer_with(callback), module, DataLoader(image_dataset(), batch_size=6), verbose=False)

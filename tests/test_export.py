@@ -148,8 +148,9 @@ def test_save_edited_from_offline_hub_cache(tiny_pair, tmp_path, offline_hub):
     pair = tiny_pair("qwen2", shard="both")
     make_fake_hub_repo(offline_hub, "tiny-org/qwen2-base", pair.pre_dir)
     make_fake_hub_repo(offline_hub, "tiny-org/qwen2-instruct", pair.post_dir)
-    out = save_edited("tiny-org/qwen2-instruct", pretrained="tiny-org/qwen2-base", edit=SignScale(),
-                      output_dir=tmp_path / "edited")
+    out = save_edited(
+        "tiny-org/qwen2-instruct", pretrained="tiny-org/qwen2-base", edit=SignScale(), output_dir=tmp_path / "edited"
+    )
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     reference = model_with(reference_edited_state(pair.pre, pair.post, sign_scale), pair.post)
     torch.testing.assert_close(outputs(loaded), outputs(reference), rtol=0, atol=1e-5)
@@ -197,8 +198,9 @@ def test_gradients_are_passed_to_gradient_aware_edits():
     generator = torch.Generator().manual_seed(5)
     names = [n for n in reference_state_dict(post) if "layers.0" in n]
     gradients = {n: torch.randn(post.state_dict()[n].shape, generator=generator) for n in names}
-    edited = apply_edit_(copy.deepcopy(post), pretrained=pre, edit=GradientMask(), include=r"layers\.0\.",
-                         gradients=gradients)
+    edited = apply_edit_(
+        copy.deepcopy(post), pretrained=pre, edit=GradientMask(), include=r"layers\.0\.", gradients=gradients
+    )
     for name in names:
         w_pre, w_post = pre.state_dict()[name].double(), post.state_dict()[name].double()
         delta = w_post - w_pre
@@ -277,23 +279,31 @@ def test_save_edited_argument_errors(tiny_pair, tmp_path):
     with pytest.raises(ValueError, match=r"output_dir .* is a directory the models are read from"):
         save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=pair.pre_dir)
     with pytest.raises(ValueError, match=r"safetensors only"):
-        save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "out",
-                    safe_serialization=False)
+        save_edited(
+            pair.post_dir,
+            pretrained=pair.pre_dir,
+            edit=SignScale(),
+            output_dir=tmp_path / "out",
+            safe_serialization=False,
+        )
     with pytest.raises(ValueError, match=r"Linear without save_pretrained.*apply_edit_"):
         save_edited(torch.nn.Linear(2, 2), pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "out")
     with pytest.raises(ValueError, match=r"must be a Hugging Face model directory .* with a config\.json"):
-        save_edited(pair.post_dir / "model.safetensors", pretrained=pair.pre_dir, edit=SignScale(),
-                    output_dir=tmp_path / "out")
+        save_edited(
+            pair.post_dir / "model.safetensors", pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "out"
+        )
     with pytest.raises(ValueError, match=r"dtype must be None, 'auto', a torch\.dtype.*'float31'"):
-        save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "out",
-                    dtype="float31")
+        save_edited(
+            pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "out", dtype="float31"
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_save_edited_casts_to_the_requested_dtype(tiny_pair, tmp_path):
     pair = tiny_pair("llama", shard=None)
-    out = save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "edited",
-                      dtype="bfloat16")
+    out = save_edited(
+        pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=tmp_path / "edited", dtype="bfloat16"
+    )
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
     for name, expected in reference_edited_state(pair.pre, pair.post.to(torch.bfloat16), sign_scale).items():
@@ -303,8 +313,9 @@ def test_save_edited_casts_to_the_requested_dtype(tiny_pair, tmp_path):
 # ---------------------------------------------------------------------------------------- the output directory
 def snapshot(directory) -> dict[str, bytes]:
     """Every file under ``directory`` (relative path -> bytes)."""
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*"))
-            if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 def hidden_siblings(directory) -> list[str]:
@@ -396,8 +407,9 @@ def test_save_edited_overwrite_never_deletes_an_input(tiny_pair, tmp_path):
     pair = tiny_pair("llama", shard=None)
     before = snapshot(pair.post_dir)
     with pytest.raises(ValueError, match=r"holds .*post, which the models are read from"):
-        save_edited(pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=pair.post_dir.parent,
-                    overwrite=True)
+        save_edited(
+            pair.post_dir, pretrained=pair.pre_dir, edit=SignScale(), output_dir=pair.post_dir.parent, overwrite=True
+        )
     assert snapshot(pair.post_dir) == before
 
 
@@ -413,15 +425,32 @@ def test_a_symlinked_output_dir_is_written_through_and_stays_a_link(tiny_pair, t
     if overwrite:
         (target / "stale.txt").write_text("left by the old model")
     link.symlink_to(target, target_is_directory=True)
-    run(["edit", "--model", str(pair.post_dir), "--pretrained", str(pair.pre_dir), "--edit", "DARE", "--edit.p", "0.5",
-         "--output_dir", str(link), "--overwrite", str(overwrite).lower()])
+    run(
+        [
+            "edit",
+            "--model",
+            str(pair.post_dir),
+            "--pretrained",
+            str(pair.pre_dir),
+            "--edit",
+            "DARE",
+            "--edit.p",
+            "0.5",
+            "--output_dir",
+            str(link),
+            "--overwrite",
+            str(overwrite).lower(),
+        ]
+    )
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert (target / "model.safetensors").is_file() and not (target / "stale.txt").exists()
     assert hidden_siblings(target) == [] and hidden_siblings(link) == []
     from lightning_delta.edits import DARE
 
-    expected = {name: pair.pre.state_dict()[name].double() + delta.double()
-                for name, delta in DARE(p=0.5)(compute_delta(pair.post_dir, pretrained=pair.pre_dir)).items()}
+    expected = {
+        name: pair.pre.state_dict()[name].double() + delta.double()
+        for name, delta in DARE(p=0.5)(compute_delta(pair.post_dir, pretrained=pair.pre_dir)).items()
+    }
     loaded = transformers.AutoModelForCausalLM.from_pretrained(link).state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(loaded[name].double(), value, rtol=0, atol=1e-6, msg=name)

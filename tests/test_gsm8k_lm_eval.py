@@ -59,10 +59,16 @@ def lm_eval_contexts(task, tokenizer=None, system_prompt=None) -> list[str]:
     task.set_fewshot_seed(1234)
     chat = None
     if tokenizer is not None:
+
         def chat(history, add_generation_prompt=True):
             return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt)
-    task.build_all_requests(apply_chat_template=chat is not None, fewshot_as_multiturn=chat is not None,
-                            chat_template=chat, system_instruction=system_prompt)
+
+    task.build_all_requests(
+        apply_chat_template=chat is not None,
+        fewshot_as_multiturn=chat is not None,
+        chat_template=chat,
+        system_instruction=system_prompt,
+    )
     return [instance.args[0] for instance in task.instances]
 
 
@@ -109,8 +115,9 @@ def test_cot_llama_prompts_equal_lm_eval_chat_multiturn_token_for_token(tokenize
     task = lm_eval_task("lm-eval-cot-llama", repository)
     contexts = lm_eval_contexts(task, tokenizer, system_prompt)
     assert task.config.num_fewshot == 8
-    dm = GSM8KDataModule(tokenizer, data=str(repository), protocol="lm-eval-cot-llama", max_length=4096,
-                         system_prompt=system_prompt)
+    dm = GSM8KDataModule(
+        tokenizer, data=str(repository), protocol="lm-eval-cot-llama", max_length=4096, system_prompt=system_prompt
+    )
     assert our_prompts(dm) == [hflm_tokens(tokenizer, context) for context in contexts]
     until = task.instances[0].args[1]["until"]
     assert GSM8KEvaluator(tokenizer, protocol="lm-eval-cot-llama").stop_strings == tuple(until)

@@ -28,7 +28,8 @@ def test_every_requirement_is_locked_inside_its_range():
         name = canonicalize_name(requirement.name)
         assert name in locked, f"{requirement} of pyproject.toml is not in {LOCK.name}: {REFRESH}"
         assert requirement.specifier.contains(locked[name], prereleases=True), (
-            f"{LOCK.name} pins {name}=={locked[name]}, outside pyproject.toml's {requirement}: {REFRESH}")
+            f"{LOCK.name} pins {name}=={locked[name]}, outside pyproject.toml's {requirement}: {REFRESH}"
+        )
 
 
 def test_the_lock_pins_each_package_once_with_hashes():

@@ -32,8 +32,9 @@ def pairs(tmp_path_factory):
     return {family: make_tiny_pair(root / family, family, scale=0.05) for family in ("llama", "llama-tied")}
 
 
-@pytest.mark.parametrize("edit", [DARE(p=0.7, seed=4), BitDelta(bits=2), MagnitudePrune(p=0.8)],
-                         ids=["dare", "bitdelta", "magnitude_prune"])
+@pytest.mark.parametrize(
+    "edit", [DARE(p=0.7, seed=4), BitDelta(bits=2), MagnitudePrune(p=0.8)], ids=["dare", "bitdelta", "magnitude_prune"]
+)
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "llama-tied"])
 def test_on_the_fly_equals_kept_float32_E_bit_for_bit(pairs, family, edit):
@@ -42,8 +43,10 @@ def test_on_the_fly_equals_kept_float32_E_bit_for_bit(pairs, family, edit):
     for field in FIELDS:
         assert getattr(made, field) == getattr(kept, field), field
     assert all(p.E is None for p in module.edited_model().parametrizations.values())  # nothing kept
-    assert all(torch.equal(module.edited_model().E(name), kept_module.edited_model().E(name))
-               for name in kept_module.edited_model().names)
+    assert all(
+        torch.equal(module.edited_model().E(name), kept_module.edited_model().E(name))
+        for name in kept_module.edited_model().names
+    )
 
 
 @pytest.mark.slow
@@ -57,7 +60,9 @@ def test_on_the_fly_with_the_callbacks_defaults_and_with_W_kept(pairs, recompute
     edited = module.edited_model()
     model = edited.remove()
     assert edited.on_remove == []  # W_pre's files closed
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pairs["llama"].post.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), pairs["llama"].post.state_dict().values())
+    )
 
 
 class Unseeded(DeltaEdit):
@@ -69,11 +74,17 @@ class Unseeded(DeltaEdit):
         return delta * (torch.rand(delta.shape) > 0.5)
 
 
-@pytest.mark.parametrize(("edit", "match"), [
-    (Unseeded(), r"needs an edit that gives the same F\(ΔW\) every time, but Unseeded gave two different ones for "),
-    (GradientBiased(p=0.5, k=0.5), r"does not serve GradientBiased: it needs ∇L\(W_post\)"),
-    ("mapping", r"ready-made E tensors are held in memory already"),
-])
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            Unseeded(),
+            r"needs an edit that gives the same F\(ΔW\) every time, but Unseeded gave two different ones for ",
+        ),
+        (GradientBiased(p=0.5, k=0.5), r"does not serve GradientBiased: it needs ∇L\(W_post\)"),
+        ("mapping", r"ready-made E tensors are held in memory already"),
+    ],
+)
 def test_on_the_fly_refuses_what_it_cannot_make_again(pairs, edit, match):
     model = copy.deepcopy(pairs["llama"].post)
     edit = random_edits(model) if edit == "mapping" else edit

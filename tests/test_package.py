@@ -54,8 +54,12 @@ def _imported_modules(node, modules: dict, current: str) -> set[str]:
 
 
 # The console entry may defer its imports so that `lightning-delta --help` starts fast; nothing else may.
-DEFERRED_IMPORTS_ALLOWED = {"lightning_delta.cli", "lightning_delta.cli.registry", "lightning_delta.cli.help",
-                            "lightning_delta.cli.edit_argument"}
+DEFERRED_IMPORTS_ALLOWED = {
+    "lightning_delta.cli",
+    "lightning_delta.cli.registry",
+    "lightning_delta.cli.help",
+    "lightning_delta.cli.edit_argument",
+}
 
 
 def test_imports_point_downward_and_none_hides_in_a_function():
@@ -81,7 +85,9 @@ def test_imports_point_downward_and_none_hides_in_a_function():
                     targets |= deferred
                     if deferred and name not in DEFERRED_IMPORTS_ALLOWED:
                         hidden.append(f"{name}:{node.lineno}")
-        graph[name] = {target for target in targets if not name.startswith(target + ".") and target != "lightning_delta"}
+        graph[name] = {
+            target for target in targets if not name.startswith(target + ".") and target != "lightning_delta"
+        }
     assert not hidden, f"package modules imported inside functions: {hidden}"
 
     state: dict[str, int] = {}  # 1: on the current path, 2: done

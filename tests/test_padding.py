@@ -82,8 +82,11 @@ def test_gradient_statistics_give_the_padding_row_its_gradient():
 def test_gradients_at_post_give_the_padding_row_its_gradient():
     model = EmbeddingRegressor().double()
     expected = reference_gradient(model, batches())
-    one_process = SimpleNamespace(batch_to_device=lambda batch, device: batch, root_device=torch.device("cpu"),
-                                  reduce=lambda value, reduce_op: value)
+    one_process = SimpleNamespace(
+        batch_to_device=lambda batch, device: batch,
+        root_device=torch.device("cpu"),
+        reduce=lambda value, reduce_op: value,
+    )
     trainer = SimpleNamespace(val_dataloaders=[batches()], strategy=one_process)
     gradients = gradients_at_post(trainer, SquaredError(model), model)
     for name, value in expected.items():

@@ -129,7 +129,8 @@ def test_inner_product_against_float64(shape, grad_dtype):
     generator = torch.Generator().manual_seed(0)
     grad = torch.randn(shape, generator=generator, dtype=torch.float64).to(grad_dtype)
     edit = (torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-3).to(
-        torch.float64 if grad_dtype == torch.float64 else torch.float32)
+        torch.float64 if grad_dtype == torch.float64 else torch.float32
+    )
     products = [float(g) * float(e) for g, e in zip(grad.double().flatten().tolist(), edit.double().flatten().tolist())]
     expected, magnitude = math.fsum(products), math.fsum(abs(x) for x in products)
     got = inner_product(grad, edit)
@@ -183,8 +184,10 @@ def test_padding_row_counts_in_the_inner_product(embedding_class, recompute):
     post = {name: value.clone() for name, value in model.state_dict().items()}
     ids = torch.tensor([[0, 3, 0, 7], [2, 0, 9, 0]])
     generator = torch.Generator().manual_seed(1)
-    edits = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.1
-             for name, p in model.named_parameters()}
+    edits = {
+        name: torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.1
+        for name, p in model.named_parameters()
+    }
     edited = EditedModel(model, edits)
     for t in (0.0, 0.3, 1.0):
         edited.set_t(t)
@@ -195,7 +198,9 @@ def test_padding_row_counts_in_the_inner_product(embedding_class, recompute):
         gradients = torch.autograd.grad(_reference_loss(model, weights, ids), [weights[n] for n in edited.names])
         expected = torch.stack([(g * edits[name]).sum() for g, name in zip(gradients, edited.names)])
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
-        padding_share = float((gradients[edited.names.index("embedding.weight")][0] * edits["embedding.weight"][0]).sum())
+        padding_share = float(
+            (gradients[edited.names.index("embedding.weight")][0] * edits["embedding.weight"][0]).sum()
+        )
         assert abs(padding_share) > 1e-3 * float(expected.abs().max())  # the row that padding_idx would drop counts
         assert model.embedding.padding_idx == 0  # outside the embedding's own forward it reads as before
     edited.remove()

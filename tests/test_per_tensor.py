@@ -18,8 +18,12 @@ from lightning_delta.edits import DARE, BitDelta, GradientBiased, LowRank, PerTe
 from lightning_delta.export import PER_TENSOR_FILE
 from tests.support.tiny_models import make_tiny_model
 
-PATTERNS = {r"q_proj": BitDelta(bits=2), r"mlp\.(up|down)": DARE(p=0.7, seed=3), r"self_attn": LowRank(rank=2),
-            r".": BitDelta(bits=1)}
+PATTERNS = {
+    r"q_proj": BitDelta(bits=2),
+    r"mlp\.(up|down)": DARE(p=0.7, seed=3),
+    r"self_attn": LowRank(rank=2),
+    r".": BitDelta(bits=1),
+}
 
 
 def explicit(patterns, name, delta):
@@ -85,17 +89,20 @@ def test_gradient_biased_gets_its_gradients_passed_on():
         edit(deltas)
 
 
-@pytest.mark.parametrize(("edits", "match"), [
-    ({}, "non-empty mapping"),
-    (["q", BitDelta()], "non-empty mapping"),
-    ({"(": BitDelta()}, r"pattern '\(' is not a valid regular expression"),
-    ({1: BitDelta()}, "every pattern must be a str"),
-    ({"q": {"name": "nope"}}, r"names no edit.*'bitdelta'"),
-    ({"q": {"name": "dare", "q": 1}}, "unexpected keyword"),
-    ({"q": {"name": "dare", "p": 1.5}}, r"`p` must be in \[0, 1\)"),
-    ({"q": "bitdelta"}, "must be an edit of lightning_delta.edits"),
-    ({"q": PerTensor({".": BitDelta()})}, "not a PerTensor"),
-])
+@pytest.mark.parametrize(
+    ("edits", "match"),
+    [
+        ({}, "non-empty mapping"),
+        (["q", BitDelta()], "non-empty mapping"),
+        ({"(": BitDelta()}, r"pattern '\(' is not a valid regular expression"),
+        ({1: BitDelta()}, "every pattern must be a str"),
+        ({"q": {"name": "nope"}}, r"names no edit.*'bitdelta'"),
+        ({"q": {"name": "dare", "q": 1}}, "unexpected keyword"),
+        ({"q": {"name": "dare", "p": 1.5}}, r"`p` must be in \[0, 1\)"),
+        ({"q": "bitdelta"}, "must be an edit of lightning_delta.edits"),
+        ({"q": PerTensor({".": BitDelta()})}, "not a PerTensor"),
+    ],
+)
 def test_bad_per_tensor_arguments_are_refused_naming_the_value(edits, match):
     with pytest.raises(ValueError, match=match):
         PerTensor(edits)
@@ -109,15 +116,24 @@ def test_bad_unmatched_is_refused():
 def test_per_tensor_under_riemann_callback_equals_its_ready_made_E(llama_pair):
     """DeltaEditModule + RiemannCallback with PerTensor give the same term and exact ΔL as the same E given as a
     mapping computed by the explicit loop."""
-    E = {name: explicit(PATTERNS, name, delta) - delta for name, delta in iter_delta(llama_pair.post,
-                                                                                     pretrained=llama_pair.pre)}
+    E = {
+        name: explicit(PATTERNS, name, delta) - delta
+        for name, delta in iter_delta(llama_pair.post, pretrained=llama_pair.pre)
+    }
     results = []
     for edit in (PerTensor(PATTERNS), E):
         callback = RiemannCallback(num_points=2, filename=None)
         module = DeltaEditModule(make_tiny_model("llama", seed=0), pretrained=llama_pair.pre, edit=edit)
         module.model.load_state_dict(llama_pair.post.state_dict())
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            inference_mode=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback],
+        )
         trainer.validate(module, datamodule=DigitsDataModule(limit=8, batch_size=4), verbose=False)
         results.append(callback.result)
     assert results[0].exact == pytest.approx(results[1].exact, rel=1e-12, abs=1e-12)
@@ -126,8 +142,9 @@ def test_per_tensor_under_riemann_callback_equals_its_ready_made_E(llama_pair):
 
 def test_save_edited_writes_the_per_tensor_settings_beside_the_weights(llama_pair, tmp_path):
     edit = PerTensor(PATTERNS)
-    path = save_edited(str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), edit=edit,
-                       output_dir=tmp_path / "out")
+    path = save_edited(
+        str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), edit=edit, output_dir=tmp_path / "out"
+    )
     assert json.loads((path / PER_TENSOR_FILE).read_text()) == edit.config()
     weights = load_file(path / "model.safetensors")
     pre = llama_pair.pre.state_dict()
@@ -136,16 +153,29 @@ def test_save_edited_writes_the_per_tensor_settings_beside_the_weights(llama_pai
 
 
 def test_save_edited_with_a_uniform_edit_writes_no_per_tensor_file(llama_pair, tmp_path):
-    path = save_edited(str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), edit=BitDelta(),
-                       output_dir=tmp_path / "out")
+    path = save_edited(
+        str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), edit=BitDelta(), output_dir=tmp_path / "out"
+    )
     assert not (path / PER_TENSOR_FILE).exists()
 
 
 def test_edit_command_takes_a_per_tensor_edit_of_config_dicts(llama_pair, tmp_path):
     edits = {"q_proj": {"name": "bitdelta", "bits": 2}, ".": {"name": "dare", "p": 0.5, "seed": 1}}
-    run(["edit", "--model", str(llama_pair.post_dir), "--pretrained", str(llama_pair.pre_dir),
-         "--output_dir", str(tmp_path / "out"), "--edit", "lightning_delta.edits.PerTensor",
-         "--edit.edits", json.dumps(edits)])
+    run(
+        [
+            "edit",
+            "--model",
+            str(llama_pair.post_dir),
+            "--pretrained",
+            str(llama_pair.pre_dir),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--edit",
+            "lightning_delta.edits.PerTensor",
+            "--edit.edits",
+            json.dumps(edits),
+        ]
+    )
     expected = PerTensor(edits)
     assert json.loads((tmp_path / "out" / PER_TENSOR_FILE).read_text()) == expected.config()
     weights = load_file(tmp_path / "out" / "model.safetensors")

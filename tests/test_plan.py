@@ -64,14 +64,15 @@ def reference_statistics(model, batches):
     for x, y in batches:
         per_batch.append((len(x), torch.autograd.grad(target.riemann_loss((x, y)).total, list(parameters.values()))))
         for i in range(len(x)):
-            per_item.append(torch.autograd.grad(target.riemann_loss((x[i:i + 1], y[i:i + 1])).total,
-                                                list(parameters.values())))
+            per_item.append(
+                torch.autograd.grad(target.riemann_loss((x[i : i + 1], y[i : i + 1])).total, list(parameters.values()))
+            )
     N = sum(n for n, _ in per_batch)  # noqa: N806
     gradient, fisher, item_fisher = {}, {}, {}
     for j, name in enumerate(parameters):
         g = sum(G[j] for _, G in per_batch) / N
         gradient[name] = g
-        fisher[name] = sum((G[j] - n * g) ** 2 for n, G in per_batch) / N + g ** 2
+        fisher[name] = sum((G[j] - n * g) ** 2 for n, G in per_batch) / N + g**2
         item_fisher[name] = sum(G[j] ** 2 for G in per_item) / N
     return gradient, fisher, item_fisher
 
@@ -107,24 +108,34 @@ def test_gradient_statistics_of_a_subset_leave_the_other_parameters_alone():
 
 
 # ----------------------------------------------------------------------------------------- candidate scores
-@pytest.mark.parametrize(("name", "values"), [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3]),
-                                             ("magnitude_prune", [0.25, 0.75])])
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [("bitdelta", [1, 2, 3]), ("dare", [0.1, 0.5]), ("lowrank", [1, 3]), ("magnitude_prune", [0.25, 0.75])],
+)
 @pytest.mark.slow
 def test_candidate_scores_equal_explicit_float64_sums(name, values):
     pre = make_tiny_model("llama", seed=0, dtype=torch.float64).state_dict()
     generator = torch.Generator().manual_seed(1)
-    post = {key: value + 0.01 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
-            for key, value in pre.items()}
-    stats = GradientStatistics({key: torch.randn(v.shape, generator=generator, dtype=torch.float64)
-                                for key, v in post.items()},
-                               {key: torch.rand(v.shape, generator=generator, dtype=torch.float64)
-                                for key, v in post.items()}, 1.0, 1)
+    post = {
+        key: value + 0.01 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        for key, value in pre.items()
+    }
+    stats = GradientStatistics(
+        {key: torch.randn(v.shape, generator=generator, dtype=torch.float64) for key, v in post.items()},
+        {key: torch.rand(v.shape, generator=generator, dtype=torch.float64) for key, v in post.items()},
+        1.0,
+        1,
+    )
     spec = family(name)
     scores = candidate_scores(post, pre, spec, values, stats, seed=4)
     expected_names = [key for key in post if name != "lowrank" or post[key].dim() == 2]
     assert scores.names == expected_names
-    explicit_edits = {"bitdelta": lambda v: BitDelta(bits=v), "dare": lambda v: DARE(p=1 - v, seed=4),
-                      "lowrank": lambda v: LowRank(rank=v), "magnitude_prune": lambda v: MagnitudePrune(p=1 - v)}[name]
+    explicit_edits = {
+        "bitdelta": lambda v: BitDelta(bits=v),
+        "dare": lambda v: DARE(p=1 - v, seed=4),
+        "lowrank": lambda v: LowRank(rank=v),
+        "magnitude_prune": lambda v: MagnitudePrune(p=1 - v),
+    }[name]
     for k, key in enumerate(scores.names):
         delta = post[key] - pre[key]
         for j, value in enumerate(values):
@@ -213,8 +224,11 @@ def explicit_loss(model, datamodule) -> float:
         for batch in datamodule.val_dataloader():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
             labels = batch["labels"][:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100, reduction="sum"))
+            total += float(
+                F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
             count += int((labels != -100).sum())
     return total / count
 
@@ -231,19 +245,26 @@ def check_plan(plan: Plan, pair, values, average, datamodule) -> None:
         assert plan.exact <= plan.measured["uniform"]
         uniform = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre, edit=spec.edit(average, plan.seed))
         assert plan.measured["uniform"] == pytest.approx(
-            explicit_loss(uniform, datamodule) - explicit_loss(pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
+            explicit_loss(uniform, datamodule) - explicit_loss(pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS
+        )
     post = copy.deepcopy(pair.post)
     edited = apply_edit_(copy.deepcopy(pair.post), pretrained=pair.pre, edit=plan.edit())
     assert plan.loss_post == pytest.approx(explicit_loss(post, datamodule), rel=1e-6)
-    assert plan.exact == pytest.approx(explicit_loss(edited, datamodule) - explicit_loss(post, datamodule),
-                                       rel=1e-5, abs=FLOAT32_LOSS)
+    assert plan.exact == pytest.approx(
+        explicit_loss(edited, datamodule) - explicit_loss(post, datamodule), rel=1e-5, abs=FLOAT32_LOSS
+    )
 
 
 @pytest.mark.slow
 def test_plan_edit_with_its_defaults(llama_pair):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(str(llama_pair.post_dir), pretrained=str(llama_pair.pre_dir), datamodule=datamodule,
-                     family_name="bitdelta", average=2)
+    plan = plan_edit(
+        str(llama_pair.post_dir),
+        pretrained=str(llama_pair.pre_dir),
+        datamodule=datamodule,
+        family_name="bitdelta",
+        average=2,
+    )
     check_plan(plan, llama_pair, FAMILIES["bitdelta"].default_candidates, 2, datamodule)
     assert plan.passes["forward_backward"] == 1 + len(plan.refined) * (5 + 1)
     assert plan.refined and set(plan.refined) <= {1, 2, 3, 4}
@@ -253,9 +274,17 @@ def test_plan_edit_with_its_defaults(llama_pair):
 @pytest.mark.parametrize(("name", "values", "average"), [("dare", [0.1, 0.3, 0.5], 0.3), ("lowrank", [1, 2], 1.5)])
 def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pair, name, values, average):
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name=name,
-                     average=average, candidates=values, refine=1,
-                     num_points=2, seed=3)
+    plan = plan_edit(
+        llama_pair.post,
+        pretrained=llama_pair.pre,
+        datamodule=datamodule,
+        family_name=name,
+        average=average,
+        candidates=values,
+        refine=1,
+        num_points=2,
+        seed=3,
+    )
     check_plan(plan, llama_pair, values, average, datamodule)
     assert len(plan.refined) == 1 and plan.passes["forward_backward"] == 1 + 3
     assert isinstance(plan.edit(), PerTensor) and json.loads(json.dumps(plan.to_dict()))["edit"]["name"] == "per_tensor"
@@ -263,20 +292,35 @@ def test_plan_edit_meets_the_budget_and_measures_its_exact_loss_change(llama_pai
 
 def test_plan_without_refinement_uses_the_taylor_scores_only(llama_pair):
     datamodule = DigitsDataModule(limit=12, batch_size=12)
-    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name="bitdelta",
-                     average=2, candidates=[1, 3], refine=0,
-                     measure=False)
+    plan = plan_edit(
+        llama_pair.post,
+        pretrained=llama_pair.pre,
+        datamodule=datamodule,
+        family_name="bitdelta",
+        average=2,
+        candidates=[1, 3],
+        refine=0,
+        measure=False,
+    )
     assert plan.refined == [] and plan.exact is None and plan.passes == {"forward_backward": 1, "forward": 0}
     assert plan.predicted == pytest.approx(plan.predicted_second)
 
 
 def test_plan_command_writes_the_plan_and_the_edited_model(llama_pair, tmp_path):
     config = {
-        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": "test", "limit": 12, "batch_size": 12}},
-        "family": "bitdelta", "average": 2, "candidates": [1, 2, 3], "num_points": 2, "refine": 1,
-        "output": str(tmp_path / "plan.json"), "output_dir": str(tmp_path / "model"),
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": "test", "limit": 12, "batch_size": 12},
+        },
+        "family": "bitdelta",
+        "average": 2,
+        "candidates": [1, 2, 3],
+        "num_points": 2,
+        "refine": 1,
+        "output": str(tmp_path / "plan.json"),
+        "output_dir": str(tmp_path / "model"),
     }
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -289,9 +333,11 @@ def test_plan_command_writes_the_plan_and_the_edited_model(llama_pair, tmp_path)
 @pytest.mark.slow
 def test_plan_command_with_its_defaults(llama_pair, tmp_path, monkeypatch):
     config = {
-        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
-        "family": "lowrank", "average": 2,
+        "family": "lowrank",
+        "average": 2,
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
@@ -304,9 +350,14 @@ def test_plan_command_with_its_defaults(llama_pair, tmp_path, monkeypatch):
 def test_sweep_shares_sum_to_the_trapezoid_and_the_model_comes_back(llama_pair):
     model = copy.deepcopy(llama_pair.post)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = riemann_sweep(model, pretrained=llama_pair.pre, edit=BitDelta(bits=2),
-                           datamodule=DigitsDataModule(limit=12, batch_size=6),
-                           include=["q_proj", "up_proj"], num_points=2)
+    result = riemann_sweep(
+        model,
+        pretrained=llama_pair.pre,
+        edit=BitDelta(bits=2),
+        datamodule=DigitsDataModule(limit=12, batch_size=6),
+        include=["q_proj", "up_proj"],
+        num_points=2,
+    )
     shares = trapezoid_per_tensor(result)
     assert set(shares) == {name for name in before if "q_proj" in name or "up_proj" in name}
     assert sum(shares.values()) == pytest.approx(result.trapezoid, rel=1e-12)
@@ -323,15 +374,17 @@ def test_exact_candidate_changes_equal_apply_edit_and_an_explicit_loss():
     names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]
     edits = [BitDelta(bits=1), DARE(p=0.5, seed=2)]
     target = DeltaEditModule(post, pretrained=pre, edit=edits[0])
-    changes, passes = exact_candidate_changes(target, post, pretrained=pre, names=names, edits=edits,
-                                              loaders=[datamodule.val_dataloader()])
+    changes, passes = exact_candidate_changes(
+        target, post, pretrained=pre, names=names, edits=edits, loaders=[datamodule.val_dataloader()]
+    )
     assert passes == 2 * 2 + 1
     base = explicit_loss(post, datamodule)
     for k, name in enumerate(names):
         for j, edit in enumerate(edits):
             edited = apply_edit_(copy.deepcopy(post), pretrained=pre, edit=edit, include=[f"^{name}$"])
-            assert float(changes[k, j]) == pytest.approx(explicit_loss(edited, datamodule) - base, rel=1e-5,
-                                                         abs=FLOAT32_LOSS)
+            assert float(changes[k, j]) == pytest.approx(
+                explicit_loss(edited, datamodule) - base, rel=1e-5, abs=FLOAT32_LOSS
+            )
 
 
 # ------------------------------------------------------------------------------------------- byte budgets
@@ -357,8 +410,9 @@ def compact_bytes(family_name: str, value, delta: torch.Tensor, edited: torch.Te
     return kept * 4 + positions(kept)  # the values and their positions
 
 
-@pytest.mark.parametrize(("name", "value"), [("bitdelta", 1), ("bitdelta", 3), ("magnitude_prune", 0.25),
-                                             ("lowrank", 2)])
+@pytest.mark.parametrize(
+    ("name", "value"), [("bitdelta", 1), ("bitdelta", 3), ("magnitude_prune", 0.25), ("lowrank", 2)]
+)
 def test_stored_bytes_count_the_compact_form_of_the_edited_tensor(name, value):
     torch.manual_seed(0)
     delta = torch.randn(16, 8)
@@ -390,32 +444,58 @@ def test_plan_under_a_byte_budget_stores_no_more_than_it(llama_pair, name):
     values = [1, 2, 4]
     weights = {name_: tensor for name_, tensor in llama_pair.post.state_dict().items()}
     spec = FAMILIES[name]
-    planned = [n for n, t in weights.items() if spec.applies(t.shape) and n in dict(llama_pair.post.named_parameters())
-               and not torch.equal(t, llama_pair.pre.state_dict()[n])]
+    planned = [
+        n
+        for n, t in weights.items()
+        if spec.applies(t.shape)
+        and n in dict(llama_pair.post.named_parameters())
+        and not torch.equal(t, llama_pair.pre.state_dict()[n])
+    ]
     uniform_2 = sum(spec.stored_bytes(2, weights[n].shape, 4) for n in planned)
     budget = float(uniform_2 + 100)  # the uniform edit at 2 fits, at 4 does not
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    plan = plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule, family_name=name,
-                     candidates=values, refine=1, num_points=2,
-                     budget_bytes=budget)
+    plan = plan_edit(
+        llama_pair.post,
+        pretrained=llama_pair.pre,
+        datamodule=datamodule,
+        family_name=name,
+        candidates=values,
+        refine=1,
+        num_points=2,
+        budget_bytes=budget,
+    )
     assert set(plan.settings) == set(planned) and plan.average is None and plan.budget_bytes == budget
-    stored = sum(compact_bytes(name, plan.settings[n], weights[n] - llama_pair.pre.state_dict()[n],
-                               spec.edit(plan.settings[n]).edit_tensor(n, weights[n] - llama_pair.pre.state_dict()[n]))
-                 for n in planned)
+    stored = sum(
+        compact_bytes(
+            name,
+            plan.settings[n],
+            weights[n] - llama_pair.pre.state_dict()[n],
+            spec.edit(plan.settings[n]).edit_tensor(n, weights[n] - llama_pair.pre.state_dict()[n]),
+        )
+        for n in planned
+    )
     assert plan.cost == plan.stored_bytes == float(stored) <= plan.budget == budget
     assert plan.chosen == min(plan.measured, key=plan.measured.get)
     if 2 in plan.refined:  # the uniform edit compared with is the largest setting that fits: 2
         assert plan.measured["uniform"] == pytest.approx(
-            explicit_loss(apply_edit_(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=spec.edit(2)),
-                          datamodule)
-            - explicit_loss(llama_pair.post, datamodule), rel=1e-5, abs=FLOAT32_LOSS)
+            explicit_loss(
+                apply_edit_(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=spec.edit(2)), datamodule
+            )
+            - explicit_loss(llama_pair.post, datamodule),
+            rel=1e-5,
+            abs=FLOAT32_LOSS,
+        )
 
 
 def test_plan_command_with_a_byte_budget(llama_pair, tmp_path):
     config = {
-        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
-        "family": "dare", "budget_bytes": 20000, "refine": 0, "output": str(tmp_path / "plan.json"),
+        "family": "dare",
+        "budget_bytes": 20000,
+        "refine": 0,
+        "output": str(tmp_path / "plan.json"),
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
     plan = run(["plan", "--config", str(tmp_path / "plan.yaml")])
@@ -426,9 +506,9 @@ def test_plan_command_with_a_byte_budget(llama_pair, tmp_path):
 def readme_plan_commands() -> list[list[str]]:
     """The README's `lightning-delta plan` lines (its planning section's bash block), comments dropped."""
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("## Planning an edit per tensor"):]
-    block = section[section.index("```bash\n") + len("```bash\n"):]
-    block = block[:block.index("```")]
+    section = text[text.index("## Planning an edit per tensor") :]
+    block = section[section.index("```bash\n") + len("```bash\n") :]
+    block = block[: block.index("```")]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
@@ -436,9 +516,15 @@ def readme_plan_commands() -> list[list[str]]:
 def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypatch):
     commands = readme_plan_commands()
     assert len(commands) == 3 and all(command[:2] == ["lightning-delta", "plan"] for command in commands)
-    config = {"model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
-              "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
-              "family": "bitdelta", "average": 2, "refine": 1, "num_points": 2}
+    config = {
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
+        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
+        "family": "bitdelta",
+        "average": 2,
+        "refine": 1,
+        "num_points": 2,
+    }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     plans = [run(command[1:]) for command in commands]
@@ -449,23 +535,34 @@ def test_the_readme_plan_commands_run_as_written(llama_pair, tmp_path, monkeypat
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"family_name": "ties"},
-     r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'magnitude_prune', 'lowrank'\]"),
-    ({"average": 0.5}, r"`average` .* must be a number >= the smallest candidate 1, got average=0.5"),
-    ({"candidates": [0, 2]}, r"candidates .* must be integers >= 1, got 0"),
-    ({"candidates": [1.5]}, r"must be integers >= 1, got 1.5"),
-    ({"candidates": []}, "give at least one candidate"),
-    ({"candidates": [float("nan")]}, "must be finite numbers, got nan"),
-    ({"candidates": ["2"]}, "must be finite numbers, got '2'"),
-    ({"refine": -1}, r"`refine` must be None or an int >= 0 \(settings swept\), got refine=-1"),
-    ({"budget_bytes": 1000}, r"give the budget as `average` .* or as `budget_bytes`, exactly one; got average=2 "
-                             r"and budget_bytes=1000"),
-    ({"average": None}, r"exactly one; got average=None and budget_bytes=None"),
-    ({"average": None, "budget_bytes": -5}, r"`budget_bytes` must be a positive finite number of bytes, got "
-                                            r"budget_bytes=-5"),
-    ({"average": None, "budget_bytes": 10}, r"the budget 10 is below the cheapest plan"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"family_name": "ties"},
+            r"unknown edit family 'ties'; choose one of \['bitdelta', 'dare', 'magnitude_prune', 'lowrank'\]",
+        ),
+        ({"average": 0.5}, r"`average` .* must be a number >= the smallest candidate 1, got average=0.5"),
+        ({"candidates": [0, 2]}, r"candidates .* must be integers >= 1, got 0"),
+        ({"candidates": [1.5]}, r"must be integers >= 1, got 1.5"),
+        ({"candidates": []}, "give at least one candidate"),
+        ({"candidates": [float("nan")]}, "must be finite numbers, got nan"),
+        ({"candidates": ["2"]}, "must be finite numbers, got '2'"),
+        ({"refine": -1}, r"`refine` must be None or an int >= 0 \(settings swept\), got refine=-1"),
+        (
+            {"budget_bytes": 1000},
+            r"give the budget as `average` .* or as `budget_bytes`, exactly one; got average=2 "
+            r"and budget_bytes=1000",
+        ),
+        ({"average": None}, r"exactly one; got average=None and budget_bytes=None"),
+        (
+            {"average": None, "budget_bytes": -5},
+            r"`budget_bytes` must be a positive finite number of bytes, got "
+            r"budget_bytes=-5",
+        ),
+        ({"average": None, "budget_bytes": 10}, r"the budget 10 is below the cheapest plan"),
+    ],
+)
 def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, match):
     arguments = {"family_name": "bitdelta", "average": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -475,8 +572,13 @@ def test_bad_plan_arguments_are_refused_naming_the_value(llama_pair, kwargs, mat
 def plan_in_a_process_group(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        plan_edit(nn.Linear(2, 2), pretrained=nn.Linear(2, 2), datamodule=DigitsDataModule(limit=4),
-                  family_name="bitdelta", average=2)
+        plan_edit(
+            nn.Linear(2, 2),
+            pretrained=nn.Linear(2, 2),
+            datamodule=DigitsDataModule(limit=4),
+            family_name="bitdelta",
+            average=2,
+        )
     except ValueError as error:
         (Path(out_dir) / f"{rank}.txt").write_text(str(error))
     finally:
@@ -493,8 +595,14 @@ def test_a_process_of_a_distributed_job_is_refused(tmp_path):
 
 def test_dare_candidates_outside_the_unit_interval_are_refused(llama_pair):
     with pytest.raises(ValueError, match=r"dare candidates \(kept density\) must be in \(0, 1\], got 1.5"):
-        plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=4), family_name="dare",
-                  average=0.5, candidates=[0.5, 1.5])
+        plan_edit(
+            llama_pair.post,
+            pretrained=llama_pair.pre,
+            datamodule=DigitsDataModule(limit=4),
+            family_name="dare",
+            average=0.5,
+            candidates=[0.5, 1.5],
+        )
 
 
 @pytest.mark.slow
@@ -502,48 +610,82 @@ def test_plan_refines_with_the_gauss_terms_when_asked(llama_pair):
     """rule="gauss": each refinement sweep runs its n nodes (no backward at t = 1, forwards at t = 0 and 1), and the
     refined scores are the sweep's Gauss per-tensor terms, which equal a RiemannCallback run of the same rule."""
     datamodule = DigitsDataModule(limit=24, batch_size=12)
-    planning = run_planning(llama_pair.post, pretrained=llama_pair.pre, datamodule=datamodule,
-                            family_name="bitdelta", average=2, candidates=[1, 3], refine=1, num_points=2, rule="gauss")
+    planning = run_planning(
+        llama_pair.post,
+        pretrained=llama_pair.pre,
+        datamodule=datamodule,
+        family_name="bitdelta",
+        average=2,
+        candidates=[1, 3],
+        refine=1,
+        num_points=2,
+        rule="gauss",
+    )
     plan = planning.plan
-    (value, sweep), = planning.sweeps.items()
+    ((value, sweep),) = planning.sweeps.items()
     assert sweep.rule == "gauss" and sweep.passes == 2 and plan.refined == [value]
     column = planning.used[:, [1, 3].index(value)].tolist()
     assert column == [sweep.term_per_tensor[name] for name in planning.scores.names]
     assert plan.passes["forward_backward"] == 1 + 2 and plan.passes["forward"] % 2 == 0 and plan.passes["forward"] >= 2
-    direct = riemann_sweep(copy.deepcopy(llama_pair.post), pretrained=llama_pair.pre, edit=BitDelta(bits=value),
-                           datamodule=datamodule, include=list(planning.scores.names), num_points=2, rule="gauss")
+    direct = riemann_sweep(
+        copy.deepcopy(llama_pair.post),
+        pretrained=llama_pair.pre,
+        edit=BitDelta(bits=value),
+        datamodule=datamodule,
+        include=list(planning.scores.names),
+        num_points=2,
+        rule="gauss",
+    )
     assert direct.term_per_tensor == pytest.approx(sweep.term_per_tensor, rel=1e-6, abs=1e-9)
 
 
 def test_plan_command_takes_a_rule(llama_pair, tmp_path):
     config = {
-        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": "test", "limit": 12, "batch_size": 12}},
-        "family": "bitdelta", "average": 2, "candidates": [1, 2, 3], "refine": 1,
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": "test", "limit": 12, "batch_size": 12},
+        },
+        "family": "bitdelta",
+        "average": 2,
+        "candidates": [1, 2, 3],
+        "refine": 1,
         "output": str(tmp_path / "plan.json"),
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
     plan = run(["plan", "--config", str(tmp_path / "plan.yaml"), "--rule", "gauss"])
     assert plan.passes["forward_backward"] == 1 + 3  # gauss's own 3 nodes for the one refined setting
     with pytest.raises(ValueError, match="rule.*'trapezoid', 'gauss' or 'adaptive'.*'left'"):
-        plan_edit(llama_pair.post, pretrained=llama_pair.pre, datamodule=DigitsDataModule(limit=12),
-                  family_name="bitdelta", average=2, rule="left")
+        plan_edit(
+            llama_pair.post,
+            pretrained=llama_pair.pre,
+            datamodule=DigitsDataModule(limit=12),
+            family_name="bitdelta",
+            average=2,
+            rule="left",
+        )
 
 
 def test_a_second_plan_into_the_same_output_is_refused_without_overwrite(llama_pair, tmp_path, monkeypatch):
     """``plan.json`` is not written over silently (as ``edit`` refuses a non-empty directory): refused before any
     pass over the data, the old file left as it was; ``--overwrite true`` replaces it."""
     config = {
-        "model": str(llama_pair.post_dir), "pretrained": str(llama_pair.pre_dir),
+        "model": str(llama_pair.post_dir),
+        "pretrained": str(llama_pair.pre_dir),
         "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule", "init_args": {"limit": 12}},
-        "family": "bitdelta", "average": 2, "refine": 0,
+        "family": "bitdelta",
+        "average": 2,
+        "refine": 0,
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "plan.json").write_text('{"an": "earlier plan"}\n')
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"output plan\.json exists; refusing to write a plan over it\. Pass "
-                                         r"--overwrite true"):
+    with pytest.raises(
+        ValueError,
+        match=r"output plan\.json exists; refusing to write a plan over it\. Pass "
+        r"--overwrite true",
+    ):
         run(["plan", "--config", "plan.yaml"])
     assert (tmp_path / "plan.json").read_text() == '{"an": "earlier plan"}\n'
     plan = run(["plan", "--config", "plan.yaml", "--overwrite", "true"])

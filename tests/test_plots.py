@@ -19,21 +19,42 @@ from lightning_delta.rows import edit_label
 from lightning_delta.sweep import ResultsFile, SweepRow
 
 
-def sweep_row(edit: dict, dataset: str, term: float, exact: float, accuracy: float | None,
-              num_points: int = 5) -> SweepRow:
+def sweep_row(
+    edit: dict, dataset: str, term: float, exact: float, accuracy: float | None, num_points: int = 5
+) -> SweepRow:
     """A row shaped like the sweep's, with a loss curve whose integrand is linear in t."""
     losses = [1.0 + exact * (c / num_points) ** 2 for c in range(num_points + 1)]
     inner = [2 * exact * c / num_points for c in range(num_points + 1)]
     groups = {"attention": 0.5 * term, "mlp": 0.4 * term, "norms": 0.05 * term, "embeddings": 0.05 * term}
-    result = RiemannResult(num_points=num_points, count=1.0, losses=losses, inner_products=inner, term=term,
-                           trapezoid=exact, exact=exact, loss_post=1.0, loss_edit=1.0 + exact,
-                           accuracy_post=None if accuracy is None else 0.8, accuracy_edit=accuracy,
-                           term_per_group=groups, rule="left",
-                           points=[c / num_points for c in range(num_points + 1)],
-                           weights=[1 / num_points] * num_points + [0.0])
-    return SweepRow(key=f"{edit}-{dataset}", index=0, overrides={}, edit=edit, dataset=dataset, result=result,
-                    config={}, versions={}, started="2025-01-01T00:00:00+0000", seconds=0.0)
-
+    result = RiemannResult(
+        num_points=num_points,
+        count=1.0,
+        losses=losses,
+        inner_products=inner,
+        term=term,
+        trapezoid=exact,
+        exact=exact,
+        loss_post=1.0,
+        loss_edit=1.0 + exact,
+        accuracy_post=None if accuracy is None else 0.8,
+        accuracy_edit=accuracy,
+        term_per_group=groups,
+        rule="left",
+        points=[c / num_points for c in range(num_points + 1)],
+        weights=[1 / num_points] * num_points + [0.0],
+    )
+    return SweepRow(
+        key=f"{edit}-{dataset}",
+        index=0,
+        overrides={},
+        edit=edit,
+        dataset=dataset,
+        result=result,
+        config={},
+        versions={},
+        started="2025-01-01T00:00:00+0000",
+        seconds=0.0,
+    )
 
 
 def synthetic_rows() -> list[SweepRow]:
@@ -41,15 +62,30 @@ def synthetic_rows() -> list[SweepRow]:
     rows = []
     for k in (-1.0, 0.0, 0.5):
         for p in (0.1, 0.5, 0.9):
-            exact = p ** 3 * (1 + abs(k)) * 0.3 + rng.uniform(-0.005, 0.005)
-            rows.append(sweep_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": 0}, "GSM8K",
-                                  exact * 0.9, exact, 0.8 - exact))
+            exact = p**3 * (1 + abs(k)) * 0.3 + rng.uniform(-0.005, 0.005)
+            rows.append(
+                sweep_row(
+                    {"name": "dare", "p": p, "k": k, "rescale": True, "seed": 0},
+                    "GSM8K",
+                    exact * 0.9,
+                    exact,
+                    0.8 - exact,
+                )
+            )
     for p in (0.1, 0.5, 0.9):
-        rows.append(sweep_row({"name": "dare", "p": p, "k": 0.0, "rescale": False, "seed": 0}, "GSM8K",
-                              p, 1.2 * p, 0.5))
+        rows.append(
+            sweep_row({"name": "dare", "p": p, "k": 0.0, "rescale": False, "seed": 0}, "GSM8K", p, 1.2 * p, 0.5)
+        )
     for bits in (1, 2, 3, 4):
-        rows.append(sweep_row({"name": "bitdelta", "bits": bits, "scale": 1.0, "magnitudes": "mean", "seed": 0},
-                              "GSM8K", 0.2 / bits, 0.25 / bits, 0.8 - 0.1 / bits))
+        rows.append(
+            sweep_row(
+                {"name": "bitdelta", "bits": bits, "scale": 1.0, "magnitudes": "mean", "seed": 0},
+                "GSM8K",
+                0.2 / bits,
+                0.25 / bits,
+                0.8 - 0.1 / bits,
+            )
+        )
     rows.append(sweep_row({"name": "lowrank", "rank": 4, "fraction": None}, "GSM8K", 0.3, 0.4, 0.6))
     rows.append(sweep_row({"name": "magnitude_prune", "p": 0.9}, "GSM8K", 0.25, 0.3, 0.65))
     for data in ("UltraFeedback", "Digits/train"):
@@ -57,11 +93,25 @@ def synthetic_rows() -> list[SweepRow]:
             term = (alpha - 0.3) ** 2 - 0.09
             rows.append(sweep_row({"name": "extrapolate", "alpha": alpha}, data, term, term * 1.1, None))
     for scale in (0.5, 1.5):  # Fig. 5: the statistic scaled, and sampled
-        rows.append(sweep_row({"name": "bitdelta", "bits": 1, "scale": scale, "magnitudes": "mean", "seed": 0,
-                               "blocks": None}, "GSM8K", 0.3 * abs(scale - 1) + 0.2, 0.3 * abs(scale - 1) + 0.25, 0.6))
+        rows.append(
+            sweep_row(
+                {"name": "bitdelta", "bits": 1, "scale": scale, "magnitudes": "mean", "seed": 0, "blocks": None},
+                "GSM8K",
+                0.3 * abs(scale - 1) + 0.2,
+                0.3 * abs(scale - 1) + 0.25,
+                0.6,
+            )
+        )
     for seed in (0, 1):
-        rows.append(sweep_row({"name": "bitdelta", "bits": 1, "scale": 1.0, "magnitudes": "normal", "seed": seed,
-                               "blocks": None}, "GSM8K", 0.21 + 0.01 * seed, 0.26 + 0.01 * seed, 0.7))
+        rows.append(
+            sweep_row(
+                {"name": "bitdelta", "bits": 1, "scale": 1.0, "magnitudes": "normal", "seed": seed, "blocks": None},
+                "GSM8K",
+                0.21 + 0.01 * seed,
+                0.26 + 0.01 * seed,
+                0.7,
+            )
+        )
     for k in (0.5, 1.5):  # Table 1
         rows.append(sweep_row({"name": "sign_biased", "p": 0.9, "k": k}, "GSM8K", 0.1 * k, 0.12 * k, 0.7))
         rows.append(sweep_row({"name": "gradient_biased", "p": 0.9, "k": k}, "GSM8K", 2 * k, 2.5 * k, 0.1))
@@ -124,8 +174,11 @@ def test_edits_are_named_by_their_classes(tmp_path, figures):
     for cls in EDITS.values():
         assert cls.label and cls.reference.startswith(("paper", cls.label)), cls
     plots.plot_all(synthetic_rows(), tmp_path)
-    assert figures["expo_alpha"].axes[0].get_title() == f"{Extrapolate.label}: Riemann term and ΔL against α" == \
-        "EXPO: Riemann term and ΔL against α"
+    assert (
+        figures["expo_alpha"].axes[0].get_title()
+        == f"{Extrapolate.label}: Riemann term and ΔL against α"
+        == "EXPO: Riemann term and ΔL against α"
+    )
     assert figures["bitdelta_bits"].axes[0].get_title() == "BitDelta with more magnitude blocks"
 
 
@@ -136,18 +189,27 @@ def test_plot_without_rows_says_what_to_do(tmp_path):
 
 
 # ------------------------------------------------------------------------------- rows of several sweeps
-def _configured_row(p: float, term: float, num_points: int, model: str, devices: int,
-               dataset: str = "Digits/test") -> SweepRow:
+def _configured_row(
+    p: float, term: float, num_points: int, model: str, devices: int, dataset: str = "Digits/test"
+) -> SweepRow:
     """A DARE row with the config a sweep records (C in the result and in the config)."""
-    row = sweep_row({"name": "dare", "p": p, "k": 0.0, "rescale": True, "seed": 0}, dataset, term, 1.1 * term, 0.7,
-               num_points=num_points)
+    row = sweep_row(
+        {"name": "dare", "p": p, "k": 0.0, "rescale": True, "seed": 0},
+        dataset,
+        term,
+        1.1 * term,
+        0.7,
+        num_points=num_points,
+    )
     row.key = f"{p}-{num_points}-{model}"
     row.config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": devices, "precision": "32-true"},
         "model": {"model": model, "pretrained": "runs/base/pre", "loss": "causal_lm"},
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": dataset.rsplit("/", 1)[-1], "limit": 24}},
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": dataset.rsplit("/", 1)[-1], "limit": 24},
+        },
         "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": p, "k": 0.0}},
         "riemann": {"num_points": num_points, "filename": None},
     }
@@ -177,8 +239,11 @@ def figures(monkeypatch) -> dict[str, object]:
 
 def _series(axis) -> dict[str, tuple[list[float], list[float]]]:
     """Every labelled line of ``axis``, error-bar lines included (their label is the container's)."""
-    series = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()
-              if not line.get_label().startswith("_")}
+    series = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in axis.get_lines()
+        if not line.get_label().startswith("_")
+    }
     for container in axis.containers:
         if isinstance(container, ErrorbarContainer):
             line = container.lines[0]
@@ -231,8 +296,12 @@ def test_rows_of_different_models_are_labelled_by_the_part_that_differs(tmp_path
 
     (axis,) = figures["expo_alpha"].axes
     lines = {label.split(" (trough")[0]: line for label, line in _series(axis).items()}
-    assert sorted(lines) == ["term, Digits/test, model=a/post", "term, Digits/test, model=b/post",
-                             "ΔL, Digits/test, model=a/post", "ΔL, Digits/test, model=b/post"]
+    assert sorted(lines) == [
+        "term, Digits/test, model=a/post",
+        "term, Digits/test, model=b/post",
+        "ΔL, Digits/test, model=a/post",
+        "ΔL, Digits/test, model=b/post",
+    ]
     for label, (xs, _) in lines.items():
         assert xs == sorted(xs) and len(xs) == 3, label
 
@@ -260,17 +329,27 @@ def test_plot_with_one_missing_file_among_several_names_it_and_draws_nothing(res
 
 # ------------------------------------------------------------------------------------- seeds, labels, units
 def _seeded_dare_rows() -> tuple[list[SweepRow], dict[tuple[float, float], list[float]]]:
-    values = {(0.5, 0.0): [0.01, 0.03, 0.02], (0.9, 0.0): [0.1, 0.16, 0.13], (0.5, -1.0): [0.05, 0.02, 0.08],
-              (0.9, -1.0): [0.4, 0.3, 0.35]}
-    rows = [sweep_row({"name": "dare", "p": p, "k": k, "rescale": True, "seed": seed}, "Digits/test", 0.9 * value,
-                      value, 0.7) for (p, k), seeds in values.items() for seed, value in enumerate(seeds)]
+    values = {
+        (0.5, 0.0): [0.01, 0.03, 0.02],
+        (0.9, 0.0): [0.1, 0.16, 0.13],
+        (0.5, -1.0): [0.05, 0.02, 0.08],
+        (0.9, -1.0): [0.4, 0.3, 0.35],
+    }
+    rows = [
+        sweep_row(
+            {"name": "dare", "p": p, "k": k, "rescale": True, "seed": seed}, "Digits/test", 0.9 * value, value, 0.7
+        )
+        for (p, k), seeds in values.items()
+        for seed, value in enumerate(seeds)
+    ]
     return rows, values
 
 
 def test_dare_lines_are_seed_means_with_std_bars(tmp_path, figures):
     rows, values = _seeded_dare_rows()
-    rows.append(sweep_row({"name": "dare", "p": 0.9, "k": 1.5, "rescale": True, "seed": 0}, "Digits/test", 0.1, 0.1,
-                          0.7))  # a k at one p only (Table 1's): left out where other k span p
+    rows.append(
+        sweep_row({"name": "dare", "p": 0.9, "k": 1.5, "rescale": True, "seed": 0}, "Digits/test", 0.1, 0.1, 0.7)
+    )  # a k at one p only (Table 1's): left out where other k span p
     plots.plot_dare(rows, tmp_path / "dare.png")
     term_axis, exact_axis = figures["dare"].axes
     lines, bars = _series(exact_axis), _error_bars(exact_axis)
@@ -318,8 +397,16 @@ def test_expo_gap_is_in_accuracy_points(tmp_path, figures):
 
 
 def test_bits_axis_shows_the_blocks_and_both_bit_counts(tmp_path, figures):
-    rows = [sweep_row({"name": "bitdelta", "bits": 1, "blocks": blocks, "scale": 1.0, "magnitudes": "mean",
-                       "seed": 0}, "GSM8K", 0.1 / blocks, 0.1 / blocks, 0.7 + 0.01 * blocks) for blocks in (1, 2, 16)]
+    rows = [
+        sweep_row(
+            {"name": "bitdelta", "bits": 1, "blocks": blocks, "scale": 1.0, "magnitudes": "mean", "seed": 0},
+            "GSM8K",
+            0.1 / blocks,
+            0.1 / blocks,
+            0.7 + 0.01 * blocks,
+        )
+        for blocks in (1, 2, 16)
+    ]
     plots.plot_bits(rows, tmp_path / "bits.png")
     axis = figures["bits"].axes[0]
     (line,) = [line for line in axis.get_lines() if line.get_label().startswith("BitDelta")]
@@ -333,8 +420,13 @@ def test_delta_scale_figure_reads_s_from_the_pretrained_model(tmp_path, figures)
     rows = []
     for pretrained, s in (("pre", 1.0), ("pre-half", 0.5), ("pre-quarter", 0.25)):
         for seed, noise in enumerate((0.9, 1.1)):
-            row = sweep_row({"name": "dare", "p": 0.99, "k": 0.0, "rescale": True, "seed": seed}, "Digits/test",
-                            0.0, 0.2 * s * s * noise, 0.7)
+            row = sweep_row(
+                {"name": "dare", "p": 0.99, "k": 0.0, "rescale": True, "seed": seed},
+                "Digits/test",
+                0.0,
+                0.2 * s * s * noise,
+                0.7,
+            )
             row.config = {"model": {"pretrained": pretrained}}
             rows.append(row)
         revert = sweep_row({"name": "extrapolate", "alpha": -1.0}, "Digits/test", 0.0, 0.5 * s, 0.5)
@@ -358,11 +450,33 @@ def test_loss_curve_of_a_gauss_row_draws_its_own_points(tmp_path, figures):
     nodes = [0.0, 0.1127016653792583, 0.5, 0.8872983346207417, 1.0]
     losses = [1.0 + 0.2 * t**2 for t in nodes]
     inner = [math.nan, 0.0450806661517033, 0.2, 0.3549193338482967, math.nan]
-    result = RiemannResult(num_points=3, count=1.0, losses=losses, inner_products=inner, term=0.2, trapezoid=None,
-                           exact=0.2, loss_post=1.0, loss_edit=1.2, rule="gauss", points=nodes,
-                           weights=[0.0, 5 / 18, 8 / 18, 5 / 18, 0.0], passes=3)
-    row = SweepRow(key="gauss", index=0, overrides={}, edit={"name": "dare", "p": 0.9, "seed": 0}, dataset="GSM8K",
-                   result=result, config={}, versions={}, started="2025-01-01T00:00:00+0000", seconds=0.0)
+    result = RiemannResult(
+        num_points=3,
+        count=1.0,
+        losses=losses,
+        inner_products=inner,
+        term=0.2,
+        trapezoid=None,
+        exact=0.2,
+        loss_post=1.0,
+        loss_edit=1.2,
+        rule="gauss",
+        points=nodes,
+        weights=[0.0, 5 / 18, 8 / 18, 5 / 18, 0.0],
+        passes=3,
+    )
+    row = SweepRow(
+        key="gauss",
+        index=0,
+        overrides={},
+        edit={"name": "dare", "p": 0.9, "seed": 0},
+        dataset="GSM8K",
+        result=result,
+        config={},
+        versions={},
+        started="2025-01-01T00:00:00+0000",
+        seconds=0.0,
+    )
     plots.plot_loss_curve([row], tmp_path / "curve.png")
     left, right = figures["curve"].axes
     assert _series(left)["L(t) measured"] == (nodes, losses)

@@ -59,7 +59,9 @@ def test_each_rule_equals_an_explicit_float64_quadrature(rule, num_points):
     loader = DataLoader(token_dataset(16), batch_size=8)
     nodes, weights = _test_nodes(rule, num_points)
     expected = quadrature(model, edits, CausalLMLoss(), loader, nodes, weights)
-    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(
+        model, edits, CausalLMLoss(), loader, 0.0
+    )
 
     callback = RiemannCallback(rule=rule, num_points=num_points, filename=None)
     run_validate(DeltaEditModule(model, pretrained=None, edit=edits), loader, callback)
@@ -90,7 +92,9 @@ def test_gauss_converges_to_the_exact_loss_change_and_beats_the_left_rule():
     edits = random_edits(model, scale=0.02)
     loader = DataLoader(token_dataset(16), batch_size=16)
     reference = quadrature(model, edits, CausalLMLoss(), loader, *_test_nodes("gauss", 16))
-    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(
+        model, edits, CausalLMLoss(), loader, 0.0
+    )
     assert float(reference.sum()) == pytest.approx(exact, rel=1e-6)
     errors = {}
     for rule, num_points in (("left", 5), ("gauss", 3)):
@@ -113,7 +117,9 @@ class QuarticLoss(DeltaLoss):
     def forward(self, model, batch):
         self.calls.append(torch.is_grad_enabled())
         projected = (model.w - batch) @ self.direction
-        return LossOutput((projected**4 / 4).sum(dtype=torch.float64), torch.tensor(float(len(batch)), dtype=torch.float64))
+        return LossOutput(
+            (projected**4 / 4).sum(dtype=torch.float64), torch.tensor(float(len(batch)), dtype=torch.float64)
+        )
 
 
 class Vector(nn.Module):
@@ -141,7 +147,11 @@ def test_two_gauss_nodes_integrate_a_cubic_integrand_exactly_in_two_passes():
     assert callback.result.completeness_gap < 1e-12 * abs(exact)
     assert calls == [False, True, True, False]  # t = 0 forward, two nodes with backward, t = 1 forward only
     left = RiemannCallback(num_points=5, filename=None)
-    run_validate(DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u)), DataLoader(points), left)
+    run_validate(
+        DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u)),
+        DataLoader(points),
+        left,
+    )
     assert abs(left.result.term - exact) > 1e-3 * abs(exact)  # the left rule is not exact here
 
 
@@ -153,8 +163,12 @@ def test_left_rule_is_the_default_and_bit_identical_to_the_paper_formula():
     edits = random_edits(model, scale=0.1)
     loader = DataLoader(token_dataset(12), batch_size=6)
     results = {}
-    for label, options in (("default", {}), ("left", {"rule": "left"}), ("explicit", {"rule": "left", "trapezoid": True}),
-                           ("no_trapezoid", {"trapezoid": False})):
+    for label, options in (
+        ("default", {}),
+        ("left", {"rule": "left"}),
+        ("explicit", {"rule": "left", "trapezoid": True}),
+        ("no_trapezoid", {"trapezoid": False}),
+    ):
         callback = RiemannCallback(num_points=5, filename=None, **options)
         run_validate(DeltaEditModule(tiny_llama(), pretrained=None, edit=edits), loader, callback)
         results[label] = callback.result
@@ -172,14 +186,17 @@ def test_left_rule_is_the_default_and_bit_identical_to_the_paper_formula():
     assert result.passes == 6 and result.points == [c / 5 for c in range(6)]
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"rule": "simpson"}, r"rule.*'left', 'trapezoid', 'gauss', 'adaptive'.*'simpson'"),
-    ({"rule": "gauss", "trapezoid": True}, r"trapezoid=True.*rule='gauss'.*Leave `trapezoid` unset"),
-    ({"rule": "trapezoid", "trapezoid": False}, r"rule='trapezoid' needs its backward at t = 1"),
-    ({"rule": "adaptive", "num_points": 5}, r"one of the nested rules' 3, 7, 15, 31; got 5"),
-    ({"rule": "adaptive", "tolerance": 0.0}, r"tolerance.*> 0.*got 0.0"),
-    ({"rule": "gauss", "num_points": 0}, r"num_points.*>= 1.*got 0"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"rule": "simpson"}, r"rule.*'left', 'trapezoid', 'gauss', 'adaptive'.*'simpson'"),
+        ({"rule": "gauss", "trapezoid": True}, r"trapezoid=True.*rule='gauss'.*Leave `trapezoid` unset"),
+        ({"rule": "trapezoid", "trapezoid": False}, r"rule='trapezoid' needs its backward at t = 1"),
+        ({"rule": "adaptive", "num_points": 5}, r"one of the nested rules' 3, 7, 15, 31; got 5"),
+        ({"rule": "adaptive", "tolerance": 0.0}, r"tolerance.*> 0.*got 0.0"),
+        ({"rule": "gauss", "num_points": 0}, r"num_points.*>= 1.*got 0"),
+    ],
+)
 def test_bad_rule_arguments_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         RiemannCallback(**options)
@@ -194,8 +211,17 @@ def test_rules_default_point_counts():
 
 def test_a_result_without_its_rule_is_refused_by_name():
     """Version 0.1.0 reads only its own results: the rule, its points and weights are required fields, named."""
-    partial = {"num_points": 2, "count": 3.0, "losses": [1.0, 1.1, 1.3], "inner_products": [0.1, 0.2, float("nan")],
-               "term": 0.15, "trapezoid": None, "exact": 0.3, "loss_post": 1.0, "loss_edit": 1.3}
+    partial = {
+        "num_points": 2,
+        "count": 3.0,
+        "losses": [1.0, 1.1, 1.3],
+        "inner_products": [0.1, 0.2, float("nan")],
+        "term": 0.15,
+        "trapezoid": None,
+        "exact": 0.3,
+        "loss_post": 1.0,
+        "loss_edit": 1.3,
+    }
     with pytest.raises(ValueError, match=r"missing fields \['rule', 'points', 'weights'\]"):
         RiemannResult.from_dict(partial)
 
@@ -266,8 +292,9 @@ def test_adaptive_refuses_a_shuffling_loader():
     w, E, u, points, _ = _quartic_case()
     module = DeltaEditModule(Vector(w.clone()), pretrained=None, edit={"w": E}, loss=QuarticLoss(u))
     with pytest.raises(RuntimeError, match="rule='adaptive' reads the validation data again.*shuffle=False"):
-        run_validate(module, DataLoader(points, batch_size=5, shuffle=True),
-                     RiemannCallback(rule="adaptive", filename=None))
+        run_validate(
+            module, DataLoader(points, batch_size=5, shuffle=True), RiemannCallback(rule="adaptive", filename=None)
+        )
 
 
 def _rms_norm_in_float64(self, hidden_states):
@@ -300,7 +327,9 @@ def test_gauss_equals_the_exact_loss_change_when_the_padding_token_is_an_input(m
         row["input_ids"][6] = 0  # the padding token ends a turn mid-sequence, as eos does when it is also pad
     edits = random_edits(model, scale=0.01)
     loader = DataLoader(rows, batch_size=8)
-    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(
+        model, edits, CausalLMLoss(), loader, 0.0
+    )
     post = {name: value.clone() for name, value in model.state_dict().items()}
 
     module = DeltaEditModule(model, pretrained=None, edit=edits)

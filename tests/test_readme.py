@@ -47,8 +47,9 @@ def plain_mean_loss(model: torch.nn.Module, loader) -> float:
         for batch in loader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
             labels = batch["labels"][:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                           reduction="sum"))
+            total += float(
+                F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            )
             count += int((labels != -100).sum())
     return total / count
 
@@ -135,8 +136,11 @@ def test_existing_project_block(user_class, pair, tmp_path, monkeypatch):
     """The block's two calls, each on the kind of module its comment names, with the Trainer as written."""
     monkeypatch.chdir(tmp_path)
     text = with_tiny_paths(block("existing_project"), pair.pre_dir, pair.post_dir)
-    other_call = ("riemann.validate(trainer, model, dataloaders=val_loader)" if user_class is UserLMWithValidation
-                  else "trainer.validate(model, dataloaders=val_loader)")
+    other_call = (
+        "riemann.validate(trainer, model, dataloaders=val_loader)"
+        if user_class is UserLMWithValidation
+        else "trainer.validate(model, dataloaders=val_loader)"
+    )
     text = substitute(text, {other_call: "pass"})
     model = user_class(pair.post_dir)
     post = {name: value.clone() for name, value in model.model.state_dict().items()}
@@ -164,8 +168,17 @@ def run_multinode(tmp_path: Path, pair, data: Path, devices: int, strategy: str,
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(SCRIPT), str(workdir), str(pair.pre_dir), str(pair.post_dir), str(data),
-               str(devices), strategy, "true" if logger else "false"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        str(workdir),
+        str(pair.pre_dir),
+        str(pair.post_dir),
+        str(data),
+        str(devices),
+        strategy,
+        "true" if logger else "false",
+    ]
     finished = subprocess.run(command, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-4000:]
     files = sorted(workdir.rglob("riemann.json"))

@@ -32,8 +32,14 @@ from tests.support.riemann_support import (
 
 def run_validate(module, loader, callback, **trainer_kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
     )
     trainer.validate(module, loader, verbose=False)
     return trainer
@@ -44,7 +50,9 @@ def assert_matches_reference(result: RiemannResult, reference: dict, rtol: float
     ours = torch.tensor([result.term_per_tensor[name] for name in names], dtype=torch.float64)
     theirs = torch.tensor([reference["term_per_tensor"][name] for name in names], dtype=torch.float64)
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol * theirs.abs().max().item())
-    torch.testing.assert_close(torch.tensor(result.losses, dtype=torch.float64), reference["losses"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(result.losses, dtype=torch.float64), reference["losses"], rtol=1e-10, atol=0
+    )
     total = reference["inner"].sum(dim=1)
     assert result.term == pytest.approx(float(total[:-1].mean()), rel=rtol)
     C = result.num_points
@@ -58,7 +66,9 @@ def test_llama_terms_equal_brute_force(tie):
     edits = random_edits(model)  # named_parameters lists a tied tensor once: edited once
     loader = DataLoader(token_dataset(), batch_size=8)
     reference = brute_force(model, edits, CausalLMLoss(), loader, num_points=5)
-    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(model, edits, CausalLMLoss(), loader, 0.0)
+    exact = plain_loss(model, edits, CausalLMLoss(), loader, 1.0) - plain_loss(
+        model, edits, CausalLMLoss(), loader, 0.0
+    )
 
     module = DeltaEditModule(model, pretrained=None, edit=edits)
     callback = RiemannCallback(num_points=5, filename=None)
@@ -98,8 +108,11 @@ def test_loss_is_the_same_for_any_batch_size():
     results = []
     for batch_size in (1, 6, 37):
         callback = RiemannCallback(num_points=3, filename=None)
-        run_validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(),
-                                                                                     batch_size=batch_size), callback)
+        run_validate(
+            DeltaEditModule(model, pretrained=None, edit=edits),
+            DataLoader(token_dataset(), batch_size=batch_size),
+            callback,
+        )
         results.append(callback.result)
         model = tiny_llama()
     for other in results[1:]:
@@ -159,8 +172,10 @@ def test_large_num_points_converges_to_exact():
     for num_points in (2, 64):
         callback = RiemannCallback(num_points=num_points, filename=None)
         run_validate(DeltaEditModule(tiny_vit(), pretrained=None, edit=edits, loss="classification"), loader, callback)
-        errors[num_points] = (abs(callback.result.term - callback.result.exact),
-                              abs(callback.result.trapezoid - callback.result.exact))
+        errors[num_points] = (
+            abs(callback.result.term - callback.result.exact),
+            abs(callback.result.trapezoid - callback.result.exact),
+        )
     # left rule error is O(1/C), trapezoid O(1/C²)
     assert errors[64][0] < errors[2][0] / 10
     assert errors[64][1] < errors[2][1] / 100
@@ -172,11 +187,16 @@ def test_results_are_logged_and_written(tmp_path):
     edits = random_edits(model, "mlp")
     callback = RiemannCallback(num_points=2)
     trainer = pl.Trainer(
-        accelerator="cpu", inference_mode=False, callbacks=[callback], logger=CSVLogger(tmp_path),
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        inference_mode=False,
+        callbacks=[callback],
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
-    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4),
-                     verbose=False)
+    trainer.validate(
+        DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4), verbose=False
+    )
     written = json.loads((tmp_path / "lightning_logs" / "version_0" / "riemann.json").read_text())
     assert written["term"] == pytest.approx(callback.result.term, rel=1e-12)
     assert set(written["term_per_tensor"]) == set(edits)
@@ -194,9 +214,12 @@ def test_runs_without_a_logger_never_overwrite_each_others_results(tmp_path):
     results = []
     for scale in (0.01, 0.02, 0.03):
         callback = RiemannCallback(num_points=1)
-        run_validate(DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp", scale=scale)), loader,
-                     callback,
-                     default_root_dir=tmp_path)
+        run_validate(
+            DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp", scale=scale)),
+            loader,
+            callback,
+            default_root_dir=tmp_path,
+        )
         results.append(callback.result)
     names = ["riemann.json", "riemann-v1.json", "riemann-v2.json"]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names)
@@ -209,10 +232,12 @@ def test_progress_bar_shows_the_running_figures(capsys):
     model = tiny_llama()
     edits = random_edits(model, "mlp")
     callback = RiemannCallback(num_points=2, filename=None)
-    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False,
-                         enable_model_summary=False)
-    trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4),
-                     verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", inference_mode=False, callbacks=[callback], logger=False, enable_model_summary=False
+    )
+    trainer.validate(
+        DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(9), batch_size=4), verbose=False
+    )
     shown = trainer.progress_bar_metrics
     # after the last batch the running figures are the final ones (one process), in float32
     assert shown["riemann/running_term"] == pytest.approx(callback.result.term, rel=1e-6)
@@ -234,11 +259,13 @@ def test_without_trapezoid_skips_the_backward_at_one():
 
 def test_inference_mode_is_refused_with_a_clear_error():
     model = tiny_llama()
-    trainer = pl.Trainer(accelerator="cpu", callbacks=[RiemannCallback(filename=None)], logger=False,
-                         enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", callbacks=[RiemannCallback(filename=None)], logger=False, enable_progress_bar=False
+    )
     with pytest.raises(RuntimeError, match="inference_mode=False"):
-        trainer.validate(DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp")),
-                         DataLoader(token_dataset(4)))
+        trainer.validate(
+            DeltaEditModule(model, pretrained=None, edit=random_edits(model, "mlp")), DataLoader(token_dataset(4))
+        )
 
 
 @pytest.mark.parametrize("num_points", [0, -1, 2.5, True])
@@ -256,7 +283,9 @@ def test_repeating_distributed_sampler_is_refused():
     dataset = list(range(37))
     repeating = DataLoader(dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False))
     plain = DataLoader(dataset)
-    unrepeated = DataLoader(dataset, sampler=UnrepeatedDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False))
+    unrepeated = DataLoader(
+        dataset, sampler=UnrepeatedDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    )
     for loader in (repeating, plain):
         with pytest.raises(RuntimeError, match="use_distributed_sampler=False"):
             RiemannCallback.check_no_repeated_samples(SimpleNamespace(world_size=2, val_dataloaders=loader))
@@ -282,8 +311,11 @@ def test_bf16_against_float32(capsys):
     f32, bf16 = results[torch.float32], results[torch.bfloat16]
     gaps = {key: abs(getattr(bf16, key) - getattr(f32, key)) for key in ("term", "trapezoid", "exact", "loss_post")}
     with capsys.disabled():
-        print("\nbf16 vs float32:", {k: f"{v:.3g}" for k, v in gaps.items()},
-              f"(float32 term {f32.term:.4g}, exact {f32.exact:.4g}, loss {f32.loss_post:.4g})")
+        print(
+            "\nbf16 vs float32:",
+            {k: f"{v:.3g}" for k, v in gaps.items()},
+            f"(float32 term {f32.term:.4g}, exact {f32.exact:.4g}, loss {f32.loss_post:.4g})",
+        )
     assert gaps["loss_post"] < 0.02 * f32.loss_post
     assert gaps["term"] < 0.1 * abs(f32.term) + 1e-3
     assert gaps["exact"] < 0.1 * abs(f32.exact) + 1e-3
@@ -323,8 +355,11 @@ def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_module():
     post = {name: value.clone() for name, value in model.state_dict().items()}
     module = DeltaEditModule(model, pretrained=_untied_copy_of(model), edit=DARE(p=0.5, seed=0))
     callback = RiemannCallback(num_points=2, filename=None)
-    with pytest.raises(ValueError, match=r"lm_head\.weight and model\.embed_tokens\.weight are one tied tensor.*without "
-                                         r"'lm_head\.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"lm_head\.weight and model\.embed_tokens\.weight are one tied tensor.*without "
+        r"'lm_head\.weight'",
+    ):
         run_validate(module, DataLoader(token_dataset(8), batch_size=4), callback)
     _assert_untouched(model, post)
 
@@ -334,8 +369,13 @@ def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_callback(
 
     module = TiedLM()
     post = {name: value.clone() for name, value in module.model.state_dict().items()}
-    callback = RiemannCallback(num_points=2, pretrained=_untied_copy_of(module.model), edit=DARE(p=0.5, seed=0),
-                               module_name="model", filename=None)
+    callback = RiemannCallback(
+        num_points=2,
+        pretrained=_untied_copy_of(module.model),
+        edit=DARE(p=0.5, seed=0),
+        module_name="model",
+        filename=None,
+    )
     with pytest.raises(ValueError, match=r"one tied tensor"):
         run_validate(module, DataLoader(token_dataset(8), batch_size=4), callback)
     _assert_untouched(module.model, post)
@@ -343,11 +383,16 @@ def test_tied_tensor_with_separate_pretrained_copies_is_refused_by_the_callback(
 
 def test_tied_tensor_mapping_naming_both_is_refused():
     model = tiny_llama(tie=True)
-    edits = {"lm_head.weight": torch.ones(64, 32, dtype=torch.float64),
-             "model.embed_tokens.weight": torch.ones(64, 32, dtype=torch.float64)}
+    edits = {
+        "lm_head.weight": torch.ones(64, 32, dtype=torch.float64),
+        "model.embed_tokens.weight": torch.ones(64, 32, dtype=torch.float64),
+    }
     with pytest.raises(ValueError, match="one tied tensor"):
-        run_validate(DeltaEditModule(model, pretrained=None, edit=edits), DataLoader(token_dataset(8), batch_size=4),
-                     RiemannCallback(num_points=2, filename=None))
+        run_validate(
+            DeltaEditModule(model, pretrained=None, edit=edits),
+            DataLoader(token_dataset(8), batch_size=4),
+            RiemannCallback(num_points=2, filename=None),
+        )
     assert not any(nn.utils.parametrize.is_parametrized(module) for module in model.modules())
 
 
@@ -385,8 +430,11 @@ def test_edit_given_by_name_says_how_to_build_it():
 @pytest.mark.parametrize("batch_kind", ["tuple", "tensor"])
 def test_batches_that_are_not_mappings_get_a_clear_error(batch_kind):
     rows = token_dataset(4)
-    data = [(row["input_ids"], row["labels"]) for row in rows] if batch_kind == "tuple" else [row["input_ids"]
-                                                                                             for row in rows]
+    data = (
+        [(row["input_ids"], row["labels"]) for row in rows]
+        if batch_kind == "tuple"
+        else [row["input_ids"] for row in rows]
+    )
     module = DeltaEditModule(tiny_llama(), pretrained=None, edit=random_edits(tiny_llama()))
     with pytest.raises(ValueError, match=r"CausalLMLoss reads each batch as a mapping.*got a (list|Tensor)"):
         run_validate(module, DataLoader(data, batch_size=2), RiemannCallback(num_points=1, filename=None))
@@ -396,8 +444,9 @@ def test_classification_batches_may_be_pairs():
     model = tiny_vit()
     edits = random_edits(model)
     loader = DataLoader(image_dataset(), batch_size=6)  # (image, label) pairs
-    exact = plain_loss(model, edits, ClassificationLoss(), loader, 1.0) - plain_loss(model, edits, ClassificationLoss(),
-                                                                                     loader, 0.0)
+    exact = plain_loss(model, edits, ClassificationLoss(), loader, 1.0) - plain_loss(
+        model, edits, ClassificationLoss(), loader, 0.0
+    )
     module = DeltaEditModule(model, pretrained=None, edit=edits, loss="classification")
     callback = RiemannCallback(num_points=1, filename=None)
     run_validate(module, loader, callback)
@@ -437,9 +486,16 @@ def test_unknown_E_dtype_is_refused():
         RiemannCallback(E_dtype="bfloat16")
 
 
-@pytest.mark.parametrize(("recompute_weights", "free_bytes", "recomputes"), [
-    ("default", 1 << 50, True), (False, 0, False), (None, 1 << 50, False), (None, 0, True),
-], ids=["default-rebuilds", "keep", "auto-with-memory", "auto-without-memory"])
+@pytest.mark.parametrize(
+    ("recompute_weights", "free_bytes", "recomputes"),
+    [
+        ("default", 1 << 50, True),
+        (False, 0, False),
+        (None, 1 << 50, False),
+        (None, 0, True),
+    ],
+    ids=["default-rebuilds", "keep", "auto-with-memory", "auto-without-memory"],
+)
 @pytest.mark.slow
 def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes, recomputes, monkeypatch):
     """W(t) kept from the forward or rebuilt in backward gives the same numbers; the default rebuilds it, None keeps
@@ -457,8 +513,15 @@ def test_rebuilding_or_keeping_W_equal_brute_force(recompute_weights, free_bytes
 
     options = {} if recompute_weights == "default" else {"recompute_weights": recompute_weights}
     callback = RiemannCallback(num_points=3, filename=None, **options)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, callbacks=[callback, Decision()],
-                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        callbacks=[callback, Decision()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), loader, verbose=False)
     assert set(decided) == {recomputes}
     assert_matches_reference(callback.result, reference)
@@ -526,9 +589,16 @@ def test_the_module_measures_the_loss_itself_outside_a_sweep_and_not_during_one(
     module = DeltaEditModule(copy.deepcopy(model), pretrained=None, edit=edits)
     swept = run_validate(module, loader, RiemannCallback(num_points=2, filename=None))
     assert "loss/post" not in swept.callback_metrics and "loss/edit" not in swept.callback_metrics
-    alone = pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False)
+    alone = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     alone.validate(module, loader, verbose=False)
     for key, t in (("loss/post", 0.0), ("loss/edit", 1.0)):
-        assert float(alone.callback_metrics[key]) == pytest.approx(plain_loss(model, edits, CausalLMLoss(), loader, t),
-                                                                   rel=1e-6)
+        assert float(alone.callback_metrics[key]) == pytest.approx(
+            plain_loss(model, edits, CausalLMLoss(), loader, t), rel=1e-6
+        )

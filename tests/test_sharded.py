@@ -22,8 +22,7 @@ from tests.test_distributed import ROOT, assert_same, environment
 SCRIPT = Path(__file__).parent / "support" / "sharded_riemann.py"
 # A DeltaEditModule (which shards itself) with ready-made E, DARE on a tied model, BitDelta (a whole-tensor mean),
 # GradientBiased (∇L at W_post from the reduce-scattered gradients), and a user's module with a token-sum loss.
-CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient",
-         "ownsum-tied-dare")
+CASES = ("delta-untied-random", "delta-tied-dare", "delta-untied-bitdelta", "delta-untied-gradient", "ownsum-tied-dare")
 # W_pre read from a safetensors file: each process must read only its rows of it.
 FILE_CASES = ("delta-untied-darefile", "delta-tied-bitdeltafile")
 # A user's module with its default training_step loss (a batch mean × batch size): compared with DDP on the same
@@ -145,8 +144,9 @@ def test_apply_edit_on_a_sharded_model_writes_each_process_rows_as_one_process_d
 
     pre_path = str(tmp_path / "pre.safetensors")
     save_file({name: t.contiguous() for name, t in tiny_llama(seed=7).state_dict().items()}, pre_path)
-    torch.multiprocessing.spawn(apply_edit_sharded, args=(str(tmp_path / "init"), pre_path, str(tmp_path / "w.pt")),
-                                nprocs=2)
+    torch.multiprocessing.spawn(
+        apply_edit_sharded, args=(str(tmp_path / "init"), pre_path, str(tmp_path / "w.pt")), nprocs=2
+    )
     sharded = torch.load(tmp_path / "w.pt", weights_only=True)
     single = dict(apply_edit_(tiny_llama(), pretrained=pre_path, edit=DARE(p=0.5, seed=3)).named_parameters())
     post = dict(tiny_llama().named_parameters())

@@ -43,8 +43,11 @@ def test_a_file_of_the_user_wins_over_a_shipped_name_and_an_unknown_name_lists_t
     assert resolve_config_argument(["--config", "demo.yaml"]) == ["--config", "demo.yaml"]
     assert resolve_config_argument(["-c", "demo"]) == ["-c", str(CONFIGS_DIR / "demo.yaml")]
     assert resolve_config_argument(["--config", "mine/missing.yaml"]) == ["--config", "mine/missing.yaml"]
-    with pytest.raises(FileNotFoundError, match="'llama3-8b' is neither a config file here nor a shipped config; "
-                                                "the shipped configs are clip-vit-b32-eight-tasks, demo, "):
+    with pytest.raises(
+        FileNotFoundError,
+        match="'llama3-8b' is neither a config file here nor a shipped config; "
+        "the shipped configs are clip-vit-b32-eight-tasks, demo, ",
+    ):
         run(["validate", "--config", "llama3-8b"])
 
 
@@ -52,14 +55,34 @@ def test_a_file_of_the_user_wins_over_a_shipped_name_and_an_unknown_name_lists_t
 def test_the_wheel_carries_the_configs_and_the_reference_pairs(tmp_path):
     """The wheel built from the repository holds every shipped config and each reference pair's weights, config and
     record (the installed wheel's demo and ``--config NAME`` are run by ``.ci/wheel_check``)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = tmp_path.glob("lightning_delta-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in shipped_config_names():
         assert f"lightning_delta/configs/{name}.yaml" in names, name
     for seed in SHIPPED_SEEDS:
-        for file in ("pair.json", "pre/config.json", "pre/model.safetensors", "post/config.json",
-                     "post/model.safetensors"):
+        for file in (
+            "pair.json",
+            "pre/config.json",
+            "pre/model.safetensors",
+            "post/config.json",
+            "post/model.safetensors",
+        ):
             assert f"lightning_delta/demo/pairs/seed-{seed}/{file}" in names, (seed, file)
     assert sorted(path.name for path in SHIPPED_DIR.iterdir()) == [f"seed-{seed}" for seed in SHIPPED_SEEDS]

@@ -47,12 +47,22 @@ def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_poin
     pair = make_tiny_pair(tmp_path, "llama", shard=None, scale=0.05)
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path)},
-        "model": {"model": str(pair.post_dir), "pretrained": str(pair.pre_dir), "loss": "causal_lm",
-                  "evaluator": "lightning_delta.demo.digits.answer_accuracy"},
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": "test", "limit": limit, "batch_size": 12}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "model": str(pair.post_dir),
+            "pretrained": str(pair.pre_dir),
+            "loss": "causal_lm",
+            "evaluator": "lightning_delta.demo.digits.answer_accuracy",
+        },
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": "test", "limit": limit, "batch_size": 12},
+        },
         "edit": {"class_path": "lightning_delta.edits.DARE", "init_args": {"p": 0.5}},
         "riemann": {"num_points": num_points},
         "sweep": {"results": str(results), "grid": grid},
@@ -61,8 +71,12 @@ def digits_config(tmp_path: Path, grid, results: Path, limit: int = 24, num_poin
 
 # ------------------------------------------------------------------------------------------------- the grid
 def test_expand_grid_products_and_blocks():
-    points = expand_grid([{"edit": "DARE", "edit.init_args.p": [0.1, 0.5], "edit.init_args.k": [0, 1]},
-                          {"edit": "BitDelta", "edit.init_args.bits": [1, 2, 3]}])
+    points = expand_grid(
+        [
+            {"edit": "DARE", "edit.init_args.p": [0.1, 0.5], "edit.init_args.k": [0, 1]},
+            {"edit": "BitDelta", "edit.init_args.bits": [1, 2, 3]},
+        ]
+    )
     assert len(points) == 4 + 3
     assert points[0] == {"edit": "DARE", "edit.init_args.p": 0.1, "edit.init_args.k": 0}
     assert points[1] == {"edit": "DARE", "edit.init_args.p": 0.1, "edit.init_args.k": 1}  # last key fastest
@@ -73,14 +87,21 @@ def test_expand_grid_products_and_blocks():
 def test_expand_grid_zipped_keys():
     points = expand_grid({"data.task,model.task": [["mnist", "mnist"], ["svhn", "svhn"]], "p": [0.1, 0.9]})
     assert [(point["data.task"], point["model.task"], point["p"]) for point in points] == [
-        ("mnist", "mnist", 0.1), ("mnist", "mnist", 0.9), ("svhn", "svhn", 0.1), ("svhn", "svhn", 0.9)]
+        ("mnist", "mnist", 0.1),
+        ("mnist", "mnist", 0.9),
+        ("svhn", "svhn", 0.1),
+        ("svhn", "svhn", 0.9),
+    ]
 
 
-@pytest.mark.parametrize("grid, match", [
-    ({"a": []}, "no values"),
-    ([{"a": [1]}, "b"], "must be a mapping"),
-    ({"a,b": [[1, 2, 3]]}, "list of 2"),
-])
+@pytest.mark.parametrize(
+    "grid, match",
+    [
+        ({"a": []}, "no values"),
+        ([{"a": [1]}, "b"], "must be a mapping"),
+        ({"a,b": [[1, 2, 3]]}, "list of 2"),
+    ],
+)
 def test_expand_grid_rejects_bad_grids(grid, match):
     with pytest.raises(ValueError, match=match):
         expand_grid(grid)
@@ -98,10 +119,16 @@ def test_apply_overrides_switches_class_and_keeps_input():
 
 
 def test_config_key_is_canonical_and_ignores_volatile_keys():
-    config = {"model": {"model": "post", "pretrained": "pre"}, "edit": {"p": 0.5},
-              "trainer": {"devices": 8, "strategy": "ddp", "precision": "bf16-true"}}
-    reordered = {"trainer": {"precision": "bf16-true", "strategy": "auto", "devices": 1},
-                 "edit": {"p": 0.5}, "model": {"pretrained": "pre", "model": "post"}}
+    config = {
+        "model": {"model": "post", "pretrained": "pre"},
+        "edit": {"p": 0.5},
+        "trainer": {"devices": 8, "strategy": "ddp", "precision": "bf16-true"},
+    }
+    reordered = {
+        "trainer": {"precision": "bf16-true", "strategy": "auto", "devices": 1},
+        "edit": {"p": 0.5},
+        "model": {"pretrained": "pre", "model": "post"},
+    }
     assert config_key(config) == config_key(reordered)
     assert config_key(config) != config_key({**config, "edit": {"p": 0.6}})
     assert config_key(config) != config_key({**config, "trainer": {"precision": "32-true"}})
@@ -146,16 +173,32 @@ def test_results_file_torn_last_line_is_cut_and_corruption_raises(tmp_path):
 
 def _row(point: SweepPoint, value: float = 0.0) -> SweepRow:
     """The row of a point whose result is ``value`` (as term and exact ΔL), without running anything."""
-    result = RiemannResult(num_points=1, count=1.0, losses=[1.0, 1.0 + value], inner_products=[value, value],
-                           term=value, trapezoid=value, exact=value, loss_post=1.0, loss_edit=1.0 + value,
-                           rule="left", points=[0.0, 1.0], weights=[1.0, 0.0])
+    result = RiemannResult(
+        num_points=1,
+        count=1.0,
+        losses=[1.0, 1.0 + value],
+        inner_products=[value, value],
+        term=value,
+        trapezoid=value,
+        exact=value,
+        loss_post=1.0,
+        loss_edit=1.0 + value,
+        rule="left",
+        points=[0.0, 1.0],
+        weights=[1.0, 0.0],
+    )
     return SweepRow.of(point, {"name": "square"}, result, time.time())
 
 
 def test_rows_read_back_equal_to_what_was_written(tmp_path):
-    point = SweepPoint({"edit.init_args.p": 0.5}, {"edit": {"init_args": {"p": 0.5}},
-                                                  "data": {"class_path": "x.DigitsDataModule",
-                                                           "init_args": {"split": "test", "limit": 4}}}, index=3)
+    point = SweepPoint(
+        {"edit.init_args.p": 0.5},
+        {
+            "edit": {"init_args": {"p": 0.5}},
+            "data": {"class_path": "x.DigitsDataModule", "init_args": {"split": "test", "limit": 4}},
+        },
+        index=3,
+    )
     row = _row(point, 0.25)
     results = ResultsFile(tmp_path / "r.jsonl")
     results.append(row.to_dict())
@@ -172,12 +215,15 @@ def test_a_row_with_fields_of_no_release_is_refused_by_name(tmp_path):
         SweepRow.from_dict(row)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda row: row.pop("result"), r"missing fields \['result'\]"),
-    (lambda row: row.update(score=1), r"unknown fields \['score'\]"),
-    (lambda row: row.update(result=[1, 2]), "a result that is no mapping"),
-    (lambda row: row["result"].pop("term"), r"Not a RiemannResult: missing fields \['term'\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda row: row.pop("result"), r"missing fields \['result'\]"),
+        (lambda row: row.update(score=1), r"unknown fields \['score'\]"),
+        (lambda row: row.update(result=[1, 2]), "a result that is no mapping"),
+        (lambda row: row["result"].pop("term"), r"Not a RiemannResult: missing fields \['term'\]"),
+    ],
+)
 def test_a_malformed_row_is_named_with_its_file_and_fields(tmp_path, mutate, match):
     good = _row(SweepPoint({}, {"i": 0}), 0.5).to_dict()
     bad = _row(SweepPoint({}, {"i": 1}), 0.5).to_dict()
@@ -234,8 +280,11 @@ def test_a_second_sweep_on_a_locked_results_file_stops_at_once(tmp_path):
     other_sweep = FileLock(str(results) + ".lock")  # what a running sweep on the same file holds
     other_sweep.acquire()
     try:
-        with pytest.raises(ResultsLockedError, match=rf"Another sweep holds {results} .*Wait for that sweep to "
-                                                      r"finish.*another results file \(--sweep\.results\)"):
+        with pytest.raises(
+            ResultsLockedError,
+            match=rf"Another sweep holds {results} .*Wait for that sweep to "
+            r"finish.*another results file \(--sweep\.results\)",
+        ):
             run_sweep(points, results, _squares(calls))
         assert calls == [0, 1]  # nothing was run
         assert results.read_bytes() == before  # nor written
@@ -290,8 +339,10 @@ def test_a_writer_that_turns_out_not_to_be_rank_zero_lets_go_of_the_lock(tmp_pat
 def test_the_report_prints_a_line_per_point_and_a_table_with_what_is_left(tmp_path):
     import io
 
-    points = [SweepPoint({"edit": "lightning_delta.edits.DARE", "edit.init_args.p": p}, {"p": p}, index=i)
-              for i, p in enumerate([0.1, 0.5, 0.9])]
+    points = [
+        SweepPoint({"edit": "lightning_delta.edits.DARE", "edit.init_args.p": p}, {"p": p}, index=i)
+        for i, p in enumerate([0.1, 0.5, 0.9])
+    ]
     results = tmp_path / "r.jsonl"
     out = io.StringIO()
     run_sweep(points[:1], results, lambda point: _row(point, 0.25))  # run earlier
@@ -304,8 +355,10 @@ def test_the_report_prints_a_line_per_point_and_a_table_with_what_is_left(tmp_pa
     assert table[1][:5] + table[1][-1:] == ["1", "DARE", "p=0.1", "+0.25", "+0.25", "before"]
     assert table[2][:5] + table[2][-1:] == ["2", "DARE", "p=0.5", "+0.5", "+0.5", "now"]
     assert table[3] == ["3", "DARE", "p=0.9", "left"]
-    assert lines[7] == (f"1 point run now, 1 before, 1 left; rows in {results}. --sweep.max_points 1 stopped the "
-                        "sweep: run the same command again to run the 1 left.")
+    assert lines[7] == (
+        f"1 point run now, 1 before, 1 left; rows in {results}. --sweep.max_points 1 stopped the "
+        "sweep: run the same command again to run the 1 left."
+    )
 
 
 def test_the_report_draws_a_rich_progress_bar_on_a_terminal(tmp_path):
@@ -366,8 +419,12 @@ def reuse_grid(other) -> list[dict]:
         {"edit": edits + "GradientBiased", "edit.init_args.p": 0.5, "edit.init_args.k": 1.0},
         {"edit": edits + "Extrapolate", "edit.init_args.alpha": 0.5, "model.pretrained": str(other.pre_dir)},
         {"edit": edits + "DARE", "edit.init_args.p": 0.5, "model.E_dtype": "model", "model.include": "mlp"},
-        {"edit": edits + "DARE", "edit.init_args.p": 0.5, "model.model": str(other.post_dir),
-         "model.pretrained": str(other.pre_dir)},
+        {
+            "edit": edits + "DARE",
+            "edit.init_args.p": 0.5,
+            "model.model": str(other.post_dir),
+            "model.pretrained": str(other.pre_dir),
+        },
         {"edit": edits + "BitDelta", "riemann.num_points": 3},
     ]
 
@@ -375,8 +432,12 @@ def reuse_grid(other) -> list[dict]:
 def without_timings(rows: list[SweepRow]) -> list[str]:
     """Every field of the rows but ``started`` and ``seconds`` (when and how long), as JSON: floats by their exact
     repr, so that equal strings are equal bits (NaN, the t = 1 product without the trapezoid, included)."""
-    return [json.dumps({key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")},
-                       sort_keys=True) for row in rows]
+    return [
+        json.dumps(
+            {key: value for key, value in row.to_dict().items() if key not in ("started", "seconds")}, sort_keys=True
+        )
+        for row in rows
+    ]
 
 
 @pytest.mark.slow
@@ -429,15 +490,26 @@ def test_what_a_sweep_reuses_between_points_follows_its_config(tmp_path):
         return apply_overrides(base, overrides)
 
     model_key, accuracy_key = SweepReuse.model_key, SweepReuse.accuracy_key
-    for same in (changed(edit={"class_path": "BitDelta"}), changed(**{"model.pretrained": "elsewhere"}),
-                 changed(**{"model.E_dtype": "model", "model.include": "mlp", "riemann.num_points": 7})):
+    for same in (
+        changed(edit={"class_path": "BitDelta"}),
+        changed(**{"model.pretrained": "elsewhere"}),
+        changed(**{"model.E_dtype": "model", "model.include": "mlp", "riemann.num_points": 7}),
+    ):
         assert model_key(same) == model_key(base) is not None
         assert accuracy_key(same) == accuracy_key(base)
-    for other_data in (changed(**{"data.init_args.split": "train"}), changed(**{"model.evaluator": None}),
-                       changed(**{"trainer.precision": "bf16-mixed"}), changed(**{"seed_everything": 1})):
+    for other_data in (
+        changed(**{"data.init_args.split": "train"}),
+        changed(**{"model.evaluator": None}),
+        changed(**{"trainer.precision": "bf16-mixed"}),
+        changed(**{"seed_everything": 1}),
+    ):
         assert accuracy_key(other_data) != accuracy_key(base)
-    for other_model in (changed(**{"model.model": "elsewhere"}), changed(**{"model.dtype": "bfloat16"}),
-                        changed(**{"trainer.precision": "bf16-true"}), changed(**{"model.loss": "dpo"})):
+    for other_model in (
+        changed(**{"model.model": "elsewhere"}),
+        changed(**{"model.dtype": "bfloat16"}),
+        changed(**{"trainer.precision": "bf16-true"}),
+        changed(**{"model.loss": "dpo"}),
+    ):
         assert model_key(other_model) != model_key(base)
         assert accuracy_key(other_model) != accuracy_key(base)
     dpo = changed(**{"model.loss": "dpo"})  # W_pre is the DPO loss's reference: part of both keys
@@ -489,8 +561,11 @@ def test_a_reusing_sweep_on_two_processes_writes_the_rows_of_one_that_does_not(t
     script = tmp_path / "sweep_script.py"
     script.write_text(SWEEP_ON_TWO_PROCESSES)
     grid = [reuse_grid(other)[0], reuse_grid(other)[4]]
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")
+    }
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     rows = {}
     for reuse in (True, False):
@@ -498,8 +573,14 @@ def test_a_reusing_sweep_on_two_processes_writes_the_rows_of_one_that_does_not(t
         config = digits_config(tmp_path, grid, results)
         config["trainer"].update(devices=2, strategy="ddp")
         config["sweep"]["reuse"] = reuse
-        finished = subprocess.run([sys.executable, str(script), json.dumps(config)], cwd=tmp_path, env=env,
-                                  timeout=300, capture_output=True, text=True)
+        finished = subprocess.run(
+            [sys.executable, str(script), json.dumps(config)],
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
         assert finished.returncode == 0, finished.stderr[-4000:]
         assert "Starting with 2 processes" in finished.stderr
         rows[reuse] = ResultsFile(results).rows()

@@ -27,8 +27,15 @@ from functools import cache
 import numpy as np
 from numpy.polynomial import legendre
 
-__all__ = ["RULES", "Schedule", "adaptive_levels", "default_num_points", "gauss_legendre", "patterson_chain",
-           "schedule"]
+__all__ = [
+    "RULES",
+    "Schedule",
+    "adaptive_levels",
+    "default_num_points",
+    "gauss_legendre",
+    "patterson_chain",
+    "schedule",
+]
 
 RULES = ("left", "trapezoid", "gauss", "adaptive")
 ADAPTIVE_NODES = (3, 7, 15, 31)  # the chain's levels after the midpoint G1
@@ -140,22 +147,33 @@ def check_rule(rule: str, num_points: int | None, trapezoid: bool | None, tolera
     if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
         raise ValueError(f"`num_points` must be an integer >= 1 (the paper uses 5), got {num_points!r}.")
     if rule == "adaptive" and num_points not in ADAPTIVE_NODES:
-        raise ValueError(f"With rule='adaptive', `num_points` is the most nodes it may use, one of the nested rules' "
-                         f"{', '.join(map(str, ADAPTIVE_NODES))}; got {num_points}.")
+        raise ValueError(
+            f"With rule='adaptive', `num_points` is the most nodes it may use, one of the nested rules' "
+            f"{', '.join(map(str, ADAPTIVE_NODES))}; got {num_points}."
+        )
     if rule == "left":
         trapezoid = True if trapezoid is None else trapezoid
     elif rule == "trapezoid":
         if trapezoid is False:
-            raise ValueError("rule='trapezoid' needs its backward at t = 1: leave `trapezoid` unset (or true), or use "
-                             "rule='left', trapezoid=False.")
+            raise ValueError(
+                "rule='trapezoid' needs its backward at t = 1: leave `trapezoid` unset (or true), or use "
+                "rule='left', trapezoid=False."
+            )
         trapezoid = True
     elif trapezoid:
-        raise ValueError(f"`trapezoid=True` runs the left rule's points and a backward at t = 1; rule={rule!r} has its "
-                         "own nodes inside (0, 1). Leave `trapezoid` unset, or use rule='trapezoid'.")
+        raise ValueError(
+            f"`trapezoid=True` runs the left rule's points and a backward at t = 1; rule={rule!r} has its "
+            "own nodes inside (0, 1). Leave `trapezoid` unset, or use rule='trapezoid'."
+        )
     else:
         trapezoid = False
-    if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and math.isfinite(tolerance)
-            and tolerance > 0):
-        raise ValueError(f"`tolerance` must be a number > 0 (relative to the largest per-tensor term), got "
-                         f"{tolerance!r}.")
+    if not (
+        isinstance(tolerance, (int, float))
+        and not isinstance(tolerance, bool)
+        and math.isfinite(tolerance)
+        and tolerance > 0
+    ):
+        raise ValueError(
+            f"`tolerance` must be a number > 0 (relative to the largest per-tensor term), got {tolerance!r}."
+        )
     return num_points, trapezoid

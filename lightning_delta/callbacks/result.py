@@ -54,7 +54,10 @@ class RiemannSums(Metric):
 
 _KINDS = (
     ("attention", r"(attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv|out_proj)"),
-    ("mlp", r"(mlp|ffn|feed_forward|fc\d|gate_proj|up_proj|down_proj|intermediate|dense_h_to_4h|dense_4h_to_h|w[123]\b)"),
+    (
+        "mlp",
+        r"(mlp|ffn|feed_forward|fc\d|gate_proj|up_proj|down_proj|intermediate|dense_h_to_4h|dense_4h_to_h|w[123]\b)",
+    ),
     ("norms", r"(norm|ln_|layernorm|\bln\d?\b)"),
     ("embeddings", r"(embed|wte|wpe|lm_head|patch|position|class_embedding|token)"),
 )
@@ -235,8 +238,9 @@ class RiemannResult:
         if self.error_per_tensor:
             rows.append(("error estimate", f"{max(self.error_per_tensor.values()):.3g} (largest per tensor)"))
         if self.accuracy_post is not None and self.accuracy_edit is not None:
-            rows.append(("accuracy W_post -> edited",
-                         f"{100 * self.accuracy_post:.2f}% -> {100 * self.accuracy_edit:.2f}%"))
+            rows.append(
+                ("accuracy W_post -> edited", f"{100 * self.accuracy_post:.2f}% -> {100 * self.accuracy_edit:.2f}%")
+            )
         modules: dict[str, float] = {}
         for tensor, value in self.term_per_tensor.items():
             module = tensor.rsplit(".", 1)[0] if "." in tensor else tensor

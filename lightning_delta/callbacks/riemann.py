@@ -133,8 +133,9 @@ class RiemannCallback(Callback):
         self.loss_fn = loss_fn
         self.E_dtype = check_E_dtype(E_dtype)
         if recompute_weights not in (None, True, False):
-            raise ValueError(f"`recompute_weights` must be True, False or None (decide from free memory), got "
-                             f"{recompute_weights!r}.")
+            raise ValueError(
+                f"`recompute_weights` must be True, False or None (decide from free memory), got {recompute_weights!r}."
+            )
         self.recompute_weights = recompute_weights
         self._recompute = True
         self.result: RiemannResult | None = None
@@ -208,8 +209,11 @@ class RiemannCallback(Callback):
         loaders = trainer.val_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
         loaders = [loader for loader in loaders if isinstance(loader, DataLoader)]
-        local = torch.tensor([[len(loader), len(loader.sampler)] for loader in loaders], dtype=torch.long,
-                             device=trainer.strategy.root_device)
+        local = torch.tensor(
+            [[len(loader), len(loader.sampler)] for loader in loaders],
+            dtype=torch.long,
+            device=trainer.strategy.root_device,
+        )
         gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, -1, 2).cpu()
         for index in range(gathered.shape[1]):
             batches, rows = gathered[:, index, 0].tolist(), gathered[:, index, 1].tolist()
@@ -305,8 +309,16 @@ class RiemannCallback(Callback):
         if self.edit is None:
             return own_target(pl_module)
         assert self.pretrained is not None  # given together with edit (__init__)
-        return ModuleTarget(pl_module, pretrained=self.pretrained, edit=self.edit, module_name=self.module_name,
-                            include=self.include, exclude=self.exclude, loss_fn=self.loss_fn, E_dtype=self.E_dtype)
+        return ModuleTarget(
+            pl_module,
+            pretrained=self.pretrained,
+            edit=self.edit,
+            module_name=self.module_name,
+            include=self.include,
+            exclude=self.exclude,
+            loss_fn=self.loss_fn,
+            E_dtype=self.E_dtype,
+        )
 
     @override
     def on_validation_batch_end(
@@ -321,8 +333,14 @@ class RiemannCallback(Callback):
         self._accumulate(pl_module, batch, batch_idx, self._work, count_items=True)
         self._show_progress(pl_module)
 
-    def _accumulate(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                    work: list[tuple[int, float, bool]], count_items: bool) -> None:
+    def _accumulate(
+        self,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        work: list[tuple[int, float, bool]],
+        count_items: bool,
+    ) -> None:
         """Run ``work``'s points on one batch and add the losses and inner products to the sums (and the items to
         the count with ``count_items``: the first pass over the data)."""
         target, edited, sums = self._sweep()
@@ -343,8 +361,9 @@ class RiemannCallback(Callback):
         edited.set_t(0.0)
         sums.update(inner, losses, count if count_items else 0.0)
 
-    def _sweep_again(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     work: list[tuple[int, float, bool]]) -> None:
+    def _sweep_again(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: list[tuple[int, float, bool]]
+    ) -> None:
         """Read the validation batches once more (the same ones, as the loop did) and run ``work``'s points."""
         loaders = trainer.val_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -369,8 +388,15 @@ class RiemannCallback(Callback):
             "exact": (sums.loss[-1] - sums.loss[0]) / count,
         }
         for name, value in running.items():
-            pl_module.log(f"riemann/running_{name}", value.float(), prog_bar=True, logger=False, on_step=True,
-                          on_epoch=False, batch_size=1)
+            pl_module.log(
+                f"riemann/running_{name}",
+                value.float(),
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,7 +413,13 @@ class RiemannCallback(Callback):
         else:
             totals = sums.compute()
             result = RiemannResult.from_sums(
-                edited.names, totals["inner"], totals["loss"], totals["count"], self.trapezoid, config, accuracy,
+                edited.names,
+                totals["inner"],
+                totals["loss"],
+                totals["count"],
+                self.trapezoid,
+                config,
+                accuracy,
                 self.schedule,
             )
         self.result = result
@@ -398,16 +430,28 @@ class RiemannCallback(Callback):
             if trainer.is_global_zero:
                 result.save(unused_path(Path(directory) / self.filename))
 
-    def _level_result(self, sums: dict[str, Tensor], level: int, config: dict[str, Any],
-                      accuracy: tuple[float, float] | None, error: Tensor | None = None) -> RiemannResult:
+    def _level_result(
+        self,
+        sums: dict[str, Tensor],
+        level: int,
+        config: dict[str, Any],
+        accuracy: tuple[float, float] | None,
+        error: Tensor | None = None,
+    ) -> RiemannResult:
         points = schedule("adaptive", self.num_points, level=level)
         rows = [self._rows[t] for t in points.points]
         _, edited, _ = self._sweep()
-        return RiemannResult.from_sums(edited.names, sums["inner"][rows], sums["loss"][rows], sums["count"],
-                                       False, config, accuracy, points, error)
+        return RiemannResult.from_sums(
+            edited.names, sums["inner"][rows], sums["loss"][rows], sums["count"], False, config, accuracy, points, error
+        )
 
-    def _adaptive_result(self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: dict[str, Any],
-                         accuracy: tuple[float, float] | None) -> RiemannResult:
+    def _adaptive_result(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        config: dict[str, Any],
+        accuracy: tuple[float, float] | None,
+    ) -> RiemannResult:
         """Add the next level's nodes (one more pass over the data each) until every per-tensor error estimate
         ``|Q_level − Q_level−1|`` is below ``tolerance`` × the largest |per-tensor term|, or the levels run out."""
         _, edited, running = self._sweep()

@@ -83,6 +83,7 @@ __all__ = [
     "write_stored_help",
 ]
 
+
 def __getattr__(name: str) -> Any:
     """The commands' functions and DeltaCLI, as ``lightning_delta.cli.<name>``, imported on first use."""
     if name in COMMANDS:
@@ -154,4 +155,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"lightning-delta: error: {error_message(error)}", file=sys.stderr)
         print(f"(the traceback: add --debug, or set {DEBUG_ENV}=1)", file=sys.stderr)
         raise SystemExit(1) from None
-

@@ -24,6 +24,7 @@ def validate(args: Sequence[str]) -> DeltaCLI:
     """
     return DeltaCLI(args=["validate", *args])
 
+
 def edit(
     model: str,
     *,
@@ -54,8 +55,16 @@ def edit(
         overwrite: replace a non-empty ``output_dir`` whole (its old files, an old shard index included, are
             removed once the new model is complete).
     """
-    path = save_edited(model, pretrained=pretrained, edit=edit, output_dir=output_dir, include=include,
-                       exclude=exclude, dtype=dtype, overwrite=overwrite)
+    path = save_edited(
+        model,
+        pretrained=pretrained,
+        edit=edit,
+        output_dir=output_dir,
+        include=include,
+        exclude=exclude,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
     print(f"Edited model ({edit!r}) written to {path}")
     return path
 

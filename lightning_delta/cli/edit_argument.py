@@ -60,9 +60,9 @@ def check_edit_argument(argv: Sequence[str]) -> None:
             if option != "--edit.help":
                 current, chosen = cls, True
             continue
-        argument = option[len("--edit."):].removeprefix("init_args.")
+        argument = option[len("--edit.") :].removeprefix("init_args.")
         if not chosen:
-            later = next((value for option, value in options[index + 1:] if option == "--edit"), None)
+            later = next((value for option, value in options[index + 1 :] if option == "--edit"), None)
             if later is not None:
                 raise ValueError(
                     f"{option} comes before --edit {later}: put --edit CLASS before its arguments, e.g. "

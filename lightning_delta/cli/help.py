@@ -24,13 +24,28 @@ from typing import Any
 from lightning_delta.cache import cache_root
 from lightning_delta.cli.registry import COMMANDS, command_parser, import_command
 
-__all__ = ["fingerprint", "generate_help", "generated_help", "help_cache_dir", "help_text", "live_help",
-           "write_stored_help"]
+__all__ = [
+    "fingerprint",
+    "generate_help",
+    "generated_help",
+    "help_cache_dir",
+    "help_text",
+    "live_help",
+    "write_stored_help",
+]
 
 HELP_ENV = "LIGHTNING_DELTA_HELP"
 HELP_WIDTH = 80  # the stored help is formatted for this many columns (argparse's width when not on a terminal)
-HELP_PACKAGES = ("jsonargparse", "lightning", "torch", "torchmetrics", "torchvision", "transformers",
-                 "docstring_parser", "typeshed_client")  # the libraries whose signatures and formatting the help shows
+HELP_PACKAGES = (
+    "jsonargparse",
+    "lightning",
+    "torch",
+    "torchmetrics",
+    "torchvision",
+    "transformers",
+    "docstring_parser",
+    "typeshed_client",
+)  # the libraries whose signatures and formatting the help shows
 HELP_MODULE = Path(__file__).with_name("_help.py")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # lightning_delta/
 
@@ -80,8 +95,12 @@ def fingerprint(files: Sequence[str]) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"python": "{}.{}".format(*sys.version_info[:2]), "packages": versions, "files": list(files),
-            "sources": digest.hexdigest()}
+    return {
+        "python": "{}.{}".format(*sys.version_info[:2]),
+        "packages": versions,
+        "files": list(files),
+        "sources": digest.hexdigest(),
+    }
 
 
 def _help_applies() -> bool:
@@ -205,13 +224,11 @@ def write_stored_help(path: str | os.PathLike = HELP_MODULE) -> Path:
     generated = generated_help()
     text = (
         '"""Written by ``lightning_delta.cli.write_stored_help()`` from the live parsers: do not edit.\n\n'
-        "The help of each command, and the fingerprint of the sources and libraries it was made from.\"\"\"\n\n"
+        'The help of each command, and the fingerprint of the sources and libraries it was made from."""\n\n'
         "FINGERPRINTS = {\n"
         + "".join(f"    {command!r}: {value!r},\n" for command, value in generated["fingerprints"].items())
         + "}\n\n"
-        "HELP = {\n"
-        + "".join(f"    {command!r}: {text!r},\n" for command, text in generated["help"].items())
-        + "}\n"
+        "HELP = {\n" + "".join(f"    {command!r}: {text!r},\n" for command, text in generated["help"].items()) + "}\n"
     )
     path = Path(path)
     path.write_text(text, encoding="utf-8")

@@ -13,8 +13,18 @@ from lightning.pytorch import LightningDataModule
 
 from lightning_delta.edits import EDITS
 
-__all__ = ["EVALUATOR_HELP", "LOSS_HELP", "SWEEP_DESCRIPTION", "VALIDATE_DESCRIPTION", "HelpFormatter", "data_help",
-           "edit_help", "hide_from_help", "listing", "summary"]
+__all__ = [
+    "EVALUATOR_HELP",
+    "LOSS_HELP",
+    "SWEEP_DESCRIPTION",
+    "VALIDATE_DESCRIPTION",
+    "HelpFormatter",
+    "data_help",
+    "edit_help",
+    "hide_from_help",
+    "listing",
+    "summary",
+]
 
 VALIDATE_DESCRIPTION = (
     "One Riemann analysis: the post-trained model (--model.model), the pre-trained weights (--model.pretrained), the "

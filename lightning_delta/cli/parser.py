@@ -71,6 +71,7 @@ def _quiet_args_warning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         yield
 
+
 LossName = Literal["causal_lm", "classification", "dpo"]  # the names of LOSSES (a test keeps them the same)
 
 
@@ -110,8 +111,18 @@ def delta_edit_module(
         accuracy_post: the accuracy at t = 0 when already measured on this model and data: the evaluator then runs
             at t = 1 only (a sweep gives it to the grid points after the first on each data set).
     """
-    return DeltaEditModule(model, pretrained=pretrained, edit=edit, loss=loss, include=include, exclude=exclude,
-                           evaluator=evaluator, dtype=dtype, E_dtype=E_dtype, accuracy_post=accuracy_post)
+    return DeltaEditModule(
+        model,
+        pretrained=pretrained,
+        edit=edit,
+        loss=loss,
+        include=include,
+        exclude=exclude,
+        evaluator=evaluator,
+        dtype=dtype,
+        E_dtype=E_dtype,
+        accuracy_post=accuracy_post,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,13 +171,19 @@ class DeltaCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("load_from_checkpoint_support", False)  # nothing is trained, so nothing is checkpointed
         if run:
-            kwargs.setdefault("parser_kwargs", {
-                "prog": "lightning-delta", "formatter_class": HelpFormatter,
-                "validate": {"description": VALIDATE_DESCRIPTION, "formatter_class": HelpFormatter},
-            })
+            kwargs.setdefault(
+                "parser_kwargs",
+                {
+                    "prog": "lightning-delta",
+                    "formatter_class": HelpFormatter,
+                    "validate": {"description": VALIDATE_DESCRIPTION, "formatter_class": HelpFormatter},
+                },
+            )
         else:
-            kwargs.setdefault("parser_kwargs", {"prog": "lightning-delta sweep", "description": SWEEP_DESCRIPTION,
-                                                "formatter_class": HelpFormatter})
+            kwargs.setdefault(
+                "parser_kwargs",
+                {"prog": "lightning-delta sweep", "description": SWEEP_DESCRIPTION, "formatter_class": HelpFormatter},
+            )
         with _quiet_args_warning():
             super().__init__(delta_edit_module, LightningDataModule, args=args, run=run, **kwargs)
 
@@ -186,8 +203,9 @@ class DeltaCLI(LightningCLI):
             return
         super().parse_arguments(parser, args)
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
-                     subparser_kwargs: dict[str, Any]) -> None:
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # validate prints its own table (after_validate); --verbose true adds Lightning's
             self._subcommand_parsers["validate"].set_defaults(verbose=False)
@@ -199,8 +217,9 @@ class DeltaCLI(LightningCLI):
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """LightningCLI's trainer, model and data arguments, the data's with the library's DataModules in its help."""
         parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items()
-                             if key != "callbacks"})
+        parser.set_defaults(
+            {f"trainer.{key}": value for key, value in self.trainer_defaults.items() if key != "callbacks"}
+        )
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_subclass_arguments(LightningDataModule, "data", fail_untyped=False, required=True, help=data_help())
         _set_title(parser, "data", "The data: a LightningDataModule")
@@ -216,23 +235,35 @@ class DeltaCLI(LightningCLI):
         parser.add_class_arguments(RiemannCallback, "riemann", fail_untyped=False, sub_configs=True, skip=_RIEMANN_SKIP)
         # validate reads the same config files as sweep (and dumps their sweep section), but leaves it out of its help
         sweep_arguments = [
-            parser.add_argument("--sweep.results", type=str, default="results.jsonl",
-                                help="JSONL file of sweep rows, one per finished point."),
+            parser.add_argument(
+                "--sweep.results",
+                type=str,
+                default="results.jsonl",
+                help="JSONL file of sweep rows, one per finished point.",
+            ),
             parser.add_argument(
                 "--sweep.grid",
                 type=Any,
                 default=None,
                 help="A mapping of dotted keys to lists of values (a Cartesian product), or a list of such mappings, "
-                     "e.g. '{edit.init_args.p: [0.1, 0.5, 0.9]}'.",
+                "e.g. '{edit.init_args.p: [0.1, 0.5, 0.9]}'.",
             ),
             parser.add_argument("--sweep.figures", type=str | None, default=None, help="Directory for the figures."),
-            parser.add_argument("--sweep.max_points", type=int | None, default=None,
-                                help="Stop after this many new points (run the sweep again for the rest)."),
-            parser.add_argument("--sweep.reuse", type=bool, default=True,
-                                help="Load W_post once for the points that share it and measure the accuracy at "
-                                     "W_post once per data set (the rows are the same; false: every point loads "
-                                     "and measures everything itself, e.g. for an evaluator that draws random "
-                                     "numbers)."),
+            parser.add_argument(
+                "--sweep.max_points",
+                type=int | None,
+                default=None,
+                help="Stop after this many new points (run the sweep again for the rest).",
+            ),
+            parser.add_argument(
+                "--sweep.reuse",
+                type=bool,
+                default=True,
+                help="Load W_post once for the points that share it and measure the accuracy at "
+                "W_post once per data set (the rows are the same; false: every point loads "
+                "and measures everything itself, e.g. for an evaluator that draws random "
+                "numbers).",
+            ),
         ]
         if self._validate_parser:
             for action in sweep_arguments:

@@ -18,21 +18,38 @@ __all__ = ["ANALYSES", "COMMANDS", "DEBUG_ENV", "command_function", "command_par
 # the rest of the command line, which DeltaCLI parses (a LightningCLI: it builds the trainer too); the others take
 # what a parser made from their function's signature parsed.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "validate": ("lightning_delta.cli.commands", "validate",
-                 "One Riemann analysis of an edit: term, trapezoid and exact ΔL, printed and written to a run "
-                 "directory."),
-    "sweep": ("lightning_delta.sweep.run", "sweep",
-              "A grid of Riemann analyses, one JSONL row per point, resumable; a line per point, a closing table."),
-    "edit": ("lightning_delta.cli.commands", "edit",
-             "Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it."),
-    "compress": ("lightning_delta.compress.command", "compress",
-                 "Write the edited delta F(ΔW) in its family's compact form (safetensors), to load onto the base."),
+    "validate": (
+        "lightning_delta.cli.commands",
+        "validate",
+        "One Riemann analysis of an edit: term, trapezoid and exact ΔL, printed and written to a run directory.",
+    ),
+    "sweep": (
+        "lightning_delta.sweep.run",
+        "sweep",
+        "A grid of Riemann analyses, one JSONL row per point, resumable; a line per point, a closing table.",
+    ),
+    "edit": (
+        "lightning_delta.cli.commands",
+        "edit",
+        "Write the edited model W_pre + F(ΔW) with save_pretrained (safetensors), tokenizer files beside it.",
+    ),
+    "compress": (
+        "lightning_delta.compress.command",
+        "compress",
+        "Write the edited delta F(ΔW) in its family's compact form (safetensors), to load onto the base.",
+    ),
     "plot": ("lightning_delta.cli.commands", "plot", "Draw the figures of one or more sweep results files."),
     "estimate": ("lightning_delta.estimate", "estimate", "Peak memory per process of a config, from config.json."),
-    "plan": ("lightning_delta.planning.command", "plan",
-             "Plan an edit per tensor under a budget from the Riemann terms, measure its exact ΔL, write the plan."),
-    "demo": ("lightning_delta.demo.command", "demo",
-             "Build a real small pre/post pair on the bundled digits, sweep the edits, print a table (offline)."),
+    "plan": (
+        "lightning_delta.planning.command",
+        "plan",
+        "Plan an edit per tensor under a budget from the Riemann terms, measure its exact ΔL, write the plan.",
+    ),
+    "demo": (
+        "lightning_delta.demo.command",
+        "demo",
+        "Build a real small pre/post pair on the bundled digits, sweep the edits, print a table (offline).",
+    ),
 }
 ANALYSES = ("validate", "sweep")
 DEBUG_ENV = "LIGHTNING_DELTA_DEBUG"
@@ -74,8 +91,9 @@ def command_parser(command: str) -> ArgumentParser:
     formatting = importlib.import_module("lightning_delta.cli.help_format")
     if command in ANALYSES:
         return parsers.DeltaCLI.config_parser(command)
-    parser = ArgumentParser(prog=f"lightning-delta {command}", description=COMMANDS[command][2],
-                            formatter_class=formatting.HelpFormatter)
+    parser = ArgumentParser(
+        prog=f"lightning-delta {command}", description=COMMANDS[command][2], formatter_class=formatting.HelpFormatter
+    )
     parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
     parser.add_function_arguments(command_function(command), as_group=False, sub_configs=True)
     if command in ("edit", "compress"):

@@ -86,8 +86,11 @@ def write_adapter(directory: Path, post: Any, factors: dict[str, tuple[Tensor, T
         ranks[module] = int(left.shape[1])
     left_out = sorted(name for name, kind in kinds.items() if kind == "other")
     if not ranks:
-        return {"directory": None, "left_out": left_out, "why": "no low-rank tensor is the weight of an nn.Linear "
-                "or nn.Embedding"}
+        return {
+            "directory": None,
+            "left_out": left_out,
+            "why": "no low-rank tensor is the weight of an nn.Linear or nn.Embedding",
+        }
     directory.mkdir()
     top = max(ranks.values())
     pattern = {re.escape(module): rank for module, rank in ranks.items() if rank != top}

@@ -43,12 +43,23 @@ def compress(
         overwrite: replace a non-empty ``output_dir`` whole.
     """
     if (edit is None) == (plan is None):
-        raise ValueError(f"compress: give the edit (--edit CLASS ...) or the plan (--plan plan.json), exactly one; got "
-                         f"edit={edit!r} and plan={plan!r}.")
-    path = save_compressed(model, pretrained=pretrained, edit_or_plan=edit if edit is not None else plan,
-                           output_dir=output_dir, include=include, exclude=exclude, overwrite=overwrite)
+        raise ValueError(
+            f"compress: give the edit (--edit CLASS ...) or the plan (--plan plan.json), exactly one; got "
+            f"edit={edit!r} and plan={plan!r}."
+        )
+    path = save_compressed(
+        model,
+        pretrained=pretrained,
+        edit_or_plan=edit if edit is not None else plan,
+        output_dir=output_dir,
+        include=include,
+        exclude=exclude,
+        overwrite=overwrite,
+    )
     header = json.loads((path / HEADER_FILE).read_text())
     source = repr(edit) if edit is not None else f"the plan {plan}"
-    print(f"Compressed delta of {source} written to {path}: {header['tensor_bytes']:,} bytes of tensors "
-          f"({describe(header)})")
+    print(
+        f"Compressed delta of {source} written to {path}: {header['tensor_bytes']:,} bytes of tensors "
+        f"({describe(header)})"
+    )
     return path

@@ -125,7 +125,7 @@ def encode_signs(edited: Tensor, blocks: int) -> tuple[dict[str, Any], Parts] | 
     stored = torch.zeros(blocks, dtype=flat.dtype)
     stored[: levels.numel()] = levels.cpu()
     if levels.numel():
-        stored[levels.numel():] = levels[-1]  # unused blocks (equal or empty ones): any value, never read
+        stored[levels.numel() :] = levels[-1]  # unused blocks (equal or empty ones): any value, never read
     index = torch.searchsorted(levels, magnitude).clamp_(max=max(levels.numel() - 1, 0))
     parts: Parts = {"signs": pack_bits(torch.signbit(flat)), "magnitudes": stored}
     if planes:
@@ -180,8 +180,11 @@ def decode(record: dict[str, Any], part: Callable[[str], Tensor]) -> Tensor:
     if form == "factors":
         left, right = part("left"), part("right")
         rank = record["rank"]
-        _expect(left.shape == (shape[0], rank) and right.shape == (rank, shape[1]), record,
-                f"factors of shapes {tuple(left.shape)} and {tuple(right.shape)}")
+        _expect(
+            left.shape == (shape[0], rank) and right.shape == (rank, shape[1]),
+            record,
+            f"factors of shapes {tuple(left.shape)} and {tuple(right.shape)}",
+        )
         return factor_product(left, right)
     if form == "sparse":
         values = part("values")
@@ -189,8 +192,13 @@ def decode(record: dict[str, Any], part: Callable[[str], Tensor]) -> Tensor:
         out = torch.zeros(numel, dtype=values.dtype)
         if record["positions"] is not None:
             positions = _decode_positions(record["positions"], part("positions"), numel)
-            _expect(int(positions.sum()) == record["count"] if positions.dtype == torch.bool
-                    else positions.numel() == record["count"], record, "positions that do not match the values")
+            _expect(
+                int(positions.sum()) == record["count"]
+                if positions.dtype == torch.bool
+                else positions.numel() == record["count"],
+                record,
+                "positions that do not match the values",
+            )
             out[positions] = values
         return out.view(shape)
     if form == "signs":
@@ -233,7 +241,7 @@ def _bits(reader: PartReader, part: str, start: int, stop: int, plane: int | Non
     low, high = start // 8, -(-stop // 8)
     index = (slice(low, high),) if plane is None else (slice(plane, plane + 1), slice(low, high))
     packed = reader.slice(part, index).reshape(-1)
-    return unpack_bits(packed, (high - low) * 8)[start - 8 * low: stop - 8 * low]
+    return unpack_bits(packed, (high - low) * 8)[start - 8 * low : stop - 8 * low]
 
 
 class _Positions:
@@ -255,8 +263,9 @@ class _Positions:
         return mask
 
 
-def decode_pieces(record: dict[str, Any], reader: PartReader,
-                  entries: int = PIECE_ENTRIES) -> Iterator[tuple[int, Tensor]]:
+def decode_pieces(
+    record: dict[str, Any], reader: PartReader, entries: int = PIECE_ENTRIES
+) -> Iterator[tuple[int, Tensor]]:
     """:func:`decode`'s ``F(ΔW)`` flattened, in consecutive pieces ``(first flat index, values)`` of whole rows and
     about ``entries`` entries, each equal bit for bit to that slice of :func:`decode`'s; only the stored parts of
     that piece are read (the factors of the low-rank form, whose product is formed whole as

@@ -42,8 +42,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     header_file = path / HEADER_FILE
     if not header_file.is_file():
-        raise ValueError(f"{path} is not a compressed delta: it has no {HEADER_FILE}. Write one with "
-                         "save_compressed (command line: lightning-delta compress).")
+        raise ValueError(
+            f"{path} is not a compressed delta: it has no {HEADER_FILE}. Write one with "
+            "save_compressed (command line: lightning-delta compress)."
+        )
     try:
         header = json.loads(header_file.read_text())
     except ValueError as error:
@@ -84,19 +86,28 @@ class CompressedDelta:
                 try:
                     handle = safe_open(str(self.path / file), framework="pt", device="cpu")
                 except (SafetensorError, OSError) as error:
-                    raise ValueError(f"Cannot read {self.path / file} ({error}): the file is missing, truncated or "
-                                     "damaged; write the compressed delta again.") from error
+                    raise ValueError(
+                        f"Cannot read {self.path / file} ({error}): the file is missing, truncated or "
+                        "damaged; write the compressed delta again."
+                    ) from error
                 version = (handle.metadata() or {}).get("version")
                 if version != str(VERSION):
-                    raise ValueError(f"{self.path / file} is of format version {version!r}, its header of version "
-                                     f"{VERSION}: the directory mixes files of two writes; write it again.")
+                    raise ValueError(
+                        f"{self.path / file} is of format version {version!r}, its header of version "
+                        f"{VERSION}: the directory mixes files of two writes; write it again."
+                    )
                 self._handles[file] = handle
-            missing = [f"{name}/{part}" for name, record in self.records.items() for part in record["parts"]
-                       if record["file"] not in self._handles
-                       or f"{name}/{part}" not in self._handles[record["file"]].keys()]
+            missing = [
+                f"{name}/{part}"
+                for name, record in self.records.items()
+                for part in record["parts"]
+                if record["file"] not in self._handles or f"{name}/{part}" not in self._handles[record["file"]].keys()
+            ]
             if missing:
-                raise ValueError(f"{self.path} lacks the stored parts {format_names(missing)} its header names: the "
-                                 "directory is incomplete; write it again.")
+                raise ValueError(
+                    f"{self.path} lacks the stored parts {format_names(missing)} its header names: the "
+                    "directory is incomplete; write it again."
+                )
             if self._parts is not None:
                 for name, record in self.records.items():
                     for part in record["parts"]:
@@ -131,24 +142,33 @@ class CompressedDelta:
         """:meth:`tensor` flattened, in pieces ``(first flat index, values)`` of about ``entries`` entries (default
         :data:`~lightning_delta.compress.forms.PIECE_ENTRIES`), reading only each piece's stored parts
         (:func:`~lightning_delta.compress.forms.decode_pieces`)."""
-        return forms.decode_pieces({**self.records[name], "name": name}, _TensorParts(self, name),
-                                   forms.PIECE_ENTRIES if entries is None else entries)
+        return forms.decode_pieces(
+            {**self.records[name], "name": name},
+            _TensorParts(self, name),
+            forms.PIECE_ENTRIES if entries is None else entries,
+        )
 
     def check_model(self, tensors: dict[str, Tensor], what: str) -> None:
         """Every stored tensor is in ``tensors`` with its shape; ValueError listing those that are not."""
         missing = [name for name in self.records if name not in tensors]
-        shapes = [f"{name} (delta {tuple(record['shape'])}, {what} {tuple(tensors[name].shape)})"
-                  for name, record in self.records.items()
-                  if name in tensors and tuple(tensors[name].shape) != tuple(record["shape"])]
+        shapes = [
+            f"{name} (delta {tuple(record['shape'])}, {what} {tuple(tensors[name].shape)})"
+            for name, record in self.records.items()
+            if name in tensors and tuple(tensors[name].shape) != tuple(record["shape"])
+        ]
         if missing or shapes:
             parts = []
             if missing:
                 parts.append(f"{len(missing)} tensors of the delta are not in the {what}: {format_names(missing)}")
             if shapes:
-                parts.append(f"{len(shapes)} tensors of the delta have other shapes in the {what}: "
-                             f"{format_names(shapes)}")
-            raise ValueError(f"The compressed delta {self.path} was not made for this {what}: " + "; ".join(parts)
-                             + ". Load it onto the base model it was computed from.")
+                parts.append(
+                    f"{len(shapes)} tensors of the delta have other shapes in the {what}: {format_names(shapes)}"
+                )
+            raise ValueError(
+                f"The compressed delta {self.path} was not made for this {what}: "
+                + "; ".join(parts)
+                + ". Load it onto the base model it was computed from."
+            )
 
     def close(self) -> None:
         self._handles.clear()
@@ -224,7 +244,7 @@ def apply_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathLi
                     continue
                 flat = weight.view(-1)  # the model's own storage, edited piece by piece
                 for start, piece in delta.pieces(name):
-                    weights = flat[start:start + piece.numel()]
+                    weights = flat[start : start + piece.numel()]
                     piece = piece.to(weights.device)
                     weights.copy_(piece if post else weights.to(piece.dtype) + piece)
     finally:
@@ -249,8 +269,10 @@ def remove_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathL
     """
     tensors = _model_tensors(model)
     if base is model:
-        raise ValueError("base must be the base's weights on disk (the directory the model was loaded from), not the "
-                         "model itself: the model holds the edited weights.")
+        raise ValueError(
+            "base must be the base's weights on disk (the directory the model was loaded from), not the "
+            "model itself: the model holds the edited weights."
+        )
     delta, opened = _opened(delta)
     try:
         delta.check_model(tensors, "model")
@@ -259,8 +281,9 @@ def remove_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathL
         except ValueError as error:
             raise ValueError(f"Cannot load the base's weights: {error}") from error
         with source if source is not base else nullcontext():
-            delta.check_model({name: torch.empty(source.shape(name), device="meta") for name in delta.names
-                               if name in source}, "base")
+            delta.check_model(
+                {name: torch.empty(source.shape(name), device="meta") for name in delta.names if name in source}, "base"
+            )
             with torch.no_grad():
                 for name in delta.names:
                     tensors[name].copy_(source.get(name))
@@ -270,8 +293,9 @@ def remove_compressed_(model: nn.Module, delta: CompressedDelta | str | os.PathL
     return model
 
 
-def load_compressed(base: nn.Module | str | os.PathLike, path: str | os.PathLike,
-                    dtype: torch.dtype | str | None = None) -> nn.Module:
+def load_compressed(
+    base: nn.Module | str | os.PathLike, path: str | os.PathLike, dtype: torch.dtype | str | None = None
+) -> nn.Module:
     """The edited model ``W_pre + F(ΔW)``: the base loaded (a directory or hub id, with the transformers class named
     in its config, in ``dtype``, default its stored dtype) or given (an ``nn.Module``, edited in place), with the
     compressed delta in ``path`` applied one tensor at a time (:func:`apply_compressed_`).

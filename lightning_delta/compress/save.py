@@ -53,8 +53,9 @@ def as_edit(edit_or_plan: Any) -> Edit:
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read the plan {path} ({error}); give the plan.json `lightning-delta plan` "
-                             "wrote, or an edit.") from error
+            raise ValueError(
+                f"Cannot read the plan {path} ({error}); give the plan.json `lightning-delta plan` wrote, or an edit."
+            ) from error
         edit = config.get("edit") if isinstance(config, dict) else None
         if not isinstance(edit, dict) or edit.get("name") != PerTensor.name:
             raise ValueError(f"{path} holds no plan: a plan.json has an 'edit' entry with name 'per_tensor'.")
@@ -91,8 +92,9 @@ def _form_of(edit: DeltaEdit | None, numel: int) -> str:
     return "dense"
 
 
-def _encode(name: str, edited: Tensor, form: str, factors: tuple[Tensor, Tensor] | None,
-            edit: DeltaEdit | None) -> tuple[dict[str, Any], forms.Parts]:
+def _encode(
+    name: str, edited: Tensor, form: str, factors: tuple[Tensor, Tensor] | None, edit: DeltaEdit | None
+) -> tuple[dict[str, Any], forms.Parts]:
     """The record and parts of one edited tensor, checked to decode to ``edited`` exactly; a tensor that does not
     fit its family's form (which the edits never give) is stored dense, with a warning."""
     if factors is not None:
@@ -107,8 +109,10 @@ def _encode(name: str, edited: Tensor, form: str, factors: tuple[Tensor, Tensor]
         record, parts = forms.encode_dense(edited)
     record = {"name": name, **record, "shape": list(edited.shape), "dtype": dtype_name(edited.dtype)}
     if record["form"] != "dense" and not torch.equal(forms.decode(record, parts.__getitem__), edited.cpu()):
-        warnings.warn(f"save_compressed: {name} does not fit the {record['form']} form of its edit; it is stored "
-                      "dense.", stacklevel=3)
+        warnings.warn(
+            f"save_compressed: {name} does not fit the {record['form']} form of its edit; it is stored dense.",
+            stacklevel=3,
+        )
         record, parts = forms.encode_dense(edited)
         record = {"name": name, **record, "shape": list(edited.shape), "dtype": dtype_name(edited.dtype)}
     return record, parts
@@ -225,8 +229,10 @@ def save_compressed(
         if isinstance(source, (str, os.PathLike)) and Path(source).exists():
             directory = Path(source) if Path(source).is_dir() else Path(source).parent
             if _same_path(directory, output_dir) or (overwrite and _inside(directory, output_dir)):
-                raise ValueError(f"output_dir {output_dir} holds or is {directory}, which the models are read from; "
-                                 "choose a new directory.")
+                raise ValueError(
+                    f"output_dir {output_dir} holds or is {directory}, which the models are read from; "
+                    "choose a new directory."
+                )
     _check_output_dir(output_dir, overwrite)
     recording = _FormsEdit(edit) if isinstance(edit, DeltaEdit) else None
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -236,8 +242,13 @@ def save_compressed(
         records: dict[str, dict[str, Any]] = {}
         low_rank: dict[str, tuple[Tensor, Tensor]] = {}
         with open_pair(post=model, pre=pretrained) as (post_source, pre_source):
-            for item in iter_edited(post_source, pre=pre_source, edit=recording if recording is not None else edit,
-                                    include=include, exclude=exclude):
+            for item in iter_edited(
+                post_source,
+                pre=pre_source,
+                edit=recording if recording is not None else edit,
+                include=include,
+                exclude=exclude,
+            ):
                 used = recording.used if recording is not None else None
                 factors = recording.factors if recording is not None else None
                 record, parts = _encode(item.name, item.edited, _form_of(used, item.edited.numel()), factors, used)
@@ -283,4 +294,3 @@ def describe(header: Mapping[str, Any]) -> str:
         count[0] += 1
         count[1] += record["bytes"]
     return ", ".join(f"{form} {count} tensors {size:,} B" for form, (count, size) in sorted(totals.items()))
-

@@ -17,8 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # The files a tokenizer is read from: a fast tokenizer's, its config, or a slow tokenizer's vocabulary.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
@@ -42,7 +50,9 @@ def load_tokenizer(tokenizer: Any) -> Any:
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
-        raise ValueError(f"`tokenizer` must be a path, a hub id or a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+        raise ValueError(
+            f"`tokenizer` must be a path, a hub id or a Hugging Face tokenizer, got {type(tokenizer).__name__}."
+        )
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with; set `pad_token`.")
@@ -83,7 +93,7 @@ def split_completion(tokenizer: Any, prompt_messages: list[dict], answer: str) -
             "The chat template does not write the conversation as the generation prompt followed by the answer, so "
             "the answer tokens cannot be told from the prompt; pass `chat_template=False`."
         )
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 def system_turn_leads(tokenizer: Any) -> bool:
@@ -99,8 +109,9 @@ def _system_turn_leads(tokenizer: Any, template: str) -> bool:  # once per token
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     try:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": assistant}], tokenize=False,
-                                             add_generation_prompt=False)
+        full = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": assistant}], tokenize=False, add_generation_prompt=False
+        )
     except Exception:  # jinja2's TemplateError from raise_exception, or whatever the template trips on
         return False
     return all(system in text and text.index(system) < text.index(user) for text in (prompt, full))
@@ -198,8 +209,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 def fetch_command(repo_id: str, revision: str | None = None) -> str:
     """The shell command that puts data set ``repo_id`` into the hub download cache."""
     tail = f" --revision {revision}" if revision else ""
-    return (f"`hf download {repo_id} --repo-type dataset{tail}` (older clients: `huggingface-cli download {repo_id} "
-            f"--repo-type dataset{tail}`)")
+    return (
+        f"`hf download {repo_id} --repo-type dataset{tail}` (older clients: `huggingface-cli download {repo_id} "
+        f"--repo-type dataset{tail}`)"
+    )
 
 
 def not_cached_message(repo_id: str, what: str, revision: str | None = None, detail: str = "") -> str:
@@ -212,8 +225,13 @@ def not_cached_message(repo_id: str, what: str, revision: str | None = None, det
     )
 
 
-def resolve_files(data: str, split: str, config: str | None, what: str, revision: str | None = None,
-                  ) -> list[Path] | None:
+def resolve_files(
+    data: str,
+    split: str,
+    config: str | None,
+    what: str,
+    revision: str | None = None,
+) -> list[Path] | None:
     """The files holding ``split`` of ``data`` (:func:`local_files`); for a hub id, those of its snapshot in the
     hub download cache. ``None``: a hub id to read with ``datasets.load_dataset`` (online, or its Arrow cache).
 
@@ -236,8 +254,9 @@ def resolve_files(data: str, split: str, config: str | None, what: str, revision
         raise FileNotFoundError(not_cached_message(data, what, revision, detail)) from None
 
 
-def load_rows(data: str, split: str, config: str | None, limit: int | None, what: str,
-              fields: Mapping[str, type] | None = None) -> tuple[list[dict], list[str]]:
+def load_rows(
+    data: str, split: str, config: str | None, limit: int | None, what: str, fields: Mapping[str, type] | None = None
+) -> tuple[list[dict], list[str]]:
     """Rows of a local json/jsonl/parquet file, a directory holding ``<split>*.{jsonl,json,parquet}``, or a hub id
     (its snapshot in the hub download cache when there is one: offline under ``HF_HUB_OFFLINE=1``), and where each
     comes from (``"row 3 (counting from 0) of /data/test.jsonl"``), for error messages.
@@ -261,8 +280,9 @@ def load_rows(data: str, split: str, config: str | None, limit: int | None, what
     origins: list[str] = []
     if files is None:
         try:
-            dataset = (datasets.load_dataset(data, config, split=split) if config
-                       else datasets.load_dataset(data, split=split))
+            dataset = (
+                datasets.load_dataset(data, config, split=split) if config else datasets.load_dataset(data, split=split)
+            )
         except Exception as error:
             if not hub_offline():
                 raise
@@ -311,8 +331,10 @@ def _unreadable(file: Path, error: Exception) -> str:
                 json.loads(line)
             except json.JSONDecodeError as bad:
                 shown = line if len(line) <= 80 else line[:77] + "..."
-                return (f"Line {number} of {file} is not valid JSON ({bad.msg} at column {bad.colno}): {shown!r}. "
-                        "Each line of a JSON Lines file must be one complete JSON object; fix or remove that line.")
+                return (
+                    f"Line {number} of {file} is not valid JSON ({bad.msg} at column {bad.colno}): {shown!r}. "
+                    "Each line of a JSON Lines file must be one complete JSON object; fix or remove that line."
+                )
     return f"Cannot read {file} ({error.__cause__ or error})."
 
 
@@ -333,12 +355,16 @@ def check_fields(row: Any, origin: str, fields: Mapping[str, type], what: str) -
     found = ", ".join(repr(key) for key, value in row.items() if value is not None) or "no fields"
     missing = [name for name in fields if row.get(name) is None]
     if missing:
-        raise ValueError(f"{what} {origin} lacks the field{'s' * (len(missing) > 1)} {names(missing)}: each row "
-                         f"needs {expected}; this row has {found}.")
+        raise ValueError(
+            f"{what} {origin} lacks the field{'s' * (len(missing) > 1)} {names(missing)}: each row "
+            f"needs {expected}; this row has {found}."
+        )
     for name, kind in fields.items():
         if not isinstance(row[name], kind):
-            raise ValueError(f"{what} {origin}: the field {name!r} is a {type(row[name]).__name__} "
-                             f"({str(row[name])[:60]!r}), expected a {kind.__name__}.")
+            raise ValueError(
+                f"{what} {origin}: the field {name!r} is a {type(row[name]).__name__} "
+                f"({str(row[name])[:60]!r}), expected a {kind.__name__}."
+            )
 
 
 def names(items: Any) -> str:
@@ -375,12 +401,13 @@ def pad_left(sequences: Sequence[Sequence[int]], value: int) -> Tensor:
     out = torch.full((len(sequences), length), value, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if sequence:
-            out[row, length - len(sequence):] = torch.as_tensor(list(sequence), dtype=torch.long)
+            out[row, length - len(sequence) :] = torch.as_tensor(list(sequence), dtype=torch.long)
     return out
 
 
-def validation_loader(module: Any, examples: Dataset | Sequence[Any], batch_size: int, num_workers: int,
-                      collate_fn: Any) -> DataLoader:
+def validation_loader(
+    module: Any, examples: Dataset | Sequence[Any], batch_size: int, num_workers: int, collate_fn: Any
+) -> DataLoader:
     """A DataLoader that gives each sample to exactly one process, so that the loss sums count each once.
 
     Under several processes the sampler is Lightning's ``UnrepeatedDistributedSampler`` (a ``DistributedSampler``,
@@ -393,8 +420,9 @@ def validation_loader(module: Any, examples: Dataset | Sequence[Any], batch_size
         sampler = UnrepeatedDistributedSampler(
             dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn
+    )
 
 
 def check_positive(name: str, value: Any) -> None:

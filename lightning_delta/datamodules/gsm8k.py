@@ -146,13 +146,19 @@ class GSM8KDataModule(TokenizedDataModule):
         if config not in CONFIGS:
             raise ValueError(f"`config` must be 'main' or 'socratic' (the configs of openai/gsm8k), got {config!r}.")
         if protocol == "lm-eval-cot-llama" and few_shot > len(protocols.COT_LLAMA_SHOTS):
-            raise ValueError(f"`few_shot={few_shot}` but gsm8k_cot_llama has {len(protocols.COT_LLAMA_SHOTS)} examples.")
+            raise ValueError(
+                f"`few_shot={few_shot}` but gsm8k_cot_llama has {len(protocols.COT_LLAMA_SHOTS)} examples."
+            )
         if protocol == "lm-eval" and chat_template:
-            raise ValueError("`protocol='lm-eval'` is lm-eval's gsm8k task on plain text, without a chat template; "
-                             "pass `chat_template=None` or False, or `protocol='lm-eval-cot-llama'` for chat.")
+            raise ValueError(
+                "`protocol='lm-eval'` is lm-eval's gsm8k task on plain text, without a chat template; "
+                "pass `chat_template=None` or False, or `protocol='lm-eval-cot-llama'` for chat."
+            )
         if protocol == "lm-eval-cot-llama" and chat_template is False:
-            raise ValueError("`protocol='lm-eval-cot-llama'` writes its turns through the chat template; pass "
-                             "`chat_template=None` or True.")
+            raise ValueError(
+                "`protocol='lm-eval-cot-llama'` writes its turns through the chat template; pass "
+                "`chat_template=None` or True."
+            )
         self.data, self.config, self.split, self.limit = data, config, split, limit
         self.drop_calculator_notes = bool(drop_calculator_notes)
         self.few_shot, self.few_shot_data, self.few_shot_split = few_shot, few_shot_data, few_shot_split
@@ -173,8 +179,10 @@ class GSM8KDataModule(TokenizedDataModule):
         else:
             chat_template = True if self.protocol == "lm-eval-cot-llama" else self.chat_template
             use_template = resolve_chat_template(self.tokenizer, chat_template, PLAIN_FORMAT)
-        examples = [self.encode_example(row["question"], row["answer"], question_shots, use_template, origin)
-                    for row, origin, question_shots in zip(rows, origins, shots)]
+        examples = [
+            self.encode_example(row["question"], row["answer"], question_shots, use_template, origin)
+            for row, origin, question_shots in zip(rows, origins, shots)
+        ]
         self.num_truncated = sum(example.pop("truncated") for example in examples)
         if self.num_truncated:
             rank_zero_warn(
@@ -243,8 +251,10 @@ class GSM8KDataModule(TokenizedDataModule):
         source = self.data if self.few_shot_data is None else self.few_shot_data
         shots, shot_origins = load_rows(source, self.few_shot_split, self.config, limit, "GSM8K few-shot", FIELDS)
         if len(shots) < k:
-            raise ValueError(f"`few_shot={k}` but split {self.few_shot_split!r} of {source!r} has {len(shots)} "
-                             "examples; lower `few_shot` or pass `few_shot_data=` with more.")
+            raise ValueError(
+                f"`few_shot={k}` but split {self.few_shot_split!r} of {source!r} has {len(shots)} "
+                "examples; lower `few_shot` or pass `few_shot_data=` with more."
+            )
         shot_questions = {" ".join(shot["question"].split()): where for shot, where in zip(shots, shot_origins)}
         for row, origin in zip(rows, origins):
             where = shot_questions.get(" ".join(row["question"].split()))
@@ -256,8 +266,9 @@ class GSM8KDataModule(TokenizedDataModule):
                 )
         return shots
 
-    def encode_example(self, question: str, answer: str, shots: list[dict], use_template: bool,
-                       origin: str = "example") -> dict[str, Any]:
+    def encode_example(
+        self, question: str, answer: str, shots: list[dict], use_template: bool, origin: str = "example"
+    ) -> dict[str, Any]:
         """Token ids of one example: ``prompt_ids`` (masked), ``answer_ids`` (the target), ``truncated``."""
         tokenizer = self.tokenizer
         reference = answer
@@ -288,7 +299,7 @@ class GSM8KDataModule(TokenizedDataModule):
             )
         truncated = len(prompt_ids) + len(answer_ids) > self.max_length
         if truncated:
-            prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - self.max_length:]
+            prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - self.max_length :]
         return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answer": reference, "truncated": truncated}
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -349,8 +360,13 @@ class GSM8KEvaluator(LazyTokenizer):
         protocol: ``"chat"`` (default), ``"lm-eval"`` or ``"lm-eval-cot-llama"``: the one the DataModule uses.
     """
 
-    def __init__(self, tokenizer: Any, max_new_tokens: int = 256,
-                 stop_strings: Sequence[str] | None = None, protocol: str = "chat") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_new_tokens: int = 256,
+        stop_strings: Sequence[str] | None = None,
+        protocol: str = "chat",
+    ) -> None:
         check_positive("max_new_tokens", max_new_tokens)
         self.protocol = protocols.check_protocol(protocol)
         if stop_strings is None:
@@ -414,11 +430,13 @@ class GSM8KEvaluator(LazyTokenizer):
             tokenizer=tokenizer,
             stopping_criteria=StoppingCriteriaList(
                 [AnswerLineEnded(self.token_texts, prompt.shape[1], searched, answer_line=self.reads_answer_line)]
-                if self.reads_answer_line or searched else []),
+                if self.reads_answer_line or searched
+                else []
+            ),
             # a model sharded by FSDP2 gathers its weights on all processes at every step: all must step together
             synced_gpus=True if any(isinstance(p, DTensor) for p in model.parameters()) else None,
         )
-        return output[:, prompt.shape[1]:]
+        return output[:, prompt.shape[1] :]
 
     def generate(self, model: nn.Module, batch: dict[str, Any]) -> list[str]:
         """The greedy answers to the batch's prompts, decoded without special tokens and cut at their end."""
@@ -432,7 +450,7 @@ class GSM8KEvaluator(LazyTokenizer):
         line = ANSWER_LINE.search(text) if self.reads_answer_line else None
         if line is not None:
             ends.append(line.end() - 1)
-        return text[:min((end for end in ends if end >= 0), default=len(text))]
+        return text[: min((end for end in ends if end >= 0), default=len(text))]
 
     @staticmethod
     def count_matches(texts: Sequence[str], references: Sequence[str], device: Any = None) -> tuple[Tensor, Tensor]:
@@ -444,13 +462,18 @@ class GSM8KEvaluator(LazyTokenizer):
         """
         if len(texts) != len(references):
             raise ValueError(f"Got {len(texts)} generated texts for {len(references)} reference answers.")
-        correct = sum(numbers_match(extract_final_number(text), extract_final_number(reference))
-                      for text, reference in zip(texts, references))
-        return (torch.tensor(float(correct), dtype=torch.float64, device=device),
-                torch.tensor(float(len(texts)), dtype=torch.float64, device=device))
+        correct = sum(
+            numbers_match(extract_final_number(text), extract_final_number(reference))
+            for text, reference in zip(texts, references)
+        )
+        return (
+            torch.tensor(float(correct), dtype=torch.float64, device=device),
+            torch.tensor(float(len(texts)), dtype=torch.float64, device=device),
+        )
 
-    def count_filter_matches(self, texts: Sequence[str], references: Sequence[str],
-                             device: Any = None) -> dict[str, tuple[Tensor, Tensor]]:
+    def count_filter_matches(
+        self, texts: Sequence[str], references: Sequence[str], device: Any = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{filter: (correct, total)}`` as float64 tensors () under an lm-eval protocol: each filter's answer
         (``strict-match``, ``flexible-extract``) against the reference, as lm-eval's ``exact_match`` compares them.
 
@@ -463,8 +486,10 @@ class GSM8KEvaluator(LazyTokenizer):
         if len(texts) != len(references):
             raise ValueError(f"Got {len(texts)} generated texts for {len(references)} reference answers.")
         total = torch.tensor(float(len(texts)), dtype=torch.float64, device=device)
-        return {name: (torch.tensor(float(correct), dtype=torch.float64, device=device), total)
-                for name, correct in protocols.filter_matches(self.protocol, texts, references).items()}
+        return {
+            name: (torch.tensor(float(correct), dtype=torch.float64, device=device), total)
+            for name, correct in protocols.filter_matches(self.protocol, texts, references).items()
+        }
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         texts = self.generate(model, batch)
@@ -492,21 +517,26 @@ class AnswerLineEnded(StoppingCriteria):
         answer_line: stop at the first answer line (the chat protocol); False: at ``stop_strings`` alone.
     """
 
-    def __init__(self, token_texts: Sequence[str], prompt_length: int, stop_strings: Sequence[str] = (),
-                 answer_line: bool = True) -> None:
+    def __init__(
+        self, token_texts: Sequence[str], prompt_length: int, stop_strings: Sequence[str] = (), answer_line: bool = True
+    ) -> None:
         self.token_texts, self.prompt_length = token_texts, prompt_length
         self.stop_strings, self.answer_line = tuple(stop_strings), answer_line
         self.texts: list[str] = []
         self.read = 0  # generated tokens already read
 
     def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
-        new = input_ids[:, self.prompt_length + self.read:].tolist()
+        new = input_ids[:, self.prompt_length + self.read :].tolist()
         if not self.texts:
             self.texts = [""] * len(new)
         self.read += len(new[0]) if new else 0
         texts, known = self.token_texts, len(self.token_texts)
-        self.texts = [text + "".join(texts[token] for token in tokens if token < known)
-                      for text, tokens in zip(self.texts, new)]
-        ended = [(self.answer_line and ANSWER_LINE.search(text) is not None)
-                 or any(stop in text for stop in self.stop_strings) for text in self.texts]
+        self.texts = [
+            text + "".join(texts[token] for token in tokens if token < known) for text, tokens in zip(self.texts, new)
+        ]
+        ended = [
+            (self.answer_line and ANSWER_LINE.search(text) is not None)
+            or any(stop in text for stop in self.stop_strings)
+            for text in self.texts
+        ]
         return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)

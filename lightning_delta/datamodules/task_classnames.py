@@ -18,8 +18,9 @@ def _sun397_names(root: Path) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"SUN397 class names need {path} (shipped in the SUN397 archive).")
     # "/a/apartment_building/outdoor" -> "apartment building outdoor"
-    return [line.strip()[3:].replace("/", " ").replace("_", " ") for line in path.read_text().splitlines()
-            if line.strip()]
+    return [
+        line.strip()[3:].replace("/", " ").replace("_", " ") for line in path.read_text().splitlines() if line.strip()
+    ]
 
 
 def _cars_names(root: Path) -> list[str]:
@@ -33,8 +34,12 @@ def _cars_names(root: Path) -> list[str]:
     return [str(name) for name in scipy.io.loadmat(str(path), squeeze_me=True)["class_names"].tolist()]
 
 
-def get_classnames(task: str, root: str | None = None, data: str | None = None, config: str | None = None,
-                   ) -> list[str]:
+def get_classnames(
+    task: str,
+    root: str | None = None,
+    data: str | None = None,
+    config: str | None = None,
+) -> list[str]:
     """The class names of ``task`` in label order. Stanford Cars and SUN397 read them from their data: the parquet
     data set ``data`` (hub id or path; its ``label``'s ``ClassLabel`` names, see
     :func:`lightning_delta.datamodules.vision_parquet.classnames_from_data`) or the metadata under ``root``."""
@@ -44,6 +49,8 @@ def get_classnames(task: str, root: str | None = None, data: str | None = None, 
     if task in CLASSNAMES:
         return list(CLASSNAMES[task])
     if root is None:
-        raise ValueError(f"The class names of {task} come with its data: pass `data` (the parquet data set, e.g. a "
-                         "hub id) or `root` (the dataset folder).")
+        raise ValueError(
+            f"The class names of {task} come with its data: pass `data` (the parquet data set, e.g. a "
+            "hub id) or `root` (the dataset folder)."
+        )
     return _sun397_names(Path(root)) if task == "sun397" else _cars_names(Path(root))

@@ -96,7 +96,13 @@ class UltraFeedbackDataModule(TokenizedDataModule):
         super().__init__(tokenizer, max_length, batch_size, num_workers)
         if too_long not in TOO_LONG:
             raise ValueError(f"`too_long` must be one of {TOO_LONG}, got {too_long!r}.")
-        self.data, self.split, self.too_long, self.limit, self.chat_template = data, split, too_long, limit, chat_template
+        self.data, self.split, self.too_long, self.limit, self.chat_template = (
+            data,
+            split,
+            too_long,
+            limit,
+            chat_template,
+        )
         self.examples: list[dict[str, Any]] | None = None
         self.num_truncated = 0
         self.num_dropped = 0
@@ -135,13 +141,17 @@ class UltraFeedbackDataModule(TokenizedDataModule):
             raise ValueError(f"UltraFeedback {origin}: {shape}; it is {str(messages)[:80]!r}.")
         for position, message in enumerate(messages):
             if not isinstance(message, dict):
-                raise ValueError(f"UltraFeedback {origin}: {shape}; its message {position} is a "
-                                 f"{type(message).__name__} ({str(message)[:60]!r}).")
+                raise ValueError(
+                    f"UltraFeedback {origin}: {shape}; its message {position} is a "
+                    f"{type(message).__name__} ({str(message)[:60]!r})."
+                )
             bad = [name for name in ("role", "content") if not isinstance(message.get(name), str)]
             if bad:
                 found = ", ".join(repr(k) for k, v in message.items() if v is not None) or "no fields"
-                raise ValueError(f"UltraFeedback {origin}: {shape}; its message {position} has no string "
-                                 f"{' or '.join(map(repr, bad))} (it has {found}).")
+                raise ValueError(
+                    f"UltraFeedback {origin}: {shape}; its message {position} has no string "
+                    f"{' or '.join(map(repr, bad))} (it has {found})."
+                )
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"UltraFeedback {origin}: {shape}; its last message has role {messages[-1]['role']!r}.")
         return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
@@ -178,7 +188,7 @@ class UltraFeedbackDataModule(TokenizedDataModule):
             )
         truncated = len(prompt_ids) + longest > self.max_length
         if truncated:
-            prompt_ids = prompt_ids[len(prompt_ids) + longest - self.max_length:]
+            prompt_ids = prompt_ids[len(prompt_ids) + longest - self.max_length :]
         return {
             "prompt_ids": prompt_ids,
             "chosen_ids": answers[0],

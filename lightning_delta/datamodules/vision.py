@@ -50,38 +50,53 @@ __all__ = ["VisionDataModule", "ZeroShotClassifier", "build_vision_dataset", "ex
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 TEST_EVERY = 5  # tasks without an official test split: every fifth image (in the dataset's order) is the test split
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def expected_layout(task: str, root: str | Path, split: str = "test") -> tuple[list[Path], str]:
     """The paths that must exist for ``task`` under ``root``, and how to get them."""
     root, task = Path(root), check_task(task)
     if task == "mnist":
-        return ([root / "MNIST" / "raw" / name for name in _MNIST_FILES],
-                "pass download=True, or put the four unpacked MNIST idx files in <root>/MNIST/raw")
+        return (
+            [root / "MNIST" / "raw" / name for name in _MNIST_FILES],
+            "pass download=True, or put the four unpacked MNIST idx files in <root>/MNIST/raw",
+        )
     if task == "svhn":
-        return ([root / "svhn" / f"{split}_32x32.mat"],
-                "pass download=True, or put SVHN's cropped-digits file <split>_32x32.mat in <root>/svhn (reading it "
-                "needs scipy)")
+        return (
+            [root / "svhn" / f"{split}_32x32.mat"],
+            "pass download=True, or put SVHN's cropped-digits file <split>_32x32.mat in <root>/svhn (reading it "
+            "needs scipy)",
+        )
     if task == "gtsrb":
         folder = "Training" if split == "train" else "Final_Test/Images"
-        paths = [root / "gtsrb" / "GTSRB" / folder] + ([] if split == "train" else [root / "gtsrb" / "GT-final_test.csv"])
+        paths = [root / "gtsrb" / "GTSRB" / folder] + (
+            [] if split == "train" else [root / "gtsrb" / "GT-final_test.csv"]
+        )
         return paths, "pass download=True, or unpack the GTSRB archives into <root>/gtsrb"
     if task == "dtd":
         return [root / "dtd" / "dtd"], "pass download=True, or unpack dtd-r1.0.1.tar.gz into <root>/dtd"
     if task == "eurosat":
         return [root / "eurosat" / "2750"], "pass download=True, or unpack EuroSAT.zip (RGB) into <root>/eurosat"
     if task == "stanford_cars":
-        return ([root / "stanford_cars" / "devkit", root / "stanford_cars" / f"cars_{split}"],
-                "torchvision can no longer download Stanford Cars: get the images and devkit (e.g. from Kaggle's "
-                "copy) and lay them out as <root>/stanford_cars/{devkit,cars_train,cars_test, "
-                "cars_test_annos_withlabels.mat}; reading them needs scipy")
+        return (
+            [root / "stanford_cars" / "devkit", root / "stanford_cars" / f"cars_{split}"],
+            "torchvision can no longer download Stanford Cars: get the images and devkit (e.g. from Kaggle's "
+            "copy) and lay them out as <root>/stanford_cars/{devkit,cars_train,cars_test, "
+            "cars_test_annos_withlabels.mat}; reading them needs scipy",
+        )
     if task == "sun397":
         return [root / "SUN397" / "ClassName.txt"], "pass download=True (37 GB), or unpack SUN397.tar.gz into <root>"
-    return ([root / "resisc45"],
-            "download NWPU-RESISC45 and unpack it so that each class is a folder <root>/resisc45/<class>/*.jpg "
-            "(e.g. <root>/resisc45/airplane); optional split folders <root>/resisc45/<split>/<class>/ are used when "
-            "present")
+    return (
+        [root / "resisc45"],
+        "download NWPU-RESISC45 and unpack it so that each class is a folder <root>/resisc45/<class>/*.jpg "
+        "(e.g. <root>/resisc45/airplane); optional split folders <root>/resisc45/<split>/<class>/ are used when "
+        "present",
+    )
 
 
 def _length(dataset: Dataset) -> int:
@@ -95,7 +110,9 @@ class _Every(Subset):
 
     def __init__(self, dataset: Dataset, split: str) -> None:
         if split not in ("train", "test", "all"):
-            raise ValueError(f"This task has no official split; `split` must be 'train', 'test' or 'all', got {split!r}.")
+            raise ValueError(
+                f"This task has no official split; `split` must be 'train', 'test' or 'all', got {split!r}."
+            )
         indices: Sequence[int] = range(_length(dataset))
         if split != "all":
             indices = [i for i in indices if (i % TEST_EVERY == 0) == (split == "test")]
@@ -116,8 +133,10 @@ def _resisc45(root: Path, split: str, transform: Any) -> Dataset:
     dataset = ImageFolder(str(folder), transform=transform)
     unknown = [c for c in dataset.classes if c.replace("_", " ") not in names]
     if unknown:
-        raise ValueError(f"RESISC45 folders {unknown} in {folder} are not RESISC45 classes; expected folders among "
-                         f"{[n.replace(' ', '_') for n in names]}.")
+        raise ValueError(
+            f"RESISC45 folders {unknown} in {folder} are not RESISC45 classes; expected folders among "
+            f"{[n.replace(' ', '_') for n in names]}."
+        )
     to_global = [names.index(c.replace("_", " ")) for c in dataset.classes]
     dataset.target_transform = to_global.__getitem__
     return dataset if folder == base / split else _Every(dataset, split)
@@ -129,13 +148,16 @@ def _check_mnist(dataset: Any, root: Path, split: str) -> Any:
     raw = root / "MNIST" / "raw"
     images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     if len(dataset.data) != len(dataset.targets):
-        raise ValueError(f"MNIST {images} holds {len(dataset.data)} images but {labels} holds {len(dataset.targets)} "
-                         "labels; each image needs one label. Replace the two files by a matching pair.")
+        raise ValueError(
+            f"MNIST {images} holds {len(dataset.data)} images but {labels} holds {len(dataset.targets)} "
+            "labels; each image needs one label. Replace the two files by a matching pair."
+        )
     outside = (dataset.targets < 0) | (dataset.targets > 9)
     if outside.any():
         index = int(outside.nonzero()[0])
-        raise ValueError(f"MNIST label {index} (counting from 0) of {labels} is {int(dataset.targets[index])}, not a "
-                         "digit 0-9.")
+        raise ValueError(
+            f"MNIST label {index} (counting from 0) of {labels} is {int(dataset.targets[index])}, not a digit 0-9."
+        )
     return dataset
 
 
@@ -154,8 +176,10 @@ def _dtd_classes_numbered_in_full(dataset: Any, split: str) -> Any:
     folders = [path.parent.name for path in dataset._image_files]
     unknown = sorted(set(folders) - set(names))
     if unknown:
-        raise ValueError(f"DTD's {split} split file ({dataset._meta_folder}) names folders {unknown} that are not DTD "
-                         f"classes; expected folders among {names}.")
+        raise ValueError(
+            f"DTD's {split} split file ({dataset._meta_folder}) names folders {unknown} that are not DTD "
+            f"classes; expected folders among {names}."
+        )
     dataset._labels = [names.index(folder) for folder in folders]
     dataset.classes, dataset.class_to_idx = list(names), {name: i for i, name in enumerate(names)}
     return dataset
@@ -170,12 +194,15 @@ def _check_gtsrb_test_csv(path: Path) -> None:
             origin = f"row {index} (counting from 0, after the header) of {path}"
             check_fields(row, origin, fields, "GTSRB")
             if not row["ClassId"].strip().isdigit() or int(row["ClassId"]) >= len(CLASSNAMES["gtsrb"]):
-                raise ValueError(f"GTSRB {origin}: `ClassId` is {row['ClassId']!r}, expected a class index 0-"
-                                 f"{len(CLASSNAMES['gtsrb']) - 1}.")
+                raise ValueError(
+                    f"GTSRB {origin}: `ClassId` is {row['ClassId']!r}, expected a class index 0-"
+                    f"{len(CLASSNAMES['gtsrb']) - 1}."
+                )
 
 
-def build_vision_dataset(task: str, root: str | Path, split: str = "test", download: bool = False,
-                         transform: Any = None) -> Dataset:
+def build_vision_dataset(
+    task: str, root: str | Path, split: str = "test", download: bool = False, transform: Any = None
+) -> Dataset:
     """The torchvision dataset (or RESISC45 image folder) of ``task``: items ``(PIL image, label)``.
 
     Raises:
@@ -287,11 +314,15 @@ class VisionDataModule(pl.LightningDataModule):
         if limit is not None:
             check_positive("limit", limit)
         if (root is None) == (data is None):
-            raise ValueError(f"Give the {self.task} images as either `root` (a folder) or `data` (a parquet data set, "
-                             f"e.g. a hub id), not {'both' if root is not None else 'neither'}.")
+            raise ValueError(
+                f"Give the {self.task} images as either `root` (a folder) or `data` (a parquet data set, "
+                f"e.g. a hub id), not {'both' if root is not None else 'neither'}."
+            )
         if download and data is not None:
-            raise ValueError("`download` is for torchvision's folders (`root`); a hub id in `data` is read from the "
-                             "hub download cache or downloaded by `datasets`.")
+            raise ValueError(
+                "`download` is for torchvision's folders (`root`); a hub id in `data` is read from the "
+                "hub download cache or downloaded by `datasets`."
+            )
         self.root, self.data, self.config = root, data, config
         self.processor, self.split, self.download = processor, split, download
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
@@ -416,8 +447,7 @@ class ZeroShotClassifier(nn.Module):
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         head = self.zero_shot_head(model, tokenizer, classnames, templates)
-        vision, projection = _vision_parts(_load_vision(vision_model, dtype) if vision_model is not None
-                                           else model)
+        vision, projection = _vision_parts(_load_vision(vision_model, dtype) if vision_model is not None else model)
         self.vision_model = vision
         self.visual_projection = projection if projection is not None else model.visual_projection
         self.classnames, self.templates = list(classnames), list(templates)
@@ -433,7 +463,9 @@ class ZeroShotClassifier(nn.Module):
         rows = []
         for name in classnames:
             tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(device)
-            pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+            pooled = model.text_model(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).pooler_output
             features = F.normalize(model.text_projection(pooled), dim=-1)  # (templates, D)
             rows.append(F.normalize(features.mean(dim=0), dim=-1))
         return torch.stack(rows)

@@ -49,9 +49,11 @@ def _files(data: str, split: str, config: str | None) -> list[Path] | None:
     if files is not None:
         wrong = [str(f) for f in files if f.suffix != ".parquet"]
         if wrong:
-            raise ValueError(f"Image data sets are parquet files (columns `image` and `label`); {', '.join(wrong)} "
-                             "is not one. Point `data` at the parquet files of the split, or use `root` for image "
-                             "folders.")
+            raise ValueError(
+                f"Image data sets are parquet files (columns `image` and `label`); {', '.join(wrong)} "
+                "is not one. Point `data` at the parquet files of the split, or use `root` for image "
+                "folders."
+            )
     return files
 
 
@@ -86,9 +88,11 @@ def load_parquet_images(data: str, split: str, config: str | None = None) -> tup
     missing = [c for c in COLUMNS if c not in dataset.column_names]
     if missing:
         where = ", ".join(name for _, name in origins)
-        raise ValueError(f"The image data set {data!r} (split {split!r}: {where}) lacks the column(s) "
-                         f"{', '.join(map(repr, missing))}; it has {', '.join(map(repr, dataset.column_names))}. An "
-                         "image data set needs `image` (the image file's bytes) and `label` (the class index).")
+        raise ValueError(
+            f"The image data set {data!r} (split {split!r}: {where}) lacks the column(s) "
+            f"{', '.join(map(repr, missing))}; it has {', '.join(map(repr, dataset.column_names))}. An "
+            "image data set needs `image` (the image file's bytes) and `label` (the class index)."
+        )
     if not isinstance(dataset.features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image())  # a plain struct {bytes, path}: decode it as images
     return dataset, origins
@@ -147,13 +151,17 @@ def classnames_from_data(task: str, data: str, config: str | None = None, split:
     names = label.names if isinstance(label, datasets.ClassLabel) else None
     if task in CLASSNAMES:
         if names is not None and len(names) != len(CLASSNAMES[task]):
-            raise ValueError(f"The `label` of {data!r} has {len(names)} classes ({', '.join(names[:3])}, ...) but "
-                             f"{task} has {len(CLASSNAMES[task])}: is it {task}'s data set?")
+            raise ValueError(
+                f"The `label` of {data!r} has {len(names)} classes ({', '.join(names[:3])}, ...) but "
+                f"{task} has {len(CLASSNAMES[task])}: is it {task}'s data set?"
+            )
         return list(CLASSNAMES[task])
     if names is None:
-        raise ValueError(f"The class names of {task} come with its data, but the `label` of {data!r} is "
-                         f"{label!r}, not a ClassLabel with names. Give a data set whose `label` is a ClassLabel (as "
-                         f"{FUSIONBENCH_DATA[task][0]!r}), or pass `root` (torchvision's layout) or `classnames`.")
+        raise ValueError(
+            f"The class names of {task} come with its data, but the `label` of {data!r} is "
+            f"{label!r}, not a ClassLabel with names. Give a data set whose `label` is a ClassLabel (as "
+            f"{FUSIONBENCH_DATA[task][0]!r}), or pass `root` (torchvision's layout) or `classnames`."
+        )
     return [readable(name) for name in names]
 
 
@@ -171,8 +179,9 @@ class ParquetImages(Dataset):
         self.labels = self.dataset["label"][:]  # the label column alone; the images stay on disk
         for index, label in enumerate(self.labels):
             if not isinstance(label, int) or not 0 <= label < num_classes:
-                raise ValueError(f"{task} {where(origins, index)}: `label` is {label!r}, expected a class index "
-                                 f"0-{num_classes - 1}.")
+                raise ValueError(
+                    f"{task} {where(origins, index)}: `label` is {label!r}, expected a class index 0-{num_classes - 1}."
+                )
 
     def __len__(self) -> int:
         return len(self.labels)

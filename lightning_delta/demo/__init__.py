@@ -23,6 +23,21 @@ from lightning_delta.demo.config import DEMO_CONFIG, FAST_GRID, demo_config, dem
 from lightning_delta.demo.first_order import gradient_and_deltas, gradient_terms, sweep_agreement
 from lightning_delta.demo.pair import PairSettings, build_pair, default_cache_dir, scaled_pretrained, shipped_pair
 
-__all__ = ["DEMO_CONFIG", "FAST_GRID", "PairSettings", "build_pair", "default_cache_dir", "demo", "demo_config",
-           "demo_grid", "findings", "gradient_and_deltas", "gradient_terms", "scale_blocks", "scaled_pretrained",
-           "shipped_pair", "sweep_agreement", "sweep_config"]
+__all__ = [
+    "DEMO_CONFIG",
+    "FAST_GRID",
+    "PairSettings",
+    "build_pair",
+    "default_cache_dir",
+    "demo",
+    "demo_config",
+    "demo_grid",
+    "findings",
+    "gradient_and_deltas",
+    "gradient_terms",
+    "scale_blocks",
+    "scaled_pretrained",
+    "shipped_pair",
+    "sweep_agreement",
+    "sweep_config",
+]

@@ -110,8 +110,10 @@ def demo(
         figures: draw the figures.
     """
     if retrain and not train:
-        raise ValueError("retrain=True trains the pairs again, which only applies with train=True (the shipped "
-                         "reference pairs are never trained here): add --train true.")
+        raise ValueError(
+            "retrain=True trains the pairs again, which only applies with train=True (the shipped "
+            "reference pairs are never trained here): add --train true."
+        )
     seeds = list(pair_seeds) if pair_seeds is not None else ([pair.seed] if train else list(SHIPPED_SEEDS))
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"pair_seeds must name at least one pair, each once; got {pair_seeds!r}.")
@@ -120,8 +122,23 @@ def demo(
         torch.set_num_threads(threads)
     try:
         with _quiet():
-            return _run(Path(output_dir), cache_dir, seeds, train, pair, retrain, num_points, eval_limit,
-                        gradient_seeds, grid, delta_scales, scale_grid, fast, resume, figures)
+            return _run(
+                Path(output_dir),
+                cache_dir,
+                seeds,
+                train,
+                pair,
+                retrain,
+                num_points,
+                eval_limit,
+                gradient_seeds,
+                grid,
+                delta_scales,
+                scale_grid,
+                fast,
+                resume,
+                figures,
+            )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -150,10 +167,23 @@ def _print_pair(built: DemoPair, seconds: float, regime_table_too: bool = True) 
         print(regime_table(regime))
 
 
-def _run(output: Path, cache_dir: str | None, seeds: list[int], train: bool, settings: PairSettings, retrain: bool,
-         num_points: int, eval_limit: int | None, gradient_seeds: int, grid: list[dict[str, Any]] | None,
-         delta_scales: list[float] | None, scale_grid: list[dict[str, Any]] | None, fast: bool, resume: bool,
-         figures: bool) -> list[SweepRow]:
+def _run(
+    output: Path,
+    cache_dir: str | None,
+    seeds: list[int],
+    train: bool,
+    settings: PairSettings,
+    retrain: bool,
+    num_points: int,
+    eval_limit: int | None,
+    gradient_seeds: int,
+    grid: list[dict[str, Any]] | None,
+    delta_scales: list[float] | None,
+    scale_grid: list[dict[str, Any]] | None,
+    fast: bool,
+    resume: bool,
+    figures: bool,
+) -> list[SweepRow]:
     started = time.time()
     # what is not given comes from configs/demo.yaml (fast: FAST_GRID and no delta-scale experiment)
     shipped = {} if fast or None not in (grid, delta_scales, scale_grid) else demo_config()
@@ -169,30 +199,53 @@ def _run(output: Path, cache_dir: str | None, seeds: list[int], train: bool, set
             print()
         _print_pair(built, time.time() - loaded, regime_table_too=index == 0)
         directory = output if index == 0 else output / "pairs" / f"seed-{seed}"
-        rows, lines, text = _analyse(built, directory, grid, delta_scales, scale_grid, num_points, eval_limit,
-                                     gradient_seeds, resume, figures and index == 0)
+        rows, lines, text = _analyse(
+            built,
+            directory,
+            grid,
+            delta_scales,
+            scale_grid,
+            num_points,
+            eval_limit,
+            gradient_seeds,
+            resume,
+            figures and index == 0,
+        )
         if index == 0:
             print("\n" + text)
             reference_rows = rows
         else:
             held = [holds(line.verdict) for line in lines]
-            print(f"Findings of {built.label}: {sum(h is True for h in held)} hold, "
-                  f"{sum(h is False for h in held)} depart ({directory / 'findings.md'})")
+            print(
+                f"Findings of {built.label}: {sum(h is True for h in held)} hold, "
+                f"{sum(h is False for h in held)} depart ({directory / 'findings.md'})"
+            )
         labels.append(f"pair {seed}")
         all_findings.append(lines)
     if len(seeds) > 1:
         table = over_pairs_table(labels, all_findings)
-        text = (f"The findings over the {len(seeds)} pairs (each pair's verdict over its mask seeds; the first pair's "
-                "numbers are above, each other's in its findings.md):\n\n" + table)
+        text = (
+            f"The findings over the {len(seeds)} pairs (each pair's verdict over its mask seeds; the first pair's "
+            "numbers are above, each other's in its findings.md):\n\n" + table
+        )
         print("\n" + text)
         (output / "over_pairs.md").write_text(text + "\n")
     print(f"\nResults: {output / 'results.jsonl'} ({time.time() - started:.1f} s in all)")
     return reference_rows
 
 
-def _analyse(built: DemoPair, output: Path, grid: list[dict[str, Any]], delta_scales: list[float],
-             scale_grid: list[dict[str, Any]], num_points: int, eval_limit: int | None, gradient_seeds: int,
-             resume: bool, figures: bool) -> tuple[list[SweepRow], list[Any], str]:
+def _analyse(
+    built: DemoPair,
+    output: Path,
+    grid: list[dict[str, Any]],
+    delta_scales: list[float],
+    scale_grid: list[dict[str, Any]],
+    num_points: int,
+    eval_limit: int | None,
+    gradient_seeds: int,
+    resume: bool,
+    figures: bool,
+) -> tuple[list[SweepRow], list[Any], str]:
     """One pair's sweep and findings, written to ``output``: its rows, findings and the text of its tables."""
     output.mkdir(parents=True, exist_ok=True)
     scales = {str(built.pre_dir): 1.0}
@@ -234,17 +287,19 @@ def _analyse(built: DemoPair, output: Path, grid: list[dict[str, Any]], delta_sc
         f"R = L(W_pre) − L(W_post) = {'—' if revert is None else f'{revert:.4f}'} on these images, the loss change of "
         f"reverting to W_pre; competitive: mean ΔL ≤ {100 * COMPETITIVE:.0f}% of R."
     )
-    text = "\n\n".join([
-        header,
-        f"The paper's findings on {built.label} (mean ± sample std over the mask seeds; det.: an edit without "
-        "randomness):",
-        findings_table(lines),
-        f"Table 1 in the paper's layout (accuracy in % on the {eval_limit or 450} images, mean ± std over the seeds for "
-        "the random column; ΔL beside):",
-        table1(rows, scales=scales),
-        "Every setting (s: the delta scale, W_pre = W_post − s·ΔW):",
-        settings_table(settings),
-    ])
+    text = "\n\n".join(
+        [
+            header,
+            f"The paper's findings on {built.label} (mean ± sample std over the mask seeds; det.: an edit without "
+            "randomness):",
+            findings_table(lines),
+            f"Table 1 in the paper's layout (accuracy in % on the {eval_limit or 450} images, mean ± std over the seeds for "
+            "the random column; ΔL beside):",
+            table1(rows, scales=scales),
+            "Every setting (s: the delta scale, W_pre = W_post − s·ΔW):",
+            settings_table(settings),
+        ]
+    )
     (output / "findings.md").write_text(text + "\n")
     (output / "regime.json").write_text(json.dumps(built.info["regime"], indent=1))
     if figures:

@@ -21,8 +21,12 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # A few points of every family, two seeds where there is randomness: for tests and a quick look.
 FAST_GRID: list[dict[str, Any]] = [
     {"edit": _EDITS + "DARE", "edit.init_args.p": [0.5, 0.9], "edit.init_args.seed": [0, 1]},
-    {"edit": _EDITS + "DARE", "edit.init_args.p": [0.9], "edit.init_args.rescale": False,
-     "edit.init_args.seed": [0, 1]},
+    {
+        "edit": _EDITS + "DARE",
+        "edit.init_args.p": [0.9],
+        "edit.init_args.rescale": False,
+        "edit.init_args.seed": [0, 1],
+    },
     {"edit": _EDITS + "BitDelta", "edit.init_args.blocks": [1, 4]},
     {"edit": _EDITS + "MagnitudePrune", "edit.init_args.p": [0.9]},
     {"edit": _EDITS + "LowRank", "edit.init_args.rank": [1]},
@@ -41,21 +45,28 @@ def demo_grid(path: Path = DEMO_CONFIG) -> list[dict[str, Any]]:
     return demo_config(path)["grid"]
 
 
-def sweep_config(pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], num_points: int,
-                 eval_limit: int | None) -> dict[str, Any]:
+def sweep_config(
+    pair: DemoPair, output_dir: Path, grid: list[dict[str, Any]], num_points: int, eval_limit: int | None
+) -> dict[str, Any]:
     """The ``lightning-delta sweep`` config the demo runs (also written to ``output_dir/sweep.yaml``)."""
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(output_dir)},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(output_dir),
+        },
         "model": {
             "model": str(pair.post_dir),
             "pretrained": str(pair.pre_dir),
             "loss": "causal_lm",
             "evaluator": "lightning_delta.demo.digits.answer_accuracy",
         },
-        "data": {"class_path": "lightning_delta.demo.digits.DigitsDataModule",
-                 "init_args": {"split": "test", "limit": eval_limit, "batch_size": 100}},
+        "data": {
+            "class_path": "lightning_delta.demo.digits.DigitsDataModule",
+            "init_args": {"split": "test", "limit": eval_limit, "batch_size": 100},
+        },
         "edit": {"class_path": _EDITS + "DARE", "init_args": {"p": 0.5}},
         "riemann": {"num_points": num_points, "trapezoid": False},
         "sweep": {"results": str(output_dir / "results.jsonl"), "grid": grid, "figures": None},

@@ -105,8 +105,9 @@ def patch_tokens(images: np.ndarray | Tensor) -> Tensor:
     return (patches * weights).sum(dim=-1)
 
 
-def digit_sequences(images: np.ndarray, digits: np.ndarray, answer_only: bool = True,
-                    answer_fraction: float = 1.0, seed: int = 0) -> dict[str, Tensor]:
+def digit_sequences(
+    images: np.ndarray, digits: np.ndarray, answer_only: bool = True, answer_fraction: float = 1.0, seed: int = 0
+) -> dict[str, Tensor]:
     """Token sequences and labels for a batch of images.
 
     Args:

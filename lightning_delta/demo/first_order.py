@@ -30,16 +30,17 @@ def gradient_and_deltas(pair: DemoPair, eval_limit: int | None) -> tuple[dict[st
     return {name: gradients[name] for name in deltas}, deltas
 
 
-def gradient_terms(gradients: dict[str, Tensor], deltas: dict[str, Tensor], seeds: int,
-                   ps: tuple[float, ...] = (0.9, 0.99)) -> dict[str, Any]:
+def gradient_terms(
+    gradients: dict[str, Tensor], deltas: dict[str, Tensor], seeds: int, ps: tuple[float, ...] = (0.9, 0.99)
+) -> dict[str, Any]:
     """Eq. 6 from one gradient: ``⟨∇L(W_post), E⟩`` for DARE and drop only under ``seeds`` masks at each ``p``, and
     ``⟨∇L(W_post), ΔW⟩``."""
-    result: dict[str, Any] = {"gradient_delta": gradient_inner_product(gradients, deltas), "dare": {},
-                              "drop_only": {}}
+    result: dict[str, Any] = {"gradient_delta": gradient_inner_product(gradients, deltas), "dare": {}, "drop_only": {}}
     for p in ps:
         result["dare"][p] = first_order_terms(gradients, deltas, (DARE(p=p, seed=seed) for seed in range(seeds)))
         result["drop_only"][p] = first_order_terms(
-            gradients, deltas, (DARE(p=p, rescale=False, seed=seed) for seed in range(seeds)))
+            gradients, deltas, (DARE(p=p, rescale=False, seed=seed) for seed in range(seeds))
+        )
     return result
 
 
@@ -50,9 +51,16 @@ def sweep_agreement(terms: dict[str, Any], rows: list[SweepRow], scales: dict[st
     for row in rows:
         p, seed = row.edit.get("p"), row.edit.get("seed")
         family = "drop_only" if row.edit.get("rescale") is False else "dare"
-        if (row.edit.get("name") != "dare" or row.edit.get("k", 0.0) != 0.0 or row.dataset != "Digits/test"
-                or scales.get(str(row.config.get("model", {}).get("pretrained")), 1.0) != 1.0
-                or p is None or p not in terms.get(family, {}) or seed is None or seed >= len(terms[family][p])):
+        if (
+            row.edit.get("name") != "dare"
+            or row.edit.get("k", 0.0) != 0.0
+            or row.dataset != "Digits/test"
+            or scales.get(str(row.config.get("model", {}).get("pretrained")), 1.0) != 1.0
+            or p is None
+            or p not in terms.get(family, {})
+            or seed is None
+            or seed >= len(terms[family][p])
+        ):
             continue
         difference = abs(terms[family][p][seed] - row.result.inner_products[0])
         agreement[p] = max(agreement.get(p, 0.0), difference)

@@ -46,8 +46,18 @@ from lightning_delta.demo.digits import (
 )
 from lightning_delta.losses import CausalLMLoss
 
-__all__ = ["SHIPPED_SEEDS", "PairSettings", "DemoPair", "build_pair", "default_cache_dir", "delta_regime",
-           "module_kind", "scaled_pretrained", "ship_pairs", "shipped_pair"]
+__all__ = [
+    "SHIPPED_SEEDS",
+    "PairSettings",
+    "DemoPair",
+    "build_pair",
+    "default_cache_dir",
+    "delta_regime",
+    "module_kind",
+    "scaled_pretrained",
+    "ship_pairs",
+    "shipped_pair",
+]
 
 # Bump when the recipe changes in a way the settings do not show (2: patches, shifts, 549k params; 3: the weights
 # initialised here, not by transformers, and eager attention).
@@ -216,14 +226,19 @@ def delta_regime(post: dict[str, Tensor], pre: dict[str, Tensor]) -> dict[str, d
     regime = {}
     for group, (delta_sq, pre_sq, count) in sums.items():
         delta_norm, pre_norm = math.sqrt(delta_sq), math.sqrt(pre_sq)
-        regime[group] = {"delta_norm": delta_norm, "pre_norm": pre_norm,
-                         "ratio": delta_norm / pre_norm if pre_norm > 0 else math.inf, "parameters": int(count)}
+        regime[group] = {
+            "delta_norm": delta_norm,
+            "pre_norm": pre_norm,
+            "ratio": delta_norm / pre_norm if pre_norm > 0 else math.inf,
+            "parameters": int(count),
+        }
     return regime
 
 
 # ----------------------------------------------------------------------------------------------------- the pair
-def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSettings | None = None,
-               retrain: bool = False) -> DemoPair:
+def build_pair(
+    cache_dir: str | os.PathLike | None = None, settings: PairSettings | None = None, retrain: bool = False
+) -> DemoPair:
     """Load the pair from the cache, or train and cache it (``retrain=True``: train even if cached)."""
     settings = settings or PairSettings()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -236,8 +251,13 @@ def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSetting
     pl.seed_everything(settings.seed, verbose=False)
     train_images, train_digits = shifted_copies(*load_digit_splits()["train"])
     model = _llama(settings)
-    generic = DigitSequences(train_images, train_digits, answer_only=False,
-                             answer_fraction=settings.pretrain_answer_fraction, seed=settings.seed)
+    generic = DigitSequences(
+        train_images,
+        train_digits,
+        answer_only=False,
+        answer_fraction=settings.pretrain_answer_fraction,
+        seed=settings.seed,
+    )
     _train(model, generic, settings.pretrain_steps, settings.pretrain_lr, settings)
     staging = root / f".digits-llama-{settings.key()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -245,8 +265,7 @@ def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSetting
     pre_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     pre_scores = evaluate(model)
     pretrain_seconds = time.time() - started
-    _train(model, DigitSequences(train_images, train_digits), settings.posttrain_steps, settings.posttrain_lr,
-           settings)
+    _train(model, DigitSequences(train_images, train_digits), settings.posttrain_steps, settings.posttrain_lr, settings)
     model.save_pretrained(staging / "post")
     info = {
         "settings": asdict(settings),
@@ -254,7 +273,10 @@ def build_pair(cache_dir: str | os.PathLike | None = None, settings: PairSetting
         "post": evaluate(model),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "regime": delta_regime(model.state_dict(), pre_weights),
-        "train_seconds": {"pre": round(pretrain_seconds, 1), "post": round(time.time() - started - pretrain_seconds, 1)},
+        "train_seconds": {
+            "pre": round(pretrain_seconds, 1),
+            "post": round(time.time() - started - pretrain_seconds, 1),
+        },
     }
     (staging / "pair.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(directory, ignore_errors=True)
@@ -274,8 +296,10 @@ def shipped_pair(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> D
     directory = SHIPPED_DIR / f"seed-{seed}"
     if not (directory / "pair.json").is_file():
         shipped = sorted(int(path.name.split("-")[1]) for path in SHIPPED_DIR.glob("seed-*"))
-        raise ValueError(f"No reference pair of seed {seed} ships with lightning_delta (those of seeds {shipped} do); "
-                         "train one with `lightning-delta demo --train true`.")
+        raise ValueError(
+            f"No reference pair of seed {seed} ships with lightning_delta (those of seeds {shipped} do); "
+            "train one with `lightning-delta demo --train true`."
+        )
     made = json.loads((directory / "pair.json").read_text())
     pre = LlamaForCausalLM.from_pretrained(directory / "pre").eval()
     post = LlamaForCausalLM.from_pretrained(directory / "post").eval()
@@ -289,12 +313,16 @@ def shipped_pair(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> D
     }
     digest = hashlib.sha256((directory / "post" / "model.safetensors").read_bytes()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return DemoPair(directory / "pre", directory / "post", False, info, root / f"shipped-seed-{seed}-{digest}",
-                    "shipped")
+    return DemoPair(
+        directory / "pre", directory / "post", False, info, root / f"shipped-seed-{seed}-{digest}", "shipped"
+    )
 
 
-def ship_pairs(seeds: tuple[int, ...] = SHIPPED_SEEDS, destination: str | os.PathLike = SHIPPED_DIR,
-               cache_dir: str | os.PathLike | None = None) -> list[Path]:
+def ship_pairs(
+    seeds: tuple[int, ...] = SHIPPED_SEEDS,
+    destination: str | os.PathLike = SHIPPED_DIR,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[Path]:
     """Train the default recipe at ``seeds`` (or take them from the cache) and copy each pair into ``destination``
     as ``seed-<s>/{pre,post}`` (``save_pretrained``: config.json and model.safetensors) with ``pair.json``, the
     settings and what training measured. How the shipped reference pairs were made:

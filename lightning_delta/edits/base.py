@@ -267,8 +267,11 @@ class DeltaEdit:
         """The arguments of ``config`` that a label shows, in order: :attr:`shown` (every argument but ``name`` and
         ``seed`` where it is None), without those that are None or at their :attr:`hidden_at` value."""
         keys = cls.shown if cls.shown is not None else [key for key in config if key not in ("name", "seed")]
-        return [key for key in keys if config.get(key) is not None
-                and not (key in cls.hidden_at and config.get(key) == cls.hidden_at[key])]
+        return [
+            key
+            for key in keys
+            if config.get(key) is not None and not (key in cls.hidden_at and config.get(key) == cls.hidden_at[key])
+        ]
 
     @classmethod
     def at_setting(cls, value: float, seed: int = 0) -> DeltaEdit:

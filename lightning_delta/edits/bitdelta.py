@@ -345,8 +345,15 @@ class BitDelta(DeltaEdit):
         """BitDelta with ``value`` bits per entry, the sign bit included."""
         return cls(bits=int(value))
 
-    def __init__(self, bits: int = 1, scale: float = 1.0, magnitudes: str = "mean", seed: int = 0,
-                 blocks: int | None = None, sign_of_zero: int = 0) -> None:
+    def __init__(
+        self,
+        bits: int = 1,
+        scale: float = 1.0,
+        magnitudes: str = "mean",
+        seed: int = 0,
+        blocks: int | None = None,
+        sign_of_zero: int = 0,
+    ) -> None:
         self.bits, self.scale, self.magnitudes = check_bitdelta(bits, scale, magnitudes)
         self.seed = check_seed(seed, "BitDelta")
         self.blocks = check_blocks(self.bits, blocks)
@@ -367,5 +374,6 @@ class BitDelta(DeltaEdit):
         generator = None
         if self.magnitudes != "mean" and self.num_blocks < delta.numel():
             generator = tensor_generator(self.seed, name, delta.device)
-        return quantize_magnitudes(delta, self.bits, self.scale, self.magnitudes, generator, self.blocks,
-                                   self.sign_of_zero)
+        return quantize_magnitudes(
+            delta, self.bits, self.scale, self.magnitudes, generator, self.blocks, self.sign_of_zero
+        )

@@ -18,8 +18,12 @@ from lightning_delta.edits.base import (
 
 __all__ = ["DELLA", "check_della", "della_drop_probabilities", "magprune"]
 
-_SAME_WIDTH_INTEGER = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-                       torch.bfloat16: torch.int16}
+_SAME_WIDTH_INTEGER = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def check_della(p: float, epsilon: float) -> tuple[float, float]:

@@ -98,8 +98,11 @@ class PerTensor(DeltaEdit):
     def config(self) -> dict[str, Any]:
         """``{"name": "per_tensor", "edits": {pattern: edit.config()}, "unmatched": ...}``: JSON, and
         ``PerTensor(**{k: v for k, v in config.items() if k != "name"})`` rebuilds an equal edit."""
-        return {"name": self.name, "edits": {key: edit.config() for key, edit in self.edits.items()},
-                "unmatched": self.unmatched}
+        return {
+            "name": self.name,
+            "edits": {key: edit.config() for key, edit in self.edits.items()},
+            "unmatched": self.unmatched,
+        }
 
     def __hash__(self) -> int:
         return hash((type(self), repr(self.config())))

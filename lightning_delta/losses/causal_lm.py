@@ -25,7 +25,10 @@ class CausalLMLoss(DeltaLoss):
         logits = model_logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
         labels = batch["labels"][:, 1:]  # (B, T-1): token i is predicted from positions < i
         per_token = F.cross_entropy(
-            at_least_float32(logits[:, :-1].flatten(0, 1)), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            at_least_float32(logits[:, :-1].flatten(0, 1)),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         )
         count = (labels != IGNORE_INDEX).sum().to(torch.float64)
         return LossOutput(per_token.sum(dtype=torch.float64), count)

@@ -31,7 +31,9 @@ class ClassificationLoss(DeltaLoss):
         inputs, targets = classification_batch(batch)
         logits = model_logits(model(inputs))
         per_example = F.cross_entropy(at_least_float32(logits), targets, reduction="none")
-        return LossOutput(per_example.sum(dtype=torch.float64), torch.tensor(float(targets.numel()), dtype=torch.float64))
+        return LossOutput(
+            per_example.sum(dtype=torch.float64), torch.tensor(float(targets.numel()), dtype=torch.float64)
+        )
 
     @staticmethod
     def evaluator(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,9 @@ def sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tens
 
     Shapes: ``input_ids``, ``attention_mask``, ``labels`` (B, T).
     """
-    logits = at_least_float32(model_logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1])  # (B, T-1, V)
+    logits = at_least_float32(
+        model_logits(model(input_ids=input_ids, attention_mask=attention_mask))[:, :-1]
+    )  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     picked = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -125,8 +127,9 @@ class DPOLoss(DeltaLoss):
     def forward(self, model: nn.Module, batch: Any) -> LossOutput:
         chosen, rejected = self.rewards(model, batch)
         per_pair = -F.logsigmoid(chosen - rejected)  # (B,) float64
-        return LossOutput(per_pair.sum(), torch.tensor(float(per_pair.numel()), dtype=torch.float64,
-                                                       device=per_pair.device))
+        return LossOutput(
+            per_pair.sum(), torch.tensor(float(per_pair.numel()), dtype=torch.float64, device=per_pair.device)
+        )
 
     def evaluator(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
         """Reward accuracy as ``(correct, total)``: pairs whose chosen reward beats the rejected one.
@@ -138,4 +141,3 @@ class DPOLoss(DeltaLoss):
             chosen, rejected = self.rewards(model, batch)
         correct = (chosen > rejected).sum().to(torch.float64)
         return correct, torch.tensor(float(chosen.numel()), dtype=torch.float64, device=correct.device)
-

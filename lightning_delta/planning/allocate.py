@@ -24,8 +24,9 @@ from fractions import Fraction
 __all__ = ["allocate"]
 
 
-def _integer_units(costs: Sequence[Sequence[Fraction]], budget: Fraction,
-                   max_states: int) -> tuple[list[list[int]], int]:
+def _integer_units(
+    costs: Sequence[Sequence[Fraction]], budget: Fraction, max_states: int
+) -> tuple[list[list[int]], int]:
     """The costs in integer units of ``g`` (their greatest common divisor; of ``U`` past ``max_states``, each cost
     rounded up) and the budget in the same units, rounded down."""
     denominator = math.lcm(*(cost.denominator for row in costs for cost in row), budget.denominator)
@@ -36,8 +37,9 @@ def _integer_units(costs: Sequence[Sequence[Fraction]], budget: Fraction,
     return [[-(-(value // unit) // coarse) for value in row] for row in scaled], capacity // coarse
 
 
-def allocate(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[Fraction]], budget: Fraction,
-             max_states: int = 200_000) -> list[int]:
+def allocate(
+    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[Fraction]], budget: Fraction, max_states: int = 200_000
+) -> list[int]:
     """The setting index ``j_k`` for each tensor minimising ``Σ_k scores[k][j_k]`` with ``Σ_k costs[k][j_k] ≤ budget``.
 
     Ties go to the lower total cost. ``max_states`` bounds the cost states (see the module docstring).
@@ -81,8 +83,10 @@ def allocate(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[Fractio
             if score < best_score:
                 front[cost], best_score = (score, choices), score
     if not front:
-        raise ValueError(f"plan: no plan fits the budget {float(budget):g} once costs are rounded to {max_states} "
-                         "states; raise max_states.")
+        raise ValueError(
+            f"plan: no plan fits the budget {float(budget):g} once costs are rounded to {max_states} "
+            "states; raise max_states."
+        )
     _, (_, choices) = min(front.items(), key=lambda item: (item[1][0], item[0]))
     picked: list[int] = []
     while choices is not None:

@@ -75,30 +75,52 @@ def plan(
             and two forwards) or adaptive (nested nodes until the per-tensor error estimate is below 1e-3).
     """
     if Path(output).exists() and not overwrite:
-        raise ValueError(f"output {output} exists; refusing to write a plan over it. Pass --overwrite true to replace "
-                         "it, or choose another --output.")
-    made = plan_edit(model, pretrained=pretrained, datamodule=data, family_name=family, average=average,
-                     candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
-                     num_points=num_points, refine=refine, accelerator=accelerator, dtype=dtype,
-                     budget_bytes=budget_bytes, rule=rule)
+        raise ValueError(
+            f"output {output} exists; refusing to write a plan over it. Pass --overwrite true to replace "
+            "it, or choose another --output."
+        )
+    made = plan_edit(
+        model,
+        pretrained=pretrained,
+        datamodule=data,
+        family_name=family,
+        average=average,
+        candidates=candidates,
+        loss=loss,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        num_points=num_points,
+        refine=refine,
+        accelerator=accelerator,
+        dtype=dtype,
+        budget_bytes=budget_bytes,
+        rule=rule,
+    )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(made.to_dict(), indent=2) + "\n")
     counts: dict[float, int] = {}
     for value in made.settings.values():
         counts[value] = counts.get(value, 0) + 1
     budget = f"average {average:g}" if average is not None else f"{budget_bytes:.6g} bytes"
-    print(f"Plan for {family} at {budget}: cost {made.cost:.6g} of budget {made.budget:.6g}, "
-          f"{made.stored_bytes:.6g} bytes stored; tensors per setting {dict(sorted(counts.items()))}")
-    print(f"  predicted ΔL {made.predicted:+.6g} (first order {made.predicted_first:+.6g}), exact ΔL "
-          f"{made.exact:+.6g}; {made.passes['forward_backward']} forward+backward and {made.passes['forward']} "
-          f"forward passes over the data")
+    print(
+        f"Plan for {family} at {budget}: cost {made.cost:.6g} of budget {made.budget:.6g}, "
+        f"{made.stored_bytes:.6g} bytes stored; tensors per setting {dict(sorted(counts.items()))}"
+    )
+    print(
+        f"  predicted ΔL {made.predicted:+.6g} (first order {made.predicted_first:+.6g}), exact ΔL "
+        f"{made.exact:+.6g}; {made.passes['forward_backward']} forward+backward and {made.passes['forward']} "
+        f"forward passes over the data"
+    )
     print(f"  written to {output}")
     if output_dir is not None:
-        save_edited(model, pretrained=pretrained, edit=made.edit(), output_dir=output_dir, dtype=dtype,
-                    overwrite=overwrite)
+        save_edited(
+            model, pretrained=pretrained, edit=made.edit(), output_dir=output_dir, dtype=dtype, overwrite=overwrite
+        )
         print(f"  edited model written to {output_dir}")
     if save_compressed is not None:
-        written = write_compressed(model, pretrained=pretrained, edit_or_plan=made, output_dir=save_compressed,
-                                   overwrite=overwrite)
+        written = write_compressed(
+            model, pretrained=pretrained, edit_or_plan=made, output_dir=save_compressed, overwrite=overwrite
+        )
         print(f"  compressed delta written to {written}")
     return made

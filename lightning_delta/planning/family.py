@@ -62,8 +62,9 @@ class Family:
         """The family of ``edit_class``, which declares its ``planning``."""
         planning = edit_class.planning
         if planning is None or planning.unit not in UNITS:
-            raise ValueError(f"{edit_class.__name__} declares no per-tensor setting in {list(UNITS)}: "
-                             f"its planning is {planning!r}.")
+            raise ValueError(
+                f"{edit_class.__name__} declares no per-tensor setting in {list(UNITS)}: its planning is {planning!r}."
+            )
         return cls(edit_class.name, planning.setting, planning.candidates, planning.unit, edit_class)
 
     def edit(self, value: float, seed: int = 0) -> DeltaEdit:
@@ -84,8 +85,9 @@ class Family:
         """``v · w_k`` exactly."""
         return exact(value) * self.weight(shape)
 
-    def stored_bytes(self, value: float, shape: Sequence[int], element_bytes: int,
-                     edited: Tensor | None = None) -> Fraction:
+    def stored_bytes(
+        self, value: float, shape: Sequence[int], element_bytes: int, edited: Tensor | None = None
+    ) -> Fraction:
         """The bytes of ``F(ΔW)`` stored compactly at setting ``value`` (the module docstring gives each formula),
         exactly; ``element_bytes`` is the size of one stored value (``F(ΔW)``'s dtype, at least float32), ``edited``
         the edited tensor ``F(ΔW)`` whose own counts are then used (DARE's kept entries, BitDelta's exact zeros)."""
@@ -130,8 +132,10 @@ def exact(value: float) -> Fraction:
 # Every registered edit that declares a per-tensor setting, by unit (bits, density, rank), then in the registry's order.
 FAMILIES = {
     family.name: family
-    for family in sorted((Family.of(edit_class) for edit_class in EDITS.values() if edit_class.planning is not None),
-                         key=lambda family: (UNITS.index(family.unit), list(EDITS).index(family.name)))
+    for family in sorted(
+        (Family.of(edit_class) for edit_class in EDITS.values() if edit_class.planning is not None),
+        key=lambda family: (UNITS.index(family.unit), list(EDITS).index(family.name)),
+    )
 }
 
 

@@ -22,15 +22,28 @@ from lightning_delta.losses import DeltaLoss
 from lightning_delta.module import DeltaEditModule
 from lightning_delta.parametrize import EditedModel
 
-__all__ = ["exact_candidate_changes", "riemann_sweep", "sweep_passes", "sweep_per_tensor", "tensor_patterns",
-           "trapezoid_per_tensor"]
+__all__ = [
+    "exact_candidate_changes",
+    "riemann_sweep",
+    "sweep_passes",
+    "sweep_per_tensor",
+    "tensor_patterns",
+    "trapezoid_per_tensor",
+]
 
 # W_pre as a DeltaEditModule takes it (a module, a state dict, a directory or hub id): the plan's sweeps build one.
 ModuleWeights = nn.Module | Mapping[str, Tensor] | str
 
 # What a plan's trainers share: nothing is trained, logged or checkpointed; one process.
-TRAINER_ARGUMENTS: dict[str, Any] = dict(inference_mode=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False, use_distributed_sampler=False, devices=1)
+TRAINER_ARGUMENTS: dict[str, Any] = dict(
+    inference_mode=False,
+    logger=False,
+    enable_checkpointing=False,
+    enable_model_summary=False,
+    enable_progress_bar=False,
+    use_distributed_sampler=False,
+    devices=1,
+)
 
 
 def tensor_patterns(names: Sequence[str]) -> list[str]:
@@ -39,9 +52,17 @@ def tensor_patterns(names: Sequence[str]) -> list[str]:
 
 
 def riemann_sweep(
-    model: nn.Module, *, pretrained: ModuleWeights, edit: DeltaEdit, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-    num_points: int | None = None, accelerator: str = "cpu", rule: str = "trapezoid",
+    model: nn.Module,
+    *,
+    pretrained: ModuleWeights,
+    edit: DeltaEdit,
+    datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss = "causal_lm",
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    num_points: int | None = None,
+    accelerator: str = "cpu",
+    rule: str = "trapezoid",
 ) -> RiemannResult:
     """One sweep of ``edit`` on the tensors selected by ``include`` / ``exclude``, run as ``lightning-delta validate``
     runs it; ``model`` is given back at W_post. ``rule="trapezoid"`` (the default) is the left rule's C points with
@@ -99,7 +120,12 @@ def _mean_loss(target: Any, model: nn.Module, loaders: Iterable[Iterable[Any]], 
 
 
 def exact_candidate_changes(
-    target: Any, model: nn.Module, *, pretrained: Weights, names: Sequence[str], edits: Sequence[DeltaEdit],
+    target: Any,
+    model: nn.Module,
+    *,
+    pretrained: Weights,
+    names: Sequence[str],
+    edits: Sequence[DeltaEdit],
     loaders: Sequence[Iterable[Any]],
 ) -> tuple[torch.Tensor, int]:
     """The brute-force reference: ``ΔL_k(v) = L(W_post + E_k(v)) − L(W_post)``, tensor ``k`` edited alone, for every

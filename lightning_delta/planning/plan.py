@@ -56,8 +56,20 @@ from lightning_delta.planning.measure import (
 )
 from lightning_delta.planning.scores import CandidateScores, candidate_scores, gradient_statistics
 
-__all__ = ["BudgetedScores", "Plan", "PlanningRun", "exact_change", "measure_proposals", "plan_edit", "propose",
-           "refine_scores", "relevant_values", "run_planning", "score_candidates"]
+__all__ = [
+    "BudgetedScores",
+    "Plan",
+    "PlanningRun",
+    "exact_change",
+    "measure_proposals",
+    "plan_edit",
+    "propose",
+    "refine_scores",
+    "relevant_values",
+    "run_planning",
+    "score_candidates",
+]
+
 
 @dataclass
 class Plan:
@@ -94,8 +106,10 @@ class Plan:
 
 
 def _per_tensor(spec: Family, settings: dict[str, float], seed: int) -> PerTensor:
-    return PerTensor({pattern: spec.edit(settings[name], seed)
-                      for pattern, name in zip(tensor_patterns(list(settings)), settings)}, unmatched="keep")
+    return PerTensor(
+        {pattern: spec.edit(settings[name], seed) for pattern, name in zip(tensor_patterns(list(settings)), settings)},
+        unmatched="keep",
+    )
 
 
 def relevant_values(choices: list[int], num_values: int) -> list[int]:
@@ -110,8 +124,14 @@ def relevant_values(choices: list[int], num_values: int) -> list[int]:
 
 
 def exact_change(
-    model: nn.Module, *, pretrained: ModuleWeights, edit: Any, datamodule: pl.LightningDataModule,
-    loss: str | DeltaLoss = "causal_lm", accelerator: str = "cpu", include: str | list[str] | None = None,
+    model: nn.Module,
+    *,
+    pretrained: ModuleWeights,
+    edit: Any,
+    datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss = "causal_lm",
+    accelerator: str = "cpu",
+    include: str | list[str] | None = None,
 ) -> tuple[float, float]:
     """``(L(W_post), L(W_post + E) − L(W_post))`` by ``trainer.validate`` on a DeltaEditModule (two forwards per
     batch, float64 sums) editing the tensors ``include`` selects; ``model`` is given back at W_post."""
@@ -177,12 +197,25 @@ def plan_edit(
             other than trapezoid, gauss, adaptive, and every
             error of :class:`~lightning_delta.DeltaEditModule` and the scores.
     """
-    return run_planning(model, pretrained=pretrained, datamodule=datamodule, family_name=family_name, average=average,
-                        candidates=candidates, loss=loss, include=include, exclude=exclude, seed=seed,
-                        num_points=num_points, refine=refine, measure=measure, accelerator=accelerator, dtype=dtype,
-                        budget_bytes=budget_bytes, rule=rule).plan
-
-
+    return run_planning(
+        model,
+        pretrained=pretrained,
+        datamodule=datamodule,
+        family_name=family_name,
+        average=average,
+        candidates=candidates,
+        loss=loss,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        num_points=num_points,
+        refine=refine,
+        measure=measure,
+        accelerator=accelerator,
+        dtype=dtype,
+        budget_bytes=budget_bytes,
+        rule=rule,
+    ).plan
 
 
 @dataclass
@@ -225,54 +258,99 @@ def run_planning(
     values = spec.check_candidates(candidates if candidates is not None else list(spec.default_candidates))
     _check_budget(spec, values, average, budget_bytes)
     if rule not in ("trapezoid", "gauss", "adaptive"):
-        raise ValueError(f"plan: `rule` must be 'trapezoid', 'gauss' or 'adaptive' (the refinement sweeps' quadrature), "
-                         f"got rule={rule!r}.")
+        raise ValueError(
+            f"plan: `rule` must be 'trapezoid', 'gauss' or 'adaptive' (the refinement sweeps' quadrature), "
+            f"got rule={rule!r}."
+        )
     RiemannCallback(num_points=num_points, rule=rule)  # its errors for a bad num_points, before any work
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise ValueError(f"plan: `refine` must be None or an int >= 0 (settings swept), got refine={refine!r}.")
     module = DeltaEditModule(model, pretrained=pretrained, edit=spec.edit(values[0], seed), loss=loss, dtype=dtype)
     model = module.model
     datamodule.setup("validate")
-    budgeted = score_candidates(module, datamodule, spec, values, pretrained=pretrained, include=include,
-                                exclude=exclude, seed=seed, average=average, budget_bytes=budget_bytes)
+    budgeted = score_candidates(
+        module,
+        datamodule,
+        spec,
+        values,
+        pretrained=pretrained,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        average=average,
+        budget_bytes=budget_bytes,
+    )
     first_choices = allocate(budgeted.scores.second.tolist(), budgeted.costs, budgeted.budget)
     order = relevant_values(first_choices, len(values))
     swept = order if refine is None else order[:refine]
-    used, sweeps = refine_scores(model, budgeted, spec, [values[j] for j in swept], pretrained=pretrained,
-                                 datamodule=datamodule, loss=loss, seed=seed, num_points=num_points,
-                                 accelerator=accelerator, rule=rule)
+    used, sweeps = refine_scores(
+        model,
+        budgeted,
+        spec,
+        [values[j] for j in swept],
+        pretrained=pretrained,
+        datamodule=datamodule,
+        loss=loss,
+        seed=seed,
+        num_points=num_points,
+        accelerator=accelerator,
+        rule=rule,
+    )
     proposals = propose(budgeted, used, first_choices, refined=bool(swept))
-    passes = {"forward_backward": 1 + sum(sweep_passes(result)[0] for result in sweeps.values()),
-              "forward": sum(sweep_passes(result)[1] for result in sweeps.values())}
+    passes = {
+        "forward_backward": 1 + sum(sweep_passes(result)[0] for result in sweeps.values()),
+        "forward": sum(sweep_passes(result)[1] for result in sweeps.values()),
+    }
     measured: dict[str, float] = {}
     loss_post = None
     if measure:
-        loss_post, measured, forwards = measure_proposals(model, budgeted, spec, proposals, sweeps,
-                                                          pretrained=pretrained, datamodule=datamodule, loss=loss,
-                                                          seed=seed, accelerator=accelerator)
+        loss_post, measured, forwards = measure_proposals(
+            model,
+            budgeted,
+            spec,
+            proposals,
+            sweeps,
+            pretrained=pretrained,
+            datamodule=datamodule,
+            loss=loss,
+            seed=seed,
+            accelerator=accelerator,
+        )
         passes["forward"] += forwards
     label = min(measured, key=measured.__getitem__) if measured else ("refined" if swept else "second order")
     picked = proposals[label]
     scores, costs, stored = budgeted.scores, budgeted.costs, budgeted.stored
     rows = range(len(scores.names))
     plan = Plan(
-        family=spec.name, average=None if average is None else float(average), seed=seed,
+        family=spec.name,
+        average=None if average is None else float(average),
+        seed=seed,
         settings={name: values[j] for name, j in zip(scores.names, picked)},
-        budget=float(budgeted.budget), cost=float(sum((costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
+        budget=float(budgeted.budget),
+        cost=float(sum((costs[k][j] for k, j in zip(rows, picked)), Fraction(0))),
         stored_bytes=float(sum((stored[k][j] for k, j in zip(rows, picked)), Fraction(0))),
         predicted_first=float(sum(scores.first[k, j] for k, j in zip(rows, picked))),
         predicted_second=float(sum(scores.second[k, j] for k, j in zip(rows, picked))),
         predicted=float(sum(used[k, j] for k, j in zip(rows, picked))),
-        refined=[values[j] for j in swept], chosen=label, measured=measured,
-        exact=measured.get(label), loss_post=loss_post, passes=passes,
+        refined=[values[j] for j in swept],
+        chosen=label,
+        measured=measured,
+        exact=measured.get(label),
+        loss_post=loss_post,
+        passes=passes,
         budget_bytes=None if budget_bytes is None else float(budget_bytes),
     )
-    return PlanningRun(plan=plan, scores=scores, used=used, sweeps=sweeps, budget=budgeted.budget, model=model,
-                       proposals=proposals)
+    return PlanningRun(
+        plan=plan, scores=scores, used=used, sweeps=sweeps, budget=budgeted.budget, model=model, proposals=proposals
+    )
 
 
 def _check_not_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         raise ValueError(
             f"plan: the planner runs in one process (its scores are summed there and its trainers use one device), "
             f"but this is one of {torch.distributed.get_world_size()} processes of a distributed job. Run "
@@ -282,16 +360,23 @@ def _check_not_distributed() -> None:
 
 def _check_budget(spec: Family, values: list[float], average: float | None, budget_bytes: float | None) -> None:
     if (average is None) == (budget_bytes is None):
-        raise ValueError(f"plan: give the budget as `average` ({spec.setting}) or as `budget_bytes`, exactly one; "
-                         f"got average={average!r} and budget_bytes={budget_bytes!r}.")
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
-                                     or not 0 < budget_bytes < math.inf):
-        raise ValueError(f"plan: `budget_bytes` must be a positive finite number of bytes, got "
-                         f"budget_bytes={budget_bytes!r}.")
-    if average is not None and (isinstance(average, bool) or not isinstance(average, (int, float))
-                                or not values[0] <= average):
-        raise ValueError(f"plan: `average` ({spec.setting}) must be a number >= the smallest candidate {values[0]}, "
-                         f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate.")
+        raise ValueError(
+            f"plan: give the budget as `average` ({spec.setting}) or as `budget_bytes`, exactly one; "
+            f"got average={average!r} and budget_bytes={budget_bytes!r}."
+        )
+    if budget_bytes is not None and (
+        isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not 0 < budget_bytes < math.inf
+    ):
+        raise ValueError(
+            f"plan: `budget_bytes` must be a positive finite number of bytes, got budget_bytes={budget_bytes!r}."
+        )
+    if average is not None and (
+        isinstance(average, bool) or not isinstance(average, (int, float)) or not values[0] <= average
+    ):
+        raise ValueError(
+            f"plan: `average` ({spec.setting}) must be a number >= the smallest candidate {values[0]}, "
+            f"got average={average!r}; the plan cannot be cheaper than its cheapest candidate."
+        )
 
 
 @dataclass
@@ -309,14 +394,28 @@ class BudgetedScores:
     uniform: float | None
 
 
-def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule, spec: Family, values: list[float],
-                     *, pretrained: Weights, include: Patterns, exclude: Patterns, seed: int, average: float | None,
-                     budget_bytes: float | None) -> BudgetedScores:
+def score_candidates(
+    module: DeltaEditModule,
+    datamodule: pl.LightningDataModule,
+    spec: Family,
+    values: list[float],
+    *,
+    pretrained: Weights,
+    include: Patterns,
+    exclude: Patterns,
+    seed: int,
+    average: float | None,
+    budget_bytes: float | None,
+) -> BudgetedScores:
     """Stage 1, **scores**: one forward+backward pass per batch at W_post gives ``g`` and ``F̂``, and every candidate of
     every planned tensor is scored from them; the budget and each candidate's cost against it."""
     model = module.model
     parameters = dict(model.named_parameters())
-    names = [name for name in delta_names(model, pretrained=pretrained, include=include, exclude=exclude) if name in parameters]
+    names = [
+        name
+        for name in delta_names(model, pretrained=pretrained, include=include, exclude=exclude)
+        if name in parameters
+    ]
     statistics = gradient_statistics(module, model, [datamodule.val_dataloader()], names)
     scores = candidate_scores(model, pretrained, spec, values, statistics, include, exclude, seed)
     del statistics
@@ -330,9 +429,20 @@ def score_candidates(module: DeltaEditModule, datamodule: pl.LightningDataModule
     return BudgetedScores(scores, stored, budget, stored, fitting[-1] if fitting else None)
 
 
-def refine_scores(model: nn.Module, budgeted: BudgetedScores, spec: Family, settings: list[float], *,
-                  pretrained: ModuleWeights, datamodule: pl.LightningDataModule, loss: str | DeltaLoss, seed: int,
-                  num_points: int | None, accelerator: str, rule: str) -> tuple[Tensor, dict[float, RiemannResult]]:
+def refine_scores(
+    model: nn.Module,
+    budgeted: BudgetedScores,
+    spec: Family,
+    settings: list[float],
+    *,
+    pretrained: ModuleWeights,
+    datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss,
+    seed: int,
+    num_points: int | None,
+    accelerator: str,
+    rule: str,
+) -> tuple[Tensor, dict[float, RiemannResult]]:
     """Stage 3, **refinement**: a Riemann sweep at each of ``settings`` edits every planned tensor at it; each tensor's
     share replaces its second-order score there. Returns the scores to allocate with and the sweeps by setting."""
     scores = budgeted.scores
@@ -340,11 +450,19 @@ def refine_scores(model: nn.Module, budgeted: BudgetedScores, spec: Family, sett
     patterns = tensor_patterns(scores.names)
     sweeps = {}
     for value in settings:
-        result = riemann_sweep(model, pretrained=pretrained, edit=spec.edit(value, seed), datamodule=datamodule,
-                               loss=loss, include=patterns, num_points=num_points, accelerator=accelerator, rule=rule)
+        result = riemann_sweep(
+            model,
+            pretrained=pretrained,
+            edit=spec.edit(value, seed),
+            datamodule=datamodule,
+            loss=loss,
+            include=patterns,
+            num_points=num_points,
+            accelerator=accelerator,
+            rule=rule,
+        )
         shares = sweep_per_tensor(result)
-        used[:, scores.values.index(value)] = torch.tensor([shares[name] for name in scores.names],
-                                                           dtype=torch.float64)
+        used[:, scores.values.index(value)] = torch.tensor([shares[name] for name in scores.names], dtype=torch.float64)
         sweeps[value] = result
     return used, sweeps
 
@@ -361,9 +479,19 @@ def propose(budgeted: BudgetedScores, used: Tensor, second_order: list[int], ref
     return proposals
 
 
-def measure_proposals(model: nn.Module, budgeted: BudgetedScores, spec: Family, proposals: dict[str, list[int]],
-                      sweeps: dict[float, RiemannResult], *, pretrained: ModuleWeights, datamodule: pl.LightningDataModule,
-                      loss: str | DeltaLoss, seed: int, accelerator: str) -> tuple[float | None, dict[str, float], int]:
+def measure_proposals(
+    model: nn.Module,
+    budgeted: BudgetedScores,
+    spec: Family,
+    proposals: dict[str, list[int]],
+    sweeps: dict[float, RiemannResult],
+    *,
+    pretrained: ModuleWeights,
+    datamodule: pl.LightningDataModule,
+    loss: str | DeltaLoss,
+    seed: int,
+    accelerator: str,
+) -> tuple[float | None, dict[str, float], int]:
     """Stage 4, **exact ΔL**: each distinct proposal measured by ``trainer.validate`` (the uniform edit's from its sweep
     when one ran). Returns ``L(W_post)``, the exact ΔL by proposal, and the forward passes it took."""
     scores = budgeted.scores
@@ -380,7 +508,13 @@ def measure_proposals(model: nn.Module, budgeted: BudgetedScores, spec: Family, 
             continue
         settings = {name: scores.values[j] for name, j in zip(scores.names, picked)}
         loss_post, measured[label] = exact_change(
-            model, pretrained=pretrained, edit=_per_tensor(spec, settings, seed), datamodule=datamodule, loss=loss,
-            accelerator=accelerator, include=patterns)
+            model,
+            pretrained=pretrained,
+            edit=_per_tensor(spec, settings, seed),
+            datamodule=datamodule,
+            loss=loss,
+            accelerator=accelerator,
+            include=patterns,
+        )
         forwards += 2
     return loss_post, measured, forwards

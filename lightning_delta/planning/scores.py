@@ -42,7 +42,10 @@ class GradientStatistics:
 
 
 def gradient_statistics(
-    target: LossTarget, model: nn.Module, loaders: Iterable[Iterable[Any]], names: Sequence[str],
+    target: LossTarget,
+    model: nn.Module,
+    loaders: Iterable[Iterable[Any]],
+    names: Sequence[str],
     device: torch.device | str | None = None,
 ) -> GradientStatistics:
     r"""∇L(W_post) and the diagonal of the per-item empirical Fisher of the tensors ``names``, in one pass.
@@ -98,8 +101,9 @@ def gradient_statistics(
         count_squares += batch_items**2
         batches += 1
 
-    moved = ((batch_idx, move_data_to_device(batch, device)) for loader in loaders
-             for batch_idx, batch in enumerate(loader))
+    moved = (
+        (batch_idx, move_data_to_device(batch, device)) for loader in loaders for batch_idx, batch in enumerate(loader)
+    )
     gradient_pass(target, model, names, moved, add, count_items)
     if count <= 0:
         raise ValueError("plan: the data had no items (tokens or examples) to average the loss over.")
@@ -133,8 +137,14 @@ class CandidateScores:
 
 
 def candidate_scores(
-    post: Weights, pre: Weights, family: Family, values: Sequence[float], statistics: GradientStatistics,
-    include: Patterns = None, exclude: Patterns = None, seed: int = 0,
+    post: Weights,
+    pre: Weights,
+    family: Family,
+    values: Sequence[float],
+    statistics: GradientStatistics,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
 ) -> CandidateScores:
     """Score every candidate setting of every selected tensor the family applies to, one tensor at a time.
 
@@ -163,8 +173,10 @@ def candidate_scores(
         costs.append([family.cost(value, delta.shape) for value in values])
         stored.append(sizes)
     if not names:
-        raise ValueError(f"plan: no selected tensor can take a {family.name} setting (low rank plans 2-D tensors); "
-                         "check include= / exclude=.")
-    return CandidateScores(names, list(values), torch.stack(rows_first), torch.stack(rows_curvature), costs, shapes,
-                           stored)
-
+        raise ValueError(
+            f"plan: no selected tensor can take a {family.name} setting (low rank plans 2-D tensors); "
+            "check include= / exclude=."
+        )
+    return CandidateScores(
+        names, list(values), torch.stack(rows_first), torch.stack(rows_curvature), costs, shapes, stored
+    )

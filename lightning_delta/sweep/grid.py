@@ -54,7 +54,9 @@ def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) ->
     points: list[dict[str, Any]] = []
     for number, block in enumerate(blocks):
         if not isinstance(block, Mapping):
-            raise ValueError(f"Each block of the sweep grid must be a mapping of dotted keys; block {number} is {block!r}.")
+            raise ValueError(
+                f"Each block of the sweep grid must be a mapping of dotted keys; block {number} is {block!r}."
+            )
         keys = list(block)
         values = [block[key] if isinstance(block[key], (list, tuple)) else [block[key]] for key in keys]
         empty = [key for key, options in zip(keys, values) if len(options) == 0]
@@ -68,8 +70,10 @@ def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) ->
                     continue
                 names = [name.strip() for name in key.split(",")]
                 if not isinstance(value, (list, tuple)) or len(value) != len(names):
-                    raise ValueError(f"The sweep grid key {key!r} varies {len(names)} keys together; each of its values "
-                                     f"must be a list of {len(names)}, got {value!r}.")
+                    raise ValueError(
+                        f"The sweep grid key {key!r} varies {len(names)} keys together; each of its values "
+                        f"must be a list of {len(names)}, got {value!r}."
+                    )
                 point.update(zip(names, value))
             points.append(point)
     return points

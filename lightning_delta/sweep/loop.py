@@ -135,5 +135,3 @@ def _run_sweep(
     if report is not None:
         report.finish(rows, max_points)
     return rows
-
-

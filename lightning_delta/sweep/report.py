@@ -87,15 +87,23 @@ class SweepReport:
         self._points, self._results, self._to_run = list(points), Path(results), to_run
         self._before = {point.key for point in points if point.key in done}
         left = len(points) - len(self._before)
-        self.print(f"Sweep: {_points(len(points))}, {len(self._before)} already in {results}, {left} to run"
-                   + (f", {to_run} of them now (--sweep.max_points)." if to_run < left else "."))
+        self.print(
+            f"Sweep: {_points(len(points))}, {len(self._before)} already in {results}, {left} to run"
+            + (f", {to_run} of them now (--sweep.max_points)." if to_run < left else ".")
+        )
         if self.bar and to_run:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             console = Console(file=self.file)
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=console, transient=True)
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
             self._grid_task = self._progress.add_task("sweep", total=to_run)
             self._progress.start()
 
@@ -121,8 +129,10 @@ class SweepReport:
         """One line: the point, its term, exact ΔL, accuracy at W_post -> edited, and its seconds."""
         self._now[row.key] = row
         result = row.result
-        self.print(f"[{self._number}/{self._to_run}] {point_label(row.overrides)}: term {_number(result.term)}, "
-                   f"exact ΔL {_number(result.exact)}, accuracy {_accuracy(result)}, {row.seconds:.1f} s")
+        self.print(
+            f"[{self._number}/{self._to_run}] {point_label(row.overrides)}: term {_number(result.term)}, "
+            f"exact ΔL {_number(result.exact)}, accuracy {_accuracy(result)}, {row.seconds:.1f} s"
+        )
         if self._progress is not None:
             self._progress.advance(self._grid_task)
 
@@ -139,15 +149,25 @@ class SweepReport:
                 table.append((str(number), label, "", "", "", "", "left"))
                 continue
             when = "now" if point.key in self._now else "before"
-            table.append((str(number), label, _number(row.result.term), _number(row.result.exact),
-                          _accuracy(row.result), f"{row.seconds:.1f}", when))
+            table.append(
+                (
+                    str(number),
+                    label,
+                    _number(row.result.term),
+                    _number(row.result.exact),
+                    _accuracy(row.result),
+                    f"{row.seconds:.1f}",
+                    when,
+                )
+            )
         widths = [max(len(line[column]) for line in table) for column in range(len(header))]
         self.print()
         for line in table:
             self.print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
         left = sum(1 for point in self._points if point.key not in written)
-        summary = (f"{_points(len(self._now))} run now, {len(self._before)} before, {left} left; rows in "
-                   f"{self._results}.")
+        summary = (
+            f"{_points(len(self._now))} run now, {len(self._before)} before, {left} left; rows in {self._results}."
+        )
         if left:
             stopped = f"--sweep.max_points {max_points} stopped the sweep: " if max_points is not None else ""
             summary += f" {stopped}run the same command again to run the {left} left."
@@ -170,5 +190,3 @@ def _rich_installed() -> bool:
     except ImportError:
         return False
     return True
-
-

@@ -67,8 +67,15 @@ class SweepReuse:
         if not isinstance(model.get("model"), str) or not keeps_the_model_as_given(trainer.get("strategy", "auto")):
             return None
         dpo = model.get("loss") == "dpo"
-        return canonical_json({"model": model["model"], "dtype": model.get("dtype"), "loss": model.get("loss"),
-                               "reference": model.get("pretrained") if dpo else None, "trainer": trainer})
+        return canonical_json(
+            {
+                "model": model["model"],
+                "dtype": model.get("dtype"),
+                "loss": model.get("loss"),
+                "reference": model.get("pretrained") if dpo else None,
+                "trainer": trainer,
+            }
+        )
 
     @staticmethod
     def accuracy_key(config: Mapping[str, Any]) -> str:
@@ -108,4 +115,3 @@ class SweepReuse:
         if self._module is not None:
             self._module.drop_edit()
             self._module = None
-

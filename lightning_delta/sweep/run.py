@@ -27,6 +27,7 @@ from lightning_delta.sweep.rows import SweepRow
 
 __all__ = ["check_point", "run_point", "sweep", "sweep_points"]
 
+
 def _config_dict(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
     """A parsed config as plain JSON types (class paths resolved, defaults filled in)."""
     config = json.loads(parser.dump(config, format="json", skip_unset=False))
@@ -53,15 +54,20 @@ def sweep_points(args: Any) -> tuple[list[SweepPoint], dict[str, Any], DeltaCLI]
     def normalize(config: dict[str, Any]) -> dict[str, Any]:
         config = dict(config)
         config.setdefault("riemann", {})["filename"] = None  # the row holds the result; one JSON per point is noise
-        overrides = {key: value for key, value in _flat(config).items() if _flat(base).get(key, _MISSING) != value
-                     and key != "riemann.filename"}
+        overrides = {
+            key: value
+            for key, value in _flat(config).items()
+            if _flat(base).get(key, _MISSING) != value and key != "riemann.filename"
+        }
         _check_edit_keys(config.get("edit"), overrides)
         exit_on_error, cli.parser.exit_on_error = cli.parser.exit_on_error, False
         try:
             parsed = _config_dict(cli.parser, cli.parser.parse_object(config))
         except argparse.ArgumentError as error:
-            raise ValueError(f"The sweep grid point {overrides} is not a valid config: {_parse_problem(error)}. "
-                             "No point was run; fix the grid (sweep.grid) and run the sweep again.") from None
+            raise ValueError(
+                f"The sweep grid point {overrides} is not a valid config: {_parse_problem(error)}. "
+                "No point was run; fix the grid (sweep.grid) and run the sweep again."
+            ) from None
         finally:
             cli.parser.exit_on_error = exit_on_error
         check_point(parsed, overrides)
@@ -108,8 +114,13 @@ def _parse_problem(error: Exception) -> str:
 def check_point(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """Build a parsed point's edit and RiemannCallback (cheap: no model, no data), so that a value they refuse is
     found before any point runs; ``overrides`` name the point in the error."""
-    sections: dict[str, Any] = {"edit": config.get("edit"), "riemann": {"class_path": f"{RiemannCallback.__module__}.RiemannCallback",
-                                                         "init_args": config.get("riemann") or {}}}
+    sections: dict[str, Any] = {
+        "edit": config.get("edit"),
+        "riemann": {
+            "class_path": f"{RiemannCallback.__module__}.RiemannCallback",
+            "init_args": config.get("riemann") or {},
+        },
+    }
     for name, section in sections.items():
         if not isinstance(section, Mapping) or "class_path" not in section:
             continue
@@ -117,8 +128,10 @@ def check_point(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None
         try:
             getattr(importlib.import_module(module), class_name)(**(section.get("init_args") or {}))
         except (ValueError, TypeError) as error:
-            raise ValueError(f"The sweep grid point {dict(overrides)} has an invalid {name}: {error} No point was "
-                             "run; fix the grid (sweep.grid) and run the sweep again.") from None
+            raise ValueError(
+                f"The sweep grid point {dict(overrides)} has an invalid {name}: {error} No point was "
+                "run; fix the grid (sweep.grid) and run the sweep again."
+            ) from None
 
 
 class _PointProgress(Callback):
@@ -136,8 +149,9 @@ class _PointProgress(Callback):
         self.report.batch_done()
 
 
-def run_point(cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = None,
-              reuse: SweepReuse | None = None) -> SweepRow:
+def run_point(
+    cli: DeltaCLI, point: SweepPoint, report: SweepReport | None = None, reuse: SweepReuse | None = None
+) -> SweepRow:
     """Instantiate one point's config, run ``trainer.validate`` with its RiemannCallback and return its row.
 
     While ``report`` draws a progress bar on the terminal, the point's batches advance it, and Lightning's progress
@@ -204,4 +218,3 @@ def sweep(args: Sequence[str] | dict[str, Any] | None = None, progress: bool = T
         for path in plot_all(rows, settings["figures"]).values():
             print(f"figure: {path}")
     return rows
-

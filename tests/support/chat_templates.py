@@ -20,10 +20,17 @@ ZEPHYR = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ 
 
 # The special tokens of each model's tokenizer that its template writes (bos, eos and the role markers).
 SPECIAL_TOKENS = {
-    "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-               "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]},
-    "qwen2": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "additional_special_tokens": ["<|im_start|>"]},
+    "llama3": {
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+    },
+    "qwen2": {
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>"],
+    },
     "mistral-v0.3": {"additional_special_tokens": ["[INST]", "[/INST]"]},
     "zephyr": {},  # <s>, </s> and <|system|>, <|user|>, <|assistant|>: the tiny tokenizer's own
 }

@@ -17,7 +17,10 @@ GSM8K_ROWS = [
     {"question": "A pen costs $1,250 and a cap $50. Total?", "answer": "1,250 + 50 = 1,300\n#### 1,300"},
     {"question": "It was 2 degrees, then fell 7. Now?", "answer": "2 - 7 = -5\n#### -5"},
     {"question": "Half of 5 is what?", "answer": "5 / 2 = 2.5\n#### 2.5"},
-    {"question": "She sold 48 clips in April and half as many in May. How many in May?", "answer": "48/2 = 24\n#### 24"},
+    {
+        "question": "She sold 48 clips in April and half as many in May. How many in May?",
+        "answer": "48/2 = 24\n#### 24",
+    },
 ]
 GSM8K_TRAIN_ROWS = [
     {"question": "What is 3 + 4?", "answer": "#### 7"},
@@ -53,8 +56,9 @@ def write_gsm8k(root: Path, fmt: str = "jsonl", test_rows: list[dict] | None = N
     return main
 
 
-def ultrafeedback_row(prompt: str, chosen: str, rejected: str, score_chosen: float = 8.0,
-                      score_rejected: float = 3.0) -> dict:
+def ultrafeedback_row(
+    prompt: str, chosen: str, rejected: str, score_chosen: float = 8.0, score_rejected: float = 3.0
+) -> dict:
     user = {"role": "user", "content": prompt}
     return {
         "prompt": prompt,
@@ -78,7 +82,9 @@ ULTRAFEEDBACK_ROWS = [
 
 def write_ultrafeedback(root: Path, rows: list[dict] | None = None, split: str = "test_prefs") -> Path:
     """``root/data/<split>-00000-of-00001.parquet``, the hub's layout."""
-    return write_parquet(root / "data" / f"{split}-00000-of-00001.parquet", ULTRAFEEDBACK_ROWS if rows is None else rows)
+    return write_parquet(
+        root / "data" / f"{split}-00000-of-00001.parquet", ULTRAFEEDBACK_ROWS if rows is None else rows
+    )
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -102,8 +108,9 @@ def write_mnist(root: Path, num_train: int = 4, num_test: int = 7, seed: int = 0
     return out
 
 
-def write_resisc45(root: Path, classes: tuple[str, ...] = ("airplane", "sea_ice", "wetland"), per_class: int = 2,
-                   seed: int = 0) -> Path:
+def write_resisc45(
+    root: Path, classes: tuple[str, ...] = ("airplane", "sea_ice", "wetland"), per_class: int = 2, seed: int = 0
+) -> Path:
     """``root/resisc45/<class>/<class>_00i.jpg`` (NWPU-RESISC45's layout; here PNG-encoded 16×16 images)."""
     from PIL import Image
 
@@ -120,8 +127,9 @@ def write_resisc45(root: Path, classes: tuple[str, ...] = ("airplane", "sea_ice"
 GTSRB_CSV_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 
 
-def write_gtsrb_test(root: Path, labels: tuple[int, ...] = (16, 1, 38), seed: int = 0,
-                     csv_lines: list[str] | None = None) -> list[np.ndarray]:
+def write_gtsrb_test(
+    root: Path, labels: tuple[int, ...] = (16, 1, 38), seed: int = 0, csv_lines: list[str] | None = None
+) -> list[np.ndarray]:
     """GTSRB's test split as unpacked from its archives: ``root/gtsrb/GTSRB/Final_Test/Images/0000i.ppm`` and the
     semicolon-separated ``root/gtsrb/GT-final_test.csv`` (``csv_lines`` replaces its rows); returns the images."""
     from PIL import Image
@@ -146,8 +154,10 @@ GSM8K_SOCRATIC_ROWS = [
 ]
 # A train split long enough for lm-eval's 5-shot draw, in the real answers' form (calculator notes, "#### n").
 GSM8K_TRAIN_POOL = [
-    {"question": f"A box holds {n} pens and Ann buys {n + 2} boxes. How many pens does she have?",
-     "answer": f"She has {n} * {n + 2} = <<{n}*{n + 2}={n * (n + 2)}>>{n * (n + 2)} pens.\n#### {n * (n + 2)}"}
+    {
+        "question": f"A box holds {n} pens and Ann buys {n + 2} boxes. How many pens does she have?",
+        "answer": f"She has {n} * {n + 2} = <<{n}*{n + 2}={n * (n + 2)}>>{n * (n + 2)} pens.\n#### {n * (n + 2)}",
+    }
     for n in range(2, 14)
 ]
 
@@ -159,14 +169,17 @@ def write_gsm8k_repository(root: Path, test_rows: list[dict] | None = None) -> P
     write_parquet(root / "main" / "test-00000-of-00001.parquet", rows)
     write_parquet(root / "main" / "train-00000-of-00001.parquet", GSM8K_TRAIN_POOL)
     write_parquet(root / "socratic" / "test-00000-of-00001.parquet", GSM8K_SOCRATIC_ROWS)
-    write_parquet(root / "socratic" / "train-00000-of-00001.parquet",
-                  [{**row, "answer": "How many? ** " + row["answer"]} for row in GSM8K_TRAIN_POOL])
+    write_parquet(
+        root / "socratic" / "train-00000-of-00001.parquet",
+        [{**row, "answer": "How many? ** " + row["answer"]} for row in GSM8K_TRAIN_POOL],
+    )
     (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n- config_name: socratic\n---\n")
     return root
 
 
-def write_hub_cache_entry(cache: Path, repo_id: str, source: Path, revision: str = "0" * 40,
-                          repo_type: str = "dataset") -> Path:
+def write_hub_cache_entry(
+    cache: Path, repo_id: str, source: Path, revision: str = "0" * 40, repo_type: str = "dataset"
+) -> Path:
     """``source``'s files in the hub download cache's layout, as ``hf download <repo_id> --repo-type dataset``
     leaves them: ``<cache>/datasets--org--name/blobs/<hash>``, ``snapshots/<revision>/<path>`` linking to the blob,
     ``refs/main`` holding the revision. Returns the snapshot folder."""
@@ -221,15 +234,18 @@ def write_image_parquet(path: Path, labels: list[int], names: list[str], seed: i
         Image.fromarray(pixels).save(buffer, format="JPEG" if i % 3 == 2 else "PNG")
         files.append(buffer.getvalue())
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    rows = {"image": [{"bytes": data, "path": f"{i:05d}.{'jpg' if i % 3 == 2 else 'png'}"}
-                      for i, data in enumerate(files)], "label": list(labels)}
+    rows = {
+        "image": [{"bytes": data, "path": f"{i:05d}.{'jpg' if i % 3 == 2 else 'png'}"} for i, data in enumerate(files)],
+        "label": list(labels),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return files
 
 
-def write_fusionbench_repository(root: Path, repo_id: str, task: str, splits: dict[str, list[list[int]]],
-                                 seed: int = 0) -> dict[str, list[bytes]]:
+def write_fusionbench_repository(
+    root: Path, repo_id: str, task: str, splits: dict[str, list[list[int]]], seed: int = 0
+) -> dict[str, list[bytes]]:
     """A copy of ``repo_id``'s hub repository as FusionBench reads it: for each split, one parquet file per list of
     labels (``data/test-00000-of-00002.parquet``, ...; ``mnist/`` for ``ylecun/mnist``, ``cropped_digits/`` and a
     ``full_numbers/`` config of another schema for ``ufldl-stanford/svhn``) and a README.md. Returns the image files'
@@ -243,7 +259,9 @@ def write_fusionbench_repository(root: Path, repo_id: str, task: str, splits: di
             path = root / folder / f"{split}-{index:05d}-of-{len(shards):05d}.parquet"
             written[split] += write_image_parquet(path, labels, names, seed=seed + 10 * number + index)
     if repo_id == "ufldl-stanford/svhn":  # the other config: whole house numbers with their digits' boxes
-        write_parquet(root / "full_numbers" / "test-00000-of-00001.parquet",
-                      [{"image": {"bytes": b"", "path": "1.png"}, "digits": {"bbox": [[1, 2, 3, 4]], "label": [5]}}])
+        write_parquet(
+            root / "full_numbers" / "test-00000-of-00001.parquet",
+            [{"image": {"bytes": b"", "path": "1.png"}, "digits": {"bbox": [[1, 2, 3, 4]], "label": [5]}}],
+        )
     (root / "README.md").write_text(f"---\npretty_name: {repo_id}\n---\n")
     return written

@@ -55,8 +55,9 @@ def gsm8k(out: str, batch_size: int, dtype: torch.dtype) -> tuple[torch.nn.Modul
 
     rows = [GSM8K_ROWS[i % len(GSM8K_ROWS)] for i in range(7)]  # 7 rows: divisible by neither 2 nor the batch
     data = write_gsm8k(Path(f"{out}.data"), test_rows=rows)
-    return make_tiny_model("llama", dtype=dtype), GSM8KDataModule(make_tiny_tokenizer(), data=str(data),
-                                                                   batch_size=batch_size)
+    return make_tiny_model("llama", dtype=dtype), GSM8KDataModule(
+        make_tiny_tokenizer(), data=str(data), batch_size=batch_size
+    )
 
 
 def main() -> None:
@@ -72,9 +73,16 @@ def main() -> None:
     edits = random_edits(model, scale=0.05)
     callback = RiemannCallback(num_points=5, filename=None)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, inference_mode=False,
-        use_distributed_sampler=data == "gsm8k", callbacks=[callback, SaveResult(callback, out)], logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        inference_mode=False,
+        use_distributed_sampler=data == "gsm8k",
+        callbacks=[callback, SaveResult(callback, out)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.validate(DeltaEditModule(model, pretrained=None, edit=edits), datamodule=datamodule, verbose=False)
 

@@ -52,8 +52,9 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: 
         optimizer.step()
 
 
-def digits_mlp_pair(eval_rows: int = 597, batch_size: int = 300, pre_steps: int = 150, post_steps: int = 150,
-                    post_lr: float = 1.3e-4) -> DigitsPair:
+def digits_mlp_pair(
+    eval_rows: int = 597, batch_size: int = 300, pre_steps: int = 150, post_steps: int = 150, post_lr: float = 1.3e-4
+) -> DigitsPair:
     """W_pre: the MLP after ``pre_steps`` Adam steps on the first 600 training images; W_post: after ``post_steps``
     more on all 1,200. Evaluated on the last ``eval_rows`` of the 1,797 images."""
     from sklearn.datasets import load_digits

@@ -61,10 +61,12 @@ def with_tiny_paths(text: str, pre_dir: str | Path, post_dir: str | Path, out_di
 def multi_node_on_cpu(devices: int, strategy: str, logger: bool) -> str:
     """The multi-node block on ``devices`` CPU processes of one node, with ``strategy``; ``logger=False`` added
     when ``logger`` is False (the README's trainer has Lightning's default logger)."""
-    text = substitute(block("multi_node"), {
-        'accelerator="gpu", devices=8, num_nodes=2, strategy="ddp"':
-            f'accelerator="cpu", devices={devices}, num_nodes=1, strategy={strategy!r}',
-    })
+    text = substitute(
+        block("multi_node"),
+        {
+            'accelerator="gpu", devices=8, num_nodes=2, strategy="ddp"': f'accelerator="cpu", devices={devices}, num_nodes=1, strategy={strategy!r}',
+        },
+    )
     if not logger:
         text = substitute(text, {"inference_mode=False,": "inference_mode=False, logger=False,"})
     return text

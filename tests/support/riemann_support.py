@@ -21,8 +21,14 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, tie: bool = Fa
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -32,8 +38,15 @@ def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float64, num_labels: int 
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=num_labels, attn_implementation="eager",
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        attn_implementation="eager",
     )
     return ViTForImageClassification(config).to(dtype).eval()
 

@@ -73,8 +73,10 @@ class SaveResult(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         parameters = dict(self.model.named_parameters())
-        weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().contiguous()
-                   for name, p in parameters.items()}
+        weights = {
+            name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().contiguous()
+            for name, p in parameters.items()
+        }
         weights["__sharded__"] = torch.tensor([isinstance(parameters[name], DTensor) for name in sorted(parameters)])
         weights["__requires_grad__"] = torch.tensor([parameters[name].requires_grad for name in sorted(parameters)])
         save_file(weights, f"{self.out}.weights{trainer.global_rank}")
@@ -127,8 +129,9 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
     if kind in ("own", "ownsum"):
         module = OwnModule(model)
         loss_fn = token_sums if kind == "ownsum" else None
-        callback = RiemannCallback(num_points=5, filename=None, pretrained=pretrained, edit=edit, module_name="model",
-                                   loss_fn=loss_fn)
+        callback = RiemannCallback(
+            num_points=5, filename=None, pretrained=pretrained, edit=edit, module_name="model", loss_fn=loss_fn
+        )
     else:
         module = DeltaEditModule(model, pretrained=pretrained, edit=edit)
         callback = RiemannCallback(num_points=5, filename=None)
@@ -139,8 +142,14 @@ def sweep(out: str, devices: int, case: str, ddp: bool = False) -> None:
     else:
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, inference_mode=False, use_distributed_sampler=False,
-        callbacks=[callback, SaveResult(callback, f"{out}.{case}", model)], logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        inference_mode=False,
+        use_distributed_sampler=False,
+        callbacks=[callback, SaveResult(callback, f"{out}.{case}", model)],
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     data = TokenData(int(batch_size[0]) if batch_size else 4)

@@ -73,8 +73,14 @@ def tiny_config(family: str, **overrides):
     if family == "clip-vision":
         return CLIPVisionConfig(**{**vision, **overrides})
     if family == "clip":
-        text = dict(_TOWER_SIZES, vocab_size=VOCAB_SIZE, max_position_embeddings=32,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        text = dict(
+            _TOWER_SIZES,
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return CLIPConfig(**{"text_config": text, "vision_config": vision, "projection_dim": 16, **overrides})
     raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(FAMILIES)}.")
 
