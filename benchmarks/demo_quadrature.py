@@ -62,8 +62,9 @@ def main() -> None:
     settings: dict[tuple, dict] = defaultdict(dict)
     labels: dict[tuple, str] = {}
     for row in rows:
-        setting = tuple(sorted(row.edit.items()))
-        labels[setting] = edit_label(row)
+        pretrained = str((row.config.get("model") or {}).get("pretrained"))
+        setting = (tuple(sorted(row.edit.items())), row.dataset, pretrained)
+        labels[setting] = edit_label(row) + ("" if row.dataset == "Digits/test" else f" on {row.dataset}")
         rule = ("adaptive", None) if row.result.rule == "adaptive" else (row.result.rule, row.result.passes)
         settings[setting][rule] = row.result
     print(
