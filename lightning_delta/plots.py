@@ -148,7 +148,7 @@ def setting_labels(rows: Sequence[SweepRow], shown_edit_keys: Iterable[str] | No
     (``""`` where the rows of each data set agree on all of them: the figures show the data set themselves).
 
     Two rows with equal labels have equal settings, so a figure may draw them on one line; a setting one row lacks
-    (an older row without a config) counts as different (``none``).
+    (an argument of another edit, say) counts as different (``none``).
     """
     settings = [row_settings(row, shown_edit_keys) for row in rows]
     by_dataset: dict[str, list[dict[str, str]]] = defaultdict(list)
