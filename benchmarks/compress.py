@@ -23,12 +23,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, MiB, median, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.common import ROOT, MiB, _status_bytes, median, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 SIZES = {  # hidden, intermediate, layers, vocabulary
     "tiny": (32, 64, 2, 128),
@@ -163,6 +164,32 @@ def resident(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class AnonymousPeak:
+    """The largest rise of the anonymous resident set (``RssAnon``: memory of the process's own, not pages of mapped
+    files) while the block runs, sampled every 0.5 ms from ``/proc/self/status`` in a thread."""
+
+    def __enter__(self) -> AnonymousPeak:
+        self.start = self.peak = _status_bytes("RssAnon")
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, _status_bytes("RssAnon"))
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+    @property
+    def rise(self) -> int:
+        return self.peak - self.start
+
+
 def memory_worker(kind: str, pre: str, paths: list[str]) -> dict:
     """In a fresh process: the resident set over the process after its imports, holding one base and the
     compressed deltas (swapped through once) or one full model per path."""
@@ -181,22 +208,26 @@ def memory_worker(kind: str, pre: str, paths: list[str]) -> dict:
         for delta in held:  # the parts in memory of their own, not pages of the files
             delta._parts = {key: part.clone() for key, part in delta._parts.items()}
         settled = rss_bytes()
-        applying = restoring = 0  # the extra peak of each step, over the deltas
+        applying = restoring = applying_anonymous = restoring_anonymous = 0  # each step's extra peak, over the deltas
         for delta in held:
             reset_peak_rss()
             before = rss_bytes()
-            apply_compressed_(model, delta)
+            with AnonymousPeak() as anonymous:
+                apply_compressed_(model, delta)
             applying = max(applying, peak_rss_bytes() - before)
+            applying_anonymous = max(applying_anonymous, anonymous.rise)
             reset_peak_rss()
             before = rss_bytes()
-            remove_compressed_(model, delta, pre)
+            with AnonymousPeak() as anonymous:
+                remove_compressed_(model, delta, pre)
             restoring = max(restoring, peak_rss_bytes() - before)
+            restoring_anonymous = max(restoring_anonymous, anonymous.rise)
         compressed = sum(delta.nbytes for delta in held)
     else:
         models = [resident(AutoModelForCausalLM.from_pretrained(path)) for path in paths]
         settled = rss_bytes()
         reset_peak_rss()
-        compressed = applying = restoring = 0
+        compressed = applying = restoring = applying_anonymous = restoring_anonymous = 0
     base = sum(p.numel() * p.element_size() for p in (model if kind == "deltas" else models[0]).parameters())
     largest = max(p.numel() for p in (model if kind == "deltas" else models[0]).parameters())
     swapping = max(applying, restoring) if kind == "deltas" else max(0, peak_rss_bytes() - settled)
@@ -205,6 +236,8 @@ def memory_worker(kind: str, pre: str, paths: list[str]) -> dict:
         "peak_while_swapping_bytes": swapping,
         "peak_applying_bytes": applying,
         "peak_restoring_bytes": restoring,
+        "peak_applying_anonymous_bytes": applying_anonymous,
+        "peak_restoring_anonymous_bytes": restoring_anonymous,
         "base_bytes": base,
         "compressed_bytes": compressed,
         "largest_tensor_float32_bytes": 4 * largest,
@@ -280,8 +313,10 @@ def main() -> None:
         f"memory, N = {args.deltas}: one base + N deltas held {deltas['held_bytes'] / MiB:.1f} MiB (base "
         f"{deltas['base_bytes'] / MiB:.1f} MiB + compressed {deltas['compressed_bytes'] / MiB:.1f} MiB), extra peak "
         f"while swapping through all {deltas['peak_while_swapping_bytes'] / MiB:.1f} MiB (applying a delta "
-        f"{deltas['peak_applying_bytes'] / MiB:.1f} MiB, restoring W_pre from the base's files "
-        f"{deltas['peak_restoring_bytes'] / MiB:.1f} MiB; largest tensor in float32 "
+        f"{deltas['peak_applying_bytes'] / MiB:.1f} MiB ({deltas['peak_applying_anonymous_bytes'] / MiB:.1f} MiB "
+        f"anonymous), restoring W_pre from the base's files {deltas['peak_restoring_bytes'] / MiB:.1f} MiB "
+        f"({deltas['peak_restoring_anonymous_bytes'] / MiB:.1f} MiB anonymous, the rest pages of the mapped file); "
+        f"largest tensor in float32 "
         f"{deltas['largest_tensor_float32_bytes'] / MiB:.1f} MiB); N full models {full['held_bytes'] / MiB:.1f} MiB "
         f"({full['held_bytes'] / max(deltas['held_bytes'], 1):.2f}×)"
     )
