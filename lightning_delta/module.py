@@ -105,7 +105,7 @@ class DeltaEditModule(pl.LightningModule):
         super().__init__()
         check_edit(edit)
         self.E_dtype = check_E_dtype(E_dtype)
-        self.accuracy_post_given = check_accuracy(accuracy_post)  # the constructor's accuracy_post, checked
+        self._accuracy_post_given = check_accuracy(accuracy_post)  # the constructor's accuracy_post, checked
         self._swept = False  # between begin_sweep and end_sweep: the sweep measures the loss
         self.model = load_model(model, dtype, "AutoModelForCausalLM")
         self._pretrained = [pretrained]  # a list keeps a module out of this module's children and checkpoint
@@ -183,7 +183,7 @@ class DeltaEditModule(pl.LightningModule):
         at t = 0 the ``accuracy_post`` given to the constructor, if any."""
         if self.evaluator is None or not self.accuracy_edit.update_called:
             return None
-        given = self.accuracy_post_given
+        given = self._accuracy_post_given
         return float(self.accuracy_post.compute()) if given is None else given, float(self.accuracy_edit.compute())
 
     def begin_sweep(self) -> None:
@@ -213,7 +213,7 @@ class DeltaEditModule(pl.LightningModule):
             (0.0, self.loss_post, self.accuracy_post),
             (1.0, self.loss_edit, self.accuracy_edit),
         ):
-            evaluate = self.evaluator is not None and (t == 1.0 or self.accuracy_post_given is None)
+            evaluate = self.evaluator is not None and (t == 1.0 or self._accuracy_post_given is None)
             if not (measure_loss or evaluate):
                 continue
             edited.set_t(t)
@@ -227,7 +227,7 @@ class DeltaEditModule(pl.LightningModule):
             self.log("loss/post", self.loss_post, batch_size=1)
             self.log("loss/edit", self.loss_edit, batch_size=1)
         if self.evaluator is not None:
-            given = self.accuracy_post_given
+            given = self._accuracy_post_given
             self.log("accuracy/post", self.accuracy_post if given is None else given, batch_size=1)
             self.log("accuracy/edit", self.accuracy_edit, batch_size=1)
             for key in self.named_accuracies:

@@ -26,7 +26,7 @@ seed gives the same result in any tensor order, with any number of threads, in a
 
 What the rest of the package knows about an edit is declared on its class (:class:`DeltaEdit`): ``label`` and
 ``shown`` (figures and tables, :mod:`lightning_delta.rows`), ``randomised`` (statistics over seeds), ``planning``
-(:mod:`lightning_delta.plan`'s families). A new edit is a subclass in a file of its own and one entry in
+(:mod:`lightning_delta.planning`'s families). A new edit is a subclass in a file of its own and one entry in
 :data:`EDITS` below.
 """
 

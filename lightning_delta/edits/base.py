@@ -207,7 +207,7 @@ def check_choice(owner: str, arg: str, value: Any, choices: tuple[str, ...]) -> 
 
 @dataclass(frozen=True)
 class Planning:
-    """How :mod:`lightning_delta.plan` gives each tensor its own setting ``v`` of an edit
+    """How :mod:`lightning_delta.planning` gives each tensor its own setting ``v`` of an edit
     (:meth:`DeltaEdit.at_setting` builds the edit at ``v``)."""
 
     unit: str  # what v counts, which prices a tensor (lightning_delta.planning.family): "bits", "density" or "rank"
@@ -224,7 +224,7 @@ class DeltaEdit:
     deltas that do.
 
     What the rest of the package knows about an edit lives on its class: :attr:`label` and :attr:`shown` for figures
-    and tables, :attr:`randomised` for the statistics over seeds, :attr:`planning` for :mod:`lightning_delta.plan`.
+    and tables, :attr:`randomised` for the statistics over seeds, :attr:`planning` for :mod:`lightning_delta.planning`.
     The class methods read them for one configuration (``edit.config()``, or a results row's ``edit``), where an
     argument changes the answer (DARE's ``rescale=False`` is drop only).
 
@@ -248,7 +248,7 @@ class DeltaEdit:
     randomised: ClassVar[bool] = False  # draws random numbers from `seed`: its results vary with the seed
     shown: ClassVar[tuple[str, ...] | None] = None  # the arguments labels and tables show; None: all but `seed`
     hidden_at: ClassVar[Mapping[str, Any]] = {}  # shown arguments a label leaves out at these values
-    planning: ClassVar[Planning | None] = None  # how lightning_delta.plan sets it per tensor; None: not planned
+    planning: ClassVar[Planning | None] = None  # how lightning_delta.planning sets it per tensor; None: not planned
 
     @classmethod
     def variant(cls, config: Mapping[str, Any]) -> str:

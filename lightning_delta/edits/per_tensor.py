@@ -51,7 +51,7 @@ class PerTensor(DeltaEdit):
 
     name = "per_tensor"
     label = "per tensor"  # how figures and tables name the edit
-    reference = "lightning_delta.plan (beyond the paper)"
+    reference = "lightning_delta.planning (beyond the paper)"
 
     def __init__(self, edits: Mapping[str, DeltaEdit | dict[str, Any]], unmatched: str = "error") -> None:
         if not isinstance(edits, Mapping) or not edits:
