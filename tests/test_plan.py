@@ -582,6 +582,7 @@ def plan_in_a_process_group(rank: int, world_size: int, init_file: str, out_dir:
     except ValueError as error:
         (Path(out_dir) / f"{rank}.txt").write_text(str(error))
     finally:
+        torch.distributed.barrier()  # both processes leave together (gloo aborts a peer it is torn down under)
         torch.distributed.destroy_process_group()
 
 

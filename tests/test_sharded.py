@@ -131,6 +131,9 @@ def apply_edit_sharded(rank: int, init_file: str, pre_path: str, out: str) -> No
         weights = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(weights, out)
+        # both processes leave together: a rank that tears gloo down while its peer still sends aborts the peer
+        # ("terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
