@@ -20,6 +20,7 @@ class EditHandle(Protocol):
     model: nn.Module
     names: list[str]
     E_dtype: str
+    t: float  # where :meth:`set_t` last put the tensors (0.0 at first)
 
     def __len__(self) -> int:
         """The number of edited tensors."""

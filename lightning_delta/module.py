@@ -70,8 +70,9 @@ class DeltaEditModule(pl.LightningModule):
         loss: ``"causal_lm"``, ``"classification"``, ``"dpo"``, or a :class:`~lightning_delta.losses.DeltaLoss`.
         include, exclude: regular expressions on tensor names choosing the edited tensors.
         evaluator: ``(model, batch) -> (correct, total)``; accuracy is logged at ``t = 0`` (``accuracy/post``) and
-            ``t = 1`` (``accuracy/edit``). Default: the loss's own ``evaluator`` if it has one (DPO's reward
-            accuracy).
+            ``t = 1`` (``accuracy/edit``). Default: the loss's own ``evaluator`` if it has one (top-1 for
+            classification, DPO's reward accuracy); under a Riemann sweep its count then comes from the sweep's own
+            forwards at t = 0 and t = 1 (``LossOutput.correct``), with no forward of its own.
         dtype: dtype for models loaded from a path.
         E_dtype: how ``E`` is kept: ``"float32"`` (default; float64 for float64 models) or ``"model"``, each
             tensor's own dtype, which halves E's memory for bf16 models (an 8B model: 16 GB instead of 32 GB) at
@@ -113,6 +114,7 @@ class DeltaEditModule(pl.LightningModule):
         self.loss = self._resolve_loss(loss, pretrained, dtype)
         self.include, self.exclude = include, exclude
         self.evaluator = evaluator if evaluator is not None else getattr(self.loss, "evaluator", None)
+        self._accuracy_from_loss = evaluator is None and self.loss.counts_correct
         self.loss_post, self.loss_edit = RatioOfSums(), RatioOfSums()
         self.accuracy_post, self.accuracy_edit = RatioOfSums(), RatioOfSums()
         names = tuple(getattr(self.evaluator, "accuracy_names", ()))
@@ -160,7 +162,24 @@ class DeltaEditModule(pl.LightningModule):
         return self.loss.prepare(check_batch(batch, self.loss))
 
     def riemann_loss(self, batch: Any, batch_idx: int = 0) -> LossOutput:
-        return self.loss(self.model, batch)
+        """The loss at the current ``t``; during a sweep, at t = 0 and t = 1, its ``correct`` count is also the
+        accuracy there when the evaluator is the loss's own (every rule runs each batch once at both)."""
+        output = self.loss(self.model, batch)
+        if self._swept and self._accuracy_from_loss:
+            t = self.edited_model().t
+            if t == 1.0:
+                self.accuracy_edit.update(self._loss_correct(output), output.count)
+            elif t == 0.0 and self._accuracy_post_given is None:
+                self.accuracy_post.update(self._loss_correct(output), output.count)
+        return output
+
+    def _loss_correct(self, output: LossOutput) -> Tensor:
+        if output.correct is None:
+            raise ValueError(
+                f"{type(self.loss).__name__} sets counts_correct but its forward returned no `correct`: return "
+                "LossOutput(total, count, correct), or set counts_correct = False."
+            )
+        return output.correct
 
     def setup(self, stage: str) -> None:
         """Refuse ``FSDPStrategy`` (FSDP1) with an error that names ``ModelParallelStrategy``."""
@@ -188,7 +207,8 @@ class DeltaEditModule(pl.LightningModule):
 
     def begin_sweep(self) -> None:
         """A sweep measures the loss at every t until :meth:`end_sweep`: :meth:`validation_step` then measures the
-        accuracy only."""
+        accuracy only, and nothing when the loss's own forwards at t = 0 and t = 1 count it
+        (:meth:`riemann_loss`)."""
         self._swept = True
 
     def end_sweep(self) -> None:
@@ -209,17 +229,22 @@ class DeltaEditModule(pl.LightningModule):
         edited = self.edited_model(self.trainer)
         measure_loss = not self._swept
         prepared = self.riemann_prepare(batch) if measure_loss else batch
+        from_loss = self._accuracy_from_loss  # the loss's forward counts what its evaluator would
         for t, loss_metric, accuracy_metric in (
             (0.0, self.loss_post, self.accuracy_post),
             (1.0, self.loss_edit, self.accuracy_edit),
         ):
-            evaluate = self.evaluator is not None and (t == 1.0 or self._accuracy_post_given is None)
+            wanted = self.evaluator is not None and (t == 1.0 or self._accuracy_post_given is None)
+            evaluate = wanted and not from_loss  # else the loss's forward counts it, here or in the sweep
             if not (measure_loss or evaluate):
                 continue
             edited.set_t(t)
             with torch.no_grad(), parametrize.cached():
                 if measure_loss:
-                    loss_metric.update(*self.loss(self.model, prepared))
+                    output = self.loss(self.model, prepared)
+                    loss_metric.update(output.total, output.count)
+                    if wanted and from_loss:
+                        accuracy_metric.update(self._loss_correct(output), output.count)
                 if evaluate:
                     accuracy_metric.update(*self.count_correct(batch, "post" if t == 0.0 else "edit"))
         edited.set_t(0.0)

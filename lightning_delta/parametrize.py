@@ -229,6 +229,7 @@ class EditedModel:
         E_dtype: str = "float32",  # noqa: N803 (the paper's name)
     ) -> None:
         self.E_dtype = check_E_dtype(E_dtype)
+        self.t = 0.0  # where set_t put every edited tensor
         self.model = model
         self.on_remove: list[Callable[[], None]] = []  # called once the parametrizations are gone (closing files)
         self.names: list[str] = sorted(E)
@@ -304,6 +305,7 @@ class EditedModel:
 
     def set_t(self, t: float) -> None:
         """Put every edited tensor at ``W_post + t·E``."""
+        self.t = float(t)
         with torch.no_grad():
             for parametrization in self.parametrizations.values():
                 parametrization.t.fill_(t)

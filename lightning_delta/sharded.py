@@ -171,6 +171,7 @@ class ShardedEditedModel:
 
     def __init__(self, model: nn.Module, E: Mapping[str, Tensor], E_dtype: str = "float32") -> None:  # noqa: N803
         self.E_dtype = check_E_dtype(E_dtype)
+        self.t = 0.0  # where set_t put every edited tensor
         self.model = model
         self.names: list[str] = sorted(E)
         parameters = sharded_parameters(model)
@@ -242,6 +243,7 @@ class ShardedEditedModel:
 
     def set_t(self, t: float) -> None:
         """Write ``W_post + t·E`` into every edited shard (as the parametrization adds it: in E's dtype, then cast)."""
+        self.t = float(t)
         with torch.no_grad():
             for name in self.names:
                 post = self._post[name]

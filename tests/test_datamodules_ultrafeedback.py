@@ -157,7 +157,7 @@ def test_reference_runs_once_per_batch_through_the_riemann_sweep(tokenizer, mode
         assert result.term_per_tensor[name] == pytest.approx(expected["term_per_tensor"][name], rel=1e-6, abs=1e-12)
     assert result.losses == pytest.approx(expected["losses"].tolist(), rel=1e-10)
     assert result.count == len(ULTRAFEEDBACK_ROWS)  # count = pairs
-    # 3 batches, 3 points and 2 accuracy evaluations each: still one reference pass per batch, each pair once
+    # 3 batches, 3 points each (the accuracy counted in the forwards at t = 0 and t = 1): one reference pass per batch
     assert loss.reference.calls == [4, 4, 2]
     assert float(trainer.callback_metrics["accuracy/post"]) == pytest.approx(expected_accuracy[0.0])
     assert float(trainer.callback_metrics["accuracy/edit"]) == pytest.approx(expected_accuracy[1.0])

@@ -776,10 +776,12 @@ RULE_KEYS = "riemann.rule,riemann.num_points"
 
 
 def quadrature_grid(
-    grid: Sequence[Mapping[str, Any]], num_points: int = 5, reference: int = 16
+    grid: Sequence[Mapping[str, Any]], num_points: int = 5, reference: int = 16, left: bool = True
 ) -> list[dict[str, Any]]:
     """Each block of ``grid`` at its first mask seed, under the paper's left rule with C = ``num_points`` (no
-    backward at t = 1: C passes), Gauss–Legendre with as many nodes, and a ``reference``-node Gauss rule."""
+    backward at t = 1: C passes), Gauss–Legendre with as many nodes, and a ``reference``-node Gauss rule.
+
+    ``left=False`` leaves the left rule out, for a sweep of ``grid`` under it that already ran (the demo's own)."""
     blocks = []
     for block in grid:
         block = dict(block)
@@ -787,7 +789,8 @@ def quadrature_grid(
         if isinstance(seeds, (list, tuple)):
             block["edit.init_args.seed"] = seeds[0]
         block["riemann.trapezoid"] = False
-        block[RULE_KEYS] = [["left", num_points], ["gauss", num_points], ["gauss", reference]]
+        rules = [["gauss", num_points], ["gauss", reference]]
+        block[RULE_KEYS] = [["left", num_points], *rules] if left else rules
         blocks.append(block)
     return blocks
 
@@ -897,7 +900,8 @@ def holds(verdict: str) -> bool | None:
 
 def over_pairs_table(labels: Sequence[str], findings_per_pair: Sequence[Sequence[Finding]]) -> str:
     """The findings of several pairs side by side, matched by claim (in the first pair's order): each pair's verdict
-    and on how many pairs the finding holds. A claim a pair did not produce shows ``—`` there."""
+    and on how many of the pairs that produced it the finding holds. A claim a pair did not produce shows ``—``
+    there."""
     out = [
         "| # | the paper's finding | " + " | ".join(labels) + " | holds on |",
         "|---:|---|" + "---|" * len(labels) + "---|",
@@ -907,7 +911,7 @@ def over_pairs_table(labels: Sequence[str], findings_per_pair: Sequence[Sequence
         verdicts = [claims.get(line.claim) for claims in by_claim]
         counted = [holds(verdict) for verdict in verdicts if verdict is not None]
         known = [value for value in counted if value is not None]
-        tally = "—" if len(known) < len(counted) else f"{sum(known)} of {len(labels)}"
+        tally = "—" if len(known) < len(counted) else f"{sum(known)} of {len(counted)}"
         cells = " | ".join(_cell(verdict) if verdict is not None else "—" for verdict in verdicts)
         out.append(f"| {number} | {_cell(line.claim)} | {cells} | {tally} |")
     return "\n".join(out)

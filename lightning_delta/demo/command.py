@@ -24,6 +24,8 @@ from lightning_delta.demo.analysis import (
     findings_table,
     holds,
     over_pairs_table,
+    quadrature_findings,
+    quadrature_grid,
     regime_table,
     revert_cost,
     settings_table,
@@ -72,6 +74,7 @@ def demo(
     num_points: int = 5,
     eval_limit: int | None = 100,
     gradient_seeds: int = 20,
+    quadrature_reference: int = 16,
     grid: list[dict[str, Any]] | None = None,
     delta_scales: list[float] | None = None,
     scale_grid: list[dict[str, Any]] | None = None,
@@ -94,6 +97,9 @@ def demo(
         num_points: C, the Riemann points (the paper's 5).
         eval_limit: test images used for the analysis (``None``: all 450).
         gradient_seeds: masks per setting for Eq. 6 from one gradient (0: skip).
+        quadrature_reference: the nodes of the Gauss reference of the quadrature row, beyond the paper (0: skip): on
+            the first pair, every setting of ``grid`` at its first mask seed runs again under Gauss–Legendre with
+            ``num_points`` nodes and under this reference, and the row compares Gauss with the sweep's left rule.
         grid: the sweep grid (default: that of ``configs/demo.yaml``, :func:`demo_grid`).
         delta_scales: the ``s`` of the delta-scale experiment, each in (0, 1) (default: ``configs/demo.yaml``'s;
             ``[]`` skips it).
@@ -132,6 +138,7 @@ def demo(
                 num_points,
                 eval_limit,
                 gradient_seeds,
+                quadrature_reference,
                 grid,
                 delta_scales,
                 scale_grid,
@@ -177,6 +184,7 @@ def _run(
     num_points: int,
     eval_limit: int | None,
     gradient_seeds: int,
+    quadrature_reference: int,
     grid: list[dict[str, Any]] | None,
     delta_scales: list[float] | None,
     scale_grid: list[dict[str, Any]] | None,
@@ -208,6 +216,7 @@ def _run(
             num_points,
             eval_limit,
             gradient_seeds,
+            quadrature_reference if index == 0 else 0,
             resume,
             figures and index == 0,
         )
@@ -243,6 +252,7 @@ def _analyse(
     num_points: int,
     eval_limit: int | None,
     gradient_seeds: int,
+    quadrature_reference: int,
     resume: bool,
     figures: bool,
 ) -> tuple[list[SweepRow], list[Any], str]:
@@ -274,6 +284,9 @@ def _analyse(
     sizes = edit_sizes(deltas, main, gradients)
     shapes = {name: tuple(delta.shape) for name, delta in deltas.items()}
     lines = findings(rows, expectation, scales, shapes, sizes)
+    if quadrature_reference:
+        gauss = _quadrature_sweep(built, output, grid, num_points, eval_limit, quadrature_reference, resume)
+        lines += quadrature_findings([*main, *gauss])
     settings = aggregate(rows, scales)
     randomised = [setting for setting in settings if setting.randomised]
     seeds = sorted({seed for setting in randomised for seed in setting.seeds})
@@ -309,3 +322,33 @@ def _analyse(
             written["delta_scale"] = path
         text += f"\n\nFigures: {', '.join(str(path) for path in written.values())}"
     return rows, lines, text
+
+
+def _quadrature_sweep(
+    built: DemoPair,
+    output: Path,
+    grid: list[dict[str, Any]],
+    num_points: int,
+    eval_limit: int | None,
+    reference: int,
+    resume: bool,
+) -> list[SweepRow]:
+    """Every setting of ``grid`` at its first mask seed under Gauss–Legendre with ``num_points`` nodes and a
+    ``reference``-node Gauss rule (``quadrature.jsonl``; the sweep's own rows give the left rule)."""
+    results = output / "quadrature.jsonl"
+    if not resume and results.exists():
+        results.unlink()
+    blocks = quadrature_grid(grid, num_points, reference, left=False)
+    config = sweep_config(built, output, blocks, num_points, eval_limit)
+    config["sweep"]["results"] = str(results)
+    log = output / "sweep.log"
+    print(
+        f"Quadrature beyond the paper: {len(expand_grid(blocks))} points (Gauss with {num_points} nodes and a "
+        f"{reference}-node reference at each setting's first mask seed) ...",
+        flush=True,
+    )
+    started = time.time()
+    with log.open("a") as stream, redirect_stdout(stream):
+        rows = sweep(config)
+    print(f"... {len(rows)} quadrature points in {time.time() - started:.1f} s", flush=True)
+    return rows

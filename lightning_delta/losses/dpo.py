@@ -124,11 +124,15 @@ class DPOLoss(DeltaLoss):
         chosen, rejected = self.policy_log_probs(model, batch)
         return self.beta * (chosen - reference[0]), self.beta * (rejected - reference[1])
 
+    counts_correct = True  # forward's ``correct``: the pairs :meth:`evaluator` counts, from the same rewards
+
     def forward(self, model: nn.Module, batch: Any) -> LossOutput:
         chosen, rejected = self.rewards(model, batch)
         per_pair = -F.logsigmoid(chosen - rejected)  # (B,) float64
         return LossOutput(
-            per_pair.sum(), torch.tensor(float(per_pair.numel()), dtype=torch.float64, device=per_pair.device)
+            per_pair.sum(),
+            torch.tensor(float(per_pair.numel()), dtype=torch.float64, device=per_pair.device),
+            (chosen.detach() > rejected.detach()).sum().to(torch.float64),
         )
 
     def evaluator(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
