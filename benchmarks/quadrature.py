@@ -11,6 +11,9 @@ Gauss–Legendre rule through the same callback (its gap to the exact ΔL is pri
    adaptive rule (tolerance 1e-3) and the paper's left rule at the smallest C of 5, 10, 20, 40, 80 that reaches it,
    against the paper's left rule at C = 5 with the trapezoid, interleaved in one process, medians of ``--repeats``.
    The evaluation images are repeated ``--copies`` times so that the passes, not the Trainer's set-up, dominate.
+   Beside it, the costs the ratio is made of, over the same data: F, a forward without gradients (the exact ΔL's at
+   t = 0 and t = 1), and P, a forward and backward at a node; Gauss n = 3 does 3P + 2F where the baseline does 6P,
+   so no implementation of it goes below (3P + 2F) / 6P = 0.5 + F / 3P.
 """
 
 from __future__ import annotations
@@ -87,6 +90,29 @@ def label(rule: str, num_points: int | None) -> str:
     }[rule]
 
 
+def pass_costs(make_module: Callable[[], DeltaEditModule], loader: DataLoader, repeats: int) -> tuple[float, float]:
+    """Medians of ``repeats`` reads of ``loader``: (F, P) in seconds, F the forwards without gradients at t = 1 and P
+    the forwards and backwards at t = 0.5, run as the callback runs them (``riemann_loss`` under
+    ``recompute_weights``, the inner products taken)."""
+    module = make_module()
+    edited = module.edited_model()
+
+    def read(t: float, backward: bool) -> float:
+        edited.set_t(t)
+        start = time.perf_counter()
+        for batch in loader:
+            with torch.set_grad_enabled(backward), edited.recompute_weights():
+                output = module.riemann_loss(module.riemann_prepare(batch))
+                if backward:
+                    output.total.backward()
+            edited.pop_inner_products()
+        return time.perf_counter() - start
+
+    forwards = statistics.median(read(1.0, False) for _ in range(repeats))
+    passes = statistics.median(read(0.5, True) for _ in range(repeats))
+    return forwards, passes
+
+
 def table(cases: dict[str, tuple[Callable[[], DeltaEditModule], DataLoader]]) -> None:
     print("| case | reference: term, |term − exact ΔL| | " + " | ".join(label(*rule) for rule in RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
@@ -111,9 +137,9 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
     )
     print(
         "| case | left C = 5 + trapezoid [6] | Gauss n = 3 | adaptive 1e-3 | left rule at the C reaching 1e-3 | "
-        "Gauss / baseline | adaptive / baseline |"
+        "Gauss / baseline | adaptive / baseline | F / P | (3P + 2F) / 6P |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, make_edit in TABLE_EDITS.items():
 
         def make_module(make_edit: Callable[[], Any] = make_edit) -> DeltaEditModule:
@@ -142,13 +168,15 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
                 checks[key], seconds = analyse(make_module, loader, **chosen)
                 times[key].append(seconds)
         median = {key: statistics.median(values) for key, values in times.items()}
+        forwards, passes = pass_costs(make_module, loader, repeats)
         gauss_error, adaptive_error = errors(checks["gauss"], reference)[1], errors(checks["adaptive"], reference)[1]
         left_cell = f"{median['left']:.2f} s (C = {reaching})" if reaching else "not reached by C = 80"
         print(
             f"| {name} | {median['baseline']:.2f} s | {median['gauss']:.2f} s (error {gauss_error:.1e}) | "
             f"{median['adaptive']:.2f} s ({checks['adaptive'].passes} passes, error {adaptive_error:.1e}) | "
             f"{left_cell} | {median['gauss'] / median['baseline']:.3f} | "
-            f"{median['adaptive'] / median['baseline']:.3f} |",
+            f"{median['adaptive'] / median['baseline']:.3f} | {forwards / passes:.3f} | "
+            f"{(3 * passes + 2 * forwards) / (6 * passes):.3f} |",
             flush=True,
         )
 
