@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 import lightning_delta.demo.pair as pair_module
 from lightning_delta.callbacks import RiemannResult
 from lightning_delta.cli import run
-from lightning_delta.demo import PairSettings, build_pair, demo_grid, sweep_agreement
+from lightning_delta.demo import PairSettings, build_pair, demo, demo_grid, sweep_agreement
 from lightning_delta.demo.analysis import (
     COMPETITIVE,
     Finding,
@@ -552,6 +552,15 @@ def test_demo_yaml_is_the_demo_default(capsys):
     )  # the README's sweep
     # the defaults (None) are the file's grid, scales and scale grid; every other key is demo()'s default
     assert {**printed, "grid": None, "delta_scales": None, "scale_grid": None} == defaults
+
+
+@pytest.mark.parametrize("reference", ["5", "-1"])
+def test_a_quadrature_reference_that_cannot_be_one_is_refused_before_the_sweep(tmp_path, reference):
+    with pytest.raises(ValueError, match=rf"quadrature_reference must be 0 .* above num_points = 5.*got {reference}\."):
+        run(["demo", "--quadrature_reference", reference, "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"quadrature_reference must be 0 .*got True\."):
+        demo(quadrature_reference=True, output_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_retrain_without_train_is_refused(tmp_path):

@@ -115,6 +115,16 @@ def demo(
         threads: torch CPU threads (``None``: torch's default); small models run best on one.
         figures: draw the figures.
     """
+    if (
+        isinstance(quadrature_reference, bool)
+        or not isinstance(quadrature_reference, int)
+        or (quadrature_reference != 0 and quadrature_reference <= num_points)
+    ):
+        raise ValueError(
+            f"quadrature_reference must be 0 (no quadrature row) or a number of Gauss nodes above num_points = "
+            f"{num_points}, to be the reference of Gauss with num_points nodes (the demo uses 16); got "
+            f"{quadrature_reference!r}."
+        )
     if retrain and not train:
         raise ValueError(
             "retrain=True trains the pairs again, which only applies with train=True (the shipped "
