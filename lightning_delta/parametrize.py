@@ -134,6 +134,8 @@ class EditParametrization(nn.Module):
         self.produced: dict[int, tuple[weakref.ref, EditParametrization, Tensor]] | None = None
 
     def forward(self, original: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and float(self.t) == 0.0:
+            return original  # W_post + 0·E is W_post: a forward without gradients at t = 0 reads no E and adds none
         if self.recompute is None:
             weight = _AddScaledEdit.apply(original, self.E, self.t)
         else:

@@ -35,6 +35,42 @@ def test_t_gradient_is_the_frobenius_product_with_the_weight_gradient():
         assert all(p.t.grad is None for p in edited.parametrizations.values())  # popped
 
 
+def test_at_t_0_a_forward_without_gradients_reads_w_post_itself():
+    """W_post + 0·E is W_post: without gradients the parametrization hands W_post over (no E read, made or added),
+    and the output is the plain model's bit for bit; with gradients it goes through E, for ∂L/∂t."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    post = {name: value.detach().clone() for name, value in model.named_parameters()}
+    made = []
+
+    def recompute(w_post: torch.Tensor) -> torch.Tensor:
+        made.append(w_post.shape)
+        return torch.ones_like(w_post)
+
+    edited = EditedModel(model, {"0.weight": torch.ones(7, 5, dtype=torch.float64)})
+    parametrize.register_parametrization(model[2], "weight", EditParametrization(None, recompute=recompute))
+    made.clear()  # registering checks the parametrization's output once
+    for t in (0.0, 0.5):
+        edited.set_t(t)
+        model[2].parametrizations.weight[0].t.data.fill_(t)
+        with torch.no_grad(), parametrize.cached():  # each W(t) made once for the forward and the reads here
+            out = model(x)
+            weights = (model[0].weight, model[2].weight)
+        if t == 0.0:
+            assert torch.equal(out, plain(x))  # bit for bit
+            assert weights[0].data_ptr() == model[0].parametrizations.weight.original.data_ptr()
+            assert torch.equal(weights[1], post["2.weight"]) and made == []  # E never made at t = 0
+        else:
+            assert torch.equal(weights[0], post["0.weight"] + 0.5) and len(made) == 1
+    edited.set_t(0.0)
+    model[2].parametrizations.weight[0].t.data.fill_(0.0)
+    model(x).sum().backward()  # with gradients, t = 0 goes through E: ∂L/∂t is there
+    assert edited.pop_inner_products().abs().sum() > 0 and len(made) > 1
+
+
 @pytest.mark.slow
 def test_recompute_keeps_no_materialised_weight_alive():
     """Under recompute_weights, no W(t) survives the forward: backward rebuilds it."""
