@@ -717,6 +717,13 @@ CASES = [
             tmp, ["compress", "--model", "post", "--pretrained", "pre", "--output_dir", str(tmp / "out")]
         ),
     ),
+    Case(
+        "demo-quadrature-reference",
+        "`lightning-delta demo --quadrature_reference 5` (no more nodes than the sweep's C = 5)",
+        ValueError,
+        "quadrature_reference must be 0 (no quadrature row) or a number of Gauss nodes above num_points = 5",
+        lambda tmp: _run_cli(tmp, ["demo", "--quadrature_reference", "5", "--output_dir", str(tmp / "out")]),
+    ),
     # --------------------------------------------------------------------------------------------- data
     Case(
         "gsm8k-few-shot-one-file",
