@@ -37,7 +37,7 @@ from lightning_delta.edits import DARE
 from lightning_delta.module import DeltaEditModule
 from tests.support.quadrature_support import TABLE_EDITS, DigitsPair, digits_mlp_pair
 from tests.support.riemann_support import token_dataset
-from tests.support.tiny_models import make_tiny_pair, reference_state_dict
+from tests.support.tiny_models import make_post_trained, make_tiny_pair, reference_state_dict
 
 RULES = [
     ("left", 5),
@@ -118,6 +118,25 @@ def pass_costs(
     return at_post, at_edit, passes
 
 
+def floor_cells(make_module: Callable[[], DeltaEditModule], loader: DataLoader, repeats: int) -> str:
+    """The cells ``F0 / P | F1 / P | (3P + F0 + F1) / 6P`` of :func:`pass_costs`."""
+    at_post, at_edit, passes = pass_costs(make_module, loader, repeats)
+    return f"{at_post / passes:.3f} | {at_edit / passes:.3f} | {(3 * passes + at_post + at_edit) / (6 * passes):.3f}"
+
+
+def interleaved(
+    make_module: Callable[[], DeltaEditModule], loader: DataLoader, variants: dict[str, dict], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, RiemannResult]]:
+    """Each variant's wall times over ``repeats`` rounds, the variants taking turns in each, and its last result."""
+    times: dict[str, list[float]] = {key: [] for key in variants}
+    results: dict[str, RiemannResult] = {}
+    for _ in range(repeats):
+        for key, chosen in variants.items():
+            results[key], seconds = analyse(make_module, loader, **chosen)
+            times[key].append(seconds)
+    return times, results
+
+
 def table(cases: dict[str, tuple[Callable[[], DeltaEditModule], DataLoader]]) -> None:
     print("| case | reference: term, |term − exact ΔL| | " + " | ".join(label(*rule) for rule in RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
@@ -166,22 +185,15 @@ def timing(pair: DigitsPair, copies: int, repeats: int) -> None:
         }
         if reaching is not None:
             variants["left"] = options("left", reaching)
-        times: dict[str, list[float]] = {key: [] for key in variants}
-        checks: dict[str, RiemannResult] = {}
-        for _ in range(repeats):
-            for key, chosen in variants.items():
-                checks[key], seconds = analyse(make_module, loader, **chosen)
-                times[key].append(seconds)
+        times, checks = interleaved(make_module, loader, variants, repeats)
         median = {key: statistics.median(values) for key, values in times.items()}
-        at_post, at_edit, passes = pass_costs(make_module, loader, repeats)
         gauss_error, adaptive_error = errors(checks["gauss"], reference)[1], errors(checks["adaptive"], reference)[1]
         left_cell = f"{median['left']:.2f} s (C = {reaching})" if reaching else "not reached by C = 80"
         print(
             f"| {name} | {median['baseline']:.2f} s | {median['gauss']:.2f} s (error {gauss_error:.1e}) | "
             f"{median['adaptive']:.2f} s ({checks['adaptive'].passes} passes, error {adaptive_error:.1e}) | "
             f"{left_cell} | {median['gauss'] / median['baseline']:.3f} | "
-            f"{median['adaptive'] / median['baseline']:.3f} | {at_post / passes:.3f} | {at_edit / passes:.3f} | "
-            f"{(3 * passes + at_post + at_edit) / (6 * passes):.3f} |",
+            f"{median['adaptive'] / median['baseline']:.3f} | {floor_cells(make_module, loader, repeats)} |",
             flush=True,
         )
 
@@ -209,13 +221,8 @@ def timing_llama(repeats: int, batches: int = 16, tokens: int = 32) -> None:
     from benchmarks.riemann import build_model
 
     pre_model = build_model("small", torch.float32, seed=0)
-    pre = {name: value.detach().clone() for name, value in pre_model.named_parameters()}
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in pre_model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.002)
-    post = pre_model
-    ids = torch.randint(0, post.config.vocab_size, (batches, tokens), generator=generator)
+    pre, post = reference_state_dict(pre_model), make_post_trained(pre_model, seed=5, scale=0.002)
+    ids = torch.randint(0, post.config.vocab_size, (batches, tokens), generator=torch.Generator().manual_seed(6))
     mask = torch.ones(1, tokens, dtype=torch.long)
     data = [{"input_ids": row[None], "attention_mask": mask, "labels": row[None]} for row in ids]
     loader = DataLoader(data, batch_size=None)
@@ -224,12 +231,8 @@ def timing_llama(repeats: int, batches: int = 16, tokens: int = 32) -> None:
         return DeltaEditModule(copy.deepcopy(post), pretrained=pre, edit=DARE(p=0.9, seed=0))
 
     variants = {"baseline": {"rule": "left", "num_points": 5, "trapezoid": True}, "gauss": {"rule": "gauss"}}
-    times: dict[str, list[float]] = {key: [] for key in variants}
-    for _ in range(repeats):
-        for key, chosen in variants.items():
-            times[key].append(analyse(make_module, loader, **chosen)[1])
+    times, _ = interleaved(make_module, loader, variants, repeats)
     median = {key: statistics.median(values) for key, values in times.items()}
-    at_post, at_edit, passes = pass_costs(make_module, loader, repeats)
     print(f"\n44M Llama, float32, DARE p = 0.9, {batches} batches of 1×{tokens} tokens (medians of {repeats}):")
     print(
         "every run: "
@@ -239,7 +242,7 @@ def timing_llama(repeats: int, batches: int = 16, tokens: int = 32) -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {median['baseline']:.2f} s | {median['gauss']:.2f} s | {median['gauss'] / median['baseline']:.3f} | "
-        f"{at_post / passes:.3f} | {at_edit / passes:.3f} | {(3 * passes + at_post + at_edit) / (6 * passes):.3f} |"
+        f"{floor_cells(make_module, loader, repeats)} |"
     )
 
 

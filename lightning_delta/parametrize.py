@@ -134,8 +134,9 @@ class EditParametrization(nn.Module):
         self.produced: dict[int, tuple[weakref.ref, EditParametrization, Tensor]] | None = None
 
     def forward(self, original: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and float(self.t) == 0.0:
-            return original  # W_post + 0·E is W_post: a forward without gradients at t = 0 reads no E and adds none
+        if not torch.is_grad_enabled():  # nothing to differentiate or save; at t = 0, W_post itself (no E read or made)
+            t = float(self.t)
+            return original if t == 0.0 else self.rebuild(original, t)
         if self.recompute is None:
             weight = _AddScaledEdit.apply(original, self.E, self.t)
         else:
